@@ -1,0 +1,135 @@
+// kernels.h: the contract between the MoE operator (moe.cpp) and the per-ISA matmul kernels.
+//
+// Every ISA variant lives in its own translation unit (kernels_scalar.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp, kernels_avx512_vnni.cpp, kernels_avx512_bf16.cpp, kernels_amx.cpp), compiled
+// with that ISA's target flags and nothing else, and exports one `const KernelTable*` getter.
+// dispatch.cpp picks the table at load time from cpuid + OS support (never -march=native).
+//
+// Legend: N output rows of a weight matrix, K inputs (reduction), T tokens (activation rows),
+// RB = 16 rows per packed block, G = 32 inputs per quantization group.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace hybrid {
+
+constexpr int kRowBlock = 16;  // RB: output rows per packed block (one zmm of fp32/int32 lanes)
+constexpr int kGroup = 32;     // G: inputs per quantization group (Kimi K2.5 ships group 32)
+
+enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Packed layouts. A matrix W [N, K] needs N % 16 == 0 and K % 32 == 0 (K2.5: N, K in {7168,
+// 2048, 4096}). Data is ordered block-major so a kernel working on row blocks [b0, b1) reads one
+// contiguous byte range: that is what lets the decode path stream at full bandwidth and lets the
+// thread pool hand each thread (and each NUMA node) a contiguous slice.
+//
+// INT4_G32 (symmetric, q in [-8, 7], stored as the unsigned nibble q + 8 exactly as
+// compressed-tensors pack-quantized stores it, so packing never dequantises):
+//   qweight: [N/16][K/32][4 chunks][16 lanes][4 bytes]          256 bytes per (block, group)
+//     chunk c of group g covers inputs k0 = 32*g + 8*c ... k0 + 7; in lane r (row 16*b + r),
+//     byte j (0..3): low nibble = q[row][k0 + j] + 8, high nibble = q[row][k0 + 4 + j] + 8.
+//     So `qbytes & 0x0F` is a [16 lanes x 4 inputs] u8 operand for vpdpbusd against the
+//     broadcast activations k0..k0+3, and `(qbytes >> 4) & 0x0F` the one for k0+4..k0+7.
+//   scales:  [N/16][K/32][16] bf16 (as uint16_t)                32 bytes per (block, group)
+//   W[row][k] = (nibble - 8) * bf16_to_f32(scale[row][k / 32])
+//
+// INT8_G32 (symmetric, q in [-127, 127], stored as u8 = q + 128):
+//   qweight: [N/16][K/32][8 chunks][16 lanes][4 bytes]          512 bytes per (block, group)
+//     chunk c covers inputs k0 = 32*g + 4*c ... k0 + 3; byte j of lane r = q[row][k0 + j] + 128
+//   scales:  [N/16][K/32][16] bf16, as INT4_G32.
+//
+// BF16:
+//   qweight: [N/16][K/2][16 lanes][2] bf16: lane r holds W[row][2k], W[row][2k + 1]
+//            (the operand order of vdpbf16ps); scales: none (nullptr).
+// ---------------------------------------------------------------------------------------------
+
+// Bytes of the packed qweight / scales arrays for one [N, K] matrix.
+inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) {
+  switch (f) {
+    case WeightFormat::INT4_G32: return size_t(n) * size_t(k) / 2;
+    case WeightFormat::INT8_G32: return size_t(n) * size_t(k);
+    case WeightFormat::BF16: return size_t(n) * size_t(k) * 2;
+  }
+  return 0;
+}
+inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {
+  return f == WeightFormat::BF16 ? 0 : size_t(n) * size_t(k / kGroup) * 2;
+}
+
+// One packed matrix as the kernels see it: plain pointers, no ownership.
+struct PackedMatrix {
+  WeightFormat format;
+  int64_t n;                // N rows (outputs), multiple of 16
+  int64_t k;                // K inputs, multiple of 32
+  const uint8_t* qweight;   // layout above
+  const uint16_t* scales;   // bf16 bits, [N/16][K/32][16]; nullptr for BF16
+};
+
+// Activations quantised for the int8 paths: per token, per group of 32 inputs,
+// symmetric int8 with one fp32 scale: x[t][k] ~= q[t][k] * scale[t][k / 32].
+// gsum[t][g] = sum of the 32 q values of group g (the kernels use it to remove the +8 / +128
+// offset of the unsigned weight operand: sum (q_w + 8) * q_a = sum q_w * q_a + 8 * gsum).
+struct QuantizedActs {
+  const int8_t* q;       // [T][K], row stride ldq (elements)
+  const float* scale;    // [T][K/32], row stride K/32
+  const int32_t* gsum;   // [T][K/32], row stride K/32
+  int64_t t;             // T
+  int64_t k;             // K
+  int64_t ldq;           // >= K
+};
+
+// What every ISA provides. A kernel may leave an entry null when the ISA brings nothing over a
+// lower one; dispatch.cpp then fills it from the next lower table (amx -> avx512_bf16 ->
+// avx512_vnni -> avx512 -> avx2 -> scalar), so every entry of the chosen table is callable,
+// except matmul_a16 which stays null below avx512_bf16.
+// Two activation modes, chosen per operator: "fast" (int8 activations for INT4/INT8 weights,
+// bf16 activations for BF16 weights where the ISA has it) and "precise" (fp32 activations).
+struct KernelTable {
+  const char* name;  // "scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"
+
+  // x [K] fp32 -> q [K] int8, scale [K/32], gsum [K/32]. Round to nearest, scale = amax / 127
+  // (scale 0 -> all-zero group).
+  void (*quantize_row_a8)(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum);
+
+  // out[t * ldo + (16*b - 16*b0) + r] = sum_k W[16*b + r][k] * x[t][k]
+  //   for blocks b in [b0, b1), r in [0, 16), t in [0, T).  (out points at block b0's column.)
+  // Integer-activation path (quantised x); INT4_G32 and INT8_G32 weights.
+  void (*matmul_a8)(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                    float* out, int64_t ldo);
+  // Float-activation path: x fp32 [T][K] with row stride ldx; all three formats. This is the
+  // reference-quality path (activations and accumulation stay fp32).
+  void (*matmul_f32)(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
+                     int64_t ldx, float* out, int64_t ldo);
+  // Bf16-activation path for BF16 weights (vdpbf16ps): x fp32 [T][K] is rounded to bf16 inside
+  // the kernel, accumulation stays fp32. Null below avx512_bf16 (the operator then uses
+  // matmul_f32 for BF16 weights in the fast mode too).
+  void (*matmul_a16)(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
+                     int64_t ldx, float* out, int64_t ldo);
+};
+
+// Getters, one per translation unit. Each returns nullptr when this build did not compile that
+// ISA (e.g. an old compiler); the CPU check is dispatch.cpp's job, not theirs.
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512_vnni();
+const KernelTable* kernels_avx512_bf16();
+const KernelTable* kernels_amx();
+
+// bf16 <-> fp32 helpers shared by the scalar code and packers.
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+}  // namespace hybrid
