@@ -45,7 +45,7 @@ enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2 };
 // ---------------------------------------------------------------------------------------------
 
 // Bytes of the packed qweight / scales arrays for one [N, K] matrix.
-inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) {
+static inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) {
   switch (f) {
     case WeightFormat::INT4_G32: return size_t(n) * size_t(k) / 2;
     case WeightFormat::INT8_G32: return size_t(n) * size_t(k);
@@ -53,7 +53,7 @@ inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) {
   }
   return 0;
 }
-inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {
+static inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {
   return f == WeightFormat::BF16 ? 0 : size_t(n) * size_t(k / kGroup) * 2;
 }
 
@@ -117,14 +117,16 @@ const KernelTable* kernels_avx512_vnni();
 const KernelTable* kernels_avx512_bf16();
 const KernelTable* kernels_amx();
 
-// bf16 <-> fp32 helpers shared by the scalar code and packers.
-inline float bf16_to_f32(uint16_t h) {
+// bf16 <-> fp32 helpers shared by the scalar code and packers. `static` on purpose: this header
+// is compiled into TUs with different ISA flags, and an `inline` (COMDAT) copy built with
+// AVX-512 could be the one the linker keeps for the scalar path.
+static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
 }
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;
   __builtin_memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
