@@ -1,0 +1,227 @@
+"""Kimi's output format: reasoning in <think>...</think>, tool calls in special-token sections.
+
+What a Kimi K2 / K2.5 model writes after `<|im_assistant|>assistant<|im_middle|>`:
+
+    <think>REASONING</think>CONTENT
+    <|tool_calls_section_begin|>
+      <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{JSON}<|tool_call_end|>
+      ... more calls ...
+    <|tool_calls_section_end|>
+
+(no spaces or newlines between the markers in practice; whitespace there is tolerated). The call
+id is the text between <|tool_call_begin|> and <|tool_call_argument_begin|>; Kimi numbers calls
+across the conversation and expects the same id back in the tool result, so we hand it to
+clients as the call id unchanged.
+
+This module has two parsers over the decoded text (special tokens kept):
+  - parse_output(text): the whole answer at once -> reasoning, content, tool calls;
+  - StreamParser: the same split fed delta by delta, emitting events as soon as they are certain,
+    holding back only a tail that could still be the start of a marker.
+and the inverse, render_tool_calls(calls), which writes calls back in the model's own format.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+THINK_BEGIN = "<think>"
+THINK_END = "</think>"
+SECTION_BEGIN = "<|tool_calls_section_begin|>"
+# Some Kimi checkpoints emit the singular spelling; both open a tool-call section.
+SECTION_BEGIN_ALT = "<|tool_call_section_begin|>"
+SECTION_END = "<|tool_calls_section_end|>"
+SECTION_END_ALT = "<|tool_call_section_end|>"
+CALL_BEGIN = "<|tool_call_begin|>"
+CALL_ARGS = "<|tool_call_argument_begin|>"
+CALL_END = "<|tool_call_end|>"
+
+_CALL_ID = re.compile(r"^\s*(?:functions\.)?(?P<name>[^:\s]+?)(?::(?P<idx>\d+))?\s*$")
+
+
+@dataclass
+class ToolCall:
+    id: str  # Kimi's call id as written by the model, e.g. "functions.get_weather:0"
+    name: str  # function name, e.g. "get_weather"
+    arguments: str  # the JSON text the model wrote, unparsed (OpenAI hands it on as a string)
+
+
+@dataclass
+class ParsedOutput:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def split_call_id(call_id: str) -> tuple[str, int | None]:
+    """'functions.get_weather:3' -> ('get_weather', 3). Raises ValueError if it has no name."""
+    m = _CALL_ID.match(call_id)
+    if not m:
+        raise ValueError(f"tool call id {call_id!r} is not of the form functions.NAME:IDX")
+    idx = m.group("idx")
+    return m.group("name"), (int(idx) if idx is not None else None)
+
+
+def make_call_id(name: str, index: int) -> str:
+    return f"functions.{name}:{index}"
+
+
+def render_tool_calls(calls: list[ToolCall]) -> str:
+    """The tool-call section exactly as a Kimi model writes it (the inverse of the parsers)."""
+    if not calls:
+        return ""
+    parts = [SECTION_BEGIN]
+    for c in calls:
+        parts += [CALL_BEGIN, c.id, CALL_ARGS, c.arguments, CALL_END]
+    parts.append(SECTION_END)
+    return "".join(parts)
+
+
+def parse_output(text: str, start_in_reasoning: bool = False) -> ParsedOutput:
+    """Split a complete decoded answer. `start_in_reasoning`: the prompt already opened <think>."""
+    parser = StreamParser(start_in_reasoning=start_in_reasoning)
+    events = parser.feed(text) + parser.finish()
+    return collect(events)
+
+
+def collect(events: list[tuple]) -> ParsedOutput:
+    """Fold StreamParser events into a ParsedOutput."""
+    out = ParsedOutput()
+    reasoning, content = [], []
+    for ev in events:
+        kind = ev[0]
+        if kind == "reasoning":
+            reasoning.append(ev[1])
+        elif kind == "content":
+            content.append(ev[1])
+        elif kind == "tool_start":
+            out.tool_calls.append(ToolCall(id=ev[2], name=ev[3], arguments=""))
+        elif kind == "tool_args":
+            out.tool_calls[ev[1]].arguments += ev[2]
+    out.reasoning = "".join(reasoning)
+    out.content = "".join(content)
+    for c in out.tool_calls:
+        c.arguments = c.arguments.strip()
+    return out
+
+
+# Parser states.
+_REASONING, _CONTENT, _SECTION, _CALL_ID_TEXT, _CALL_ARGS_TEXT, _DONE = range(6)
+
+
+class StreamParser:
+    """Incremental splitter of Kimi output into events.
+
+    feed(delta) and finish() return lists of events:
+      ("reasoning", text)              thinking text (between <think> and </think>)
+      ("content", text)                answer text
+      ("tool_start", i, id, name)      call i begins (id and name known)
+      ("tool_args", i, text)           a piece of call i's JSON arguments
+      ("tool_end", i)                  call i complete
+    Text is emitted as soon as it cannot be part of a marker, so streaming stays smooth; at most
+    len(longest marker) - 1 characters are held back.
+    """
+
+    def __init__(self, start_in_reasoning: bool = False):
+        self.state = _REASONING if start_in_reasoning else _CONTENT
+        self.buf = ""
+        self.n_calls = 0
+        self.seen_text = False  # any content emitted yet (a <think> is only honoured at the start)
+        self._id_text = ""
+
+    # Markers that end the current state, with the state they lead to.
+    def _markers(self) -> list[tuple[str, int]]:
+        if self.state == _REASONING:
+            return [(THINK_END, _CONTENT), (SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+        if self.state == _CONTENT:
+            m = [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+            if not self.seen_text:
+                m.append((THINK_BEGIN, _REASONING))
+            return m
+        if self.state == _SECTION:
+            return [(CALL_BEGIN, _CALL_ID_TEXT), (SECTION_END, _DONE), (SECTION_END_ALT, _DONE)]
+        if self.state == _CALL_ID_TEXT:
+            return [(CALL_ARGS, _CALL_ARGS_TEXT)]
+        if self.state == _CALL_ARGS_TEXT:
+            return [(CALL_END, _SECTION)]
+        # After the section: anything further is content (rare; some models add a closing line).
+        return [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+
+    def feed(self, delta: str) -> list[tuple]:
+        self.buf += delta
+        events: list[tuple] = []
+        while True:
+            markers = self._markers()
+            hit = None
+            for marker, nxt in markers:
+                pos = self.buf.find(marker)
+                if pos >= 0 and (hit is None or pos < hit[0]):
+                    hit = (pos, marker, nxt)
+            if hit is None:
+                # Keep back the longest tail that is a prefix of some marker.
+                keep = 0
+                for marker, _ in markers:
+                    for k in range(min(len(marker) - 1, len(self.buf)), 0, -1):
+                        if self.buf.endswith(marker[:k]):
+                            keep = max(keep, k)
+                            break
+                emit, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+                self._emit_text(emit, events)
+                return events
+            pos, marker, nxt = hit
+            if marker == THINK_BEGIN and self.buf[:pos].strip():
+                # Text came first, so this <think> is content; emitting the text says so.
+                self._emit_text(self.buf[:pos], events)
+                self.buf = self.buf[pos:]
+                continue
+            self._emit_text(self.buf[:pos], events)
+            self.buf = self.buf[pos + len(marker) :]
+            self._transition(nxt, events)
+
+    def finish(self) -> list[tuple]:
+        """Flush at the end of generation. An unterminated call is closed with what it has."""
+        events: list[tuple] = []
+        self._emit_text(self.buf, events)
+        self.buf = ""
+        if self.state == _CALL_ID_TEXT and self._id_text.strip():
+            self._start_call(events)
+            self.state = _CALL_ARGS_TEXT
+        if self.state == _CALL_ARGS_TEXT:
+            events.append(("tool_end", self.n_calls - 1))
+        self.state = _DONE
+        return events
+
+    def _emit_text(self, text: str, events: list[tuple]) -> None:
+        if not text:
+            return
+        if self.state == _REASONING:
+            events.append(("reasoning", text))
+        elif self.state in (_CONTENT, _DONE):
+            # Whitespace before a leading <think> must not make the <think> count as content.
+            if text.strip():
+                self.seen_text = True
+            events.append(("content", text))
+        elif self.state == _CALL_ID_TEXT:
+            self._id_text += text
+        elif self.state == _CALL_ARGS_TEXT:
+            events.append(("tool_args", self.n_calls - 1, text))
+        # _SECTION: whitespace between calls is dropped.
+
+    def _start_call(self, events: list[tuple]) -> None:
+        call_id = self._id_text.strip()
+        self._id_text = ""
+        try:
+            name, _ = split_call_id(call_id)
+        except ValueError:
+            name = call_id
+        events.append(("tool_start", self.n_calls, call_id, name))
+        self.n_calls += 1
+
+    def _transition(self, nxt: int, events: list[tuple]) -> None:
+        if self.state == _CALL_ID_TEXT and nxt == _CALL_ARGS_TEXT:
+            self._start_call(events)
+        elif self.state == _CALL_ARGS_TEXT and nxt == _SECTION:
+            events.append(("tool_end", self.n_calls - 1))
+        elif nxt == _CALL_ID_TEXT:
+            self._id_text = ""
+        self.state = nxt
