@@ -77,9 +77,9 @@ def render_tool_calls(calls: list[ToolCall]) -> str:
     return "".join(parts)
 
 
-def parse_output(text: str, start_in_reasoning: bool = False) -> ParsedOutput:
+def parse_output(text: str, start_in_reasoning: bool = False, parse_tools: bool = True) -> ParsedOutput:
     """Split a complete decoded answer. `start_in_reasoning`: the prompt already opened <think>."""
-    parser = StreamParser(start_in_reasoning=start_in_reasoning)
+    parser = StreamParser(start_in_reasoning=start_in_reasoning, parse_tools=parse_tools)
     events = parser.feed(text) + parser.finish()
     return collect(events)
 
@@ -122,7 +122,10 @@ class StreamParser:
     len(longest marker) - 1 characters are held back.
     """
 
-    def __init__(self, start_in_reasoning: bool = False):
+    def __init__(self, start_in_reasoning: bool = False, parse_tools: bool = True):
+        # parse_tools=False: no tools were offered, so a tool-call section is kept as content
+        # (what the model wrote, visible) rather than turned into calls the client never allowed.
+        self.parse_tools = parse_tools
         self.state = _REASONING if start_in_reasoning else _CONTENT
         self.buf = ""
         self.n_calls = 0
@@ -131,10 +134,11 @@ class StreamParser:
 
     # Markers that end the current state, with the state they lead to.
     def _markers(self) -> list[tuple[str, int]]:
+        opens = [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)] if self.parse_tools else []
         if self.state == _REASONING:
-            return [(THINK_END, _CONTENT), (SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+            return [(THINK_END, _CONTENT)] + opens
         if self.state == _CONTENT:
-            m = [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+            m = list(opens)
             if not self.seen_text:
                 m.append((THINK_BEGIN, _REASONING))
             return m
@@ -145,7 +149,7 @@ class StreamParser:
         if self.state == _CALL_ARGS_TEXT:
             return [(CALL_END, _SECTION)]
         # After the section: anything further is content (rare; some models add a closing line).
-        return [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)]
+        return opens
 
     def feed(self, delta: str) -> list[tuple]:
         self.buf += delta

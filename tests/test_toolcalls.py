@@ -117,3 +117,10 @@ def test_call_ids():
     assert make_call_id("f", 3) == "functions.f:3"
     with pytest.raises(ValueError, match="functions.NAME:IDX"):
         split_call_id("  ")
+
+
+def test_without_tools_a_section_stays_visible_content():
+    text = "<think>r</think>x" + render_tool_calls(CALLS[:1])
+    out = parse_output(text, parse_tools=False)
+    assert out.reasoning == "r" and out.tool_calls == []
+    assert out.content == "x" + render_tool_calls(CALLS[:1])
