@@ -1,7 +1,22 @@
-// kernels_avx512.cpp: the avx512 kernels (see kernels.h). Being written; until then the getter
-// returns nullptr and dispatch.cpp treats this ISA as not compiled in.
-#include "kernels.h"
+// kernels_avx512.cpp: AVX-512 F/BW/VL/DQ kernels (see kernels.h): quantize_row_a8, matmul_f32
+// for all three formats (exact fp32 dequantisation, zmm FMA) and matmul_a8 via vpmaddubsw +
+// vpmaddwd. The bodies live in simd_avx512.h so the VNNI and AMX units can reuse the helpers.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
+#include "simd_avx512.h"
 
 namespace hybrid {
-const KernelTable* kernels_avx512() { return nullptr; }
+namespace {
+
+const KernelTable kTable = {
+    "avx512",
+    z_quantize_row_a8,
+    z_matmul_a8_bw,
+    z_matmul_f32,
+    nullptr,  // matmul_a16 needs avx512_bf16
+};
+
+}  // namespace
+
+const KernelTable* kernels_avx512() { return &kTable; }
+
 }  // namespace hybrid

@@ -1,0 +1,284 @@
+// simd_avx512.h: AVX-512 (F/BW/VL/DQ) kernel bodies shared by the AVX-512 translation units
+// (kernels_avx512.cpp uses them directly; kernels_avx512_vnni.cpp and kernels_amx.cpp include
+// this header for the helpers). Include only from a TU compiled with at least
+// -mavx512f -mavx512bw -mavx512vl -mavx512dq.
+//
+// Everything here is `static` (internal linkage) on purpose: no COMDAT copy of an AVX-512 function
+// may be shared with a TU compiled for a lower ISA. No templates, no STL: token-tile widths are
+// constants folded into always-inline bodies by the small switch in each driver.
+//
+// Legend: RB = 16 rows per packed block (one zmm of fp32/int32 lanes), G = 32 inputs per group,
+// NG = K / 32 groups, T tokens, TT tokens handled together in registers (a "token tile").
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+#define HY_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace hybrid {
+namespace {
+
+// 16 bf16 values -> 16 fp32 (bf16 is the top half of an fp32: zero-extend, shift).
+static HY_ALWAYS_INLINE __m512 z_load_bf16x16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Four int8 activations (inputs k..k+3) broadcast to every 32-bit lane: the s8 operand of
+// vpmaddubsw / vpdpbusd against one [16 lanes x 4 inputs] weight chunk.
+static HY_ALWAYS_INLINE __m512i z_bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize_row_a8: per group of 32, scale = amax / 127, q = round-to-nearest-even(x / scale).
+// ---------------------------------------------------------------------------------------------
+static void z_quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const float* xg = x + g * kGroup;
+    __m512 v0 = _mm512_loadu_ps(xg);
+    __m512 v1 = _mm512_loadu_ps(xg + 16);
+    __m512 a = _mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask));
+    float amax = _mm512_reduce_max_ps(a);
+    float s = amax / 127.0f;
+    if (!(s > 0.0f)) {  // all-zero group (or NaN input): zeros, scale 0
+      std::memset(q + g * kGroup, 0, kGroup);
+      scale[g] = 0.0f;
+      gsum[g] = 0;
+      continue;
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / s);
+    // cvtps_epi32 rounds to nearest even (default MXCSR), the same as nearbyintf.
+    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    const __m512i lim = _mm512_set1_epi32(127);
+    i0 = _mm512_max_epi32(_mm512_min_epi32(i0, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+    i1 = _mm512_max_epi32(_mm512_min_epi32(i1, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * kGroup), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * kGroup + 16), _mm512_cvtepi32_epi8(i1));
+    scale[g] = s;
+    gsum[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_f32 (precise path): weights dequantised exactly to fp32 ((nibble - 8) * scale is exact:
+// a 4-bit integer times an 8-bit-mantissa bf16), activations and accumulation fp32.
+// One row block x one token tile of TT <= 4 tokens; out points at (token t0, block column).
+// ---------------------------------------------------------------------------------------------
+#define HY_Z_F32_TT_MAX 4
+
+static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                           int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 256;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m512i m4 = _mm512_set1_epi32(0x0F);
+  __m512 acc[HY_Z_F32_TT_MAX];
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(qw + g * 256 + c * 64);
+      const int64_t k0 = g * kGroup + 8 * c;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // j < 4: low nibble of byte j; j >= 4: high nibble of j-4
+        const int sh = (j < 4) ? 8 * j : 8 * (j - 4) + 4;
+        __m512i nib = _mm512_and_si512(_mm512_srli_epi32(v, sh), m4);
+        __m512 wv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(nib), s, s8);  // (nib - 8) * s, exact
+        for (int t = 0; t < tt; ++t)
+          acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                           int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 512;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m512i m8 = _mm512_set1_epi32(0xFF);
+  __m512 acc[HY_Z_F32_TT_MAX];
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s128 = _mm512_mul_ps(s, _mm512_set1_ps(128.0f));
+    for (int c = 0; c < 8; ++c) {
+      const __m512i v = _mm512_loadu_si512(qw + g * 512 + c * 64);
+      const int64_t k0 = g * kGroup + 4 * c;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m512i byte = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), m8);
+        __m512 wv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(byte), s, s128);  // (u8 - 128) * s
+        for (int t = 0; t < tt; ++t)
+          acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                             int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t kp = w.k / 2;  // pairs
+  const uint8_t* qw = w.qweight + b * kp * 64;
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  __m512 acc[HY_Z_F32_TT_MAX];
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512i v = _mm512_loadu_si512(qw + p * 64);
+    const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  // W[row][2p]
+    const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));   // W[row][2p + 1]
+    for (int t = 0; t < tt; ++t) {
+      acc[t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[t * ldx + 2 * p]), acc[t]);
+      acc[t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[t * ldx + 2 * p + 1]), acc[t]);
+    }
+  }
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+// One (block, token-tile) call of a tile body with the tile width folded to a constant.
+#define HY_Z_DISPATCH_F32(fn, w, b, x, ldx, tt, out, ldo) \
+  switch (tt) {                                           \
+    case 1: fn(w, b, x, ldx, 1, out, ldo); break;         \
+    case 2: fn(w, b, x, ldx, 2, out, ldo); break;         \
+    case 3: fn(w, b, x, ldx, 3, out, ldo); break;         \
+    default: fn(w, b, x, ldx, 4, out, ldo); break;        \
+  }
+
+static void z_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
+                         int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* ob = out + (b - b0) * kRowBlock;
+    for (int64_t t0 = 0; t0 < t; t0 += HY_Z_F32_TT_MAX) {
+      const int tt = int(t - t0 < HY_Z_F32_TT_MAX ? t - t0 : HY_Z_F32_TT_MAX);
+      const float* xt = x + t0 * ldx;
+      float* ot = ob + t0 * ldo;
+      switch (w.format) {
+        case WeightFormat::INT4_G32: HY_Z_DISPATCH_F32(z_f32_i4_tile, w, b, xt, ldx, tt, ot, ldo); break;
+        case WeightFormat::INT8_G32: HY_Z_DISPATCH_F32(z_f32_i8_tile, w, b, xt, ldx, tt, ot, ldo); break;
+        case WeightFormat::BF16: HY_Z_DISPATCH_F32(z_f32_bf16_tile, w, b, xt, ldx, tt, ot, ldo); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_a8 without VNNI: vpmaddubsw (u8 weight x s8 activation -> s16 pairs) + vpmaddwd.
+// INT4: |nibble * a| <= 15 * 128, so the s16 sums of all 8 (chunk, half) products of a group
+// (16 products per s16 lane) stay below 32767: one vpmaddwd per group, then the +8 offset is
+// removed with gsum. INT8: u8 * s8 pairs can reach 64770 and would saturate, so the weight is made
+// signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
+// ---------------------------------------------------------------------------------------------
+#define HY_Z_A8_TT_MAX 8
+
+static HY_ALWAYS_INLINE void z_a8bw_i4_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                            int64_t t0, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 256;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512 acc[HY_Z_A8_TT_MAX];
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = qw + g * 256;
+    __m512i wv[8];  // [chunk c lo, chunk c hi] for c = 0..3: inputs 8c..8c+3, 8c+4..8c+7
+    for (int c = 0; c < 4; ++c) {
+      __m512i v = _mm512_loadu_si512(p + c * 64);
+      wv[2 * c] = _mm512_and_si512(v, m4);
+      wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
+    for (int t = 0; t < tt; ++t) {
+      const int64_t row = t0 + t;
+      const int8_t* a = x.q + row * x.ldq + g * kGroup;
+      __m512i s16 = _mm512_maddubs_epi16(wv[0], z_bcast4(a));
+      for (int i = 1; i < 8; ++i)
+        s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(wv[i], z_bcast4(a + 4 * i)));
+      __m512i s32 = _mm512_madd_epi16(s16, ones);
+      s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(8 * x.gsum[row * ng + g]));
+      const __m512 sc2 = _mm512_mul_ps(sw, _mm512_set1_ps(x.scale[row * ng + g]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
+    }
+  }
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                            int64_t t0, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 512;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512 acc[HY_Z_A8_TT_MAX];
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = qw + g * 512;
+    __m512i wabs[8];
+    __mmask64 neg[8];
+    for (int c = 0; c < 8; ++c) {
+      __m512i ws = _mm512_xor_si512(_mm512_loadu_si512(p + c * 64), flip);  // q as s8
+      neg[c] = _mm512_movepi8_mask(ws);
+      wabs[c] = _mm512_abs_epi8(ws);
+    }
+    const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
+    for (int t = 0; t < tt; ++t) {
+      const int64_t row = t0 + t;
+      const int8_t* a = x.q + row * x.ldq + g * kGroup;
+      __m512i s32 = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) {
+        __m512i ab = z_bcast4(a + 4 * c);
+        __m512i as = _mm512_mask_sub_epi8(ab, neg[c], _mm512_setzero_si512(), ab);  // sign(a, q)
+        s32 = _mm512_add_epi32(s32, _mm512_madd_epi16(_mm512_maddubs_epi16(wabs[c], as), ones));
+      }
+      const __m512 sc2 = _mm512_mul_ps(sw, _mm512_set1_ps(x.scale[row * ng + g]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
+    }
+  }
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+// Token tiles of up to 8, the width folded to a constant (registers: 8 weight operands, 8 fp32
+// accumulators, a few temporaries out of 32 zmm).
+#define HY_Z_DISPATCH_A8(fn, w, b, x, t0, tt, out, ldo) \
+  switch (tt) {                                         \
+    case 1: fn(w, b, x, t0, 1, out, ldo); break;        \
+    case 2: fn(w, b, x, t0, 2, out, ldo); break;        \
+    case 3: fn(w, b, x, t0, 3, out, ldo); break;        \
+    case 4: fn(w, b, x, t0, 4, out, ldo); break;        \
+    case 5: fn(w, b, x, t0, 5, out, ldo); break;        \
+    case 6: fn(w, b, x, t0, 6, out, ldo); break;        \
+    case 7: fn(w, b, x, t0, 7, out, ldo); break;        \
+    default: fn(w, b, x, t0, 8, out, ldo); break;       \
+  }
+
+static void z_matmul_a8_bw(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                           float* out, int64_t ldo) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* ob = out + (b - b0) * kRowBlock;
+    for (int64_t t0 = 0; t0 < x.t; t0 += HY_Z_A8_TT_MAX) {
+      const int tt = int(x.t - t0 < HY_Z_A8_TT_MAX ? x.t - t0 : HY_Z_A8_TT_MAX);
+      float* ot = ob + t0 * ldo;
+      if (w.format == WeightFormat::INT4_G32) {
+        HY_Z_DISPATCH_A8(z_a8bw_i4_tile, w, b, x, t0, tt, ot, ldo);
+      } else {
+        HY_Z_DISPATCH_A8(z_a8bw_i8_tile, w, b, x, t0, tt, ot, ldo);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace hybrid
