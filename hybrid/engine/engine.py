@@ -1,0 +1,366 @@
+"""Continuous batching: one background thread turns all live requests into one model call a step.
+
+Each step builds one flat ragged batch (legend: T tokens in the step, V vocabulary):
+
+  - every running sequence contributes its newest token (decode), position = its length - 1;
+  - prompts still being read in contribute chunks, oldest request first, up to prefill_chunk
+    tokens in total per step, so a long prompt is read over several steps while the other
+    sequences keep decoding;
+  - model.forward(input_ids [T], positions [T], slots [T], cache, logits_index [n]) writes each
+    token's KV into cache[slot, position] and returns logits [n, V] for the rows that sample:
+    decode tokens and the last token of a finished prompt;
+  - each of those rows is sampled with its own parameters and random stream (sampling.py),
+    then stop rules and streaming text are applied (stops.py) and one Event goes to the caller.
+
+A request holds one cache slot from admission to its end; the queue waits for a free slot.
+Cancellation (handle.cancel(), or the reader going away) frees the slot at the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hybrid.engine.request import (Completion, Event, RequestHandle, TokenLogprob, Usage)
+from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
+from hybrid.engine.stops import StopState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTEXT = 4096  # cache length when neither max_context nor a cache is given
+RATE_WINDOW_S = 10.0  # tok/s in stats() is measured over this many recent seconds
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop: StopState
+    handle: RequestHandle
+    row: RowState = None
+    output: list[int] = field(default_factory=list)  # sampled ids, stop token included
+    slot: int | None = None
+    computed: int = 0  # tokens (prompt + output) whose KV is in the cache
+    cancelled: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+def _unwrap(model):
+    """Accept the module with forward(), or hybrid.load()'s Model that holds it as .model."""
+    if callable(getattr(model, "forward", None)):
+        return model
+    inner = getattr(model, "model", None)
+    if callable(getattr(inner, "forward", None)):
+        return inner
+    raise TypeError(f"Engine: {type(model).__name__} has no forward() and no .model with one")
+
+
+def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
+    params = list(module.parameters()) if hasattr(module, "parameters") else []
+    floats = [p for p in params if p.is_floating_point()]
+    device = params[0].device if params else torch.device("cpu")
+    return device, (floats[0].dtype if floats else torch.float32)
+
+
+class Engine:
+    """Continuous-batching generation over a model that follows the flat ragged contract.
+
+    model: the module with forward(input_ids, positions, slots, cache, logits_index), or the
+    Model from hybrid.load() (its .model is used, and its .tokenizer when none is given).
+    max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
+    output (default: the cache's max_len, else min(max_position_embeddings, 4096)).
+    prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
+    .reset(slot), .num_slots and .max_len (default: a LatentKVCache built for the model).
+    """
+
+    def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
+                 prefill_chunk: int = 512, cache=None):
+        self.module = _unwrap(model)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("Engine: a tokenizer is needed (pass tokenizer=, or a Model that has one)")
+        self.config = getattr(self.module, "config", None) or getattr(model, "config", None)
+        for name, value in (("max_seqs", max_seqs), ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
+            raise ValueError(f"Engine: max_context must be an integer >= 2, got {max_context!r}")
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if max_context is not None and limit is not None and max_context > limit:
+            raise ValueError(f"Engine: max_context {max_context} exceeds the model's "
+                             f"max_position_embeddings {limit}")
+        if cache is None:
+            from hybrid.models.kv_cache import LatentKVCache
+
+            if self.config is None:
+                raise ValueError("Engine: the model has no .config to size the KV cache from")
+            max_context = max_context or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+            device, dtype = _module_device_dtype(self.module)
+            cache = LatentKVCache(self.config, num_slots=max_seqs, max_len=max_context,
+                                  device=device, dtype=dtype)
+        else:
+            if cache.num_slots < max_seqs:
+                raise ValueError(f"Engine: cache has {cache.num_slots} slots, max_seqs is {max_seqs}")
+            max_context = max_context or cache.max_len
+            if max_context > cache.max_len:
+                raise ValueError(f"Engine: max_context {max_context} exceeds the cache's "
+                                 f"max_len {cache.max_len}")
+        self.cache = cache
+        self.max_seqs, self.max_context, self.prefill_chunk = max_seqs, max_context, prefill_chunk
+        self.device = _module_device_dtype(self.module)[0]
+        vocab = getattr(self.config, "vocab_size", None)
+        self.vocab_size = vocab if vocab is not None else self.tokenizer.vocab_size
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Request] = deque()  # guarded by _lock
+        self._cancel_ids: set[int] = set()  # guarded by _lock
+        self._active: list[_Request] = []  # engine thread only
+        self._free_slots = list(range(max_seqs - 1, -1, -1))  # engine thread only
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._counters = dict(requests_submitted=0, requests_finished=0, requests_cancelled=0,
+                              requests_failed=0, prompt_tokens=0, generated_tokens=0, steps=0)
+        self._rate: deque[tuple[float, int]] = deque()  # (time, tokens generated that step)
+        self._running_count = 0
+        self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -----------------------------------------------------------------------
+
+    def submit(self, prompt_ids, params: SamplingParams | None = None, stop=(),
+               max_tokens: int | None = None) -> RequestHandle:
+        """Queue a request and return its handle at once. Raises ValueError for bad input
+        (empty prompt, unknown token ids, longer than max_context)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"submit: params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt = self._check_prompt(prompt_ids)
+        room = self.max_context - len(prompt)
+        if room < 1:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context limit is "
+                             f"{self.max_context} (prompt + output), so no room to generate")
+        if max_tokens is None:
+            max_tokens = room
+        elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        elif max_tokens > room:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
+                             f"the context limit of {self.max_context} tokens")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.stop_token_ids)
+        rid = next(self._ids)
+        handle = RequestHandle(rid, self._request_cancel)
+        req = _Request(id=rid, prompt=prompt, params=params, handle=handle,
+                       stop=StopState(self.tokenizer.incremental_decoder(), stop_ids, stop, max_tokens))
+        req.row = RowState(params=params, generator=make_generator(params.seed),
+                           prompt_ids=req.prompt, output_ids=req.output)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("Engine is closed")
+            self._waiting.append(req)
+            self._counters["requests_submitted"] += 1
+            self._wake.notify()
+        return handle
+
+    def generate(self, prompt_ids, params: SamplingParams | None = None, stop=(),
+                 max_tokens: int | None = None) -> list[int]:
+        """Blocking convenience: the generated token ids (without a final stop token)."""
+        return self.submit(prompt_ids, params, stop=stop, max_tokens=max_tokens).result().token_ids
+
+    def complete(self, prompt_ids, params: SamplingParams | None = None, stop=(),
+                 max_tokens: int | None = None) -> Completion:
+        """Blocking convenience: ids, text, finish reason and usage."""
+        return self.submit(prompt_ids, params, stop=stop, max_tokens=max_tokens).result()
+
+    def stats(self) -> dict:
+        """Counters for /metrics: running, waiting, totals and recent generated tok/s."""
+        with self._lock:
+            now = time.monotonic()
+            while self._rate and now - self._rate[0][0] > RATE_WINDOW_S:
+                self._rate.popleft()
+            span = now - self._rate[0][0] if self._rate else 0.0
+            tokens = sum(n for _, n in self._rate)
+            return dict(self._counters, running=self._running_count, waiting=len(self._waiting),
+                        max_seqs=self.max_seqs, max_context=self.max_context,
+                        tokens_per_s=tokens / span if span > 0 else 0.0)
+
+    def close(self) -> None:
+        """Stop the engine thread; requests still queued or running end as "cancelled"."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- request bookkeeping --------------------------------------------------------------
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.flatten().tolist()
+        if isinstance(prompt_ids, (str, bytes)):
+            raise TypeError("submit: prompt_ids must be token ids; encode text with the tokenizer")
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("submit: the prompt is empty")
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"submit: prompt_ids[{i}]={t!r} is not a token id in "
+                                 f"[0, {self.vocab_size})")
+        return prompt
+
+    def _request_cancel(self, request_id: int) -> None:
+        with self._wake:
+            for req in self._waiting:
+                if req.id == request_id:
+                    self._waiting.remove(req)
+                    self._counters["requests_cancelled"] += 1
+                    self._emit_end(req, "cancelled")
+                    return
+            self._cancel_ids.add(request_id)
+            self._wake.notify()
+
+    def _emit_end(self, req: _Request, reason: str, error: str | None = None) -> None:
+        text = req.stop.finish(reason)
+        req.handle._push(Event(text=text, finish_reason=reason, error=error,
+                               usage=Usage(len(req.prompt), req.stop.generated)))
+
+    def _release(self, req: _Request) -> None:
+        if req.slot is not None:
+            self.cache.reset(req.slot)
+            self._free_slots.append(req.slot)
+            req.slot = None
+        if req in self._active:
+            self._active.remove(req)
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closed or self._waiting or self._active
+                                    or self._cancel_ids)
+                if self._closed:
+                    break
+                cancel, self._cancel_ids = self._cancel_ids, set()
+                while self._waiting and self._free_slots:
+                    req = self._waiting.popleft()
+                    req.slot = self._free_slots.pop()
+                    self._active.append(req)
+                    self._counters["prompt_tokens"] += len(req.prompt)
+            for req in [r for r in self._active if r.id in cancel]:
+                self._release(req)
+                with self._lock:
+                    self._counters["requests_cancelled"] += 1
+                self._emit_end(req, "cancelled")
+            with self._lock:
+                self._running_count = len(self._active)
+            if self._active:
+                self._step()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            pending = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+        for req in pending:
+            self._release(req)
+            self._emit_end(req, "cancelled")
+
+    def _plan(self) -> tuple[list[_Request], list[tuple[_Request, int, int]]]:
+        """Pick this step's tokens: all decodes, then prompt chunks within the budget."""
+        decodes, chunks, budget = [], [], self.prefill_chunk
+        for req in self._active:
+            pending = len(req.tokens) - req.computed
+            if req.output:  # prompt done: exactly one new token to feed
+                decodes.append(req)
+            elif budget > 0:
+                n = min(pending, budget)
+                chunks.append((req, req.computed, n))
+                budget -= n
+        return decodes, chunks
+
+    def _step(self) -> None:
+        decodes, chunks = self._plan()
+        ids, pos, slots, sample_at, sample_reqs = [], [], [], [], []
+        for req in decodes:
+            ids.append(req.tokens[req.computed])
+            pos.append(req.computed)
+            slots.append(req.slot)
+            sample_at.append(len(ids) - 1)
+            sample_reqs.append(req)
+        for req, start, n in chunks:
+            ids += req.prompt[start:start + n]
+            pos += range(start, start + n)
+            slots += [req.slot] * n
+            if start + n == len(req.prompt):  # the prompt's last token predicts the first output
+                sample_at.append(len(ids) - 1)
+                sample_reqs.append(req)
+        stepped = decodes + [c[0] for c in chunks]
+        dev = self.device
+        try:
+            with torch.inference_mode():
+                logits = self.module.forward(
+                    torch.tensor(ids, dtype=torch.long, device=dev),  # [T]
+                    torch.tensor(pos, dtype=torch.long, device=dev),  # [T]
+                    torch.tensor(slots, dtype=torch.long, device=dev),  # [T]
+                    self.cache,
+                    logits_index=torch.tensor(sample_at, dtype=torch.long, device=dev),  # [n]
+                )  # [n, V]
+                if sample_reqs:
+                    if tuple(logits.shape[:1]) != (len(sample_at),):
+                        raise RuntimeError(f"model.forward returned logits of shape "
+                                           f"{tuple(logits.shape)}, expected ({len(sample_at)}, V)")
+                    samples = sample(logits, [r.row for r in sample_reqs])
+        except Exception as e:  # a failed step fails its requests, not the engine
+            log.exception("engine step failed")
+            for req in stepped:
+                self._release(req)
+                with self._lock:
+                    self._counters["requests_failed"] += 1
+                self._emit_end(req, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for req in decodes:
+            req.computed += 1
+        for req, start, n in chunks:
+            req.computed += n
+        for req, s in zip(sample_reqs, samples if sample_reqs else []):
+            self._deliver(req, s)
+        with self._lock:
+            self._counters["steps"] += 1
+            self._counters["generated_tokens"] += len(sample_reqs)
+            self._rate.append((time.monotonic(), len(sample_reqs)))
+            self._running_count = len(self._active)
+
+    def _deliver(self, req: _Request, s) -> None:
+        req.output.append(s.token_id)
+        text, reason = req.stop.on_token(s.token_id)
+        shown = [] if s.token_id in req.stop.stop_ids else [s.token_id]
+        lp = None
+        if req.params.logprobs is not None and shown:
+            lp = [TokenLogprob(s.token_id, s.logprob, s.top_logprobs)]
+        usage = Usage(len(req.prompt), req.stop.generated) if reason else None
+        if reason:
+            self._release(req)
+            with self._lock:
+                self._counters["requests_finished"] += 1
+        req.handle._push(Event(token_ids=shown, text=text, logprobs=lp, finish_reason=reason,
+                               usage=usage))

@@ -1,0 +1,207 @@
+"""Token sampling for a batch of rows, each with its own parameters and random stream.
+
+Order of operations for one row (the order HF and vLLM use, written out so tests can check it):
+
+  1. penalties on the raw logits (OpenAI presence/frequency over generated tokens; CTRL-style
+     repetition penalty over prompt + generated tokens);
+  2. temperature 0 -> greedy argmax of the penalised logits, nothing below applies;
+  3. divide by temperature;
+  4. top-k: keep the k highest logits (0 = off);
+  5. top-p: keep the smallest set of most likely tokens whose probability sums to >= top_p;
+  6. min-p: keep tokens whose probability is >= min_p x the most likely token's probability;
+  7. draw one token by inverse CDF with the row's own torch.Generator (seeded per request), so a
+     request's samples do not depend on which other requests share its batch.
+
+Logprobs (optional, top-n) are of the penalised distribution before temperature and
+truncation: what the model believes, not what the sampler was allowed to pick.
+
+Legend: B rows in the batch, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings. temperature == 0 means greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats (CTRL / HF semantics)
+    presence_penalty: float = 0.0  # OpenAI: -= p for every token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI: -= p x count of the token in the generated text
+    seed: int | None = None  # None: a fresh random seed per request
+    logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token + top-n alternatives
+    stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
+    ignore_eos: bool = False  # keep going past the tokenizer's end tokens (benchmarks)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def bad(name, value, why):
+            raise ValueError(f"SamplingParams.{name}={value!r}: {why}")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad(name, value, "must be a number")
+            if value != value or value in (float("inf"), float("-inf")):
+                bad(name, value, "must be finite")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", self.min_p, "must be in [0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", self.top_k, "must be an integer >= 0 (0 or -1 = off)")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, getattr(self, name), "must be in [-2, 2] (OpenAI range)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", self.seed, "must be an integer or None")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= 20
+        ):
+            bad("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one request; draws happen on the CPU so results match on any device."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return g
+
+
+@dataclass
+class RowState:
+    """What the sampler needs to know about one request."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: float | None = None  # log p(chosen) under the penalised distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # n most likely (id, logprob), best first
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """Return logits [B, V] with each row's penalties applied (the input is not modified)."""
+    out = logits
+    for b, row in enumerate(rows):
+        p = row.params
+        need_freq = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        need_rep = p.repetition_penalty != 1.0
+        if not (need_freq or need_rep):
+            continue
+        if out is logits:
+            out = logits.clone()
+        V = out.shape[1]
+        if need_freq and len(row.output_ids):
+            ids = torch.as_tensor(list(row.output_ids), dtype=torch.long, device=out.device)
+            counts = torch.bincount(ids, minlength=V)[:V].to(out.dtype)  # [V]
+            out[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        if need_rep:
+            seen = list(row.prompt_ids) + list(row.output_ids)
+            if seen:
+                ids = torch.unique(torch.as_tensor(seen, dtype=torch.long, device=out.device))
+                vals = out[b, ids]
+                # Dividing a positive logit and multiplying a negative one both lower it.
+                out[b, ids] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                          vals * p.repetition_penalty)
+    return out
+
+
+def truncation_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor) -> torch.Tensor:
+    """Which sorted positions are removed by top-k, then top-p, then min-p.
+
+    sorted_logits [B, V] are temperature-scaled logits sorted descending; top_k [B] (0 = off),
+    top_p [B], min_p [B]. Returns a bool mask [B, V], True = removed. Each filter removes a
+    suffix of the sorted order, and position 0 (the best token) is never removed.
+    """
+    B, V = sorted_logits.shape
+    rank = torch.arange(V, device=sorted_logits.device).expand(B, V)  # [B, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    removed = rank >= k[:, None]  # [B, V]
+
+    probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)  # [B, V]
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
+    removed |= (before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+
+    probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
+    # min-p is relative to the best token, so renormalising after top-k/top-p does not change it.
+    removed |= probs < (min_p[:, None] * probs[:, :1])
+    removed[:, 0] = False
+    return removed
+
+
+def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
+    """Pick one token per row. logits [B, V] (any float dtype, any device)."""
+    B, V = logits.shape
+    if B != len(rows):
+        raise ValueError(f"sample: logits has {B} rows but {len(rows)} row states were given")
+    logits = apply_penalties(logits.float(), rows)  # [B, V] fp32
+    dev = logits.device
+    chosen = torch.argmax(logits, dim=-1)  # [B], greedy answer for every row
+
+    sampled_rows = [b for b, r in enumerate(rows) if not r.params.greedy]
+    if sampled_rows:
+        idx = torch.as_tensor(sampled_rows, device=dev)
+        sub = [rows[b].params for b in sampled_rows]
+        temp = torch.tensor([p.temperature for p in sub], device=dev)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in sub], device=dev)
+        top_p = torch.tensor([p.top_p for p in sub], device=dev)
+        min_p = torch.tensor([p.min_p for p in sub], device=dev)
+        scaled = logits[idx] / temp[:, None]  # [S, V]
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [S, V]
+        removed = truncation_mask(sorted_logits, top_k, top_p, min_p)
+        probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
+        cdf = torch.cumsum(probs, dim=-1)  # [S, V]
+        # One uniform per row from that row's own generator, on the CPU.
+        u = torch.stack([torch.rand((), generator=rows[b].generator) for b in sampled_rows])
+        target = u.to(dev)[:, None] * cdf[:, -1:]  # [S, 1]
+        pos = torch.searchsorted(cdf, target, right=True)[:, 0]  # [S]
+        kept = (~removed).sum(dim=-1)  # never pick a removed token, even on rounding at the top
+        pos = torch.minimum(pos, kept - 1)
+        chosen[idx] = order.gather(1, pos[:, None])[:, 0]
+
+    chosen_list = chosen.tolist()
+    results = [Sampled(token_id=t) for t in chosen_list]
+    want = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
+    if want:
+        logp = torch.log_softmax(logits[want], dim=-1)  # [W, V]
+        n_top = max(rows[b].params.logprobs for b in want)
+        top_v, top_i = (torch.topk(logp, n_top, dim=-1) if n_top > 0 else (None, None))
+        for j, b in enumerate(want):
+            results[b].logprob = float(logp[j, chosen_list[b]])
+            n = rows[b].params.logprobs
+            results[b].top_logprobs = (
+                [(int(i), float(v)) for i, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())]
+                if n > 0 else []
+            )
+    return results
