@@ -1,0 +1,152 @@
+"""The bridge from HTTP jobs to the engine: prompt building, limits, and the run a route reads.
+
+Backend.start(job) renders the chat template (or takes the raw prompt), checks the context and
+queue limits (each a 4xx with the numbers), submits to the continuous-batching Engine and
+returns a Run. A Run is read with `async for piece in run` and then has `run.finish`; leaving it
+early (the client went away) cancels the engine request, which frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+from hybrid.serve.errors import ApiError, bad_request
+from hybrid.serve.job import Finish, Job, Piece, TokenLogprob
+from hybrid.serve.metrics import Metrics
+
+
+class Run:
+    """One submitted generation as seen by a route."""
+
+    def __init__(self, handle, tokenizer, job: Job, prompt_tokens: int, start_in_reasoning: bool,
+                 metrics: Metrics):
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.job = job
+        self.prompt_tokens = prompt_tokens
+        self.start_in_reasoning = start_in_reasoning
+        self.metrics = metrics
+        self.request_id = ""  # set by the route, in its dialect's id format
+        self.finish: Finish | None = None
+        self._shown_ids: list[int] = []
+
+    async def __aiter__(self):
+        tok = self.tokenizer
+        async for ev in self.handle.aiter():
+            if ev.token_ids:
+                self.metrics.add_tokens(len(ev.token_ids))
+                self._shown_ids += ev.token_ids
+            logprobs = None
+            if ev.logprobs:
+                logprobs = [TokenLogprob(tok.decode([lp.token_id]), lp.logprob,
+                                         [(tok.decode([i]), v) for i, v in lp.top]) for lp in ev.logprobs]
+            if ev.finish_reason is not None:
+                self.finish = self._finish(ev)
+            if ev.text or ev.token_ids or logprobs:
+                yield Piece(text=ev.text, n_tokens=len(ev.token_ids), logprobs=logprobs)
+
+    def _finish(self, ev) -> Finish:
+        usage = ev.usage
+        reason = ev.finish_reason
+        stop_string = None
+        # The engine reports a stop token and a stop string both as "stop"; a stop token is
+        # counted in completion_tokens but not shown, so equal counts mean a stop string.
+        if reason == "stop" and self.job.stop and usage.completion_tokens == len(self._shown_ids):
+            text = self.tokenizer.decode(self._shown_ids)
+            hits = [(text.find(s), s) for s in self.job.stop if s in text]
+            if hits:
+                stop_string = min(hits)[1]
+                reason = "stop_string"
+        return Finish(reason=reason, prompt_tokens=usage.prompt_tokens,
+                      completion_tokens=usage.completion_tokens, stop_string=stop_string)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+
+class Backend:
+    """Owns the tokenizer and the Engine; shared by every request of a server."""
+
+    def __init__(self, engine, tokenizer, max_tokens: int, max_queued: int, metrics: Metrics,
+                 model=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.max_queued = max_queued
+        self.metrics = metrics
+        self.model = model  # hybrid.load()'s Model, when the server loaded one (for cache stats)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_context
+
+    def render_prompt(self, job: Job) -> tuple[list[int], bool]:
+        """Token ids of the prompt, and whether it leaves the model inside <think>."""
+        from hybrid.chat_template import ChatTemplateError
+
+        tok = self.tokenizer
+        if job.messages is None:
+            if isinstance(job.prompt, str):
+                return tok.encode_prompt(job.prompt), False
+            bad = [t for t in job.prompt if not 0 <= t < tok.vocab_size]
+            if bad:
+                raise bad_request(f"'prompt' holds token id {bad[0]}, outside the vocabulary [0, {tok.vocab_size})",
+                                  "prompt")
+            return list(job.prompt), False
+        try:
+            text = tok.apply_chat_template(job.messages, tools=job.tools, add_generation_prompt=True,
+                                           thinking=job.thinking)
+        except ChatTemplateError as e:
+            raise bad_request(str(e), "messages") from None
+        in_reasoning = text.rstrip().endswith("<think>")
+        return tok.encode(text + job.assistant_prefix), in_reasoning
+
+    def start(self, job: Job) -> Run:
+        from hybrid.engine.sampling import SamplingParams
+
+        ids, in_reasoning = self.render_prompt(job)
+        n, ctx = len(ids), self.context_length
+        if n >= ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens, and the prompt has {n} "
+                              "tokens. Please shorten the messages.", "messages")
+        max_tokens = job.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.max_tokens, ctx - n)
+        elif n + max_tokens > ctx:
+            raise bad_request(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                              f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
+                              "Please reduce the prompt or the completion length.", "max_tokens")
+        stats = self.engine.stats()
+        if stats["waiting"] >= self.max_queued and stats["running"] >= stats["max_seqs"]:
+            raise ApiError(429, f"The server is busy: {stats['running']} requests running and "
+                                f"{stats['waiting']} waiting (limit {self.max_queued}). Retry later.")
+        try:
+            params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
+                                    seed=job.seed, logprobs=job.logprobs,
+                                    presence_penalty=job.presence_penalty,
+                                    frequency_penalty=job.frequency_penalty)
+            handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        self.metrics.prompt_tokens += n
+        return Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics)
+
+    def gauges(self) -> dict[str, float]:
+        s = self.engine.stats()
+        out = {"queue_depth": s["waiting"], "running": s["running"], "max_running": s["max_seqs"],
+               "engine_tokens_per_second": s.get("tokens_per_s", 0.0)}
+        rate = _cache_hit_rate(self.model)
+        if rate is not None:
+            out["cache_hit_rate"] = rate
+        return out
+
+
+def _cache_hit_rate(model) -> float | None:
+    """GPU expert-cache hit rate, if the loaded model keeps one (None when it has no cache)."""
+    fn = getattr(model, "cache_hit_rate", None)
+    if fn is None:
+        return None
+    value = fn() if callable(fn) else fn
+    return float(value) if value is not None else None

@@ -1,0 +1,35 @@
+"""Server settings: where to listen, who may call, and the limits that protect the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless the user opens it with --host
+    port: int = 8000
+    api_key: str | None = None  # None: no auth; else required on every route but /health
+    model_name: str = "hybrid"  # the id clients pass as "model" and /v1/models lists
+    max_running: int = 32  # sequences decoded together (the engine's batch)
+    max_queued: int = 256  # waiting requests beyond the running ones; more -> 429
+    max_tokens: int = 4096  # per-request completion cap; a larger request -> 400
+    context_length: int | None = None  # None: the model's own (config.max_position_embeddings)
+    max_body_bytes: int = 4 * 1024 * 1024  # request bodies larger than this -> 413
+    log_requests: bool = False
+
+    def validate(self) -> None:
+        def bad(field, value, why):
+            raise ValueError(f"serve option {field}={value!r}: {why}")
+
+        if not 0 <= self.port <= 65535:
+            bad("port", self.port, "must be in [0, 65535]")
+        for field in ("max_running", "max_tokens", "max_body_bytes"):
+            if getattr(self, field) < 1:
+                bad(field, getattr(self, field), "must be >= 1")
+        if self.max_queued < 0:
+            bad("max_queued", self.max_queued, "must be >= 0")
+        if self.context_length is not None and self.context_length < 2:
+            bad("context_length", self.context_length, "must be >= 2")
+        if self.api_key is not None and not self.api_key.strip():
+            bad("api_key", self.api_key, "must not be empty")

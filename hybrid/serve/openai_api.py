@@ -1,0 +1,418 @@
+"""OpenAI dialect: /v1/chat/completions and /v1/completions requests in, their responses out.
+
+Request bodies are translated into a Job (hybrid.serve.job); the response side turns output
+events into OpenAI's JSON, or its server-sent-event chunks when `stream` is true. Kimi's tool
+calls become `tool_calls` (arguments passed on as the model wrote them, as OpenAI does) and its
+<think> text becomes `reasoning_content` (the field vLLM and DeepSeek's API use).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from hybrid.serve.errors import ApiError, bad_request
+from hybrid.serve.fields import check, get, get_number, get_stop_list
+from hybrid.serve.job import Finish, Job, TokenLogprob
+from hybrid.serve.output import forced_tool_prefix, output_events
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass
+class Options:
+    """What shapes the response rather than the generation."""
+
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+
+def check_model(body: dict, served: str) -> str:
+    model = get(body, "model", "", str)
+    if model != served:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{served}'",
+                       param="model", code="model_not_found")
+    return model
+
+
+def _text_content(content, where: str, allow_none: bool) -> str | None:
+    """OpenAI content: a string or a list of parts; only text parts are supported."""
+    if content is None:
+        check(allow_none, f"'{where}' is required", where)
+        return None
+    if isinstance(content, str):
+        return content
+    check(isinstance(content, list), f"'{where}' must be a string or an array of content parts", where)
+    texts = []
+    for j, part in enumerate(content):
+        pw = f"{where}[{j}]"
+        check(isinstance(part, dict), f"'{pw}' must be an object", pw)
+        kind = get(part, "type", pw, str)
+        if kind not in ("text", "input_text"):
+            raise bad_request(f"'{pw}.type' is '{kind}'; this model accepts text only", pw)
+        texts.append(get(part, "text", pw, str))
+    return "".join(texts)
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    check(isinstance(calls, list), f"'{where}' must be an array", where)
+    out = []
+    for j, c in enumerate(calls):
+        cw = f"{where}[{j}]"
+        check(isinstance(c, dict), f"'{cw}' must be an object", cw)
+        fn = get(c, "function", cw, dict)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        check(isinstance(args, str), f"'{cw}.function.arguments' must be a string", f"{cw}.function.arguments")
+        out.append({"id": get(c, "id", cw, str), "type": "function",
+                    "function": {"name": get(fn, "name", f"{cw}.function", str), "arguments": args}})
+    return out
+
+
+def parse_messages(raw) -> list[dict]:
+    check(isinstance(raw, list), "'messages' must be an array", "messages")
+    check(len(raw) > 0, "'messages' must contain at least one message", "messages")
+    messages = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        check(isinstance(m, dict), f"'{where}' must be an object", where)
+        role = get(m, "role", where, str)
+        if role not in _ROLES:
+            raise bad_request(f"'{where}.role' must be one of {', '.join(_ROLES)}; got '{role}'", f"{where}.role")
+        msg: dict = {"role": "system" if role == "developer" else role}
+        if role == "assistant":
+            msg["content"] = _text_content(m.get("content"), f"{where}.content", allow_none=True) or ""
+            if m.get("tool_calls"):
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            reasoning = m.get("reasoning_content", m.get("reasoning"))
+            if reasoning is not None:
+                check(isinstance(reasoning, str), f"'{where}.reasoning_content' must be a string",
+                      f"{where}.reasoning_content")
+                msg["reasoning_content"] = reasoning
+        else:
+            msg["content"] = _text_content(m.get("content"), f"{where}.content", allow_none=False)
+        if role == "tool":
+            msg["tool_call_id"] = get(m, "tool_call_id", where, str)
+        messages.append(msg)
+    return messages
+
+
+def parse_tools(body: dict) -> list[dict] | None:
+    tools = get(body, "tools", "", list, default=None)
+    if not tools:
+        return None
+    out, names = [], set()
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        check(isinstance(t, dict), f"'{where}' must be an object", where)
+        kind = get(t, "type", where, str, default="function")
+        check(kind == "function", f"'{where}.type' must be 'function'", f"{where}.type")
+        fn = get(t, "function", where, dict)
+        name = get(fn, "name", f"{where}.function", str)
+        check(name != "" and name not in names, f"'{where}.function.name' must be a unique, non-empty name",
+              f"{where}.function.name")
+        names.add(name)
+        entry = {"name": name}
+        if fn.get("description") is not None:
+            entry["description"] = get(fn, "description", f"{where}.function", str)
+        entry["parameters"] = get(fn, "parameters", f"{where}.function", dict, default={"type": "object", "properties": {}})
+        out.append({"type": "function", "function": entry})
+    return out
+
+
+def tool_names(tools: list[dict] | None) -> list[str]:
+    return [t["function"]["name"] for t in tools or []]
+
+
+def apply_tool_choice(job: Job, choice, names: list[str], where: str = "tool_choice") -> None:
+    """OpenAI tool_choice: "none" | "auto" | "required" | {"type": "function", "function": {"name"}}."""
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        fn = get(choice, "function", where, dict)
+        name = get(fn, "name", f"{where}.function", str)
+        check(name in names, f"'{where}.function.name' is '{name}', which is not among the tools offered",
+              f"{where}.function.name")
+        force(job, name)
+        return
+    check(choice in ("none", "auto", "required"),
+          f"'{where}' must be 'none', 'auto', 'required' or a function object", where)
+    if choice == "none" or not names:
+        check(choice != "required", f"'{where}' is 'required' but no tools were given", where)
+        job.tools, job.parse_tools = None, False
+    elif choice == "required":
+        force(job, None)
+
+
+def force(job: Job, name: str | None) -> None:
+    # A forced call skips the reasoning: the answer starts inside the tool-call section.
+    job.thinking = False
+    job.assistant_prefix = forced_tool_prefix(job, name)
+
+
+def parse_thinking(body: dict) -> bool | None:
+    """Thinking on/off, from whichever convention the client uses (None: the model's default):
+    Kimi/Moonshot `thinking: {"type": "enabled"|"disabled"}` or a boolean,
+    vLLM `chat_template_kwargs: {"thinking"|"enable_thinking": bool}`, OpenAI `reasoning_effort`."""
+    t = body.get("thinking")
+    if t is not None:
+        if isinstance(t, bool):
+            return t
+        check(isinstance(t, dict), "'thinking' must be a boolean or {\"type\": \"enabled\"|\"disabled\"}", "thinking")
+        kind = get(t, "type", "thinking", str)
+        check(kind in ("enabled", "disabled"), "'thinking.type' must be 'enabled' or 'disabled'", "thinking.type")
+        return kind == "enabled"
+    kwargs = get(body, "chat_template_kwargs", "", dict, default={})
+    for key in ("thinking", "enable_thinking"):
+        if key in kwargs:
+            v = kwargs[key]
+            check(isinstance(v, bool), f"'chat_template_kwargs.{key}' must be a boolean", f"chat_template_kwargs.{key}")
+            return v
+    effort = get(body, "reasoning_effort", "", str, default=None)
+    if effort is not None:
+        check(effort in ("none", "minimal", "low", "medium", "high"),
+              "'reasoning_effort' must be one of none, minimal, low, medium, high", "reasoning_effort")
+        return effort not in ("none", "minimal")
+    return None
+
+
+def parse_common(body: dict, job: Job, max_tokens_limit: int, token_keys: tuple[str, ...]) -> None:
+    """Sampling fields shared by chat and completions."""
+    n = get(body, "n", "", int, default=1)
+    check(n == 1, f"'n' is {n}; this server returns one choice per request (n must be 1)", "n")
+    for key in token_keys:
+        mt = get(body, key, "", int, default=None)
+        if mt is not None:
+            check(mt >= 1, f"'{key}' must be at least 1, got {mt}", key)
+            if mt > max_tokens_limit:
+                raise bad_request(f"'{key}' is {mt}, more than this server's limit of {max_tokens_limit} "
+                                  "completion tokens per request", key)
+            job.max_tokens = mt
+            break
+    job.temperature = get_number(body, "temperature", "", 0.0, 2.0, default=1.0)
+    job.top_p = get_number(body, "top_p", "", 0.0, 1.0, default=1.0)
+    check(job.top_p > 0, "'top_p' must be greater than 0", "top_p")
+    job.top_k = get_number(body, "top_k", "", -1, 1 << 30, default=0, integer=True)
+    job.seed = get(body, "seed", "", int, default=None)
+    job.presence_penalty = get_number(body, "presence_penalty", "", -2.0, 2.0, default=0.0)
+    job.frequency_penalty = get_number(body, "frequency_penalty", "", -2.0, 2.0, default=0.0)
+    job.stop = get_stop_list(body, "stop")
+
+
+def _stream_options(body: dict, opts: Options) -> None:
+    opts.stream = get(body, "stream", "", bool, default=False)
+    so = get(body, "stream_options", "", dict, default=None)
+    if so is not None:
+        check(opts.stream, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        opts.include_usage = get(so, "include_usage", "stream_options", bool, default=False)
+
+
+def parse_chat_request(body: dict, served_model: str, max_tokens_limit: int) -> tuple[Job, Options]:
+    opts = Options(model=check_model(body, served_model))
+    job = Job(messages=parse_messages(body.get("messages")))
+    job.tools = parse_tools(body)
+    job.parse_tools = job.tools is not None
+    job.thinking = parse_thinking(body)
+    apply_tool_choice(job, body.get("tool_choice"), tool_names(job.tools))
+    parse_common(body, job, max_tokens_limit, ("max_completion_tokens", "max_tokens"))
+    rf = get(body, "response_format", "", dict, default=None)
+    if rf is not None and rf.get("type") not in (None, "text"):
+        raise bad_request(f"'response_format.type' '{rf.get('type')}' is not supported; only 'text'",
+                          "response_format.type")
+    _stream_options(body, opts)
+    opts.logprobs = get(body, "logprobs", "", bool, default=False)
+    top = get_number(body, "top_logprobs", "", 0, 20, default=None, integer=True)
+    if top is not None:
+        check(opts.logprobs, "'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    if opts.logprobs:
+        job.logprobs = top or 0
+    return job, opts
+
+
+def parse_completion_request(body: dict, served_model: str, max_tokens_limit: int) -> tuple[Job, Options]:
+    opts = Options(model=check_model(body, served_model))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    ok_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    check(isinstance(prompt, str) or ok_ids,
+          "'prompt' must be a string or an array of token ids (one prompt per request)", "prompt")
+    job = Job(prompt=prompt)
+    parse_common(body, job, max_tokens_limit, ("max_tokens",))
+    if job.max_tokens is None:
+        job.max_tokens = min(16, max_tokens_limit)  # OpenAI's documented default for completions
+    check(not get(body, "echo", "", bool, default=False), "'echo' is not supported", "echo")
+    check(body.get("suffix") is None, "'suffix' is not supported", "suffix")
+    best_of = get(body, "best_of", "", int, default=1)
+    check(best_of == 1, "'best_of' must be 1", "best_of")
+    _stream_options(body, opts)
+    lp = get_number(body, "logprobs", "", 0, 5, default=None, integer=True)
+    if lp is not None:
+        opts.logprobs, job.logprobs = True, lp
+    return job, opts
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+
+def _usage(run, fin: Finish) -> dict:
+    usage = {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+             "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+    if fin.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": fin.cached_tokens}
+    return usage
+
+
+def finish_reason(fin: Finish, has_calls: bool) -> str:
+    if fin.reason == "length":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
+
+
+def _chat_logprob(lp: TokenLogprob) -> dict:
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8")),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in lp.top]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def chat_response(run, job: Job, opts: Options) -> dict:
+    reasoning, content, calls, logprobs = [], [], [], []
+    fin = None
+    async for ev in output_events(run, job):
+        kind = ev[0]
+        if kind == "reasoning":
+            reasoning.append(ev[1])
+        elif kind == "content":
+            content.append(ev[1])
+        elif kind == "tool_start":
+            calls.append({"id": ev[2], "type": "function", "function": {"name": ev[3], "arguments": ""}})
+        elif kind == "tool_args":
+            calls[ev[1]]["function"]["arguments"] += ev[2]
+        elif kind == "logprobs":
+            logprobs += [_chat_logprob(lp) for lp in ev[1]]
+        elif kind == "finish":
+            fin = ev[1]
+    message: dict = {"role": "assistant", "content": "".join(content) if content or not calls else None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        for c in calls:
+            c["function"]["arguments"] = c["function"]["arguments"].strip()
+        message["tool_calls"] = calls
+    return {
+        "id": run.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": opts.model,
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": {"content": logprobs} if opts.logprobs else None,
+                     "finish_reason": finish_reason(fin, bool(calls))}],
+        "usage": _usage(run, fin),
+    }
+
+
+async def chat_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
+        obj = {"id": run.request_id, "object": "chat.completion.chunk", "created": created,
+               "model": opts.model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        if opts.include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+
+    yield chunk({"role": "assistant", "content": ""})
+    has_calls = False
+    async for ev in output_events(run, job):
+        kind = ev[0]
+        if kind == "reasoning":
+            yield chunk({"reasoning_content": ev[1]})
+        elif kind == "content":
+            yield chunk({"content": ev[1]})
+        elif kind == "tool_start":
+            has_calls = True
+            yield chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                         "function": {"name": ev[3], "arguments": ""}}]})
+        elif kind == "tool_args":
+            yield chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
+        elif kind == "logprobs" and opts.logprobs:
+            yield chunk({}, logprobs={"content": [_chat_logprob(lp) for lp in ev[1]]})
+        elif kind == "finish":
+            fin = ev[1]
+            yield chunk({}, finish=finish_reason(fin, has_calls))
+            if opts.include_usage:
+                yield _sse({"id": run.request_id, "object": "chat.completion.chunk", "created": created,
+                            "model": opts.model, "choices": [], "usage": _usage(run, fin)})
+    yield "data: [DONE]\n\n"
+
+
+def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        tokens.append(lp.token)
+        values.append(lp.logprob)
+        tops.append({t: v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def completion_response(run, job: Job, opts: Options) -> dict:
+    text, lps = [], []
+    async for piece in run:
+        text.append(piece.text)
+        lps += piece.logprobs or []
+    fin = run.finish
+    return {
+        "id": run.request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": opts.model,
+        "choices": [{"index": 0, "text": "".join(text),
+                     "logprobs": _completion_logprobs(lps, 0) if opts.logprobs else None,
+                     "finish_reason": finish_reason(fin, False)}],
+        "usage": _usage(run, fin),
+    }
+
+
+async def completion_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
+    created = int(time.time())
+    offset = 0
+
+    def chunk(text: str, finish: str | None = None, logprobs=None) -> str:
+        obj = {"id": run.request_id, "object": "text_completion", "created": created, "model": opts.model,
+               "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if opts.include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+
+    async for piece in run:
+        lp = _completion_logprobs(piece.logprobs or [], offset) if opts.logprobs else None
+        offset += len(piece.text)
+        if piece.text or lp:
+            yield chunk(piece.text, logprobs=lp)
+    fin = run.finish
+    yield chunk("", finish=finish_reason(fin, False))
+    if opts.include_usage:
+        yield _sse({"id": run.request_id, "object": "text_completion", "created": created,
+                    "model": opts.model, "choices": [], "usage": _usage(run, fin)})
+    yield "data: [DONE]\n\n"
+
+
+def new_id(prefix: str) -> str:
+    """OpenAI ids look like 'chatcmpl-<hex>', Anthropic ones like 'msg_<hex>'."""
+    sep = "_" if prefix == "msg" else "-"
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
