@@ -1,0 +1,186 @@
+"""hybrid.load and the Model object people hold.
+
+    model = hybrid.load("/models/Kimi-K2.5")          # bf16 device weights, CPU INT4 experts
+    model.generate(model.tokenizer.encode("Hi"), 32)
+
+`dtype=torch.float32` is the reference path: everything fp32, CPU experts in mode="precise".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+DEMO_DIR = Path(__file__).parent / "demo_model"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path=None, device=None, dtype=None, **options) -> "Model":
+    """Load a checkpoint directory and return a Model.
+
+    path: checkpoint directory (config.json + safetensors); None = the embedded demo model.
+    device: where attention/router/dense/shared/LM head run (default: cuda if present, else cpu).
+    dtype: device compute dtype, torch.bfloat16 (default) or torch.float32 (reference path).
+    options:
+      experts_backend  "cpu" (the C++ engine, default when hybrid._native is built) | "torch"
+      expert_format    "int4" | "int8" | "bf16": how float experts are packed for the CPU engine
+                       (INT4 checkpoints pass through as int4 unless told otherwise)
+      device_weights   "bf16"/"fp32" (dense) | "int8" | "fp8", or a dict per tensor group
+                       {"attention", "shared", "dense", "lm_head"} -> format
+      packed_cache     True: save packed experts next to the checkpoint for an mmap next time
+      threads          CPU engine threads (default: physical cores)
+      max_len          context the KV cache is sized for (default: min(max_position_embeddings, 4096))
+      max_vram         bytes the device may use (default: free device memory on CUDA; unchecked on CPU)
+      progress         show progress bars (default True)
+    """
+    from hybrid.config import ModelConfig
+    from hybrid.loaders.checkpoint import load_model
+    from hybrid.loaders.memory import check_fits, device_formats_option
+
+    if path is None:
+        if not (DEMO_DIR / "config.json").is_file():
+            raise FileNotFoundError(f"no embedded demo model at {DEMO_DIR}; pass a checkpoint directory")
+        path = DEMO_DIR
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = dtype or torch.bfloat16
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+    opts = dict(options)
+    backend = opts.pop("experts_backend", None) or ("cpu" if _native_available() else "torch")
+    expert_format = opts.pop("expert_format", None)
+    formats = device_formats_option(opts.pop("device_weights", None))
+    packed_cache = bool(opts.pop("packed_cache", False))
+    threads = opts.pop("threads", None)
+    progress = bool(opts.pop("progress", True))
+    max_vram = opts.pop("max_vram", None)
+    config = ModelConfig.from_dir(path)
+    max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
+    if opts:
+        raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
+
+    check_fits(config, path, device, dtype, formats, max_len=max_len, num_slots=1,
+               max_vram=max_vram, experts_on_device=(backend == "torch"))
+    if backend == "cpu":
+        _split_threads(device, threads)
+    mode = "precise" if dtype == torch.float32 else "fast"
+    config, net = load_model(path, device, dtype, experts_backend=backend, expert_format=expert_format,
+                             device_formats=formats, packed_cache=packed_cache, threads=threads,
+                             mode=mode, progress=progress, config=config)
+    return Model(config, net, path, max_len=max_len, tokenizer=_tokenizer(path))
+
+
+def _native_available() -> bool:
+    try:
+        from hybrid.experts import cpu_moe  # noqa: F401
+        import hybrid._native  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _split_threads(device: torch.device, threads: int | None) -> None:
+    """With no GPU the "device" work (attention, router, shared expert) is torch on the same
+    CPU as the expert engine. moe_layer submits the routed task and then runs the shared
+    expert; if both used every core they would fight and both slow down. So torch gets the
+    cores the engine was not given; when the engine takes them all (the default), torch keeps
+    one thread, so the small shared-expert matmuls run beside the engine on one core."""
+    if device.type != "cpu":
+        return
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    engine = threads or cores
+    torch.set_num_threads(max(1, cores - engine) if engine < cores else 1)
+
+
+def _tokenizer(path: Path):
+    try:
+        from hybrid.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        return None
+
+
+class Model:
+    """A loaded model: .config, .tokenizer, .logits(), .generate(), .stream()."""
+
+    def __init__(self, config, net, path: Path, max_len: int, tokenizer=None):
+        self.config, self.net, self.path = config, net, path
+        self.max_len, self.tokenizer = max_len, tokenizer
+        self.device, self.dtype = net.device, net.dtype
+
+    def new_cache(self, num_slots: int = 1, max_len: int | None = None):
+        from hybrid.models.kv_cache import LatentKVCache
+
+        return LatentKVCache(self.config, num_slots, max_len or self.max_len, self.device, self.dtype)
+
+    def forward(self, input_ids, positions, slots, cache, logits_index=None) -> torch.Tensor:
+        return self.net.forward(input_ids, positions, slots, cache, logits_index)
+
+    def _check_prompt(self, token_ids, extra: int = 0) -> torch.Tensor:
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("empty prompt: token_ids needs at least one token")
+        if ids.numel() + extra > self.max_len:
+            raise ValueError(f"prompt of {ids.numel()} tokens + {extra} new exceeds max_len {self.max_len} "
+                             "(pass max_len= to hybrid.load)")
+        return ids
+
+    def logits(self, token_ids) -> torch.Tensor:
+        """Logits for every position of a prompt: [len, vocab] fp32."""
+        ids = self._check_prompt(token_ids)
+        cache = self.new_cache(1, ids.numel())
+        pos = torch.arange(ids.numel())
+        return self.net.forward(ids, pos, torch.zeros_like(pos), cache)
+
+    def generate(self, token_ids, max_new_tokens: int, temperature: float = 0.0, **sampling) -> list[int]:
+        """New tokens (prompt not included); stops early at an end-of-sequence token."""
+        return list(self.stream(token_ids, max_new_tokens, temperature, **sampling))
+
+    def stream(self, token_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new tokens one at a time: prefill the prompt, then decode with the latent cache."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        ids = self._check_prompt(token_ids, max_new_tokens)
+        cache = self.new_cache(1, ids.numel() + max_new_tokens)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(self.config.eos_token_ids) if stop_at_eos else set()
+        pos = torch.arange(ids.numel())
+        last = torch.tensor([ids.numel() - 1])
+        logits = self.net.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last)
+        n = ids.numel()
+        for i in range(max_new_tokens):
+            tok = _sample(logits[0], temperature, top_p, top_k, gen)
+            yield tok
+            if tok in eos or i == max_new_tokens - 1:
+                return
+            logits = self.net.forward(torch.tensor([tok]), torch.tensor([n]), torch.tensor([0]), cache)
+            n += 1
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen) -> int:
+    """logits [Vocab] fp32 -> one token id. temperature 0: greedy."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.cpu() / temperature, -1)
+    if top_k > 0:
+        kth = torch.topk(probs, min(top_k, probs.numel()))[0][-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p * sp.sum()
+        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

@@ -1,0 +1,115 @@
+"""One MoE layer: router on the device, routed experts on a backend, shared expert meanwhile.
+
+Step order (DESIGN.md, "One decode step"):
+  1. router on the device -> ids [T, K], weights [T, K];
+  2. x, ids, weights copied to the host (pinned buffers when the device is CUDA, so the copies
+     are real DMA and do not stall) and the backend task submitted; submit returns at once;
+  3. the shared expert runs on the device while the CPU works;
+  4. sync: the routed result comes back to the device and the parts are summed.
+With no CUDA the "device" is torch on the CPU and the backend is the same CPU: see
+hybrid/api.py for how torch's intra-op threads and the engine's threads are split.
+
+Router (DeepSeek-V3 "noaux_tc"): sigmoid scores; e_score_correction_bias is added for choosing
+only; with n_group > 1 only the topk_group groups with the best sum-of-top-2 biased scores are
+eligible; weights are the unbiased scores of the picked experts, renormalised when
+norm_topk_prob, times routed_scaling_factor.
+
+Legend: T tokens, E experts, G groups, K picked, H hidden.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.config import ModelConfig
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H], weight [E, H] fp32, bias [E] fp32 -> (ids [T, K] int64, weights [T, K] fp32,
+    biased scores [T, E] fp32 (for near-tie diagnostics))."""
+    T = x.shape[0]
+    E, G, K = config.n_routed_experts, config.n_group, config.num_experts_per_tok
+    scores = F.linear(x.float(), weight.float()).sigmoid()  # [T, E]
+    choice = scores + bias if bias is not None else scores  # [T, E]
+    if G > 1:
+        group_score = choice.view(T, G, E // G).topk(2, dim=-1)[0].sum(-1)  # [T, G]
+        group_idx = group_score.topk(config.topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+        group_ok = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_ok = group_ok[:, :, None].expand(T, G, E // G).reshape(T, E)
+        choice = choice.masked_fill(~expert_ok, float("-inf"))
+    ids = choice.topk(K, dim=-1, sorted=False)[1]  # [T, K]
+    w = scores.gather(1, ids)  # [T, K]
+    if config.norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * config.routed_scaling_factor, choice
+
+
+class StepTimer:
+    """Accumulates seconds per phase (router, experts, wait, shared) when enabled; bench/e2e.py
+    reads it. Off by default: timing needs device syncs that would slow a normal run."""
+
+    def __init__(self):
+        self.enabled = False
+        self.totals: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+
+class MoELayer:
+    def __init__(self, config: ModelConfig, layer: int, gate_weight: torch.Tensor,
+                 bias: torch.Tensor | None, routed, shared=None, timer: StepTimer | None = None):
+        self.config, self.layer = config, layer
+        self.gate_weight = gate_weight  # [E, H] fp32 on device
+        self.bias = bias  # [E] fp32 on device (e_score_correction_bias) or None
+        self.routed = routed  # backend with submit(x, ids, w) / sync() -> [T, H] fp32
+        self.shared = shared  # callable [T, H] -> [T, H] on device, or None
+        self.timer = timer or StepTimer()
+        self.trace = None  # optional callable(layer, ids [T, K]) for routing traces (planner)
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t
+        buf = self._pinned.get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._pinned[name] = buf
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        timing = self.timer.enabled
+        sync_dev = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter() if timing else 0.0
+        ids, w, _ = route(x, self.gate_weight, self.bias, self.config)
+        if self.trace is not None:
+            self.trace(self.layer, ids)
+        xh = self._to_host("x", x)
+        idsh = self._to_host("ids", ids.to(torch.int32))
+        wh = self._to_host("w", w)
+        if x.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # host buffers complete before the CPU reads
+        if timing:
+            sync_dev()
+            t1 = time.perf_counter()
+            self.timer.add("router", t1 - t0)
+        self.routed.submit(xh, idsh, wh)
+        if timing:
+            t2 = time.perf_counter()
+            self.timer.add("experts_submit", t2 - t1)
+        shared = self.shared(x) if self.shared is not None else None
+        if timing:
+            sync_dev()
+            t3 = time.perf_counter()
+            self.timer.add("shared", t3 - t2)
+        y = self.routed.sync().to(x.device, non_blocking=True)  # [T, H] fp32
+        if timing:
+            sync_dev()
+            self.timer.add("experts_wait", time.perf_counter() - t3)
+        y = y.to(x.dtype)
+        return y if shared is None else y + shared

@@ -1,0 +1,121 @@
+"""Routed experts from the checkpoint to an expert backend.
+
+torch backend (the reference): every expert as float tensors in the compute dtype, INT4 and
+FP8 experts dequantised. cpu backend (hybrid.experts.cpu_moe, the C++ engine): experts packed
+once into the kernel layout:
+  compressed-tensors INT4 group 32 -> passed through without dequantising (the nibbles are
+    the packed layout's nibbles);
+  bf16 / fp16 / fp32 / FP8-block experts -> quantised to expert_format (int4 | int8 | bf16).
+With packed_cache=True a layer's packed experts are saved next to the checkpoint
+(`.hybrid-cache/`, written to a temp name and renamed) so the next start is an mmap.
+
+Legend: E experts, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from hybrid.experts.moe_layer import StepTimer
+from hybrid.experts.torch_moe import TorchMoE
+from hybrid.loaders.safetensors_files import FLOAT_DTYPES, CheckpointError
+
+BACKENDS = ("cpu", "torch")
+EXPERT_FORMATS = ("int4", "int8", "bf16")
+CACHE_DIR = ".hybrid-cache"
+
+
+class ExpertLoader:
+    def __init__(self, backend: str = "torch", expert_format: str | None = None, threads: int | None = None,
+                 mode: str = "fast", packed_cache: bool = False, checkpoint_dir: str | Path | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"experts_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if expert_format is not None and expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"expert_format must be one of {', '.join(EXPERT_FORMATS)}, got {expert_format!r}")
+        if backend == "torch" and expert_format is not None:
+            raise ValueError("expert_format applies to experts_backend='cpu'; the torch backend keeps the "
+                             "checkpoint's experts (dequantised) as the reference")
+        if mode not in ("fast", "precise"):
+            raise ValueError(f"mode must be 'fast' or 'precise', got {mode!r}")
+        self.backend, self.expert_format, self.threads, self.mode = backend, expert_format, threads, mode
+        self.packed_cache = packed_cache
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.timer = StepTimer()
+        self.stats = {"int4_passthrough": 0, "quantised": 0, "from_cache": 0}
+
+    # ---- one layer -----------------------------------------------------------------------------
+    def layer(self, src, layer: int, prefix: str):
+        c = src.config
+        E, H, I = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        names = [f"{prefix}.experts.{e}" for e in range(E)]
+        if self.backend == "torch":
+            gate, up, down = [], [], []
+            for n in names:
+                gate.append(src.float_weight(f"{n}.gate_proj", (I, H)).to(src.device, src.dtype))
+                up.append(src.float_weight(f"{n}.up_proj", (I, H)).to(src.device, src.dtype))
+                down.append(src.float_weight(f"{n}.down_proj", (H, I)).to(src.device, src.dtype))
+            return TorchMoE(gate, up, down)
+        return self._cpu_layer(src, layer, names, E, H, I)
+
+    def _cpu_layer(self, src, layer: int, names: list[str], E: int, H: int, I: int):
+        from hybrid.experts import cpu_moe
+
+        full = [src.prefix + n for n in names]
+        int4 = f"{full[0]}.gate_proj.weight_packed" in src.files
+        fmt = self.expert_format or ("int4" if int4 else "bf16")
+        cache_path = self._cache_path(src, layer, fmt) if self.packed_cache else None
+        if cache_path is not None and cache_path.is_file():
+            self.stats["from_cache"] += 1
+            return cpu_moe.CpuMoE(cpu_moe.PackedLayer.load(str(cache_path)), threads=self.threads, mode=self.mode)
+        if int4 and fmt == "int4":
+            q = src.config.quant
+            if q is None or q.method != "compressed-tensors":
+                raise CheckpointError(f"{src.files.file_of(full[0] + '.gate_proj.weight_packed')}: INT4 experts "
+                                      "but config.json has no compressed-tensors quantization_config")
+            if q.group_size != 32:
+                raise CheckpointError(f"quantization_config group_size {q.group_size}: the CPU engine's INT4 "
+                                      "pass-through needs group 32; use experts_backend='torch'")
+            parts = {}
+            for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                packed, scale = [], []
+                for f in full:
+                    m = f"{f}.{proj}"
+                    ws = src.files.get(f"{m}.weight_shape", None, (torch.int32, torch.int64))
+                    if ws.tolist() != [n, k]:
+                        raise CheckpointError(f"{src.files.file_of(m + '.weight_shape')}: tensor {m}.weight_shape "
+                                              f"is {ws.tolist()}, config.json implies {[n, k]}")
+                    packed.append(src.files.get(f"{m}.weight_packed", (n, k // 8), (torch.int32,)))
+                    scale.append(src.files.get(f"{m}.weight_scale", (n, k // 32), FLOAT_DTYPES).to(torch.bfloat16))
+                parts[proj] = (packed, scale)
+            packed_layer = cpu_moe.PackedLayer.from_compressed_int4(
+                parts["gate_proj"][0], parts["gate_proj"][1], parts["up_proj"][0], parts["up_proj"][1],
+                parts["down_proj"][0], parts["down_proj"][1])
+            self.stats["int4_passthrough"] += 1
+        else:
+            # Float (or dequantised) experts, one stacked tensor per projection, then packed.
+            gate = torch.stack([src.float_weight(f"{n}.gate_proj", (I, H)).float() for n in names])  # [E, I, H]
+            up = torch.stack([src.float_weight(f"{n}.up_proj", (I, H)).float() for n in names])  # [E, I, H]
+            down = torch.stack([src.float_weight(f"{n}.down_proj", (H, I)).float() for n in names])  # [E, H, I]
+            packed_layer = cpu_moe.PackedLayer.from_float(gate, up, down, format=fmt)
+            del gate, up, down
+            self.stats["quantised"] += 1
+        if cache_path is not None:
+            cache_path.parent.mkdir(exist_ok=True)
+            tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+            packed_layer.save(str(tmp))
+            os.replace(tmp, cache_path)  # atomic: a reader sees the old file or the whole new one
+            packed_layer = cpu_moe.PackedLayer.load(str(cache_path))  # mmap instead of the heap copy
+        return cpu_moe.CpuMoE(packed_layer, threads=self.threads, mode=self.mode)
+
+    def _cache_path(self, src, layer: int, fmt: str) -> Path:
+        # The key covers what the packed bytes depend on: checkpoint files (name, size, mtime),
+        # layer and format, so a changed checkpoint never reuses a stale pack.
+        files = sorted(set(src.files.where.values()))
+        stamp = [(f, os.path.getsize(src.files.path / f), int(os.path.getmtime(src.files.path / f))) for f in files]
+        key = hashlib.sha256(json.dumps([stamp, layer, fmt]).encode()).hexdigest()[:16]
+        return src.files.path / CACHE_DIR / f"layer{layer:03d}.{fmt}.{key}.packed"

@@ -1,0 +1,56 @@
+"""A device linear layer whose weight may be stored dense or weight-only quantised.
+
+Formats (chosen per tensor group by the loader, see hybrid/loaders/device_weights.py):
+  dense  weight [N, K] in the compute dtype (bf16 or fp32)
+  int8   weight [N, K] int8 + per-output-channel scale [N] fp32: W = q * scale[n]
+  fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
+The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU; they
+dequantise on the fly (one matrix at a time), trading compute for memory.
+Legend: T tokens, N outputs, K inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Linear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, name: str = "?"):
+        self.weight = weight  # [N, K]
+        self.bias = bias  # [N] or None
+        self.scale = scale  # [N] fp32 for int8/fp8, None for dense
+        self.name = name
+        if weight.dtype in (torch.int8, torch.float8_e4m3fn):
+            if scale is None or scale.shape != (weight.shape[0],):
+                raise ValueError(f"{name}: quantised weight needs a per-row scale [{weight.shape[0]}]")
+            self.format = "int8" if weight.dtype == torch.int8 else "fp8"
+        else:
+            self.format = "dense"
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.weight.numel() * self.weight.element_size()
+        for t in (self.bias, self.scale):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense [N, K] tensor of `dtype` (dequantised if needed)."""
+        if self.format == "dense":
+            return self.weight.to(dtype)
+        return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
+        if self.format == "dense":
+            return F.linear(x, self.weight, self.bias)
+        # Weight-only: x @ (q * s)^T == (x @ q^T) * s, so scale after the matmul (one [T, N]
+        # multiply instead of an [N, K] one).
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias

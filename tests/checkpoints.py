@@ -1,0 +1,217 @@
+"""Tiny DeepSeek-V3-architecture checkpoints for tests, built with transformers.
+
+`build(tmp_path, **overrides)` makes a seeded random transformers DeepseekV3ForCausalLM (weights
+scaled so activations and router scores stay spread out), optionally re-stores it as
+  variant="int4":  routed experts in compressed-tensors pack-quantized INT4 group 32, packed by
+                   compressed_tensors' own pack_to_int32;
+  variant="fp8":   DeepSeek-V3 FP8 e4m3 block weights + weight_scale_inv;
+  variant="kimi_k25": the multimodal wrapper (text_config, `language_model.` prefix, a stray
+                   vision tensor that must be ignored),
+and writes it sharded with an index (or single-file with save_pretrained when shards=1). The
+returned transformers model holds exactly the weights the checkpoint decodes to (dequantised
+for int4/fp8), so it is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+    n_routed_experts=64, num_experts_per_tok=8, n_shared_experts=1, n_group=1, topk_group=1,
+    first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+    qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True,
+    max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_interleave=True, bos_token_id=0, eos_token_id=1,
+)
+
+YARN = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.707,
+        "rope_theta": 50000.0}
+
+
+def hf_config(**overrides):
+    from transformers import DeepseekV3Config
+
+    kw = dict(TINY)
+    kw.update(overrides)
+    kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = DeepseekV3Config(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _randomise(model, seed: int) -> None:
+    """Weights ~ N(0, 1/fan_in) so each layer keeps activations O(1); norms near 1; router
+    logits and correction bias spread so top-k choices are rarely near ties."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith("gate.weight"):  # router [E, H]
+                p.copy_(2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            else:  # linear weights [.., out, in]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=g))
+
+
+def _expert_modules(model):
+    """(layer index, experts module) for each MoE layer."""
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "experts"):
+            yield i, layer.mlp.experts
+
+
+def quantize_int4_g32(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] int8 in [-8, 7], scale [N, K/32] bf16), symmetric per group of 32."""
+    N, K = w.shape
+    g = w.float().view(N, K // 32, 32)
+    scale = (g.abs().amax(-1) / 7.5).clamp(min=1e-8).to(torch.bfloat16)  # [N, K/32]
+    q = (g / scale.float()[..., None]).round().clamp(-8, 7).to(torch.int8).view(N, K)
+    return q, scale
+
+
+def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (fp8 [N, K], scale_inv [ceil(N/bn), ceil(K/bk)] fp32)."""
+    N, K = w.shape
+    bn, bk = block
+    sN, sK = -(-N // bn), -(-K // bk)
+    pad = torch.zeros(sN * bn, sK * bk)
+    pad[:N, :K] = w.float()
+    blocks = pad.view(sN, bn, sK, bk)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)  # [sN, sK]
+    q = (blocks / scale[:, None, :, None]).view(sN * bn, sK * bk)[:N, :K].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def write_sharded(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    from safetensors.torch import save_file
+
+    names = sorted(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[s * per : (s + 1) * per]}
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def build(tmp_path, variant: str = "plain", seed: int = 0, shards: int = 2, fp8_block=(16, 16), **overrides):
+    """-> (checkpoint dir, transformers reference model in fp32 eval mode)."""
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(**overrides)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    _randomise(model, seed)
+    path = Path(tmp_path) / f"ckpt-{variant}-{seed}"
+    path.mkdir(parents=True, exist_ok=True)
+    quant = None
+    packed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        if variant == "int4":
+            for i, ex in _expert_modules(model):
+                I = ex.intermediate_dim
+                for e in range(ex.num_experts):
+                    mats = {"gate_proj": ex.gate_up_proj[e, :I], "up_proj": ex.gate_up_proj[e, I:],
+                            "down_proj": ex.down_proj[e]}
+                    for proj, w in mats.items():
+                        q, scale = quantize_int4_g32(w)
+                        w.copy_(q.float() * scale.float().repeat_interleave(32, 1))
+                        packed.update(_int4_tensors(f"model.layers.{i}.mlp.experts.{e}.{proj}", q, scale))
+            quant = {
+                "quant_method": "compressed-tensors", "format": "pack-quantized",
+                "quantization_status": "compressed", "kv_cache_scheme": None,
+                "config_groups": {"group_0": {
+                    "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                    "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                "group_size": 32, "dynamic": False, "actorder": None, "observer": "minmax"}}},
+                "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*"],
+            }
+        if variant == "fp8":
+            quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                     "weight_block_size": list(fp8_block)}
+    tmp = path / "_hf"
+    model.save_pretrained(str(tmp))
+    cfg_json = json.loads((tmp / "config.json").read_text())
+    tensors = {}
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+
+    if variant == "int4":
+        for name in list(tensors):
+            if ".mlp.experts." in name:
+                del tensors[name]
+        tensors.update(packed)
+    if variant == "fp8":
+        with torch.no_grad():
+            sd = dict(model.named_parameters())
+            for name in list(tensors):
+                if not name.endswith("proj.weight") and "proj_with_mqa" not in name:
+                    continue
+                q, s = quantize_fp8_block(tensors[name], fp8_block)
+                tensors[name] = q
+                tensors[name.replace(".weight", ".weight_scale_inv")] = s
+                _set_reference(model, sd, name, q.float() * s.repeat_interleave(fp8_block[0], 0)[: q.shape[0]]
+                               .repeat_interleave(fp8_block[1], 1)[:, : q.shape[1]])
+    if quant is not None:
+        cfg_json["quantization_config"] = quant
+    if variant == "kimi_k25":
+        text = dict(cfg_json, model_type="kimi_k2")
+        cfg_json = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+                    "text_config": text, "vision_config": {"hidden_size": 8}, "media_placeholder_token_id": 5}
+        tensors = {f"language_model.{k}": v for k, v in tensors.items()}
+        tensors["vision_tower.patch_embed.weight"] = torch.randn(8, 8)
+    (path / "config.json").write_text(json.dumps(cfg_json, indent=1))
+    if shards == 1:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        write_sharded(path, tensors, shards)
+    return path, model
+
+
+def _int4_tensors(prefix: str, q: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return {
+        f"{prefix}.weight_packed": pack_to_int32(q, 4),
+        f"{prefix}.weight_scale": scale,
+        f"{prefix}.weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
+    }
+
+
+def _set_reference(model, params: dict, ckpt_name: str, value: torch.Tensor) -> None:
+    """Write a dequantised checkpoint tensor back into the transformers model (whose experts
+    are fused [E, 2I, H] / [E, H, I] while the checkpoint stores one tensor per expert)."""
+    if ".mlp.experts." in ckpt_name:
+        parts = ckpt_name.split(".")
+        layer, e, proj = int(parts[2]), int(parts[5]), parts[6]
+        ex = model.model.layers[layer].mlp.experts
+        I = ex.intermediate_dim
+        if proj == "gate_proj":
+            ex.gate_up_proj[e, :I] = value
+        elif proj == "up_proj":
+            ex.gate_up_proj[e, I:] = value
+        else:
+            ex.down_proj[e] = value
+        return
+    params[ckpt_name].copy_(value)
