@@ -1,0 +1,304 @@
+"""Cost model: predicted decode and prefill time for model x machine x placement.
+
+One decode step for a batch of B tokens (DESIGN.md "One decode step"), per MoE layer l:
+
+  serial_l   attention, norms and router on the GPU: read their weights and the layer's
+             latent KV cache once per step (memory-bound), or their FLOPs at large B
+  then the CPU and the GPU work at the same time:
+  cpu_l(S)   = cpu_fix + sum over experts e NOT in S of cpu_e
+  gpu_l(S)   = gpu_fix + sum over experts e IN S of gpu_e        (gpu_fix: the shared expert)
+  sync_l     submit + wake + result copy + stream sync, once per layer
+
+  time_l(S)  = serial_l + max(cpu_l(S), gpu_l(S)) + sync_l
+
+with, for an expert picked by one token with probability p_e (from the trace),
+  touched_e  = 1 - (1 - p_e)^B    expected chance the batch touches e at all (its weights are
+                                  read once however many of the B tokens use it)
+  cpu_e      = max(touched_e * expert_bytes_cpu / (cpu_read_gbps * cpu_kernel_efficiency),
+                   B * p_e * expert_flops / cpu_matmul_tops)
+  gpu_e      = max(touched_e * expert_bytes_gpu / gpu_mem_gbps, B * p_e * expert_flops / gpu_tflops)
+
+Decode time = dense layers + sum_l time_l + LM head; tok/s = B / time. With B = 1, touched_e =
+p_e: the sum over CPU experts is the expected CPU bytes of a token, the quantity the placement
+moves. Prefill is the same formula with B = the prefill chunk, and per layer the runtime may
+instead stream the missing experts to the GPU over PCIe (DESIGN.md "Prefill"), whichever is
+faster.
+
+The cost is in seconds and each part is a plain sum, so the planner (plan.py) can work with the
+per-expert arrays cpu_e / gpu_e directly (LayerCosts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from hybrid.planner.model_spec import ModelSpec
+from hybrid.planner.units import parse_bytes
+
+GB = 1e9
+
+
+@dataclass
+class MachineSpec:
+    name: str
+    cpu_read_gbps: float          # RAM streaming read bandwidth, all cores together (GB/s)
+    cpu_kernel_efficiency: float  # fraction of cpu_read_gbps the expert GEMV kernel reaches
+    cpu_matmul_tops: float        # CPU int8/bf16 matmul rate at large batch (AMX/VNNI), T op/s
+    gpu_mem_gbps: float           # achievable GPU memory bandwidth (GB/s)
+    gpu_tflops: float             # achievable dense bf16 matmul rate on the GPU (TFLOP/s)
+    pcie_gbps: float              # achievable pinned host -> device copy rate (GB/s)
+    sync_us: float                # per MoE layer CPU/GPU hand-off cost (microseconds)
+    vram_bytes: int               # total GPU memory (0: no GPU)
+    ram_bytes: int                # total RAM
+    cpu_name: str = ""
+    gpu_name: str = ""
+    cpu_cores: int = 0
+    sources: dict = field(default_factory=dict)   # parameter -> where its value came from
+
+    def __post_init__(self):
+        for f in ("cpu_read_gbps", "cpu_matmul_tops", "gpu_mem_gbps", "gpu_tflops", "pcie_gbps"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"machine {self.name!r}: {f} must be a positive number, got {v!r}")
+        if not 0 < self.cpu_kernel_efficiency <= 1:
+            raise ValueError(f"machine {self.name!r}: cpu_kernel_efficiency must be in (0, 1], "
+                             f"got {self.cpu_kernel_efficiency!r}")
+        if self.sync_us < 0:
+            raise ValueError(f"machine {self.name!r}: sync_us must be >= 0")
+        self.vram_bytes = parse_bytes(self.vram_bytes, f"machine {self.name!r} vram_bytes")
+        self.ram_bytes = parse_bytes(self.ram_bytes, f"machine {self.name!r} ram_bytes")
+
+    @property
+    def cpu_effective_gbps(self) -> float:
+        return self.cpu_read_gbps * self.cpu_kernel_efficiency
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("sources")
+        return d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "machine") -> "MachineSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping of machine fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        required = {"name", "cpu_read_gbps", "cpu_kernel_efficiency", "cpu_matmul_tops",
+                    "gpu_mem_gbps", "gpu_tflops", "pcie_gbps", "sync_us", "vram_bytes",
+                    "ram_bytes"}
+        missing = sorted(required - set(d))
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "MachineSpec":
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f)
+        if isinstance(d, dict) and "machine" in d and isinstance(d["machine"], dict):
+            d = d["machine"]
+        return cls.from_dict(d, where=path)
+
+
+def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
+    """The machine the shipped profiles are made for. Sources of each number in `sources`."""
+    return MachineSpec(
+        name="reference workstation",
+        cpu_read_gbps=300.0, cpu_kernel_efficiency=0.75, cpu_matmul_tops=40.0,
+        gpu_mem_gbps=900.0, gpu_tflops=150.0, pcie_gbps=25.0, sync_us=40.0,
+        vram_bytes=vram_bytes, ram_bytes=parse_bytes("768GiB"),
+        cpu_name="server CPU, 8-channel DDR5-4800 (e.g. Xeon w/ AMX)",
+        gpu_name="24 GB class GPU on PCIe 4.0 x16 (e.g. RTX 4090)", cpu_cores=32,
+        sources={
+            "cpu_read_gbps": "assumed: 8 channels x 4800 MT/s x 8 B = 307 GB/s peak; ~300 usable "
+                             "streaming read (brief's reference figure)",
+            "cpu_kernel_efficiency": "assumed: INT4 GEMV reaching 75% of streaming read; replace "
+                                     "with `hybrid bench` on a real machine",
+            "cpu_matmul_tops": "assumed: 32 cores AMX int8 ~130 TOPS peak, ~30% sustained in MoE "
+                               "GEMM with dequant",
+            "gpu_mem_gbps": "assumed: RTX 4090 1008 GB/s peak, ~90% achievable",
+            "gpu_tflops": "assumed: RTX 4090 165 TFLOP/s dense bf16 (fp32 acc) peak, ~90%",
+            "pcie_gbps": "assumed: PCIe 4.0 x16 32 GB/s peak, ~25 GB/s pinned copies",
+            "sync_us": "assumed: stream sync + CPU pool wake + two small copies per MoE layer",
+            "vram_bytes": "the budget being planned for",
+        },
+    )
+
+
+def local_machine(measure: bool = True, seconds: float = 1.0) -> MachineSpec:
+    """This machine: RAM, cores, GPU from hybrid.hardware / psutil / torch.cuda, and a measured
+    RAM read bandwidth when `measure` (hybrid.hardware's probe when present, else planner's own
+    numpy probe, bandwidth.py). Kernel efficiency and GPU rates stay assumptions unless a GPU is
+    present (then its name and memory are real, its rates still nominal)."""
+    from hybrid.planner import hostinfo
+
+    info = hostinfo.collect(measure_bandwidth=measure, seconds=seconds)
+    src = {"ram_bytes": "psutil", "cpu_cores": "os / psutil"}
+    bw = info.get("ram_read_gbps")
+    if bw:
+        src["cpu_read_gbps"] = f"measured ({info.get('ram_read_source', 'probe')})"
+    else:
+        bw = 20.0 * max(1, info.get("memory_channels_guess", 2))
+        src["cpu_read_gbps"] = "not measured: 20 GB/s per assumed channel"
+    gpus = info.get("gpus") or []
+    vram = gpus[0]["total_bytes"] if gpus else 0
+    src["vram_bytes"] = "torch.cuda" if gpus else "no CUDA GPU found"
+    src.update({
+        "cpu_kernel_efficiency": "assumed 0.7 (run `hybrid bench` to measure)",
+        "cpu_matmul_tops": "assumed: 0.5 T op/s per core",
+        "gpu_mem_gbps": "assumed nominal", "gpu_tflops": "assumed nominal",
+        "pcie_gbps": "assumed nominal", "sync_us": "assumed",
+    })
+    cores = int(info.get("physical_cores") or info.get("logical_cores") or 1)
+    return MachineSpec(
+        name="this machine", cpu_read_gbps=float(bw), cpu_kernel_efficiency=0.7,
+        cpu_matmul_tops=0.5 * cores, gpu_mem_gbps=900.0 if gpus else 50.0,
+        gpu_tflops=100.0 if gpus else 0.2 * cores, pcie_gbps=25.0 if gpus else 50.0,
+        sync_us=40.0, vram_bytes=vram, ram_bytes=int(info.get("ram_total_bytes") or 0),
+        cpu_name=str(info.get("cpu_model", "")),
+        gpu_name=gpus[0]["name"] if gpus else "", cpu_cores=cores, sources=src)
+
+
+def machine_from_arg(arg: str | None, vram: int | None = None, measure: bool = True) -> MachineSpec:
+    """--machine: 'reference' (default), 'local', or a YAML file. `vram` overrides the budget."""
+    if arg in (None, "reference"):
+        m = reference_workstation(vram if vram is not None else "24GiB")
+    elif arg == "local":
+        m = local_machine(measure=measure)
+    elif os.path.isfile(arg):
+        m = MachineSpec.from_yaml(arg)
+    else:
+        raise ValueError(f"--machine {arg!r}: expected 'reference', 'local' or a YAML file path")
+    if vram is not None:
+        m.vram_bytes = int(vram)
+        m.sources["vram_bytes"] = "given on the command line"
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerCosts:
+    """Per-layer cost pieces for one batch size, all in seconds per step (arrays over L MoE
+    layers, [L, E] for per-expert terms). time_l(S) = serial + sync + max(cpu_fix + sum_{e not
+    in S} cpu, gpu_fix + sum_{e in S} gpu)."""
+    cpu: np.ndarray       # [L, E]
+    gpu: np.ndarray       # [L, E]
+    cpu_fix: np.ndarray   # [L]
+    gpu_fix: np.ndarray   # [L]
+    serial: np.ndarray    # [L]
+    sync: float
+    other: float          # dense layers, LM head: once per step
+    batch: int
+
+    def layer_times(self, mask: np.ndarray) -> np.ndarray:
+        """[L] seconds for a cache mask [L, E] bool."""
+        cpu = self.cpu_fix + np.where(mask, 0.0, self.cpu).sum(axis=1)
+        gpu = self.gpu_fix + np.where(mask, self.gpu, 0.0).sum(axis=1)
+        return self.serial + self.sync + np.maximum(cpu, gpu)
+
+    def step_time(self, mask: np.ndarray) -> float:
+        return float(self.other + self.layer_times(mask).sum())
+
+
+@dataclass
+class CostModel:
+    model: ModelSpec
+    machine: MachineSpec
+    gpu_expert_format: str = "bf16"     # what the GPU cache holds (gpu_cache.py keeps bf16)
+    device_weight_format: str = "bf16"  # attention / shared / dense / LM head on the GPU
+    kv_tokens: int = 4096               # context length at which decode is predicted
+    prefill_chunk: int = 2048
+
+    @property
+    def cpu_expert_bytes(self) -> int:
+        return self.model.expert_bytes()
+
+    @property
+    def gpu_expert_bytes(self) -> int:
+        return self.model.expert_bytes(self.gpu_expert_format)
+
+    def costs(self, freq: np.ndarray, batch: int = 1) -> LayerCosts:
+        """freq [L, E]: per-token pick probability of each expert (Trace.frequencies())."""
+        m, mc = self.model, self.machine
+        L = len(m.moe_layers)
+        if freq.shape != (L, m.num_experts):
+            raise ValueError(f"frequencies have shape {tuple(freq.shape)}, the model has "
+                             f"[{L} MoE layers, {m.num_experts} experts]")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        p = np.clip(freq.astype(np.float64), 0.0, 1.0)
+        touched = -np.expm1(batch * np.log1p(-np.minimum(p, 1 - 1e-12)))   # 1 - (1 - p)^B
+        flops = m.expert_flops_per_token
+        cpu_bw = mc.cpu_effective_gbps * GB
+        gpu_bw = mc.gpu_mem_gbps * GB
+        cpu = np.maximum(touched * self.cpu_expert_bytes / cpu_bw,
+                         batch * p * flops / (mc.cpu_matmul_tops * 1e12))
+        gpu = np.maximum(touched * self.gpu_expert_bytes / gpu_bw,
+                         batch * p * flops / (mc.gpu_tflops * 1e12))
+
+        wb = {"bf16": 2, "fp8": 1, "int8": 1, "fp32": 4}[self.device_weight_format]
+
+        def gpu_op(params: float, tokens: int) -> float:   # weights read once, or FLOP-bound
+            return max(params * wb / gpu_bw, 2.0 * params * tokens / (mc.gpu_tflops * 1e12))
+
+        kv_layer = (m.kv_lora_rank + m.qk_rope_head_dim) * 2
+        kv_read = self.kv_tokens * kv_layer / gpu_bw  # latent KV shared by the batch's sequences
+        attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch)
+        serial = np.full(L, attn + batch * kv_read if batch > 1 else attn + kv_read)
+        gpu_fix = np.full(L, gpu_op(m.shared_params_per_layer, batch) if m.shared_experts else 0.0)
+        # Hidden states to host and the CPU result back (bf16), over PCIe.
+        cpu_fix = np.full(L, 2 * batch * m.hidden * 2 / (mc.pcie_gbps * GB))
+        dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_read
+                                      + gpu_op(m.dense_mlp_params, batch))
+        head = gpu_op(m.lm_head_params or m.embedding_params, batch)
+        return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix, serial=serial,
+                          sync=mc.sync_us * 1e-6, other=dense + head, batch=batch)
+
+    # ---- predictions -------------------------------------------------------------------------
+    def decode_tok_s(self, freq: np.ndarray, mask: np.ndarray, batch: int = 1) -> float:
+        c = self.costs(freq, batch)
+        return batch / c.step_time(mask)
+
+    def prefill(self, freq: np.ndarray, mask: np.ndarray) -> dict:
+        """Prefill rate for one chunk, per layer the faster of: CPU experts (GEMM path) or
+        streaming the missing experts' packed weights to the GPU over PCIe."""
+        c = self.costs(freq, self.prefill_chunk)
+        m, mc = self.model, self.machine
+        cpu_path = c.layer_times(mask)
+        p = np.clip(freq, 0.0, 1.0)
+        touched = -np.expm1(c.batch * np.log1p(-np.minimum(p, 1 - 1e-12)))
+        missing = np.where(mask, 0.0, touched).sum(axis=1)            # [L] experts to stream
+        stream_copy = missing * self.cpu_expert_bytes / (mc.pcie_gbps * GB)
+        gpu_all = c.gpu_fix + c.gpu.sum(axis=1)   # every touched expert computed on the GPU
+        stream_path = c.serial + c.sync + np.maximum(stream_copy, gpu_all)
+        best = np.minimum(cpu_path, stream_path)
+        t = c.other + best.sum()
+        return {"tok_s": c.batch / t, "chunk": c.batch,
+                "layers_streamed": int((stream_path < cpu_path).sum())}
+
+    def hit_rate(self, freq: np.ndarray, mask: np.ndarray) -> float:
+        """Fraction of (token, expert) picks that land on a cached expert."""
+        return float((freq * mask).sum() / freq.sum())
+
+    def describe(self) -> dict:
+        return {"gpu_expert_format": self.gpu_expert_format,
+                "gpu_expert_bytes": self.gpu_expert_bytes,
+                "cpu_expert_format": self.model.expert_format,
+                "cpu_expert_bytes": self.cpu_expert_bytes,
+                "device_weight_format": self.device_weight_format,
+                "decode_predicted_at_context": self.kv_tokens,
+                "prefill_chunk": self.prefill_chunk}

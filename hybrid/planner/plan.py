@@ -1,0 +1,235 @@
+"""Placement: which experts to hold in VRAM, under a budget, to minimise predicted time.
+
+Budget. VRAM minus: the non-expert device weights (attention, shared experts, dense MLP,
+routers, LM head in `device_weight_format`), the latent KV cache for the requested context,
+activation workspace for one prefill chunk, and a fixed CUDA context reserve. What is left,
+divided by the exact bytes of one expert in the GPU cache's format (bf16 by default:
+3 x H x I x 2 bytes; gpu_cache.py holds bf16), is the number of expert slots.
+
+Optimisation. With the costs of cost.py, layer l with cached set S takes
+    T_l(S) = serial_l + sync + max(cpu_fix_l + sum_{e not in S} c_le, gpu_fix_l + sum_{e in S} g_le)
+and the step time is the sum over layers. Every expert costs the same bytes, so the budget is a
+number of slots N.
+  1. In a layer, order experts by c_le, descending (c and g both grow with pick frequency, so
+     this is also frequency order). Caching the prefix of length m gives
+     h_l(m) = max(CPU part falling by c_(m), GPU part rising by g_(m)); the CPU part is convex
+     decreasing and the GPU part increasing, so they cross once.
+     F_l(n) = min_{m <= n} h_l(m) is the best prefix that uses at most n slots.
+  2. The gains d_l(n) = F_l(n-1) - F_l(n) are non-increasing in n: before the crossing they
+     are c_(n), which falls; at the crossing the gain is at most c_(n); after it, 0. So F_l is
+     convex, and for a sum of convex functions under a shared count the N largest gains over all
+     layers (taken as prefixes) are an exact optimum (the classic unit-weight resource
+     allocation argument): the planner is exactly optimal among per-layer prefix placements.
+  3. Against ALL subsets: while a layer's CPU part stays the larger (the usual case: the CPU
+     experts dominate), the best set of size m is the m largest c, a prefix, so the plan is the
+     global optimum. When caching pushes a layer's GPU part above its CPU part, a non-prefix set
+     could land nearer the crossing; the loss is bounded by one expert's cost in that layer.
+     tests/test_planner_plan.py checks both statements against brute force on small cases.
+
+Baselines, side by side: "none" (all experts on the CPU), "uniform" (N / L slots per layer, the
+most picked experts of each layer), "top-N" (the N most picked (layer, expert) pairs of the
+whole model, what KTransformers does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybrid.planner.cost import CostModel, LayerCosts
+from hybrid.planner.units import fmt_bytes
+
+CUDA_CONTEXT_BYTES = 600 * 1024**2   # CUDA context + allocator slack (measured ~500 MB, rounded)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made (budget too small, bad input); the message has the numbers."""
+
+
+@dataclass
+class Budget:
+    vram_bytes: int
+    device_weights_bytes: int
+    device_weight_format: str
+    kv_cache_bytes: int
+    context_tokens: int
+    activation_bytes: int
+    reserve_bytes: int
+    gpu_expert_format: str
+    bytes_per_expert: int
+    slots: int                      # experts that fit
+    max_slots: int                  # L x E (every expert cached)
+
+    @property
+    def experts_bytes(self) -> int:
+        return self.vram_bytes - self.device_weights_bytes - self.kv_cache_bytes \
+            - self.activation_bytes - self.reserve_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "vram_bytes": self.vram_bytes, "vram": fmt_bytes(self.vram_bytes),
+            "device_weights": {"bytes": self.device_weights_bytes,
+                               "format": self.device_weight_format,
+                               "human": fmt_bytes(self.device_weights_bytes)},
+            "kv_cache": {"bytes": self.kv_cache_bytes, "context_tokens": self.context_tokens,
+                         "human": fmt_bytes(self.kv_cache_bytes)},
+            "activations": {"bytes": self.activation_bytes,
+                            "human": fmt_bytes(self.activation_bytes)},
+            "cuda_reserve": {"bytes": self.reserve_bytes, "human": fmt_bytes(self.reserve_bytes)},
+            "experts": {"bytes_available": max(0, self.experts_bytes),
+                        "human": fmt_bytes(max(0, self.experts_bytes)),
+                        "format": self.gpu_expert_format,
+                        "bytes_per_expert": self.bytes_per_expert,
+                        "slots": self.slots,
+                        "bytes_used": self.slots * self.bytes_per_expert},
+        }
+
+    def lines(self) -> list:
+        return [
+            f"VRAM budget            {fmt_bytes(self.vram_bytes):>12}",
+            f"- device weights       {fmt_bytes(self.device_weights_bytes):>12}  "
+            f"({self.device_weight_format}: attention, shared experts, dense MLP, routers, LM head)",
+            f"- KV cache             {fmt_bytes(self.kv_cache_bytes):>12}  "
+            f"({self.context_tokens} tokens of latent KV)",
+            f"- activations          {fmt_bytes(self.activation_bytes):>12}  (one prefill chunk)",
+            f"- CUDA context reserve {fmt_bytes(self.reserve_bytes):>12}",
+            f"= for experts          {fmt_bytes(max(0, self.experts_bytes)):>12}  -> "
+            f"{self.slots} experts x {fmt_bytes(self.bytes_per_expert)} ({self.gpu_expert_format})",
+        ]
+
+
+def activation_bytes(model, chunk: int) -> int:
+    """Workspace of one prefill chunk on the GPU: hidden states and MLP intermediates in bf16
+    (a few live copies of [chunk, H] and [chunk, dense I]) plus one head's attention scores
+    [chunk, chunk] fp32 per head batch (sdpa-style chunking keeps it to one head group)."""
+    h, di = model.hidden, max(model.dense_intermediate, model.expert_intermediate)
+    states = chunk * (8 * h + 3 * di) * 2
+    scores = chunk * chunk * 4 * 8
+    return int(states + scores)
+
+
+def compute_budget(cost: CostModel, context_tokens: int,
+                   reserve_bytes: int = CUDA_CONTEXT_BYTES) -> Budget:
+    m = cost.model
+    vram = cost.machine.vram_bytes
+    dev = m.device_weight_bytes(cost.device_weight_format)
+    kv = context_tokens * m.kv_bytes_per_token
+    act = activation_bytes(m, cost.prefill_chunk)
+    per = cost.gpu_expert_bytes
+    left = vram - dev - kv - act - reserve_bytes
+    max_slots = len(m.moe_layers) * m.num_experts
+    b = Budget(vram_bytes=vram, device_weights_bytes=dev,
+               device_weight_format=cost.device_weight_format, kv_cache_bytes=kv,
+               context_tokens=context_tokens, activation_bytes=act, reserve_bytes=reserve_bytes,
+               gpu_expert_format=cost.gpu_expert_format, bytes_per_expert=per,
+               slots=max(0, min(max_slots, left // per)), max_slots=max_slots)
+    if left < 0:
+        raise PlanError("the model does not fit this GPU before any expert is cached:\n  "
+                        + "\n  ".join(b.lines())
+                        + f"\n  short by {fmt_bytes(-left)}; try --device-weights int8, a "
+                          f"shorter --context, or more VRAM")
+    return b
+
+
+# ---- strategies: each returns a mask [L, E] bool of cached experts --------------------------
+
+def place_none(counts: np.ndarray, slots: int) -> np.ndarray:
+    return np.zeros(counts.shape, dtype=bool)
+
+
+def place_uniform(counts: np.ndarray, slots: int) -> np.ndarray:
+    """slots // L per layer (the first slots % L layers get one more), most picked first."""
+    L, E = counts.shape
+    mask = np.zeros((L, E), dtype=bool)
+    per = np.full(L, slots // L)
+    per[: slots % L] += 1
+    per = np.minimum(per, E)
+    for l in range(L):
+        order = np.argsort(-counts[l].astype(np.float64), kind="stable")
+        mask[l, order[: per[l]]] = True
+    return mask
+
+
+def place_topn(counts: np.ndarray, slots: int) -> np.ndarray:
+    """The `slots` most picked (layer, expert) pairs of the whole model."""
+    flat = counts.reshape(-1).astype(np.float64)
+    n = min(slots, flat.size)
+    order = np.argsort(-flat, kind="stable")[:n]
+    mask = np.zeros(flat.size, dtype=bool)
+    mask[order] = True
+    return mask.reshape(counts.shape)
+
+
+def place_optimal(costs: LayerCosts, slots: int) -> np.ndarray:
+    """Exact optimum over per-layer prefix placements (module docstring, points 1-2)."""
+    L, E = costs.cpu.shape
+    orders = np.argsort(-costs.cpu, axis=1, kind="stable")            # [L, E]
+    c = np.take_along_axis(costs.cpu, orders, axis=1)
+    g = np.take_along_axis(costs.gpu, orders, axis=1)
+    cpu_m = costs.cpu_fix[:, None] + c.sum(axis=1, keepdims=True) \
+        - np.concatenate([np.zeros((L, 1)), np.cumsum(c, axis=1)], axis=1)   # [L, E+1]
+    gpu_m = costs.gpu_fix[:, None] \
+        + np.concatenate([np.zeros((L, 1)), np.cumsum(g, axis=1)], axis=1)
+    h = np.maximum(cpu_m, gpu_m)                                      # h_l(m), m = 0..E
+    F = np.minimum.accumulate(h, axis=1)                              # F_l(n)
+    gains = F[:, :-1] - F[:, 1:]                                      # d_l(n), n = 1..E
+    # Non-increasing in exact arithmetic (docstring); a running minimum removes rounding noise so
+    # that the N largest gains are always prefixes.
+    gains = np.minimum.accumulate(gains, axis=1)
+    flat = gains.reshape(-1)
+    take = np.zeros(flat.size, dtype=bool)
+    positive = np.nonzero(flat > 0)[0]
+    n = min(slots, positive.size)
+    if n:
+        # Largest gains first; ties broken by position so each layer's picks stay a prefix.
+        order = positive[np.lexsort((positive % E, -flat[positive]))][:n]
+        take[order] = True
+    per_layer = take.reshape(L, E).sum(axis=1)                        # n_l
+    mask = np.zeros((L, E), dtype=bool)
+    for l in range(L):
+        nl = int(per_layer[l])
+        m = int(np.argmin(h[l, : nl + 1]))   # the prefix achieving F_l(n_l)
+        mask[l, orders[l, :m]] = True
+    return mask
+
+
+STRATEGIES = {"none": place_none, "uniform": place_uniform, "top-N": place_topn}
+
+
+@dataclass
+class PlanResult:
+    budget: Budget
+    masks: dict                     # strategy -> [L, E] bool
+    predictions: dict               # strategy -> {decode_tok_s, prefill_tok_s, hit_rate, ...}
+    notes: dict = field(default_factory=dict)
+
+
+def predict(cost: CostModel, freq: np.ndarray, mask: np.ndarray, batch: int = 1) -> dict:
+    pre = cost.prefill(freq, mask)
+    return {"decode_tok_s": cost.decode_tok_s(freq, mask, batch),
+            "prefill_tok_s": pre["tok_s"],
+            "hit_rate": cost.hit_rate(freq, mask),
+            "cached_experts": int(mask.sum()),
+            "layers_streamed_in_prefill": pre["layers_streamed"]}
+
+
+def make_plan(cost: CostModel, trace, context_tokens: int, batch: int = 1) -> PlanResult:
+    """Budget, the three baselines and the optimised plan, with predictions for each."""
+    m = cost.model
+    if trace.config_hash != m.config_hash:
+        raise PlanError(f"trace is for model {trace.model_id!r} ({trace.config_hash}), the plan "
+                        f"is for {m.model_id!r} ({m.config_hash})")
+    if list(trace.layers) != list(m.moe_layers):
+        raise PlanError(f"trace covers layers {trace.layers[:3]}..., the model's MoE layers are "
+                        f"{list(m.moe_layers)[:3]}...; slice or re-record the trace")
+    budget = compute_budget(cost, context_tokens)
+    freq = trace.frequencies()
+    costs = cost.costs(freq, batch)
+    masks = {name: fn(trace.counts, budget.slots) for name, fn in STRATEGIES.items()}
+    masks["plan"] = place_optimal(costs, budget.slots)
+    for name, mk in masks.items():
+        if mk.sum() > budget.slots:  # a hard invariant, not a tuning choice
+            raise AssertionError(f"strategy {name} used {int(mk.sum())} > {budget.slots} slots")
+    preds = {name: predict(cost, freq, mk, batch) for name, mk in masks.items()}
+    return PlanResult(budget=budget, masks=masks, predictions=preds)

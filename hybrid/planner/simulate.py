@@ -1,0 +1,190 @@
+"""Replay a routing sequence against a placement, static or online, and predict decode speed.
+
+Where cost.py predicts from expected values (max of the expected CPU and GPU parts), the
+replay takes, token by token and layer by layer, the picks that really missed and hit the cache
+and charges max(CPU part, GPU part) for that token: the mean of a max, which is what a run
+would see at batch 1. Costs per pick come from cost.py's LayerCosts for batch 1.
+
+Online re-placement (off unless asked): every `interval` tokens each layer compares the
+exponentially decayed pick rates of its cached and uncached experts and swaps the most
+picked uncached expert for the least picked cached one, at most `max_swaps` per layer per
+check, and only when the expected saving over the next `horizon` tokens,
+    (rate_in - rate_out) x (cpu_pick - gpu_pick) x horizon,
+exceeds the cost of the copy (the expert's packed bytes over PCIe, charged in full to the
+timeline: conservative, since the runtime copies on a side stream). The number of cached
+experts per layer never changes, so the VRAM budget holds.
+
+The loops are numba-compiled: a million tokens x 60 layers x 8 picks replays in seconds.
+Legend: N tokens, L MoE layers, E experts, K picks per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_KERNELS = {}
+
+
+def _kernels():
+    if not _KERNELS:
+        import numba
+
+        @numba.njit(cache=False)
+        def replay_static(seq, mask, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial):
+            # seq [N, L, K] int16, mask [L, E] bool; per-pick costs [L]; returns hits [L], time
+            n, L, k = seq.shape
+            hits = np.zeros(L, dtype=np.int64)
+            total = 0.0
+            for t in range(n):
+                for l in range(L):
+                    h = 0
+                    for j in range(k):
+                        if mask[l, seq[t, l, j]]:
+                            h += 1
+                    hits[l] += h
+                    c = cpu_fix[l] + (k - h) * cpu_pick[l]
+                    g = gpu_fix[l] + h * gpu_pick[l]
+                    total += serial[l] + (c if c > g else g)
+            return hits, total
+
+        @numba.njit(cache=False)
+        def replay_online(seq, mask0, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial,
+                          rate0, interval, decay, max_swaps, horizon, swap_cost):
+            n, L, k = seq.shape
+            E = mask0.shape[1]
+            mask = mask0.copy()
+            hits = np.zeros(L, dtype=np.int64)
+            ema = rate0.copy()            # [L, E] decayed picks per token
+            window = np.zeros((L, E), dtype=np.float64)
+            swaps = 0
+            total = 0.0
+            for t in range(n):
+                for l in range(L):
+                    h = 0
+                    for j in range(k):
+                        e = seq[t, l, j]
+                        window[l, e] += 1.0
+                        if mask[l, e]:
+                            h += 1
+                    hits[l] += h
+                    c = cpu_fix[l] + (k - h) * cpu_pick[l]
+                    g = gpu_fix[l] + h * gpu_pick[l]
+                    total += serial[l] + (c if c > g else g)
+                if (t + 1) % interval == 0:
+                    for l in range(L):
+                        for e in range(E):
+                            ema[l, e] = decay * ema[l, e] + (1.0 - decay) * window[l, e] / interval
+                            window[l, e] = 0.0
+                        saving = cpu_pick[l] - gpu_pick[l]
+                        if saving <= 0.0:
+                            continue
+                        for s in range(max_swaps):
+                            best_in, best_in_r = -1, -1.0
+                            worst_out, worst_out_r = -1, 1e300
+                            for e in range(E):
+                                if mask[l, e]:
+                                    if ema[l, e] < worst_out_r:
+                                        worst_out, worst_out_r = e, ema[l, e]
+                                elif ema[l, e] > best_in_r:
+                                    best_in, best_in_r = e, ema[l, e]
+                            if best_in < 0 or worst_out < 0:
+                                break
+                            if (best_in_r - worst_out_r) * saving * horizon <= swap_cost:
+                                break
+                            mask[l, best_in] = True
+                            mask[l, worst_out] = False
+                            swaps += 1
+                            total += swap_cost
+            return hits, total, swaps, mask
+
+        _KERNELS["static"] = replay_static
+        _KERNELS["online"] = replay_online
+    return _KERNELS
+
+
+@dataclass
+class OnlinePolicy:
+    interval: int = 32        # tokens between checks
+    window: float = 512.0     # e-folding time of the pick-rate estimate, tokens
+    max_swaps: int = 2        # per layer per check
+    horizon: float = 512.0    # tokens over which a swap must pay for itself
+
+    def __post_init__(self):
+        if self.interval < 1 or self.window <= 0 or self.max_swaps < 0 or self.horizon <= 0:
+            raise ValueError(f"online policy: interval >= 1, window > 0, max_swaps >= 0, "
+                             f"horizon > 0 required, got {self}")
+
+
+@dataclass
+class SimResult:
+    tokens: int
+    hits_per_layer: np.ndarray     # [L]
+    hit_rate: float
+    decode_tok_s: float
+    seconds: float                 # predicted decode time of the whole sequence
+    swaps: int = 0
+    final_mask: np.ndarray | None = None
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "hit_rate": self.hit_rate,
+                "decode_tok_s": self.decode_tok_s, "swaps": self.swaps}
+
+
+def _pick_costs(cost_model):
+    """Batch-1 cost per pick (one token reads the whole expert)."""
+    mc = cost_model.machine
+    cpu = cost_model.cpu_expert_bytes / (mc.cpu_effective_gbps * 1e9)
+    gpu = cost_model.gpu_expert_bytes / (mc.gpu_mem_gbps * 1e9)
+    return cpu, gpu
+
+
+def _inputs(trace, cost_model):
+    if trace.seq is None:
+        raise ValueError("simulate: the trace has no token sequence (counts only); record or "
+                         "generate it with the sequence kept")
+    L = trace.num_layers
+    lc = cost_model.costs(trace.frequencies(), batch=1)
+    cpu, gpu = _pick_costs(cost_model)
+    return (np.asarray(trace.seq), np.full(L, cpu), np.full(L, gpu),
+            lc.cpu_fix.astype(np.float64), lc.gpu_fix.astype(np.float64),
+            (lc.serial + lc.sync).astype(np.float64), lc.other)
+
+
+def replay(trace, mask: np.ndarray, cost_model) -> SimResult:
+    """Static placement: hit counts per layer and predicted decode tok/s at batch 1."""
+    seq, cpu, gpu, cfix, gfix, serial, other = _inputs(trace, cost_model)
+    if mask.shape != (trace.num_layers, trace.num_experts):
+        raise ValueError(f"mask shape {mask.shape} does not match the trace "
+                         f"[{trace.num_layers}, {trace.num_experts}]")
+    hits, total = _kernels()["static"](seq, mask.astype(np.bool_), cpu, gpu, cfix, gfix, serial)
+    n = seq.shape[0]
+    secs = total + other * n
+    return SimResult(tokens=n, hits_per_layer=hits,
+                     hit_rate=float(hits.sum() / max(1, n * trace.num_layers * trace.top_k)),
+                     decode_tok_s=n / secs if secs > 0 else 0.0, seconds=secs)
+
+
+def replay_online(trace, mask: np.ndarray, cost_model, policy: OnlinePolicy | None = None,
+                  prior: np.ndarray | None = None) -> SimResult:
+    """Online policy starting from `mask`; `prior` [L, E] initial pick rates (default: the
+    rates implied by the initial mask's plan, i.e. the trace's frequencies are NOT peeked at:
+    cached experts start at 1 / E above the uncached ones)."""
+    policy = policy or OnlinePolicy()
+    seq, cpu, gpu, cfix, gfix, serial, other = _inputs(trace, cost_model)
+    L, E = trace.num_layers, trace.num_experts
+    if prior is None:
+        prior = np.where(mask, trace.top_k / E * 2.0, trace.top_k / E * 0.5)
+    decay = float(np.exp(-policy.interval / policy.window))
+    swap_cost = cost_model.cpu_expert_bytes / (cost_model.machine.pcie_gbps * 1e9)
+    hits, total, swaps, final = _kernels()["online"](
+        seq, mask.astype(np.bool_).copy(), cpu, gpu, cfix, gfix, serial,
+        prior.astype(np.float64), int(policy.interval), decay, int(policy.max_swaps),
+        float(policy.horizon), float(swap_cost))
+    n = seq.shape[0]
+    secs = total + other * n
+    return SimResult(tokens=n, hits_per_layer=hits,
+                     hit_rate=float(hits.sum() / max(1, n * L * trace.top_k)),
+                     decode_tok_s=n / secs if secs > 0 else 0.0, seconds=secs,
+                     swaps=int(swaps), final_mask=final)
