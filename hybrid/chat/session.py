@@ -1,0 +1,211 @@
+"""A conversation with a model: history, mode, system prompt, and one streamed reply at a time.
+
+No terminal code here (hybrid/chat/ui.py draws); this is the part tests can drive directly.
+ChatSession.ask(text) starts a reply; iterating the Reply yields Kimi output events from
+hybrid.toolcalls.StreamParser ("reasoning" / "content" text); Reply.cancel() stops it (Ctrl-C)
+and the partial answer is kept in the history, as the model really said it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from hybrid.toolcalls import StreamParser
+
+MODES = ("instant", "thinking")
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0  # submit -> first token (queueing + reading the prompt)
+    decode_s: float = 0.0  # first token -> last token
+    finish_reason: str = ""
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first token comes out of prefill; the decode rate counts the ones after it.
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 and self.completion_tokens > 1 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+@dataclass
+class SessionStats:
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    last: TurnStats | None = None
+
+    def add(self, t: TurnStats) -> None:
+        self.turns += 1
+        self.prompt_tokens += t.prompt_tokens
+        self.completion_tokens += t.completion_tokens
+        self.prefill_s += t.prefill_s
+        self.decode_s += t.decode_s
+        self.last = t
+
+
+@dataclass
+class Settings:
+    mode: str = "instant"
+    system: str | None = None
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int | None = None
+
+
+class Reply:
+    """One streamed answer. Iterate for events; `.reasoning` / `.content` accumulate."""
+
+    def __init__(self, session: "ChatSession", handle, prompt_tokens: int, in_reasoning: bool):
+        self.session = session
+        self.handle = handle
+        self.stats = TurnStats(prompt_tokens=prompt_tokens)
+        self.parser = StreamParser(start_in_reasoning=in_reasoning, parse_tools=False)
+        self.reasoning = ""
+        self.content = ""
+        self.cancelled = False
+        self._t0 = time.monotonic()
+        self._t_first: float | None = None
+        self._recorded = False
+        self._n_tokens = 0  # tokens shown so far (usage arrives only with the final event)
+
+    def __iter__(self):
+        try:
+            for ev in self.handle:
+                self._n_tokens += len(ev.token_ids)
+                now = time.monotonic()
+                if ev.token_ids and self._t_first is None:
+                    self._t_first = now
+                    self.stats.prefill_s = now - self._t0
+                if ev.finish_reason is not None:
+                    self.stats.finish_reason = ev.finish_reason
+                    if ev.usage is not None:
+                        self.stats.completion_tokens = ev.usage.completion_tokens
+                yield from self._take(self.parser.feed(ev.text))
+            yield from self._take(self.parser.finish())
+        except KeyboardInterrupt:  # Ctrl-C while waiting for a token
+            self.cancelled = True
+            self.handle.cancel()
+            raise
+        finally:
+            self._record()
+
+    def _take(self, events):
+        for ev in events:
+            if ev[0] == "reasoning":
+                self.reasoning += ev[1]
+            elif ev[0] == "content":
+                self.content += ev[1]
+            yield ev
+
+    def cancel(self) -> None:
+        """Stop generating (Ctrl-C). What was said so far stays in the history."""
+        self.cancelled = True
+        self.handle.cancel()
+        self._record()
+
+    def _record(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        end = time.monotonic()
+        if self._t_first is not None:
+            self.stats.decode_s = end - self._t_first
+        if self.cancelled:
+            self.stats.finish_reason = "cancelled"
+            # Usage arrives with the final event, which a cancelled reader never takes.
+            self.stats.completion_tokens = max(self.stats.completion_tokens, self._n_tokens)
+        self.session._finish_turn(self)
+
+
+class ChatSession:
+    def __init__(self, engine, tokenizer, settings: Settings | None = None, model=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = settings or Settings()
+        self.model = model
+        self.messages: list[dict] = []
+        self.stats = SessionStats()
+
+    # ---- commands -------------------------------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        self.settings.mode = mode
+
+    def set_system(self, text: str | None) -> None:
+        self.settings.system = text or None
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def transcript(self) -> list[dict]:
+        """The conversation as chat messages, system prompt first."""
+        head = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
+        return head + [dict(m) for m in self.messages]
+
+    def save(self, path: str) -> str:
+        """Write the conversation: Markdown for .md files, JSON otherwise. Returns the format."""
+        if str(path).endswith(".md"):
+            parts = []
+            for m in self.transcript():
+                parts.append(f"## {m['role']}\n")
+                if m.get("reasoning_content"):
+                    parts.append("> " + m["reasoning_content"].replace("\n", "\n> ") + "\n")
+                parts.append(m.get("content") or "")
+                parts.append("")
+            text, kind = "\n".join(parts), "markdown"
+        else:
+            text = json.dumps({"settings": asdict(self.settings), "messages": self.transcript()},
+                              indent=2, ensure_ascii=False)
+            kind = "json"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        return kind
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def prompt_ids(self, user_text: str) -> tuple[list[int], bool]:
+        messages = self.transcript() + [{"role": "user", "content": user_text}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  thinking=self.settings.mode == "thinking")
+        return self.tokenizer.encode(text), text.rstrip().endswith("<think>")
+
+    def ask(self, user_text: str) -> Reply:
+        from hybrid.engine.sampling import SamplingParams
+
+        ids, in_reasoning = self.prompt_ids(user_text)
+        room = self.engine.max_context - len(ids)
+        if room < 1:
+            raise ValueError(f"the conversation is {len(ids)} tokens, the context limit is "
+                             f"{self.engine.max_context}: use /reset to start over")
+        s = self.settings
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room))
+        self.messages.append({"role": "user", "content": user_text})
+        return Reply(self, handle, len(ids), in_reasoning)
+
+    def _finish_turn(self, reply: Reply) -> None:
+        msg = {"role": "assistant", "content": reply.content}
+        if reply.reasoning:
+            msg["reasoning_content"] = reply.reasoning
+        self.messages.append(msg)
+        self.stats.add(reply.stats)
+
+    def cache_hit_rate(self) -> float | None:
+        fn = getattr(self.model, "cache_hit_rate", None)
+        if fn is None:
+            return None
+        value = fn() if callable(fn) else fn
+        return None if value is None else float(value)

@@ -1,0 +1,98 @@
+"""`hybrid serve [MODEL]`: OpenAI- and Anthropic-compatible HTTP server over the engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_PORT = 8000
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI/Anthropic-compatible HTTP server",
+        description="Serve a model over HTTP: OpenAI /v1/chat/completions, /v1/completions, "
+                    "/v1/models; Anthropic /v1/messages; /health and Prometheus /metrics. "
+                    "Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help="require this key on every route but /health (default: $HYBRID_API_KEY)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the directory name)")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-queued", type=int, default=256,
+                   help="requests allowed to wait for a slot; more get 429 (default 256)")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="largest completion a request may ask for (default 4096)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="prompt + completion limit per sequence (default: the model's, at most 4096 "
+                        "here since the KV cache is sized from it)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default 4)")
+    p.add_argument("--log-requests", action="store_true", help="log one line per request")
+    p.set_defaults(func=main)
+
+
+def build_config(args):
+    from hybrid.serve.config import ServeConfig
+
+    name = args.model_name
+    if name is None:
+        name = os.path.basename(os.path.normpath(args.model)) if args.model else "hybrid-demo"
+    cfg = ServeConfig(host=args.host, port=args.port,
+                      api_key=args.api_key if args.api_key is not None else os.environ.get("HYBRID_API_KEY") or None,
+                      model_name=name, max_running=args.max_running, max_queued=args.max_queued,
+                      max_tokens=args.max_tokens, context_length=args.context_length,
+                      max_body_bytes=int(args.max_body_mb * 1024 * 1024), log_requests=args.log_requests)
+    cfg.validate()
+    return cfg
+
+
+def build_backend(model, cfg):
+    """An Engine over a loaded model, and the server's Backend over that engine."""
+    from hybrid.engine.engine import Engine
+    from hybrid.serve.backend import Backend
+    from hybrid.serve.metrics import Metrics
+
+    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length)
+    return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_config(args)
+    except ValueError as e:
+        print(f"hybrid serve: {e}", file=sys.stderr)
+        return 2
+    from hybrid.chat.loading import load_model_or_explain
+
+    model = load_model_or_explain(args.model, "hybrid serve")
+    if model is None:
+        return 1
+    import uvicorn
+
+    from hybrid.serve.app import create_app
+
+    try:
+        backend = build_backend(model, cfg)
+    except ValueError as e:
+        print(f"hybrid serve: {e}", file=sys.stderr)
+        return 2
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        print(f"hybrid serve: warning: listening on {cfg.host} with no API key; anyone who can reach "
+              "this port can use the model (set --api-key or HYBRID_API_KEY)", file=sys.stderr)
+    print(f"hybrid serve: model '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/v1 "
+          f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
+          f"{', API key required' if cfg.api_key else ''})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(backend, cfg), host=cfg.host, port=cfg.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+    finally:
+        backend.engine.close()
+    return 0
