@@ -1,7 +1,184 @@
-// kernels_amx.cpp: the amx kernels (see kernels.h). Being written; until then the getter
-// returns nullptr and dispatch.cpp treats this ISA as not compiled in.
-#include "kernels.h"
+// kernels_amx.cpp: AMX-INT8 matmul_a8 (see kernels.h), the prefill GEMM for INT4/INT8 weights.
+// Compiled with the avx512 + vnni + bf16 flags and -mamx-tile -mamx-int8 -mamx-bf16 only.
+// The OS permission for tile data (arch_prctl ARCH_REQ_XCOMP_PERM) is requested by dispatch.cpp
+// before this table is chosen.
+//
+// Shapes per tile instruction (one quantization group at a time, because every group has its own
+// weight and activation scale and the int32 sums must be scaled before they are added):
+//   A  = activations       [M <= 16 tokens][32 inputs]   s8, straight from QuantizedActs.q
+//   B  = weights, one group [8 rows][16 lanes x 4 inputs] (the packed chunk layout *is* the
+//        AMX "VNNI" B layout: row kk holds inputs 4kk..4kk+3 of all 16 output rows)
+//   C  = [M tokens][16 rows] int32
+// INT4: the 4 chunks of a group are split into low/high nibbles minus 8 (s8) in a small buffer,
+//       B row order lo0, hi0, lo1, hi1, ... (inputs 0-3, 4-7, 8-11, ...), then TDPBSSD.
+// INT8: B is loaded straight from the packed bytes (u8 = q + 128) and TDPBSUD is used; the
+//       offset comes out with -128 * gsum while C is scaled.
+// Then per token row: fp32 acc[row] += float(C[row]) * (weight scales x activation scale).
+// Two groups are in flight (tiles 0/2/4 and 1/3/5) so one group's TDP overlaps the other's
+// scaling. Below kAmxMinTokens tokens the VNNI path (simd_vnni.h) is used: the per-group C
+// round trip through memory costs about as much as a few tokens of vpdpbusd.
+//
+// Legend: M tokens in a tile (<= 16), RB = 16 rows per block, G = 32, NG = K / 32.
+#include "simd_vnni.h"
 
 namespace hybrid {
-const KernelTable* kernels_amx() { return nullptr; }
+namespace {
+
+constexpr int64_t kAmxMinTokens = 4;  // measured crossover vs VNNI on Xeon (SPR/EMR class)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+static void amx_configure(int m) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  #pragma GCC unroll 16
+  for (int i = 0; i < 2; ++i) {  // tmm0, tmm1: A (activations of group g, g + 1)
+    cfg.rows[i] = uint8_t(m);
+    cfg.colsb[i] = 32;
+  }
+  #pragma GCC unroll 16
+  for (int i = 2; i < 4; ++i) {  // tmm2, tmm3: B (weights of group g, g + 1)
+    cfg.rows[i] = 8;
+    cfg.colsb[i] = 64;
+  }
+  #pragma GCC unroll 16
+  for (int i = 4; i < 6; ++i) {  // tmm4, tmm5: C (int32 sums of group g, g + 1)
+    cfg.rows[i] = uint8_t(m);
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// INT4 group -> B tile buffer of 8 x 64 signed bytes (nibble - 8).
+static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i eight = _mm512_set1_epi8(8);
+  #pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    __m512i v = _mm512_loadu_si512(p + c * 64);
+    __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, m4), eight);
+    __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), eight);
+    _mm512_store_si512(dst + (2 * c) * 64, lo);
+    _mm512_store_si512(dst + (2 * c + 1) * 64, hi);
+  }
+}
+
+// acc[r] += float(C[r] - offset * gsum[r][g]) * sw * sa[r][g] for the m live token rows.
+static HY_ALWAYS_INLINE void amx_scale_rows(const int32_t* cbuf, __m512* acc, int m, __m512 sw,
+                                            const QuantizedActs& x, int64_t t0, int64_t g,
+                                            int64_t ng, int offset) {
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    if (r < m) {
+      const int64_t row = t0 + r;
+      __m512i c = _mm512_load_si512(cbuf + 16 * r);
+      if (offset) c = _mm512_sub_epi32(c, _mm512_set1_epi32(offset * x.gsum[row * ng + g]));
+      const __m512 cs = _mm512_mul_ps(_mm512_cvtepi32_ps(c), sw);
+      acc[r] = _mm512_fmadd_ps(cs, _mm512_set1_ps(x.scale[row * ng + g]), acc[r]);
+    }
+  }
+}
+
+// Tokens [t0, t0 + m) x blocks [b0, b1); tiles already configured for m rows.
+static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                       int64_t t0, int m, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const bool int4 = w.format == WeightFormat::INT4_G32;
+  const int64_t gbytes = int4 ? 256 : 512;
+  const int offset = int4 ? 0 : 128;
+  alignas(64) int8_t bbuf[2][8 * 64];
+  alignas(64) int32_t cbuf[2][16 * 16];
+  const int8_t* a = x.q + t0 * x.ldq;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* qw = w.qweight + b * ng * gbytes;
+    const uint16_t* sc = w.scales + b * ng * kRowBlock;
+    __m512 acc[16];
+    #pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= ng; g += 2) {
+      _tile_loadd(0, a + g * kGroup, x.ldq);
+      _tile_loadd(1, a + (g + 1) * kGroup, x.ldq);
+      _tile_zero(4);
+      _tile_zero(5);
+      if (int4) {
+        amx_unpack_i4(qw + g * 256, bbuf[0]);
+        amx_unpack_i4(qw + (g + 1) * 256, bbuf[1]);
+        _tile_loadd(2, bbuf[0], 64);
+        _tile_loadd(3, bbuf[1], 64);
+        _tile_dpbssd(4, 0, 2);
+        _tile_dpbssd(5, 1, 3);
+      } else {
+        _tile_loadd(2, qw + g * 512, 64);
+        _tile_loadd(3, qw + (g + 1) * 512, 64);
+        _tile_dpbsud(4, 0, 2);
+        _tile_dpbsud(5, 1, 3);
+      }
+      _tile_stored(4, cbuf[0], 64);
+      amx_scale_rows(cbuf[0], acc, m, z_load_bf16x16(sc + g * kRowBlock), x, t0, g, ng, offset);
+      _tile_stored(5, cbuf[1], 64);
+      amx_scale_rows(cbuf[1], acc, m, z_load_bf16x16(sc + (g + 1) * kRowBlock), x, t0, g + 1, ng,
+                     offset);
+    }
+    if (g < ng) {  // odd group count
+      _tile_loadd(0, a + g * kGroup, x.ldq);
+      _tile_zero(4);
+      if (int4) {
+        amx_unpack_i4(qw + g * 256, bbuf[0]);
+        _tile_loadd(2, bbuf[0], 64);
+        _tile_dpbssd(4, 0, 2);
+      } else {
+        _tile_loadd(2, qw + g * 512, 64);
+        _tile_dpbsud(4, 0, 2);
+      }
+      _tile_stored(4, cbuf[0], 64);
+      amx_scale_rows(cbuf[0], acc, m, z_load_bf16x16(sc + g * kRowBlock), x, t0, g, ng, offset);
+    }
+    float* ob = out + (b - b0) * kRowBlock + t0 * ldo;
+    #pragma GCC unroll 16
+    for (int r = 0; r < m; ++r) _mm512_storeu_ps(ob + r * ldo, acc[r]);
+  }
+}
+
+static void amx_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                          float* out, int64_t ldo) {
+  if (x.t < kAmxMinTokens) {
+    v_matmul_a8(w, b0, b1, x, out, ldo);
+    return;
+  }
+  int configured = 0;
+  for (int64_t t0 = 0; t0 < x.t; t0 += 16) {
+    const int m = int(x.t - t0 < 16 ? x.t - t0 : 16);
+    if (m < kAmxMinTokens) {  // a short last tile: VNNI is as fast and needs no reconfigure
+      v_matmul_a8_range(w, b0, b1, x, t0, x.t, out, ldo);
+      break;
+    }
+    if (m != configured) {
+      amx_configure(m);
+      configured = m;
+    }
+    amx_tokens(w, b0, b1, x, t0, m, out, ldo);
+  }
+  if (configured) _tile_release();
+}
+
+const KernelTable kTable = {
+    "amx",
+    nullptr,  // quantize_row_a8: avx512's
+    amx_matmul_a8,
+    nullptr,  // matmul_f32: avx512's
+    nullptr,  // matmul_a16: avx512_bf16's
+};
+
+}  // namespace
+
+const KernelTable* kernels_amx() { return &kTable; }
+
 }  // namespace hybrid
