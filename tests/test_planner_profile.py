@@ -1,0 +1,78 @@
+"""Profiles: written by `hybrid plan`, read back, refused for the wrong model or too little VRAM."""
+
+import numpy as np
+import pytest
+import yaml
+
+from hybrid.cli import main as cli_main
+from hybrid.planner import profile as profiles
+from hybrid.planner import trace as traces
+from hybrid.planner.model_spec import load_model_spec, spec_from_config
+from hybrid.planner.synthetic import make_trace
+from hybrid.planner.units import compact_ids, expand_ids, parse_bytes
+
+
+@pytest.fixture(scope="module")
+def k25_profile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prof")
+    spec = load_model_spec("kimi-k2.5")
+    tr = make_trace(spec, 300, seed=1)
+    tpath = str(d / "t.safetensors")
+    traces.save(tr, tpath)
+    out = str(d / "p.yaml")
+    rc = cli_main(["plan", "--trace", tpath, "--vram", "24GiB", "--device-weights", "int8",
+                   "--online", "--out", out])
+    assert rc == 0
+    return spec, out
+
+
+def test_profile_round_trip(k25_profile):
+    spec, path = k25_profile
+    p = profiles.load(path, model=spec, vram_bytes=parse_bytes("24GiB"))
+    data = yaml.safe_load(open(path))
+    assert data["trace"]["synthetic"] is True
+    assert "SYNTHETIC" in open(path).read().splitlines()[1]
+    assert set(data["predicted"]) >= {"none", "uniform", "top-N", "plan", "online"}
+    assert data["budget"]["device_weights"]["format"] == "int8"
+    mask = p.mask(spec.moe_layers)
+    assert mask.sum() == p.num_cached == data["budget"]["experts"]["slots"]
+    assert p.vram_needed_bytes <= parse_bytes("24GiB")
+
+
+def test_profile_refused_for_other_model(k25_profile):
+    _, path = k25_profile
+    other = spec_from_config({**load_model_spec("kimi-k2.5").to_dict(), "n_routed_experts": 256,
+                              "hidden_size": 7168, "num_hidden_layers": 61,
+                              "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+                              "num_attention_heads": 64}, "other")
+    with pytest.raises(profiles.ProfileError, match="made for model"):
+        profiles.load(path, model=other)
+
+
+def test_profile_refused_for_too_little_vram(k25_profile):
+    spec, path = k25_profile
+    with pytest.raises(profiles.ProfileError, match=r"needs .* of VRAM.*only 20.00 GiB"):
+        profiles.load(path, model=spec, vram_bytes=parse_bytes("20GiB"))
+
+
+def test_profile_with_bad_expert_list(k25_profile, tmp_path):
+    _, path = k25_profile
+    data = yaml.safe_load(open(path))
+    data["cached"][1] = "0-3,999"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(profiles.ProfileError, match=r"cached\[1\]"):
+        profiles.load(str(bad))
+    bad.write_text("format: something-else\n")
+    with pytest.raises(profiles.ProfileError, match="format"):
+        profiles.load(str(bad))
+
+
+def test_compact_ids_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = sorted(rng.choice(384, rng.integers(0, 60), replace=False).tolist())
+        assert expand_ids(compact_ids(ids), 384) == ids
+    assert compact_ids([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    with pytest.raises(ValueError, match="twice"):
+        expand_ids("1-3,2", 10)
