@@ -1,7 +1,346 @@
-// kernels_avx2.cpp: the avx2 kernels (see kernels.h). Being written; until then the getter
-// returns nullptr and dispatch.cpp treats this ISA as not compiled in.
+// kernels_avx2.cpp: AVX2 + FMA kernels (see kernels.h) for CPUs without AVX-512:
+// quantize_row_a8, matmul_f32 for all three formats (exact fp32 dequantisation, FMA) and
+// matmul_a8 via vpmaddubsw + vpmaddwd. Compiled with -mavx2 -mfma -mf16c only.
+//
+// A packed row block (16 rows) is two ymm halves of 8 lanes: bytes [0, 32) of every 64-byte chunk
+// hold rows 0-7, bytes [32, 64) rows 8-15.
+//
+// Everything is static in an anonymous namespace, no templates, no STL (see kernels.h: no
+// AVX2-compiled COMDAT copy may leak into the scalar path). Token-tile widths are folded to
+// constants by the small switch in each driver and `#pragma GCC unroll` on the fixed loops.
+//
+// Legend: RB = 16 rows per block (2 x 8 lanes), G = 32 inputs per group, NG = K / 32,
+// TT tokens handled together in registers.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
 #include "kernels.h"
 
+#define HY_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace hybrid {
-const KernelTable* kernels_avx2() { return nullptr; }
+namespace {
+
+constexpr int kTileTokens = 4;  // TT max: 2 halves x 4 tokens of fp32 accumulators in 16 ymm
+
+static HY_ALWAYS_INLINE __m256 y_load_bf16x8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static HY_ALWAYS_INLINE __m256i y_bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+static HY_ALWAYS_INLINE float y_hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+static HY_ALWAYS_INLINE int32_t y_hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize_row_a8: scale = amax / 127, q = round-to-nearest-even(x * 127 / amax), as the scalar
+// reference computes it (bit for bit).
+// ---------------------------------------------------------------------------------------------
+static void y_quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    const float* xg = x + g * kGroup;
+    __m256 v[4];
+    __m256 a = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xg + 8 * i);
+      a = _mm256_max_ps(a, _mm256_and_ps(v[i], absmask));
+    }
+    const float amax = y_hmax(a);
+    const float s = amax / 127.0f;
+    if (!(s > 0.0f)) {
+      std::memset(q + g * kGroup, 0, kGroup);
+      scale[g] = 0.0f;
+      gsum[g] = 0;
+      continue;
+    }
+    const __m256 inv = _mm256_set1_ps(127.0f / amax);
+    __m256i iv[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // nearest even (default MXCSR)
+      iv[i] = _mm256_max_epi32(_mm256_min_epi32(iv[i], lim), nlim);
+    }
+    // packs work per 128-bit lane: dword d of the result holds inputs of vector d%4, half d/4.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    p = _mm256_permutevar8x32_epi32(p, order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), p);
+    scale[g] = s;
+    gsum[g] = y_hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3])));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_f32: (nibble - 8) * scale computed exactly as fmsub(nibble, s, 8 s), fp32 FMA.
+// ---------------------------------------------------------------------------------------------
+static HY_ALWAYS_INLINE void y_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                           int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 256;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
+  __m256 acc[kTileTokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + g * 256 + c * 64 + 32 * h));
+        const int64_t k0 = g * kGroup + 8 * c;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {  // j < 4: low nibble of byte j; j >= 4: high nibble of j-4
+          const int sh = (j < 4) ? 8 * j : 8 * (j - 4) + 4;
+          __m256i nib = _mm256_and_si256(_mm256_srli_epi32(v, sh), m4);
+          __m256 wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(nib), s, s8);
+#pragma GCC unroll 4
+          for (int t = 0; t < tt; ++t)
+            acc[t][h] = _mm256_fmadd_ps(wv, _mm256_set1_ps(x[t * ldx + k0 + j]), acc[t][h]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+static HY_ALWAYS_INLINE void y_f32_i8_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                           int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 512;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m256i m8 = _mm256_set1_epi32(0xFF);
+  __m256 acc[kTileTokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 s128 = _mm256_mul_ps(s, _mm256_set1_ps(128.0f));
+      for (int c = 0; c < 8; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + g * 512 + c * 64 + 32 * h));
+        const int64_t k0 = g * kGroup + 4 * c;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          __m256i byte = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), m8);
+          __m256 wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(byte), s, s128);  // (u8 - 128) * s
+#pragma GCC unroll 4
+          for (int t = 0; t < tt; ++t)
+            acc[t][h] = _mm256_fmadd_ps(wv, _mm256_set1_ps(x[t * ldx + k0 + j]), acc[t][h]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+static HY_ALWAYS_INLINE void y_f32_bf16_tile(const PackedMatrix& w, int64_t b, const float* x,
+                                             int64_t ldx, int tt, float* out, int64_t ldo) {
+  const int64_t kp = w.k / 2;
+  const uint8_t* qw = w.qweight + b * kp * 64;
+  const __m256i hi = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  __m256 acc[kTileTokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + p * 64 + 32 * h));
+      const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));  // W[row][2p]
+      const __m256 w1 = _mm256_castsi256_ps(_mm256_and_si256(v, hi));   // W[row][2p + 1]
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) {
+        acc[t][h] = _mm256_fmadd_ps(w0, _mm256_set1_ps(x[t * ldx + 2 * p]), acc[t][h]);
+        acc[t][h] = _mm256_fmadd_ps(w1, _mm256_set1_ps(x[t * ldx + 2 * p + 1]), acc[t][h]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+#define HY_Y_DISPATCH(fn, w, b, x, ldx, tt, out, ldo) \
+  switch (tt) {                                       \
+    case 1: fn(w, b, x, ldx, 1, out, ldo); break;     \
+    case 2: fn(w, b, x, ldx, 2, out, ldo); break;     \
+    case 3: fn(w, b, x, ldx, 3, out, ldo); break;     \
+    default: fn(w, b, x, ldx, 4, out, ldo); break;    \
+  }
+
+static void y_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
+                         int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* ob = out + (b - b0) * kRowBlock;
+    for (int64_t t0 = 0; t0 < t; t0 += kTileTokens) {
+      const int tt = int(t - t0 < kTileTokens ? t - t0 : kTileTokens);
+      const float* xt = x + t0 * ldx;
+      float* ot = ob + t0 * ldo;
+      switch (w.format) {
+        case WeightFormat::INT4_G32: HY_Y_DISPATCH(y_f32_i4_tile, w, b, xt, ldx, tt, ot, ldo); break;
+        case WeightFormat::INT8_G32: HY_Y_DISPATCH(y_f32_i8_tile, w, b, xt, ldx, tt, ot, ldo); break;
+        case WeightFormat::BF16: HY_Y_DISPATCH(y_f32_bf16_tile, w, b, xt, ldx, tt, ot, ldo); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_a8: vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd (-> s32).
+// INT4: a nibble product is at most 15 x 128, so the s16 sum of a whole group (16 products per
+// s16 lane: 4 chunks x lo/hi x 2) stays below 32767; one vpmaddwd per group and half, then the
+// +8 offset is removed with gsum. INT8: u8 x s8 pairs could reach 64770 and saturate, so the
+// weight is made signed (u8 ^ 0x80 = q) and |q| x sign(a, q) is used (pairs <= 2 x 127 x 128).
+// ---------------------------------------------------------------------------------------------
+static HY_ALWAYS_INLINE void y_a8_i4_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                          int64_t t0, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 256;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kTileTokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = qw + g * 256;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i s16[kTileTokens];
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) s16[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64 + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, m4);                         // inputs 8c..8c+3
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);   // inputs 8c+4..8c+7
+#pragma GCC unroll 4
+        for (int t = 0; t < tt; ++t) {
+          const int8_t* a = x.q + (t0 + t) * x.ldq + g * kGroup + 8 * c;
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(lo, y_bcast4(a)));
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(hi, y_bcast4(a + 4)));
+        }
+      }
+      const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) {
+        const int64_t row = t0 + t;
+        __m256i s32 = _mm256_madd_epi16(s16[t], ones);
+        s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * x.gsum[row * ng + g]));
+        const __m256 sc2 = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[row * ng + g]));
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc2, acc[t][h]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+static HY_ALWAYS_INLINE void y_a8_i8_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                          int64_t t0, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * 512;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kTileTokens][2];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = qw + g * 512;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i s32[kTileTokens];
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) s32[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const __m256i ws = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64 + 32 * h)), flip);  // q
+        const __m256i wabs = _mm256_sign_epi8(ws, ws);
+#pragma GCC unroll 4
+        for (int t = 0; t < tt; ++t) {
+          const __m256i a = _mm256_sign_epi8(y_bcast4(x.q + (t0 + t) * x.ldq + g * kGroup + 4 * c), ws);
+          s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, a), ones));
+        }
+      }
+      const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) {
+        const __m256 sc2 = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[(t0 + t) * ng + g]));
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[t]), sc2, acc[t][h]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                        float* out, int64_t ldo) {
+  for (int64_t b = b0; b < b1; ++b) {
+    float* ob = out + (b - b0) * kRowBlock;
+    for (int64_t t0 = 0; t0 < x.t; t0 += kTileTokens) {
+      const int tt = int(x.t - t0 < kTileTokens ? x.t - t0 : kTileTokens);
+      float* ot = ob + t0 * ldo;
+      if (w.format == WeightFormat::INT4_G32) {
+        HY_Y_DISPATCH(y_a8_i4_tile, w, b, x, t0, tt, ot, ldo);
+      } else {
+        HY_Y_DISPATCH(y_a8_i8_tile, w, b, x, t0, tt, ot, ldo);
+      }
+    }
+  }
+}
+
+const KernelTable kTable = {
+    "avx2",
+    y_quantize_row_a8,
+    y_matmul_a8,
+    y_matmul_f32,
+    nullptr,  // matmul_a16 needs avx512_bf16
+};
+
+}  // namespace
+
+const KernelTable* kernels_avx2() { return &kTable; }
+
 }  // namespace hybrid
