@@ -1,0 +1,105 @@
+"""GPU expert cache numerics against plain torch reference math (fp32 and bf16 caches)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid.experts.gpu_cache import GpuExpertCache
+
+E, H, I, K, T = 12, 64, 32, 4, 9
+
+
+def _experts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(E, I, H, generator=g) / H**0.5
+    up = torch.randn(E, I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    return gate, up, down
+
+
+def _reference(x, ids, w, gate, up, down, cached):
+    """sum over (t, k) with ids[t, k] cached of w[t, k] * expert(x[t]), fp64."""
+    y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e not in cached:
+                continue
+            xt = x[t].double()
+            h = F.silu(gate[e].double() @ xt) * (up[e].double() @ xt)
+            y[t] += w[t, k].double() * (down[e].double() @ h)
+    return y
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    return x, ids, w
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_forward_matches_reference(dtype, tol):
+    gate, up, down = _experts()
+    cached = [0, 3, 4, 7, 11]
+    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), cached, E,
+                                       device="cpu", dtype=dtype)
+    x, ids, w = _inputs()
+    y = cache.forward(x, ids, w)
+    ref = _reference(x, ids, w, gate, up, down, set(cached))
+    assert y.dtype == torch.float32 and y.shape == (T, H)
+    # bf16: weights and activations rounded to 8 bits of mantissa, fp32 accumulation; the
+    # tolerance is relative to the output scale.
+    err = (y.double() - ref).abs().max() / ref.abs().max()
+    assert err < tol
+    assert cache.mask.tolist() == [e in cached for e in range(E)]
+
+
+def test_cache_plus_rest_is_the_whole_layer():
+    gate, up, down = _experts(2)
+    cached = [1, 2, 9]
+    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), cached, E, "cpu",
+                                       torch.float32)
+    x, ids, w = _inputs(3)
+    rest = _reference(x, ids, w, gate, up, down, set(range(E)) - set(cached))
+    full = _reference(x, ids, w, gate, up, down, set(range(E)))
+    torch.testing.assert_close(cache.forward(x, ids, w).double() + rest, full, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_empty_cache_and_no_hits():
+    gate, up, down = _experts()
+    empty = GpuExpertCache.from_source(lambda e: None, [], E, "cpu")
+    x, ids, w = _inputs()
+    assert torch.count_nonzero(empty.forward(x, ids, w)) == 0
+    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), [5], E, "cpu",
+                                       torch.float32)
+    ids = torch.zeros(T, K, dtype=torch.long)   # only expert 0 picked
+    assert torch.count_nonzero(cache.forward(x, ids, w)) == 0
+
+
+def test_swap_replaces_expert():
+    gate, up, down = _experts(4)
+    src = lambda e: (gate[e], up[e], down[e])  # noqa: E731
+    cache = GpuExpertCache.from_source(src, [0, 1], E, "cpu", torch.float32)
+    cache.swap(1, 6, src)
+    assert cache.mask.nonzero().flatten().tolist() == [0, 6]
+    x, ids, w = _inputs(5)
+    ref = _reference(x, ids, w, gate, up, down, {0, 6})
+    torch.testing.assert_close(cache.forward(x, ids, w).double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not cached"):
+        cache.swap(1, 7, src)
+
+
+def test_bad_shapes_are_named():
+    gate, up, down = _experts()
+    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), [0], E, "cpu")
+    x, ids, w = _inputs()
+    with pytest.raises(ValueError, match="ids"):
+        cache.forward(x, ids[:, :2], w)
+    with pytest.raises(ValueError, match="expert ids must be in"):
+        GpuExpertCache.from_source(lambda e: (gate[0], up[0], down[0]), [E], E, "cpu")
+    with pytest.raises(ValueError, match="expert 1 has shapes"):
+        GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e][:, :3]) if e else
+                                   (gate[e], up[e], down[e]), [0, 1], E, "cpu")
