@@ -126,7 +126,7 @@ class Backend:
             params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
                                     seed=job.seed, logprobs=job.logprobs,
                                     presence_penalty=job.presence_penalty,
-                                    frequency_penalty=job.frequency_penalty)
+                                    frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos)
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None

@@ -25,6 +25,7 @@ class Job:
     logprobs: int | None = None  # None: off; n: chosen token + n alternatives
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (load tests, benchmarks)
     # Text appended to the rendered prompt as the start of the answer; it is fed to the output
     # parser as if generated. A forced tool choice uses it to open the tool-call section.
     assistant_prefix: str = ""

@@ -206,6 +206,7 @@ def parse_common(body: dict, job: Job, max_tokens_limit: int, token_keys: tuple[
     job.presence_penalty = get_number(body, "presence_penalty", "", -2.0, 2.0, default=0.0)
     job.frequency_penalty = get_number(body, "frequency_penalty", "", -2.0, 2.0, default=0.0)
     job.stop = get_stop_list(body, "stop")
+    job.ignore_eos = get(body, "ignore_eos", "", bool, default=False)
 
 
 def _stream_options(body: dict, opts: Options) -> None:

@@ -1,0 +1,126 @@
+"""Shared by the serve and chat tests: a tiny real checkpoint with a Kimi-style tokenizer, and a
+live server on a free loopback port.
+
+The checkpoint is a seeded random transformers DeepseekV3ForCausalLM (tests/checkpoints.py)
+with a byte-level tiktoken vocabulary plus Kimi's special tokens (chat markers, <think>, the
+tool-call section markers). Random weights produce gibberish, which is all the protocol tests
+need; everything else (tokenizer, template, engine, model) is the real code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+N_BASE = 256  # byte tokens
+SPECIALS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
+            "<|im_middle|>", "<think>", "</think>", "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>"]
+VOCAB = N_BASE + 256  # Kimi reserves 256 special ids after the BPE vocabulary
+CONTEXT = 1024
+
+
+def write_tokenizer(directory: Path) -> None:
+    from hybrid.tokenizer import write_tiktoken_ranks
+
+    write_tiktoken_ranks({bytes([i]): i for i in range(N_BASE)}, directory / "tiktoken.model")
+    config = {"bos_token": "[BOS]", "eos_token": "[EOS]", "add_bos_token": False,
+              "added_tokens_decoder": {str(N_BASE + i): {"content": s, "special": True}
+                                       for i, s in enumerate(SPECIALS)}}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@functools.cache
+def checkpoint_dir() -> Path:
+    """Built once per test process (about 10 s, mostly importing transformers)."""
+    from checkpoints import build
+
+    base = Path(tempfile.mkdtemp(prefix="hybrid-serve-test-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    path, _ = build(base, vocab_size=VOCAB, max_position_embeddings=CONTEXT, shards=1,
+                    bos_token_id=N_BASE, eos_token_id=N_BASE + 1)
+    write_tokenizer(path)
+    return path
+
+
+@functools.cache
+def model():
+    import torch
+
+    import hybrid
+
+    # fp32: batch composition must not flip a greedy argmax through bf16 rounding.
+    return hybrid.load(checkpoint_dir(), dtype=torch.float32, progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving create_app(...) in a background thread on 127.0.0.1."""
+
+    def __init__(self, config_overrides: dict | None = None, max_seqs: int = 32):
+        import uvicorn
+
+        from hybrid.engine.engine import Engine
+        from hybrid.serve.app import create_app
+        from hybrid.serve.backend import Backend
+        from hybrid.serve.config import ServeConfig
+        from hybrid.serve.metrics import Metrics
+
+        m = model()
+        cfg = ServeConfig(port=free_port(), model_name="tiny", max_running=max_seqs, max_tokens=512,
+                          max_body_bytes=64 * 1024, **(config_overrides or {}))
+        cfg.validate()
+        self.config = cfg
+        self.engine = Engine(m, tokenizer=m.tokenizer, max_seqs=max_seqs, max_context=CONTEXT)
+        self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.backend, cfg), host="127.0.0.1",
+                                                    port=cfg.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{cfg.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.close()
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value from Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_tokenizer_has_kimi_markers_as_single_tokens():
+    from hybrid.tokenizer import load_tokenizer
+
+    d = Path(tempfile.mkdtemp())
+    try:
+        write_tokenizer(d)
+        tok = load_tokenizer(d)
+        for s in SPECIALS:
+            assert len(tok.encode(s)) == 1, s
+        assert tok.vocab_size == VOCAB
+        assert tok.decode(tok.encode("hé <think>x")) == "hé <think>x"
+    finally:
+        shutil.rmtree(d)
