@@ -103,14 +103,12 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
 
 
 def _tokenizer(path: Path):
-    try:
-        from hybrid.tokenizer import load_tokenizer
-    except ImportError:
+    """The engine's tokenizer when the checkpoint ships one (tiktoken.model or tokenizer.json)."""
+    if not any((path / n).is_file() for n in ("tiktoken.model", "tokenizer.json")):
         return None
-    try:
-        return load_tokenizer(path)
-    except FileNotFoundError:
-        return None
+    from hybrid.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 class Model:

@@ -215,3 +215,35 @@ def _set_reference(model, params: dict, ckpt_name: str, value: torch.Tensor) -> 
             ex.down_proj[e] = value
         return
     params[ckpt_name].copy_(value)
+
+
+def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
+    """transformers logits [T, Vocab] for one sequence, and near_tie [T] bool: positions where,
+    in any MoE layer, the K-th and (K+1)-th biased router scores (or, with groups, the last
+    chosen and first rejected group scores) are within tie_eps. There the runtimes may
+    legitimately route differently."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    ties = torch.zeros(ids.shape[-1], dtype=torch.bool)
+
+    def hook(router, args, _out):
+        x = args[0].reshape(-1, router.hidden_dim).float()
+        s = torch.sigmoid(x @ router.weight.float().T) + router.e_score_correction_bias
+        T, E, G = s.shape[0], router.num_experts, router.num_group
+        if G > 1:
+            gs = s.view(T, G, E // G).topk(2, -1)[0].sum(-1).sort(-1, descending=True)[0]
+            ties.logical_or_(gs[:, router.topk_group - 1] - gs[:, router.topk_group] < tie_eps)
+            keep = gs[:, router.topk_group - 1 : router.topk_group]
+            gscore = s.view(T, G, E // G).topk(2, -1)[0].sum(-1)
+            s = s.masked_fill(~(gscore >= keep)[:, :, None].expand(T, G, E // G).reshape(T, E), float("-inf"))
+        top = s.sort(-1, descending=True)[0]
+        ties.logical_or_(top[:, router.top_k - 1] - top[:, router.top_k] < tie_eps)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DeepseekV3TopkRouter)]
+    try:
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, ties
