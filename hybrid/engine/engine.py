@@ -66,10 +66,15 @@ def _unwrap(model):
 
 
 def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
+    """Where the model computes and in what float dtype: its .device/.dtype when it says so
+    (hybrid.load's Model and DeepseekV3 do), else its first parameters."""
+    device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
+    if device is not None and isinstance(dtype, torch.dtype):
+        return torch.device(device), dtype
     params = list(module.parameters()) if hasattr(module, "parameters") else []
     floats = [p for p in params if p.is_floating_point()]
-    device = params[0].device if params else torch.device("cpu")
-    return device, (floats[0].dtype if floats else torch.float32)
+    return (params[0].device if params else torch.device("cpu"),
+            floats[0].dtype if floats else torch.float32)
 
 
 class Engine:
@@ -78,7 +83,8 @@ class Engine:
     model: the module with forward(input_ids, positions, slots, cache, logits_index), or the
     Model from hybrid.load() (its .model is used, and its .tokenizer when none is given).
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
-    output (default: the cache's max_len, else min(max_position_embeddings, 4096)).
+    output (default: the cache's max_len, else the Model's max_len, else
+    min(max_position_embeddings, 4096)).
     prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
     .reset(slot), .num_slots and .max_len (default: a LatentKVCache built for the model).
     """
@@ -104,7 +110,9 @@ class Engine:
 
             if self.config is None:
                 raise ValueError("Engine: the model has no .config to size the KV cache from")
-            max_context = max_context or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT)
+            # hybrid.load's Model knows the context it was sized for (its max_len option)
+            max_context = (max_context or getattr(model, "max_len", None)
+                           or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
             device, dtype = _module_device_dtype(self.module)
             cache = LatentKVCache(self.config, num_slots=max_seqs, max_len=max_context,
                                   device=device, dtype=dtype)
