@@ -102,7 +102,7 @@ static HY_ALWAYS_INLINE void v_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
 }
 
 // Tokens [t_begin, t_end) of x for blocks [b0, b1); out points at block b0's column of token 0.
-static void v_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+[[maybe_unused]] static void v_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                               int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
@@ -118,7 +118,7 @@ static void v_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, con
   }
 }
 
-static void v_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+[[maybe_unused]] static void v_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                         float* out, int64_t ldo) {
   v_matmul_a8_range(w, b0, b1, x, 0, x.t, out, ldo);
 }

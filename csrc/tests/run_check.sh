@@ -6,8 +6,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 out=${TMPDIR:-/tmp}/hybrid_check_kernels
 mkdir -p "$out"
 CXX=${CXX:-g++}
-base="-O2 -std=c++17 -fno-strict-aliasing"
-avx512="-mavx512f -mavx512bw -mavx512vl -mavx512dq"
+base="-O3 -std=c++17 -Wall -Wextra -Wno-unused-parameter -fno-math-errno"
+avx512="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c"
 $CXX $base -mavx2 -mfma -mf16c -c "$here/kernels_avx2.cpp" -o "$out/avx2.o"
 $CXX $base $avx512 -c "$here/kernels_avx512.cpp" -o "$out/avx512.o"
 $CXX $base $avx512 -mavx512vnni -c "$here/kernels_avx512_vnni.cpp" -o "$out/vnni.o"
