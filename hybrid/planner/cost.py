@@ -56,6 +56,8 @@ class MachineSpec:
     cpu_name: str = ""
     gpu_name: str = ""
     cpu_cores: int = 0
+    gpu_present: bool = True      # False: the "GPU" part is torch on the same CPU, so the
+                                  # CPU experts and it take turns instead of overlapping
     sources: dict = field(default_factory=dict)   # parameter -> where its value came from
 
     def __post_init__(self):
@@ -138,14 +140,15 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
     )
 
 
-def local_machine(measure: bool = True, seconds: float = 1.0) -> MachineSpec:
+def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None = None) -> MachineSpec:
     """This machine: RAM, cores, GPU from hybrid.hardware / psutil / torch.cuda, and a measured
     RAM read bandwidth when `measure` (hybrid.hardware's probe when present, else planner's own
     numpy probe, bandwidth.py). Kernel efficiency and GPU rates stay assumptions unless a GPU is
     present (then its name and memory are real, its rates still nominal)."""
     from hybrid.planner import hostinfo
 
-    info = hostinfo.collect(measure_bandwidth=measure, seconds=seconds)
+    if info is None:
+        info = hostinfo.collect(measure_bandwidth=measure, seconds=seconds)
     src = {"ram_bytes": "psutil", "cpu_cores": "os / psutil"}
     bw = info.get("ram_read_gbps")
     if bw:
@@ -163,13 +166,17 @@ def local_machine(measure: bool = True, seconds: float = 1.0) -> MachineSpec:
         "pcie_gbps": "assumed nominal", "sync_us": "assumed",
     })
     cores = int(info.get("physical_cores") or info.get("logical_cores") or 1)
+    if not gpus:
+        src["gpu_mem_gbps"] = "no GPU: torch on the CPU reads device weights at ~60% of RAM read"
+        src["gpu_tflops"] = "no GPU: assumed 0.1 TFLOP/s per core for torch matmuls"
     return MachineSpec(
         name="this machine", cpu_read_gbps=float(bw), cpu_kernel_efficiency=0.7,
-        cpu_matmul_tops=0.5 * cores, gpu_mem_gbps=900.0 if gpus else 50.0,
-        gpu_tflops=100.0 if gpus else 0.2 * cores, pcie_gbps=25.0 if gpus else 50.0,
-        sync_us=40.0, vram_bytes=vram, ram_bytes=int(info.get("ram_total_bytes") or 0),
-        cpu_name=str(info.get("cpu_model", "")),
-        gpu_name=gpus[0]["name"] if gpus else "", cpu_cores=cores, sources=src)
+        cpu_matmul_tops=0.5 * cores, gpu_mem_gbps=900.0 if gpus else 0.6 * float(bw),
+        gpu_tflops=100.0 if gpus else 0.1 * cores, pcie_gbps=25.0 if gpus else 50.0,
+        sync_us=40.0 if gpus else 10.0, vram_bytes=vram,
+        ram_bytes=int(info.get("ram_total_bytes") or 0), cpu_name=str(info.get("cpu_model", "")),
+        gpu_name=gpus[0]["name"] if gpus else "", cpu_cores=cores, gpu_present=bool(gpus),
+        sources=src)
 
 
 def machine_from_arg(arg: str | None, vram: int | None = None, measure: bool = True) -> MachineSpec:
@@ -203,12 +210,14 @@ class LayerCosts:
     sync: float
     other: float          # dense layers, LM head: once per step
     batch: int
+    overlap: bool = True  # False without a GPU: the two parts add up
 
     def layer_times(self, mask: np.ndarray) -> np.ndarray:
         """[L] seconds for a cache mask [L, E] bool."""
         cpu = self.cpu_fix + np.where(mask, 0.0, self.cpu).sum(axis=1)
         gpu = self.gpu_fix + np.where(mask, self.gpu, 0.0).sum(axis=1)
-        return self.serial + self.sync + np.maximum(cpu, gpu)
+        both = np.maximum(cpu, gpu) if self.overlap else cpu + gpu
+        return self.serial + self.sync + both
 
     def step_time(self, mask: np.ndarray) -> float:
         return float(self.other + self.layer_times(mask).sum())
@@ -266,7 +275,8 @@ class CostModel:
                                       + gpu_op(m.dense_mlp_params, batch))
         head = gpu_op(m.lm_head_params or m.embedding_params, batch)
         return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix, serial=serial,
-                          sync=mc.sync_us * 1e-6, other=dense + head, batch=batch)
+                          sync=mc.sync_us * 1e-6, other=dense + head, batch=batch,
+                          overlap=mc.gpu_present)
 
     # ---- predictions -------------------------------------------------------------------------
     def decode_tok_s(self, freq: np.ndarray, mask: np.ndarray, batch: int = 1) -> float:

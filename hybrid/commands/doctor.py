@@ -1,0 +1,216 @@
+"""`hybrid doctor [MODEL] [--json]`: what this machine has, what it measures, what to expect.
+
+One screen: CPU, ISA paths (supported and chosen), cores, NUMA, RAM, transparent huge pages,
+GPUs and free VRAM, disk space where the model lives; measured RAM read bandwidth and expert
+kernel throughput (a few seconds); for MODEL (a checkpoint directory, or the built-in
+"kimi-k2.5"; default kimi-k2.5) whether it fits in RAM and VRAM and the expected decode and
+prefill speed with no GPU expert cache and with the best plan for the VRAM found.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("doctor", help="check this machine and what speed to expect",
+                              description=__doc__.split("\n\n", 1)[0])
+    p.add_argument("model", nargs="?", default="kimi-k2.5",
+                   help="checkpoint directory or built-in 'kimi-k2.5' (default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip the bandwidth and kernel measurements (instant)")
+    p.add_argument("--trace", default=None, help="routing trace to predict with (default: "
+                   "uniform routing, the worst case for the GPU cache)")
+    p.add_argument("--context", default="32k", help="context to reserve KV cache for (32k)")
+    p.set_defaults(func=main)
+
+
+def _isa_chosen():
+    """hybrid.native.isa() when the extension is built (native-core's API)."""
+    try:
+        import hybrid.native as native
+    except Exception as e:  # not built / import error: report, do not fail doctor
+        return None, f"extension not available ({type(e).__name__})"
+    f = getattr(native, "isa", None)
+    if not callable(f):
+        return None, "hybrid.native has no isa()"
+    try:
+        got = f()
+    except Exception as e:
+        return None, f"hybrid.native.isa() failed: {e}"
+    if isinstance(got, dict):  # {"active": name, "available": [...], "forced": ..., ...}
+        return str(got.get("active")), None
+    return str(got), None
+
+
+def _kernel_gbps(seconds: float):
+    """Expert-kernel read throughput from native-core's measurement, when it provides one."""
+    for modname, fname in (("hybrid.hardware", "measure_expert_kernel_gbps"),
+                           ("hybrid.native", "measure_expert_kernel_gbps")):
+        try:
+            mod = __import__(modname, fromlist=[fname])
+        except Exception:
+            continue
+        f = getattr(mod, fname, None)
+        if callable(f):
+            try:
+                return float(f(seconds=seconds)), f"{modname}.{fname}"
+            except Exception as e:
+                return None, f"{modname}.{fname} failed: {e}"
+    return None, "no expert-kernel probe available (hybrid.hardware / native not built)"
+
+
+def collect(args) -> dict:
+    from hybrid import __version__
+    from hybrid.planner import hostinfo
+    from hybrid.planner import trace as traces
+    from hybrid.planner.cost import local_machine
+    from hybrid.planner.expect import expectations
+    from hybrid.planner.model_spec import load_model_spec
+    from hybrid.planner.units import parse_tokens
+
+    measure = not args.no_measure
+    model_path = args.model if args.model and os.path.exists(args.model) else None
+    info = hostinfo.collect(measure_bandwidth=measure, seconds=1.0,
+                            path=model_path or os.getcwd())
+    isa, isa_err = _isa_chosen()
+    info["isa_chosen"] = isa
+    if isa_err:
+        info["isa_chosen_note"] = isa_err
+    if measure:
+        info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(1.0)
+    machine = local_machine(measure=measure, info=info)
+    report = {"hybrid_version": __version__, "machine": info, "machine_model": machine.to_dict()}
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+    except ImportError:
+        report["torch"] = None
+    try:
+        spec = load_model_spec(args.model)
+        trace = traces.load(args.trace, with_sequence=False) if args.trace else None
+        context = parse_tokens(args.context, "--context")
+        report["expect"] = expectations(spec, machine, trace, context)
+    except (ValueError, FileNotFoundError) as e:
+        report["expect"] = {"error": str(e)}
+    report["advice"] = advice(report)
+    return report
+
+
+def advice(r: dict) -> list:
+    """Concrete things a person can do, from the facts collected."""
+    from hybrid.planner.units import fmt_bytes
+
+    out = []
+    m = r["machine"]
+    if m.get("thp") == "never":
+        out.append("Transparent huge pages are off: `echo madvise | sudo tee "
+                   "/sys/kernel/mm/transparent_hugepage/enabled` cuts TLB misses on expert reads.")
+    if m.get("numa_nodes", 1) > 1:
+        out.append(f"{m['numa_nodes']} NUMA nodes: keep the default NUMA-aware thread pool; "
+                   "do not pin the process to one node.")
+    if not m.get("gpus"):
+        out.append("No CUDA GPU: everything runs on the CPU (works, slower; no expert cache).")
+    if "amx" in m.get("isa_supported", []) and m.get("isa_chosen") not in (None, "amx"):
+        out.append("The CPU has AMX but the engine chose another path: check the kernel allows "
+                   "AMX (arch_prctl XCOMP_PERM; Linux >= 5.16).")
+    if m.get("isa_chosen") is None:
+        out.append("The C++ engine is not built: `pip install -e .` builds it.")
+    e = r.get("expect", {})
+    if "ram" in e and not e["ram"]["fits"]:
+        out.append(f"{e['model']['id']} needs {fmt_bytes(e['ram']['needed_bytes'])} of RAM, this "
+                   f"machine has {fmt_bytes(e['ram']['available_bytes'])}: it will not run here "
+                   f"at useful speed (experts would page from disk).")
+    dw = e.get("device_weights", {})
+    if m.get("gpus") and dw and not dw.get("bf16", {}).get("vram_fits", True):
+        if dw.get("int8", {}).get("vram_fits"):
+            out.append("bf16 device weights do not fit the GPU with the KV cache: load with "
+                       "device_weights='int8' (hybrid plan --device-weights int8).")
+        else:
+            out.append("Even int8 device weights do not fit the GPU: use a shorter context.")
+    if "disk" in m and m["disk"]["free_bytes"] < 50 * 2**30:
+        out.append(f"Only {fmt_bytes(m['disk']['free_bytes'])} free on {m['disk']['path']}: "
+                   f"packed expert caches need room next to the checkpoint.")
+    return out
+
+
+def render(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hybrid.planner.units import fmt_bytes
+
+    con = Console()
+    m = r["machine"]
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("hybrid", f"{r['hybrid_version']}  (torch {r.get('torch')})")
+    t.add_row("CPU", f"{m['cpu_model']}: {m['physical_cores']} cores / {m['logical_cores']} "
+              f"threads, {m['numa_nodes']} NUMA node(s)")
+    chosen = m.get("isa_chosen") or f"- ({m.get('isa_chosen_note', 'unknown')})"
+    t.add_row("ISA", f"supported: {', '.join(m['isa_supported'])}; engine uses: {chosen}")
+    t.add_row("RAM", f"{fmt_bytes(m['ram_total_bytes'])} total, "
+              f"{fmt_bytes(m['ram_available_bytes'])} available; huge pages: {m['thp']}")
+    if m.get("gpus"):
+        for g in m["gpus"]:
+            t.add_row(f"GPU {g['index']}", f"{g['name']}: {fmt_bytes(g['free_bytes'])} free of "
+                      f"{fmt_bytes(g['total_bytes'])}")
+    else:
+        t.add_row("GPU", "none (CUDA not available): CPU-only mode")
+    if "disk" in m:
+        t.add_row("disk", f"{fmt_bytes(m['disk']['free_bytes'])} free at {m['disk']['path']}")
+    if "ram_read_gbps" in m:
+        t.add_row("RAM read", f"{m['ram_read_gbps']:.1f} GB/s measured ({m['ram_read_source']})")
+        k = m.get("expert_kernel_gbps")
+        t.add_row("expert kernel", f"{k:.1f} GB/s" if k else f"- ({m.get('expert_kernel_source')})")
+    else:
+        t.add_row("measured", "skipped (--no-measure)")
+    con.print(t)
+
+    e = r.get("expect", {})
+    if "error" in e:
+        con.print(f"[red]model:[/red] {e['error']}")
+    elif e:
+        con.print(f"\n[bold]{e['model']['id']}[/bold] ({e['model']['moe_layers']} MoE layers x "
+                  f"{e['model']['experts']} experts, top-{e['model']['top_k']}); routing: "
+                  f"{e['routing']}")
+        ram = e["ram"]
+        mark = "[green]fits[/green]" if ram["fits"] else "[red]does not fit[/red]"
+        con.print(f"  RAM: needs {fmt_bytes(ram['needed_bytes'])} "
+                  f"(experts {fmt_bytes(ram['parts']['routed_experts'])}), has "
+                  f"{fmt_bytes(ram['available_bytes'])}: {mark}")
+        tt = Table(title=f"expected speed ({e['context_tokens']} tokens of KV reserved)")
+        for col in ("device weights", "VRAM", "decode tok/s, no cache", "prefill tok/s",
+                    "decode tok/s, best plan", "cached experts"):
+            tt.add_column(col, justify="right")
+        for fmt, d in e["device_weights"].items():
+            if "best_plan" in d:
+                vram, bp = "fits", d["best_plan"]
+                best, n = f"{bp['decode_tok_s']:.2f}", str(bp["cached_experts"])
+            elif "vram_problem" in d:
+                vram = f"needs {fmt_bytes(d['vram_needed_bytes'])}"
+                best, n = "-", "-"
+            else:
+                vram, best, n = "no GPU", "-", "-"
+            tt.add_row(f"{fmt} ({fmt_bytes(d['device_weights_bytes'])})", vram,
+                       f"{d['no_cache']['decode_tok_s']:.2f}",
+                       f"{d['no_cache']['prefill_tok_s']:.0f}", best, n)
+        con.print(tt)
+    if r["advice"]:
+        con.print("\n[bold]what to do[/bold]")
+        for a in r["advice"]:
+            con.print(f"  - {a}")
+
+
+def main(args) -> int:
+    import json
+
+    r = collect(args)
+    if args.json:
+        print(json.dumps(r, indent=2, default=float))
+    else:
+        render(r)
+    return 0

@@ -1,0 +1,75 @@
+"""What to expect from a model on a machine: does it fit in RAM and VRAM, and how fast will it
+decode and prefill, with no GPU expert cache and with the best plan for the VRAM there is.
+
+Without a trace the routing is assumed uniform (every expert picked with probability K / E),
+which is the worst case for caching; the result says so. Used by `hybrid doctor`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from hybrid.planner import plan as planner
+from hybrid.planner.cost import CostModel
+from hybrid.planner.trace import Trace
+
+
+def _uniform_trace(spec) -> Trace:
+    L, E, K = len(spec.moe_layers), spec.num_experts, spec.top_k
+    counts = np.full((L, E), K, dtype=np.uint64)     # E tokens, each expert picked K times
+    return Trace(spec.model_id, spec.config_hash, list(spec.moe_layers), E, K, counts, E,
+                 source="assumed uniform routing (no trace)", synthetic=True)
+
+
+def ram_needed(spec, machine, context_tokens: int) -> dict:
+    """Bytes of RAM: packed routed experts (mmapped; they must fit in the page cache to run at
+    RAM speed) and the embedding table; without a GPU also the device weights and KV cache."""
+    parts = {"routed_experts": spec.routed_ram_bytes(),
+             "embedding": spec.embedding_params * 2}
+    if not machine.gpu_present:
+        parts["device_weights"] = spec.device_weight_bytes("bf16")
+        parts["kv_cache"] = context_tokens * spec.kv_bytes_per_token
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def expectations(spec, machine, trace: Trace | None = None, context_tokens: int = 32768,
+                 decode_at: int = 4096) -> dict:
+    trace = trace or _uniform_trace(spec)
+    out = {"model": spec.summary(), "routing": trace.source, "context_tokens": context_tokens}
+    ram = ram_needed(spec, machine, context_tokens)
+    out["ram"] = {"needed_bytes": ram["total"], "parts": ram,
+                  "available_bytes": machine.ram_bytes,
+                  "fits": machine.ram_bytes >= ram["total"]}
+    freq = trace.frequencies()
+    none = np.zeros(freq.shape, dtype=bool)
+    results = {}
+    for fmt in ("bf16", "int8"):
+        cm = CostModel(spec, machine, device_weight_format=fmt, kv_tokens=decode_at)
+        entry = {"device_weights_bytes": spec.device_weight_bytes(fmt)}
+        pre = cm.prefill(freq, none)
+        entry["no_cache"] = {"decode_tok_s": cm.decode_tok_s(freq, none),
+                             "prefill_tok_s": pre["tok_s"]}
+        if machine.gpu_present and machine.vram_bytes:
+            try:
+                r = planner.make_plan(cm, trace, context_tokens)
+                p = r.predictions["plan"]
+                entry["vram_fits"] = True
+                entry["best_plan"] = {"cached_experts": p["cached_experts"],
+                                      "hit_rate": p["hit_rate"],
+                                      "decode_tok_s": p["decode_tok_s"],
+                                      "prefill_tok_s": p["prefill_tok_s"]}
+            except planner.PlanError as e:
+                entry["vram_fits"] = False
+                entry["vram_problem"] = str(e).splitlines()[0]
+                need = copy.copy(cm)
+                need.machine = copy.copy(machine)
+                need.machine.vram_bytes = 1 << 50
+                b = planner.compute_budget(need, context_tokens)
+                entry["vram_needed_bytes"] = (b.device_weights_bytes + b.kv_cache_bytes
+                                              + b.activation_bytes + b.reserve_bytes)
+        results[fmt] = entry
+    out["device_weights"] = results
+    return out
