@@ -1,0 +1,160 @@
+"""Bad checkpoints fail with a clear error naming the file and the tensor or field, and
+loading never writes into the checkpoint directory."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import build
+from hybrid.config import ConfigError
+from hybrid.loaders.checkpoint import load_model
+from hybrid.loaders.safetensors_files import CheckpointError
+
+NORM = "model.layers.1.input_layernorm.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path, _ = build(tmp_path_factory.mktemp("bad"), num_hidden_layers=2)
+    return path
+
+
+def _copy(ckpt, tmp_path):
+    dst = tmp_path / "ck"
+    dst.mkdir()
+    for f in ckpt.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _shard_of(path, name):
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def _rewrite(path, name, value=None):
+    """Replace (or with value None, drop) one tensor in its shard, keeping the index as is."""
+    shard = _shard_of(path, name)
+    tensors = load_file(str(shard))
+    if value is None:
+        del tensors[name]
+    else:
+        tensors[name] = value
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return shard
+
+
+def _load(path):
+    return load_model(path, "cpu", torch.float32, progress=False)
+
+
+def test_missing_shard(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    shard = _shard_of(p, NORM)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
+        _load(p)
+
+
+def test_missing_tensor(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    _rewrite(p, NORM)
+    index = json.loads((p / "model.safetensors.index.json").read_text())
+    del index["weight_map"][NORM]
+    (p / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"tensor {NORM} is missing"):
+        _load(p)
+
+
+def test_tensor_in_index_but_not_in_shard(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    shard = _rewrite(p, NORM)
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*{NORM}"):
+        _load(p)
+
+
+def test_wrong_shape(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    shard = _rewrite(p, NORM, torch.ones(65))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor {NORM} has shape \[65\], config.json implies \[64\]"):
+        _load(p)
+
+
+def test_wrong_expert_shape(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    name = "model.layers.1.mlp.experts.7.down_proj.weight"
+    _rewrite(p, name, torch.ones(64, 31))
+    with pytest.raises(CheckpointError, match=rf"tensor {name} has shape \[64, 31\]"):
+        _load(p)
+
+
+def test_wrong_dtype(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    shard = _rewrite(p, NORM, torch.ones(64, dtype=torch.int32))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: tensor {NORM} has dtype torch.int32"):
+        _load(p)
+
+
+def test_truncated_file(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    shard = _shard_of(p, NORM)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match=f"{shard.name}: truncated"):
+        _load(p)
+
+
+def test_unknown_model_type(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    raw = json.loads((p / "config.json").read_text())
+    raw["model_type"] = "llama"
+    (p / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="model_type 'llama' is not supported"):
+        _load(p)
+
+
+def test_unknown_quantization(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    raw = json.loads((p / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (p / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):
+        _load(p)
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+    ("scoring_func", "softmax", "scoring_func='softmax' is not supported"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4}, "rope type 'llama3' is not supported"),
+    ("n_group", 5, "n_group=5 must divide n_routed_experts=64"),
+    ("hidden_size", None, "missing required field.*hidden_size"),
+])
+def test_unsupported_fields(ckpt, tmp_path, field, value, msg):
+    p = _copy(ckpt, tmp_path)
+    raw = json.loads((p / "config.json").read_text())
+    if value is None:
+        del raw[field]
+    else:
+        raw[field] = value
+    (p / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=msg):
+        _load(p)
+
+
+def test_int4_weights_without_quant_config(tmp_path):
+    path, _ = build(tmp_path, variant="int4", num_hidden_layers=2)
+    raw = json.loads((path / "config.json").read_text())
+    del raw["quantization_config"]
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="weight_packed is INT4 but config.json has no compressed-tensors"):
+        _load(path)
+
+
+def test_load_writes_nothing_into_checkpoint(ckpt):
+    before = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir()}
+    _load(ckpt)
+    after = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir()}
+    assert before == after

@@ -1,0 +1,62 @@
+"""Quantised checkpoints: compressed-tensors INT4 routed experts and DeepSeek-V3 FP8 blocks.
+
+Both are compared in fp32 against transformers running on the weights the checkpoint decodes
+to (tests/checkpoints.py puts exactly those into the reference), so the bound is the fp32 one:
+1e-3 outside near-tie positions. The INT4 checkpoint is packed by compressed_tensors' own
+pack_to_int32, so its layout is the real one.
+"""
+
+import torch
+
+from checkpoints import build, reference_logits
+from hybrid.loaders.checkpoint import load_model
+from hybrid.loaders.quant import unpack_int4
+from test_model_vs_transformers import _compare, _ids, _prefill
+
+
+def test_unpack_int4_matches_compressed_tensors():
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    q = torch.randint(-8, 8, (16, 96), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    packed = pack_to_int32(q, 4)
+    assert torch.equal(unpack_int4(packed, 16, 96), q)
+    assert torch.equal(unpack_from_int32(packed, 4, torch.Size([16, 96])), q)
+
+
+def test_int4_experts_torch_backend(tmp_path):
+    path, ref = build(tmp_path, variant="int4")
+    cfg, net = load_model(path, "cpu", torch.float32, progress=False)
+    assert cfg.quant.method == "compressed-tensors" and cfg.quant.group_size == 32
+    ids = _ids(cfg.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "int4/torch")
+
+
+def test_fp8_block_checkpoint(tmp_path):
+    path, ref = build(tmp_path, variant="fp8")
+    cfg, net = load_model(path, "cpu", torch.float32, progress=False)
+    assert cfg.quant.method == "fp8" and cfg.quant.block_size == (16, 16)
+    ids = _ids(cfg.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "fp8/torch")
+
+
+def test_device_weights_int8(tmp_path):
+    """int8 weight-only device tensors (per-row scale, 127 levels): each weight is off by at
+    most half a step, amax/254 per row; the outputs drift by ~0.3% per matmul, so logits
+    stay within 5% of their scale; top-1 agreement reported."""
+    from hybrid.loaders.memory import device_formats_option
+
+    path, ref = build(tmp_path)
+    cfg, net = load_model(path, "cpu", torch.float32, progress=False,
+                          device_formats=device_formats_option("int8"))
+    assert net.layers[0].attn.o_proj.format == "int8" and net.lm_head.format == "int8"
+    ids = _ids(cfg.vocab_size)
+    r, _ = reference_logits(ref, ids)
+    out = _prefill(net, cfg, ids)
+    err = (out - r).abs().max(-1)[0]
+    agree = (out.argmax(-1) == r.argmax(-1)).float().mean().item()
+    print(f"int8 device weights: mean max|diff| {err.mean():.3f} (logit scale {r.abs().max():.2f}), "
+          f"top-1 agreement {agree:.1%}")
+    assert err.mean() <= 0.05 * r.abs().max()
+    assert agree >= 0.8
