@@ -167,8 +167,8 @@ def parse_thinking(body: dict) -> bool | None:
     if t is None:
         return None
     kind = get(t, "type", "thinking", str)
-    check(kind in ("enabled", "disabled", "adaptive"),
-          "'thinking.type' must be 'enabled', 'disabled' or 'adaptive'", "thinking.type")
+    check(kind in ("enabled", "disabled", "adaptive", "between_tools"),
+          "'thinking.type' must be 'enabled', 'disabled', 'adaptive' or 'between_tools'", "thinking.type")
     if kind == "enabled":
         budget = get(t, "budget_tokens", "thinking", int)
         check(budget >= 1, "'thinking.budget_tokens' must be at least 1", "thinking.budget_tokens")
@@ -205,6 +205,7 @@ def parse_request(body: dict, served_model: str, max_tokens_limit: int) -> tuple
     check(job.top_p > 0, "'top_p' must be greater than 0", "top_p")
     job.top_k = get_number(body, "top_k", "", 0, 1 << 30, default=0, integer=True)
     job.stop = get_stop_list(body, "stop_sequences")
+    job.ignore_eos = get(body, "ignore_eos", "", bool, default=False)  # extension, as in OpenAI routes
     opts.stream = get(body, "stream", "", bool, default=False)
     get(body, "metadata", "", dict, default=None)
     return job, opts
