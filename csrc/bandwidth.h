@@ -1,0 +1,24 @@
+// bandwidth.h: RAM read-bandwidth probe. Reads a buffer much larger than the last-level cache
+// with the pool's threads, the same page policy as packed layers (2 MiB aligned, MADV_HUGEPAGE,
+// first touch by the thread that later reads it), and reports GB/s (1e9 bytes per second).
+#pragma once
+#include <cstddef>
+#include <vector>
+
+namespace hybrid {
+
+class ThreadPool;
+
+struct BandwidthResult {
+  double gbps = 0;              // median over repeats
+  std::vector<double> runs;     // GB/s of each repeat
+  size_t bytes = 0;             // bytes read per repeat
+  int threads = 0;
+  bool hugepage_advised = false;  // madvise(MADV_HUGEPAGE) accepted
+};
+
+// bytes >= 1 MiB (rounded down to 4 KiB per thread), repeats >= 1. Throws std::invalid_argument /
+// std::runtime_error (allocation).
+BandwidthResult measure_read_bandwidth(ThreadPool& pool, size_t bytes, int repeats);
+
+}  // namespace hybrid

@@ -1,0 +1,623 @@
+// binding.cpp: the only file that knows Python. It turns numpy arrays into raw pointers +
+// shapes, checks everything at the boundary (dtype, ndim, shape, C-contiguity, writability,
+// expert id range, buffer sizes) and raises TypeError / ValueError naming the argument. bf16 data
+// travels as uint16 arrays of bit patterns (numpy has no bf16); hybrid/native.py converts torch
+// tensors without copies. The bound functions are listed at the end of the file.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bandwidth.h"
+#include "dispatch.h"
+#include "kernels.h"
+#include "kernels_scalar.h"
+#include "moe.h"
+#include "pack.h"
+#include "packed_layer.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+using namespace hybrid;
+
+namespace {
+
+// ---- argument checks -------------------------------------------------------------------------
+
+std::string shape_str(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
+}
+
+std::string dims_str(const std::vector<int64_t>& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + (d[i] < 0 ? std::string("*") : std::to_string(d[i]));
+  return s + "]";
+}
+
+template <class T>
+bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// The object must be a numpy array (no silent conversion: outputs must be the caller's buffer
+// and inputs must not be copied behind the caller's back).
+py::array as_array(const py::object& o, const char* name) {
+  if (!py::isinstance<py::array>(o))
+    throw py::type_error(std::string(name) + " must be a numpy array, got " +
+                         py::str(py::type::of(o)).cast<std::string>());
+  return py::reinterpret_borrow<py::array>(o);
+}
+
+// ndim + shape (-1 = any) + C-contiguity (+ writability).
+void check_layout(const py::array& a, const char* name, const std::vector<int64_t>& dims, bool writable = false) {
+  if (a.ndim() != py::ssize_t(dims.size()))
+    throw py::value_error(std::string(name) + " must have " + std::to_string(dims.size()) +
+                          " dimensions " + dims_str(dims) + ", got shape " + shape_str(a));
+  for (size_t i = 0; i < dims.size(); ++i)
+    if (dims[i] >= 0 && a.shape(py::ssize_t(i)) != dims[i])
+      throw py::value_error(std::string(name) + " must have shape " + dims_str(dims) + ", got " + shape_str(a));
+  if (!(a.flags() & py::array::c_style)) {
+    std::string st = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) st += (i ? ", " : "") + std::to_string(a.strides(i));
+    throw py::value_error(std::string(name) + " must be C-contiguous, got strides " + st +
+                          ") bytes for shape " + shape_str(a));
+  }
+  if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+[[noreturn]] void bad_dtype(const py::array& a, const char* name, const char* want) {
+  throw py::type_error(std::string(name) + " must have dtype " + want + ", got " + dtype_name(a));
+}
+
+// float32, or uint16 holding bf16 bits.
+SrcDtype float_kind(const py::array& a, const char* name) {
+  if (is_dtype<float>(a)) return SrcDtype::F32;
+  if (is_dtype<uint16_t>(a)) return SrcDtype::BF16;
+  bad_dtype(a, name, "float32 or bf16 (passed as uint16 bit patterns)");
+}
+
+WeightFormat parse_format(const std::string& s) {
+  if (s == "int4") return WeightFormat::INT4_G32;
+  if (s == "int8") return WeightFormat::INT8_G32;
+  if (s == "bf16") return WeightFormat::BF16;
+  throw py::value_error("format must be 'int4', 'int8' or 'bf16', got '" + s + "'");
+}
+std::string format_name(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::INT4_G32: return "int4";
+    case WeightFormat::INT8_G32: return "int8";
+    case WeightFormat::BF16: return "bf16";
+  }
+  return "?";
+}
+
+void check_matrix_dims(int64_t n, int64_t k, const char* what) {
+  if (n <= 0 || n % kRowBlock != 0)
+    throw py::value_error(std::string(what) + ": rows (N) must be a positive multiple of 16, got " + std::to_string(n));
+  if (k <= 0 || k % kGroup != 0)
+    throw py::value_error(std::string(what) + ": inputs (K) must be a positive multiple of 32, got " + std::to_string(k));
+}
+
+// A packed matrix from (qweight, scales) arrays with the exact byte sizes of kernels.h.
+PackedMatrix packed_from_arrays(WeightFormat f, const py::object& qo, const py::object& so, int64_t n, int64_t k) {
+  check_matrix_dims(n, k, "packed matrix");
+  py::array q = as_array(qo, "qweight");
+  if (!is_dtype<uint8_t>(q)) bad_dtype(q, "qweight", "uint8");
+  check_layout(q, "qweight", {int64_t(packed_qweight_bytes(f, n, k))});
+  PackedMatrix m{f, n, k, static_cast<const uint8_t*>(q.data()), nullptr};
+  if (f != WeightFormat::BF16) {
+    if (so.is_none()) throw py::value_error("scales are required for format " + format_name(f));
+    py::array s = as_array(so, "scales");
+    if (!is_dtype<uint16_t>(s)) bad_dtype(s, "scales", "uint16 (bf16 bits)");
+    check_layout(s, "scales", {int64_t(packed_scale_bytes(f, n, k) / 2)});
+    m.scales = static_cast<const uint16_t*>(s.data());
+  }
+  return m;
+}
+
+std::pair<int64_t, int64_t> block_range(int64_t n, int64_t b0, int64_t b1) {
+  int64_t nb = n / kRowBlock;
+  if (b1 < 0) b1 = nb;
+  if (b0 < 0 || b0 >= b1 || b1 > nb)
+    throw py::value_error("block range [b0, b1) = [" + std::to_string(b0) + ", " + std::to_string(b1) +
+                          ") must satisfy 0 <= b0 < b1 <= N/16 = " + std::to_string(nb));
+  return {b0, b1};
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+// Run fn(b0, b1) over `blocks` row blocks on the pool, GIL released.
+template <class Fn>
+void parallel_blocks(int64_t blocks, Fn fn) {
+  py::gil_scoped_release release;
+  auto pool = global_pool();
+  pool->run({[&](int tid, int team) {
+    auto [b0, b1] = pool->split(blocks, tid, team);
+    if (b0 < b1) fn(b0, b1);
+  }});
+}
+
+void check_ct_pair(const py::array& packed, const py::array& scale, int64_t n, int64_t k,
+                   const std::string& pname, const std::string& sname) {
+  if (!is_dtype<int32_t>(packed) && !is_dtype<uint32_t>(packed)) bad_dtype(packed, pname.c_str(), "int32");
+  check_layout(packed, pname.c_str(), {n, k / 8});
+  float_kind(scale, sname.c_str());
+  check_layout(scale, sname.c_str(), {n, k / kGroup});
+}
+
+py::tuple py_pack_int4_from_ct(const py::object& po, const py::object& so) {
+  py::array packed = as_array(po, "weight_packed"), scale = as_array(so, "weight_scale");
+  if (packed.ndim() != 2) check_layout(packed, "weight_packed", {-1, -1});
+  int64_t n = packed.shape(0), k = packed.shape(1) * 8;
+  check_matrix_dims(n, k, "weight_packed");
+  check_ct_pair(packed, scale, n, k, "weight_packed", "weight_scale");
+  py::array_t<uint8_t> q(py::ssize_t(packed_qweight_bytes(WeightFormat::INT4_G32, n, k)));
+  py::array_t<uint16_t> s(py::ssize_t(packed_scale_bytes(WeightFormat::INT4_G32, n, k) / 2));
+  PackDest d{q.mutable_data(), s.mutable_data()};
+  const int32_t* pp = static_cast<const int32_t*>(packed.data());
+  const void* sp = scale.data();
+  SrcDtype sd = float_kind(scale, "weight_scale");
+  parallel_blocks(n / kRowBlock, [&](int64_t b0, int64_t b1) { pack_int4_from_ct(pp, sp, sd, n, k, b0, b1, d); });
+  return py::make_tuple(q, s);
+}
+
+py::tuple py_quantize_pack(const py::object& wo, const std::string& fmt) {
+  WeightFormat f = parse_format(fmt);
+  py::array w = as_array(wo, "w");
+  SrcDtype dt = float_kind(w, "w");
+  check_layout(w, "w", {-1, -1});
+  int64_t n = w.shape(0), k = w.shape(1);
+  check_matrix_dims(n, k, "w");
+  py::array_t<uint8_t> q(py::ssize_t(packed_qweight_bytes(f, n, k)));
+  py::object scales = py::none();
+  uint16_t* sp = nullptr;
+  if (f != WeightFormat::BF16) {
+    py::array_t<uint16_t> s(py::ssize_t(packed_scale_bytes(f, n, k) / 2));
+    sp = s.mutable_data();
+    scales = s;
+  }
+  PackDest d{q.mutable_data(), sp};
+  const void* wp = w.data();
+  parallel_blocks(n / kRowBlock, [&](int64_t b0, int64_t b1) { quantize_pack(f, wp, dt, n, k, b0, b1, d); });
+  return py::make_tuple(q, scales);
+}
+
+py::array_t<float> py_unpack(const std::string& fmt, const py::object& q, const py::object& s, int64_t n, int64_t k) {
+  PackedMatrix m = packed_from_arrays(parse_format(fmt), q, s, n, k);
+  py::array_t<float> out({n, k});
+  float* op = out.mutable_data();
+  parallel_blocks(n / kRowBlock, [&](int64_t b0, int64_t b1) { unpack(m, b0, b1, op + b0 * kRowBlock * k); });
+  return out;
+}
+
+// ---- per-ISA kernel entries (tests) ----------------------------------------------------------
+
+py::tuple py_kernel_quantize_row_a8(const std::string& isa, const py::object& xo) {
+  const KernelTable& t = resolved_table(isa);
+  py::array x = as_array(xo, "x");
+  if (!is_dtype<float>(x)) bad_dtype(x, "x", "float32");
+  check_layout(x, "x", {-1, -1});
+  int64_t T = x.shape(0), K = x.shape(1);
+  if (K <= 0 || K % kGroup) throw py::value_error("x: K must be a positive multiple of 32, got " + std::to_string(K));
+  py::array_t<int8_t> q({T, K});
+  py::array_t<float> sc({T, K / kGroup});
+  py::array_t<int32_t> gs({T, K / kGroup});
+  const float* xp = static_cast<const float*>(x.data());
+  int8_t* qp = q.mutable_data();
+  float* sp = sc.mutable_data();
+  int32_t* gp = gs.mutable_data();
+  {
+    py::gil_scoped_release r;
+    for (int64_t i = 0; i < T; ++i) t.quantize_row_a8(xp + i * K, K, qp + i * K, sp + i * (K / kGroup), gp + i * (K / kGroup));
+  }
+  return py::make_tuple(q, sc, gs);
+}
+
+py::array_t<float> py_kernel_matmul_a8(const std::string& isa, const std::string& fmt, const py::object& qw,
+                                       const py::object& sw, int64_t n, int64_t k, const py::object& qo,
+                                       const py::object& so, const py::object& go, int64_t b0, int64_t b1) {
+  const KernelTable& t = resolved_table(isa);
+  WeightFormat f = parse_format(fmt);
+  if (f == WeightFormat::BF16) throw py::value_error("matmul_a8 takes int4 or int8 weights, not bf16");
+  PackedMatrix m = packed_from_arrays(f, qw, sw, n, k);
+  std::tie(b0, b1) = block_range(n, b0, b1);
+  py::array q = as_array(qo, "q"), s = as_array(so, "scale"), g = as_array(go, "gsum");
+  if (!is_dtype<int8_t>(q)) bad_dtype(q, "q", "int8");
+  if (!is_dtype<float>(s)) bad_dtype(s, "scale", "float32");
+  if (!is_dtype<int32_t>(g)) bad_dtype(g, "gsum", "int32");
+  check_layout(q, "q", {-1, k});
+  int64_t T = q.shape(0);
+  check_layout(s, "scale", {T, k / kGroup});
+  check_layout(g, "gsum", {T, k / kGroup});
+  QuantizedActs a{static_cast<const int8_t*>(q.data()), static_cast<const float*>(s.data()),
+                  static_cast<const int32_t*>(g.data()), T, k, k};
+  py::array_t<float> out({T, (b1 - b0) * kRowBlock});
+  float* op = out.mutable_data();
+  int64_t ldo = (b1 - b0) * kRowBlock;
+  {
+    py::gil_scoped_release r;
+    t.matmul_a8(m, b0, b1, a, op, ldo);
+  }
+  return out;
+}
+
+enum class FloatEntry { F32, A16, A16Reference };
+
+py::array_t<float> float_matmul(FloatEntry which, const std::string& isa, const std::string& fmt, const py::object& qw,
+                                const py::object& sw, int64_t n, int64_t k, const py::object& xo, int64_t b0, int64_t b1) {
+  WeightFormat f = parse_format(fmt);
+  decltype(KernelTable::matmul_f32) fn = nullptr;
+  if (which == FloatEntry::A16Reference) {
+    fn = reference_matmul_a16;
+  } else {
+    const KernelTable& t = resolved_table(isa);
+    fn = which == FloatEntry::F32 ? t.matmul_f32 : t.matmul_a16;
+    if (fn == nullptr) throw py::value_error("ISA '" + isa + "' has no matmul_a16 (it needs avx512_bf16)");
+  }
+  if (which != FloatEntry::F32 && f != WeightFormat::BF16)
+    throw py::value_error("matmul_a16 takes bf16 weights, got " + fmt);
+  PackedMatrix m = packed_from_arrays(f, qw, sw, n, k);
+  std::tie(b0, b1) = block_range(n, b0, b1);
+  py::array x = as_array(xo, "x");
+  if (!is_dtype<float>(x)) bad_dtype(x, "x", "float32");
+  check_layout(x, "x", {-1, k});
+  int64_t T = x.shape(0), ldo = (b1 - b0) * kRowBlock;
+  py::array_t<float> out({T, ldo});
+  float* op = out.mutable_data();
+  const float* xp = static_cast<const float*>(x.data());
+  {
+    py::gil_scoped_release r;
+    fn(m, b0, b1, xp, T, k, op, ldo);
+  }
+  return out;
+}
+
+// ---- packed layer ----------------------------------------------------------------------------
+
+struct PyLayer {
+  std::shared_ptr<PackedLayer> layer;
+
+  void check_expert(int64_t e) const {
+    if (e < 0 || e >= layer->num_experts())
+      throw py::value_error("expert index " + std::to_string(e) + " is out of range [0, " +
+                            std::to_string(layer->num_experts()) + ")");
+  }
+  void check_writable() const {
+    if (!layer->writable())
+      throw py::value_error("this packed layer is a read-only mapping of '" + layer->path() + "'");
+  }
+
+  // gate_up unit range of each thread covers gate/up blocks [2u0, 2u1); down blocks are units.
+  void pack_float(int64_t e, const py::object& go, const py::object& uo, const py::object& dobj) {
+    check_expert(e);
+    check_writable();
+    const int64_t H = layer->hidden(), I = layer->intermediate();
+    py::array g = as_array(go, "gate"), u = as_array(uo, "up"), d = as_array(dobj, "down");
+    SrcDtype gt = float_kind(g, "gate"), ut = float_kind(u, "up"), dt = float_kind(d, "down");
+    check_layout(g, "gate", {I, H});
+    check_layout(u, "up", {I, H});
+    check_layout(d, "down", {H, I});
+    const WeightFormat f = layer->format();
+    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    PackDest dg{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 0};
+    PackDest du{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 1};
+    PackDest dd{const_cast<uint8_t*>(dn.qweight), const_cast<uint16_t*>(dn.scales), 1, 0};
+    const void *gp = g.data(), *up = u.data(), *dp = d.data();
+    py::gil_scoped_release release;
+    auto pool = global_pool();
+    pool->run({[&](int tid, int team) {
+      auto [u0, u1] = pool->split(gate_up_units(I), tid, team);
+      if (u0 < u1) {
+        quantize_pack(f, gp, gt, I, H, 2 * u0, 2 * u1, dg);
+        quantize_pack(f, up, ut, I, H, 2 * u0, 2 * u1, du);
+      }
+      auto [d0, d1] = pool->split(down_units(H), tid, team);
+      if (d0 < d1) quantize_pack(f, dp, dt, H, I, d0, d1, dd);
+    }});
+  }
+
+  void pack_ct(int64_t e, const py::object& gpo, const py::object& gso, const py::object& upo, const py::object& uso,
+               const py::object& dpo, const py::object& dso) {
+    check_expert(e);
+    check_writable();
+    if (layer->format() != WeightFormat::INT4_G32)
+      throw py::value_error("compressed-tensors INT4 experts need an int4 layer, this one is " +
+                            format_name(layer->format()));
+    const int64_t H = layer->hidden(), I = layer->intermediate();
+    py::array gp = as_array(gpo, "gate weight_packed"), gs = as_array(gso, "gate weight_scale");
+    py::array upk = as_array(upo, "up weight_packed"), us = as_array(uso, "up weight_scale");
+    py::array dp = as_array(dpo, "down weight_packed"), ds = as_array(dso, "down weight_scale");
+    check_ct_pair(gp, gs, I, H, "gate weight_packed", "gate weight_scale");
+    check_ct_pair(upk, us, I, H, "up weight_packed", "up weight_scale");
+    check_ct_pair(dp, ds, H, I, "down weight_packed", "down weight_scale");
+    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    PackDest dg{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 0};
+    PackDest du{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 1};
+    PackDest dd{const_cast<uint8_t*>(dn.qweight), const_cast<uint16_t*>(dn.scales), 1, 0};
+    struct Src { const int32_t* p; const void* s; SrcDtype t; };
+    Src g{static_cast<const int32_t*>(gp.data()), gs.data(), float_kind(gs, "gate weight_scale")};
+    Src uu{static_cast<const int32_t*>(upk.data()), us.data(), float_kind(us, "up weight_scale")};
+    Src dd_{static_cast<const int32_t*>(dp.data()), ds.data(), float_kind(ds, "down weight_scale")};
+    py::gil_scoped_release release;
+    auto pool = global_pool();
+    pool->run({[&](int tid, int team) {
+      auto [u0, u1] = pool->split(gate_up_units(I), tid, team);
+      if (u0 < u1) {
+        pack_int4_from_ct(g.p, g.s, g.t, I, H, 2 * u0, 2 * u1, dg);
+        pack_int4_from_ct(uu.p, uu.s, uu.t, I, H, 2 * u0, 2 * u1, du);
+      }
+      auto [d0, d1] = pool->split(down_units(H), tid, team);
+      if (d0 < d1) pack_int4_from_ct(dd_.p, dd_.s, dd_.t, H, I, d0, d1, dd);
+    }});
+  }
+
+  py::tuple unpack_expert(int64_t e) const {
+    check_expert(e);
+    const int64_t H = layer->hidden(), I = layer->intermediate();
+    py::array_t<float> gate({I, H}), up({I, H}), down({H, I});
+    float *gp = gate.mutable_data(), *upp = up.mutable_data(), *dp = down.mutable_data();
+    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    {
+    py::gil_scoped_release release;
+    auto pool = global_pool();
+    pool->run({[&](int tid, int team) {
+      std::vector<float> rows(size_t(2 * kRowBlock * H));
+      auto [b0, b1] = pool->split(I / kRowBlock, tid, team);  // gate/up block j = packed 2j, 2j+1
+      for (int64_t j = b0; j < b1; ++j) {
+        unpack(gu, 2 * j, 2 * j + 2, rows.data());
+        std::memcpy(gp + j * kRowBlock * H, rows.data(), size_t(kRowBlock * H) * 4);
+        std::memcpy(upp + j * kRowBlock * H, rows.data() + kRowBlock * H, size_t(kRowBlock * H) * 4);
+      }
+      auto [d0, d1] = pool->split(H / kRowBlock, tid, team);
+      if (d0 < d1) unpack(dn, d0, d1, dp + d0 * kRowBlock * I);
+    }});
+    }  // GIL back before building the tuple
+    return py::make_tuple(gate, up, down);
+  }
+};
+
+// ---- MoE operator ----------------------------------------------------------------------------
+
+struct PyMoE {
+  // Declared before `op` so they outlive it: the operator's destructor waits for a pending job,
+  // and only then may the arrays it reads and writes be released.
+  std::vector<py::object> keep;  // x, ids, weights, skip_mask, y of the pending job
+  uint64_t keep_gen = 0;
+  uint64_t next_gen = 0;
+  std::shared_ptr<PackedLayer> layer;
+  std::unique_ptr<MoeOperator> op;
+
+  void submit(const py::object& xo, const py::object& ido, const py::object& wo, const py::object& so,
+              const py::object& yo, bool accumulate) {
+    const int64_t E = layer->num_experts(), H = layer->hidden();
+    py::array x = as_array(xo, "x"), ids = as_array(ido, "ids"), w = as_array(wo, "weights");
+    py::array y = as_array(yo, "y");
+    MoeCall c;
+    SrcDtype xt = float_kind(x, "x");
+    c.x_type = xt == SrcDtype::F32 ? ElemType::F32 : ElemType::BF16;
+    check_layout(x, "x", {-1, H});
+    const int64_t B = x.shape(0);
+    if (is_dtype<int32_t>(ids)) c.ids_type = ElemType::I32;
+    else if (is_dtype<int64_t>(ids)) c.ids_type = ElemType::I64;
+    else bad_dtype(ids, "ids", "int32 or int64");
+    check_layout(ids, "ids", {B, -1});
+    const int64_t K = ids.shape(1);
+    if (K < 1) throw py::value_error("ids must have at least one pick per token, got shape " + shape_str(ids));
+    if (!is_dtype<float>(w)) bad_dtype(w, "weights", "float32");
+    check_layout(w, "weights", {B, K});
+    SrcDtype yt = float_kind(y, "y");
+    c.y_type = yt == SrcDtype::F32 ? ElemType::F32 : ElemType::BF16;
+    check_layout(y, "y", {B, H}, true);
+    if (y.data() == x.data() && B > 0) throw py::value_error("y must not be the same buffer as x");
+    py::object skip_keep = py::none();
+    if (!so.is_none()) {
+      py::array s = as_array(so, "skip_mask");
+      if (!is_dtype<uint8_t>(s) && !is_dtype<bool>(s)) bad_dtype(s, "skip_mask", "bool or uint8");
+      check_layout(s, "skip_mask", {E});
+      c.skip = static_cast<const uint8_t*>(s.data());
+      skip_keep = s;
+    }
+    // Expert ids are checked here, before anything runs (the operator checks again).
+    const int64_t n = B * K;
+    if (c.ids_type == ElemType::I32) {
+      const int32_t* p = static_cast<const int32_t*>(ids.data());
+      for (int64_t i = 0; i < n; ++i)
+        if (p[i] < 0 || p[i] >= E)
+          throw py::value_error("ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
+                                std::to_string(p[i]) + " is out of range [0, " + std::to_string(E) + ")");
+    } else {
+      const int64_t* p = static_cast<const int64_t*>(ids.data());
+      for (int64_t i = 0; i < n; ++i)
+        if (p[i] < 0 || p[i] >= E)
+          throw py::value_error("ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
+                                std::to_string(p[i]) + " is out of range [0, " + std::to_string(E) + ")");
+    }
+    c.x = x.data();
+    c.ids = ids.data();
+    c.weights = static_cast<const float*>(w.data());
+    c.y = y.mutable_data();
+    c.accumulate = accumulate;
+    c.b = B;
+    c.k = K;
+    {
+      py::gil_scoped_release release;
+      op->submit(c);  // throws (nothing started) when a job is pending
+    }
+    keep = {x, ids, w, skip_keep, y};
+    keep_gen = ++next_gen;
+  }
+
+  void sync() {
+    uint64_t gen = keep_gen;
+    bool had = op->pending();
+    try {
+      py::gil_scoped_release release;
+      op->sync();
+    } catch (...) {
+      if (had && keep_gen == gen) keep.clear();
+      throw;
+    }
+    // Only the caller that waited for the job releases its arrays; a job submitted meanwhile by
+    // another thread has a newer generation and keeps its own.
+    if (had && keep_gen == gen && !op->pending()) keep.clear();
+  }
+};
+
+std::string mode_name(ActMode m) { return m == ActMode::Fast ? "fast" : "precise"; }
+
+py::dict cpu_info_dict() {
+  const CpuInfo& c = cpu_info();
+  py::dict d;
+  d["brand"] = c.brand;
+  d["flags"] = c.flags;
+  d["os_avx"] = c.os_avx;
+  d["os_avx512"] = c.os_avx512;
+  d["os_amx"] = c.os_amx;
+  d["amx_permitted"] = c.amx_permitted;
+  d["amx_refusal"] = c.amx_refusal;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "hybrid's CPU MoE engine (csrc/). Import it through hybrid.native, not directly.";
+
+  m.def("cpu_info", &cpu_info_dict, "CPU brand, feature flags and OS register-state support");
+  m.def("isa_names", &isa_names, "every ISA path name, lowest first");
+  m.def("available_isas", &available_isas, "ISA paths this CPU + OS + build can run, lowest first");
+  m.def("isa_unavailable_reason", &isa_unavailable_reason, py::arg("isa"), "why an ISA cannot run ('' if it can)");
+  m.def("active_isa", []() { return active_isa(); }, "the ISA the operator uses (HYBRID_ISA or the best)");
+
+  m.def("default_threads", &default_threads);
+  m.def("num_threads", []() { return global_pool()->size(); }, "threads of the global pool");
+  m.def("set_num_threads", [](int n) { py::gil_scoped_release r; set_global_threads(n); }, py::arg("threads"),
+        "replace the global pool (<= 0: default); queued jobs finish first");
+  m.def("topology", []() {
+    CpuTopology t = detect_topology();
+    py::dict d;
+    d["cpus"] = t.cpus;
+    d["node_of"] = t.node_of;
+    d["physical_cores"] = t.physical_cores;
+    d["num_nodes"] = t.num_nodes;
+    d["node_ids"] = t.node_ids;
+    return d;
+  });
+  m.def("pool_info", []() {
+    auto p = global_pool();
+    std::vector<int> cpus, nodes;
+    for (int i = 0; i < p->size(); ++i) {
+      cpus.push_back(p->cpu_of(i));
+      nodes.push_back(p->node_of(i));
+    }
+    py::dict d;
+    d["threads"] = p->size();
+    d["worker_cpus"] = cpus;
+    d["worker_nodes"] = nodes;
+    return d;
+  });
+  m.def("read_bandwidth", [](size_t nbytes, int repeats) {
+    BandwidthResult r;
+    {
+      py::gil_scoped_release rel;
+      r = measure_read_bandwidth(*global_pool(), nbytes, repeats);
+    }
+    py::dict d;
+    d["gbps"] = r.gbps;
+    d["runs"] = r.runs;
+    d["bytes"] = r.bytes;
+    d["threads"] = r.threads;
+    d["hugepage_advised"] = r.hugepage_advised;
+    return d;
+  }, py::arg("nbytes") = size_t(1) << 30, py::arg("repeats") = 5);
+
+  m.def("pack_int4_from_ct", &py_pack_int4_from_ct, py::arg("weight_packed"), py::arg("weight_scale"),
+        "compressed-tensors INT4 -> INT4_G32 (qweight uint8, scales uint16), bit-exact");
+  m.def("quantize_pack", &py_quantize_pack, py::arg("w"), py::arg("format"),
+        "float32/bf16 [N, K] -> packed (qweight uint8, scales uint16 or None)");
+  m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
+        py::arg("k"), "packed -> float32 [N, K]");
+
+  m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));
+  m.def("kernel_matmul_a8", &py_kernel_matmul_a8, py::arg("isa"), py::arg("format"), py::arg("qweight"),
+        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("scale"), py::arg("gsum"),
+        py::arg("b0") = 0, py::arg("b1") = -1);
+  m.def("kernel_matmul_f32", [](const std::string& isa, const std::string& fmt, const py::object& q, const py::object& s,
+                                int64_t n, int64_t k, const py::object& x, int64_t b0, int64_t b1) {
+    return float_matmul(FloatEntry::F32, isa, fmt, q, s, n, k, x, b0, b1);
+  }, py::arg("isa"), py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"), py::arg("k"),
+        py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
+  m.def("kernel_matmul_a16", [](const std::string& isa, const py::object& q, int64_t n, int64_t k,
+                                const py::object& x, int64_t b0, int64_t b1) {
+    return float_matmul(FloatEntry::A16, isa, "bf16", q, py::none(), n, k, x, b0, b1);
+  }, py::arg("isa"), py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0,
+        py::arg("b1") = -1);
+  m.def("reference_matmul_a16", [](const py::object& q, int64_t n, int64_t k, const py::object& x, int64_t b0,
+                                   int64_t b1) {
+    return float_matmul(FloatEntry::A16Reference, "scalar", "bf16", q, py::none(), n, k, x, b0, b1);
+  }, py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
+
+  py::class_<PyLayer>(m, "Layer")
+      .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i) {
+        return PyLayer{PackedLayer::create(parse_format(fmt), e, h, i)};
+      }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"))
+      .def_static("open", [](const std::string& path) {
+        py::gil_scoped_release r;
+        return PyLayer{PackedLayer::open(path)};
+      }, py::arg("path"))
+      .def("save", [](const PyLayer& l, const std::string& path) {
+        py::gil_scoped_release r;
+        l.layer->save(path);
+      }, py::arg("path"))
+      .def("place", [](const PyLayer& l) {
+        py::gil_scoped_release r;
+        l.layer->place(*global_pool());
+      })
+      .def("pack_expert_float", &PyLayer::pack_float, py::arg("e"), py::arg("gate"), py::arg("up"), py::arg("down"))
+      .def("pack_expert_ct", &PyLayer::pack_ct, py::arg("e"), py::arg("gate_packed"), py::arg("gate_scale"),
+           py::arg("up_packed"), py::arg("up_scale"), py::arg("down_packed"), py::arg("down_scale"))
+      .def("unpack_expert", &PyLayer::unpack_expert, py::arg("e"))
+      .def_property_readonly("format", [](const PyLayer& l) { return format_name(l.layer->format()); })
+      .def_property_readonly("num_experts", [](const PyLayer& l) { return l.layer->num_experts(); })
+      .def_property_readonly("hidden", [](const PyLayer& l) { return l.layer->hidden(); })
+      .def_property_readonly("intermediate", [](const PyLayer& l) { return l.layer->intermediate(); })
+      .def_property_readonly("nbytes", [](const PyLayer& l) { return l.layer->nbytes(); })
+      .def_property_readonly("expert_nbytes", [](const PyLayer& l) { return l.layer->expert_nbytes(); })
+      .def_property_readonly("writable", [](const PyLayer& l) { return l.layer->writable(); })
+      .def_property_readonly("path", [](const PyLayer& l) { return l.layer->path(); });
+
+  py::class_<PyMoE>(m, "MoE")
+      .def(py::init([](const PyLayer& l, const std::string& mode, int threads, const std::string& isa) {
+        ActMode am;
+        if (mode == "fast") am = ActMode::Fast;
+        else if (mode == "precise") am = ActMode::Precise;
+        else throw py::value_error("mode must be 'fast' or 'precise', got '" + mode + "'");
+        if (threads < 0) throw py::value_error("threads must be >= 0 (0: the whole pool), got " + std::to_string(threads));
+        auto p = std::make_unique<PyMoE>();
+        p->layer = l.layer;
+        p->op = std::make_unique<MoeOperator>(l.layer, am, threads, isa);
+        return p;
+      }), py::arg("layer"), py::arg("mode") = "fast", py::arg("threads") = 0, py::arg("isa") = "")
+      .def("submit", &PyMoE::submit, py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("skip_mask"),
+           py::arg("y"), py::arg("accumulate") = false)
+      .def("sync", &PyMoE::sync)
+      .def_property_readonly("pending", [](const PyMoE& p) { return p.op->pending(); })
+      .def_property_readonly("isa", [](const PyMoE& p) { return p.op->isa(); })
+      .def_property_readonly("mode", [](const PyMoE& p) { return mode_name(p.op->mode()); });
+}
+
+// Bound functions and classes (module hybrid._native):
+//   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
+//   default_threads, num_threads, set_num_threads, topology, pool_info, read_bandwidth
+//   pack_int4_from_ct, quantize_pack, unpack
+//   kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
+//   reference_matmul_a16
+//   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
+//          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
+//   MoE(layer, mode, threads, isa): submit, sync, pending, isa, mode

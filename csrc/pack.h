@@ -1,0 +1,46 @@
+// pack.h: one-time conversion of weights into the packed layouts of kernels.h, and back.
+//
+// Every function works on the row blocks [b0, b1) of one [N, K] matrix so callers can spread a
+// matrix over the thread pool (and so over NUMA nodes: the thread that writes a block first
+// decides where its pages live). Destination block i goes to block slot i * block_mult +
+// block_off of the destination arrays: that is how gate and up interleave into one gate_up
+// matrix (gate block j -> slot 2j, up block j -> slot 2j + 1).
+#pragma once
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace hybrid {
+
+enum class SrcDtype : int { F32 = 0, BF16 = 1 };
+
+struct PackDest {
+  uint8_t* qweight;        // start of the destination matrix's packed qweight
+  uint16_t* scales;        // its scales (nullptr for BF16)
+  int64_t block_mult = 1;  // destination slot of source block i: i * block_mult + block_off
+  int64_t block_off = 0;
+};
+
+// Bytes of one packed 16-row block (qweight / scales) of a matrix with K inputs.
+size_t block_qweight_bytes(WeightFormat f, int64_t k);
+size_t block_scale_count(WeightFormat f, int64_t k);  // uint16 elements
+
+// compressed-tensors pack-quantized INT4 (weight_packed int32 [N, K/8], nibble j of word w is
+// input 8w + j stored as q + 8; weight_scale [N, K/32] bf16 bits or fp32) -> INT4_G32, bit-exact.
+// fp32 scales must be exactly representable in bf16 (throws std::invalid_argument otherwise).
+void pack_int4_from_ct(const int32_t* packed, const void* scale, SrcDtype scale_dtype, int64_t n,
+                       int64_t k, int64_t b0, int64_t b1, const PackDest& dst);
+
+// Float weights W [N, K] (fp32 or bf16 bits, row-major) -> `format`.
+//   INT4_G32: compressed-tensors' symmetric int4 group-32 rule, computed in the source dtype:
+//     scale = amax / 7.5 (0 -> dtype eps), q = round_half_even(clamp(x / scale, -8, 7));
+//     the stored scale is bf16(scale) (exact for bf16 sources).
+//   INT8_G32: s = bf16(amax / 127), q = round_half_even(clamp(x / s, -127, 127)) (s = 0: q = 0).
+//   BF16:     round to nearest even.
+void quantize_pack(WeightFormat format, const void* w, SrcDtype dtype, int64_t n, int64_t k,
+                   int64_t b0, int64_t b1, const PackDest& dst);
+
+// Packed -> fp32 rows [16*b0, 16*b1) of W, written to out [(b1 - b0) * 16, K] row-major.
+void unpack(const PackedMatrix& w, int64_t b0, int64_t b1, float* out);
+
+}  // namespace hybrid

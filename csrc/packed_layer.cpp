@@ -1,0 +1,221 @@
+// packed_layer.cpp: see packed_layer.h.
+#include "packed_layer.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+#include "pack.h"
+#include "thread_pool.h"
+
+namespace hybrid {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kHuge = 2ull << 20;
+
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+std::string sys_error(const std::string& what, const std::string& path) {
+  return what + " '" + path + "': " + std::strerror(errno);
+}
+
+// Reserve `bytes` of address space whose start is 2 MiB aligned; returns the aligned start.
+uint8_t* reserve_aligned(size_t bytes, void** reservation, size_t* reservation_bytes) {
+  size_t total = bytes + kHuge;
+  void* p = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED)
+    throw std::runtime_error("cannot reserve " + std::to_string(bytes) + " bytes of address space: " +
+                             std::strerror(errno));
+  *reservation = p;
+  *reservation_bytes = total;
+  return reinterpret_cast<uint8_t*>(round_up(reinterpret_cast<uintptr_t>(p), kHuge));
+}
+
+}  // namespace
+
+LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
+  if (int(format) < 0 || int(format) > 2)
+    throw std::invalid_argument("format: unknown weight format " + std::to_string(int(format)));
+  if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
+  if (h < kGroup || h % kGroup != 0)
+    throw std::invalid_argument("hidden must be a positive multiple of 32, got " + std::to_string(h));
+  if (i < kGroup || i % kGroup != 0)
+    throw std::invalid_argument("intermediate must be a positive multiple of 32, got " +
+                                std::to_string(i));
+  LayerHeader hd{};
+  std::memcpy(hd.magic, kLayerMagic, 8);
+  hd.version = kLayerVersion;
+  hd.format = uint32_t(format);
+  hd.num_experts = uint64_t(e);
+  hd.hidden = uint64_t(h);
+  hd.intermediate = uint64_t(i);
+  hd.data_offset = kLayerDataOffset;
+  uint64_t off = 0;
+  hd.gate_up_qweight = off;
+  off = round_up(off + packed_qweight_bytes(format, 2 * i, h), kPage);
+  hd.gate_up_scales = off;
+  off = round_up(off + packed_scale_bytes(format, 2 * i, h), kPage);
+  hd.down_qweight = off;
+  off = round_up(off + packed_qweight_bytes(format, h, i), kPage);
+  hd.down_scales = off;
+  off = round_up(off + packed_scale_bytes(format, h, i), kPage);
+  hd.expert_stride = off;
+  hd.total_bytes = hd.data_offset + uint64_t(e) * off;
+  return hd;
+}
+
+std::shared_ptr<PackedLayer> PackedLayer::create(WeightFormat format, int64_t e, int64_t h,
+                                                 int64_t i) {
+  LayerHeader hd = layer_layout(format, e, h, i);
+  std::shared_ptr<PackedLayer> L(new PackedLayer());
+  uint8_t* base = reserve_aligned(hd.total_bytes, &L->reservation_, &L->reservation_bytes_);
+  void* p = mmap(base, hd.total_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                 -1, 0);
+  if (p == MAP_FAILED)
+    throw std::runtime_error("cannot allocate " + std::to_string(hd.total_bytes) +
+                             " bytes for a packed layer: " + std::strerror(errno));
+  madvise(base, hd.total_bytes, MADV_HUGEPAGE);  // best effort (THP "madvise" mode honours it)
+  L->data_ = base;
+  L->header_ = hd;
+  L->writable_ = true;
+  std::memcpy(base, &hd, sizeof(hd));
+  return L;
+}
+
+std::shared_ptr<PackedLayer> PackedLayer::open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error(sys_error("cannot open packed layer file", path));
+  struct FdCloser { int fd; ~FdCloser() { ::close(fd); } } closer{fd};
+  struct stat st {};
+  if (fstat(fd, &st) != 0) throw std::runtime_error(sys_error("cannot stat", path));
+  LayerHeader hd{};
+  if (uint64_t(st.st_size) < sizeof(hd) || pread(fd, &hd, sizeof(hd), 0) != ssize_t(sizeof(hd)))
+    throw std::invalid_argument("'" + path + "' is not a packed layer file: shorter than its header");
+  if (std::memcmp(hd.magic, kLayerMagic, 8) != 0)
+    throw std::invalid_argument("'" + path + "' is not a packed layer file (bad magic)");
+  if (hd.version != kLayerVersion)
+    throw std::invalid_argument("'" + path + "': packed layer version " + std::to_string(hd.version) +
+                                ", this build reads version " + std::to_string(kLayerVersion));
+  LayerHeader want;
+  try {
+    want = layer_layout(WeightFormat(hd.format), int64_t(hd.num_experts), int64_t(hd.hidden),
+                        int64_t(hd.intermediate));
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("'" + path + "': header field " + e.what());
+  }
+  const char* fields[] = {"data_offset", "expert_stride", "gate_up_qweight", "gate_up_scales",
+                          "down_qweight", "down_scales", "total_bytes"};
+  const uint64_t have_v[] = {hd.data_offset, hd.expert_stride, hd.gate_up_qweight, hd.gate_up_scales,
+                             hd.down_qweight, hd.down_scales, hd.total_bytes};
+  const uint64_t want_v[] = {want.data_offset, want.expert_stride, want.gate_up_qweight,
+                             want.gate_up_scales, want.down_qweight, want.down_scales, want.total_bytes};
+  for (int f = 0; f < 7; ++f)
+    if (have_v[f] != want_v[f])
+      throw std::invalid_argument("'" + path + "': header field " + fields[f] + " = " +
+                                  std::to_string(have_v[f]) + ", expected " + std::to_string(want_v[f]) +
+                                  " for this format and shape");
+  if (uint64_t(st.st_size) < hd.total_bytes)
+    throw std::invalid_argument("'" + path + "' is truncated: " + std::to_string(st.st_size) +
+                                " bytes, header says " + std::to_string(hd.total_bytes));
+
+  std::shared_ptr<PackedLayer> L(new PackedLayer());
+  uint8_t* base = reserve_aligned(hd.total_bytes, &L->reservation_, &L->reservation_bytes_);
+  void* p = mmap(base, hd.total_bytes, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
+  if (p == MAP_FAILED) throw std::runtime_error(sys_error("cannot mmap", path));
+  madvise(base, hd.total_bytes, MADV_HUGEPAGE);  // file THP needs kernel support; ignored otherwise
+  L->data_ = base;
+  L->header_ = hd;
+  L->writable_ = false;
+  L->path_ = path;
+  return L;
+}
+
+PackedLayer::~PackedLayer() {
+  if (reservation_ != nullptr) munmap(reservation_, reservation_bytes_);
+}
+
+void PackedLayer::save(const std::string& path) const {
+  std::string tmp = path + ".tmp-" + std::to_string(getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error(sys_error("cannot create", tmp));
+  auto fail = [&](const std::string& what) {
+    std::string msg = sys_error(what, tmp);
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(msg);
+  };
+  auto write_all = [&](const uint8_t* p, uint64_t n, uint64_t off) {
+    while (n > 0) {
+      ssize_t w = pwrite(fd, p, size_t(std::min<uint64_t>(n, 1ull << 30)), off_t(off));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail("cannot write");
+      }
+      p += w;
+      n -= uint64_t(w);
+      off += uint64_t(w);
+    }
+  };
+  write_all(data_, kLayerHeaderBytes, 0);
+  write_all(data_ + header_.data_offset, header_.total_bytes - header_.data_offset, header_.data_offset);
+  if (ftruncate(fd, off_t(header_.total_bytes)) != 0) fail("cannot size");
+  if (fsync(fd) != 0) fail("cannot fsync");
+  if (::close(fd) != 0) {
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(sys_error("cannot close", tmp));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::string msg = sys_error("cannot rename to '" + path + "' from", tmp);
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(msg);
+  }
+}
+
+PackedMatrix PackedLayer::gate_up(int64_t e) const {
+  const uint8_t* base = expert_base(e);
+  const auto f = format();
+  return {f, 2 * intermediate(), hidden(), base + header_.gate_up_qweight,
+          f == WeightFormat::BF16 ? nullptr
+                                  : reinterpret_cast<const uint16_t*>(base + header_.gate_up_scales)};
+}
+
+PackedMatrix PackedLayer::down(int64_t e) const {
+  const uint8_t* base = expert_base(e);
+  const auto f = format();
+  return {f, hidden(), intermediate(), base + header_.down_qweight,
+          f == WeightFormat::BF16 ? nullptr
+                                  : reinterpret_cast<const uint16_t*>(base + header_.down_scales)};
+}
+
+void PackedLayer::place(ThreadPool& pool) const {
+  const int64_t E = num_experts(), gu_units = gate_up_units(intermediate()), dn_units = down_units(hidden());
+  const WeightFormat f = format();
+  auto touch = [](const uint8_t* p, size_t n) {
+    uint8_t acc = 0;
+    for (size_t o = 0; o < n; o += kPage) acc ^= *reinterpret_cast<const volatile uint8_t*>(p + o);
+    if (n > 0) acc ^= *reinterpret_cast<const volatile uint8_t*>(p + n - 1);
+    return acc;
+  };
+  pool.run({[&, this](int tid, int team) {
+    auto [g0, g1] = pool.split(gu_units, tid, team);
+    auto [d0, d1] = pool.split(dn_units, tid, team);
+    for (int64_t e = 0; e < E; ++e) {
+      PackedMatrix gu = gate_up(e), dn = down(e);
+      size_t gq = block_qweight_bytes(f, hidden()), gs = block_scale_count(f, hidden());
+      size_t dq = block_qweight_bytes(f, intermediate()), ds = block_scale_count(f, intermediate());
+      touch(gu.qweight + 4 * g0 * gq, size_t(4 * (g1 - g0)) * gq);
+      touch(dn.qweight + d0 * dq, size_t(d1 - d0) * dq);
+      if (gu.scales) touch(reinterpret_cast<const uint8_t*>(gu.scales + 4 * g0 * gs), size_t(4 * (g1 - g0)) * gs * 2);
+      if (dn.scales) touch(reinterpret_cast<const uint8_t*>(dn.scales + d0 * ds), size_t(d1 - d0) * ds * 2);
+    }
+  }});
+}
+
+}  // namespace hybrid

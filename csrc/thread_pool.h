@@ -1,0 +1,103 @@
+// thread_pool.h: one persistent pool of pinned worker threads, NUMA-aware, asynchronous.
+//
+// A Job is a list of phases; each phase runs fn(tid, team) on every thread of the job's team
+// (the first `team` workers), with a barrier between phases. submit() returns at once;
+// wait() blocks until the job is done and rethrows, as std::runtime_error, the first exception a
+// worker threw (the remaining phases of that job are skipped, never left hanging in a barrier).
+// Jobs run in submission order, one at a time, so several operators (or Python threads) can
+// submit to the same pool.
+//
+// Waiting, both in workers and in wait(), spins for a few tens of microseconds (decode steps
+// are short) and then sleeps on a futex, so an idle pool uses no CPU.
+//
+// Topology: the pool runs on the CPUs of the process affinity mask, one worker per physical
+// core by default (hyperthread siblings only when asked for more threads than cores). Workers
+// are ordered round-robin over NUMA nodes (tid 0 on node 0, tid 1 on node 1, ...), and split()
+// hands each node a contiguous range of work proportional to its team threads, so weights first
+// touched through split() live in the memory of the node whose threads later read them.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace hybrid {
+
+struct CpuTopology {
+  std::vector<int> cpus;        // allowed logical CPUs, one per physical core first, then siblings
+  std::vector<int> node_of;     // node_of[i]: NUMA node of cpus[i]
+  int physical_cores = 0;       // distinct physical cores among the allowed CPUs
+  int num_nodes = 1;            // NUMA nodes that hold at least one allowed CPU
+  std::vector<int> node_ids;    // their ids as the kernel numbers them
+};
+
+// Reads sched_getaffinity + /sys/devices/system/{cpu,node}; falls back to one node.
+CpuTopology detect_topology();
+
+class ThreadPool {
+ public:
+  using Phase = std::function<void(int tid, int team)>;
+
+  struct Job {
+    std::vector<Phase> phases;
+    int team = 0;
+    std::atomic<int> remaining{0};       // workers (all of them) not yet done with this job
+    std::atomic<uint32_t> done{0};       // futex word: 1 when finished
+    std::atomic<bool> failed{false};
+    std::mutex err_mu;
+    std::string error;                   // first worker exception's message
+    std::atomic<int> arrived{0};         // barrier
+    std::atomic<uint32_t> barrier_gen{0};
+  };
+  using Handle = std::shared_ptr<Job>;
+
+  explicit ThreadPool(int threads);  // threads <= 0: one per physical core
+  ~ThreadPool();                     // finishes queued jobs, then joins
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()); }
+  int node_of(int tid) const { return worker_node_[size_t(tid)]; }
+  int cpu_of(int tid) const { return worker_cpu_[size_t(tid)]; }
+  const CpuTopology& topology() const { return topo_; }
+
+  // team <= 0 or > size(): the whole pool.
+  Handle submit(std::vector<Phase> phases, int team = 0);
+  static void wait(const Handle& job);   // throws std::runtime_error on a worker exception
+  static bool finished(const Handle& job) { return job->done.load() != 0; }
+  void run(std::vector<Phase> phases, int team = 0) { wait(submit(std::move(phases), team)); }
+
+  // [begin, end) of `units` work units for thread tid of a team of `team` threads: nodes get
+  // contiguous ranges proportional to their thread counts in the team, threads of one node split
+  // their node's range evenly. Deterministic, so placement and compute agree.
+  std::pair<int64_t, int64_t> split(int64_t units, int tid, int team) const;
+
+ private:
+  void worker_main(int tid);
+  void run_job(Job& job, int tid);
+  static void barrier(Job& job);
+
+  CpuTopology topo_;
+  std::vector<std::thread> workers_;
+  std::vector<int> worker_cpu_, worker_node_;
+  std::mutex mu_;                        // guards queue_, base_seq_
+  std::vector<Handle> queue_;            // queue_[i] is job number base_seq_ + i
+  uint64_t base_seq_ = 1;
+  std::atomic<uint64_t> published_{0};   // highest submitted job number
+  std::atomic<uint32_t> epoch_{0};       // futex word, bumped on submit and stop
+  std::atomic<bool> stop_{false};
+};
+
+// The process-wide pool, created on first use with `default_threads()` workers. It is never
+// destroyed at process exit (exit must not wait on workers); set_global_threads() replaces it.
+std::shared_ptr<ThreadPool> global_pool();
+// Replace the global pool by one with `threads` workers (<= 0: default). Waits for queued jobs.
+void set_global_threads(int threads);
+// HYBRID_NUM_THREADS when set, else the physical cores available to the process.
+int default_threads();
+
+}  // namespace hybrid

@@ -1,0 +1,253 @@
+"""The CPU MoE engine's Python face: packed expert layers and the fused operator.
+
+Legend: E experts, H hidden, I expert intermediate, B tokens, K picks per token.
+
+    layer = PackedLayer.from_compressed_int4(gate_packed, gate_scale, up_packed, up_scale,
+                                             down_packed, down_scale)   # per-expert sequences
+    layer = PackedLayer.from_float(gate, up, down, format="int4")       # [E, I, H], [E, H, I]
+    layer.save(path); layer = PackedLayer.load(path)                    # file = packed layout, mmap
+    moe = CpuMoE(layer, mode="fast")
+    y = moe.forward(x, ids, weights, skip_mask=None)                    # [B, H] fp32
+    moe.submit(x, ids, weights); ...; y = moe.sync()                    # asynchronous
+
+Everything runs in csrc/ (hybrid._native); this module converts arguments (torch or numpy, no
+copies) and keeps the arrays of a pending job alive until sync().
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hybrid import native
+
+FORMATS = ("int4", "int8", "bf16")
+MODES = ("fast", "precise")
+
+Progress = Callable[[int, int], None]  # progress(experts_done, experts_total)
+
+
+def _seq(arg, name: str) -> Sequence:
+    """A per-expert sequence: a list/tuple, or a stacked array/tensor (indexed on dim 0)."""
+    if isinstance(arg, (list, tuple)):
+        return arg
+    shape = getattr(arg, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise TypeError(f"{name} must be a sequence over experts or a stacked [E, rows, cols] "
+                        f"array/tensor, got {type(arg).__name__} with shape {shape}")
+    return arg
+
+
+class PackedLayer:
+    """One MoE layer's routed experts in the packed layout (csrc/packed_layer.h). The buffer is
+    anonymous memory (from_*) or a read-only mmap of a packed layer file (load)."""
+
+    def __init__(self, handle):
+        self._h = handle  # hybrid._native.Layer
+
+    # ---- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_compressed_int4(cls, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale,
+                             progress: Progress | None = None) -> "PackedLayer":
+        """compressed-tensors pack-quantized INT4 group-32 experts (Kimi K2.5): per expert,
+        weight_packed int32 [out, in/8] and weight_scale bf16 (or bf16-exact fp32) [out, in/32].
+        The nibbles and scales are copied bit-exactly, never dequantised."""
+        args = {"gate_packed": gate_packed, "gate_scale": gate_scale, "up_packed": up_packed,
+                "up_scale": up_scale, "down_packed": down_packed, "down_scale": down_scale}
+        seqs = {k: _seq(v, k) for k, v in args.items()}
+        E = len(seqs["gate_packed"])
+        for k, v in seqs.items():
+            if len(v) != E:
+                raise ValueError(f"{k} has {len(v)} experts, gate_packed has {E}")
+        if E == 0:
+            raise ValueError("gate_packed: no experts")
+        g0 = native.as_numpy(seqs["gate_packed"][0], "gate_packed[0]")
+        if g0.ndim != 2:
+            raise ValueError(f"gate_packed[0] must be [I, H/8], got shape {list(g0.shape)}")
+        I, H = int(g0.shape[0]), int(g0.shape[1]) * 8
+        h = native.lib().Layer.create("int4", E, H, I)
+        for e in range(E):
+            conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in args]
+            try:
+                h.pack_expert_ct(e, *conv)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"expert {e}: {err}") from err
+            if progress is not None:
+                progress(e + 1, E)
+        return cls(h)
+
+    @classmethod
+    def from_float(cls, gate, up, down, format: str = "int4",
+                   progress: Progress | None = None) -> "PackedLayer":
+        """Float experts (fp32 or bf16; torch or numpy), stacked gate/up [E, I, H] and down
+        [E, H, I] or per-expert sequences of [I, H] / [H, I], quantised to `format`:
+        int4 (compressed-tensors' symmetric group-32 rule), int8 (group 32) or bf16."""
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        gate, up, down = _seq(gate, "gate"), _seq(up, "up"), _seq(down, "down")
+        E = len(gate)
+        if E == 0 or len(up) != E or len(down) != E:
+            raise ValueError(f"gate, up, down must hold the same number (>= 1) of experts, got "
+                             f"{len(gate)}, {len(up)}, {len(down)}")
+        g0 = native.as_numpy(gate[0], "gate[0]")
+        if g0.ndim != 2:
+            raise ValueError(f"gate[0] must be [I, H], got shape {list(g0.shape)}")
+        I, H = int(g0.shape[0]), int(g0.shape[1])
+        h = native.lib().Layer.create(format, E, H, I)
+        for e in range(E):
+            try:
+                h.pack_expert_float(e, native.as_numpy(gate[e], f"gate[{e}]"),
+                                    native.as_numpy(up[e], f"up[{e}]"),
+                                    native.as_numpy(down[e], f"down[{e}]"))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"expert {e}: {err}") from err
+            if progress is not None:
+                progress(e + 1, E)
+        return cls(h)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PackedLayer":
+        """mmap a packed layer file (read-only); the header is validated against the file."""
+        return cls(native.lib().Layer.open(os.fspath(path)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the packed layer file atomically (temp file in the same folder, fsync, rename)."""
+        self._h.save(os.fspath(path))
+
+    def place(self) -> None:
+        """Touch every page from the thread (and NUMA node) that computes on it. Optional: pages
+        are otherwise faulted in, wherever, on first use."""
+        self._h.place()
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self._h.num_experts
+
+    @property
+    def hidden(self) -> int:
+        return self._h.hidden
+
+    @property
+    def intermediate(self) -> int:
+        return self._h.intermediate
+
+    @property
+    def format(self) -> str:
+        return self._h.format
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole layout (file size when saved)."""
+        return self._h.nbytes
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert (gate_up + down, weights + scales, page-padded)."""
+        return self._h.expert_nbytes
+
+    @property
+    def path(self) -> str | None:
+        return self._h.path or None
+
+    def unpack_expert(self, e: int):
+        """Expert e dequantised: (gate [I, H], up [I, H], down [H, I]) float32 torch tensors."""
+        import torch  # noqa: PLC0415
+
+        if not isinstance(e, int) or isinstance(e, bool):
+            e = int(e)
+        g, u, d = self._h.unpack_expert(e)
+        return torch.from_numpy(g), torch.from_numpy(u), torch.from_numpy(d)
+
+    def __repr__(self) -> str:
+        src = f", path={self.path!r}" if self.path else ""
+        return (f"PackedLayer(format={self.format!r}, E={self.num_experts}, H={self.hidden}, "
+                f"I={self.intermediate}, nbytes={self.nbytes}{src})")
+
+
+class CpuMoE:
+    """Fused routed-expert MoE of one layer on the CPU (csrc/moe.h).
+
+    y[b] = sum_k weights[b, k] * down_e(SiLU(gate_e x[b]) * up_e x[b]),  e = ids[b, k],
+    skipping experts with skip_mask[e] set (they run elsewhere, e.g. cached on the GPU).
+
+    threads: pool threads this operator uses (None: all; more than the pool has grows the pool).
+    mode: "fast" (int8 activations for int4/int8 weights, bf16 activations for bf16 weights
+          where the CPU has avx512_bf16) or "precise" (fp32 activations and accumulation).
+    isa:  None for the process's path (HYBRID_ISA or the best); a name forces one (tests).
+
+    One job in flight per operator: submit() while this operator's previous job has not been
+    sync()ed raises RuntimeError (nothing is started). sync() returns the y of the job submitted
+    last, or None when nothing is pending. Several operators (layers, Python threads) may have
+    jobs in flight at once: the shared thread pool runs them in submission order. Calls from
+    several Python threads on one operator are safe (errors, never crashes); give each thread
+    its own operator to get its own results.
+    """
+
+    def __init__(self, layer: PackedLayer, threads: int | None = None, mode: str = "fast",
+                 isa: str | None = None):
+        if not isinstance(layer, PackedLayer):
+            raise TypeError(f"layer must be a PackedLayer, got {type(layer).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'fast' or 'precise', got {mode!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        n = native.lib()
+        if threads is not None and threads > n.num_threads():
+            n.set_num_threads(threads)
+        self.layer = layer
+        self._op = n.MoE(layer._h, mode, threads or 0, isa or "")
+        self._lock = threading.Lock()
+        self._pending: tuple[Any, bool] | None = None  # (y, return torch)
+
+    @property
+    def mode(self) -> str:
+        return self._op.mode
+
+    @property
+    def isa(self) -> str:
+        return self._op.isa
+
+    @property
+    def pending(self) -> bool:
+        return self._op.pending
+
+    def forward(self, x, ids, weights, skip_mask=None):
+        """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out)."""
+        self.submit(x, ids, weights, skip_mask)
+        return self.sync()
+
+    __call__ = forward
+
+    def submit(self, x, ids, weights, skip_mask=None) -> None:
+        """Start the job and return at once. x [B, H] fp32/bf16, ids [B, K] int32/int64,
+        weights [B, K] fp32, skip_mask [E] bool/uint8 or None; CPU and contiguous."""
+        import numpy as np  # noqa: PLC0415
+
+        as_torch = not isinstance(x, np.ndarray)
+        xn = native.as_numpy(x, "x")
+        idn = native.as_numpy(ids, "ids")
+        wn = native.as_numpy(weights, "weights")
+        sn = None if skip_mask is None else native.as_numpy(skip_mask, "skip_mask")
+        if xn.ndim != 2:
+            raise ValueError(f"x must be [B, H], got shape {list(xn.shape)}")
+        if as_torch:
+            import torch  # noqa: PLC0415
+
+            y = torch.empty((xn.shape[0], self.layer.hidden), dtype=torch.float32)
+            yn = y.numpy()
+        else:
+            y = yn = np.empty((xn.shape[0], self.layer.hidden), dtype=np.float32)
+        self._op.submit(xn, idn, wn, sn, yn)  # RuntimeError if a job is pending
+        with self._lock:
+            self._pending = (y, as_torch)
+
+    def sync(self):
+        """Wait for the job; its y, or None when nothing was pending. A worker error comes back
+        here as RuntimeError."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        self._op.sync()
+        return None if pending is None else pending[0]

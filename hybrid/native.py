@@ -1,0 +1,103 @@
+"""The one importer of the C++ extension hybrid._native (built from csrc/ by `pip install -e .`).
+
+Everything here is lazy: importing this module does nothing; the extension is imported, the CPU
+inspected and the thread pool started on first use.
+
+Threads. The extension runs one persistent pool of pinned worker threads, by default one per
+physical core the process may use (HYBRID_NUM_THREADS or set_num_threads() change it). Torch has
+its own intra-op pool; if both run at once on the same cores they oversubscribe them and both
+slow down. Callers should therefore:
+  * with a GPU: keep torch's CPU threads small (torch.set_num_threads(1 or 2)) since the GPU does
+    torch's work and the CPU MoE runs concurrently with it (submit / sync);
+  * without a GPU (torch on the CPU): CPU MoE and torch ops alternate (forward(), or sync() before
+    the next torch op), so each may use all cores; avoid running torch compute between submit()
+    and sync(), or give torch and the pool disjoint thread budgets.
+`recommended_torch_threads(gpu)` returns the number to pass to torch.set_num_threads.
+
+Data. Arrays cross the boundary without copies: torch CPU tensors become numpy views
+(`as_numpy`); bf16 travels as uint16 bit patterns since numpy has no bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+_BUILD_HINT = "the C++ extension hybrid._native is not built: run `pip install -e .` in the repository"
+
+
+@functools.lru_cache(maxsize=None)
+def lib():
+    """The extension module; ImportError with the build command when it is missing."""
+    try:
+        from hybrid import _native  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(f"{_BUILD_HINT} ({e})") from e
+    return _native
+
+
+def available() -> bool:
+    """True when the extension is built and importable."""
+    try:
+        lib()
+        return True
+    except ImportError:
+        return False
+
+
+def isa() -> dict[str, Any]:
+    """Which kernel path runs and what the CPU has:
+    {"active": "amx", "available": ["scalar", ...], "forced": "HYBRID_ISA value or None",
+     "cpu": {"brand", "flags", "os_avx", "os_avx512", "os_amx", "amx_permitted", "amx_refusal"}}.
+    Raises ValueError when HYBRID_ISA names a path this CPU/OS/build cannot run."""
+    n = lib()
+    return {
+        "active": n.active_isa(),
+        "available": list(n.available_isas()),
+        "forced": os.environ.get("HYBRID_ISA") or None,
+        "cpu": dict(n.cpu_info()),
+    }
+
+
+def available_isas() -> list[str]:
+    return list(lib().available_isas())
+
+
+def num_threads() -> int:
+    return int(lib().num_threads())
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Replace the pool (None or 0: default). Queued jobs finish first."""
+    lib().set_num_threads(int(threads or 0))
+
+
+def recommended_torch_threads(gpu: bool) -> int:
+    """torch.set_num_threads value that does not fight the MoE pool (see module doc)."""
+    cores = int(lib().default_threads())
+    return min(2, cores) if gpu else cores
+
+
+def as_numpy(t, name: str, *, writable: bool = False):
+    """numpy view of a CPU torch tensor or a numpy array, no copy; bf16 -> uint16 bit patterns.
+    TypeError naming `name` for anything else (GPU tensors included)."""
+    import numpy as np  # noqa: PLC0415
+
+    if isinstance(t, np.ndarray):
+        return t
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(t, torch.Tensor):
+        if t.device.type != "cpu":
+            raise TypeError(f"{name} must be a CPU tensor, got one on {t.device}")
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"{name}: torch dtype {t.dtype} is not supported here ({e})") from e
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(t).__name__}")

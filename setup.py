@@ -1,0 +1,77 @@
+"""Build hook: setuptools' build_ext runs CMake, which builds csrc/ into hybrid._native.
+
+Everything about compiling lives in CMakeLists.txt; this file only hands CMake the Python
+interpreter, pybind11's CMake directory and the output folder setuptools expects. Release build
+by default; set HYBRID_BUILD_TYPE=Debug (or RelWithDebInfo) to change it, HYBRID_BUILD_JOBS to
+change the parallelism (default: all CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])  # CMake owns the sources
+        self.source_dir = str(source_dir)
+
+
+def _cmake_executable() -> str:
+    # Build isolation installs the `cmake` PyPI package (pyproject's build requirements); without
+    # isolation we fall back to a cmake on PATH.
+    try:
+        import cmake  # type: ignore
+
+        exe = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if exe.exists():
+            return str(exe)
+    except ImportError:
+        pass
+    exe = shutil.which("cmake")
+    if exe is None:
+        raise RuntimeError("building hybrid._native needs CMake >= 3.20: pip install cmake")
+    return exe
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_type = os.environ.get("HYBRID_BUILD_TYPE", "Release")
+        build_dir = Path(self.build_temp).resolve() / f"cmake-{build_type.lower()}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = _cmake_executable()
+        configure = [
+            cmake,
+            "-S", ext.source_dir,
+            "-B", str(build_dir),
+            f"-DCMAKE_BUILD_TYPE={build_type}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DHYBRID_OUTPUT_DIR={out_dir}",
+            f"-DHYBRID_EXT_SUFFIX={Path(self.get_ext_filename(ext.name)).name[len('_native'):]}",
+        ]
+        if shutil.which("ninja"):
+            configure += ["-G", "Ninja"]
+        jobs = os.environ.get("HYBRID_BUILD_JOBS", str(os.cpu_count() or 2))
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("hybrid._native", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+)
