@@ -178,16 +178,23 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         top_p = torch.tensor([p.top_p for p in sub], device=dev)
         min_p = torch.tensor([p.min_p for p in sub], device=dev)
         scaled = logits[idx] / temp[:, None]  # [S, V]
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [S, V]
-        removed = truncation_mask(sorted_logits, top_k, top_p, min_p)
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):
+            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [S, V]
+            removed = truncation_mask(sorted_logits, top_k, top_p, min_p)
+        else:  # plain temperature sampling: the CDF works in vocabulary order, no sort needed
+            sorted_logits = scaled
+            order = torch.arange(V, device=dev).expand_as(scaled)
+            removed = torch.zeros_like(scaled, dtype=torch.bool)
         probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
         cdf = torch.cumsum(probs, dim=-1)  # [S, V]
         # One uniform per row from that row's own generator, on the CPU.
         u = torch.stack([torch.rand((), generator=rows[b].generator) for b in sampled_rows])
         target = u.to(dev)[:, None] * cdf[:, -1:]  # [S, 1]
         pos = torch.searchsorted(cdf, target, right=True)[:, 0]  # [S]
-        kept = (~removed).sum(dim=-1)  # never pick a removed token, even on rounding at the top
-        pos = torch.minimum(pos, kept - 1)
+        # If rounding puts the target at the very top of the CDF, take the last token that
+        # adds probability (never a removed or zero-probability one).
+        last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)[:, 0]  # [S]
+        pos = torch.minimum(pos, last)
         chosen[idx] = order.gather(1, pos[:, None])[:, 0]
 
     chosen_list = chosen.tolist()
