@@ -34,6 +34,9 @@ KIMI_PAT_STR = "|".join([
     r"""\s+""",
 ])
 KIMI_NUM_RESERVED = 256
+# tiktoken's BPE is quadratic in the length of one pre-tokenised piece, and a run of spaces or
+# of non-spaces is one piece: longer runs are cut (Kimi's own tokenizer cuts them too).
+MAX_RUN_CHARS = 25_000
 
 # Tokens that end an assistant turn in common chat formats; each one present in the vocabulary
 # is a stop token in addition to eos and generation_config.json's eos_token_id.
@@ -97,6 +100,23 @@ def write_tiktoken_ranks(ranks: dict[bytes, int], path) -> None:
     with open(path, "wb") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+
+def _cut_long_runs(text: str):
+    """Split text so no run of whitespace or of non-whitespace is longer than MAX_RUN_CHARS."""
+    if len(text) <= MAX_RUN_CHARS:
+        yield text
+        return
+    start = run_start = 0
+    run_space = None
+    for i, ch in enumerate(text):
+        space = ch.isspace()
+        if space != run_space:
+            run_start, run_space = i, space
+        elif i - run_start >= MAX_RUN_CHARS:
+            yield text[start:i]
+            start = run_start = i
+    yield text[start:]
 
 
 class IncrementalDecoder:
@@ -197,8 +217,10 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         if self.backend == "tiktoken":
-            ids = (self._impl.encode(text, allowed_special="all") if allow_special
-                   else self._impl.encode_ordinary(text))
+            ids = []
+            for piece in _cut_long_runs(text):
+                ids += (self._impl.encode(piece, allowed_special="all") if allow_special
+                        else self._impl.encode_ordinary(piece))
         else:
             ids = self._impl.encode(text, add_special_tokens=False).ids
             if not allow_special and any(i in self.special_ids for i in ids):

@@ -59,6 +59,15 @@ def test_kimi_pretokenizer_regex_is_used(tmp_path):
     assert tok.encode("汉字ab")[-1] == 256
 
 
+def test_very_long_runs_are_cut_and_still_round_trip(tmp_path):
+    kimi_dir(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "ab" * 30_000 + " " * 26_000 + "x"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids[:3] == [256, 256, 256]
+
+
 def test_tiktoken_file_errors(tmp_path):
     (tmp_path / "tiktoken.model").write_bytes(b"YQ== 0\nnot-base64!! 1\n")
     with pytest.raises(TokenizerError, match=r"tiktoken.model:2"):
