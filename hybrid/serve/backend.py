@@ -119,7 +119,9 @@ class Backend:
                               f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
                               "Please reduce the prompt or the completion length.", "max_tokens")
         stats = self.engine.stats()
-        if stats["waiting"] >= self.max_queued and stats["running"] >= stats["max_seqs"]:
+        # Requests waiting that no free slot will take at the next step are the real queue.
+        queued = stats["waiting"] - (stats["max_seqs"] - stats["running"])
+        if queued >= self.max_queued:
             raise ApiError(429, f"The server is busy: {stats['running']} requests running and "
                                 f"{stats['waiting']} waiting (limit {self.max_queued}). Retry later.")
         try:
