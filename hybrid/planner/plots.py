@@ -26,7 +26,8 @@ def frequency_heatmap(trace, path: str) -> str:
     from matplotlib.colors import LogNorm
 
     freq = trace.frequencies()                                   # [L, E]
-    floor = max(1e-6, 0.5 / max(1, trace.tokens))
+    positive = freq[freq > 0]
+    floor = max(1e-6, 0.5 / max(1, trace.tokens), float(positive.min()) / 2 if positive.size else 0)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     for ax, data, title in ((axes[0], freq, "by expert id"),
                             (axes[1], -np.sort(-freq, axis=1), "each layer sorted")):
@@ -53,7 +54,9 @@ def toks_vs_vram(sweep: dict, budgets_gib: list, path: str, title: str,
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for name, ys in sweep.items():
         xs = [b for b, y in zip(budgets_gib, ys) if y is not None]
-        ax.plot(xs, [y for y in ys if y is not None], marker="o", ms=3, label=name)
+        dashed = name == "plan"   # so a baseline it coincides with stays visible
+        ax.plot(xs, [y for y in ys if y is not None], marker="o", ms=3, label=name,
+                ls="--" if dashed else "-", lw=2.2 if dashed else 1.5)
     if mark_gib:
         ax.axvline(mark_gib, color="grey", ls="--", lw=1)
     ax.set_xlabel("VRAM (GiB)")

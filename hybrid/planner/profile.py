@@ -48,7 +48,7 @@ def _round(x):
 
 def build(model, machine, trace, plan_result, cost_model, strategy: str = "plan",
           trace_path: str | None = None, online: dict | None = None,
-          extra_predictions: dict | None = None) -> dict:
+          extra_predictions: dict | None = None, command: str | None = None) -> dict:
     mask = plan_result.masks[strategy]
     cached = {int(layer): compact_ids(np.nonzero(mask[i])[0])
               for i, layer in enumerate(model.moe_layers)}
@@ -58,10 +58,10 @@ def build(model, machine, trace, plan_result, cost_model, strategy: str = "plan"
     return {
         "format": PROFILE_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
         "model": model.summary(),
         "machine": _round(machine.summary()),
-        "trace": {"path": trace_path, "source": trace.source, "synthetic": bool(trace.synthetic),
-                  "tokens": int(trace.tokens), "model_id": trace.model_id},
+        "trace": _trace_section(trace, trace_path),
         "budget": plan_result.budget.to_dict(),
         "cost_model": cost_model.describe(),
         "predicted": _round(preds),
@@ -69,6 +69,19 @@ def build(model, machine, trace, plan_result, cost_model, strategy: str = "plan"
         "online": online or {"enabled": False},
         "cached": cached,
     }
+
+
+def _trace_section(trace, path) -> dict:
+    d = {"path": path, "source": trace.source, "synthetic": bool(trace.synthetic),
+         "tokens": int(trace.tokens), "model_id": trace.model_id}
+    n = trace.notes or {}
+    if trace.synthetic and n.get("generator") == "hybrid.planner.synthetic.make_trace":
+        z = n["zipf_exponents"]
+        d["regenerate"] = (f"python scripts/make_synthetic_traces.py --out {path or 'TRACE'} "
+                           f"--tokens {trace.tokens} --zipf-first {z[0]:g} --zipf-last {z[-1]:g} "
+                           f"--drift-every {n['drift_every']} --drift-fraction "
+                           f"{n['drift_fraction']:g} --seed {n['seed']}")
+    return d
 
 
 def save(profile: dict, path: str) -> None:
