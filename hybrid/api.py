@@ -89,17 +89,16 @@ def _native_available() -> bool:
 
 def _split_threads(device: torch.device, threads: int | None) -> None:
     """With no GPU the "device" work (attention, router, shared expert) is torch on the same
-    CPU as the expert engine. moe_layer submits the routed task and then runs the shared
-    expert; if both used every core they would fight and both slow down. So torch gets the
-    cores the engine was not given; when the engine takes them all (the default), torch keeps
-    one thread, so the small shared-expert matmuls run beside the engine on one core."""
+    CPU as the expert engine. MoELayer runs them one after the other on a CPU device (the
+    overlap that pays on a GPU would only make them fight over the cores), so each may use
+    every physical core: torch gets the engine's thread count, never the hyper-threads
+    (torch's default can count logical CPUs, which slows matmuls on busy cores)."""
     if device.type != "cpu":
         return
     import psutil
 
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    engine = threads or cores
-    torch.set_num_threads(max(1, cores - engine) if engine < cores else 1)
+    torch.set_num_threads(max(1, min(threads or cores, cores)))
 
 
 def _tokenizer(path: Path):

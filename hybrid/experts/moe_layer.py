@@ -4,10 +4,12 @@ Step order (DESIGN.md, "One decode step"):
   1. router on the device -> ids [T, K], weights [T, K];
   2. x, ids, weights copied to the host (pinned buffers when the device is CUDA, so the copies
      are real DMA and do not stall) and the backend task submitted; submit returns at once;
-  3. the shared expert runs on the device while the CPU works;
+  3. the shared expert (and experts cached on the device, if a GPU cache is set) run on the
+     device while the CPU works;
   4. sync: the routed result comes back to the device and the parts are summed.
-With no CUDA the "device" is torch on the CPU and the backend is the same CPU: see
-hybrid/api.py for how torch's intra-op threads and the engine's threads are split.
+With no CUDA the "device" is torch on the same CPU cores as the engine: the shared expert then
+runs before the submit instead of beside it (see __call__), and hybrid/api.py gives torch and
+the engine every physical core each, since they never run at the same time.
 
 Router (DeepSeek-V3 "noaux_tc"): sigmoid scores; e_score_correction_bias is added for choosing
 only; with n_group > 1 only the topk_group groups with the best sum-of-top-2 biased scores are
@@ -70,6 +72,9 @@ class MoELayer:
         self.shared = shared  # callable [T, H] -> [T, H] on device, or None
         self.timer = timer or StepTimer()
         self.trace = None  # optional callable(layer, ids [T, K]) for routing traces (planner)
+        # Optional hybrid.experts.gpu_cache.GpuExpertCache: experts held on the device; its
+        # mask makes the CPU skip them, so each (token, expert) pair runs exactly once.
+        self.gpu_cache = None
         self._pinned: dict[str, torch.Tensor] = {}
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -98,11 +103,26 @@ class MoELayer:
             sync_dev()
             t1 = time.perf_counter()
             self.timer.add("router", t1 - t0)
-        self.routed.submit(xh, idsh, wh)
+        on_gpu = x.device.type == "cuda"
+        shared = None
+        if not on_gpu:
+            # No GPU: the "device" is these same CPU cores, so overlapping would only make torch
+            # and the engine fight for them (and torch's OpenMP workers spin after each op).
+            # Run the shared expert first, then the engine, each with every core.
+            t1 = time.perf_counter() if timing else 0.0
+            shared = self.shared(x) if self.shared is not None else None
+            if timing:
+                t2 = time.perf_counter()
+                self.timer.add("shared", t2 - t1)
+                t1 = t2
+        skip = self.gpu_cache.mask if self.gpu_cache is not None else None
+        self.routed.submit(xh, idsh, wh, skip)
         if timing:
             t2 = time.perf_counter()
             self.timer.add("experts_submit", t2 - t1)
-        shared = self.shared(x) if self.shared is not None else None
+        if on_gpu:  # the CPU works meanwhile
+            shared = self.shared(x) if self.shared is not None else None
+        cached = self.gpu_cache.forward(x, ids, w) if self.gpu_cache is not None else None
         if timing:
             sync_dev()
             t3 = time.perf_counter()
@@ -111,5 +131,7 @@ class MoELayer:
         if timing:
             sync_dev()
             self.timer.add("experts_wait", time.perf_counter() - t3)
+        if cached is not None:
+            y = y + cached
         y = y.to(x.dtype)
         return y if shared is None else y + shared

@@ -80,35 +80,30 @@ class ExpertLoader:
             if q.group_size != 32:
                 raise CheckpointError(f"quantization_config group_size {q.group_size}: the CPU engine's INT4 "
                                       "pass-through needs group 32; use experts_backend='torch'")
-            parts = {}
+            last: dict[str, tuple] = {}  # the packer asks for packed then scale of one module
+
+            def part(module, n, k, i):
+                if module not in last:
+                    last.clear()
+                    last[module] = _int4_parts(src, module, n, k)
+                return last[module][i]
+
+            args = []
             for proj, (n, k) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-                packed, scale = [], []
-                for f in full:
-                    m = f"{f}.{proj}"
-                    ws = src.files.get(f"{m}.weight_shape", None, (torch.int32, torch.int64))
-                    if ws.tolist() != [n, k]:
-                        raise CheckpointError(f"{src.files.file_of(m + '.weight_shape')}: tensor {m}.weight_shape "
-                                              f"is {ws.tolist()}, config.json implies {[n, k]}")
-                    packed.append(src.files.get(f"{m}.weight_packed", (n, k // 8), (torch.int32,)))
-                    scale.append(src.files.get(f"{m}.weight_scale", (n, k // 32), FLOAT_DTYPES).to(torch.bfloat16))
-                parts[proj] = (packed, scale)
-            packed_layer = cpu_moe.PackedLayer.from_compressed_int4(
-                parts["gate_proj"][0], parts["gate_proj"][1], parts["up_proj"][0], parts["up_proj"][1],
-                parts["down_proj"][0], parts["down_proj"][1])
+                args.append(_PerExpert(lambda e, p=proj, n=n, k=k: part(f"{full[e]}.{p}", n, k, 0), E, (n, k // 8)))
+                args.append(_PerExpert(lambda e, p=proj, n=n, k=k: part(f"{full[e]}.{p}", n, k, 1), E, (n, k // 32)))
+            packed_layer = cpu_moe.PackedLayer.from_compressed_int4(*args)
             self.stats["int4_passthrough"] += 1
         else:
-            # Float (or dequantised) experts, one stacked tensor per projection, then packed.
-            gate = torch.stack([src.float_weight(f"{n}.gate_proj", (I, H)).float() for n in names])  # [E, I, H]
-            up = torch.stack([src.float_weight(f"{n}.up_proj", (I, H)).float() for n in names])  # [E, I, H]
-            down = torch.stack([src.float_weight(f"{n}.down_proj", (H, I)).float() for n in names])  # [E, H, I]
+            # Float (or FP8 / INT4 dequantised) experts, read one at a time and quantised.
+            gate = _PerExpert(lambda e: src.float_weight(f"{names[e]}.gate_proj", (I, H)).float(), E, (I, H))
+            up = _PerExpert(lambda e: src.float_weight(f"{names[e]}.up_proj", (I, H)).float(), E, (I, H))
+            down = _PerExpert(lambda e: src.float_weight(f"{names[e]}.down_proj", (H, I)).float(), E, (H, I))
             packed_layer = cpu_moe.PackedLayer.from_float(gate, up, down, format=fmt)
-            del gate, up, down
             self.stats["quantised"] += 1
         if cache_path is not None:
             cache_path.parent.mkdir(exist_ok=True)
-            tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
-            packed_layer.save(str(tmp))
-            os.replace(tmp, cache_path)  # atomic: a reader sees the old file or the whole new one
+            packed_layer.save(str(cache_path))  # atomic: temp file, fsync, rename
             packed_layer = cpu_moe.PackedLayer.load(str(cache_path))  # mmap instead of the heap copy
         return cpu_moe.CpuMoE(packed_layer, threads=self.threads, mode=self.mode)
 
@@ -119,3 +114,30 @@ class ExpertLoader:
         stamp = [(f, os.path.getsize(src.files.path / f), int(os.path.getmtime(src.files.path / f))) for f in files]
         key = hashlib.sha256(json.dumps([stamp, layer, fmt]).encode()).hexdigest()[:16]
         return src.files.path / CACHE_DIR / f"layer{layer:03d}.{fmt}.{key}.packed"
+
+
+class _PerExpert:
+    """A read-on-demand [E, rows, cols] "stack": item e loads expert e from the mmapped files,
+    so packing a layer holds one expert's tensors at a time, never the whole layer."""
+
+    def __init__(self, get, num_experts: int, shape: tuple[int, int]):
+        self._get, self.shape = get, (num_experts, *shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self._get(e)
+
+
+def _int4_parts(src, module: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One compressed-tensors module -> (weight_packed [N, K/8] int32, weight_scale [N, K/32]
+    bf16), checked against weight_shape."""
+    files = src.files
+    ws = files.get(f"{module}.weight_shape", None, (torch.int32, torch.int64))
+    if ws.tolist() != [n, k]:
+        raise CheckpointError(f"{files.file_of(module + '.weight_shape')}: tensor {module}.weight_shape "
+                              f"is {ws.tolist()}, config.json implies {[n, k]}")
+    packed = files.get(f"{module}.weight_packed", (n, k // 8), (torch.int32,))
+    scale = files.get(f"{module}.weight_scale", (n, k // 32), FLOAT_DTYPES).to(torch.bfloat16)
+    return packed, scale

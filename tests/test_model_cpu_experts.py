@@ -1,0 +1,101 @@
+"""The model with its routed experts on the C++ CPU engine (hybrid.experts.cpu_moe).
+
+Bounds:
+  INT4 checkpoint, precise mode (fp32 activations): the engine multiplies exactly the
+    checkpoint's nibbles and scales, so it is held to the fp32 bound, 1e-3.
+  INT4 checkpoint, fast mode (int8 activations per group of 32): each expert input is off by
+    at most amax/254 of its group (~0.4%), through two matmuls per expert and two MoE layers:
+    mean per-position error <= 2% of the logit scale, top-1 agreement >= 90% (reported).
+  bf16 checkpoint packed to int4 / int8 (expert_format): quantisation error of the experts
+    themselves (int4: step amax/7.5 per group, int8: amax/127); compared against the torch
+    backend on the same model with the tolerance each format costs, top-1 agreement reported.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
+
+from checkpoints import build, reference_logits  # noqa: E402
+from hybrid.loaders.checkpoint import load_model  # noqa: E402
+from test_model_vs_transformers import _compare, _ids, _prefill  # noqa: E402
+
+
+def _load(path, dtype=torch.float32, **kw):
+    kw.setdefault("mode", "precise" if dtype == torch.float32 else "fast")
+    return load_model(path, "cpu", dtype, experts_backend="cpu", progress=False, **kw)
+
+
+def _report(label, out, ref):
+    err = (out - ref).abs().max(-1)[0]
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"{label}: mean max|diff| {err.mean():.4f} (logit scale {ref.abs().max():.2f}), "
+          f"top-1 agreement {agree:.1%}")
+    return err, agree
+
+
+def test_int4_passthrough_precise(tmp_path):
+    path, ref = build(tmp_path, variant="int4")
+    cfg, net = _load(path)
+    assert net.experts_loader.stats["int4_passthrough"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    ids = _ids(cfg.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "int4/cpu/precise")
+
+
+def test_int4_passthrough_fast(tmp_path):
+    path, ref = build(tmp_path, variant="int4")
+    cfg, net = _load(path, mode="fast")
+    ids = _ids(cfg.vocab_size)
+    r, _ = reference_logits(ref, ids)
+    err, agree = _report("int4/cpu/fast", _prefill(net, cfg, ids), r)
+    assert err.mean() <= 0.02 * r.abs().max()
+    assert agree >= 0.9
+
+
+@pytest.mark.parametrize("fmt,rel", [("int4", 0.15), ("int8", 0.02), ("bf16", 0.01)])
+def test_float_experts_packed(tmp_path, fmt, rel):
+    """rel: mean logit error allowed, as a fraction of the logit scale. int4 group-32 weights
+    are off by up to 1/15 of their group's range (~7% relative), two matmuls per expert;
+    int8 by 1/254; bf16 by 2^-9."""
+    path, _ = build(tmp_path)
+    cfg, ref_net = load_model(path, "cpu", torch.float32, experts_backend="torch", progress=False)
+    cfg, net = _load(path, expert_format=fmt)
+    assert net.experts_loader.stats["quantised"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    ids = _ids(cfg.vocab_size)
+    r = _prefill(ref_net, cfg, ids)
+    err, agree = _report(f"bf16->{fmt}/cpu/precise", _prefill(net, cfg, ids), r)
+    assert err.mean() <= rel * r.abs().max()
+    assert agree >= (0.75 if fmt == "int4" else 0.9)
+
+
+def test_packed_cache_roundtrip(tmp_path):
+    path, _ = build(tmp_path, variant="int4")
+    before = sorted(p.name for p in path.iterdir())
+    cfg, net1 = _load(path, packed_cache=True)
+    cache_dir = path / ".hybrid-cache"
+    files = sorted(p.name for p in cache_dir.iterdir())
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert len(files) == n_moe and all(f.endswith(".packed") for f in files), files
+    assert sorted(p.name for p in path.iterdir()) == sorted(before + [".hybrid-cache"])
+    cfg, net2 = _load(path, packed_cache=True)
+    assert net2.experts_loader.stats["from_cache"] == n_moe
+    ids = _ids(cfg.vocab_size)
+    assert torch.equal(_prefill(net1, cfg, ids), _prefill(net2, cfg, ids))
+
+
+def test_hybrid_load_default_backend_greedy(tmp_path):
+    """hybrid.load picks the CPU engine when it is built; fp32 = precise mode; greedy
+    generation through the latent cache equals transformers' generate."""
+    import hybrid
+    from hybrid.experts.cpu_moe import CpuMoE
+
+    path, ref = build(tmp_path, variant="int4")
+    model = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False)
+    assert isinstance(model.net.layers[-1].mlp.routed, CpuMoE)
+    assert model.net.layers[-1].mlp.routed.mode == "precise"
+    prompt = _ids(model.config.vocab_size, 8, seed=7)
+    with torch.no_grad():
+        want = ref.generate(prompt[None], max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                            pad_token_id=0)[0, 8:].tolist()
+    assert model.generate(prompt.tolist(), 16, stop_at_eos=False) == want
