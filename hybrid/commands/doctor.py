@@ -45,20 +45,16 @@ def _isa_chosen():
 
 
 def _kernel_gbps(seconds: float):
-    """Expert-kernel read throughput from native-core's measurement, when it provides one."""
-    for modname, fname in (("hybrid.hardware", "measure_expert_kernel_gbps"),
-                           ("hybrid.native", "measure_expert_kernel_gbps")):
-        try:
-            mod = __import__(modname, fromlist=[fname])
-        except Exception:
-            continue
-        f = getattr(mod, fname, None)
-        if callable(f):
-            try:
-                return float(f(seconds=seconds)), f"{modname}.{fname}"
-            except Exception as e:
-                return None, f"{modname}.{fname} failed: {e}"
-    return None, "no expert-kernel probe available (hybrid.hardware / native not built)"
+    """Expert-kernel read throughput (planner's probe over native-core's CpuMoE)."""
+    from hybrid.planner import hostinfo
+
+    try:
+        r = hostinfo.measure_expert_kernel_gbps(seconds)
+    except ImportError as e:
+        return None, f"engine not built ({e})"
+    except Exception as e:  # report, never crash doctor
+        return None, f"expert-kernel probe failed: {type(e).__name__}: {e}"
+    return r["gbps"], f"1 token x {r['experts']} K2.5-sized INT4 experts, {r['isa']} path"
 
 
 def collect(args) -> dict:
@@ -165,7 +161,11 @@ def render(r: dict) -> None:
     if "ram_read_gbps" in m:
         t.add_row("RAM read", f"{m['ram_read_gbps']:.1f} GB/s measured ({m['ram_read_source']})")
         k = m.get("expert_kernel_gbps")
-        t.add_row("expert kernel", f"{k:.1f} GB/s" if k else f"- ({m.get('expert_kernel_source')})")
+        if k:
+            t.add_row("expert kernel", f"{k:.1f} GB/s = {k / m['ram_read_gbps']:.0%} of RAM read "
+                      f"({m['expert_kernel_source']})")
+        else:
+            t.add_row("expert kernel", f"- ({m.get('expert_kernel_source')})")
     else:
         t.add_row("measured", "skipped (--no-measure)")
     con.print(t)

@@ -159,18 +159,22 @@ def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None 
     gpus = info.get("gpus") or []
     vram = gpus[0]["total_bytes"] if gpus else 0
     src["vram_bytes"] = "torch.cuda" if gpus else "no CUDA GPU found"
+    eff, kern = 0.7, info.get("expert_kernel_gbps")
     src.update({
-        "cpu_kernel_efficiency": "assumed 0.7 (run `hybrid bench` to measure)",
+        "cpu_kernel_efficiency": "assumed 0.7 (run `hybrid doctor` to measure)",
         "cpu_matmul_tops": "assumed: 0.5 T op/s per core",
         "gpu_mem_gbps": "assumed nominal", "gpu_tflops": "assumed nominal",
         "pcie_gbps": "assumed nominal", "sync_us": "assumed",
     })
+    if kern and info.get("ram_read_gbps"):
+        eff = min(1.0, kern / bw)
+        src["cpu_kernel_efficiency"] = "measured: expert kernel GB/s / RAM read GB/s"
     cores = int(info.get("physical_cores") or info.get("logical_cores") or 1)
     if not gpus:
         src["gpu_mem_gbps"] = "no GPU: torch on the CPU reads device weights at ~60% of RAM read"
         src["gpu_tflops"] = "no GPU: assumed 0.1 TFLOP/s per core for torch matmuls"
     return MachineSpec(
-        name="this machine", cpu_read_gbps=float(bw), cpu_kernel_efficiency=0.7,
+        name="this machine", cpu_read_gbps=float(bw), cpu_kernel_efficiency=eff,
         cpu_matmul_tops=0.5 * cores, gpu_mem_gbps=900.0 if gpus else 0.6 * float(bw),
         gpu_tflops=100.0 if gpus else 0.1 * cores, pcie_gbps=25.0 if gpus else 50.0,
         sync_us=40.0 if gpus else 10.0, vram_bytes=vram,
