@@ -38,7 +38,12 @@ def test_batched_chunked_engine_equals_model_greedy(ckpt):
         assert eng.max_context == 96  # the Model's max_len
         handles = [eng.submit(p, greedy, max_tokens=8) for p in prompts]
         outs = [h.result().token_ids for h in handles]
+        # a continuation of request 1 reuses the latent KV its freed slot still holds
+        follow = prompts[1] + refs[1] + [5, 6, 7]
+        out = eng.generate(follow, greedy, max_tokens=6)
+        assert eng.stats()["prompt_tokens_reused"] == len(prompts[1]) + len(refs[1]) - 1
     assert outs == refs
+    assert out == model.generate(follow, 6, temperature=0.0, stop_at_eos=False)
 
 
 

@@ -105,7 +105,7 @@ def test_queueing_is_visible_and_cancel_frees_the_slot(model, tiny_tokenizer):
         assert rest[-1].usage.completion_tokens == 1 + sum(len(e.token_ids) for e in rest)
         done = [h.result() for h in queued]  # the freed slot serves the queue
         assert all(c.finish_reason in ("length", "stop") for c in done)
-        assert eng.cache.resets == [0, 0, 0]  # the cancelled and the two finished, once each
+        assert eng.cache.resets == []  # freed slots keep their KV for prefix reuse
         assert eng.stats()["requests_cancelled"] == 1
     finally:
         if model.gate is not None:
@@ -159,6 +159,29 @@ def test_chunked_prefill_interleaves_with_decoding(model, tiny_tokenizer):
     # prompt positions are read in order, chunk after chunk
     b_pos = [q for s, p in prefill for x, q in zip(s, p) if x != slot_a]
     assert b_pos == list(range(40))
+
+
+def test_prefix_reuse_reads_only_the_new_tokens(model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    first = tok.encode("system: be brief. user: hello there")
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    with make_engine(model, tok, max_seqs=2) as eng:
+        out1 = eng.generate(first, greedy, max_tokens=5)
+        slot1 = model.steps[0][0][0]
+        # an unrelated prompt takes the other, empty slot: the history stays
+        other = tok.encode("unrelated words")
+        eng.generate(other, greedy, max_tokens=2)
+        assert model.steps[-1][0][0] != slot1
+        # the next chat turn: everything before plus new text
+        second = first + out1 + tok.encode(" user: and then?")
+        n_steps = len(model.steps)
+        out2 = eng.generate(second, greedy, max_tokens=5)
+        stats = eng.stats()
+    reused = len(first) + len(out1) - 1  # the last answer token was never fed
+    assert stats["prompt_tokens_reused"] == reused
+    slots, positions = model.steps[n_steps]
+    assert set(slots) == {slot1} and positions == list(range(reused, len(second)))
+    assert out2 == reference_greedy(model, second, 5)
 
 
 def test_stop_string_in_engine(model, tiny_tokenizer):
@@ -219,8 +242,11 @@ def test_failed_step_fails_its_requests_only(model, tiny_tokenizer):
         with pytest.raises(GenerationError, match="injected failure"):
             eng.generate(prompts(tok, 1)[0], GREEDY, max_tokens=3)
         model.fail_on_slot = None
-        assert len(eng.generate(prompts(tok, 1)[0], GREEDY, max_tokens=3)) <= 3
-        assert eng.stats()["requests_failed"] == 1
+        assert eng.cache.resets == [0]  # a failed step may leave half-written KV: reset
+        p = prompts(tok, 1)[0]
+        assert eng.generate(p, GREEDY, max_tokens=3) == reference_greedy(model, p, 3, tok.stop_token_ids)
+        s = eng.stats()
+        assert s["requests_failed"] == 1 and s["prompt_tokens_reused"] == 0
 
 
 def test_bad_requests_get_clear_errors(model, tiny_tokenizer):

@@ -14,6 +14,12 @@ Each step builds one flat ragged batch (legend: T tokens in the step, V vocabula
 
 A request holds one cache slot from admission to its end; the queue waits for a free slot.
 Cancellation (handle.cancel(), or the reader going away) frees the slot at the next step.
+
+Prefix reuse: a freed slot keeps its KV and remembers the tokens it holds. A new request takes
+the free slot whose tokens share the longest prefix with its prompt and starts reading the prompt
+after that prefix (the next turn of a chat re-reads only what is new). Reused entries are exact:
+a token's KV depends only on the tokens before it, and positions past the prefix are rewritten
+before anything reads them.
 """
 
 from __future__ import annotations
@@ -87,10 +93,11 @@ class Engine:
     min(max_position_embeddings, 4096)).
     prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
     .reset(slot), .num_slots and .max_len (default: a LatentKVCache built for the model).
+    prefix_reuse: let a new request reuse the KV a freed slot holds for a shared prompt prefix.
     """
 
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
-                 prefill_chunk: int = 512, cache=None):
+                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True):
         self.module = _unwrap(model)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
@@ -134,11 +141,14 @@ class Engine:
         self._waiting: deque[_Request] = deque()  # guarded by _lock
         self._cancel_ids: set[int] = set()  # guarded by _lock
         self._active: list[_Request] = []  # engine thread only
-        self._free_slots = list(range(max_seqs - 1, -1, -1))  # engine thread only
+        self._free_slots = list(range(max_seqs))  # engine thread only; oldest freed first
+        self.prefix_reuse = prefix_reuse
+        self._slot_tokens: dict[int, list[int]] = {}  # free slot -> tokens whose KV it holds
         self._ids = itertools.count(1)
         self._closed = False
         self._counters = dict(requests_submitted=0, requests_finished=0, requests_cancelled=0,
-                              requests_failed=0, prompt_tokens=0, generated_tokens=0, steps=0)
+                              requests_failed=0, prompt_tokens=0, prompt_tokens_reused=0,
+                              generated_tokens=0, steps=0)
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens generated that step)
         self._running_count = 0
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
@@ -251,9 +261,15 @@ class Engine:
         req.handle._push(Event(text=text, finish_reason=reason, error=error,
                                usage=Usage(len(req.prompt), req.stop.generated)))
 
-    def _release(self, req: _Request) -> None:
+    def _release(self, req: _Request, kv_valid: bool = True) -> None:
+        """Give the slot back. Its KV is kept for prefix reuse unless a failed step may have
+        left it half written (kv_valid=False), in which case it is reset."""
         if req.slot is not None:
-            self.cache.reset(req.slot)
+            if self.prefix_reuse and kv_valid:
+                self._slot_tokens[req.slot] = req.tokens[:req.computed]
+            else:
+                self._slot_tokens.pop(req.slot, None)
+                self.cache.reset(req.slot)
             self._free_slots.append(req.slot)
             req.slot = None
         if req in self._active:
@@ -271,9 +287,12 @@ class Engine:
                 cancel, self._cancel_ids = self._cancel_ids, set()
                 while self._waiting and self._free_slots:
                     req = self._waiting.popleft()
-                    req.slot = self._free_slots.pop()
+                    req.slot, req.computed = self._pick_slot(req.prompt)
+                    self._free_slots.remove(req.slot)
+                    self._slot_tokens.pop(req.slot, None)
                     self._active.append(req)
                     self._counters["prompt_tokens"] += len(req.prompt)
+                    self._counters["prompt_tokens_reused"] += req.computed
             for req in [r for r in self._active if r.id in cancel]:
                 self._release(req)
                 with self._lock:
@@ -284,6 +303,26 @@ class Engine:
             if self._active:
                 self._step()
         self._shutdown()
+
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot to use and how many prompt tokens of KV it already holds."""
+        # With no shared prefix: an empty slot, else the one freed longest ago (the recently
+        # freed ones are likelier to be continued, e.g. the next turn of a chat).
+        empty = [s for s in self._free_slots if s not in self._slot_tokens]
+        best_slot, best = (empty or self._free_slots)[0], 0
+        if self.prefix_reuse:
+            # at least the prompt's last token is fed again: its logits pick the first output
+            limit = len(prompt) - 1
+            for slot in reversed(self._free_slots):
+                held = self._slot_tokens.get(slot, ())
+                n = 0
+                for a, b in zip(held, prompt[:limit]):
+                    if a != b:
+                        break
+                    n += 1
+                if n > best:
+                    best_slot, best = slot, n
+        return best_slot, best
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -341,7 +380,7 @@ class Engine:
         except Exception as e:  # a failed step fails its requests, not the engine
             log.exception("engine step failed")
             for req in stepped:
-                self._release(req)
+                self._release(req, kv_valid=False)
                 with self._lock:
                     self._counters["requests_failed"] += 1
                 self._emit_end(req, "error", error=f"{type(e).__name__}: {e}")
