@@ -117,6 +117,8 @@ class Model:
         self.config, self.net, self.path = config, net, path
         self.max_len, self.tokenizer = max_len, tokenizer
         self.device, self.dtype = net.device, net.dtype
+        self.model = net  # the module with forward(), under the name hybrid.engine looks for
+        self._engine = None
 
     def new_cache(self, num_slots: int = 1, max_len: int | None = None):
         from hybrid.models.kv_cache import LatentKVCache
@@ -143,15 +145,46 @@ class Model:
         return self.net.forward(ids, pos, torch.zeros_like(pos), cache)
 
     def generate(self, token_ids, max_new_tokens: int, temperature: float = 0.0, **sampling) -> list[int]:
-        """New tokens (prompt not included); stops early at an end-of-sequence token."""
+        """New token ids (prompt not included, a final end-of-sequence token not included)."""
         return list(self.stream(token_ids, max_new_tokens, temperature, **sampling))
 
     def stream(self, token_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield new tokens one at a time: prefill the prompt, then decode with the latent cache."""
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+               top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True, **sampling) -> Iterator[int]:
+        """Yield new token ids as they are made. With a tokenizer this runs on the engine
+        (hybrid.engine: batching, every sampling option); without one (bare test checkpoints)
+        a plain prefill + decode loop over forward() with the latent cache."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = self._check_prompt(token_ids, max_new_tokens)
+        if max_new_tokens == 0:
+            return
+        if self.tokenizer is not None:
+            from hybrid.engine.sampling import SamplingParams
+
+            params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                    ignore_eos=not stop_at_eos, **sampling)
+            for ev in self.engine().submit(ids.tolist(), params, max_tokens=max_new_tokens):
+                yield from ev.token_ids
+            return
+        if sampling:
+            raise TypeError(f"sampling option(s) {', '.join(sorted(sampling))} need the engine "
+                            "(a checkpoint with a tokenizer)")
+        yield from self._plain_loop(ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos)
+
+    def engine(self):
+        """The generation engine for this model (created on first use; needs a tokenizer)."""
+        if self._engine is None:
+            from hybrid.engine.engine import Engine
+
+            self._engine = Engine(self, max_context=self.max_len)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def _plain_loop(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
         cache = self.new_cache(1, ids.numel() + max_new_tokens)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
@@ -161,8 +194,10 @@ class Model:
         n = ids.numel()
         for i in range(max_new_tokens):
             tok = _sample(logits[0], temperature, top_p, top_k, gen)
+            if tok in eos:
+                return
             yield tok
-            if tok in eos or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1:
                 return
             logits = self.net.forward(torch.tensor([tok]), torch.tensor([n]), torch.tensor([0]), cache)
             n += 1

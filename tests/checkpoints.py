@@ -247,3 +247,15 @@ def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
         for h in handles:
             h.remove()
     return logits, ties
+
+
+def add_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json over ids 0..vocab_size-1 ("<s>" = 0, "</s>" = 1, then "w2".."wN")
+    plus tokenizer_config.json naming bos/eos, so hybrid.load finds a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(Path(path) / "tokenizer.json"))
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))

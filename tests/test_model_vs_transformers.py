@@ -191,3 +191,44 @@ def test_bf16_path(tmp_path):
           f"top-1 agreement: ours {agree:.1%}, transformers-bf16 {agree16:.1%}")
     assert ours.mean() <= 2 * theirs.mean() + 1e-3
     assert agree >= agree16 - 0.1
+
+
+def test_generate_through_engine_with_tokenizer(tmp_path):
+    """With a tokenizer, Model.generate/stream run on hybrid.engine; greedy output still equals
+    transformers' generate."""
+    import hybrid
+    from checkpoints import add_tokenizer
+
+    path, ref = build(tmp_path)
+    add_tokenizer(path, ref.config.vocab_size)
+    model = hybrid.load(path, device="cpu", dtype=torch.float32, experts_backend="torch", progress=False)
+    try:
+        assert model.tokenizer is not None
+        prompt = _ids(model.config.vocab_size, 8, seed=7)
+        with torch.no_grad():
+            want = ref.generate(prompt[None], max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                                pad_token_id=0)[0, 8:].tolist()
+        assert model.generate(prompt.tolist(), 16, stop_at_eos=False) == want
+        assert list(model.stream(prompt.tolist(), 5, stop_at_eos=False)) == want[:5]
+        assert model.engine() is not None
+    finally:
+        model.close()
+
+
+def test_model_logits_and_errors(tmp_path):
+    import hybrid
+
+    path, ref = build(tmp_path)
+    model = hybrid.load(path, device="cpu", dtype=torch.float32, experts_backend="torch", progress=False,
+                        max_len=32)
+    ids = _ids(model.config.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    _compare(model.logits(ids.tolist()), r, ties, 1e-3, "Model.logits")
+    with pytest.raises(ValueError, match="exceeds max_len 32"):
+        model.generate(ids.tolist(), 20)
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.logits([])
+    with pytest.raises(IndexError, match="token ids must be in 0..95"):
+        model.logits([5, 96])
+    with pytest.raises(TypeError, match="unknown option"):
+        hybrid.load(path, device="cpu", bogus=1)
