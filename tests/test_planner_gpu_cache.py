@@ -103,3 +103,24 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="expert 1 has shapes"):
         GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e][:, :3]) if e else
                                    (gate[e], up[e], down[e]), [0, 1], E, "cpu")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+def test_cache_plus_cpu_engine_with_skip_mask_equals_cpu_engine(fmt):
+    # The contract with moe_layer.py: CPU operator with skip_mask=cache.mask plus
+    # cache.forward gives the whole routed output, each (token, expert) pair once.
+    native = pytest.importorskip("hybrid.native")
+    if not native.available():
+        pytest.skip("hybrid._native not built")
+    from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
+
+    gate, up, down = _experts(6)
+    layer = PackedLayer.from_float(gate, up, down, format=fmt)
+    cache = GpuExpertCache.from_packed(layer, [0, 2, 5, 8], device="cpu", dtype=torch.float32)
+    op = CpuMoE(layer, mode="precise")
+    x, ids, w = _inputs(7)
+    ids32 = ids.to(torch.int32).contiguous()
+    whole = op.forward(x, ids32, w)
+    rest = op.forward(x, ids32, w, skip_mask=cache.mask)
+    torch.testing.assert_close(rest + cache.forward(x, ids, w), whole, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(rest, whole)   # the cache really took some pairs
