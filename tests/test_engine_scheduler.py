@@ -7,7 +7,8 @@ import threading
 
 import pytest
 import torch
-from test_engine_model import TinyLM, one_thread, reference_greedy, tiny_tokenizer  # noqa: F401
+from test_engine_model import (TinyLM, full_logits, one_thread, reference_greedy,  # noqa: F401
+                               tiny_tokenizer)
 
 from hybrid.engine import Engine, GenerationError, SamplingParams
 
@@ -289,3 +290,30 @@ def test_logprobs_in_events(model, tiny_tokenizer):
     assert first.token_id == c.token_ids[0] == first.top[0][0]
     assert first.logprob == pytest.approx(float(ref[first.token_id]), abs=1e-5)
     assert len(first.top) == 3
+
+
+def test_padded_lm_head_rows_are_never_sampled(tiny_tokenizer, one_thread):
+    tok = tiny_tokenizer
+    model = TinyLM(vocab=tok.vocab_size + 64)
+    prompt = tok.encode("hello")
+    with torch.no_grad():
+        model.head[:, tok.vocab_size:] = 0.0
+        # make the padded rows the model's favourites, by far
+        model.head[:, tok.vocab_size:] += 100.0 * torch.sign(full_logits_features(model, prompt))[:, None]
+        assert int(full_logits(model, prompt).argmax()) >= tok.vocab_size
+    with make_engine(model, tok) as eng:
+        for params in (SamplingParams(temperature=0, ignore_eos=True),
+                       SamplingParams(temperature=1.0, seed=3, ignore_eos=True)):
+            c = eng.complete(prompt, params, max_tokens=6)
+            assert c.finish_reason == "length"
+            assert all(t < tok.vocab_size for t in c.token_ids)
+
+
+def full_logits_features(model, ids):
+    """The final normed hidden state of the last token (what the LM head multiplies)."""
+    head = model.head.data.clone()
+    model.head.data = torch.eye(model.hidden, dtype=head.dtype)
+    try:
+        return full_logits(model, ids)
+    finally:
+        model.head.data = head

@@ -349,7 +349,7 @@ class Engine:
         decodes, chunks = self._plan()
         ids, pos, slots, sample_at, sample_reqs = [], [], [], [], []
         for req in decodes:
-            ids.append(req.tokens[req.computed])
+            ids.append(req.output[-1])  # the newest token; everything before is in the cache
             pos.append(req.computed)
             slots.append(req.slot)
             sample_at.append(len(ids) - 1)
@@ -376,6 +376,9 @@ class Engine:
                     if tuple(logits.shape[:1]) != (len(sample_at),):
                         raise RuntimeError(f"model.forward returned logits of shape "
                                            f"{tuple(logits.shape)}, expected ({len(sample_at)}, V)")
+                    # Checkpoints often pad the LM head past the tokenizer's last id; those
+                    # rows mean nothing and must never be sampled.
+                    logits = logits[:, :self.tokenizer.vocab_size]
                     samples = sample(logits, [r.row for r in sample_reqs])
         except Exception as e:  # a failed step fails its requests, not the engine
             log.exception("engine step failed")
@@ -390,7 +393,14 @@ class Engine:
         for req, start, n in chunks:
             req.computed += n
         for req, s in zip(sample_reqs, samples if sample_reqs else []):
-            self._deliver(req, s)
+            try:
+                self._deliver(req, s)
+            except Exception as e:  # e.g. a tokenizer that cannot decode the id
+                log.exception("delivering a token failed")
+                self._release(req)
+                with self._lock:
+                    self._counters["requests_failed"] += 1
+                self._emit_end(req, "error", error=f"{type(e).__name__}: {e}")
         with self._lock:
             self._counters["steps"] += 1
             self._counters["generated_tokens"] += len(sample_reqs)
