@@ -14,9 +14,10 @@
 // INT8: B is loaded straight from the packed bytes (u8 = q + 128) and TDPBSUD is used; the
 //       offset comes out with -128 * gsum while C is scaled.
 // Then per token row: fp32 acc[row] += float(C[row]) * (weight scales x activation scale).
-// Two groups are in flight (tiles 0/2/4 and 1/3/5) so one group's TDP overlaps the other's
-// scaling. Below kAmxMinTokens tokens the VNNI path (simd_vnni.h) is used: the per-group C
-// round trip through memory costs about as much as a few tokens of vpdpbusd.
+// That per-group round trip of C through memory is the price of group-32 scales: a TDP can only
+// cover one group (K = 32, half of a full tile's K = 64). Below kAmxMinTokens tokens the VNNI
+// path (simd_vnni.h) is used: the round trip then costs about as much as a few tokens of
+// vpdpbusd.
 //
 // Legend: M tokens in a tile (<= 16), RB = 16 rows per block, G = 32, NG = K / 32.
 #include "simd_vnni.h"
@@ -24,7 +25,7 @@
 namespace hybrid {
 namespace {
 
-constexpr int64_t kAmxMinTokens = 4;  // measured crossover vs VNNI on Xeon (SPR/EMR class)
+constexpr int64_t kAmxMinTokens = 8;  // measured crossover vs VNNI (bench, Xeon with AMX, INT4)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -86,6 +87,14 @@ static HY_ALWAYS_INLINE void amx_scale_rows(const int32_t* cbuf, __m512* acc, in
   }
 }
 
+// Groups per pass. A pass runs three sweeps over kPassGroups groups of one row block, so no
+// instruction waits on a just-written buffer: (1) INT4 only: unpack the B tiles to bbuf;
+// (2) tiles: load A and B, TDP, store C to cbuf; (3) vector: scale the int32 sums into the fp32
+// accumulators. Done per group instead, each group's TDP waited for its B stores and each
+// scaling for its tile store, and AMX ran no faster than vpdpbusd. 16 groups: bbuf 8 KiB + cbuf
+// 16 KiB stay in L1.
+constexpr int kPassGroups = 16;
+
 // Tokens [t0, t0 + m) x blocks [b0, b1); tiles already configured for m rows.
 static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                        int64_t t0, int m, float* out, int64_t ldo) {
@@ -93,56 +102,61 @@ static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const Quan
   const bool int4 = w.format == WeightFormat::INT4_G32;
   const int64_t gbytes = int4 ? 256 : 512;
   const int offset = int4 ? 0 : 128;
-  alignas(64) int8_t bbuf[2][8 * 64];
-  alignas(64) int32_t cbuf[2][16 * 16];
+  alignas(64) int8_t bbuf[kPassGroups][8 * 64];
+  alignas(64) int32_t cbuf[kPassGroups][16 * 16];
   const int8_t* a = x.q + t0 * x.ldq;
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* qw = w.qweight + b * ng * gbytes;
     const uint16_t* sc = w.scales + b * ng * kRowBlock;
     __m512 acc[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= ng; g += 2) {
-      _tile_loadd(0, a + g * kGroup, x.ldq);
-      _tile_loadd(1, a + (g + 1) * kGroup, x.ldq);
-      _tile_zero(4);
-      _tile_zero(5);
-      if (int4) {
-        amx_unpack_i4(qw + g * 256, bbuf[0]);
-        amx_unpack_i4(qw + (g + 1) * 256, bbuf[1]);
-        _tile_loadd(2, bbuf[0], 64);
-        _tile_loadd(3, bbuf[1], 64);
-        _tile_dpbssd(4, 0, 2);
-        _tile_dpbssd(5, 1, 3);
-      } else {
-        _tile_loadd(2, qw + g * 512, 64);
-        _tile_loadd(3, qw + (g + 1) * 512, 64);
-        _tile_dpbsud(4, 0, 2);
-        _tile_dpbsud(5, 1, 3);
+    for (int64_t g0 = 0; g0 < ng; g0 += kPassGroups) {
+      const int np = int(ng - g0 < kPassGroups ? ng - g0 : kPassGroups);
+      // (1) B tiles: INT4 unpacked to s8; INT8 read in place (u8, TDPBSUD).
+      if (int4)
+        for (int i = 0; i < np; ++i) amx_unpack_i4(qw + (g0 + i) * 256, bbuf[i]);
+      // (2) tiles, two groups in flight on tile sets (0, 2, 4) and (1, 3, 5).
+      int i = 0;
+      for (; i + 2 <= np; i += 2) {
+        const int64_t g = g0 + i;
+        _tile_loadd(0, a + g * kGroup, x.ldq);
+        _tile_loadd(1, a + (g + 1) * kGroup, x.ldq);
+        _tile_zero(4);
+        _tile_zero(5);
+        if (int4) {
+          _tile_loadd(2, bbuf[i], 64);
+          _tile_loadd(3, bbuf[i + 1], 64);
+          _tile_dpbssd(4, 0, 2);
+          _tile_dpbssd(5, 1, 3);
+        } else {
+          _tile_loadd(2, qw + g * 512, 64);
+          _tile_loadd(3, qw + (g + 1) * 512, 64);
+          _tile_dpbsud(4, 0, 2);
+          _tile_dpbsud(5, 1, 3);
+        }
+        _tile_stored(4, cbuf[i], 64);
+        _tile_stored(5, cbuf[i + 1], 64);
       }
-      _tile_stored(4, cbuf[0], 64);
-      amx_scale_rows(cbuf[0], acc, m, z_load_bf16x16(sc + g * kRowBlock), x, t0, g, ng, offset);
-      _tile_stored(5, cbuf[1], 64);
-      amx_scale_rows(cbuf[1], acc, m, z_load_bf16x16(sc + (g + 1) * kRowBlock), x, t0, g + 1, ng,
-                     offset);
-    }
-    if (g < ng) {  // odd group count
-      _tile_loadd(0, a + g * kGroup, x.ldq);
-      _tile_zero(4);
-      if (int4) {
-        amx_unpack_i4(qw + g * 256, bbuf[0]);
-        _tile_loadd(2, bbuf[0], 64);
-        _tile_dpbssd(4, 0, 2);
-      } else {
-        _tile_loadd(2, qw + g * 512, 64);
-        _tile_dpbsud(4, 0, 2);
+      if (i < np) {
+        const int64_t g = g0 + i;
+        _tile_loadd(0, a + g * kGroup, x.ldq);
+        _tile_zero(4);
+        if (int4) {
+          _tile_loadd(2, bbuf[i], 64);
+          _tile_dpbssd(4, 0, 2);
+        } else {
+          _tile_loadd(2, qw + g * 512, 64);
+          _tile_dpbsud(4, 0, 2);
+        }
+        _tile_stored(4, cbuf[i], 64);
       }
-      _tile_stored(4, cbuf[0], 64);
-      amx_scale_rows(cbuf[0], acc, m, z_load_bf16x16(sc + g * kRowBlock), x, t0, g, ng, offset);
+      // (3) scaling
+      for (int j = 0; j < np; ++j)
+        amx_scale_rows(cbuf[j], acc, m, z_load_bf16x16(sc + (g0 + j) * kRowBlock), x, t0, g0 + j, ng,
+                       offset);
     }
     float* ob = out + (b - b0) * kRowBlock + t0 * ldo;
-    #pragma GCC unroll 16
     for (int r = 0; r < m; ++r) _mm512_storeu_ps(ob + r * ldo, acc[r]);
   }
 }
