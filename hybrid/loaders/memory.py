@@ -134,10 +134,11 @@ def check_fits(c: ModelConfig, path, device, dtype, formats, max_len: int, num_s
     if budget is None and torch.device(device).type == "cuda":
         budget = torch.cuda.mem_get_info(torch.device(device))[0]
     if budget is not None and need.total > budget:
+        hint = ", or experts_backend='cpu'" if experts_on_device else ""
         raise MemoryError(
             f"{path}: this configuration needs {need.describe()} on {device}, but only "
             f"{budget / GiB:.2f} GiB is available. Try device_weights='int8' (or 'fp8'), a smaller "
-            f"max_len (now {max_len}), or experts_backend='cpu'."
+            f"max_len (now {max_len}){hint}."
         )
     return need
 
