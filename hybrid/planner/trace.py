@@ -10,8 +10,9 @@ free-form notes. Legend: N tokens, L MoE layers, E routed experts, K experts per
 in one forward call.
 
 File format: safetensors (tensors "counts" and optionally "seq"), with the header as JSON in the
-metadata key "hybrid_trace". safetensors because it is mmapped on load (a 1M-token sequence is
-1M x 60 x 8 x 2 bytes = 960 MB and must not be read twice) and any tool can open it.
+metadata key "hybrid_trace". safetensors because any tool can open it and its plain layout lets
+load() memory-map the sequence instead of reading it (a 1M-token sequence is 1M x 60 x 8 x 2
+bytes = 960 MB: loading is instant and pages are read as the replay walks them).
 
 Recording hook contract (for hybrid/experts/moe_layer.py):
     recorder = TraceRecorder(spec_or_fields, keep_sequence=True)
@@ -187,8 +188,28 @@ def save(trace: Trace, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _memmap_tensor(path: str, name: str) -> np.ndarray:
+    """Map one tensor of a safetensors file read-only without reading it (layout: 8-byte
+    little-endian header size, JSON header with dtype/shape/data_offsets, then the data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    info = header[name]
+    dtypes = {"I16": np.int16, "U64": np.uint64, "U32": np.uint32}
+    if info["dtype"] not in dtypes:
+        raise TraceError(f"{path}: tensor {name!r} has dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    dt = np.dtype(dtypes[info["dtype"]]).newbyteorder("<")
+    if end - begin != int(np.prod(shape)) * dt.itemsize:
+        raise TraceError(f"{path}: tensor {name!r} byte range does not match its shape")
+    if end == begin:
+        return np.zeros(shape, dtype=dt)
+    return np.memmap(path, dtype=dt, mode="r", offset=8 + n + begin, shape=shape)
+
+
 def load(path: str, with_sequence: bool = True) -> Trace:
-    """Load a trace file. The sequence is read lazily from the mmapped file."""
+    """Load a trace file. Counts are read; the sequence is memory-mapped (read on use)."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -211,7 +232,7 @@ def load(path: str, with_sequence: bool = True) -> Trace:
         if "counts" not in keys:
             raise TraceError(f"{path}: tensor 'counts' missing")
         counts = f.get_tensor("counts")
-        seq = f.get_tensor("seq") if with_sequence and "seq" in keys else None
+    seq = _memmap_tensor(path, "seq") if with_sequence and "seq" in keys else None
     try:
         return Trace(model_id=h["model_id"], config_hash=h["config_hash"], layers=h["layers"],
                      num_experts=int(h["num_experts"]), top_k=int(h["top_k"]), counts=counts,
