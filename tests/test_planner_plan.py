@@ -138,3 +138,21 @@ def test_plan_refuses_trace_of_other_model():
     cm = CostModel(spec, reference_workstation(parse_bytes("48GiB")))
     with pytest.raises(planner.PlanError, match="trace is for model"):
         planner.make_plan(cm, tr, 32768)
+
+
+def test_no_overlap_plan_equals_brute_force():
+    # Without a GPU the parts add up: the plan must still be optimal (and never cache an expert
+    # that is slower on the "device" than on the CPU).
+    for seed in range(6):
+        c = _costs(seed, gpu_scale=1.0)
+        c.gpu = c.gpu * np.random.default_rng(seed).uniform(0.3, 2.0, size=c.gpu.shape)
+        c.overlap = False
+        masks = _all_masks(3, 5)
+        cpu = c.cpu_fix + np.where(masks, 0.0, c.cpu).sum(axis=2)
+        gpu = c.gpu_fix + np.where(masks, c.gpu, 0.0).sum(axis=2)
+        times = c.other + (c.serial + c.sync + cpu + gpu).sum(axis=1)
+        used = masks.reshape(len(masks), -1).sum(axis=1)
+        for slots in (0, 2, 5, 9, 15):
+            m = planner.place_optimal(c, slots)
+            assert m.sum() <= slots
+            assert c.step_time(m) == pytest.approx(times[used <= slots].min(), rel=1e-12)

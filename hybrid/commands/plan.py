@@ -73,6 +73,11 @@ def main(args) -> int:
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         machine = machine_from_arg(args.machine, vram)
+        if not machine.gpu_present:
+            raise ValueError(f"--machine {args.machine}: no GPU, so every expert runs on the CPU "
+                             f"and there is nothing to place; plan for a GPU with --machine "
+                             f"reference or a machine YAML (`hybrid doctor` shows this "
+                             f"machine's expected speed)")
         loaded = []
         for path in args.trace:
             with con.status(f"loading {path}"):

@@ -194,6 +194,10 @@ def machine_from_arg(arg: str | None, vram: int | None = None, measure: bool = T
     else:
         raise ValueError(f"--machine {arg!r}: expected 'reference', 'local' or a YAML file path")
     if vram is not None:
+        if not m.gpu_present:
+            raise ValueError(f"--machine {arg}: this machine has no GPU, so there is no VRAM to "
+                             f"plan for; use --machine reference or a machine YAML describing "
+                             f"the GPU you mean")
         m.vram_bytes = int(vram)
         m.sources["vram_bytes"] = "given on the command line"
     return m

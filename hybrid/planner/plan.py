@@ -164,6 +164,14 @@ def place_topn(counts: np.ndarray, slots: int) -> np.ndarray:
 def place_optimal(costs: LayerCosts, slots: int) -> np.ndarray:
     """Exact optimum over per-layer prefix placements (module docstring, points 1-2)."""
     L, E = costs.cpu.shape
+    if not costs.overlap:
+        # No overlap (no GPU: both parts take turns on the CPU): time is linear in the set,
+        # caching e saves cpu - gpu, so the largest positive savings are exactly optimal.
+        save = (costs.cpu - costs.gpu).reshape(-1)
+        order = np.argsort(-save, kind="stable")[: min(slots, save.size)]
+        mask = np.zeros(save.size, dtype=bool)
+        mask[order[save[order] > 0]] = True
+        return mask.reshape(L, E)
     orders = np.argsort(-costs.cpu, axis=1, kind="stable")            # [L, E]
     c = np.take_along_axis(costs.cpu, orders, axis=1)
     g = np.take_along_axis(costs.gpu, orders, axis=1)
