@@ -7,8 +7,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -469,6 +472,44 @@ struct PyMoE {
   }
 };
 
+// A pool job for tests of the pool itself: every phase checks that all team threads finished the
+// previous phase (the barrier), counts itself, optionally sleeps, and one (phase, thread) may throw.
+struct PyPoolJob {
+  ThreadPool::Handle handle;
+  std::shared_ptr<std::vector<std::atomic<int>>> counts;
+  void wait() {
+    py::gil_scoped_release r;
+    ThreadPool::wait(handle);
+  }
+  bool done() const { return ThreadPool::finished(handle); }
+  std::vector<int> phase_counts() const {
+    std::vector<int> out;
+    for (auto& c : *counts) out.push_back(c.load());
+    return out;
+  }
+};
+
+PyPoolJob pool_test_job(int phases, int fail_phase, int fail_tid, int sleep_us, int team) {
+  if (phases < 1) throw py::value_error("phases must be >= 1");
+  auto pool = global_pool();
+  auto counts = std::make_shared<std::vector<std::atomic<int>>>(size_t(phases));
+  std::vector<ThreadPool::Phase> ph;
+  for (int p = 0; p < phases; ++p) {
+    ph.push_back([=](int tid, int team_size) {
+      if (p > 0 && (*counts)[size_t(p - 1)].load() != team_size)
+        throw std::logic_error("barrier violated: phase " + std::to_string(p) + " started early");
+      (*counts)[size_t(p)].fetch_add(1);
+      if (sleep_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+      if (p == fail_phase && tid == fail_tid)
+        throw std::runtime_error("injected failure in phase " + std::to_string(p) + ", thread " + std::to_string(tid));
+    });
+  }
+  PyPoolJob j;
+  j.counts = counts;
+  j.handle = pool->submit(std::move(ph), team);
+  return j;
+}
+
 std::string mode_name(ActMode m) { return m == ActMode::Fast ? "fast" : "precise"; }
 
 py::dict cpu_info_dict() {
@@ -544,6 +585,15 @@ PYBIND11_MODULE(_native, m) {
   m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
         py::arg("k"), "packed -> float32 [N, K]");
 
+  m.def("kernel_entries", [](const std::string& isa) {
+    const KernelTable& t = resolved_table(isa);
+    py::dict d;
+    d["quantize_row_a8"] = t.quantize_row_a8 != nullptr;
+    d["matmul_a8"] = t.matmul_a8 != nullptr;
+    d["matmul_f32"] = t.matmul_f32 != nullptr;
+    d["matmul_a16"] = t.matmul_a16 != nullptr;
+    return d;
+  }, py::arg("isa"), "which entries the resolved table of `isa` has (after filling)");
   m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));
   m.def("kernel_matmul_a8", &py_kernel_matmul_a8, py::arg("isa"), py::arg("format"), py::arg("qweight"),
         py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("scale"), py::arg("gsum"),
@@ -562,6 +612,13 @@ PYBIND11_MODULE(_native, m) {
                                    int64_t b1) {
     return float_matmul(FloatEntry::A16Reference, "scalar", "bf16", q, py::none(), n, k, x, b0, b1);
   }, py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
+
+  py::class_<PyPoolJob>(m, "PoolTestJob")
+      .def("wait", &PyPoolJob::wait)
+      .def_property_readonly("done", &PyPoolJob::done)
+      .def_property_readonly("phase_counts", &PyPoolJob::phase_counts);
+  m.def("pool_test_job", &pool_test_job, py::arg("phases"), py::arg("fail_phase") = -1, py::arg("fail_tid") = -1,
+        py::arg("sleep_us") = 0, py::arg("team") = 0, "tests: a pool job that checks its barriers");
 
   py::class_<PyLayer>(m, "Layer")
       .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i) {
@@ -607,6 +664,8 @@ PYBIND11_MODULE(_native, m) {
       .def("submit", &PyMoE::submit, py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("skip_mask"),
            py::arg("y"), py::arg("accumulate") = false)
       .def("sync", &PyMoE::sync)
+      .def("inject_fault", [](PyMoE& p, const std::string& msg) { p.op->inject_fault(msg); }, py::arg("message"),
+           "tests: the next job fails in a worker with RuntimeError(message) at sync()")
       .def_property_readonly("pending", [](const PyMoE& p) { return p.op->pending(); })
       .def_property_readonly("isa", [](const PyMoE& p) { return p.op->isa(); })
       .def_property_readonly("mode", [](const PyMoE& p) { return mode_name(p.op->mode()); });
@@ -616,8 +675,9 @@ PYBIND11_MODULE(_native, m) {
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
 //   default_threads, num_threads, set_num_threads, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
-//   kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
+//   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
 //   reference_matmul_a16
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
-//   MoE(layer, mode, threads, isa): submit, sync, pending, isa, mode
+//   MoE(layer, mode, threads, isa): submit, sync, pending, isa, mode, inject_fault
+//   pool_test_job -> PoolTestJob: wait, done, phase_counts

@@ -49,6 +49,11 @@ bool MoeOperator::int8_acts() const {
   return mode_ == ActMode::Fast && layer_->format() != WeightFormat::BF16;
 }
 
+void MoeOperator::inject_fault(const std::string& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  fault_ = message;
+}
+
 void MoeOperator::submit(const MoeCall& c) {
   std::lock_guard<std::mutex> lock(mu_);
   if (job_)
@@ -125,6 +130,8 @@ void MoeOperator::submit(const MoeCall& c) {
   for (int i = 0; i < team_; ++i) grow(tmp_[size_t(i)], tmp_floats);
 
   call_ = c;
+  job_fault_ = std::move(fault_);
+  fault_.clear();
   job_ = pool_->submit({[this](int tid, int team) { phase_prep(tid, team); },
                         [this](int tid, int team) { phase_gate_up(tid, team); },
                         [this](int tid, int team) { phase_down(tid, team); }},
@@ -196,6 +203,7 @@ void MoeOperator::phase_gate_up(int tid, int team) {
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), GI = I / kGroup;
   const WeightFormat f = layer_->format();
   const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
+  if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
   auto [u0, u1] = pool_->split(gate_up_units(I), tid, team);
   float* tmp = tmp_[size_t(tid)].data();
   float hbuf[kGroup];

@@ -66,6 +66,10 @@ class MoeOperator {
   void sync();
   bool pending() const;
 
+  // Tests only: the next submitted job throws std::runtime_error(message) from one worker in its
+  // gate_up phase, which is how tests check that worker errors come back at sync().
+  void inject_fault(const std::string& message);
+
   const std::string& isa() const { return isa_; }
   ActMode mode() const { return mode_; }
   const PackedLayer& layer() const { return *layer_; }
@@ -90,6 +94,7 @@ class MoeOperator {
   // The call being run and its routing (valid while a job is pending).
   MoeCall call_;
   int team_ = 1;
+  std::string fault_, job_fault_;       // inject_fault(): armed, and for the running job
   std::vector<int32_t> act_expert_;     // [A] active experts, ascending
   std::vector<int64_t> act_start_;      // [A + 1] first pair of each active expert
   std::vector<int32_t> pair_token_;     // [P]

@@ -179,8 +179,12 @@ ThreadPool::Handle ThreadPool::submit(std::vector<Phase> phases, int team) {
 void ThreadPool::wait(const Handle& job) {
   wait_until(job->done, [&] { return job->done.load(std::memory_order_acquire) != 0; });
   if (job->failed.load()) {
-    std::lock_guard<std::mutex> lock(job->err_mu);
-    throw std::runtime_error(job->error);
+    std::exception_ptr e;
+    {
+      std::lock_guard<std::mutex> lock(job->err_mu);
+      e = job->error;
+    }
+    std::rethrow_exception(e);
   }
 }
 
@@ -201,12 +205,10 @@ void ThreadPool::run_job(Job& job, int tid) {
     if (!job.failed.load(std::memory_order_acquire)) {
       try {
         job.phases[p](tid, job.team);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(job.err_mu);
-        if (!job.failed.exchange(true)) job.error = e.what();
       } catch (...) {
         std::lock_guard<std::mutex> lock(job.err_mu);
-        if (!job.failed.exchange(true)) job.error = "unknown C++ exception in a worker thread";
+        if (!job.failed.load()) job.error = std::current_exception();
+        job.failed.store(true, std::memory_order_release);
       }
     }
     if (p + 1 < job.phases.size()) barrier(job);

@@ -2,8 +2,8 @@
 //
 // A Job is a list of phases; each phase runs fn(tid, team) on every thread of the job's team
 // (the first `team` workers), with a barrier between phases. submit() returns at once;
-// wait() blocks until the job is done and rethrows, as std::runtime_error, the first exception a
-// worker threw (the remaining phases of that job are skipped, never left hanging in a barrier).
+// wait() blocks until the job is done and rethrows the first exception a worker threw, as it was
+// thrown (the remaining phases of that job are skipped, never left hanging in a barrier).
 // Jobs run in submission order, one at a time, so several operators (or Python threads) can
 // submit to the same pool.
 //
@@ -18,6 +18,7 @@
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -49,7 +50,7 @@ class ThreadPool {
     std::atomic<uint32_t> done{0};       // futex word: 1 when finished
     std::atomic<bool> failed{false};
     std::mutex err_mu;
-    std::string error;                   // first worker exception's message
+    std::exception_ptr error;            // first worker exception
     std::atomic<int> arrived{0};         // barrier
     std::atomic<uint32_t> barrier_gen{0};
   };
@@ -67,7 +68,7 @@ class ThreadPool {
 
   // team <= 0 or > size(): the whole pool.
   Handle submit(std::vector<Phase> phases, int team = 0);
-  static void wait(const Handle& job);   // throws std::runtime_error on a worker exception
+  static void wait(const Handle& job);   // rethrows the first worker exception
   static bool finished(const Handle& job) { return job->done.load() != 0; }
   void run(std::vector<Phase> phases, int team = 0) { wait(submit(std::move(phases), team)); }
 

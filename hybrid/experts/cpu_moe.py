@@ -109,8 +109,12 @@ class PackedLayer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PackedLayer":
-        """mmap a packed layer file (read-only); the header is validated against the file."""
-        return cls(native.lib().Layer.open(os.fspath(path)))
+        """mmap a packed layer file (read-only); the header is validated against the file
+        (ValueError naming the file and field when it is not a valid packed layer file)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"packed layer file not found: {path!r}")
+        return cls(native.lib().Layer.open(path))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the packed layer file atomically (temp file in the same folder, fsync, rename)."""
