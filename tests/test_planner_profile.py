@@ -1,5 +1,7 @@
 """Profiles: written by `hybrid plan`, read back, refused for the wrong model or too little VRAM."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -76,3 +78,38 @@ def test_compact_ids_round_trip():
     assert compact_ids([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     with pytest.raises(ValueError, match="twice"):
         expand_ids("1-3,2", 10)
+
+
+def test_plot_writes_pngs(tmp_path):
+    spec = load_model_spec("kimi-k2.5")
+    tpath = str(tmp_path / "t.safetensors")
+    traces.save(make_trace(spec, 200, seed=2, keep_sequence=False), tpath)
+    out = tmp_path / "plots"
+    assert cli_main(["plan", "--trace", tpath, "--vram", "24GiB", "--device-weights", "int8",
+                     "--plot", str(out)]) == 0
+    for name in ("expert_frequency.png", "toks_vs_vram.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_trace_script(tmp_path):
+    import runpy
+    import sys
+
+    out = tmp_path / "s.safetensors"
+    argv = sys.argv
+    sys.argv = ["make_synthetic_traces.py", "--out", str(out), "--tokens", "300",
+                "--drift-every", "100", "--drift-fraction", "0.1", "--seed", "3"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            script = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic_traces.py"
+            runpy.run_path(str(script), run_name="__main__")
+        assert e.value.code == 0
+    finally:
+        sys.argv = argv
+    tr = traces.load(str(out))
+    assert tr.synthetic and "synthetic" in tr.source and "drift 0.1" in tr.source
+    assert tr.tokens == 300 and tr.seq.shape == (300, 60, 8)
+    assert len(tr.notes["zipf_exponents"]) == 60
+    # every token picks K distinct experts in every layer
+    s = np.sort(np.asarray(tr.seq), axis=2)
+    assert (np.diff(s, axis=2) > 0).all()
