@@ -21,8 +21,8 @@ def logits_of(probs):
 
 
 def kept(probs, top_k=0, top_p=1.0, min_p=0.0):
-    sorted_logits = logits_of(probs)[None]  # already descending
-    m = truncation_mask(sorted_logits, torch.tensor([top_k]), torch.tensor([top_p]),
+    sorted_probs = torch.tensor(probs)[None]  # already descending
+    m = truncation_mask(sorted_probs, torch.tensor([top_k]), torch.tensor([top_p]),
                         torch.tensor([min_p]))
     return int((~m).sum())
 
@@ -147,3 +147,23 @@ def test_logprobs_top_n():
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(top_p=0.9), SamplingParams(top_k=5, top_p=0.97), SamplingParams(min_p=0.05),
+    SamplingParams(temperature=2.0, top_p=0.999),  # flat: candidates do not cover, full sort
+])
+def test_candidate_shortcut_equals_full_sort(monkeypatch, params):
+    import hybrid.engine.sampling as sampling
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 300, generator=g) * 3.0
+
+    def draw():
+        rows = [row(params, seed=s) for s in range(6)]
+        return [[x.token_id for x in sample(logits, rows)] for _ in range(30)]
+
+    monkeypatch.setattr(sampling, "CANDIDATES", (16, 64))
+    short = draw()
+    monkeypatch.setattr(sampling, "CANDIDATES", ())
+    assert short == draw()

@@ -110,54 +110,81 @@ class Sampled:
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-    """Return logits [B, V] with each row's penalties applied (the input is not modified)."""
+    """Return logits [B, V] with each row's penalties applied (the input is not modified).
+    Only the ids a row has seen are touched, so the cost is per seen token, not per V."""
     out = logits
     for b, row in enumerate(rows):
         p = row.params
-        need_freq = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        need_rep = p.repetition_penalty != 1.0
+        need_freq = (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and len(row.output_ids)
+        need_rep = p.repetition_penalty != 1.0 and (len(row.prompt_ids) or len(row.output_ids))
         if not (need_freq or need_rep):
             continue
         if out is logits:
             out = logits.clone()
-        V = out.shape[1]
-        if need_freq and len(row.output_ids):
-            ids = torch.as_tensor(list(row.output_ids), dtype=torch.long, device=out.device)
-            counts = torch.bincount(ids, minlength=V)[:V].to(out.dtype)  # [V]
-            out[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
+        if need_freq:
+            ids, counts = torch.unique(torch.as_tensor(list(row.output_ids), dtype=torch.long),
+                                       return_counts=True)
+            ids, counts = ids.to(out.device), counts.to(out.device, out.dtype)
+            out[b, ids] -= p.frequency_penalty * counts + p.presence_penalty
         if need_rep:
             seen = list(row.prompt_ids) + list(row.output_ids)
-            if seen:
-                ids = torch.unique(torch.as_tensor(seen, dtype=torch.long, device=out.device))
-                vals = out[b, ids]
-                # Dividing a positive logit and multiplying a negative one both lower it.
-                out[b, ids] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                          vals * p.repetition_penalty)
+            ids = torch.unique(torch.as_tensor(seen, dtype=torch.long)).to(out.device)
+            vals = out[b, ids]
+            # Dividing a positive logit and multiplying a negative one both lower it.
+            out[b, ids] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                      vals * p.repetition_penalty)
     return out
 
 
-def truncation_mask(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+def truncation_mask(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor) -> torch.Tensor:
     """Which sorted positions are removed by top-k, then top-p, then min-p.
 
-    sorted_logits [B, V] are temperature-scaled logits sorted descending; top_k [B] (0 = off),
-    top_p [B], min_p [B]. Returns a bool mask [B, V], True = removed. Each filter removes a
-    suffix of the sorted order, and position 0 (the best token) is never removed.
+    sorted_probs [B, C]: the C most likely tokens' probabilities under the full (temperature
+    scaled) distribution, descending; C may be less than V when the rest is known to be cut.
+    top_k [B] (0 = off, at most C), top_p [B], min_p [B]. Returns a bool mask [B, C], True =
+    removed. Each filter removes a suffix; position 0 (the best token) is never removed.
     """
-    B, V = sorted_logits.shape
-    rank = torch.arange(V, device=sorted_logits.device).expand(B, V)  # [B, V]
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-    removed = rank >= k[:, None]  # [B, V]
-
-    probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)  # [B, V]
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-    removed |= (before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-
-    probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
-    # min-p is relative to the best token, so renormalising after top-k/top-p does not change it.
-    removed |= probs < (min_p[:, None] * probs[:, :1])
+    B, C = sorted_probs.shape
+    rank = torch.arange(C, device=sorted_probs.device).expand(B, C)  # [B, C]
+    k_on = top_k > 0
+    removed = k_on[:, None] & (rank >= top_k[:, None])  # [B, C]
+    cum = torch.cumsum(sorted_probs, dim=-1)  # [B, C]
+    # top-p sees the distribution top-k left, renormalised: compare against the kept mass.
+    kept_mass = torch.where(k_on, cum.gather(1, (top_k - 1).clamp(0, C - 1)[:, None])[:, 0],
+                            torch.ones_like(cum[:, 0]))  # [B]
+    before = cum - sorted_probs  # mass of strictly better tokens
+    removed |= (before >= (top_p * kept_mass)[:, None]) & (top_p[:, None] < 1.0)
+    # min-p is relative to the best token, so renormalising does not change it.
+    removed |= sorted_probs < (min_p[:, None] * sorted_probs[:, :1])
     removed[:, 0] = False
     return removed
+
+
+def _candidates(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens, enough of them that every row's kept set lies inside.
+
+    Sorting a 160K vocabulary per row is the slow part of sampling on a CPU; the kept set is
+    almost always a few hundred tokens. Try the top CANDIDATES[0] (or the largest top_k); while
+    some row's filters might keep more than that (a flat distribution), try more, and in the
+    end sort everything.
+    Returns (probabilities [S, C] descending, token ids [S, C]).
+    """
+    V = probs.shape[1]
+    for C in CANDIDATES:
+        C = max(C, int(top_k.max()))
+        if C >= V:
+            break
+        vals, ids = torch.topk(probs, C, dim=-1)  # [S, C], sorted
+        covered = ((top_k > 0) & (top_k <= C)) | ((top_p < 1.0) & (vals.sum(-1) >= top_p)) \
+            | ((min_p > 0.0) & (vals[:, -1] < min_p * vals[:, 0]))
+        if bool(covered.all()):
+            return vals, ids
+    return torch.sort(probs, dim=-1, descending=True)
+
+
+CANDIDATES = (1024, 16384)  # tried in turn before a full sort
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
@@ -174,19 +201,16 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         idx = torch.as_tensor(sampled_rows, device=dev)
         sub = [rows[b].params for b in sampled_rows]
         temp = torch.tensor([p.temperature for p in sub], device=dev)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else 0 for p in sub], device=dev)
+        top_k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else 0 for p in sub], device=dev)
         top_p = torch.tensor([p.top_p for p in sub], device=dev)
         min_p = torch.tensor([p.min_p for p in sub], device=dev)
-        scaled = logits[idx] / temp[:, None]  # [S, V]
+        probs = torch.softmax(logits[idx] / temp[:, None], dim=-1)  # [S, V]
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):
-            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)  # [S, V]
-            removed = truncation_mask(sorted_logits, top_k, top_p, min_p)
+            probs, order = _candidates(probs, top_k, top_p, min_p)  # [S, C]
+            probs = probs.masked_fill(truncation_mask(probs, top_k, top_p, min_p), 0.0)
         else:  # plain temperature sampling: the CDF works in vocabulary order, no sort needed
-            sorted_logits = scaled
-            order = torch.arange(V, device=dev).expand_as(scaled)
-            removed = torch.zeros_like(scaled, dtype=torch.bool)
-        probs = torch.softmax(sorted_logits.masked_fill(removed, float("-inf")), dim=-1)
-        cdf = torch.cumsum(probs, dim=-1)  # [S, V]
+            order = None
+        cdf = torch.cumsum(probs, dim=-1)  # [S, C]
         # One uniform per row from that row's own generator, on the CPU.
         u = torch.stack([torch.rand((), generator=rows[b].generator) for b in sampled_rows])
         target = u.to(dev)[:, None] * cdf[:, -1:]  # [S, 1]
@@ -195,7 +219,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         # adds probability (never a removed or zero-probability one).
         last = torch.searchsorted(cdf, cdf[:, -1:].contiguous(), right=False)[:, 0]  # [S]
         pos = torch.minimum(pos, last)
-        chosen[idx] = order.gather(1, pos[:, None])[:, 0]
+        chosen[idx] = pos if order is None else order.gather(1, pos[:, None])[:, 0]
 
     chosen_list = chosen.tolist()
     results = [Sampled(token_id=t) for t in chosen_list]
