@@ -19,8 +19,11 @@ Breakdown of a decode step (seconds per token, summed over layers):
   shared      shared expert on the device (overlaps the CPU engine's work)
   sync wait   waiting for the CPU engine after the shared expert is done
   other       embedding, norms, dense MLP, LM head, Python
-Python overhead: wall time not spent inside torch ops or the CPU engine (torch.profiler's
-self time of all ops), per layer per decoded token.
+Python overhead: time the interpreter spends in Python functions themselves (cProfile tottime;
+calls cProfile sees as builtins, e.g. F.linear and the CPU engine, excluded), per layer per
+decoded token. An upper bound: tensor operators invoked through C slots (x * y, x[i]) count as
+Python time, and cProfile inflates every call. On a tiny-width checkpoint the whole step time
+per layer is the other bound (host time with negligible compute).
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, threads: int | None, seed: int) -> dict:
+def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, threads: int | None, seed: int,
+          torch_threads: int | None = None, dtype: str = "bf16") -> dict:
     import torch
 
     import hybrid
@@ -163,8 +167,11 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
     opts = {"threads": threads} if threads else {}
     if backend:
         opts["experts_backend"] = backend
-    model = hybrid.load(model_dir, max_len=prompt + decode + 1, **opts)
+    model = hybrid.load(model_dir, max_len=prompt + decode + 8, dtype=torch.float32 if dtype == "fp32" else None,
+                        **opts)
     load_s = time.perf_counter() - t0
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     rss_loaded = rss_bytes()
     net, cfg = model.net, model.config
     dev = net.device
@@ -174,7 +181,7 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, cfg.vocab_size, (prompt,), generator=g)
-    cache = model.new_cache(1, prompt + decode + 1)
+    cache = model.new_cache(1, prompt + decode + 8)
     pos = torch.arange(prompt)
     last = torch.tensor([prompt - 1])
     net.forward(ids[:8], pos[:8], torch.zeros(8, dtype=torch.long), cache, last[:1] * 0 + 7)  # warm-up
@@ -211,23 +218,23 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
              "sync wait": moe.get("experts_wait", 0.0)}
     parts["other"] = max(0.0, decode_s - sum(parts.values()))
 
-    # Python overhead: profile a few decode steps; op self time vs wall time.
-    from torch.profiler import ProfilerActivity, profile
+    # Python overhead: cProfile a few decode steps and add up the time spent in Python
+    # functions themselves (tottime), leaving out builtins and C extension calls (torch ops,
+    # the CPU engine), which cProfile lists as "{built-in ...}" / "{method ...}" entries.
+    import cProfile
+    import pstats
 
     n_prof = min(4, decode)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for tm in moe_timers:
-            tm.totals.clear()
-        for i in range(n_prof):
-            p = prompt + decode + i if prompt + decode + i < cache.max_len else prompt + i
-            logits = net.forward(torch.tensor([tok]), torch.tensor([p]), torch.tensor([0]), cache)
-        sync()
-        prof_wall = time.perf_counter() - t
-    ops_s = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
-    engine_s = sum(tm.totals.get("experts_submit", 0.0) + tm.totals.get("experts_wait", 0.0)
-                   for tm in {id(t): t for t in moe_timers}.values()) if backend != "torch" else 0.0
-    overhead = max(0.0, prof_wall - ops_s - engine_s) / (n_prof * L)
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(n_prof):
+        p = prompt + decode + i
+        logits = net.forward(torch.tensor([tok]), torch.tensor([p]), torch.tensor([0]), cache)
+    sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+    py_s = sum(v[2] for (f, _, name), v in stats.items() if not name.startswith("{") and f != "~")
+    overhead = py_s / (n_prof * L)
 
     routed = getattr(net, "experts_loader", None)
     packed_bytes = 0
@@ -241,7 +248,8 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
         "decode_tokens": decode, "decode_tok_s": round(decode / decode_s, 3),
         "decode_step_ms": round(1000 * decode_s / decode, 2),
         "step_breakdown_ms": {k2: round(1000 * v / decode, 3) for k2, v in parts.items()},
-        "python_overhead_us_per_layer_token": round(1e6 * overhead, 1),
+        "python_overhead_us_per_layer_token_upper_bound": round(1e6 * overhead, 1),
+        "step_us_per_layer": round(1e6 * decode_s / decode / L, 1),
         "rss_before_load_gb": round(rss0 / 2**30, 2), "rss_after_load_gb": round(rss_loaded / 2**30, 2),
         "rss_end_gb": round(rss_bytes() / 2**30, 2), "packed_experts_gb": round(packed_bytes / 2**30, 2),
         "experts_loader": routed.stats if routed else None,
@@ -258,6 +266,10 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--backend", choices=["cpu", "torch"], default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads after loading (default: hybrid.load's choice); 1 helps "
+                         "on an oversubscribed machine, where every multi-threaded op waits for a core")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -267,7 +279,8 @@ def main(argv=None) -> int:
     if args.synthetic and not (path / "config.json").is_file():
         print(f"writing synthetic K2.5-width checkpoint to {path} ...", file=sys.stderr)
         write_synthetic(path, vocab=args.vocab, seed=args.seed)
-    res = bench(path, args.prompt, args.decode, args.backend, args.threads, args.seed)
+    res = bench(path, args.prompt, args.decode, args.backend, args.threads, args.seed,
+                args.torch_threads, args.dtype)
     if args.json:
         print(json.dumps(res))
     else:

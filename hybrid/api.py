@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +56,12 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
     opts = dict(options)
-    backend = opts.pop("experts_backend", None) or ("cpu" if _native_available() else "torch")
+    backend = opts.pop("experts_backend", None)
+    if backend is None:
+        backend = "cpu" if _native_available() else "torch"
+        if backend == "torch":
+            warnings.warn("hybrid._native is not built (pip install -e .): routed experts run on the "
+                          "plain torch backend, which is much slower")
     expert_format = opts.pop("expert_format", None)
     formats = device_formats_option(opts.pop("device_weights", None))
     packed_cache = bool(opts.pop("packed_cache", False))
