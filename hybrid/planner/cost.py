@@ -78,8 +78,10 @@ class MachineSpec:
         return self.cpu_read_gbps * self.cpu_kernel_efficiency
 
     def summary(self) -> dict:
+        """Everything, with the per-parameter sources last (profiles show where numbers came
+        from)."""
         d = asdict(self)
-        d.pop("sources")
+        d["sources"] = d.pop("sources")
         return d
 
     def to_dict(self) -> dict:
@@ -125,10 +127,10 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
         cpu_name="server CPU, 8-channel DDR5-4800 (e.g. Xeon w/ AMX)",
         gpu_name="24 GB class GPU on PCIe 4.0 x16 (e.g. RTX 4090)", cpu_cores=32,
         sources={
-            "cpu_read_gbps": "assumed: 8 channels x 4800 MT/s x 8 B = 307 GB/s peak; ~300 usable "
-                             "streaming read (brief's reference figure)",
-            "cpu_kernel_efficiency": "assumed: INT4 GEMV reaching 75% of streaming read; replace "
-                                     "with `hybrid bench` on a real machine",
+            "cpu_read_gbps": "assumed: 8 channels x 4800 MT/s x 8 B = 307 GB/s peak; ~300 GB/s "
+                             "streaming read (the project's reference figure)",
+            "cpu_kernel_efficiency": "assumed: INT4 GEMV reaching 75% of streaming read; "
+                                     "`hybrid doctor` measures it on a real machine",
             "cpu_matmul_tops": "assumed: 32 cores AMX int8 ~130 TOPS peak, ~30% sustained in MoE "
                                "GEMM with dequant",
             "gpu_mem_gbps": "assumed: RTX 4090 1008 GB/s peak, ~90% achievable",
