@@ -39,17 +39,19 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) double peak_vpdpbusd(int6
 
 // vpmaddubsw + vpmaddwd + vpaddd (zmm): the int8 step of the avx512 path without VNNI.
 __attribute__((target("avx512f,avx512bw"))) double peak_vpmaddubsw512(int64_t iters) {
-  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2), one = _mm512_set1_epi16(1);
+  // Six different u8 operands (opaque to the compiler) so the six products are not merged.
+  __m512i a0 = _mm512_set1_epi8(3), a1 = _mm512_set1_epi8(4), a2 = _mm512_set1_epi8(5), a3 = _mm512_set1_epi8(6),
+          a4 = _mm512_set1_epi8(7), a5 = _mm512_set1_epi8(8), b = _mm512_set1_epi8(-2), one = _mm512_set1_epi16(1);
   __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
   for (int64_t i = 0; i < iters; ++i) {
-    c0 = _mm512_add_epi32(c0, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    c1 = _mm512_add_epi32(c1, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    c2 = _mm512_add_epi32(c2, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    c3 = _mm512_add_epi32(c3, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    c4 = _mm512_add_epi32(c4, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    c5 = _mm512_add_epi32(c5, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), one));
-    __asm__ volatile("" : "+v"(a), "+v"(b), "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3));
-    __asm__ volatile("" : "+v"(c4), "+v"(c5));
+    c0 = _mm512_add_epi32(c0, _mm512_madd_epi16(_mm512_maddubs_epi16(a0, b), one));
+    c1 = _mm512_add_epi32(c1, _mm512_madd_epi16(_mm512_maddubs_epi16(a1, b), one));
+    c2 = _mm512_add_epi32(c2, _mm512_madd_epi16(_mm512_maddubs_epi16(a2, b), one));
+    c3 = _mm512_add_epi32(c3, _mm512_madd_epi16(_mm512_maddubs_epi16(a3, b), one));
+    c4 = _mm512_add_epi32(c4, _mm512_madd_epi16(_mm512_maddubs_epi16(a4, b), one));
+    c5 = _mm512_add_epi32(c5, _mm512_madd_epi16(_mm512_maddubs_epi16(a5, b), one));
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5));
+    __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5));
   }
   volatile int32_t sink = _mm512_reduce_add_epi32(
       _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(_mm512_add_epi32(c2, c3), _mm512_add_epi32(c4, c5))));
@@ -59,17 +61,19 @@ __attribute__((target("avx512f,avx512bw"))) double peak_vpmaddubsw512(int64_t it
 
 // The same with ymm (the avx2 path).
 __attribute__((target("avx2"))) double peak_vpmaddubsw256(int64_t iters) {
-  __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2), one = _mm256_set1_epi16(1);
+  // Six different u8 operands (opaque to the compiler) so the six products are not merged.
+  __m256i a0 = _mm256_set1_epi8(3), a1 = _mm256_set1_epi8(4), a2 = _mm256_set1_epi8(5), a3 = _mm256_set1_epi8(6),
+          a4 = _mm256_set1_epi8(7), a5 = _mm256_set1_epi8(8), b = _mm256_set1_epi8(-2), one = _mm256_set1_epi16(1);
   __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
   for (int64_t i = 0; i < iters; ++i) {
-    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), one));
-    __asm__ volatile("" : "+x"(a), "+x"(b), "+x"(c0), "+x"(c1), "+x"(c2), "+x"(c3));
-    __asm__ volatile("" : "+x"(c4), "+x"(c5));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b), one));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b), one));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a2, b), one));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(a3, b), one));
+    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_maddubs_epi16(a4, b), one));
+    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_maddubs_epi16(a5, b), one));
+    __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5));
+    __asm__ volatile("" : "+x"(c0), "+x"(c1), "+x"(c2), "+x"(c3), "+x"(c4), "+x"(c5));
   }
   __m256i s = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(_mm256_add_epi32(c2, c3), _mm256_add_epi32(c4, c5)));
   volatile int32_t sink = _mm256_extract_epi32(s, 0);

@@ -39,17 +39,14 @@ static void amx_configure(int m) {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
-  #pragma GCC unroll 16
   for (int i = 0; i < 2; ++i) {  // tmm0, tmm1: A (activations of group g, g + 1)
     cfg.rows[i] = uint8_t(m);
     cfg.colsb[i] = 32;
   }
-  #pragma GCC unroll 16
   for (int i = 2; i < 4; ++i) {  // tmm2, tmm3: B (weights of group g, g + 1)
     cfg.rows[i] = 8;
     cfg.colsb[i] = 64;
   }
-  #pragma GCC unroll 16
   for (int i = 4; i < 6; ++i) {  // tmm4, tmm5: C (int32 sums of group g, g + 1)
     cfg.rows[i] = uint8_t(m);
     cfg.colsb[i] = 64;
@@ -61,7 +58,7 @@ static void amx_configure(int m) {
 static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i eight = _mm512_set1_epi8(8);
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int c = 0; c < 4; ++c) {
     __m512i v = _mm512_loadu_si512(p + c * 64);
     __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, m4), eight);

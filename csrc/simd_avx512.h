@@ -87,12 +87,12 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
   const __m512i m4 = _mm512_set1_epi32(0x0F);
   __m512 acc[HY_Z_F32_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
     const __m512 s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(qw + g * 256 + c * 64);
       const int64_t k0 = g * kGroup + 8 * c;
@@ -101,13 +101,13 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
         const int sh = (j < 4) ? 8 * j : 8 * (j - 4) + 4;
         __m512i nib = _mm512_and_si512(_mm512_srli_epi32(v, sh), m4);
         __m512 wv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(nib), s, s8);  // (nib - 8) * s, exact
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int t = 0; t < tt; ++t)
           acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), acc[t]);
       }
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -118,12 +118,12 @@ static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, con
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
   const __m512i m8 = _mm512_set1_epi32(0xFF);
   __m512 acc[HY_Z_F32_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
     const __m512 s128 = _mm512_mul_ps(s, _mm512_set1_ps(128.0f));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) {
       const __m512i v = _mm512_loadu_si512(qw + g * 512 + c * 64);
       const int64_t k0 = g * kGroup + 4 * c;
@@ -131,13 +131,13 @@ static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, con
       for (int j = 0; j < 4; ++j) {
         __m512i byte = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), m8);
         __m512 wv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(byte), s, s128);  // (u8 - 128) * s
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int t = 0; t < tt; ++t)
           acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), acc[t]);
       }
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -147,19 +147,19 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
   const uint8_t* qw = w.qweight + b * kp * 64;
   const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   __m512 acc[HY_Z_F32_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kp; ++p) {
     const __m512i v = _mm512_loadu_si512(qw + p * 64);
     const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  // W[row][2p]
     const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));   // W[row][2p + 1]
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       acc[t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[t * ldx + 2 * p]), acc[t]);
       acc[t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[t * ldx + 2 * p + 1]), acc[t]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -206,24 +206,24 @@ static HY_ALWAYS_INLINE void z_a8bw_i4_tile(const PackedMatrix& w, int64_t b, co
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[HY_Z_A8_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
     __m512i wv[8];  // [chunk c lo, chunk c hi] for c = 0..3: inputs 8c..8c+3, 8c+4..8c+7
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
       __m512i v = _mm512_loadu_si512(p + c * 64);
       wv[2 * c] = _mm512_and_si512(v, m4);
       wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
     }
     const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
       const int8_t* a = x.q + row * x.ldq + g * kGroup;
       __m512i s16 = _mm512_maddubs_epi16(wv[0], z_bcast4(a));
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int i = 1; i < 8; ++i)
         s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(wv[i], z_bcast4(a + 4 * i)));
       __m512i s32 = _mm512_madd_epi16(s16, ones);
@@ -232,7 +232,7 @@ static HY_ALWAYS_INLINE void z_a8bw_i4_tile(const PackedMatrix& w, int64_t b, co
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -244,25 +244,25 @@ static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, co
   const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
   const __m512i ones = _mm512_set1_epi16(1);
   __m512 acc[HY_Z_A8_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
     __m512i wabs[8];
     __mmask64 neg[8];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) {
       __m512i ws = _mm512_xor_si512(_mm512_loadu_si512(p + c * 64), flip);  // q as s8
       neg[c] = _mm512_movepi8_mask(ws);
       wabs[c] = _mm512_abs_epi8(ws);
     }
     const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
       const int8_t* a = x.q + row * x.ldq + g * kGroup;
       __m512i s32 = _mm512_setzero_si512();
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < 8; ++c) {
         __m512i ab = z_bcast4(a + 4 * c);
         __m512i as = _mm512_mask_sub_epi8(ab, neg[c], _mm512_setzero_si512(), ab);  // sign(a, q)
@@ -272,7 +272,7 @@ static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, co
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 

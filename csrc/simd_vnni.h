@@ -28,7 +28,7 @@ static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[HY_V_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
@@ -36,14 +36,14 @@ static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(p + HY_PF + 64 * c), _MM_HINT_T0);
     __m512i wv[8];  // [chunk c lo, chunk c hi]: inputs 8c..8c+3, 8c+4..8c+7 of the group
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
       __m512i v = _mm512_loadu_si512(p + c * 64);
       wv[2 * c] = _mm512_and_si512(v, m4);
       wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
     }
     const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
       const int8_t* a = x.q + row * x.ldq + g * kGroup;
@@ -62,7 +62,7 @@ static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc2, acc[t]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
@@ -74,21 +74,21 @@ static HY_ALWAYS_INLINE void v_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
   const uint8_t* qw = w.qweight + b * ng * 512;
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
   __m512 acc[HY_V_TT_MAX];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
     __m512i wv[8];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(p + c * 64);
     const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
       const int8_t* a = x.q + row * x.ldq + g * kGroup;
       __m512i s0 = _mm512_set1_epi32(-128 * x.gsum[row * ng + g]);
       __m512i s1 = _mm512_setzero_si512();
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < 8; c += 2) {
         s0 = _mm512_dpbusd_epi32(s0, wv[c], z_bcast4(a + 4 * c));
         s1 = _mm512_dpbusd_epi32(s1, wv[c + 1], z_bcast4(a + 4 * c + 4));
@@ -97,7 +97,7 @@ static HY_ALWAYS_INLINE void v_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc2, acc[t]);
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
