@@ -138,10 +138,12 @@ class Engine:
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: deque[_Request] = deque()  # guarded by _lock
+        # Guarded by _lock: the queue, the slot table and the running list, so that admission
+        # happens the moment a slot frees (at submit or at release) and stats() is consistent.
+        self._waiting: deque[_Request] = deque()
         self._cancel_ids: set[int] = set()  # guarded by _lock
-        self._active: list[_Request] = []  # engine thread only
-        self._free_slots = list(range(max_seqs))  # engine thread only; oldest freed first
+        self._active: list[_Request] = []  # holding a slot, in admission order
+        self._free_slots = list(range(max_seqs))  # oldest freed first
         self.prefix_reuse = prefix_reuse
         self._slot_tokens: dict[int, list[int]] = {}  # free slot -> tokens whose KV it holds
         self._ids = itertools.count(1)
@@ -150,7 +152,6 @@ class Engine:
                               requests_failed=0, prompt_tokens=0, prompt_tokens_reused=0,
                               generated_tokens=0, steps=0)
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens generated that step)
-        self._running_count = 0
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
         self._thread.start()
 
@@ -190,6 +191,7 @@ class Engine:
                 raise RuntimeError("Engine is closed")
             self._waiting.append(req)
             self._counters["requests_submitted"] += 1
+            self._admit_locked()
             self._wake.notify()
         return handle
 
@@ -211,7 +213,7 @@ class Engine:
                 self._rate.popleft()
             span = now - self._rate[0][0] if self._rate else 0.0
             tokens = sum(n for _, n in self._rate)
-            return dict(self._counters, running=self._running_count, waiting=len(self._waiting),
+            return dict(self._counters, running=len(self._active), waiting=len(self._waiting),
                         max_seqs=self.max_seqs, max_context=self.max_context,
                         tokens_per_s=tokens / span if span > 0 else 0.0)
 
@@ -262,18 +264,33 @@ class Engine:
                                usage=Usage(len(req.prompt), req.stop.generated)))
 
     def _release(self, req: _Request, kv_valid: bool = True) -> None:
-        """Give the slot back. Its KV is kept for prefix reuse unless a failed step may have
-        left it half written (kv_valid=False), in which case it is reset."""
-        if req.slot is not None:
-            if self.prefix_reuse and kv_valid:
-                self._slot_tokens[req.slot] = req.tokens[:req.computed]
-            else:
-                self._slot_tokens.pop(req.slot, None)
-                self.cache.reset(req.slot)
-            self._free_slots.append(req.slot)
-            req.slot = None
-        if req in self._active:
-            self._active.remove(req)
+        """Give the slot back (engine thread) and admit the next waiting request into it.
+        The KV is kept for prefix reuse unless a failed step may have left it half written
+        (kv_valid=False), in which case it is reset."""
+        if req.slot is not None and not (self.prefix_reuse and kv_valid):
+            self.cache.reset(req.slot)
+        with self._lock:
+            if req.slot is not None:
+                if self.prefix_reuse and kv_valid:
+                    self._slot_tokens[req.slot] = req.tokens[:req.computed]
+                else:
+                    self._slot_tokens.pop(req.slot, None)
+                self._free_slots.append(req.slot)
+                req.slot = None
+            if req in self._active:
+                self._active.remove(req)
+            self._admit_locked()
+
+    def _admit_locked(self) -> None:
+        """Move waiting requests into free slots (caller holds _lock)."""
+        while self._waiting and self._free_slots:
+            req = self._waiting.popleft()
+            req.slot, req.computed = self._pick_slot(req.prompt)
+            self._free_slots.remove(req.slot)
+            self._slot_tokens.pop(req.slot, None)
+            self._active.append(req)
+            self._counters["prompt_tokens"] += len(req.prompt)
+            self._counters["prompt_tokens_reused"] += req.computed
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -285,27 +302,22 @@ class Engine:
                 if self._closed:
                     break
                 cancel, self._cancel_ids = self._cancel_ids, set()
-                while self._waiting and self._free_slots:
-                    req = self._waiting.popleft()
-                    req.slot, req.computed = self._pick_slot(req.prompt)
-                    self._free_slots.remove(req.slot)
-                    self._slot_tokens.pop(req.slot, None)
-                    self._active.append(req)
-                    self._counters["prompt_tokens"] += len(req.prompt)
-                    self._counters["prompt_tokens_reused"] += req.computed
-            for req in [r for r in self._active if r.id in cancel]:
+                self._admit_locked()
+                cancelled = [r for r in self._active if r.id in cancel]
+            for req in cancelled:
                 self._release(req)
                 with self._lock:
                     self._counters["requests_cancelled"] += 1
                 self._emit_end(req, "cancelled")
             with self._lock:
-                self._running_count = len(self._active)
-            if self._active:
-                self._step()
+                active = list(self._active)  # requests admitted from now on join the next step
+            if active:
+                self._step(active)
         self._shutdown()
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot to use and how many prompt tokens of KV it already holds."""
+        """The free slot to use and how many prompt tokens of KV it already holds (caller
+        holds _lock)."""
         # With no shared prefix: an empty slot, else the one freed longest ago (the recently
         # freed ones are likelier to be continued, e.g. the next turn of a chat).
         empty = [s for s in self._free_slots if s not in self._slot_tokens]
@@ -332,10 +344,10 @@ class Engine:
             self._release(req)
             self._emit_end(req, "cancelled")
 
-    def _plan(self) -> tuple[list[_Request], list[tuple[_Request, int, int]]]:
+    def _plan(self, active) -> tuple[list[_Request], list[tuple[_Request, int, int]]]:
         """Pick this step's tokens: all decodes, then prompt chunks within the budget."""
         decodes, chunks, budget = [], [], self.prefill_chunk
-        for req in self._active:
+        for req in active:
             pending = len(req.tokens) - req.computed
             if req.output:  # prompt done: exactly one new token to feed
                 decodes.append(req)
@@ -345,8 +357,8 @@ class Engine:
                 budget -= n
         return decodes, chunks
 
-    def _step(self) -> None:
-        decodes, chunks = self._plan()
+    def _step(self, active: list[_Request]) -> None:
+        decodes, chunks = self._plan(active)
         ids, pos, slots, sample_at, sample_reqs = [], [], [], [], []
         for req in decodes:
             ids.append(req.output[-1])  # the newest token; everything before is in the cache
@@ -405,7 +417,6 @@ class Engine:
             self._counters["steps"] += 1
             self._counters["generated_tokens"] += len(sample_reqs)
             self._rate.append((time.monotonic(), len(sample_reqs)))
-            self._running_count = len(self._active)
 
     def _deliver(self, req: _Request, s) -> None:
         req.output.append(s.token_id)
