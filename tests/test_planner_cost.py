@@ -108,3 +108,15 @@ def test_machine_yaml_round_trip_and_errors(tmp_path):
     p.write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match="bogus"):
         MachineSpec.from_yaml(str(p))
+
+
+def test_longer_context_is_slower_and_batches_read_their_own_kv(k25):
+    freq = _freq(k25)
+    mask = np.zeros(freq.shape, dtype=bool)
+    m = reference_workstation()
+    short, long = CostModel(k25, m, kv_tokens=1024), CostModel(k25, m, kv_tokens=65536)
+    assert long.decode_tok_s(freq, mask) < short.decode_tok_s(freq, mask)
+    # serial (attention) part grows with the batch: each sequence reads its own latent KV
+    s1, s8 = long.costs(freq, 1).serial[0], long.costs(freq, 8).serial[0]
+    kv = 65536 * (512 + 64) * 2 / (m.gpu_mem_gbps * 1e9)
+    assert s8 - s1 == pytest.approx(7 * kv, rel=1e-6)

@@ -250,8 +250,11 @@ class CostModel:
     def gpu_expert_bytes(self) -> int:
         return self.model.expert_bytes(self.gpu_expert_format)
 
-    def costs(self, freq: np.ndarray, batch: int = 1) -> LayerCosts:
-        """freq [L, E]: per-token pick probability of each expert (Trace.frequencies())."""
+    def costs(self, freq: np.ndarray, batch: int = 1, prefill: bool = False) -> LayerCosts:
+        """freq [L, E]: per-token pick probability of each expert (Trace.frequencies()).
+        Decode: `batch` sequences, one new token each, each at `kv_tokens` of context.
+        prefill=True: one chunk of `batch` tokens of one prompt (the first: on average each
+        token attends to batch / 2 earlier ones)."""
         m, mc = self.model, self.machine
         L = len(m.moe_layers)
         if freq.shape != (L, m.num_experts):
@@ -274,14 +277,19 @@ class CostModel:
         def gpu_op(params: float, tokens: int) -> float:   # weights read once, or FLOP-bound
             return max(params * wb / gpu_bw, 2.0 * params * tokens / (mc.gpu_tflops * 1e12))
 
-        kv_layer = (m.kv_lora_rank + m.qk_rope_head_dim) * 2
-        kv_read = self.kv_tokens * kv_layer / gpu_bw  # latent KV shared by the batch's sequences
-        attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch)
-        serial = np.full(L, attn + batch * kv_read if batch > 1 else attn + kv_read)
+        # Attention over the latent KV cache (MLA, absorbed form): every token reads ctx latent
+        # rows of (kv_lora + rope) and does QK and AV over them in all heads.
+        kv_row = (m.kv_lora_rank + m.qk_rope_head_dim) * 2                 # bytes per layer
+        ctx = batch / 2 if prefill else self.kv_tokens
+        kv_read = (1 if prefill else batch) * ctx * kv_row / gpu_bw      # each sequence its own
+        kv_flops = 4.0 * m.num_heads * (m.kv_lora_rank + m.qk_rope_head_dim) * ctx * batch
+        kv_time = max(kv_read, kv_flops / (mc.gpu_tflops * 1e12))
+        attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch) + kv_time
+        serial = np.full(L, attn)
         gpu_fix = np.full(L, gpu_op(m.shared_params_per_layer, batch) if m.shared_experts else 0.0)
         # Hidden states to host and the CPU result back (bf16), over PCIe.
         cpu_fix = np.full(L, 2 * batch * m.hidden * 2 / (mc.pcie_gbps * GB))
-        dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_read
+        dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_time
                                       + gpu_op(m.dense_mlp_params, batch))
         head = gpu_op(m.lm_head_params or m.embedding_params, batch)
         return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix, serial=serial,
@@ -296,8 +304,8 @@ class CostModel:
     def prefill(self, freq: np.ndarray, mask: np.ndarray) -> dict:
         """Prefill rate for one chunk, per layer the faster of: CPU experts (GEMM path) or
         streaming the missing experts' packed weights to the GPU over PCIe."""
-        c = self.costs(freq, self.prefill_chunk)
-        m, mc = self.model, self.machine
+        c = self.costs(freq, self.prefill_chunk, prefill=True)
+        mc = self.machine
         cpu_path = c.layer_times(mask)
         p = np.clip(freq, 0.0, 1.0)
         touched = -np.expm1(c.batch * np.log1p(-np.minimum(p, 1 - 1e-12)))
