@@ -38,6 +38,7 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       threads          CPU engine threads (default: physical cores)
       max_len          context the KV cache is sized for (default: min(max_position_embeddings, 4096))
       max_vram         bytes the device may use (default: free device memory on CUDA; unchecked on CPU)
+      profile          placement profile (hybrid plan, profiles/*.yaml): experts held on the device
       progress         show progress bars (default True)
     """
     from hybrid.config import ModelConfig
@@ -68,19 +69,31 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     threads = opts.pop("threads", None)
     progress = bool(opts.pop("progress", True))
     max_vram = opts.pop("max_vram", None)
+    profile = opts.pop("profile", None)
     config = ModelConfig.from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
 
+    prof = None
+    gpu_expert_bytes = 0
+    if profile is not None:
+        if backend != "cpu":
+            raise ValueError("profile= caches experts on the device beside the CPU engine: it needs "
+                             "experts_backend='cpu'")
+        prof = _load_profile(profile, path, device, max_vram)
+        item = torch.empty((), dtype=dtype).element_size()
+        gpu_expert_bytes = prof.num_cached * 3 * config.hidden_size * config.moe_intermediate_size * item
     check_fits(config, path, device, dtype, formats, max_len=max_len, num_slots=1,
-               max_vram=max_vram, experts_on_device=(backend == "torch"))
+               max_vram=max_vram, experts_on_device=(backend == "torch"), extra=gpu_expert_bytes)
     if backend == "cpu":
         _split_threads(device, threads)
     mode = "precise" if dtype == torch.float32 else "fast"
     config, net = load_model(path, device, dtype, experts_backend=backend, expert_format=expert_format,
                              device_formats=formats, packed_cache=packed_cache, threads=threads,
                              mode=mode, progress=progress, config=config)
+    if prof is not None:
+        _attach_gpu_caches(net, config, prof, device, dtype)
     return Model(config, net, path, max_len=max_len, tokenizer=_tokenizer(path))
 
 
@@ -91,6 +104,31 @@ def _native_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _load_profile(profile, path: Path, device: torch.device, max_vram):
+    """A placement profile (hybrid plan), checked against this checkpoint's config and VRAM."""
+    import json
+
+    from hybrid.planner.model_spec import spec_from_config
+    from hybrid.planner.profile import load as load_profile
+
+    spec = spec_from_config(json.loads((path / "config.json").read_text()), model_id=path.name,
+                            where=str(path / "config.json"))
+    budget = max_vram
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0]
+    return load_profile(str(profile), model=spec, vram_bytes=budget)
+
+
+def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
+    """Give each MoE layer the experts the profile holds on the device (from the packed CPU
+    layout, dequantised once); the CPU engine then skips them."""
+    from hybrid.experts.gpu_cache import GpuExpertCache
+
+    for i, layer in enumerate(net.layers):
+        if config.is_moe_layer(i) and prof.experts_for_layer(i):
+            layer.mlp.gpu_cache = GpuExpertCache.from_profile(prof, i, layer.mlp.routed.layer, device, dtype)
 
 
 def _split_threads(device: torch.device, threads: int | None) -> None:

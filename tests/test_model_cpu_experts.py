@@ -99,3 +99,40 @@ def test_hybrid_load_default_backend_greedy(tmp_path):
         want = ref.generate(prompt[None], max_new_tokens=16, do_sample=False, min_new_tokens=16,
                             pad_token_id=0)[0, 8:].tolist()
     assert model.generate(prompt.tolist(), 16, stop_at_eos=False) == want
+
+
+def test_placement_profile_gpu_cache(tmp_path):
+    """A profile (hybrid plan's format) that caches some experts on the device: the CPU engine
+    skips them, the device computes them from the same INT4 weights, and the logits equal the
+    all-CPU run (both exact fp32 on the same weights: 1e-4)."""
+    import json
+
+    import yaml
+
+    import hybrid
+    from hybrid.planner.model_spec import spec_from_config
+
+    path, _ = build(tmp_path, variant="int4")
+    spec = spec_from_config(json.loads((path / "config.json").read_text()), model_id="tiny")
+    prof = {"format": "hybrid-profile/1",
+            "model": {"id": "tiny", "config_hash": spec.config_hash, "experts": spec.num_experts},
+            "budget": {"device_weights": {"bytes": 0}, "kv_cache": {"bytes": 0}, "activations": {"bytes": 0},
+                       "cuda_reserve": {"bytes": 0}, "experts": {"bytes_per_expert": 1, "format": "bf16"}},
+            "cached": {layer: ",".join(str(e) for e in range(0, 64, 3)) for layer in spec.moe_layers}}
+    pfile = tmp_path / "tiny.yaml"
+    pfile.write_text(yaml.safe_dump(prof))
+    base = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False)
+    cached = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False, profile=pfile)
+    layer = cached.net.layers[-1].mlp
+    assert layer.gpu_cache is not None and int(layer.gpu_cache.mask.sum()) == 22
+    ids = _ids(cached.config.vocab_size).tolist()
+    assert (cached.logits(ids) - base.logits(ids)).abs().max() <= 1e-4
+    with pytest.raises(MemoryError, match="cached experts"):
+        hybrid.load(path, device="cpu", dtype=torch.float32, progress=False, profile=pfile,
+                    max_vram=device_need(cached) + 1000)
+
+
+def device_need(model):
+    from hybrid.loaders.memory import device_bytes
+
+    return device_bytes(model.config, model.dtype, {}, model.max_len).total

@@ -81,16 +81,19 @@ class DeviceBudget:
     kv_cache: int
     activations: int
     routed_experts: int
+    gpu_experts: int = 0  # experts a placement profile caches on the device
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.routed_experts
+        return self.weights + self.kv_cache + self.activations + self.routed_experts + self.gpu_experts
 
     def describe(self) -> str:
         parts = [f"weights {self.weights / GiB:.2f} GiB", f"KV cache {self.kv_cache / GiB:.2f} GiB",
                  f"activations {self.activations / GiB:.2f} GiB"]
         if self.routed_experts:
             parts.append(f"routed experts {self.routed_experts / GiB:.2f} GiB")
+        if self.gpu_experts:
+            parts.append(f"cached experts {self.gpu_experts / GiB:.2f} GiB")
         return " + ".join(parts) + f" = {self.total / GiB:.2f} GiB"
 
 
@@ -127,9 +130,11 @@ def device_bytes(c: ModelConfig, dtype=torch.bfloat16, formats: dict[str, str] |
 
 
 def check_fits(c: ModelConfig, path, device, dtype, formats, max_len: int, num_slots: int = 1,
-               max_vram: int | None = None, experts_on_device: bool = False) -> DeviceBudget:
-    """Raise MemoryError with the numbers when the configuration exceeds the device budget."""
+               max_vram: int | None = None, experts_on_device: bool = False, extra: int = 0) -> DeviceBudget:
+    """Raise MemoryError with the numbers when the configuration exceeds the device budget.
+    extra: bytes of experts a placement profile caches on the device."""
     need = device_bytes(c, dtype, formats, max_len, num_slots, experts_on_device)
+    need.gpu_experts = extra
     budget = max_vram
     if budget is None and torch.device(device).type == "cuda":
         budget = torch.cuda.mem_get_info(torch.device(device))[0]
