@@ -15,7 +15,8 @@ Order of operations for one row (the order HF and vLLM use, written out so tests
 Logprobs (optional, top-n) are of the penalised distribution before temperature and
 truncation: what the model believes, not what the sampler was allowed to pick.
 
-Legend: B rows in the batch, V vocabulary size.
+Legend: B rows in the batch, S rows that sample (not greedy), V vocabulary size, C candidate
+tokens kept for truncation (C <= V).
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ def truncation_mask(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torc
     return removed
 
 
+CANDIDATES = (1024, 16384)  # candidate counts tried in turn before a full sort
+
+
 def _candidates(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                 min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The most likely tokens, enough of them that every row's kept set lies inside.
@@ -182,9 +186,6 @@ def _candidates(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
         if bool(covered.all()):
             return vals, ids
     return torch.sort(probs, dim=-1, descending=True)
-
-
-CANDIDATES = (1024, 16384)  # tried in turn before a full sort
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
