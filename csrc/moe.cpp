@@ -63,8 +63,9 @@ void MoeOperator::submit(const MoeCall& c) {
   const int64_t E = layer_->num_experts(), H = layer_->hidden(), I = layer_->intermediate();
   const int64_t B = c.b, K = c.k;
 
-  // Routing: pairs grouped by expert (ascending id), each pick of a token counts once.
-  std::vector<int64_t> count(size_t(E), 0);
+  // Routing: pairs grouped by expert (ascending id). A token that picks the same expert twice
+  // gets one pair whose weight is the sum of its picks' weights (same result, half the work).
+  std::vector<int64_t> count(size_t(E), 0), last_tok(size_t(E), -1);
   auto id_at = [&](int64_t i) -> int64_t {
     return c.ids_type == ElemType::I64 ? static_cast<const int64_t*>(c.ids)[i]
                                        : int64_t(static_cast<const int32_t*>(c.ids)[i]);
@@ -75,7 +76,10 @@ void MoeOperator::submit(const MoeCall& c) {
       throw std::invalid_argument("ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) +
                                   "] = " + std::to_string(e) + " is out of range [0, " +
                                   std::to_string(E) + ")");
-    if (c.skip == nullptr || c.skip[e] == 0) ++count[size_t(e)];
+    if ((c.skip == nullptr || c.skip[e] == 0) && last_tok[size_t(e)] != i / K) {
+      ++count[size_t(e)];
+      last_tok[size_t(e)] = i / K;
+    }
   }
   act_expert_.clear();
   act_start_.assign(1, 0);
@@ -91,13 +95,19 @@ void MoeOperator::submit(const MoeCall& c) {
   pair_weight_.resize(size_t(P));
   tok_start_.assign(size_t(B + 1), 0);
   tok_pairs_.resize(size_t(P));
+  std::vector<int64_t> first(cursor);  // first pair of each active expert
   for (int64_t i = 0; i < B * K; ++i) {
-    int64_t e = id_at(i);
-    if (cursor[size_t(e)] < 0) continue;  // masked
-    int64_t p = cursor[size_t(e)]++;
-    pair_token_[size_t(p)] = int32_t(i / K);
-    pair_weight_[size_t(p)] = c.weights[i];
-    tok_start_[size_t(i / K + 1)]++;
+    const int64_t e = id_at(i), t = i / K;
+    if (cursor[size_t(e)] < 0) continue;  // masked (or unused)
+    int64_t& cur = cursor[size_t(e)];
+    if (cur > first[size_t(e)] && pair_token_[size_t(cur - 1)] == t) {  // repeated pick
+      pair_weight_[size_t(cur - 1)] += c.weights[i];
+      continue;
+    }
+    pair_token_[size_t(cur)] = int32_t(t);
+    pair_weight_[size_t(cur)] = c.weights[i];
+    ++cur;
+    tok_start_[size_t(t + 1)]++;
   }
   for (int64_t t = 0; t < B; ++t) tok_start_[size_t(t + 1)] += tok_start_[size_t(t)];
   {

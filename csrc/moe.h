@@ -1,7 +1,8 @@
 // moe.h: the fused CPU MoE operator for one layer's routed experts.
 //
 // Legend: B tokens, K picks per token, E experts, H hidden, I expert intermediate,
-// P (token, expert) pairs that run here (picks of masked experts are dropped), A active experts.
+// P distinct (token, expert) pairs that run here (picks of masked experts are dropped; a token
+// picking one expert twice is one pair with the summed weight), A active experts.
 //
 //   y[b, :] (+)= sum_k weights[b, k] * down_e( SiLU(gate_e x[b]) * up_e x[b] ),  e = ids[b, k]
 //
