@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,10 +138,11 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
     (torch's default can count logical CPUs, which slows matmuls on busy cores)."""
     if device.type != "cpu":
         return
-    import psutil
+    from hybrid.hardware import cores as machine_cores
 
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(threads or cores, cores)))
+    c = machine_cores()
+    n = min(c["physical"], c["usable"])
+    torch.set_num_threads(max(1, min(threads or n, n)))
 
 
 def _tokenizer(path: Path):

@@ -6,6 +6,7 @@ to (tests/checkpoints.py puts exactly those into the reference), so the bound is
 pack_to_int32, so its layout is the real one.
 """
 
+import pytest
 import torch
 
 from checkpoints import build, reference_logits
@@ -41,22 +42,24 @@ def test_fp8_block_checkpoint(tmp_path):
     _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "fp8/torch")
 
 
-def test_device_weights_int8(tmp_path):
-    """int8 weight-only device tensors (per-row scale, 127 levels): each weight is off by at
-    most half a step, amax/254 per row; the outputs drift by ~0.3% per matmul, so logits
-    stay within 5% of their scale; top-1 agreement reported."""
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_device_weights_quantised(tmp_path, fmt):
+    """Weight-only device tensors with a per-row scale. int8: 127 levels, each weight off by
+    at most amax/254 of its row; fp8 e4m3: 3 mantissa bits, relative error up to 2^-4. Outputs
+    drift by ~0.3% (int8) / ~3% (fp8) per matmul, so mean logit error stays within 5% / 15% of
+    the logit scale; top-1 agreement reported."""
     from hybrid.loaders.memory import device_formats_option
 
     path, ref = build(tmp_path)
     cfg, net = load_model(path, "cpu", torch.float32, progress=False,
-                          device_formats=device_formats_option("int8"))
-    assert net.layers[0].attn.o_proj.format == "int8" and net.lm_head.format == "int8"
+                          device_formats=device_formats_option(fmt))
+    assert net.layers[0].attn.o_proj.format == fmt and net.lm_head.format == fmt
     ids = _ids(cfg.vocab_size)
     r, _ = reference_logits(ref, ids)
     out = _prefill(net, cfg, ids)
     err = (out - r).abs().max(-1)[0]
     agree = (out.argmax(-1) == r.argmax(-1)).float().mean().item()
-    print(f"int8 device weights: mean max|diff| {err.mean():.3f} (logit scale {r.abs().max():.2f}), "
+    print(f"{fmt} device weights: mean max|diff| {err.mean():.3f} (logit scale {r.abs().max():.2f}), "
           f"top-1 agreement {agree:.1%}")
-    assert err.mean() <= 0.05 * r.abs().max()
-    assert agree >= 0.8
+    assert err.mean() <= (0.05 if fmt == "int8" else 0.15) * r.abs().max()
+    assert agree >= (0.8 if fmt == "int8" else 0.6)

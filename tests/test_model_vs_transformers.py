@@ -18,6 +18,7 @@ CASES = {
     "q_direct": dict(q_lora_rank=None),
     "yarn": dict(rope_parameters=YARN, max_position_embeddings=512),
     "no_interleave_no_norm": dict(rope_interleave=False, norm_topk_prob=False, n_shared_experts=2),
+    "tied_bias_all_moe": dict(tie_word_embeddings=True, attention_bias=True, first_k_dense_replace=0),
 }
 T = 24
 
