@@ -10,6 +10,14 @@ from hybrid.engine.sampling import (RowState, SamplingParams, apply_penalties, m
                                     sample, truncation_mask)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_module():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: the thread pool only adds overhead
+    yield
+    torch.set_num_threads(threads)
+
+
 def row(params=None, seed=0, prompt=(), output=()):
     params = params or SamplingParams()
     return RowState(params=params, generator=make_generator(seed), prompt_ids=list(prompt),
