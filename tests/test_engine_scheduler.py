@@ -24,6 +24,7 @@ class RecordingLM(TinyLM):
         self.gate = None  # a threading.Semaphore: each step takes one permit
         self.entered = threading.Semaphore(0)
         self.fail_on_slot = None
+        self.nan_on_slot = None
 
     def forward(self, input_ids, positions, slots, cache, logits_index=None):
         self.steps.append((slots.tolist(), positions.tolist()))
@@ -32,7 +33,11 @@ class RecordingLM(TinyLM):
             assert self.gate.acquire(timeout=10), "test gate never opened"
         if self.fail_on_slot is not None and self.fail_on_slot in slots.tolist():
             raise RuntimeError("injected failure")
-        return super().forward(input_ids, positions, slots, cache, logits_index)
+        logits = super().forward(input_ids, positions, slots, cache, logits_index)
+        if self.nan_on_slot is not None:
+            rows = slots if logits_index is None else slots[logits_index]
+            logits[rows == self.nan_on_slot] = float("nan")
+        return logits
 
 
 @pytest.fixture
@@ -248,6 +253,19 @@ def test_failed_step_fails_its_requests_only(model, tiny_tokenizer):
         assert eng.generate(p, GREEDY, max_tokens=3) == reference_greedy(model, p, 3, tok.stop_token_ids)
         s = eng.stats()
         assert s["requests_failed"] == 1 and s["prompt_tokens_reused"] == 0
+
+
+def test_nan_logits_fail_only_that_request(model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    with make_engine(model, tok, max_seqs=2) as eng:
+        model.nan_on_slot = 1
+        a, b = (eng.submit(p, greedy, max_tokens=4) for p in prompts(tok, 2))  # slots 0 and 1
+        assert len(a.result().token_ids) == 4
+        with pytest.raises(GenerationError, match="NaN logits"):
+            b.result()
+        assert eng.cache.resets == [1]
+        assert eng.stats()["requests_failed"] == 1
 
 
 def test_bad_requests_get_clear_errors(model, tiny_tokenizer):

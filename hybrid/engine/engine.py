@@ -391,7 +391,13 @@ class Engine:
                     # Checkpoints often pad the LM head past the tokenizer's last id; those
                     # rows mean nothing and must never be sampled.
                     logits = logits[:, :self.tokenizer.vocab_size]
-                    samples = sample(logits, [r.row for r in sample_reqs])
+                    bad = torch.isnan(logits).any(dim=-1).tolist()  # [n]
+                    samples = [None] * len(sample_reqs)
+                    good = [i for i, b in enumerate(bad) if not b]
+                    if good:
+                        picked = sample(logits[good], [sample_reqs[i].row for i in good])
+                        for i, s in zip(good, picked):
+                            samples[i] = s
         except Exception as e:  # a failed step fails its requests, not the engine
             log.exception("engine step failed")
             for req in stepped:
@@ -406,10 +412,13 @@ class Engine:
             req.computed += n
         for req, s in zip(sample_reqs, samples if sample_reqs else []):
             try:
+                if s is None:
+                    raise FloatingPointError(f"the model produced NaN logits at position "
+                                             f"{req.computed - 1} (slot {req.slot})")
                 self._deliver(req, s)
-            except Exception as e:  # e.g. a tokenizer that cannot decode the id
-                log.exception("delivering a token failed")
-                self._release(req)
+            except Exception as e:  # NaN logits, or a tokenizer that cannot decode the id
+                log.error("request %d failed: %s", req.id, e)
+                self._release(req, kv_valid=s is not None)
                 with self._lock:
                     self._counters["requests_failed"] += 1
                 self._emit_end(req, "error", error=f"{type(e).__name__}: {e}")
