@@ -56,6 +56,8 @@ class MachineSpec:
     cpu_name: str = ""
     gpu_name: str = ""
     cpu_cores: int = 0
+    layer_overhead_us: float = 0.0  # per decoder layer: host-side op dispatch / kernel launches
+                                    # not hidden behind device work (eager PyTorch)
     gpu_present: bool = True      # False: the "GPU" part is torch on the same CPU, so the
                                   # CPU experts and it take turns instead of overlapping
     sources: dict = field(default_factory=dict)   # parameter -> where its value came from
@@ -68,8 +70,8 @@ class MachineSpec:
         if not 0 < self.cpu_kernel_efficiency <= 1:
             raise ValueError(f"machine {self.name!r}: cpu_kernel_efficiency must be in (0, 1], "
                              f"got {self.cpu_kernel_efficiency!r}")
-        if self.sync_us < 0:
-            raise ValueError(f"machine {self.name!r}: sync_us must be >= 0")
+        if self.sync_us < 0 or self.layer_overhead_us < 0:
+            raise ValueError(f"machine {self.name!r}: sync_us and layer_overhead_us must be >= 0")
         self.vram_bytes = parse_bytes(self.vram_bytes, f"machine {self.name!r} vram_bytes")
         self.ram_bytes = parse_bytes(self.ram_bytes, f"machine {self.name!r} ram_bytes")
 
@@ -123,7 +125,7 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
         name="reference workstation",
         cpu_read_gbps=300.0, cpu_kernel_efficiency=0.75, cpu_matmul_tops=40.0,
         gpu_mem_gbps=900.0, gpu_tflops=150.0, pcie_gbps=25.0, sync_us=40.0,
-        vram_bytes=vram_bytes, ram_bytes=parse_bytes("768GiB"),
+        layer_overhead_us=100.0, vram_bytes=vram_bytes, ram_bytes=parse_bytes("768GiB"),
         cpu_name="server CPU, 8-channel DDR5-4800 (e.g. Xeon w/ AMX)",
         gpu_name="24 GB class GPU on PCIe 4.0 x16 (e.g. RTX 4090)", cpu_cores=32,
         sources={
@@ -137,6 +139,9 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
             "gpu_tflops": "assumed: RTX 4090 165 TFLOP/s dense bf16 (fp32 acc) peak, ~90%",
             "pcie_gbps": "assumed: PCIe 4.0 x16 32 GB/s peak, ~25 GB/s pinned copies",
             "sync_us": "assumed: stream sync + CPU pool wake + two small copies per MoE layer",
+            "layer_overhead_us": "assumed: eager PyTorch, ~40 kernel launches per layer, partly "
+                                 "hidden behind GPU work; `hybrid profile` prints the overhead a "
+                                 "real run implies",
             "vram_bytes": "the budget being planned for",
         },
     )
@@ -167,6 +172,7 @@ def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None 
         "cpu_matmul_tops": "assumed: 0.5 T op/s per core",
         "gpu_mem_gbps": "assumed nominal", "gpu_tflops": "assumed nominal",
         "pcie_gbps": "assumed nominal", "sync_us": "assumed",
+        "layer_overhead_us": "assumed (`hybrid profile` prints the overhead a real run implies)",
     })
     if kern and info.get("ram_read_gbps"):
         eff = min(1.0, kern / bw)
@@ -179,7 +185,8 @@ def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None 
         name="this machine", cpu_read_gbps=float(bw), cpu_kernel_efficiency=eff,
         cpu_matmul_tops=0.5 * cores, gpu_mem_gbps=900.0 if gpus else 0.6 * float(bw),
         gpu_tflops=100.0 if gpus else 0.1 * cores, pcie_gbps=25.0 if gpus else 50.0,
-        sync_us=40.0 if gpus else 10.0, vram_bytes=vram,
+        sync_us=40.0 if gpus else 10.0, layer_overhead_us=100.0 if gpus else 200.0,
+        vram_bytes=vram,
         ram_bytes=int(info.get("ram_total_bytes") or 0), cpu_name=str(info.get("cpu_model", "")),
         gpu_name=gpus[0]["name"] if gpus else "", cpu_cores=cores, gpu_present=bool(gpus),
         sources=src)
@@ -284,13 +291,14 @@ class CostModel:
         kv_read = (1 if prefill else batch) * ctx * kv_row / gpu_bw      # each sequence its own
         kv_flops = 4.0 * m.num_heads * (m.kv_lora_rank + m.qk_rope_head_dim) * ctx * batch
         kv_time = max(kv_read, kv_flops / (mc.gpu_tflops * 1e12))
+        host = mc.layer_overhead_us * 1e-6
         attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch) + kv_time
-        serial = np.full(L, attn)
+        serial = np.full(L, attn + host)
         gpu_fix = np.full(L, gpu_op(m.shared_params_per_layer, batch) if m.shared_experts else 0.0)
         # Hidden states to host and the CPU result back (bf16), over PCIe.
         cpu_fix = np.full(L, 2 * batch * m.hidden * 2 / (mc.pcie_gbps * GB))
         dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_time
-                                      + gpu_op(m.dense_mlp_params, batch))
+                                      + gpu_op(m.dense_mlp_params, batch) + host)
         head = gpu_op(m.lm_head_params or m.embedding_params, batch)
         return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix, serial=serial,
                           sync=mc.sync_us * 1e-6, other=dense + head, batch=batch,
