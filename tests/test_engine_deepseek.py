@@ -44,6 +44,9 @@ def test_batched_chunked_engine_equals_model_greedy(ckpt):
         assert eng.stats()["prompt_tokens_reused"] == len(prompts[1]) + len(refs[1]) - 1
     assert outs == refs
     assert out == model.generate(follow, 6, temperature=0.0, stop_at_eos=False)
+    # a cache that cannot fit is refused before anything is allocated
+    with pytest.raises(MemoryError, match=r"KV cache for 1000000 sequences x 512 tokens"):
+        Engine(model, max_seqs=10**6, max_context=512)
 
 
 

@@ -83,6 +83,24 @@ def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
             floats[0].dtype if floats else torch.float32)
 
 
+def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a KV cache larger than the memory left on its device (the
+    model is loaded by now, so what is free is what the cache can have)."""
+    need = bytes_per_token * slots * length
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        import psutil
+
+        free, where = psutil.virtual_memory().available, "of available RAM"
+    if need > free:
+        gib = 1024 ** 3
+        raise MemoryError(
+            f"Engine: the KV cache for {slots} sequences x {length} tokens needs "
+            f"{need / gib:.2f} GiB ({bytes_per_token} bytes per token), but only "
+            f"{free / gib:.2f} GiB is {where}; lower max_seqs or max_context")
+
+
 class Engine:
     """Continuous-batching generation over a model that follows the flat ragged contract.
 
@@ -121,6 +139,8 @@ class Engine:
             max_context = (max_context or getattr(model, "max_len", None)
                            or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
             device, dtype = _module_device_dtype(self.module)
+            _check_cache_fits(LatentKVCache.bytes_per_token_for(self.config, dtype), max_seqs,
+                              max_context, device)
             cache = LatentKVCache(self.config, num_slots=max_seqs, max_len=max_context,
                                   device=device, dtype=dtype)
         else:
