@@ -52,6 +52,26 @@ def checkpoint_dir() -> Path:
 
 
 @functools.cache
+def no_stop_checkpoint_dir() -> Path:
+    """The same checkpoint with the LM head rows of the stop tokens ([EOS], <|im_end|>) zeroed.
+
+    Their logit is then 0 while the best of the other 510 random logits is positive unless all
+    are negative (odds 2^-510), so greedy decoding never stops early: answers run to max_tokens,
+    long enough to interrupt."""
+    from safetensors.torch import load_file, save_file
+
+    src = checkpoint_dir()
+    dst = src.parent / (src.name + "-nostop")
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    head = tensors["lm_head.weight"].clone()
+    head[[N_BASE + SPECIALS.index("[EOS]"), N_BASE + SPECIALS.index("<|im_end|>")]] = 0
+    tensors["lm_head.weight"] = head
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@functools.cache
 def model():
     import torch
 

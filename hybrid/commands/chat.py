@@ -34,15 +34,16 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from hybrid.chat.session import Settings
 
+    problems = []
     if args.max_tokens < 1:
-        print(f"hybrid chat: --max-tokens must be >= 1, got {args.max_tokens}", file=sys.stderr)
-        return 2
-    try:
-        from hybrid.engine.sampling import SamplingParams
-
-        SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    except ValueError as e:
-        print(f"hybrid chat: {e}", file=sys.stderr)
+        problems.append(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.temperature >= 0:  # also catches nan
+        problems.append(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1], got {args.top_p}")
+    if problems:
+        for p in problems:
+            print(f"hybrid chat: {p}", file=sys.stderr)
         return 2
     settings = Settings(mode=args.mode, system=args.system, temperature=args.temperature,
                         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

@@ -1,0 +1,140 @@
+"""`hybrid chat` driven through a pseudo-terminal (pexpect), and through a pipe.
+
+The model is the tiny random checkpoint with its stop tokens silenced (greedy answers always
+run to --max-tokens), so an answer is long enough to interrupt with Ctrl-C deterministically.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from test_serve_support import no_stop_checkpoint_dir
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT_INSTANT = r"\[instant\] >"
+PROMPT_THINKING = r"\[thinking\] >"
+
+
+def env(tmp_path) -> dict:
+    e = dict(os.environ)
+    e.update(PYTHONPATH=str(REPO) + os.pathsep + e.get("PYTHONPATH", ""), TERM="xterm-256color",
+             PROMPT_TOOLKIT_NO_CPR="1", XDG_STATE_HOME=str(tmp_path / "state"), COLUMNS="100", LINES="40")
+    return e
+
+
+def spawn(tmp_path, *args) -> pexpect.spawn:
+    argv = ["-m", "hybrid", "chat", str(no_stop_checkpoint_dir()), "--temperature", "0", *args]
+    child = pexpect.spawn(sys.executable, argv, env=env(tmp_path), encoding="utf-8", timeout=60,
+                          dimensions=(40, 100))
+    child.expect(PROMPT_INSTANT)
+    return child
+
+
+def test_chat_in_a_terminal(tmp_path):
+    child = spawn(tmp_path, "--max-tokens", "8")
+    try:
+        # A question gets a streamed answer, then the prompt comes back.
+        child.sendline("Hello there")
+        child.expect(PROMPT_INSTANT)
+        child.sendline("/stats")
+        child.expect(r"answer\s+8 tokens")
+        child.expect(r"ended by\s+length")
+        child.expect(PROMPT_INSTANT)
+
+        # Thinking mode: the reasoning is shown under its own header.
+        child.sendline("/mode thinking")
+        child.expect("mode: thinking")
+        child.expect(PROMPT_THINKING)
+        child.sendline("Why?")
+        child.expect("Thinking")
+        child.expect(PROMPT_THINKING)
+        child.sendline("/mode instant")
+        child.expect(PROMPT_INSTANT)
+
+        child.sendline("/system Be brief.")
+        child.expect("system prompt set")
+        child.expect(PROMPT_INSTANT)
+        save = tmp_path / "chat.json"
+        child.sendline(f"/save {save}")
+        child.expect("saved 5 messages")  # system + two questions and two answers
+        child.expect(PROMPT_INSTANT)
+        child.sendline("/reset")
+        child.expect("conversation cleared")
+        child.expect(PROMPT_INSTANT)
+        child.sendline("/nonsense")
+        child.expect("unknown command /nonsense")
+        child.expect(PROMPT_INSTANT)
+
+        # Ctrl-C at the prompt does not quit.
+        child.sendcontrol("c")
+        child.expect(r"Ctrl-D or /exit to quit")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    import json
+
+    saved = json.loads(save.read_text())
+    assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert saved["messages"][4].get("reasoning_content")
+
+
+def test_ctrl_c_stops_the_answer_not_the_program(tmp_path):
+    child = spawn(tmp_path, "--max-tokens", "900", "--context-length", "1024")
+    try:
+        child.sendline("Tell me everything")
+        # prompt_toolkit turns bracketed paste off when it hands the line over; the answer
+        # streams after that. Wait for some of it, then interrupt.
+        child.expect_exact("\x1b[?2004l")
+        child.expect(re.compile(".{40}", re.S))
+        child.sendcontrol("c")
+        child.expect(r"\[stopped\]")
+        child.expect(PROMPT_INSTANT)
+        child.sendline("/stats")
+        child.expect(r"answer\s+(\d+) tokens")
+        n = int(child.match.group(1))
+        child.expect(r"ended by\s+cancelled")
+        child.expect(PROMPT_INSTANT)
+        # The program still answers, and can be stopped again.
+        child.sendline("Again")
+        child.expect_exact("\x1b[?2004l")
+        child.expect(re.compile(".{40}", re.S))
+        child.sendcontrol("c")
+        child.expect(r"\[stopped\]")
+        child.expect(PROMPT_INSTANT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert 0 < n < 900
+    assert child.exitstatus == 0
+
+
+def test_piped_input_without_a_terminal(tmp_path):
+    script = "Hello\n/mode thinking\nMore \\\nlines\n/stats\n"
+    r = subprocess.run([sys.executable, "-m", "hybrid", "chat", str(no_stop_checkpoint_dir()), "--temperature", "0",
+                        "--max-tokens", "8"], input=script, capture_output=True, text=True, env=env(tmp_path),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "mode: thinking" in r.stdout
+    assert "session: 2 answers" in r.stdout
+    assert "loading" in r.stderr and "loaded" in r.stderr
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["/nonexistent/model/dir"], 1, "cannot load /nonexistent/model/dir"),
+    (["--max-tokens", "0"], 2, "--max-tokens"),
+    (["--temperature", "-1"], 2, "temperature"),
+])
+def test_bad_model_or_options_exit_with_a_message(tmp_path, args, code, needle):
+    r = subprocess.run([sys.executable, "-m", "hybrid", "chat", *args], capture_output=True, text=True,
+                       env=env(tmp_path), timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == code
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
