@@ -233,3 +233,17 @@ def test_model_logits_and_errors(tmp_path):
         model.logits([5, 96])
     with pytest.raises(TypeError, match="unknown option"):
         hybrid.load(path, device="cpu", bogus=1)
+
+
+def test_attention_query_chunking(tmp_path, monkeypatch):
+    """A tiny scores budget forces sdpa_chunked to split queries; logits are unchanged."""
+    import hybrid.models.deepseek_v3 as m
+
+    path, ref = build(tmp_path)
+    cfg, net = _load(path)
+    ids = _ids(cfg.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    monkeypatch.setattr(m, "SCORES_BUDGET", 4 * 4 * 24 * 5)  # 5 queries per call
+    for mode in ("expanded", "absorbed"):
+        net.set_attention_mode(mode)
+        _compare(_prefill(net, cfg, ids), r, ties, 1e-3, f"chunked/{mode}")

@@ -99,6 +99,7 @@ class DeviceBudget:
 
 def device_bytes(c: ModelConfig, dtype=torch.bfloat16, formats: dict[str, str] | None = None,
                  max_len: int = 4096, num_slots: int = 1, experts_on_device: bool = False) -> DeviceBudget:
+    from hybrid.models.deepseek_v3 import SCORES_BUDGET
     from hybrid.models.kv_cache import LatentKVCache
 
     formats = formats or {}
@@ -122,7 +123,7 @@ def device_bytes(c: ModelConfig, dtype=torch.bfloat16, formats: dict[str, str] |
     acts = (4 * Tc * H * 4  # residual, normed, attention out, MLP out (fp32 worst case)
             + 3 * Tc * width * item  # gate, up, product
             + 4 * Tc * nh * (D + V + c.qk_rope_head_dim) * item  # expanded keys/values (L <= 4 Tc)
-            + nh * Tc * 4 * Tc * 4  # attention scores if the fused kernel is unavailable
+            + min(nh * Tc * 4 * Tc * 4, SCORES_BUDGET)  # scores when no fused kernel fits (capped)
             + c.vocab_size * 4  # one row of logits
             + RESERVE)
     routed = moe * c.n_routed_experts * 3 * H * c.moe_intermediate_size * item if experts_on_device else 0

@@ -146,9 +146,7 @@ class Attention:
         k = torch.cat([kv[..., : self.D], kr[:, :, None, :].expand(U, L, self.nh, self.R)], -1)
         v = kv[..., self.D :]  # [U, L, nh, V]
         q = g.pad(torch.cat([q_nope, q_rope], -1))  # [U, Q, nh, D+R]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=g.mask, scale=self.scale
-        )  # [U, nh, Q, V]
+        o = sdpa_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.mask, self.scale)  # [U, nh, Q, V]
         return g.unpad(o.transpose(1, 2))  # [T, nh, V]
 
     def _absorbed(self, q_nope, q_rope, lat, kr, g):
@@ -160,9 +158,27 @@ class Attention:
         q = g.pad(torch.cat([q_lat, q_rope], -1)).transpose(1, 2)  # [U, nh, Q, C+R]
         k = torch.cat([lat, kr], -1)[:, None].expand(U, self.nh, L, self.C + self.R)
         v = lat[:, None].expand(U, self.nh, L, self.C)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scale)  # [U, nh, Q, C]
+        o = sdpa_chunked(q, k, v, g.mask, self.scale)  # [U, nh, Q, C]
         o = g.unpad(o.transpose(1, 2))  # [T, nh, C]
         return torch.einsum("tnc,nvc->tnv", o, self.w_uv.to(o.dtype))  # [T, nh, V]
+
+
+SCORES_BUDGET = 256 * 1024**2  # bytes of fp32 attention scores one SDPA call may materialise
+
+
+def sdpa_chunked(q, k, v, mask, scale):
+    """q [U, nh, Q, d], k [U, nh, L, d], v [U, nh, L, dv], mask [U, 1, Q, L] -> [U, nh, Q, dv].
+    Where no fused kernel fits (MLA's head dims differ for q/k and v, and the absorbed form's
+    are 576 wide), SDPA falls back to materialising [U, nh, Q, L] scores: 17 GB for 8K x 8K at
+    64 heads. Splitting the queries bounds that at SCORES_BUDGET; results are identical."""
+    U, nh, Q, _ = q.shape
+    L = k.shape[2]
+    step = max(1, SCORES_BUDGET // max(1, U * nh * L * 4))
+    if step >= Q:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    outs = [F.scaled_dot_product_attention(q[:, :, i : i + step], k, v, attn_mask=mask[:, :, i : i + step],
+                                           scale=scale) for i in range(0, Q, step)]
+    return torch.cat(outs, dim=2)
 
 
 class SlotGroups:
