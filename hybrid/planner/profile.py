@@ -12,6 +12,7 @@ A profile is plain YAML, meant to be read and diffed by people:
   predicted: decode / prefill tok/s and hit rate for every strategy compared
   strategy:  which strategy `cached` holds (normally "plan")
   online:    the online re-placement policy (enabled: false unless asked)
+  notes:     assumptions behind the numbers (device weight format, GPU expert format, ...)
   cached:    decoder-layer index -> compact expert list, e.g. 7: "0-3,17,200"
 
 load() refuses, with the reason, a profile made for another model (config hash), one whose
@@ -67,8 +68,27 @@ def build(model, machine, trace, plan_result, cost_model, strategy: str = "plan"
         "predicted": _round(preds),
         "strategy": strategy,
         "online": online or {"enabled": False},
+        "notes": _notes(model, cost_model),
         "cached": cached,
     }
+
+
+def _notes(model, cost_model) -> list:
+    """Assumptions a reader must know before trusting the numbers."""
+    out = []
+    fmt = cost_model.device_weight_format
+    if fmt != "bf16":
+        out.append(f"non-expert device weights assumed {fmt} "
+                   f"({fmt_bytes(model.device_weight_bytes(fmt))}; bf16 would take "
+                   f"{fmt_bytes(model.device_weight_bytes('bf16'))}, which with the KV cache "
+                   f"leaves little or no room for experts); load with device_weights='{fmt}'")
+    if cost_model.gpu_expert_format != "bf16":
+        out.append(f"cached experts counted as {cost_model.gpu_expert_format} in VRAM: assumes "
+                   f"a device kernel for that format, which hybrid's GPU cache (bf16) does not "
+                   f"have yet")
+    out.append("the embedding table stays in RAM (only looked-up rows go to the GPU), so it is "
+               "not in the device weights")
+    return out
 
 
 def _trace_section(trace, path) -> dict:
