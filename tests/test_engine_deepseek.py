@@ -93,3 +93,13 @@ def test_run_prompt_too_long(ckpt, capsys):
                  "--experts", "torch", "--context-length", "64"])
     assert code == 2
     assert "context limit of 64" in capsys.readouterr().err
+
+
+def test_run_reads_the_prompt_from_stdin(ckpt, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello"))
+    code = main(["run", str(ckpt), "-p", "-", "-n", "3", "-t", "0", "--ignore-eos",
+                 "--dtype", "float32", "--experts", "torch", "--context-length", "64"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "2 prompt tokens, 3 generated (length)" in err  # [BOS] + "hello"
