@@ -88,9 +88,10 @@ static HY_ALWAYS_INLINE void amx_scale_rows(const int32_t* cbuf, __m512* acc, in
 // instruction waits on a just-written buffer: (1) INT4 only: unpack the B tiles to bbuf;
 // (2) tiles: load A and B, TDP, store C to cbuf; (3) vector: scale the int32 sums into the fp32
 // accumulators. Done per group instead, each group's TDP waited for its B stores and each
-// scaling for its tile store, and AMX ran no faster than vpdpbusd. 16 groups: bbuf 8 KiB + cbuf
-// 16 KiB stay in L1.
-constexpr int kPassGroups = 16;
+// scaling for its tile store, and AMX ran no faster than vpdpbusd. Measured on a Xeon with AMX
+// (bench/kernels.py, T = 16): 2 groups 400 Gop/s, 4: 470, 8: 515, 12: 495, 16: 450, 32: 300
+// (bbuf + cbuf outgrow L1 from 32 on). 8 groups: bbuf 4 KiB + cbuf 8 KiB.
+constexpr int kPassGroups = 8;
 
 // Tokens [t0, t0 + m) x blocks [b0, b1); tiles already configured for m rows.
 static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
