@@ -94,3 +94,18 @@ def test_counts_only_trace_is_refused(setup):
     tr = make_trace(spec, 100, keep_sequence=False)
     with pytest.raises(ValueError, match="no token sequence"):
         simulate.replay(tr, np.zeros((tr.num_layers, tr.num_experts), bool), cm)
+
+
+def test_no_gpu_replay_equals_cost_model_exactly(setup):
+    # Without a GPU the parts add up, which is linear in the picks: the replay's mean time per
+    # token must equal the cost model's expected time on the same trace.
+    import dataclasses
+
+    spec, cm = setup
+    cpu_only = CostModel(spec, dataclasses.replace(cm.machine, gpu_present=False))
+    tr = make_trace(spec, 500, seed=8)
+    mask = np.zeros((tr.num_layers, tr.num_experts), dtype=bool)
+    mask[:, ::3] = True
+    res = simulate.replay(tr, mask, cpu_only)
+    assert res.decode_tok_s == pytest.approx(cpu_only.decode_tok_s(tr.frequencies(), mask),
+                                             rel=1e-9)

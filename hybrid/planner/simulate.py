@@ -2,8 +2,8 @@
 
 Where cost.py predicts from expected values (max of the expected CPU and GPU parts), the
 replay takes, token by token and layer by layer, the picks that really missed and hit the cache
-and charges max(CPU part, GPU part) for that token: the mean of a max, which is what a run
-would see at batch 1. Costs per pick come from cost.py's LayerCosts for batch 1.
+and charges max(CPU part, GPU part) for that token (their sum on a machine without a GPU,
+where the two take turns): the mean of a max, which is what a run would see at batch 1. Costs per pick come from cost.py's LayerCosts for batch 1.
 
 Online re-placement (off unless asked): every `interval` tokens each layer compares the
 exponentially decayed pick rates of its cached and uncached experts and swaps the most
@@ -32,7 +32,7 @@ def _kernels():
         import numba
 
         @numba.njit(cache=False)
-        def replay_static(seq, mask, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial):
+        def replay_static(seq, mask, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial, overlap):
             # seq [N, L, K] int16, mask [L, E] bool; per-pick costs [L]; returns hits [L], time
             n, L, k = seq.shape
             hits = np.zeros(L, dtype=np.int64)
@@ -46,12 +46,15 @@ def _kernels():
                     hits[l] += h
                     c = cpu_fix[l] + (k - h) * cpu_pick[l]
                     g = gpu_fix[l] + h * gpu_pick[l]
-                    total += serial[l] + (c if c > g else g)
+                    if overlap:
+                        total += serial[l] + (c if c > g else g)
+                    else:
+                        total += serial[l] + c + g
             return hits, total
 
         @numba.njit(cache=False)
         def replay_online(seq, mask0, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial,
-                          rate0, interval, decay, max_swaps, horizon, swap_cost):
+                          rate0, interval, decay, max_swaps, horizon, swap_cost, overlap):
             n, L, k = seq.shape
             E = mask0.shape[1]
             mask = mask0.copy()
@@ -71,13 +74,16 @@ def _kernels():
                     hits[l] += h
                     c = cpu_fix[l] + (k - h) * cpu_pick[l]
                     g = gpu_fix[l] + h * gpu_pick[l]
-                    total += serial[l] + (c if c > g else g)
+                    if overlap:
+                        total += serial[l] + (c if c > g else g)
+                    else:
+                        total += serial[l] + c + g
                 if (t + 1) % interval == 0:
                     for l in range(L):
                         for e in range(E):
                             ema[l, e] = decay * ema[l, e] + (1.0 - decay) * window[l, e] / interval
                             window[l, e] = 0.0
-                        saving = cpu_pick[l] - gpu_pick[l]
+                        saving = cpu_pick[l] - gpu_pick[l]   # per pick moved to the GPU
                         if saving <= 0.0:
                             continue
                         for s in range(max_swaps):
@@ -149,16 +155,17 @@ def _inputs(trace, cost_model):
     cpu, gpu = _pick_costs(cost_model)
     return (np.asarray(trace.seq), np.full(L, cpu), np.full(L, gpu),
             lc.cpu_fix.astype(np.float64), lc.gpu_fix.astype(np.float64),
-            (lc.serial + lc.sync).astype(np.float64), lc.other)
+            (lc.serial + lc.sync).astype(np.float64), lc.other, bool(lc.overlap))
 
 
 def replay(trace, mask: np.ndarray, cost_model) -> SimResult:
     """Static placement: hit counts per layer and predicted decode tok/s at batch 1."""
-    seq, cpu, gpu, cfix, gfix, serial, other = _inputs(trace, cost_model)
+    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model)
     if mask.shape != (trace.num_layers, trace.num_experts):
         raise ValueError(f"mask shape {mask.shape} does not match the trace "
                          f"[{trace.num_layers}, {trace.num_experts}]")
-    hits, total = _kernels()["static"](seq, mask.astype(np.bool_), cpu, gpu, cfix, gfix, serial)
+    hits, total = _kernels()["static"](seq, mask.astype(np.bool_), cpu, gpu, cfix, gfix, serial,
+                                       overlap)
     n = seq.shape[0]
     secs = total + other * n
     return SimResult(tokens=n, hits_per_layer=hits,
@@ -172,7 +179,7 @@ def replay_online(trace, mask: np.ndarray, cost_model, policy: OnlinePolicy | No
     rates implied by the initial mask's plan, i.e. the trace's frequencies are NOT peeked at:
     cached experts start at 1 / E above the uncached ones)."""
     policy = policy or OnlinePolicy()
-    seq, cpu, gpu, cfix, gfix, serial, other = _inputs(trace, cost_model)
+    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model)
     L, E = trace.num_layers, trace.num_experts
     if prior is None:
         prior = np.where(mask, trace.top_k / E * 2.0, trace.top_k / E * 0.5)
@@ -181,7 +188,7 @@ def replay_online(trace, mask: np.ndarray, cost_model, policy: OnlinePolicy | No
     hits, total, swaps, final = _kernels()["online"](
         seq, mask.astype(np.bool_).copy(), cpu, gpu, cfix, gfix, serial,
         prior.astype(np.float64), int(policy.interval), decay, int(policy.max_swaps),
-        float(policy.horizon), float(swap_cost))
+        float(policy.horizon), float(swap_cost), overlap)
     n = seq.shape[0]
     secs = total + other * n
     return SimResult(tokens=n, hits_per_layer=hits,
