@@ -109,3 +109,28 @@ def test_no_gpu_replay_equals_cost_model_exactly(setup):
     res = simulate.replay(tr, mask, cpu_only)
     assert res.decode_tok_s == pytest.approx(cpu_only.decode_tok_s(tr.frequencies(), mask),
                                              rel=1e-9)
+
+
+def test_runtime_placer_makes_the_replays_decisions(setup):
+    # OnlinePlacer, fed token by token as a runtime would, ends with the same cache and the same
+    # number of swaps as the replay of the same policy.
+    from hybrid.planner.online import OnlinePlacer
+
+    spec, cm = setup
+    tr = make_trace(spec, 3000, zipf_first=1.2, zipf_last=1.2, drift_every=500,
+                    drift_fraction=0.5, seed=9)
+    mask = place_optimal(cm.costs(tr.slice_tokens(0, 500).frequencies(), 1), 40)
+    pol = simulate.OnlinePolicy(interval=16, window=128.0, max_swaps=2, horizon=256.0)
+    replay = simulate.replay_online(tr, mask, cm, pol)
+    placer = OnlinePlacer(cm, mask, spec.moe_layers, pol)
+    live = mask.copy()
+    for t in range(tr.tokens):
+        for i, layer in enumerate(spec.moe_layers):
+            placer.observe(layer, tr.seq[t:t + 1, i, :])
+        for layer, out_e, in_e in placer.end_step():
+            i = spec.moe_layers.index(layer)
+            assert live[i, out_e] and not live[i, in_e]
+            live[i, out_e], live[i, in_e] = False, True
+    assert placer.swaps == replay.swaps > 0
+    np.testing.assert_array_equal(live, replay.final_mask)
+    np.testing.assert_array_equal(live.sum(axis=1), mask.sum(axis=1))

@@ -14,6 +14,8 @@ exceeds the cost of the copy (the expert's packed bytes over PCIe, charged in fu
 timeline: conservative, since the runtime copies on a side stream). The number of cached
 experts per layer never changes, so the VRAM budget holds.
 
+The per-layer decision is one numba function, check_layer, which the runtime's OnlinePlacer
+(online.py) calls too: a replay predicts exactly what the runtime does.
 The loops are numba-compiled: a million tokens x 60 layers x 8 picks replays in seconds.
 Legend: N tokens, L MoE layers, E experts, K picks per token.
 """
@@ -53,11 +55,47 @@ def _kernels():
             return hits, total
 
         @numba.njit(cache=False)
+        def check_layer(ema, window, mask, tokens, decay, saving, horizon, swap_cost,
+                        max_swaps, pairs):
+            # One layer's periodic check (the online policy's whole decision rule, shared by
+            # the replay and OnlinePlacer): fold the window's pick counts over `tokens` tokens
+            # into the decayed rates, then swap the most picked uncached expert for the least
+            # picked cached one while that pays. ema/window [E] f64, mask [E] bool (updated),
+            # pairs [max_swaps, 2] int64 receives (out, in); returns the number of swaps.
+            E = ema.shape[0]
+            for e in range(E):
+                ema[e] = decay * ema[e] + (1.0 - decay) * window[e] / tokens
+                window[e] = 0.0
+            if saving <= 0.0:
+                return 0
+            done = 0
+            for s in range(max_swaps):
+                best_in, best_in_r = -1, -1.0
+                worst_out, worst_out_r = -1, 1e300
+                for e in range(E):
+                    if mask[e]:
+                        if ema[e] < worst_out_r:
+                            worst_out, worst_out_r = e, ema[e]
+                    elif ema[e] > best_in_r:
+                        best_in, best_in_r = e, ema[e]
+                if best_in < 0 or worst_out < 0:
+                    break
+                if (best_in_r - worst_out_r) * saving * horizon <= swap_cost:
+                    break
+                mask[best_in] = True
+                mask[worst_out] = False
+                pairs[done, 0] = worst_out
+                pairs[done, 1] = best_in
+                done += 1
+            return done
+
+        @numba.njit(cache=False)
         def replay_online(seq, mask0, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial,
                           rate0, interval, decay, max_swaps, horizon, swap_cost, overlap):
             n, L, k = seq.shape
             E = mask0.shape[1]
             mask = mask0.copy()
+            pairs = np.zeros((max(1, max_swaps), 2), dtype=np.int64)
             hits = np.zeros(L, dtype=np.int64)
             ema = rate0.copy()            # [L, E] decayed picks per token
             window = np.zeros((L, E), dtype=np.float64)
@@ -80,33 +118,16 @@ def _kernels():
                         total += serial[l] + c + g
                 if (t + 1) % interval == 0:
                     for l in range(L):
-                        for e in range(E):
-                            ema[l, e] = decay * ema[l, e] + (1.0 - decay) * window[l, e] / interval
-                            window[l, e] = 0.0
-                        saving = cpu_pick[l] - gpu_pick[l]   # per pick moved to the GPU
-                        if saving <= 0.0:
-                            continue
-                        for s in range(max_swaps):
-                            best_in, best_in_r = -1, -1.0
-                            worst_out, worst_out_r = -1, 1e300
-                            for e in range(E):
-                                if mask[l, e]:
-                                    if ema[l, e] < worst_out_r:
-                                        worst_out, worst_out_r = e, ema[l, e]
-                                elif ema[l, e] > best_in_r:
-                                    best_in, best_in_r = e, ema[l, e]
-                            if best_in < 0 or worst_out < 0:
-                                break
-                            if (best_in_r - worst_out_r) * saving * horizon <= swap_cost:
-                                break
-                            mask[l, best_in] = True
-                            mask[l, worst_out] = False
-                            swaps += 1
-                            total += swap_cost
+                        n_sw = check_layer(ema[l], window[l], mask[l], float(interval), decay,
+                                           cpu_pick[l] - gpu_pick[l], horizon, swap_cost,
+                                           max_swaps, pairs)
+                        swaps += n_sw
+                        total += n_sw * swap_cost
             return hits, total, swaps, mask
 
         _KERNELS["static"] = replay_static
         _KERNELS["online"] = replay_online
+        _KERNELS["check_layer"] = check_layer
     return _KERNELS
 
 
@@ -136,6 +157,11 @@ class SimResult:
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "hit_rate": self.hit_rate,
                 "decode_tok_s": self.decode_tok_s, "swaps": self.swaps}
+
+
+def swap_cost_s(cost_model) -> float:
+    """Seconds charged per swap: the expert's packed bytes over PCIe (dequantised on arrival)."""
+    return cost_model.cpu_expert_bytes / (cost_model.machine.pcie_gbps * 1e9)
 
 
 def _pick_costs(cost_model):
@@ -184,7 +210,7 @@ def replay_online(trace, mask: np.ndarray, cost_model, policy: OnlinePolicy | No
     if prior is None:
         prior = np.where(mask, trace.top_k / E * 2.0, trace.top_k / E * 0.5)
     decay = float(np.exp(-policy.interval / policy.window))
-    swap_cost = cost_model.cpu_expert_bytes / (cost_model.machine.pcie_gbps * 1e9)
+    swap_cost = swap_cost_s(cost_model)
     hits, total, swaps, final = _kernels()["online"](
         seq, mask.astype(np.bool_).copy(), cpu, gpu, cfix, gfix, serial,
         prior.astype(np.float64), int(policy.interval), decay, int(policy.max_swaps),
