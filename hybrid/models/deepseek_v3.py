@@ -126,8 +126,7 @@ class Attention:
         q_rope = apply_rope(q_rope, cos, sin, interleave)  # [T, nh, R]
         cache.write(self.layer, slots, positions, latent, k_rope)
 
-        lat = cache.latent[self.layer][groups.slots, : groups.L].to(x.dtype)  # [U, L, C]
-        kr = cache.rope[self.layer][groups.slots, : groups.L].to(x.dtype)  # [U, L, R]
+        rows = cache.rows(self.layer, groups.slots, groups.L, groups.one_slot).to(x.dtype)  # [U, L, C+R]
         mode = self.mode
         if mode == "auto":
             # Expanding costs one kv_b matmul per key (nh*(D+V)*C); absorbing costs two per
@@ -135,13 +134,14 @@ class Attention:
             # of the keys (prefill), absorb otherwise (decode against a long context).
             mode = "expanded" if 4 * groups.Q >= groups.L else "absorbed"
         if mode == "expanded":
-            out = self._expanded(q_nope, q_rope, lat, kr, groups)
+            out = self._expanded(q_nope, q_rope, rows, groups)
         else:
-            out = self._absorbed(q_nope, q_rope, lat, kr, groups)
+            out = self._absorbed(q_nope, q_rope, rows, groups)
         return self.o_proj(out.reshape(T, self.nh * self.V))
 
-    def _expanded(self, q_nope, q_rope, lat, kr, g):
-        U, L = lat.shape[:2]
+    def _expanded(self, q_nope, q_rope, rows, g):
+        U, L = rows.shape[:2]
+        lat, kr = rows[..., : self.C], rows[..., self.C :]  # [U, L, C], [U, L, R]
         kv = self.kv_b_proj(lat).view(U, L, self.nh, self.D + self.V)  # [U, L, nh, D+V]
         k = torch.cat([kv[..., : self.D], kr[:, :, None, :].expand(U, L, self.nh, self.R)], -1)
         v = kv[..., self.D :]  # [U, L, nh, V]
@@ -149,15 +149,16 @@ class Attention:
         o = sdpa_chunked(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.mask, self.scale)  # [U, nh, Q, V]
         return g.unpad(o.transpose(1, 2))  # [T, nh, V]
 
-    def _absorbed(self, q_nope, q_rope, lat, kr, g):
+    def _absorbed(self, q_nope, q_rope, rows, g):
         # Scores q.k = (q_nope W_uk) . latent + q_rope . k_rope, and output
         # W_uv (softmax . latent): attention runs in the C-wide latent space, one shared "head"
-        # of keys for all nh query heads, so the cache is read once.
-        U, L = lat.shape[:2]
+        # of keys for all nh query heads, so the cache is read once; a cache row [latent, rope]
+        # is the key as it stands.
+        U, L = rows.shape[:2]
         q_lat = torch.einsum("tnd,ndc->tnc", q_nope, self.w_uk.to(q_nope.dtype))  # [T, nh, C]
         q = g.pad(torch.cat([q_lat, q_rope], -1)).transpose(1, 2)  # [U, nh, Q, C+R]
-        k = torch.cat([lat, kr], -1)[:, None].expand(U, self.nh, L, self.C + self.R)
-        v = lat[:, None].expand(U, self.nh, L, self.C)
+        k = rows[:, None].expand(U, self.nh, L, self.C + self.R)
+        v = rows[:, None, :, : self.C].expand(U, self.nh, L, self.C)
         o = sdpa_chunked(q, k, v, g.mask, self.scale)  # [U, nh, Q, C]
         o = g.unpad(o.transpose(1, 2))  # [T, nh, C]
         return torch.einsum("tnc,nvc->tnv", o, self.w_uv.to(o.dtype))  # [T, nh, V]
@@ -196,6 +197,7 @@ class SlotGroups:
         rank = torch.empty_like(inv)
         rank[order] = torch.arange(T, device=slots.device) - starts[inv[order]]
         self.slots, self.inv, self.rank = uniq, inv, rank
+        self.one_slot = int(uniq[0]) if U == 1 else None  # lets attention read a cache view
         self.Q = int(counts.max())
         self.L = int(positions.max()) + 1
         pos = torch.zeros(U, self.Q, dtype=positions.dtype, device=positions.device)

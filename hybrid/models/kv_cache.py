@@ -18,7 +18,9 @@ from hybrid.config import ModelConfig
 
 
 class LatentKVCache:
-    """Per layer: latent [S, P, C] and rope key [S, P, R], on `device` in `dtype`."""
+    """Per layer: rows [S, P, C+R] = latent (first C) and rope key (last R), on `device` in
+    `dtype`. One row per token keeps both parts adjacent, so the absorbed attention uses a row
+    as its key directly (no concatenation per step). `latent` / `rope` are views of it."""
 
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, device=None, dtype=torch.bfloat16):
         if num_slots <= 0:
@@ -31,10 +33,10 @@ class LatentKVCache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         L, C, R = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
-        # One allocation per layer and kind keeps each layer's rows contiguous per slot, which
-        # is what the attention gather reads.
-        self.latent = [torch.zeros(num_slots, max_len, C, device=self.device, dtype=dtype) for _ in range(L)]
-        self.rope = [torch.zeros(num_slots, max_len, R, device=self.device, dtype=dtype) for _ in range(L)]
+        # One allocation per layer keeps a slot's rows contiguous: attention reads [slot, :L].
+        self.kv = [torch.zeros(num_slots, max_len, C + R, device=self.device, dtype=dtype) for _ in range(L)]
+        self.latent = [t[..., :C] for t in self.kv]  # [S, P, C] views
+        self.rope = [t[..., C:] for t in self.kv]  # [S, P, R] views
 
     @staticmethod
     def bytes_per_token_for(config: ModelConfig, dtype=torch.bfloat16) -> int:
@@ -48,14 +50,14 @@ class LatentKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.latent + self.rope)
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
     def reset(self, slot: int) -> None:
         """Forget a slot's contents (a finished sequence). Attention only ever reads positions a
         sequence has written, so this is hygiene, not correctness."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"LatentKVCache.reset: slot {slot} out of range 0..{self.num_slots - 1}")
-        for t in self.latent + self.rope:
+        for t in self.kv:
             t[slot].zero_()
 
     def check(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
@@ -74,5 +76,10 @@ class LatentKVCache:
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
               latent: torch.Tensor, rope: torch.Tensor) -> None:
         """latent [T, C], rope [T, R] -> cache[layer][slot_t, position_t]."""
-        self.latent[layer][slots, positions] = latent.to(self.dtype)
-        self.rope[layer][slots, positions] = rope.to(self.dtype)
+        self.kv[layer][slots, positions] = torch.cat([latent, rope], -1).to(self.dtype)
+
+    def rows(self, layer: int, slots: torch.Tensor, length: int, one_slot: int | None = None) -> torch.Tensor:
+        """[U, L, C+R]: positions 0..length-1 of each slot. A single slot is a view (no copy)."""
+        if one_slot is not None:
+            return self.kv[layer][one_slot : one_slot + 1, :length]
+        return self.kv[layer][slots, :length]
