@@ -80,18 +80,22 @@ static HY_ALWAYS_INLINE __m512i z_bcast4(const int8_t* p) {
 // ---------------------------------------------------------------------------------------------
 #define HY_Z_F32_TT_MAX 4
 
+// INT4: vpermps looks up (nibble - 8) as fp32 from a 16-entry table using only the low 4 bits
+// of each lane, so a shift is the whole unpack; the group's sum is scaled once (exact products
+// (nibble - 8) * x, one fp32 rounding order among others).
 static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
                                            int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
   const uint8_t* qw = w.qweight + b * ng * 256;
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m512i m4 = _mm512_set1_epi32(0x0F);
+  const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   __m512 acc[HY_Z_F32_TT_MAX];
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
-    const __m512 s8 = _mm512_mul_ps(s, _mm512_set1_ps(8.0f));
+    __m512 ag[HY_Z_F32_TT_MAX];  // sum over the group of (nibble - 8) * x
+#pragma GCC unroll 16
+    for (int t = 0; t < tt; ++t) ag[t] = _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(qw + g * 256 + c * 64);
@@ -99,13 +103,15 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {  // j < 4: low nibble of byte j; j >= 4: high nibble of j-4
         const int sh = (j < 4) ? 8 * j : 8 * (j - 4) + 4;
-        __m512i nib = _mm512_and_si512(_mm512_srli_epi32(v, sh), m4);
-        __m512 wv = _mm512_fmsub_ps(_mm512_cvtepi32_ps(nib), s, s8);  // (nib - 8) * s, exact
+        const __m512 wv = _mm512_permutexvar_ps(sh ? _mm512_srli_epi32(v, sh) : v, table);
 #pragma GCC unroll 16
         for (int t = 0; t < tt; ++t)
-          acc[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), acc[t]);
+          ag[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), ag[t]);
       }
     }
+    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+#pragma GCC unroll 16
+    for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(ag[t], s, acc[t]);
   }
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
