@@ -540,6 +540,12 @@ PYBIND11_MODULE(_native, m) {
   m.def("num_threads", []() { return global_pool()->size(); }, "threads of the global pool");
   m.def("set_num_threads", [](int n) { py::gil_scoped_release r; set_global_threads(n); }, py::arg("threads"),
         "replace the global pool (<= 0: default); queued jobs finish first");
+  m.def("split_units", [](int64_t units, const std::vector<int>& team_nodes) {
+    if (team_nodes.empty()) throw py::value_error("team_nodes must not be empty");
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (int t = 0; t < int(team_nodes.size()); ++t) out.push_back(split_units(units, t, team_nodes));
+    return out;
+  }, py::arg("units"), py::arg("team_nodes"), "the pool's NUMA-aware work split, for every thread");
   m.def("topology", []() {
     CpuTopology t = detect_topology();
     py::dict d;
@@ -673,7 +679,7 @@ PYBIND11_MODULE(_native, m) {
 
 // Bound functions and classes (module hybrid._native):
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
-//   default_threads, num_threads, set_num_threads, topology, pool_info, read_bandwidth
+//   default_threads, num_threads, set_num_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
 //   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
 //   reference_matmul_a16

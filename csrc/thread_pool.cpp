@@ -249,24 +249,27 @@ void ThreadPool::worker_main(int tid) {
   }
 }
 
+std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vector<int>& team_nodes) {
+  const int team = int(team_nodes.size());
+  const int node = team_nodes[size_t(tid)];
+  int before = 0, mine = 0, rank = 0;  // team threads on lower nodes, on ours, ours before tid
+  for (int i = 0; i < team; ++i) {
+    const int n = team_nodes[size_t(i)];
+    if (n < node) ++before;
+    if (n == node) {
+      ++mine;
+      if (i < tid) ++rank;
+    }
+  }
+  const int64_t node_begin = units * before / team, node_end = units * (before + mine) / team;
+  const int64_t len = node_end - node_begin;
+  return {node_begin + len * rank / mine, node_begin + len * (rank + 1) / mine};
+}
+
 std::pair<int64_t, int64_t> ThreadPool::split(int64_t units, int tid, int team) const {
   if (team <= 0 || team > size()) team = size();
-  // Team threads per node, in node order, and this thread's rank within its node.
-  std::map<int, int> count;
-  int rank = 0;
-  for (int i = 0; i < team; ++i) {
-    if (i < tid && worker_node_[size_t(i)] == worker_node_[size_t(tid)]) ++rank;
-    count[worker_node_[size_t(i)]]++;
-  }
-  int64_t before = 0;  // team threads on nodes ordered before ours
-  for (auto& [node, n] : count) {
-    if (node == worker_node_[size_t(tid)]) break;
-    before += n;
-  }
-  int mine = count[worker_node_[size_t(tid)]];
-  int64_t node_begin = units * before / team, node_end = units * (before + mine) / team;
-  int64_t len = node_end - node_begin;
-  return {node_begin + len * rank / mine, node_begin + len * (rank + 1) / mine};
+  if (team == size()) return split_units(units, tid, worker_node_);
+  return split_units(units, tid, std::vector<int>(worker_node_.begin(), worker_node_.begin() + team));
 }
 
 namespace {

@@ -93,6 +93,11 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
 };
 
+// split() for a team whose thread i runs on NUMA node team_nodes[i]: [begin, end) of `units` for
+// thread tid. Nodes (ascending id) get contiguous ranges proportional to their thread counts;
+// the threads of a node split its range evenly in tid order.
+std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vector<int>& team_nodes);
+
 // The process-wide pool, created on first use with `default_threads()` workers. It is never
 // destroyed at process exit (exit must not wait on workers); set_global_threads() replaces it.
 std::shared_ptr<ThreadPool> global_pool();

@@ -181,6 +181,24 @@ def test_set_num_threads_with_live_operators(layer, inputs):
         native.set_num_threads(before)
 
 
+@pytest.mark.parametrize("nodes", [[0], [0, 0], [0, 1], [0, 1, 0, 1], [1, 0, 0], [0, 1, 2, 0, 1, 2, 0]])
+@pytest.mark.parametrize("units", [0, 1, 7, 100, 448])
+def test_numa_split(nodes, units):
+    """Every unit goes to exactly one thread; each node's units are one contiguous range sized by
+    its thread count; a node's threads get contiguous pieces in tid order."""
+    ranges = N.split_units(units, nodes)
+    covered = sorted(r for r in ranges if r[0] < r[1])
+    assert sum(b - a for a, b in ranges) == units
+    assert all(covered[i][1] == covered[i + 1][0] for i in range(len(covered) - 1))
+    for node in set(nodes):
+        mine = [ranges[t] for t in range(len(nodes)) if nodes[t] == node]
+        assert all(mine[i][1] == mine[i + 1][0] for i in range(len(mine) - 1))
+        share = mine[-1][1] - mine[0][0]
+        assert abs(share - units * len(mine) / len(nodes)) <= 1
+    lower = [t for t in range(len(nodes)) if nodes[t] == min(nodes)]
+    assert ranges[lower[0]][0] == 0
+
+
 def test_read_bandwidth_probe():
     r = N.read_bandwidth(8 << 20, 3)
     assert r["bytes"] == 8 << 20 and len(r["runs"]) == 3 and r["gbps"] > 0
