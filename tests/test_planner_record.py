@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from checkpoints import build
 from test_engine_model import VOCAB, write_tiny_tokenizer
 
