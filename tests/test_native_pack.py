@@ -195,3 +195,33 @@ def test_from_float_and_ct_argument_errors():
         PackedLayer.from_compressed_int4([packed.float()], [scale], [packed], [scale], [dp], [ds])
     with pytest.raises(ValueError, match=r"expert 0: down weight_scale must have shape"):
         PackedLayer.from_compressed_int4([packed], [scale], [packed], [scale], [dp], [scale])
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_resident_memory_is_the_packed_size(tmp_path):
+    """One copy of every expert: building a layer, and mapping + touching its file, each add its
+    packed size to the resident set, give or take a few MB (page tables, allocator, hugepage
+    rounding)."""
+    rng = np.random.default_rng(17)
+    gate, up, down = random_experts(rng, 8, 1024, 1024)
+    before = rss_bytes()
+    layer = PackedLayer.from_float(gate, up, down, format="int8")
+    grown = rss_bytes() - before
+    assert abs(grown - layer.nbytes) <= 6 << 20, (grown, layer.nbytes)
+    path = tmp_path / "l.packed"
+    layer.save(path)
+    nbytes = layer.nbytes
+    del layer, gate, up, down
+    before = rss_bytes()
+    mapped = PackedLayer.load(path)
+    assert rss_bytes() - before < 4 << 20  # mapping alone reads nothing
+    mapped.place()
+    grown = rss_bytes() - before
+    assert abs(grown - nbytes) <= 6 << 20, (grown, nbytes)
