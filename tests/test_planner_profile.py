@@ -113,3 +113,22 @@ def test_synthetic_trace_script(tmp_path):
     # every token picks K distinct experts in every layer
     s = np.sort(np.asarray(tr.seq), axis=2)
     assert (np.diff(s, axis=2) > 0).all()
+
+
+@pytest.mark.parametrize("gib", [24, 32, 48, 80])
+def test_shipped_k25_profiles_load_and_hold_their_budget(gib):
+    path = Path(__file__).resolve().parent.parent / "profiles" / f"kimi-k2.5_reference_{gib}GiB.yaml"
+    spec = load_model_spec("kimi-k2.5")
+    p = profiles.load(str(path), model=spec, vram_bytes=gib * 2**30)
+    data = p.data
+    assert data["trace"]["synthetic"] is True and "Zipf" in data["trace"]["source"]
+    assert p.num_cached == data["budget"]["experts"]["slots"] > 0
+    assert p.vram_needed_bytes <= gib * 2**30
+    assert data["budget"]["experts"]["bytes_per_expert"] == spec.expert_bytes("bf16")
+    if gib == 24:
+        assert data["budget"]["device_weights"]["format"] == "int8"
+    pred = data["predicted"]
+    for base in ("none", "uniform", "top-N"):
+        assert pred["plan"]["decode_tok_s"] >= pred[base]["decode_tok_s"]
+    with pytest.raises(profiles.ProfileError):
+        profiles.load(str(path), model=spec, vram_bytes=(gib - 4) * 2**30)
