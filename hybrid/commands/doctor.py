@@ -126,6 +126,11 @@ def advice(r: dict) -> list:
                        "device_weights='int8' (hybrid plan --device-weights int8).")
         else:
             out.append("Even int8 device weights do not fit the GPU: use a shorter context.")
+    if e.get("profiles"):
+        best = e["profiles"][0]
+        out.append(f"Shipped placement profile for this GPU: {best['path']} (predicted "
+                   f"{best['decode_tok_s']:.1f} tok/s on its reference machine; make your own "
+                   f"with `hybrid profile` + `hybrid plan --machine local`).")
     if "disk" in m and m["disk"]["free_bytes"] < 50 * 2**30:
         out.append(f"Only {fmt_bytes(m['disk']['free_bytes'])} free on {m['disk']['path']}: "
                    f"packed expert caches need room next to the checkpoint.")

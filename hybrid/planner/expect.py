@@ -35,6 +35,30 @@ def ram_needed(spec, machine, context_tokens: int) -> dict:
     return parts
 
 
+def matching_profiles(spec, vram_free: int, folder: str | None = None) -> list:
+    """Shipped profiles (profiles/*.yaml beside the package) made for this model that fit in
+    `vram_free` bytes, the one using the most VRAM first (it caches the most experts; a smaller
+    one may still predict more tok/s when it assumed int8 device weights, a quality trade):
+    [(path, needed bytes, tok/s)]."""
+    import glob
+    import os
+
+    from hybrid.planner import profile as profiles
+
+    if folder is None:
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              os.pardir, "profiles")
+    out = []
+    for path in sorted(glob.glob(os.path.join(os.path.normpath(folder), "*.yaml"))):
+        try:
+            p = profiles.load(path, model=spec, vram_bytes=vram_free)
+        except (profiles.ProfileError, OSError):
+            continue   # another model, or needs more VRAM than there is
+        tok_s = (p.data.get("predicted", {}).get("plan", {}) or {}).get("decode_tok_s", 0.0)
+        out.append((path, p.vram_needed_bytes, float(tok_s)))
+    return sorted(out, key=lambda r: -r[1])
+
+
 def expectations(spec, machine, trace: Trace | None = None, context_tokens: int = 32768,
                  decode_at: int = 4096) -> dict:
     trace = trace or _uniform_trace(spec)
@@ -72,4 +96,7 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
                                               + b.activation_bytes + b.reserve_bytes)
         results[fmt] = entry
     out["device_weights"] = results
+    if machine.gpu_present and machine.vram_bytes:
+        out["profiles"] = [{"path": p, "vram_needed_bytes": n, "decode_tok_s": t}
+                           for p, n, t in matching_profiles(spec, machine.vram_bytes)]
     return out
