@@ -220,7 +220,9 @@ class Model:
         if self._engine is None:
             from hybrid.engine.engine import Engine
 
-            self._engine = Engine(self, max_context=self.max_len)
+            # One slot: the KV cache hybrid.load checked against the device budget. Servers
+            # that batch build their own Engine with more slots (and their own budget check).
+            self._engine = Engine(self, max_seqs=1, max_context=self.max_len)
         return self._engine
 
     def close(self) -> None:

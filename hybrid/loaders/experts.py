@@ -5,7 +5,8 @@ FP8 experts dequantised. cpu backend (hybrid.experts.cpu_moe, the C++ engine): e
 once into the kernel layout:
   compressed-tensors INT4 group 32 -> passed through without dequantising (the nibbles are
     the packed layout's nibbles);
-  bf16 / fp16 / fp32 / FP8-block experts -> quantised to expert_format (int4 | int8 | bf16).
+  bf16 / fp16 / fp32 / FP8-block experts -> quantised to expert_format (int4 | int8 | bf16;
+    default bf16 for float experts, int8 for FP8 ones).
 With packed_cache=True a layer's packed experts are saved next to the checkpoint
 (`.hybrid-cache/`, written to a temp name and renamed) so the next start is an mmap.
 
@@ -67,7 +68,10 @@ class ExpertLoader:
 
         full = [src.prefix + n for n in names]
         int4 = f"{full[0]}.gate_proj.weight_packed" in src.files
-        fmt = self.expert_format or ("int4" if int4 else "bf16")
+        fp8 = not int4 and src.files.dtype_str(f"{full[0]}.gate_proj.weight") == "F8_E4M3"
+        # Default: keep the checkpoint's precision class. INT4 passes through; FP8 experts
+        # become int8 group-32 (8 bits, finer scales than 128x128 blocks); float stays bf16.
+        fmt = self.expert_format or ("int4" if int4 else "int8" if fp8 else "bf16")
         cache_path = self._cache_path(src, layer, fmt) if self.packed_cache else None
         if cache_path is not None and cache_path.is_file():
             self.stats["from_cache"] += 1
