@@ -145,6 +145,7 @@ def test_completions(client):
     ({"max_tokens": 100000}, 400, "max_tokens"),
     ({"n": 2}, 400, "'n'"),
     ({"temperature": 5}, 400, "temperature"),
+    ({"seed": 2**70}, 400, "seed"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "text only"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "nope"),
@@ -161,6 +162,10 @@ def test_raw_protocol_errors_keep_the_server_serving(server, client):
     h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     url = server.url + "/v1/chat/completions"
     r = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers=h)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"[" * 50_000, headers=h)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b'{"model": "tiny", "seed": ' + b"9" * 5000 + b"}", headers=h)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(url, content=json.dumps({"model": "tiny", "messages": "hi"}), headers=h)
     assert r.status_code == 400 and "'messages' must be an array" in r.json()["error"]["message"]

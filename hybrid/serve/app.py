@@ -114,7 +114,9 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             check_api_key(request, config.api_key)
             body = parse_json_body(await read_body(request, config.max_body_bytes))
             job, opts = parse(body, config.model_name, config.max_tokens)
-            run = backend.start(job)
+            # Templating and tokenizing a long prompt takes a while: off the event loop, so the
+            # other streams keep flowing meanwhile.
+            run = await asyncio.to_thread(backend.start, job)
         except ApiError as err:
             return error_response(err, dialect, route)
         run.request_id = openai_api.new_id(id_prefix)

@@ -20,8 +20,10 @@ def parse_json_body(raw: bytes) -> dict:
         raise bad_request("request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer over 4300 digits
         raise bad_request(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got {_kind(body)}")
     return body

@@ -202,7 +202,7 @@ def parse_common(body: dict, job: Job, max_tokens_limit: int, token_keys: tuple[
     job.top_p = get_number(body, "top_p", "", 0.0, 1.0, default=1.0)
     check(job.top_p > 0, "'top_p' must be greater than 0", "top_p")
     job.top_k = get_number(body, "top_k", "", -1, 1 << 30, default=0, integer=True)
-    job.seed = get(body, "seed", "", int, default=None)
+    job.seed = get_number(body, "seed", "", -(2**63), 2**64 - 1, default=None, integer=True)
     job.presence_penalty = get_number(body, "presence_penalty", "", -2.0, 2.0, default=0.0)
     job.frequency_penalty = get_number(body, "frequency_penalty", "", -2.0, 2.0, default=0.0)
     job.stop = get_stop_list(body, "stop")
