@@ -132,3 +132,16 @@ def test_shipped_k25_profiles_load_and_hold_their_budget(gib):
         assert pred["plan"]["decode_tok_s"] >= pred[base]["decode_tok_s"]
     with pytest.raises(profiles.ProfileError):
         profiles.load(str(path), model=spec, vram_bytes=(gib - 4) * 2**30)
+
+
+def test_matching_profiles_for_a_gpu():
+    from hybrid.planner.expect import matching_profiles
+
+    spec = load_model_spec("kimi-k2.5")
+    assert matching_profiles(spec, 16 * 2**30) == []
+    assert Path(matching_profiles(spec, 24 * 2**30)[0][0]).name == "kimi-k2.5_reference_24GiB.yaml"
+    assert Path(matching_profiles(spec, 80 * 2**30)[0][0]).name == "kimi-k2.5_reference_80GiB.yaml"
+    other = spec_from_config({"hidden_size": 64, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                              "moe_intermediate_size": 32, "num_hidden_layers": 2,
+                              "first_k_dense_replace": 1, "num_attention_heads": 2}, "tiny")
+    assert matching_profiles(other, 80 * 2**30) == []
