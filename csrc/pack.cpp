@@ -15,7 +15,17 @@ inline float load_src(const void* w, SrcDtype dt, int64_t i) {
   return dt == SrcDtype::F32 ? static_cast<const float*>(w)[i]
                              : bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
 }
-inline float round_to_bf16(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+// Round to bf16 (nearest even) keeping fp32 storage; finite inputs (branch-free, vectorises).
+inline float round_to_bf16(float x) {
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  __builtin_memcpy(&x, &u, 4);
+  return x;
+}
+// Rounding half to even without a libm call (baseline x86-64 has no roundps): for |v| < 2^22,
+// (v + 1.5 * 2^23) - 1.5 * 2^23 is the nearest even integer in the default rounding mode.
+inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 uint8_t* dest_q(const PackDest& d, WeightFormat f, int64_t k, int64_t b) {
   return d.qweight + size_t(b * d.block_mult + d.block_off) * block_qweight_bytes(f, k);
@@ -70,6 +80,8 @@ void pack_int4_from_ct(const int32_t* packed, const void* scale, SrcDtype scale_
 void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, int64_t k,
                    int64_t b0, int64_t b1, const PackDest& dst) {
   const int64_t groups = k / kGroup;
+  volatile float magic_v = 12582912.f;  // 1.5 * 2^23 (see above); volatile: never folded
+  const float magic_ = magic_v;
   float x[kGroup];
   for (int64_t b = b0; b < b1; ++b) {
     uint8_t* q = dest_q(dst, format, k, b);
@@ -90,9 +102,10 @@ void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, i
       const int64_t row = b * kRowBlock + r;
       for (int64_t g = 0; g < groups; ++g) {
         float amax = 0.f;
+        for (int i = 0; i < kGroup; ++i) x[i] = load_src(w, dt, row * k + g * kGroup + i);
         for (int i = 0; i < kGroup; ++i) {
-          x[i] = load_src(w, dt, row * k + g * kGroup + i);
-          amax = std::fmax(amax, std::fabs(x[i]));
+          const float a = std::fabs(x[i]);
+          amax = a > amax ? a : amax;
         }
         if (format == WeightFormat::INT4_G32) {
           // compressed-tensors: scale = amax / ((qmax - qmin) / 2) in the weight dtype, zero
@@ -102,25 +115,30 @@ void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, i
           if (dt == SrcDtype::BF16) scale = round_to_bf16(scale);
           if (scale == 0.f)
             scale = dt == SrcDtype::BF16 ? 0.0078125f : std::numeric_limits<float>::epsilon();
-          uint8_t nib[kGroup];
-          for (int i = 0; i < kGroup; ++i) {
-            float v = x[i] / scale;
-            if (dt == SrcDtype::BF16) v = round_to_bf16(v);
-            v = std::nearbyint(std::fmin(7.f, std::fmax(-8.f, v)));
-            nib[i] = uint8_t(int(v) + 8);
-          }
+          float v[kGroup];
+          for (int i = 0; i < kGroup; ++i) v[i] = x[i] / scale;
+          if (dt == SrcDtype::BF16)
+            for (int i = 0; i < kGroup; ++i) v[i] = round_to_bf16(v[i]);
+          const float m = magic_;
+          int nib[kGroup];
+          for (int i = 0; i < kGroup; ++i) nib[i] = int((clampf(v[i], -8.f, 7.f) + m) - m) + 8;
+          uint8_t* out = q + g * 256 + r * 4;
           for (int c = 0; c < 4; ++c)
             for (int j = 0; j < 4; ++j)
-              q[g * 256 + c * 64 + r * 4 + j] = uint8_t(nib[8 * c + j] | (nib[8 * c + 4 + j] << 4));
+              out[c * 64 + j] = uint8_t(nib[8 * c + j] | (nib[8 * c + 4 + j] << 4));
           s[g * kRowBlock + r] = f32_to_bf16(scale);
         } else {  // INT8_G32
           uint16_t sb = f32_to_bf16(amax / 127.f);
           float scale = bf16_to_f32(sb);
-          for (int i = 0; i < kGroup; ++i) {
-            float v = scale > 0.f ? std::nearbyint(std::fmin(127.f, std::fmax(-127.f, x[i] / scale)))
-                                  : 0.f;
-            q[g * 512 + (i / 4) * 64 + r * 4 + (i % 4)] = uint8_t(int(v) + 128);
-          }
+          const float inv_ok = scale > 0.f ? 1.f : 0.f;  // zero group: q = 0
+          const float div = scale > 0.f ? scale : 1.f;
+          const float m = magic_;
+          int qi[kGroup];
+          for (int i = 0; i < kGroup; ++i)
+            qi[i] = int((clampf(x[i] / div, -127.f, 127.f) * inv_ok + m) - m) + 128;
+          uint8_t* out = q + g * 512 + r * 4;
+          for (int c = 0; c < 8; ++c)
+            for (int j = 0; j < 4; ++j) out[c * 64 + j] = uint8_t(qi[4 * c + j]);
           s[g * kRowBlock + r] = sb;
         }
       }
@@ -132,25 +150,32 @@ void unpack(const PackedMatrix& w, int64_t b0, int64_t b1, float* out) {
   const int64_t k = w.k, groups = k / kGroup;
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* q = w.qweight + size_t(b) * block_qweight_bytes(w.format, k);
+    const uint16_t* s = w.format == WeightFormat::BF16 ? nullptr : w.scales + size_t(b) * block_scale_count(w.format, k);
     for (int r = 0; r < kRowBlock; ++r) {
       float* o = out + ((b - b0) * kRowBlock + r) * k;
       if (w.format == WeightFormat::BF16) {
-        const uint16_t* p = reinterpret_cast<const uint16_t*>(q);
-        for (int64_t kk = 0; kk < k; ++kk) o[kk] = bf16_to_f32(p[((kk / 2) * kRowBlock + r) * 2 + (kk & 1)]);
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(q) + 2 * r;
+        for (int64_t kk = 0; kk < k / 2; ++kk) {
+          o[2 * kk] = bf16_to_f32(p[kk * 2 * kRowBlock]);
+          o[2 * kk + 1] = bf16_to_f32(p[kk * 2 * kRowBlock + 1]);
+        }
         continue;
       }
-      const uint16_t* s = w.scales + size_t(b) * block_scale_count(w.format, k);
       for (int64_t g = 0; g < groups; ++g) {
-        float sc = bf16_to_f32(s[g * kRowBlock + r]);
-        for (int i = 0; i < kGroup; ++i) {
-          int v;
-          if (w.format == WeightFormat::INT4_G32) {
-            uint8_t byte = q[g * 256 + (i / 8) * 64 + r * 4 + (i % 4)];
-            v = ((i % 8) < 4 ? (byte & 0xF) : (byte >> 4)) - 8;
-          } else {
-            v = int(q[g * 512 + (i / 4) * 64 + r * 4 + (i % 4)]) - 128;
-          }
-          o[g * kGroup + i] = float(v) * sc;
+        const float sc = bf16_to_f32(s[g * kRowBlock + r]);
+        float* og = o + g * kGroup;
+        if (w.format == WeightFormat::INT4_G32) {
+          const uint8_t* in = q + g * 256 + r * 4;
+          for (int c = 0; c < 4; ++c)
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t byte = in[c * 64 + j];
+              og[8 * c + j] = float(int(byte & 0x0F) - 8) * sc;
+              og[8 * c + 4 + j] = float(int(byte >> 4) - 8) * sc;
+            }
+        } else {
+          const uint8_t* in = q + g * 512 + r * 4;
+          for (int c = 0; c < 8; ++c)
+            for (int j = 0; j < 4; ++j) og[4 * c + j] = float(int(in[c * 64 + j]) - 128) * sc;
         }
       }
     }
