@@ -116,6 +116,19 @@ def test_bf16_and_accumulating_outputs(moe):
     np.testing.assert_allclose(yb.float().numpy(), ref, rtol=2**-8, atol=1e-6)  # bf16 rounding
 
 
+def test_out_argument(moe):
+    kw = good()
+    ref = moe.forward(**kw)
+    out = torch.ones((B, H))
+    assert moe.forward(torch.from_numpy(kw["x"]), kw["ids"], kw["weights"], kw["skip_mask"], out=out,
+                       accumulate=True) is out
+    np.testing.assert_allclose(out.numpy(), ref + 1, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"out must have shape \[3, 64\]"):
+        moe.forward(**kw, out=np.zeros((B, 2 * H), np.float32))
+    with pytest.raises(ValueError, match="accumulate=True needs an out= buffer"):
+        moe.forward(**kw, accumulate=True)
+
+
 def test_constructor_checks(moe):
     with pytest.raises(TypeError, match="layer must be a PackedLayer"):
         CpuMoE("layer.packed")

@@ -218,16 +218,19 @@ class CpuMoE:
     def pending(self) -> bool:
         return self._op.pending
 
-    def forward(self, x, ids, weights, skip_mask=None):
-        """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out)."""
-        self.submit(x, ids, weights, skip_mask)
+    def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
+        """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).
+        out: an optional [B, H] fp32/bf16 CPU buffer written (accumulate=False) or added to
+        (accumulate=True) instead; it is returned."""
+        self.submit(x, ids, weights, skip_mask, out=out, accumulate=accumulate)
         return self.sync()
 
     __call__ = forward
 
-    def submit(self, x, ids, weights, skip_mask=None) -> None:
+    def submit(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False) -> None:
         """Start the job and return at once. x [B, H] fp32/bf16, ids [B, K] int32/int64,
-        weights [B, K] fp32, skip_mask [E] bool/uint8 or None; CPU and contiguous."""
+        weights [B, K] fp32, skip_mask [E] bool/uint8 or None, out as in forward(); CPU and
+        contiguous. Do not touch the arrays until sync()."""
         import numpy as np  # noqa: PLC0415
 
         as_torch = not isinstance(x, np.ndarray)
@@ -237,14 +240,23 @@ class CpuMoE:
         sn = None if skip_mask is None else native.as_numpy(skip_mask, "skip_mask")
         if xn.ndim != 2:
             raise ValueError(f"x must be [B, H], got shape {list(xn.shape)}")
-        if as_torch:
+        if out is not None:
+            y, yn = out, native.as_numpy(out, "out")
+        elif accumulate:
+            raise ValueError("accumulate=True needs an out= buffer to add to")
+        elif as_torch:
             import torch  # noqa: PLC0415
 
             y = torch.empty((xn.shape[0], self.layer.hidden), dtype=torch.float32)
             yn = y.numpy()
         else:
             y = yn = np.empty((xn.shape[0], self.layer.hidden), dtype=np.float32)
-        self._op.submit(xn, idn, wn, sn, yn)  # RuntimeError if a job is pending
+        try:
+            self._op.submit(xn, idn, wn, sn, yn, bool(accumulate))  # RuntimeError if pending
+        except (TypeError, ValueError) as e:
+            if out is not None and str(e).startswith("y "):
+                raise type(e)("out" + str(e)[1:]) from None
+            raise
         with self._lock:
             self._pending = (y, as_torch)
 
