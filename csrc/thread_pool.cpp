@@ -2,6 +2,7 @@
 #include "thread_pool.h"
 
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <new>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -275,11 +277,23 @@ std::pair<int64_t, int64_t> ThreadPool::split(int64_t units, int tid, int team) 
 namespace {
 std::mutex g_pool_mu;
 std::shared_ptr<ThreadPool>* g_pool = nullptr;  // leaked on purpose: exit never joins workers
+
+// A forked child has none of the parent's worker threads: forget the parent's pool (leaked, never
+// touched again) so the child's first use starts its own. Jobs pending at the fork are lost to
+// the child. The mutex is re-created because another parent thread may have held it.
+void forget_pool_in_child() {
+  new (&g_pool_mu) std::mutex();
+  g_pool = nullptr;
+}
 }  // namespace
 
 std::shared_ptr<ThreadPool> global_pool() {
   std::lock_guard<std::mutex> lock(g_pool_mu);
-  if (g_pool == nullptr) g_pool = new std::shared_ptr<ThreadPool>(new ThreadPool(default_threads()));
+  if (g_pool == nullptr) {
+    static const bool registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child) == 0;
+    (void)registered;
+    g_pool = new std::shared_ptr<ThreadPool>(new ThreadPool(default_threads()));
+  }
   return *g_pool;
 }
 

@@ -139,6 +139,25 @@ def test_exit_with_pending_submit_does_not_hang():
     assert "submitted" in r.stdout
 
 
+def test_forked_child_gets_its_own_pool():
+    r = run_python("""
+        import os, numpy as np
+        from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
+        rng = np.random.default_rng(0)
+        w = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)
+        layer = PackedLayer.from_float(w(4, 64, 64), w(4, 64, 64), w(4, 64, 64), format="int8")
+        x, ids, wt = w(2, 64), np.array([[0, 1], [2, 3]], np.int32), np.ones((2, 2), np.float32)
+        ref = CpuMoE(layer).forward(x, ids, wt)  # the parent's pool is running
+        pid = os.fork()
+        if pid == 0:
+            ok = np.array_equal(CpuMoE(layer).forward(x, ids, wt), ref)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    assert "child 0" in r.stdout, r.stdout + r.stderr
+
+
 def test_hybrid_isa_forces_a_path():
     for isa in N.available_isas():
         r = run_python("from hybrid import native; print(native.isa()['active'])", {"HYBRID_ISA": isa})
