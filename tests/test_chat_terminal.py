@@ -128,11 +128,16 @@ def test_piped_input_without_a_terminal(tmp_path):
 
 
 @pytest.mark.parametrize("args, code, needle", [
-    (["/nonexistent/model/dir"], 1, "cannot load /nonexistent/model/dir"),
+    (["/nonexistent/model/dir"], 1, "cannot load /nonexistent/model/dir: no such directory"),
+    (["EMPTY_DIR"], 1, "cannot load EMPTY_DIR"),  # the loader's own complaint, one line
     (["--max-tokens", "0"], 2, "--max-tokens"),
     (["--temperature", "-1"], 2, "temperature"),
 ])
 def test_bad_model_or_options_exit_with_a_message(tmp_path, args, code, needle):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(empty) if a == "EMPTY_DIR" else a for a in args]
+    needle = needle.replace("EMPTY_DIR", str(empty))
     r = subprocess.run([sys.executable, "-m", "hybrid", "chat", *args], capture_output=True, text=True,
                        env=env(tmp_path), timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == code

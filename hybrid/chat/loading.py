@@ -17,9 +17,17 @@ def describe(path: str | None) -> str:
 
 def load_model_or_explain(path: str | None, prog: str, **options):
     """hybrid.load(path, **options); on failure print why on stderr and return None."""
-    import hybrid
+    import os
 
     what = describe(path)
+    if path is not None and not os.path.isdir(path):
+        # Said before importing torch and the model code, which takes seconds.
+        why = "not a directory" if os.path.exists(path) else "no such directory"
+        print(f"{prog}: cannot load {path}: {why} (a checkpoint is a directory with config.json)",
+              file=sys.stderr)
+        return None
+    import hybrid
+
     start = time.monotonic()
     print(f"{prog}: loading {what}...", file=sys.stderr, flush=True)
     try:
