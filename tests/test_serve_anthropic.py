@@ -132,6 +132,16 @@ def test_bad_requests_in_anthropic_error_shape(client, kw, status, needle):
     assert e.value.body["type"] == "error"
 
 
+def test_count_tokens_matches_usage(client):
+    m = create(client, system="Be brief.", max_tokens=1)
+    counted = client.messages.count_tokens(model="tiny", messages=HELLO, system="Be brief.",
+                                           thinking={"type": "disabled"})
+    assert counted.input_tokens == m.usage.input_tokens
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("other")
+
+
 def test_raw_errors_and_auth(server):
     url = server.url + "/v1/messages"
     r = httpx.post(url, content=b"{nope", headers={"x-api-key": KEY})

@@ -175,8 +175,11 @@ def parse_thinking(body: dict) -> bool | None:
     return kind != "disabled"
 
 
-def parse_request(body: dict, served_model: str, max_tokens_limit: int) -> tuple[Job, Options]:
+def parse_request(body: dict, served_model: str, max_tokens_limit: int, count_only: bool = False) -> tuple[Job, Options]:
+    """count_only: /v1/messages/count_tokens, where max_tokens and sampling do not apply."""
     opts = Options(model=check_model(body, served_model))
+    if count_only and body.get("max_tokens") is None:
+        body = dict(body, max_tokens=1)
     messages = parse_messages(body.get("messages"))
     system = body.get("system")
     if system is not None:

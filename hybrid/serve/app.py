@@ -153,6 +153,37 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
         return await generate(request, "messages", "anthropic", anthropic_api.parse_request,
                               anthropic_api.message_response, anthropic_api.message_stream, "msg")
 
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        try:
+            check_api_key(request, config.api_key)
+            body = parse_json_body(await read_body(request, config.max_body_bytes))
+            job, _ = anthropic_api.parse_request(body, config.model_name, config.max_tokens, count_only=True)
+            ids, _ = await asyncio.to_thread(backend.render_prompt, job)
+        except ApiError as err:
+            return error_response(err, "anthropic", "count_tokens")
+        metrics.count_request("count_tokens", 200)
+        return {"input_tokens": len(ids)}
+
+    def model_card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": model_created, "owned_by": "hybrid",
+                "max_model_len": backend.context_length,
+                # Anthropic's /v1/models fields, so its SDK can list the model too
+                "type": "model", "display_name": config.model_name,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model_created))}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(request: Request, model_id: str):
+        try:
+            check_api_key(request, config.api_key)
+            if model_id != config.model_name:
+                raise ApiError(404, f"The model '{model_id}' does not exist; this server serves '{config.model_name}'",
+                               code="model_not_found")
+        except ApiError as err:
+            return error_response(err, "openai", "models")
+        metrics.count_request("models", 200)
+        return model_card()
+
     @app.get("/v1/models")
     async def models(request: Request):
         try:
@@ -160,13 +191,8 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
         except ApiError as err:
             return error_response(err, "openai", "models")
         metrics.count_request("models", 200)
-        return {"object": "list", "data": [{
-            "id": config.model_name, "object": "model", "created": model_created, "owned_by": "hybrid",
-            "max_model_len": backend.context_length,
-            # Anthropic's /v1/models fields, so its SDK can list the model too
-            "type": "model", "display_name": config.model_name,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model_created))}],
-            "first_id": config.model_name, "last_id": config.model_name, "has_more": False}
+        return {"object": "list", "data": [model_card()],
+                "first_id": config.model_name, "last_id": config.model_name, "has_more": False}
 
     @app.get("/health")
     async def health():
