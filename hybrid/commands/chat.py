@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         engine = Engine(model, tokenizer=model.tokenizer, max_seqs=1, max_context=args.context_length)
-    except ValueError as e:
+    except (ValueError, MemoryError) as e:  # e.g. a KV cache for the context that does not fit
         print(f"hybrid chat: {e}", file=sys.stderr)
         return 2
     try:

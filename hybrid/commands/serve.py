@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         backend = build_backend(model, cfg)
-    except ValueError as e:
+    except (ValueError, MemoryError) as e:  # e.g. a KV cache for --max-running x context that does not fit
         print(f"hybrid serve: {e}", file=sys.stderr)
         return 2
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:

@@ -265,7 +265,7 @@ def parse_completion_request(body: dict, served_model: str, max_tokens_limit: in
 # ---- responses ----------------------------------------------------------------------------
 
 
-def _usage(run, fin: Finish) -> dict:
+def _usage(fin: Finish) -> dict:
     usage = {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
              "total_tokens": fin.prompt_tokens + fin.completion_tokens}
     if fin.cached_tokens:
@@ -320,7 +320,7 @@ async def chat_response(run, job: Job, opts: Options) -> dict:
         "choices": [{"index": 0, "message": message,
                      "logprobs": {"content": logprobs} if opts.logprobs else None,
                      "finish_reason": finish_reason(fin, bool(calls))}],
-        "usage": _usage(run, fin),
+        "usage": _usage(fin),
     }
 
 
@@ -356,7 +356,7 @@ async def chat_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
             yield chunk({}, finish=finish_reason(fin, has_calls))
             if opts.include_usage:
                 yield _sse({"id": run.request_id, "object": "chat.completion.chunk", "created": created,
-                            "model": opts.model, "choices": [], "usage": _usage(run, fin)})
+                            "model": opts.model, "choices": [], "usage": _usage(fin)})
     yield "data: [DONE]\n\n"
 
 
@@ -385,7 +385,7 @@ async def completion_response(run, job: Job, opts: Options) -> dict:
         "choices": [{"index": 0, "text": "".join(text),
                      "logprobs": _completion_logprobs(lps, 0) if opts.logprobs else None,
                      "finish_reason": finish_reason(fin, False)}],
-        "usage": _usage(run, fin),
+        "usage": _usage(fin),
     }
 
 
@@ -409,7 +409,7 @@ async def completion_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
     yield chunk("", finish=finish_reason(fin, False))
     if opts.include_usage:
         yield _sse({"id": run.request_id, "object": "text_completion", "created": created,
-                    "model": opts.model, "choices": [], "usage": _usage(run, fin)})
+                    "model": opts.model, "choices": [], "usage": _usage(fin)})
     yield "data: [DONE]\n\n"
 
 
