@@ -159,3 +159,6 @@ def test_anthropic_stop_sequence_and_whitespace_before_calls():
     m = Message.model_validate(run_async(anthropic_api.message_response(
         CraftedRun("\n\n" + render_tool_calls(CALLS[:1])), tools_job(), opts)))
     assert [b.type for b in m.content] == ["tool_use"]
+    m = Message.model_validate(run_async(anthropic_api.message_response(
+        CraftedRun("<think>r</think>\n\nHello \n\n world\n"), Job(messages=[]), opts)))
+    assert [b.type for b in m.content] == ["thinking", "text"] and m.content[1].text == "\n\nHello \n\n world\n"

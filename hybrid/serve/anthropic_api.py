@@ -239,21 +239,30 @@ class _Blocks:
 
     Tool calls are held until complete, because tool_use.input must be a JSON object: a call
     whose arguments do not parse is handed over as text (what the model wrote), not dropped.
-    Whitespace-only text is held until real text follows, so a newline before a tool call does
-    not make an empty-looking text block.
+    Whitespace that would open a text block is held until real text follows, so a newline before
+    a tool call does not make an empty-looking text block.
     """
 
     def __init__(self):
         self.calls: dict[int, dict] = {}
         self.pending_ws = ""
         self.n_tool_use = 0
+        self.last = None  # kind of the block being written
 
     def feed(self, ev) -> list[tuple]:
         """-> [(block_type, payload)]: ("thinking", text) | ("text", text) | ("tool_use", block)."""
+        out = self._feed(ev)
+        if out:
+            self.last = out[-1][0]
+        return out
+
+    def _feed(self, ev) -> list[tuple]:
         kind = ev[0]
         if kind == "reasoning":
             return [("thinking", ev[1])]
         if kind == "content":
+            if self.last == "text":
+                return [("text", ev[1])]
             text = self.pending_ws + ev[1]
             if not text.strip():
                 self.pending_ws = text
