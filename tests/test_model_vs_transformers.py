@@ -247,3 +247,20 @@ def test_attention_query_chunking(tmp_path, monkeypatch):
     for mode in ("expanded", "absorbed"):
         net.set_attention_mode(mode)
         _compare(_prefill(net, cfg, ids), r, ties, 1e-3, f"chunked/{mode}")
+
+
+def test_plain_loop_sampling_and_eos(tmp_path):
+    """Without a tokenizer: seeded sampling is reproducible, and generation stops before an
+    end-of-sequence token (which is not returned), like the engine."""
+    import hybrid
+
+    path, ref = build(tmp_path)
+    model = hybrid.load(path, device="cpu", dtype=torch.float32, experts_backend="torch", progress=False)
+    prompt = _ids(model.config.vocab_size, 8, seed=7).tolist()
+    a = model.generate(prompt, 12, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop_at_eos=False)
+    b = model.generate(prompt, 12, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop_at_eos=False)
+    assert a == b and len(a) == 12
+    greedy = model.generate(prompt, 6, stop_at_eos=False)
+    k = next(i for i in range(1, 6) if greedy[i] not in greedy[:i])  # first new token after the 1st
+    object.__setattr__(model.config, "eos_token_id", greedy[k])
+    assert model.generate(prompt, 6) == greedy[:k]
