@@ -44,3 +44,28 @@ def load_model_or_explain(path: str | None, prog: str, **options):
         return None
     print(f"{prog}: loaded {what} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def add_load_arguments(parser) -> None:
+    """The hybrid.load options a frontend exposes (same flags as `hybrid run`)."""
+    parser.add_argument("--device", default=None, help="torch device for the dense part (default: cuda if present)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="device compute dtype (default bfloat16; float32 is the reference path)")
+    parser.add_argument("--experts", choices=("cpu", "torch"), default=None,
+                        help="routed experts on the C++ engine (default when built) or in torch (reference)")
+
+
+def load_options(args, context_length: int | None = None) -> dict:
+    """hybrid.load keyword arguments from add_load_arguments' flags (torch imported only if needed)."""
+    options = {}
+    if context_length:
+        options["max_len"] = context_length
+    if args.device:
+        options["device"] = args.device
+    if args.dtype:
+        import torch
+
+        options["dtype"] = getattr(torch, args.dtype)
+    if args.experts:
+        options["experts_backend"] = args.experts
+    return options

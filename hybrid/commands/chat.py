@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-markdown", action="store_true", help="leave answers as streamed (no Markdown rendering)")
     p.add_argument("--history-file", type=Path, default=None,
                    help="input history file (default: $XDG_STATE_HOME/hybrid/chat_history)")
+    from hybrid.chat.loading import add_load_arguments
+
+    add_load_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -48,9 +51,12 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(mode=args.mode, system=args.system, temperature=args.temperature,
                         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
-    from hybrid.chat.loading import load_model_or_explain
+    from hybrid.chat.loading import load_model_or_explain, load_options
 
-    model = load_model_or_explain(args.model, "hybrid chat")
+    if args.context_length is not None and args.context_length < 2:
+        print(f"hybrid chat: --context-length must be >= 2, got {args.context_length}", file=sys.stderr)
+        return 2
+    model = load_model_or_explain(args.model, "hybrid chat", **load_options(args, args.context_length))
     if model is None:
         return 1
 

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                         "here since the KV cache is sized from it)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default 4)")
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
+    from hybrid.chat.loading import add_load_arguments
+
+    add_load_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -70,9 +73,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"hybrid serve: {e}", file=sys.stderr)
         return 2
-    from hybrid.chat.loading import load_model_or_explain
+    from hybrid.chat.loading import load_model_or_explain, load_options
 
-    model = load_model_or_explain(args.model, "hybrid serve")
+    model = load_model_or_explain(args.model, "hybrid serve", **load_options(args, cfg.context_length))
     if model is None:
         return 1
     import uvicorn
