@@ -17,6 +17,9 @@ import torch
 DEMO_DIR = Path(__file__).parent / "demo_model"
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,9 +55,13 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     device = torch.device(device) if device is not None else _default_device()
-    dtype = dtype or torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested, but torch sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device}")
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else (dtype or torch.bfloat16)
     if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32, got {dtype}")
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32 ('bf16' / 'fp32'), got {dtype!r}")
     opts = dict(options)
     backend = opts.pop("experts_backend", None)
     if backend is None:

@@ -233,6 +233,13 @@ def test_model_logits_and_errors(tmp_path):
         model.logits([5, 96])
     with pytest.raises(TypeError, match="unknown option"):
         hybrid.load(path, device="cpu", bogus=1)
+    with pytest.raises(ValueError, match="dtype must be"):
+        hybrid.load(path, device="cpu", dtype="fp16")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hybrid.load(tmp_path / "nowhere", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            hybrid.load(path, device="cuda")
 
 
 def test_attention_query_chunking(tmp_path, monkeypatch):
