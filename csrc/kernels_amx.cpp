@@ -56,6 +56,7 @@ static void amx_configure(int m) {
 
 // INT4 group -> B tile buffer of 8 x 64 signed bytes (nibble - 8).
 static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst) {
+  z_prefetch_bytes(p, 256);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i eight = _mm512_set1_epi8(8);
 #pragma GCC unroll 16

@@ -24,6 +24,13 @@ namespace hybrid {
 namespace {
 
 constexpr int kTileTokens = 4;  // TT max: 2 halves x 4 tokens of fp32 accumulators in 16 ymm
+// Software prefetch distance for the weight stream (decode): see simd_avx512.h, kPrefetchBytes.
+constexpr int64_t kPrefetchBytes = 4096;
+
+static HY_ALWAYS_INLINE void y_prefetch_bytes(const uint8_t* p, int bytes) {
+#pragma GCC unroll 8
+  for (int i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + i), _MM_HINT_T0);
+}
 
 static HY_ALWAYS_INLINE __m256 y_load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -237,6 +244,7 @@ static HY_ALWAYS_INLINE void y_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
   for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
+    y_prefetch_bytes(p, 256);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       __m256i s16[kTileTokens];
@@ -284,6 +292,7 @@ static HY_ALWAYS_INLINE void y_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
   for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
+    y_prefetch_bytes(p, 512);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       __m256i s32[kTileTokens];

@@ -27,6 +27,17 @@
 namespace hybrid {
 namespace {
 
+// Decode streams each thread's weight slice once: prefetching kPrefetchBytes ahead keeps more
+// cache lines in flight than the hardware streamer does alone. Measured on a Xeon (AVX-512 VNNI,
+// INT4, 1 thread, kernel GB/s over plain-read GB/s): no prefetch 0.71, 1 KiB 0.71, 2 KiB 0.79,
+// 4 KiB 0.99, 8 KiB 0.96, 16 KiB 0.96 (medians of 5-6 alternating runs).
+constexpr int64_t kPrefetchBytes = 4096;
+
+static HY_ALWAYS_INLINE void z_prefetch_bytes(const uint8_t* p, int bytes) {
+#pragma GCC unroll 8
+  for (int i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + i), _MM_HINT_T0);
+}
+
 // 16 bf16 values -> 16 fp32 (bf16 is the top half of an fp32: zero-extend, shift).
 static HY_ALWAYS_INLINE __m512 z_load_bf16x16(const uint16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -216,6 +227,7 @@ static HY_ALWAYS_INLINE void z_a8bw_i4_tile(const PackedMatrix& w, int64_t b, co
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
+    z_prefetch_bytes(p, 256);
     __m512i wv[8];  // [chunk c lo, chunk c hi] for c = 0..3: inputs 8c..8c+3, 8c+4..8c+7
 #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
@@ -254,6 +266,7 @@ static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, co
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
+    z_prefetch_bytes(p, 512);
     __m512i wabs[8];
     __mmask64 neg[8];
 #pragma GCC unroll 16

@@ -17,9 +17,6 @@ namespace hybrid {
 namespace {
 
 #define HY_V_TT_MAX 8
-#ifndef HY_PF
-#define HY_PF 1024
-#endif
 
 static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
                                           int64_t t0, int tt, float* out, int64_t ldo) {
@@ -32,9 +29,7 @@ static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
-    // Software prefetch HY_PF bytes ahead: more lines in flight than the streamer keeps alone.
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(p + HY_PF + 64 * c), _MM_HINT_T0);
+    z_prefetch_bytes(p, 256);  // see kPrefetchBytes
     __m512i wv[8];  // [chunk c lo, chunk c hi]: inputs 8c..8c+3, 8c+4..8c+7 of the group
 #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
@@ -78,6 +73,7 @@ static HY_ALWAYS_INLINE void v_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
+    z_prefetch_bytes(p, 512);
     __m512i wv[8];
 #pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(p + c * 64);
