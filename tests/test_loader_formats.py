@@ -63,3 +63,20 @@ def test_device_weights_quantised(tmp_path, fmt):
           f"top-1 agreement {agree:.1%}")
     assert err.mean() <= (0.05 if fmt == "int8" else 0.15) * r.abs().max()
     assert agree >= (0.8 if fmt == "int8" else 0.6)
+
+
+def test_quantised_linear_row_chunks(monkeypatch):
+    """Converting a quantised weight in row chunks gives the same product as all at once."""
+    import hybrid.models.linear as lin
+    from hybrid.loaders.quant import quantize_rows
+
+    w = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    for fmt in ("int8", "fp8"):
+        q, s = quantize_rows(w, fmt)
+        layer = lin.Linear(q, torch.randn(50), s, name="t")
+        whole = layer(x)
+        monkeypatch.setattr(lin, "DEQUANT_ROWS", 16)
+        assert torch.allclose(layer(x), whole, atol=1e-6)
+        monkeypatch.undo()
+        assert torch.allclose(whole, x @ layer.dense(torch.float32).T + layer.bias, atol=1e-4)

@@ -101,6 +101,7 @@ def device_bytes(c: ModelConfig, dtype=torch.bfloat16, formats: dict[str, str] |
                  max_len: int = 4096, num_slots: int = 1, experts_on_device: bool = False) -> DeviceBudget:
     from hybrid.models.deepseek_v3 import SCORES_BUDGET
     from hybrid.models.kv_cache import LatentKVCache
+    from hybrid.models.linear import DEQUANT_ROWS
 
     formats = formats or {}
     item = torch.empty((), dtype=dtype).element_size()
@@ -125,6 +126,7 @@ def device_bytes(c: ModelConfig, dtype=torch.bfloat16, formats: dict[str, str] |
             + 4 * Tc * nh * (D + V + c.qk_rope_head_dim) * item  # expanded keys/values (L <= 4 Tc)
             + min(nh * Tc * 4 * Tc * 4, SCORES_BUDGET)  # scores when no fused kernel fits (capped)
             + c.vocab_size * 4  # one row of logits
+            + (DEQUANT_ROWS * max(H, width, nh * V) * item if any(f != "dense" for f in formats.values()) else 0)
             + RESERVE)
     routed = moe * c.n_routed_experts * 3 * H * c.moe_intermediate_size * item if experts_on_device else 0
     return DeviceBudget(weights, kv, acts, routed)

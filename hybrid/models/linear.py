@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
+DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
+
+
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  scale: torch.Tensor | None = None, name: str = "?"):
@@ -51,6 +54,13 @@ class Linear:
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
         # Weight-only: x @ (q * s)^T == (x @ q^T) * s, so scale after the matmul (one [T, N]
-        # multiply instead of an [N, K] one).
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # multiply instead of an [N, K] one). The weight is converted DEQUANT_ROWS rows at a
+        # time so the temporary stays small (the K2.5 LM head whole would be 2.3 GB in bf16).
+        N = self.weight.shape[0]
+        if N <= DEQUANT_ROWS:
+            y = F.linear(x, self.weight.to(x.dtype))
+        else:
+            y = torch.cat([F.linear(x, self.weight[i : i + DEQUANT_ROWS].to(x.dtype))
+                           for i in range(0, N, DEQUANT_ROWS)], dim=-1)
+        y = y * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
