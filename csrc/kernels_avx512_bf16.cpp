@@ -26,6 +26,7 @@ static HY_ALWAYS_INLINE void b_a16_tile(const PackedMatrix& w, int64_t b0, int64
 #pragma GCC unroll 8
     for (int t = 0; t < tt; ++t) acc[t] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(ob + t * ldo);
     for (int64_t p = 0; p < pc; ++p) {
+      z_prefetch_bytes(qw + p * 64, 64);
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(qw + p * 64);
 #pragma GCC unroll 8
       for (int t = 0; t < tt; ++t)

@@ -104,6 +104,7 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
+    z_prefetch_bytes(qw + g * 256, 256);
     __m512 ag[HY_Z_F32_TT_MAX];  // sum over the group of (nibble - 8) * x
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) ag[t] = _mm512_setzero_ps();
@@ -140,6 +141,7 @@ static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, con
   for (int64_t g = 0; g < ng; ++g) {
     const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
     const __m512 s128 = _mm512_mul_ps(s, _mm512_set1_ps(128.0f));
+    z_prefetch_bytes(qw + g * 512, 512);
 #pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) {
       const __m512i v = _mm512_loadu_si512(qw + g * 512 + c * 64);
@@ -167,6 +169,7 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t p = 0; p < kp; ++p) {
+    z_prefetch_bytes(qw + p * 64, 64);
     const __m512i v = _mm512_loadu_si512(qw + p * 64);
     const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  // W[row][2p]
     const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));   // W[row][2p + 1]
