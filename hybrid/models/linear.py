@@ -1,6 +1,6 @@
 """A device linear layer whose weight may be stored dense or weight-only quantised.
 
-Formats (chosen per tensor group by the loader, see hybrid/loaders/device_weights.py):
+Formats (chosen per tensor group by the loader, see hybrid/loaders/source.py):
   dense  weight [N, K] in the compute dtype (bf16 or fp32)
   int8   weight [N, K] int8 + per-output-channel scale [N] fp32: W = q * scale[n]
   fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
