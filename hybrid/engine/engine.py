@@ -12,14 +12,16 @@ Each step builds one flat ragged batch (legend: T tokens in the step, V vocabula
   - each of those rows is sampled with its own parameters and random stream (sampling.py),
     then stop rules and streaming text are applied (stops.py) and one Event goes to the caller.
 
-A request holds one cache slot from admission to its end; the queue waits for a free slot.
-Cancellation (handle.cancel(), or the reader going away) frees the slot at the next step.
+A request holds one cache slot from admission to its end. It is admitted the moment a slot is
+free (at submit, or when another request releases one) and joins the next step; otherwise it
+waits in a FIFO queue. Cancellation (handle.cancel(), or the reader going away) frees the slot
+at the next step boundary.
 
 Prefix reuse: a freed slot keeps its KV and remembers the tokens it holds. A new request takes
 the free slot whose tokens share the longest prefix with its prompt and starts reading the prompt
-after that prefix (the next turn of a chat re-reads only what is new). Reused entries are exact:
-a token's KV depends only on the tokens before it, and positions past the prefix are rewritten
-before anything reads them.
+after that prefix (the next turn of a chat re-reads only what is new). Reused entries are valid:
+a token's KV depends only on the tokens before it (up to the rounding differences any batching
+brings in bf16), and positions past the prefix are rewritten before anything reads them.
 """
 
 from __future__ import annotations
