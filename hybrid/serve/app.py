@@ -214,10 +214,12 @@ async def _guard(chunks, run, dialect: str, metrics):
     sent, so no status code can say it), and leaving early cancels the engine request."""
     from hybrid.engine.request import GenerationError
 
+    failed = False
     try:
         async for chunk in chunks:
             yield chunk
     except GenerationError as e:
+        failed = True
         log.error("generation failed for %s: %s", run.request_id, e)
         err = ApiError(500, f"generation failed: {e}")
         body = error_body(err, dialect)
@@ -226,6 +228,6 @@ async def _guard(chunks, run, dialect: str, metrics):
         else:
             yield f"data: {json.dumps(body)}\n\n"
     finally:
-        if not run.done:
+        if not run.done and not failed:  # the client left before the end
             metrics.cancelled += 1
             run.cancel()
