@@ -7,7 +7,8 @@ plain torch bf16 baseline, all measured in the same process with the same thread
 
 What it measures (medians of --runs runs after one warm-up run each):
   bandwidth_gbps  RAM read bandwidth: the extension's probe (same thread pool, same page policy
-                  as packed layers: 2 MiB aligned, MADV_HUGEPAGE, first touch by the readers)
+                  as packed layers: 2 MiB aligned, MADV_HUGEPAGE, first touch by the readers),
+                  one probe before each decode run, median
   decode          B = 1 token, 8 random experts per run (new ones each run, so they come from
                   RAM): decode_gbps = packed bytes of the 8 experts / time, compared with
                   bandwidth_gbps (decode is a stream of weights)
@@ -188,6 +189,9 @@ def random_routing(rng, b: int, e: int, k: int):
     return np.ascontiguousarray(ids), w / w.sum(axis=1, keepdims=True)
 
 
+BW_PROBE_BYTES = 1 << 30  # well beyond any last-level cache
+
+
 def bench_native(args, native, layer, isa: str, rng) -> dict:
     import numpy as np
 
@@ -202,8 +206,17 @@ def bench_native(args, native, layer, isa: str, rng) -> dict:
         moe.submit(x, ids, w, None, y1)
         moe.sync()
 
-    log(args, f"  decode: B = 1, {K} random experts per run")
-    dec = statistics.median(timed(decode, args.runs))
+    # Decode runs alternate with bandwidth probes so that both see the same machine: on a shared
+    # host the bandwidth left to us drifts by 2x within a minute.
+    log(args, f"  decode: B = 1, {K} random experts per run, alternating with the read-bandwidth probe")
+    decode()  # warm-up
+    decs, bws = [], []
+    for _ in range(args.runs):
+        bws.append(native.read_bandwidth(BW_PROBE_BYTES, 1)["gbps"])
+        t0 = time.perf_counter()
+        decode()
+        decs.append(time.perf_counter() - t0)
+    dec = statistics.median(decs)
 
     xb = rng.standard_normal((B, H), dtype=np.float32)
     ids, w = random_routing(rng, B, E, K)
@@ -218,6 +231,7 @@ def bench_native(args, native, layer, isa: str, rng) -> dict:
     flops_per_token = 2.0 * 3 * H * args.intermediate * K
     return {
         "isa": moe.isa,
+        "bandwidth_gbps": statistics.median(bws),
         "decode_ms": dec * 1e3,
         "decode_gbps": K * layer.expert_nbytes / dec / 1e9,
         "prefill_tokens": B,
@@ -282,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                  "intermediate": args.intermediate, "topk": args.topk, "runs": args.runs}
 
     log(args, f"read bandwidth probe ({args.threads} threads)")
-    bw = native.read_bandwidth(1 << 30, max(args.runs, 3))
-    res["bandwidth_gbps"] = bw["gbps"]
+    bw = native.read_bandwidth(BW_PROBE_BYTES, 1)
     res["hugepages"] = bool(bw["hugepage_advised"])
 
     symbol, instr = PROBE_FOR_ISA.get(isa, (None, None))
