@@ -138,18 +138,23 @@ def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
 
 
 def _split_threads(device: torch.device, threads: int | None) -> None:
-    """With no GPU the "device" work (attention, router, shared expert) is torch on the same
-    CPU as the expert engine. MoELayer runs them one after the other on a CPU device (the
-    overlap that pays on a GPU would only make them fight over the cores), so each may use
-    every physical core: torch gets the engine's thread count, never the hyper-threads
-    (torch's default can count logical CPUs, which slows matmuls on busy cores)."""
+    """With no GPU the "device" work (attention, router, shared expert, dense MLP) is torch on
+    the same cores as the expert engine. MoELayer runs the two one after the other there (an
+    overlap only makes them share cores), and torch gets few intra-op threads: the engine's
+    share of a step dominates, while every multi-threaded torch op ends in a barrier that waits
+    for all its threads, and its OpenMP workers spin after each op, so on contended cores a
+    2-thread torch op can wait milliseconds for a time slice. Measured on the 2-core dev box
+    (tiny model, bf16 decode): torch 2 threads + engine 2 threads 500-860 ms per step, torch
+    1 thread + engine 2 threads 3-16 ms. So: torch takes the cores the engine was not given,
+    or 1/8 of them (at least 1) when the engine has them all."""
     if device.type != "cpu":
         return
     from hybrid.hardware import cores as machine_cores
 
     c = machine_cores()
-    n = min(c["physical"], c["usable"])
-    torch.set_num_threads(max(1, min(threads or n, n)))
+    n = max(1, min(c["physical"], c["usable"]))
+    engine = min(threads or n, n)
+    torch.set_num_threads(n - engine if engine < n else max(1, n // 8))
 
 
 def _tokenizer(path: Path):

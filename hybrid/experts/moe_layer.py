@@ -8,8 +8,8 @@ Step order (DESIGN.md, "One decode step"):
      device while the CPU works;
   4. sync: the routed result comes back to the device and the parts are summed.
 With no CUDA the "device" is torch on the same CPU cores as the engine: the shared expert then
-runs before the submit instead of beside it (see __call__), and hybrid/api.py gives torch and
-the engine every physical core each, since they never run at the same time.
+runs before the submit instead of beside it (see __call__), and hybrid/api.py keeps torch's
+intra-op threads few so the two do not fight over the cores (numbers there).
 
 Router (DeepSeek-V3 "noaux_tc"): sigmoid scores; e_score_correction_bias is added for choosing
 only; with n_group > 1 only the topk_group groups with the best sum-of-top-2 biased scores are
