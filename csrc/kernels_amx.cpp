@@ -95,8 +95,9 @@ static HY_ALWAYS_INLINE void amx_scale_rows(const int32_t* cbuf, __m512* acc, in
 constexpr int kPassGroups = 8;
 
 // Tokens [t0, t0 + m) x blocks [b0, b1); tiles already configured for m rows.
-static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
-                       int64_t t0, int m, float* out, int64_t ldo) {
+static HY_ALWAYS_INLINE void amx_tokens_body(const PackedMatrix& w, int64_t b0, int64_t b1,
+                                            const QuantizedActs& x, int64_t t0, int m, float* out,
+                                            int64_t ldo) {
   const int64_t ng = w.k / kGroup;
   const bool int4 = w.format == WeightFormat::INT4_G32;
   const int64_t gbytes = int4 ? 256 : 512;
@@ -158,6 +159,15 @@ static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const Quan
     float* ob = out + (b - b0) * kRowBlock + t0 * ldo;
     for (int r = 0; r < m; ++r) _mm512_storeu_ps(ob + r * ldo, acc[r]);
   }
+}
+
+// Full 16-row tiles get a copy with m folded to a constant (no per-row checks: +7% at T = 16).
+static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                       int64_t t0, int m, float* out, int64_t ldo) {
+  if (m == 16)
+    amx_tokens_body(w, b0, b1, x, t0, 16, out, ldo);
+  else
+    amx_tokens_body(w, b0, b1, x, t0, m, out, ldo);
 }
 
 static void amx_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
