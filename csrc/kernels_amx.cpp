@@ -15,9 +15,8 @@
 //       offset comes out with -128 * gsum while C is scaled.
 // Then per token row: fp32 acc[row] += float(C[row]) * (weight scales x activation scale).
 // That per-group round trip of C through memory is the price of group-32 scales: a TDP can only
-// cover one group (K = 32, half of a full tile's K = 64). Below kAmxMinTokens tokens the VNNI
-// path (simd_vnni.h) is used: the round trip then costs about as much as a few tokens of
-// vpdpbusd.
+// cover one group (K = 32, half of a full tile's K = 64). Below kAmxMinTokensInt4 / Int8 tokens
+// the VNNI path (simd_vnni.h) is used: the round trip then costs more than it saves.
 //
 // Legend: M tokens in a tile (<= 16), RB = 16 rows per block, G = 32, NG = K / 32.
 #include "simd_vnni.h"
@@ -25,7 +24,12 @@
 namespace hybrid {
 namespace {
 
-constexpr int64_t kAmxMinTokens = 8;  // measured crossover vs VNNI (bench, Xeon with AMX, INT4)
+// Token counts from which the AMX path beats VNNI (measured, one Xeon core, K = 7168, Gop/s
+// VNNI / AMX): INT4 T = 4: 260 / 175, 6: 285 / 275, 7: 305 / 310, 8: 307 / 340, 11: 290 / 410,
+// 16: 300 / 495. INT8 (B tiles read straight from the weights) only draws level at 16 tokens:
+// T = 8: 326 / 271, 11: 266 / 306, 16: 325 / 308.
+constexpr int64_t kAmxMinTokensInt4 = 8;
+constexpr int64_t kAmxMinTokensInt8 = 16;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -172,14 +176,16 @@ static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const Quan
 
 static void amx_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                           float* out, int64_t ldo) {
-  if (x.t < kAmxMinTokens) {
+  const int64_t min_tokens =
+      w.format == WeightFormat::INT4_G32 ? kAmxMinTokensInt4 : kAmxMinTokensInt8;
+  if (x.t < min_tokens) {
     v_matmul_a8(w, b0, b1, x, out, ldo);
     return;
   }
   int configured = 0;
   for (int64_t t0 = 0; t0 < x.t; t0 += 16) {
     const int m = int(x.t - t0 < 16 ? x.t - t0 : 16);
-    if (m < kAmxMinTokens) {  // a short last tile: VNNI is as fast and needs no reconfigure
+    if (m < min_tokens) {  // a short last tile: VNNI is as fast and needs no reconfigure
       v_matmul_a8_range(w, b0, b1, x, t0, x.t, out, ldo);
       break;
     }
