@@ -130,3 +130,14 @@ def test_markdown_detection_and_row_counting():
     assert rows_used("a" * 25, 10) == 3
     assert rows_used("x\n\ny", 10) == 3
     assert rows_used("漢字漢字漢字", 10) == 2  # wide characters take two cells
+
+
+def test_next_turn_reuses_the_conversation_prefix(engine):
+    s = session(engine, max_tokens=4)
+    first = s.ask("first question")
+    list(first)
+    second = s.ask("second question")
+    list(second)
+    # The whole first prompt is a prefix of the second one, and its KV is still in the slot.
+    assert second.stats.reused_tokens >= first.stats.prompt_tokens
+    assert second.stats.reused_tokens < second.stats.prompt_tokens

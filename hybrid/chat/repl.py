@@ -136,7 +136,8 @@ class ChatApp:
         else:
             lines += [
                 "last answer:",
-                f"  prompt     {t.prompt_tokens} tokens, prefill {t.prefill_s:.2f} s ({t.prefill_tok_s:.1f} tok/s, includes queueing)",
+                f"  prompt     {t.prompt_tokens} tokens ({t.reused_tokens} reused from the last turn), "
+                f"prefill {t.prefill_s:.2f} s ({t.prefill_tok_s:.1f} tok/s of new tokens)",
                 f"  answer     {t.completion_tokens} tokens, decode {t.decode_s:.2f} s ({t.decode_tok_s:.1f} tok/s)",
                 f"  ended by   {t.finish_reason or 'running'}",
             ]

@@ -20,6 +20,7 @@ MODES = ("instant", "thinking")
 @dataclass
 class TurnStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV the engine kept from the previous turn
     completion_tokens: int = 0
     prefill_s: float = 0.0  # submit -> first token (queueing + reading the prompt)
     decode_s: float = 0.0  # first token -> last token
@@ -32,7 +33,8 @@ class TurnStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        # Only the tokens actually read count; reused ones cost nothing.
+        return (self.prompt_tokens - self.reused_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Settings:
 class Reply:
     """One streamed answer. Iterate for events; `.reasoning` / `.content` accumulate."""
 
-    def __init__(self, session: "ChatSession", handle, prompt_tokens: int, in_reasoning: bool):
+    def __init__(self, session: "ChatSession", handle, prompt_tokens: int, in_reasoning: bool,
+                 reused_before: int | None = None):
         self.session = session
         self.handle = handle
         self.stats = TurnStats(prompt_tokens=prompt_tokens)
@@ -78,6 +81,7 @@ class Reply:
         self._t_first: float | None = None
         self._recorded = False
         self._n_tokens = 0  # tokens shown so far (usage arrives only with the final event)
+        self._reused_before = reused_before  # the engine's reuse counter at submit
 
     def __iter__(self):
         try:
@@ -121,6 +125,8 @@ class Reply:
         end = time.monotonic()
         if self._t_first is not None:
             self.stats.decode_s = end - self._t_first
+        if self._reused_before is not None:
+            self.stats.reused_tokens = self.session._reused_counter() - self._reused_before
         if self.cancelled:
             self.stats.finish_reason = "cancelled"
             # Usage arrives with the final event, which a cancelled reader never takes.
@@ -192,9 +198,15 @@ class ChatSession:
                              f"{self.engine.max_context}: use /reset to start over")
         s = self.settings
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        reused = self._reused_counter()
         handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room))
         self.messages.append({"role": "user", "content": user_text})
-        return Reply(self, handle, len(ids), in_reasoning)
+        return Reply(self, handle, len(ids), in_reasoning, reused)
+
+    def _reused_counter(self) -> int | None:
+        """The engine's count of prompt tokens served from a kept prefix (None: it has none).
+        The chat owns its engine, so the difference over a turn is that turn's reuse."""
+        return self.engine.stats().get("prompt_tokens_reused")
 
     def _finish_turn(self, reply: Reply) -> None:
         msg = {"role": "assistant", "content": reply.content}

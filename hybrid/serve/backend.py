@@ -139,6 +139,9 @@ class Backend:
         s = self.engine.stats()
         out = {"queue_depth": s["waiting"], "running": s["running"], "max_running": s["max_seqs"],
                "engine_tokens_per_second": s.get("tokens_per_s", 0.0)}
+        if "prompt_tokens_reused" in s and s.get("prompt_tokens"):
+            # Prompt tokens whose KV a freed slot still held (the next turn of a chat).
+            out["prefix_cache_hit_rate"] = s["prompt_tokens_reused"] / s["prompt_tokens"]
         rate = _cache_hit_rate(self.model)
         if rate is not None:
             out["cache_hit_rate"] = rate
