@@ -1,9 +1,9 @@
 """The SIMD kernels' own edge cases, on every ISA path this machine runs (tests/test_native_kernels.py
 covers the common shapes): token counts around each path's tile widths (AVX2 tiles of 4 tokens,
-AVX-512 / VNNI tiles of 8, AMX tiles of 16 rows and its switch from VNNI at 8 tokens for
-INT4 and 16 for INT8), group
-counts around the AMX pass of 16 groups (1, 3, 17, 224 groups: odd, one pass plus one group, K2.5
-hidden size), block ranges that start past block 0, and bit-exact int8 quantisation.
+AVX-512 / VNNI tiles of 8, AMX tiles of 16 rows, AMX taking over from VNNI at 8 tokens for INT4
+and 16 for INT8), group counts around the AMX pass of 8 groups (1, 3, 17, 224 groups: less than
+a pass, two passes and one group, K2.5 hidden size), block ranges that start past block 0, and
+bit-exact int8 quantisation.
 
 References are float64 numpy on the weights the kernels see (our packer + `unpack`) and the int8
 activations the scalar path produced. Tolerances (kernels.h): matmul_a8 and matmul_f32 differ
