@@ -316,12 +316,19 @@ struct PyLayer {
     auto pool = global_pool();
     pool->run({[&](int tid, int team) {
       auto [u0, u1] = pool->split(gate_up_units(I), tid, team);
+      auto named = [](const char* name, auto&& fn) {
+        try {
+          fn();
+        } catch (const std::invalid_argument& e) {
+          throw std::invalid_argument(std::string(name) + ": " + e.what());
+        }
+      };
       if (u0 < u1) {
-        quantize_pack(f, gp, gt, I, H, 2 * u0, 2 * u1, dg);
-        quantize_pack(f, up, ut, I, H, 2 * u0, 2 * u1, du);
+        named("gate", [&] { quantize_pack(f, gp, gt, I, H, 2 * u0, 2 * u1, dg); });
+        named("up", [&] { quantize_pack(f, up, ut, I, H, 2 * u0, 2 * u1, du); });
       }
       auto [d0, d1] = pool->split(down_units(H), tid, team);
-      if (d0 < d1) quantize_pack(f, dp, dt, H, I, d0, d1, dd);
+      if (d0 < d1) named("down", [&] { quantize_pack(f, dp, dt, H, I, d0, d1, dd); });
     }});
   }
 

@@ -103,10 +103,16 @@ void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, i
       for (int64_t g = 0; g < groups; ++g) {
         float amax = 0.f;
         for (int i = 0; i < kGroup; ++i) x[i] = load_src(w, dt, row * k + g * kGroup + i);
+        bool finite = true;
         for (int i = 0; i < kGroup; ++i) {
           const float a = std::fabs(x[i]);
+          finite &= a <= std::numeric_limits<float>::max();  // false for NaN and Inf
           amax = a > amax ? a : amax;
         }
+        if (!finite)
+          throw std::invalid_argument("row " + std::to_string(row) + ", inputs " + std::to_string(g * kGroup) +
+                                      ".." + std::to_string(g * kGroup + kGroup - 1) +
+                                      " contain NaN or Inf (cannot be quantised)");
         if (format == WeightFormat::INT4_G32) {
           // compressed-tensors: scale = amax / ((qmax - qmin) / 2) in the weight dtype, zero
           // scales replaced by the dtype's eps, then q = round(clamp(x / scale, qmin, qmax)),

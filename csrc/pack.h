@@ -37,6 +37,7 @@ void pack_int4_from_ct(const int32_t* packed, const void* scale, SrcDtype scale_
 //     the stored scale is bf16(scale) (exact for bf16 sources).
 //   INT8_G32: s = bf16(amax / 127), q = round_half_even(clamp(x / s, -127, 127)) (s = 0: q = 0).
 //   BF16:     round to nearest even.
+// INT formats throw std::invalid_argument naming the row and inputs of a group holding NaN/Inf.
 void quantize_pack(WeightFormat format, const void* w, SrcDtype dtype, int64_t n, int64_t k,
                    int64_t b0, int64_t b1, const PackDest& dst);
 

@@ -187,6 +187,12 @@ def test_from_float_and_ct_argument_errors():
         PackedLayer.from_float(gate.astype(np.float64), up, down)
     with pytest.raises(ValueError, match="C-contiguous"):
         PackedLayer.from_float([g.T.copy().T for g in gate], up, down)
+    nan_up = up.copy()
+    nan_up[1, 5, 40] = np.nan
+    with pytest.raises(ValueError, match=r"expert 1: up: row 5, inputs 32..63 contain NaN or Inf"):
+        PackedLayer.from_float(gate, nan_up, down, format="int4")
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        N.quantize_pack(np.full((16, 32), np.inf, np.float32), "int8")
     packed, scale = ct_pack(torch.from_numpy(gate[0]))
     dp, ds = ct_pack(torch.from_numpy(down[0]))
     with pytest.raises(ValueError, match=r"up_scale has 0 experts, gate_packed has 1"):
