@@ -4,6 +4,14 @@ Everything about compiling lives in CMakeLists.txt; this file only hands CMake t
 interpreter, pybind11's CMake directory and the output folder setuptools expects. Release build
 by default; set HYBRID_BUILD_TYPE=Debug (or RelWithDebInfo) to change it, HYBRID_BUILD_JOBS to
 change the parallelism (default: all CPUs).
+
+Install: `pip install -e .` (or `pip install .`); both work with and without build isolation.
+Incremental rebuilds while editing csrc/ (only changed files recompile):
+    cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release \
+          -Dpybind11_DIR=$(python -c "import pybind11; print(pybind11.get_cmake_dir())") \
+          -DHYBRID_OUTPUT_DIR=$PWD/hybrid \
+          -DHYBRID_EXT_SUFFIX=$(python -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    ninja -C build/dev
 """
 
 from __future__ import annotations
