@@ -56,8 +56,8 @@ DEFAULT_SYSTEM = "You are a helpful assistant that answers questions about Pytho
 #   - tool calls: <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX
 #     <|tool_call_argument_begin|>{json}<|tool_call_end|>...<|tool_calls_section_end|>;
 #   - tool results: a `tool` system turn, "## Return of ID\n" then the content;
-#   - the generation prompt opens <think> (thinking mode, the default) or closes it at once
-#     (`thinking=False`, instant mode).
+#   - the generation prompt opens <think> (thinking mode, the default; also `thinking=None`) or
+#     closes it at once (`thinking=False`, instant mode).
 KIMI_CHAT_TEMPLATE = (
     "{%- macro render_content(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -113,7 +113,11 @@ KIMI_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "<|im_assistant|>assistant<|im_middle|>"
-    "{%- if thinking is defined and not thinking -%}<think></think>{%- else -%}<think>{%- endif -%}"
+    "{%- if thinking is defined and thinking is not none and not thinking -%}"
+    "<think></think>"
+    "{%- else -%}"
+    "<think>"
+    "{%- endif -%}"
     "{%- endif -%}"
 )
 

@@ -411,7 +411,7 @@ def expert_usage(model, val_stream, seq: int) -> list[dict]:
                     "unused_experts": int((c == 0).sum()),
                     "max_over_mean": round(float(c.max() / c.mean()), 2)})
     load.close()
-    return out
+    return out, int(windows[:, :-1].numel())
 
 
 SAMPLE_PROMPTS = [
@@ -448,6 +448,122 @@ def samples(out_dir: Path, max_new_tokens: int = 80) -> list[dict]:
     return results
 
 
+MODEL_CARD = """# hybrid demo model
+
+A tiny model with the architecture of Kimi K2.5 (DeepSeek-V3: MLA attention, sigmoid router with
+`e_score_correction_bias`, one shared expert, first layer dense), trained on CPython's own
+documentation. It ships inside the package so `hybrid chat`, `hybrid serve` and the tests work
+with no download, and so the planner sees a router with real, learned expert preferences.
+
+It is a demo, not an assistant: it answers questions about Python in the style of a docstring,
+often inventing details. Do not rely on what it says.
+
+## Files
+
+| file | what |
+|---|---|
+| `config.json` | `DeepseekV3Config` (model_type `deepseek_v3`), Kimi K2.5's fields scaled down |
+| `model.safetensors` | weights in the Hugging Face layout, one tensor per expert projection as Kimi ships them; bf16, router `e_score_correction_bias` fp32 |
+| `tokenizer.json` | byte-level BPE, 4096 tokens; Kimi's special tokens at ids 0-14 |
+| `tokenizer_config.json` | special tokens and the Kimi K2-style `chat_template` |
+| `generation_config.json` | stops at `<|im_end|>` (3) or `[EOS]` (1) |
+
+Load it with transformers (`DeepseekV3ForCausalLM.from_pretrained`) or with `hybrid.load(None)`.
+
+## Architecture
+
+__ARCH__
+
+## Chat format
+
+Kimi K2's: `<|im_system|>system<|im_middle|>...<|im_end|><|im_user|>user<|im_middle|>...<|im_end|><|im_assistant|>assistant<|im_middle|>`,
+then `<think>` (thinking mode, the default) or `<think></think>` (instant mode). Tools are
+declared in a `<|im_system|>tool_declare<|im_middle|>[...]<|im_end|>` message; tool calls are
+`<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{...}<|tool_call_end|><|tool_calls_section_end|>`,
+tool results a `<|im_system|>tool<|im_middle|>## Return of ID\\n...<|im_end|>` turn. With no
+system message the template inserts "You are a helpful assistant that answers questions about
+Python."
+
+## Training data and licence
+
+All training text ships with CPython 3.11 (no download):
+
+- `pydoc_data.topics.topics`: the language reference topics that `help("with")` shows;
+- docstrings of the pure-Python standard library, read from the `.py` files with `ast` (no module
+  is imported), and of builtins and a few C modules (`math`, `itertools`, `operator`, `time`,
+  `sys`, ...) read with `inspect`; test, GUI and private modules are skipped;
+- chats synthesised from the same entries in Kimi's format: a question ("What does str.split
+  do?", "Explain the with statement.") answered with the signature and docstring; 65% instant
+  mode, 25% with a short `<think>` reasoning, 10% calling a `python_help` tool and summarising
+  its result.
+
+__DATA__
+
+The text is Copyright (c) 2001-2023 Python Software Foundation, used under the PSF License
+Agreement for Python 3.11 (https://docs.python.org/3/license.html), which permits derived works
+with this notice. The weights are released under this project's licence (Apache-2.0).
+
+## Training
+
+`scripts/train_demo.py` (the tokenizer, corpus, training, export and the figures below all come
+from that one script; `scripts/demo_data.py` builds the documents):
+
+__TRAIN__
+
+## Expert usage
+
+Counted over __USAGE_TOKENS__ validation tokens. Gini 0 means every expert is picked equally
+often; uniform routing gives a top-8 share of 8/64 = 0.125.
+
+__USAGE__
+
+## Sample answers (greedy, from the shipped bf16 weights loaded in fp32)
+
+__SAMPLES__
+"""
+
+
+def write_model_card(out: Path, cfg: dict, report: dict) -> None:
+    """MODEL_CARD.md beside the weights, with this run's figures."""
+    arch = "\n".join(f"| {k} | {cfg.get(k)} |" for k in [
+        "hidden_size", "num_hidden_layers", "first_k_dense_replace", "intermediate_size",
+        "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+        "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "num_attention_heads",
+        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+        "vocab_size", "max_position_embeddings", "topk_method", "scoring_func", "rope_parameters"])
+    arch = (f"{report['parameters'] / 1e6:.2f} M parameters, "
+            f"{report['file_mb']:.1f} MB on disk.\n\n| field | value |\n|---|---|\n" + arch)
+    data = (f"Corpus: {report['train_tokens_in_corpus'] / 1e6:.2f} M training tokens, "
+            f"{report['val_tokens_in_corpus'] / 1e3:.0f} K validation tokens (3% of the documented "
+            "names, held out by a hash of the name, with all their chats).")
+    train = "\n".join([
+        f"- {report['steps']} steps of {report['batch']} x {report['seq']} tokens: "
+        f"{report['tokens_trained'] / 1e6:.2f} M tokens, {report['wall_minutes']} minutes wall "
+        f"time on {report['threads']} CPU thread(s) of a shared 2-core machine (torch CPU, "
+        "transformers' DeepseekV3ForCausalLM, experts as grouped matmuls);",
+        f"- AdamW (0.9, 0.95), peak LR {report['lr']}, warmup then cosine on "
+        "max(step fraction, time fraction), gradient clipping 1.0, loss on every token;",
+        f"- router bias: DeepSeek-V3's aux-loss-free rule, bias += {report['gamma']} * "
+        "sign(mean load - load) per step and layer; gamma is 10x below DeepSeek's so the learned "
+        "preferences stay skewed (the planner's expert cache needs skew to pay);",
+        f"- final validation loss {report['final_val_loss']:.3f} "
+        f"(perplexity {math.exp(report['final_val_loss']):.1f}).",
+        "", "| step | tokens | minutes | val loss |", "|---|---|---|---|"] + [
+        f"| {r['step']} | {r['tokens'] / 1e6:.2f} M | {r['minutes']} | {r['val_loss']:.3f} |"
+        for r in {r["step"]: r for r in report["log"]}.values()])  # last entry per step
+    usage = "| MoE layer | Gini | top-8 share | unused experts | busiest / mean |\n|---|---|---|---|---|\n"
+    usage += "\n".join(f"| {u['layer']} | {u['gini']:.3f} | {u['top8_share']:.3f} | "
+                        f"{u['unused_experts']} | {u['max_over_mean']:.2f} |"
+                        for u in report["expert_usage"])
+    samples = "\n\n".join(
+        f"**{s['prompt']}** ({'thinking' if s['thinking'] else 'instant'} mode)\n\n```\n"
+        f"{s['answer']}\n```" for s in report["samples"])
+    text = (MODEL_CARD.replace("__ARCH__", arch).replace("__DATA__", data)
+            .replace("__TRAIN__", train).replace("__USAGE_TOKENS__", f"{report['usage_tokens']:,}")
+            .replace("__USAGE__", usage).replace("__SAMPLES__", samples))
+    (out / "MODEL_CARD.md").write_text(text)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -471,13 +587,15 @@ def main(argv=None) -> int:
     else:
         state = train(args, model, train_stream, val_stream)
     export(args, model, args.work / "tokenizer.json", state)
-    usage = expert_usage(model, val_stream, args.seq)
+    usage, usage_tokens = expert_usage(model, val_stream, args.seq)
     for u in usage:
         print(f"layer {u['layer']}: gini {u['gini']:.3f}  top-8 share {u['top8_share']:.3f}  "
               f"unused {u['unused_experts']}  max/mean {u['max_over_mean']:.2f}", flush=True)
     answers = samples(args.out)
     report = {
         "parameters": n_params,
+        "file_mb": sum(f.stat().st_size for f in args.out.iterdir() if f.is_file()) / 1e6,
+        "usage_tokens": usage_tokens,
         "train_tokens_in_corpus": int(len(train_stream)),
         "val_tokens_in_corpus": int(len(val_stream)),
         "steps": state["step"], "tokens_trained": state["tokens"],
@@ -487,6 +605,7 @@ def main(argv=None) -> int:
         "gamma": args.gamma, "expert_usage": usage, "samples": answers, "log": state["log"],
     }
     (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_model_card(args.out, json.loads((args.out / "config.json").read_text()), report)
     print(f"report: {args.work / 'report.json'}", flush=True)
     return 0
 
