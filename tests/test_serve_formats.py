@@ -15,7 +15,7 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from hybrid.serve import anthropic_api, openai_api
+from hybrid.serve import anthropic_requests, anthropic_responses, openai_requests, openai_responses
 from hybrid.serve.job import Finish, Job, Piece
 from hybrid.serve.output import forced_tool_prefix
 from hybrid.toolcalls import ToolCall, render_tool_calls
@@ -62,8 +62,8 @@ def tools_job(**kw) -> Job:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_openai_tool_calls_whole_and_streamed(seed):
-    opts = openai_api.Options(model="m")
-    resp = run_async(openai_api.chat_response(CraftedRun(ANSWER, seed=seed), tools_job(), opts))
+    opts = openai_requests.Options(model="m")
+    resp = run_async(openai_responses.chat_response(CraftedRun(ANSWER, seed=seed), tools_job(), opts))
     c = ChatCompletion.model_validate(resp)
     msg = c.choices[0].message
     assert c.choices[0].finish_reason == "tool_calls"
@@ -73,7 +73,7 @@ def test_openai_tool_calls_whole_and_streamed(seed):
         ("functions.get_weather:0", "get_weather", {"city": "Paris"}),
         ("functions.get_time:1", "get_time", {"tz": "Europe/Paris"})]
 
-    sse = run_async(openai_api.chat_stream(CraftedRun(ANSWER, seed=seed), tools_job(), opts))
+    sse = run_async(openai_responses.chat_stream(CraftedRun(ANSWER, seed=seed), tools_job(), opts))
     assert sse[-1] == "data: [DONE]\n\n"
     chunks = [ChatCompletionChunk.model_validate(json.loads(s[6:])) for s in sse[:-1]]
     calls: dict[int, dict] = {}
@@ -92,7 +92,7 @@ def test_openai_tool_calls_whole_and_streamed(seed):
 
 def test_openai_without_tools_keeps_section_as_text_and_length_wins():
     job = Job(messages=[{"role": "user", "content": "x"}], parse_tools=False)
-    resp = run_async(openai_api.chat_response(CraftedRun(ANSWER, reason="length"), job, openai_api.Options(model="m")))
+    resp = run_async(openai_responses.chat_response(CraftedRun(ANSWER, reason="length"), job, openai_requests.Options(model="m")))
     c = ChatCompletion.model_validate(resp)
     assert c.choices[0].finish_reason == "length" and c.choices[0].message.tool_calls is None
     assert c.choices[0].message.content == "Checking both." + render_tool_calls(CALLS)
@@ -102,7 +102,7 @@ def test_forced_tool_prefix_is_parsed_as_the_calls_start():
     job = tools_job()
     job.assistant_prefix = forced_tool_prefix(job, "get_weather")
     generated = '{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|>'
-    resp = run_async(openai_api.chat_response(CraftedRun(generated), job, openai_api.Options(model="m")))
+    resp = run_async(openai_responses.chat_response(CraftedRun(generated), job, openai_requests.Options(model="m")))
     call = resp["choices"][0]["message"]["tool_calls"][0]
     assert call["id"] == "functions.get_weather:0" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
     # Kimi numbers calls across the conversation: the next forced call after one is :1.
@@ -124,8 +124,8 @@ def anthropic_stream_to_message(sse: list[str]) -> tuple[list[str], Message]:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_anthropic_tool_use_whole_and_streamed(seed):
-    opts = anthropic_api.Options(model="m")
-    whole = Message.model_validate(run_async(anthropic_api.message_response(CraftedRun(ANSWER, seed=seed), tools_job(), opts)))
+    opts = anthropic_requests.Options(model="m")
+    whole = Message.model_validate(run_async(anthropic_responses.message_response(CraftedRun(ANSWER, seed=seed), tools_job(), opts)))
     assert [b.type for b in whole.content] == ["thinking", "text", "tool_use", "tool_use"]
     assert whole.content[0].thinking == "The user wants weather and time."
     assert whole.content[1].text == "Checking both."
@@ -133,7 +133,7 @@ def test_anthropic_tool_use_whole_and_streamed(seed):
         "functions.get_weather:0", "get_weather", {"city": "Paris"})
     assert whole.stop_reason == "tool_use"
     names, streamed = anthropic_stream_to_message(
-        run_async(anthropic_api.message_stream(CraftedRun(ANSWER, seed=seed), tools_job(), opts)))
+        run_async(anthropic_responses.message_stream(CraftedRun(ANSWER, seed=seed), tools_job(), opts)))
     assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
     assert names.count("content_block_start") == names.count("content_block_stop") == 4
     assert streamed.content == whole.content
@@ -142,23 +142,23 @@ def test_anthropic_tool_use_whole_and_streamed(seed):
 
 def test_anthropic_invalid_tool_json_becomes_visible_text():
     bad = render_tool_calls([ToolCall("functions.f:0", "f", '{"a": ')])
-    opts = anthropic_api.Options(model="m")
-    whole = Message.model_validate(run_async(anthropic_api.message_response(CraftedRun("ok " + bad), tools_job(), opts)))
+    opts = anthropic_requests.Options(model="m")
+    whole = Message.model_validate(run_async(anthropic_responses.message_response(CraftedRun("ok " + bad), tools_job(), opts)))
     assert [b.type for b in whole.content] == ["text"] and whole.content[0].text == "ok " + bad
     assert whole.stop_reason == "end_turn"
     _, streamed = anthropic_stream_to_message(
-        run_async(anthropic_api.message_stream(CraftedRun("ok " + bad), tools_job(), opts)))
+        run_async(anthropic_responses.message_stream(CraftedRun("ok " + bad), tools_job(), opts)))
     assert streamed.content == whole.content
 
 
 def test_anthropic_stop_sequence_and_whitespace_before_calls():
-    opts = anthropic_api.Options(model="m")
-    m = Message.model_validate(run_async(anthropic_api.message_response(
+    opts = anthropic_requests.Options(model="m")
+    m = Message.model_validate(run_async(anthropic_responses.message_response(
         CraftedRun("partial answer", stop_string="END"), Job(messages=[]), opts)))
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == "END"
-    m = Message.model_validate(run_async(anthropic_api.message_response(
+    m = Message.model_validate(run_async(anthropic_responses.message_response(
         CraftedRun("\n\n" + render_tool_calls(CALLS[:1])), tools_job(), opts)))
     assert [b.type for b in m.content] == ["tool_use"]
-    m = Message.model_validate(run_async(anthropic_api.message_response(
+    m = Message.model_validate(run_async(anthropic_responses.message_response(
         CraftedRun("<think>r</think>\n\nHello \n\n world\n"), Job(messages=[]), opts)))
     assert [b.type for b in m.content] == ["thinking", "text"] and m.content[1].text == "\n\nHello \n\n world\n"

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hybrid.serve import anthropic_api, openai_api
+from hybrid.serve import anthropic_requests, anthropic_responses, openai_requests, openai_responses
 from hybrid.serve.backend import Backend
 from hybrid.serve.config import ServeConfig
 from hybrid.serve.errors import ApiError, dialect_of, error_body
@@ -119,7 +119,7 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             run = await asyncio.to_thread(backend.start, job)
         except ApiError as err:
             return error_response(err, dialect, route)
-        run.request_id = openai_api.new_id(id_prefix)
+        run.request_id = openai_responses.new_id(id_prefix)
         if config.log_requests:
             log.info("%s %s prompt=%d stream=%s", route, run.request_id, run.prompt_tokens, opts.stream)
         if opts.stream:
@@ -140,25 +140,25 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, "chat_completions", "openai", openai_api.parse_chat_request,
-                              openai_api.chat_response, openai_api.chat_stream, "chatcmpl")
+        return await generate(request, "chat_completions", "openai", openai_requests.parse_chat_request,
+                              openai_responses.chat_response, openai_responses.chat_stream, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, "completions", "openai", openai_api.parse_completion_request,
-                              openai_api.completion_response, openai_api.completion_stream, "cmpl")
+        return await generate(request, "completions", "openai", openai_requests.parse_completion_request,
+                              openai_responses.completion_response, openai_responses.completion_stream, "cmpl")
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        return await generate(request, "messages", "anthropic", anthropic_api.parse_request,
-                              anthropic_api.message_response, anthropic_api.message_stream, "msg")
+        return await generate(request, "messages", "anthropic", anthropic_requests.parse_request,
+                              anthropic_responses.message_response, anthropic_responses.message_stream, "msg")
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
         try:
             check_api_key(request, config.api_key)
             body = parse_json_body(await read_body(request, config.max_body_bytes))
-            job, _ = anthropic_api.parse_request(body, config.model_name, config.max_tokens, count_only=True)
+            job, _ = anthropic_requests.parse_request(body, config.model_name, config.max_tokens, count_only=True)
             ids, _ = await asyncio.to_thread(backend.render_prompt, job)
         except ApiError as err:
             return error_response(err, "anthropic", "count_tokens")
@@ -224,7 +224,7 @@ async def _guard(chunks, run, dialect: str, metrics):
         err = ApiError(500, f"generation failed: {e}")
         body = error_body(err, dialect)
         if dialect == "anthropic":
-            yield anthropic_api.error_event(body)
+            yield anthropic_responses.error_event(body)
         else:
             yield f"data: {json.dumps(body)}\n\n"
     finally:

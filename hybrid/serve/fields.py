@@ -97,6 +97,15 @@ def get_stop_list(obj: dict, key: str, max_items: int = 16) -> list[str]:
     return list(v)
 
 
+def check_model(body: dict, served: str) -> str:
+    """The request's "model" must be the one this server serves (404 otherwise, as OpenAI does)."""
+    model = get(body, "model", "", str)
+    if model != served:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{served}'",
+                       param="model", code="model_not_found")
+    return model
+
+
 def check(cond: bool, message: str, param: str | None = None) -> None:
     if not cond:
         raise ApiError(400, message, param=param)

@@ -30,6 +30,13 @@ def forced_tool_prefix(job: Job, name: str | None) -> str:
     return prefix + make_call_id(name, count_tool_calls(job.messages or [])) + CALL_ARGS
 
 
+def force_tool_call(job: Job, name: str | None) -> None:
+    """Make the answer a tool call (to `name`, or any tool). It skips the reasoning: the answer
+    starts inside the tool-call section, after an empty <think></think>."""
+    job.thinking = False
+    job.assistant_prefix = forced_tool_prefix(job, name)
+
+
 async def output_events(run, job: Job) -> AsyncIterator[tuple]:
     """Parser events for a run (see StreamParser), plus ("logprobs", [TokenLogprob]) and,
     last, ("finish", Finish)."""

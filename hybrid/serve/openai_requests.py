@@ -1,23 +1,21 @@
-"""OpenAI dialect: /v1/chat/completions and /v1/completions requests in, their responses out.
+"""OpenAI dialect, requests: /v1/chat/completions and /v1/completions bodies -> a Job.
 
-Request bodies are translated into a Job (hybrid.serve.job); the response side turns output
-events into OpenAI's JSON, or its server-sent-event chunks when `stream` is true. Kimi's tool
-calls become `tool_calls` (arguments passed on as the model wrote them, as OpenAI does) and its
-<think> text becomes `reasoning_content` (the field vLLM and DeepSeek's API use).
+Each field is checked by hand (hybrid.serve.fields) so a bad one is a 400 naming it. Messages
+keep the OpenAI chat shape, which is what the chat template reads; tool_choice "required" or a
+named function is enforced by starting the answer inside the tool-call section
+(hybrid.serve.output.force_tool_call). Thinking is switched by whichever convention the client
+uses (Kimi's `thinking`, vLLM's `chat_template_kwargs`, OpenAI's `reasoning_effort`).
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
 
-from hybrid.serve.errors import ApiError, bad_request
-from hybrid.serve.fields import check, get, get_number, get_stop_list
-from hybrid.serve.job import Finish, Job, TokenLogprob
-from hybrid.serve.output import forced_tool_prefix, output_events
+from hybrid.serve.errors import bad_request
+from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list
+from hybrid.serve.job import Job
+from hybrid.serve.output import force_tool_call
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -32,15 +30,6 @@ class Options:
     logprobs: bool = False
 
 
-# ---- requests -----------------------------------------------------------------------------
-
-
-def check_model(body: dict, served: str) -> str:
-    model = get(body, "model", "", str)
-    if model != served:
-        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{served}'",
-                       param="model", code="model_not_found")
-    return model
 
 
 def _text_content(content, where: str, allow_none: bool) -> str | None:
@@ -142,7 +131,7 @@ def apply_tool_choice(job: Job, choice, names: list[str], where: str = "tool_cho
         name = get(fn, "name", f"{where}.function", str)
         check(name in names, f"'{where}.function.name' is '{name}', which is not among the tools offered",
               f"{where}.function.name")
-        force(job, name)
+        force_tool_call(job, name)
         return
     check(choice in ("none", "auto", "required"),
           f"'{where}' must be 'none', 'auto', 'required' or a function object", where)
@@ -150,13 +139,9 @@ def apply_tool_choice(job: Job, choice, names: list[str], where: str = "tool_cho
         check(choice != "required", f"'{where}' is 'required' but no tools were given", where)
         job.tools, job.parse_tools = None, False
     elif choice == "required":
-        force(job, None)
+        force_tool_call(job, None)
 
 
-def force(job: Job, name: str | None) -> None:
-    # A forced call skips the reasoning: the answer starts inside the tool-call section.
-    job.thinking = False
-    job.assistant_prefix = forced_tool_prefix(job, name)
 
 
 def parse_thinking(body: dict) -> bool | None:
@@ -260,160 +245,3 @@ def parse_completion_request(body: dict, served_model: str, max_tokens_limit: in
     if lp is not None:
         opts.logprobs, job.logprobs = True, lp
     return job, opts
-
-
-# ---- responses ----------------------------------------------------------------------------
-
-
-def _usage(fin: Finish) -> dict:
-    usage = {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-             "total_tokens": fin.prompt_tokens + fin.completion_tokens}
-    if fin.cached_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": fin.cached_tokens}
-    return usage
-
-
-def finish_reason(fin: Finish, has_calls: bool) -> str:
-    if fin.reason == "length":
-        return "length"
-    return "tool_calls" if has_calls else "stop"
-
-
-def _chat_logprob(lp: TokenLogprob) -> dict:
-    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, v in lp.top]}
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def chat_response(run, job: Job, opts: Options) -> dict:
-    reasoning, content, calls, logprobs = [], [], [], []
-    fin = None
-    async for ev in output_events(run, job):
-        kind = ev[0]
-        if kind == "reasoning":
-            reasoning.append(ev[1])
-        elif kind == "content":
-            content.append(ev[1])
-        elif kind == "tool_start":
-            calls.append({"id": ev[2], "type": "function", "function": {"name": ev[3], "arguments": ""}})
-        elif kind == "tool_args":
-            calls[ev[1]]["function"]["arguments"] += ev[2]
-        elif kind == "logprobs":
-            logprobs += [_chat_logprob(lp) for lp in ev[1]]
-        elif kind == "finish":
-            fin = ev[1]
-    message: dict = {"role": "assistant", "content": "".join(content) if content or not calls else None}
-    if reasoning:
-        message["reasoning_content"] = "".join(reasoning)
-    if calls:
-        for c in calls:
-            c["function"]["arguments"] = c["function"]["arguments"].strip()
-        message["tool_calls"] = calls
-    return {
-        "id": run.request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": opts.model,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": {"content": logprobs} if opts.logprobs else None,
-                     "finish_reason": finish_reason(fin, bool(calls))}],
-        "usage": _usage(fin),
-    }
-
-
-async def chat_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
-    created = int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None, logprobs=None) -> str:
-        obj = {"id": run.request_id, "object": "chat.completion.chunk", "created": created,
-               "model": opts.model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if opts.include_usage:
-            obj["usage"] = None
-        return _sse(obj)
-
-    yield chunk({"role": "assistant", "content": ""})
-    has_calls = False
-    async for ev in output_events(run, job):
-        kind = ev[0]
-        if kind == "reasoning":
-            yield chunk({"reasoning_content": ev[1]})
-        elif kind == "content":
-            yield chunk({"content": ev[1]})
-        elif kind == "tool_start":
-            has_calls = True
-            yield chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
-                                         "function": {"name": ev[3], "arguments": ""}}]})
-        elif kind == "tool_args":
-            yield chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
-        elif kind == "logprobs" and opts.logprobs:
-            yield chunk({}, logprobs={"content": [_chat_logprob(lp) for lp in ev[1]]})
-        elif kind == "finish":
-            fin = ev[1]
-            yield chunk({}, finish=finish_reason(fin, has_calls))
-            if opts.include_usage:
-                yield _sse({"id": run.request_id, "object": "chat.completion.chunk", "created": created,
-                            "model": opts.model, "choices": [], "usage": _usage(fin)})
-    yield "data: [DONE]\n\n"
-
-
-def _completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
-    tokens, values, tops, offsets = [], [], [], []
-    for lp in lps:
-        tokens.append(lp.token)
-        values.append(lp.logprob)
-        tops.append({t: v for t, v in lp.top})
-        offsets.append(offset)
-        offset += len(lp.token)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-async def completion_response(run, job: Job, opts: Options) -> dict:
-    text, lps = [], []
-    async for piece in run:
-        text.append(piece.text)
-        lps += piece.logprobs or []
-    fin = run.finish
-    return {
-        "id": run.request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": opts.model,
-        "choices": [{"index": 0, "text": "".join(text),
-                     "logprobs": _completion_logprobs(lps, 0) if opts.logprobs else None,
-                     "finish_reason": finish_reason(fin, False)}],
-        "usage": _usage(fin),
-    }
-
-
-async def completion_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
-    created = int(time.time())
-    offset = 0
-
-    def chunk(text: str, finish: str | None = None, logprobs=None) -> str:
-        obj = {"id": run.request_id, "object": "text_completion", "created": created, "model": opts.model,
-               "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-        if opts.include_usage:
-            obj["usage"] = None
-        return _sse(obj)
-
-    async for piece in run:
-        lp = _completion_logprobs(piece.logprobs or [], offset) if opts.logprobs else None
-        offset += len(piece.text)
-        if piece.text or lp:
-            yield chunk(piece.text, logprobs=lp)
-    fin = run.finish
-    yield chunk("", finish=finish_reason(fin, False))
-    if opts.include_usage:
-        yield _sse({"id": run.request_id, "object": "text_completion", "created": created,
-                    "model": opts.model, "choices": [], "usage": _usage(fin)})
-    yield "data: [DONE]\n\n"
-
-
-def new_id(prefix: str) -> str:
-    """OpenAI ids look like 'chatcmpl-<hex>', Anthropic ones like 'msg_<hex>'."""
-    sep = "_" if prefix == "msg" else "-"
-    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
