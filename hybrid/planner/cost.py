@@ -17,6 +17,14 @@ with, for an expert picked by one token with probability p_e (from the trace),
   cpu_e      = max(touched_e * expert_bytes_cpu / (cpu_read_gbps * cpu_kernel_efficiency),
                    B * p_e * expert_flops / cpu_matmul_tops)
   gpu_e      = max(touched_e * expert_bytes_gpu / gpu_mem_gbps, B * p_e * expert_flops / gpu_tflops)
+               + touched_e * gpu_expert_overhead   (host dispatch of one cached expert's matmuls)
+  cache_l    = gpu_cache_layer_us if layer l holds any cached expert, else 0 (the cache's fixed
+               per-layer work: slot lookup, sort, one host sync), added to the GPU part
+
+The rates come from a MachineSpec: assumed for the reference workstation, measured for this
+machine by calibrate.py (`hybrid profile --calibrate`), which times the real runtime: the
+expert engine (sync cost, kernel GB/s), the GPU cache (per-layer and per-expert cost), torch's
+matmul read rate, and the per-layer host overhead that makes a no-cache run add up.
 
 Decode time = dense layers + sum_l time_l + LM head; tok/s = B / time. With B = 1, touched_e =
 p_e: the sum over CPU experts is the expected CPU bytes of a token, the quantity the placement
@@ -58,6 +66,13 @@ class MachineSpec:
     cpu_cores: int = 0
     layer_overhead_us: float = 0.0  # per decoder layer: host-side op dispatch / kernel launches
                                     # not hidden behind device work (eager PyTorch)
+    cpu_kernel_gbps: float = 0.0  # measured expert-kernel read rate on the calibrated model's
+                                  # experts (GB/s); 0: cpu_read_gbps x cpu_kernel_efficiency.
+                                  # Small experts sit in cache and beat RAM, so this can exceed
+                                  # cpu_read_gbps
+    gpu_expert_overhead_us: float = 0.0  # per cached expert a step uses: launching its matmuls
+    gpu_cache_layer_us: float = 0.0      # per MoE layer holding cached experts: the cache's
+                                         # fixed work (slot lookup, sort, one host sync)
     gpu_present: bool = True      # False: the "GPU" part is torch on the same CPU, so the
                                   # CPU experts and it take turns instead of overlapping
     sources: dict = field(default_factory=dict)   # parameter -> where its value came from
@@ -70,13 +85,19 @@ class MachineSpec:
         if not 0 < self.cpu_kernel_efficiency <= 1:
             raise ValueError(f"machine {self.name!r}: cpu_kernel_efficiency must be in (0, 1], "
                              f"got {self.cpu_kernel_efficiency!r}")
-        if self.sync_us < 0 or self.layer_overhead_us < 0:
-            raise ValueError(f"machine {self.name!r}: sync_us and layer_overhead_us must be >= 0")
+        for f in ("sync_us", "layer_overhead_us", "cpu_kernel_gbps", "gpu_expert_overhead_us",
+                  "gpu_cache_layer_us"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"machine {self.name!r}: {f} must be a number >= 0, got {v!r}")
         self.vram_bytes = parse_bytes(self.vram_bytes, f"machine {self.name!r} vram_bytes")
         self.ram_bytes = parse_bytes(self.ram_bytes, f"machine {self.name!r} ram_bytes")
 
     @property
     def cpu_effective_gbps(self) -> float:
+        """The expert kernel's read rate: measured when calibrated, else RAM x efficiency."""
+        if self.cpu_kernel_gbps > 0:
+            return self.cpu_kernel_gbps
         return self.cpu_read_gbps * self.cpu_kernel_efficiency
 
     def summary(self) -> dict:
@@ -228,11 +249,15 @@ class LayerCosts:
     other: float          # dense layers, LM head: once per step
     batch: int
     overlap: bool = True  # False without a GPU: the two parts add up
+    cache_fix: np.ndarray | None = None  # [L] added to the GPU part of a layer that holds
+                                         # any cached expert (None: nothing)
 
     def layer_times(self, mask: np.ndarray) -> np.ndarray:
         """[L] seconds for a cache mask [L, E] bool."""
         cpu = self.cpu_fix + np.where(mask, 0.0, self.cpu).sum(axis=1)
         gpu = self.gpu_fix + np.where(mask, self.gpu, 0.0).sum(axis=1)
+        if self.cache_fix is not None:
+            gpu = gpu + np.where(mask.any(axis=1), self.cache_fix, 0.0)
         both = np.maximum(cpu, gpu) if self.overlap else cpu + gpu
         return self.serial + self.sync + both
 
@@ -277,7 +302,8 @@ class CostModel:
         cpu = np.maximum(touched * self.cpu_expert_bytes / cpu_bw,
                          batch * p * flops / (mc.cpu_matmul_tops * 1e12))
         gpu = np.maximum(touched * self.gpu_expert_bytes / gpu_bw,
-                         batch * p * flops / (mc.gpu_tflops * 1e12))
+                         batch * p * flops / (mc.gpu_tflops * 1e12)) \
+            + touched * mc.gpu_expert_overhead_us * 1e-6
 
         wb = {"bf16": 2, "fp8": 1, "int8": 1, "fp32": 4}[self.device_weight_format]
 
@@ -300,7 +326,9 @@ class CostModel:
         dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_time
                                       + gpu_op(m.dense_mlp_params, batch) + host)
         head = gpu_op(m.lm_head_params or m.embedding_params, batch)
-        return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix, serial=serial,
+        cache_fix = np.full(L, mc.gpu_cache_layer_us * 1e-6)
+        return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix,
+                          cache_fix=cache_fix, serial=serial,
                           sync=mc.sync_us * 1e-6, other=dense + head, batch=batch,
                           overlap=mc.gpu_present)
 

@@ -26,6 +26,11 @@ number of slots N.
      could land nearer the crossing; the loss is bounded by one expert's cost in that layer.
      tests/test_planner_plan.py checks both statements against brute force on small cases.
 
+A measured per-layer fixed cost of holding any cached expert (MachineSpec.gpu_cache_layer_us,
+from calibrate.py) adds to h_l(m) for m >= 1; the prefix argument is unchanged, the convexity
+of F_l at m = 1 is not, so with that cost the plan is exact per layer and greedy across
+layers. Without a GPU (parts add up) a layer is kept only if its savings beat that cost.
+
 Baselines, side by side: "none" (all experts on the CPU), "uniform" (N / L slots per layer, the
 most picked experts of each layer), "top-N" (the N most picked (layer, expert) pairs of the
 whole model, what KTransformers does).
@@ -109,6 +114,24 @@ def activation_bytes(model, chunk: int) -> int:
     return int(states + scores)
 
 
+def budget_for_slots(cost: CostModel, context_tokens: int, slots: int,
+                     reserve_bytes: int = CUDA_CONTEXT_BYTES) -> Budget:
+    """The budget that holds exactly `slots` experts: VRAM = what that placement needs."""
+    m = cost.model
+    need = m.device_weight_bytes(cost.device_weight_format) \
+        + context_tokens * m.kv_bytes_per_token + activation_bytes(m, cost.prefill_chunk) \
+        + reserve_bytes + slots * cost.gpu_expert_bytes
+    c = CostModel(m, _with_vram(cost.machine, need), cost.gpu_expert_format,
+                  cost.device_weight_format, cost.kv_tokens, cost.prefill_chunk)
+    return compute_budget(c, context_tokens, reserve_bytes)
+
+
+def _with_vram(machine, vram: int):
+    import dataclasses
+
+    return dataclasses.replace(machine, vram_bytes=int(vram))
+
+
 def compute_budget(cost: CostModel, context_tokens: int,
                    reserve_bytes: int = CUDA_CONTEXT_BYTES) -> Budget:
     m = cost.model
@@ -171,7 +194,12 @@ def place_optimal(costs: LayerCosts, slots: int) -> np.ndarray:
         order = np.argsort(-save, kind="stable")[: min(slots, save.size)]
         mask = np.zeros(save.size, dtype=bool)
         mask[order[save[order] > 0]] = True
-        return mask.reshape(L, E)
+        mask = mask.reshape(L, E)
+        if costs.cache_fix is not None:
+            # A layer pays its cache's fixed cost once: drop the layers whose picks save less.
+            keep = np.where(mask, costs.cpu - costs.gpu, 0.0).sum(axis=1) > costs.cache_fix
+            mask &= keep[:, None]
+        return mask
     orders = np.argsort(-costs.cpu, axis=1, kind="stable")            # [L, E]
     c = np.take_along_axis(costs.cpu, orders, axis=1)
     g = np.take_along_axis(costs.gpu, orders, axis=1)
@@ -179,6 +207,8 @@ def place_optimal(costs: LayerCosts, slots: int) -> np.ndarray:
         - np.concatenate([np.zeros((L, 1)), np.cumsum(c, axis=1)], axis=1)   # [L, E+1]
     gpu_m = costs.gpu_fix[:, None] \
         + np.concatenate([np.zeros((L, 1)), np.cumsum(g, axis=1)], axis=1)
+    if costs.cache_fix is not None:
+        gpu_m[:, 1:] += costs.cache_fix[:, None]
     h = np.maximum(cpu_m, gpu_m)                                      # h_l(m), m = 0..E
     F = np.minimum.accumulate(h, axis=1)                              # F_l(n)
     gains = F[:, :-1] - F[:, 1:]                                      # d_l(n), n = 1..E

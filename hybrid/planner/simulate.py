@@ -168,28 +168,31 @@ def _pick_costs(cost_model):
     """Batch-1 cost per pick (one token reads the whole expert)."""
     mc = cost_model.machine
     cpu = cost_model.cpu_expert_bytes / (mc.cpu_effective_gbps * 1e9)
-    gpu = cost_model.gpu_expert_bytes / (mc.gpu_mem_gbps * 1e9)
+    gpu = cost_model.gpu_expert_bytes / (mc.gpu_mem_gbps * 1e9) + mc.gpu_expert_overhead_us * 1e-6
     return cpu, gpu
 
 
-def _inputs(trace, cost_model):
+def _inputs(trace, cost_model, mask):
     if trace.seq is None:
         raise ValueError("simulate: the trace has no token sequence (counts only); record or "
                          "generate it with the sequence kept")
     L = trace.num_layers
     lc = cost_model.costs(trace.frequencies(), batch=1)
     cpu, gpu = _pick_costs(cost_model)
+    # A layer's cache costs its fixed part whenever it holds experts; the online policy keeps
+    # each layer's count, so which layers hold any never changes during a replay.
+    gpu_fix = lc.gpu_fix + np.where(mask.any(axis=1), lc.cache_fix, 0.0)
     return (np.asarray(trace.seq), np.full(L, cpu), np.full(L, gpu),
-            lc.cpu_fix.astype(np.float64), lc.gpu_fix.astype(np.float64),
+            lc.cpu_fix.astype(np.float64), gpu_fix.astype(np.float64),
             (lc.serial + lc.sync).astype(np.float64), lc.other, bool(lc.overlap))
 
 
 def replay(trace, mask: np.ndarray, cost_model) -> SimResult:
     """Static placement: hit counts per layer and predicted decode tok/s at batch 1."""
-    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model)
     if mask.shape != (trace.num_layers, trace.num_experts):
         raise ValueError(f"mask shape {mask.shape} does not match the trace "
                          f"[{trace.num_layers}, {trace.num_experts}]")
+    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model, mask)
     hits, total = _kernels()["static"](seq, mask.astype(np.bool_), cpu, gpu, cfix, gfix, serial,
                                        overlap)
     n = seq.shape[0]
@@ -205,7 +208,7 @@ def replay_online(trace, mask: np.ndarray, cost_model, policy: OnlinePolicy | No
     rates implied by the initial mask's plan, i.e. the trace's frequencies are NOT peeked at:
     cached experts start at 1 / E above the uncached ones)."""
     policy = policy or OnlinePolicy()
-    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model)
+    seq, cpu, gpu, cfix, gfix, serial, other, overlap = _inputs(trace, cost_model, mask)
     L, E = trace.num_layers, trace.num_experts
     if prior is None:
         prior = np.where(mask, trace.top_k / E * 2.0, trace.top_k / E * 0.5)

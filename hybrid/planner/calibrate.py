@@ -1,0 +1,372 @@
+"""Calibrate the cost model on this machine: time the real runtime, fit the machine parameters.
+
+The cost model (cost.py) is only as good as its MachineSpec. For the reference workstation the
+numbers are assumptions; here they are measured, on a given model, with the runtime itself:
+
+  micro-timings of the real parts (medians, so they see the same contention as a run):
+    engine   one MoE layer's CPU expert engine, submit + sync of one token with n = 0..K of
+             its K picked experts running (the rest skipped by the mask, as the GPU cache
+             does):                 t = sync + n x expert_bytes / cpu_kernel_gbps
+    cache    a GpuExpertCache of K of the layer's experts (built as a profile builds it), one
+             token with n = 1..K hits:  t = fix + n x per_hit
+    matmul   torch F.linear of one token against a >= 64 MB weight in the device dtype:
+             the "GPU" read rate gpu_mem_gbps (torch on the CPU when there is no GPU)
+  decode runs (hybrid.load(path, profile=...), a fixed token sequence, step wall times):
+    "none"   nothing cached: whatever the parts above do not explain is per-layer host
+             overhead (Python, torch dispatch): layer_overhead_us = residual / layers
+    "other"  some experts cached: with the host overhead known, its residual is the cache's
+             per-layer fixed cost in place (gpu_cache_layer_us; the micro-timing's intercept
+             misses the sum into the layer output and the cache's interplay with the engine)
+
+  per_hit splits into the cached expert's bytes at gpu_mem_gbps plus a dispatch overhead
+  (gpu_expert_overhead_us, never below 0).
+
+`fit` is a pure function of those timings (tests check it recovers known parameters from
+synthetic timings); `measure_parts` and `time_placements` take them on a loaded model;
+bench/cost_model_check.py drives the whole loop and then checks the fitted model on
+placements it was not fitted on. The result is a MachineSpec, saved as YAML for `hybrid plan
+--machine FILE`; its `sources` say what each number came from and on which model.
+
+Legend: K picks per token, E experts, H hidden, I expert width, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybrid.planner.cost import CostModel, MachineSpec
+
+
+PER_EXPERT_FLOOR_S = 1e-9   # engine seconds per expert below which the fit calls it zero
+
+
+@dataclass
+class PartTimings:
+    """Micro-timings of one model's parts; seconds are medians over repetitions."""
+    engine: dict          # n experts run -> seconds (submit + sync of one token)
+    cache: dict           # n cache hits -> seconds (GpuExpertCache.forward of one token)
+    matmul_gbps: float    # torch one-token matmul read rate on the device, GB/s
+    engine_isa: str = ""
+
+
+@dataclass
+class RunTiming:
+    """One decode run of one placement: wall seconds per decode step."""
+    label: str
+    mask: np.ndarray          # [L, E] bool, the cached experts
+    step_s: list = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return float(statistics.median(self.step_s))
+
+
+def _line(points: dict) -> tuple[float, float]:
+    """Least-squares intercept and slope through {x: y}."""
+    x = np.array(sorted(points), dtype=np.float64)
+    y = np.array([points[k] for k in sorted(points)], dtype=np.float64)
+    if x.size < 2:
+        raise ValueError(f"calibrate: need timings at two or more counts, got {sorted(points)}")
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
+        other: RunTiming, model_label: str = "") -> tuple[MachineSpec, dict]:
+    """The machine parameters that make `cost` (its model, kv_tokens, formats) reproduce these
+    timings. `cost.machine` supplies what is not fitted (RAM size, names, PCIe, flags).
+    freq [L, E]: the routing of the timed token sequence (Trace.frequencies()).
+    Returns the fitted MachineSpec and a report of the fit (every intermediate number)."""
+    m = cost.model
+    L = len(m.moe_layers)
+    if none.mask.any():
+        raise ValueError("calibrate.fit: the 'none' run must cache nothing")
+    if not other.mask.any():
+        raise ValueError("calibrate.fit: the 'other' run must cache some experts")
+    sync_s, per_expert_s = _line(parts.engine)
+    below_resolution = per_expert_s <= PER_EXPERT_FLOOR_S
+    if below_resolution:
+        # Experts so small the engine's time does not grow with their number (tiny models):
+        # the whole cost is the fixed part.
+        sync_s, per_expert_s = float(np.mean(list(parts.engine.values()))), PER_EXPERT_FLOOR_S
+    hits = {n: t for n, t in parts.cache.items() if n >= 1}
+    cache_fix_s, per_hit_s = _line(hits)
+    gpu_bytes_s = cost.gpu_expert_bytes / (parts.matmul_gbps * 1e9)
+    base = cost.machine
+    mc = dataclasses.replace(
+        base, name=f"this machine, calibrated on {model_label or m.model_id}",
+        cpu_kernel_gbps=cost.cpu_expert_bytes / per_expert_s / 1e9,
+        sync_us=max(0.0, sync_s) * 1e6,
+        gpu_mem_gbps=parts.matmul_gbps,
+        gpu_expert_overhead_us=max(0.0, per_hit_s - gpu_bytes_s) * 1e6,
+        gpu_cache_layer_us=0.0, layer_overhead_us=0.0, sources=dict(base.sources))
+
+    def predicted(machine, mask):
+        c = dataclasses.replace(cost, machine=machine)
+        return c.costs(freq, 1).step_time(mask)
+
+    # Host overhead: what the no-cache run leaves unexplained, per decoder layer.
+    resid_none = none.median_s - predicted(mc, none.mask)
+    mc.layer_overhead_us = max(0.0, resid_none / m.num_layers) * 1e6
+    # The cache's fixed per-layer cost: what the other run leaves unexplained, per cache layer.
+    layers_cached = int(other.mask.any(axis=1).sum())
+    resid_other = other.median_s - predicted(mc, other.mask)
+    mc.gpu_cache_layer_us = max(0.0, resid_other / layers_cached) * 1e6
+    where = f"calibrated on {model_label or m.model_id}"
+    mc.sources.update({
+        "cpu_kernel_gbps": f"measured ({where}): expert engine seconds per expert "
+                           f"({parts.engine_isa or 'native'}), one token, {L} MoE layer(s)",
+        "sync_us": f"measured ({where}): engine submit + sync with no expert to run "
+                   f"(intercept of the fit)",
+        "gpu_mem_gbps": f"measured: torch one-token matmul read rate on the device"
+                        f"{' (torch on the CPU: no GPU)' if not base.gpu_present else ''}",
+        "gpu_expert_overhead_us": f"measured ({where}): GpuExpertCache seconds per hit minus "
+                                  f"the expert's bytes at gpu_mem_gbps",
+        "layer_overhead_us": f"fitted ({where}): the no-cache decode run's time the parts do "
+                             f"not explain, per decoder layer",
+        "gpu_cache_layer_us": f"fitted ({where}): the '{other.label}' run's time the parts "
+                              f"and host overhead do not explain, per MoE layer holding "
+                              f"cached experts",
+    })
+    report = {
+        "engine_sync_us": sync_s * 1e6, "engine_us_per_expert": per_expert_s * 1e6,
+        "engine_per_expert_below_resolution": bool(below_resolution),
+        "cache_fix_us_micro": cache_fix_s * 1e6, "cache_us_per_hit": per_hit_s * 1e6,
+        "cached_expert_bytes_us": gpu_bytes_s * 1e6,
+        "none_step_ms": none.median_s * 1e3, "none_residual_ms": resid_none * 1e3,
+        "other_label": other.label, "other_step_ms": other.median_s * 1e3,
+        "other_residual_ms": resid_other * 1e3, "layers_cached": layers_cached,
+    }
+    return mc, report
+
+
+# ---- measurements on a loaded model (hybrid.api.Model) ---------------------------------------
+
+def moe_layers(model) -> list:
+    """The MoELayer of every MoE decoder layer, in order."""
+    return [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "routed")]
+
+
+def _median_time(fn, reps: int) -> float:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return float(statistics.median(out))
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """key -> median seconds of fns[key](), the keys taking turns (one warm-up call each), so
+    load from elsewhere on the machine affects every key alike."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
+def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20) -> PartTimings:
+    """Micro-timings of the engine, the GPU cache and torch's matmul on `model`'s own parts."""
+    import torch
+
+    from hybrid.experts.gpu_cache import GpuExpertCache
+
+    moe = moe_layers(model)
+    if not moe:
+        raise ValueError(f"{model.path}: the model has no MoE layer to calibrate on")
+    mlp = moe[0]
+    routed = mlp.routed
+    packed = getattr(routed, "layer", None)
+    if packed is None or not hasattr(routed, "submit"):
+        raise ValueError("calibrate: the routed experts do not run on the CPU engine "
+                         "(load with experts_backend='cpu')")
+    cfg = model.config
+    E, K, H = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    dev, dt = model.device, model.dtype
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, H, generator=g).to(dev, dt)                          # [1, H]
+    w = torch.full((1, K), 1.0 / K, device=dev)                             # [1, K]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    # Engine: rotate through the layer's experts so repetitions do not re-read the same ones.
+    rot = [0]
+
+    def engine_run(n):
+        start = rot[0]
+        rot[0] = (rot[0] + K) % E
+        ids = ((torch.arange(K) + start) % E).to(torch.int32)[None, :]     # [1, K]
+        skip = torch.zeros(E, dtype=torch.bool)                             # [E]
+        skip[ids[0, n:].long()] = True
+        routed.submit(x.cpu(), ids, w.cpu(), skip)
+        routed.sync()
+
+    engine = _interleaved({n: (lambda n=n: engine_run(n)) for n in range(K + 1)}, reps)
+
+    # GPU cache holding K experts, as a profile would build it; n of the K picks hit it.
+    held = list(range(K))
+    cache = GpuExpertCache.from_packed(packed, held, dev, dt)
+    others = [e for e in range(E) if e not in held][:K]
+    runs = {}
+    for n in range(1, K + 1):
+        if K - n > len(others):
+            continue
+        ids = torch.tensor([held[:n] + others[:K - n]], device=dev)         # [1, K]
+
+        def cache_run(ids=ids):
+            cache.forward(x, ids, w)
+            sync()
+
+        runs[n] = cache_run
+    cache_t = _interleaved(runs, reps)
+    del cache
+
+    # torch's one-token matmul read rate (the "GPU" memory rate of cost.py).
+    item = torch.empty((), dtype=dt).element_size()
+    rows = max(1, matmul_bytes // (H * item))
+    W = torch.randn(rows, H, generator=g).to(dev, dt)                      # [rows, H]
+
+    def mm():
+        torch.nn.functional.linear(x, W)
+        sync()
+
+    mm()
+    gbps = W.numel() * item / _median_time(mm, max(5, reps // 3)) / 1e9
+    del W
+    return PartTimings(engine=engine, cache=cache_t, matmul_gbps=gbps,
+                       engine_isa=str(getattr(routed, "isa", "")))
+
+
+def record_routing(model, spec, prompt_ids, decode_ids):
+    """Run the fixed token sequence once with a TraceRecorder on every MoE layer (untimed: the
+    hook costs time) and return the Trace of the decode steps only."""
+    from hybrid.planner.trace import TraceRecorder
+
+    moe = moe_layers(model)
+    rec = TraceRecorder.for_spec(spec, keep_sequence=True, source="recorded: calibration tokens")
+    on = [False]
+
+    def hook(layer, ids):
+        if on[0]:
+            rec.record(layer, ids)
+
+    for m_ in moe:
+        m_.trace = hook
+    try:
+        kv = _prefill(model, prompt_ids, len(decode_ids))
+        on[0] = True
+        for i, tok in enumerate(decode_ids):
+            _step(model, kv, tok, len(prompt_ids) + i)
+    finally:
+        for m_ in moe:
+            m_.trace = None
+    return rec.to_trace(notes={"prompt_tokens": len(prompt_ids),
+                               "decode_tokens": len(decode_ids)})
+
+
+def _prefill(model, prompt_ids, room: int):
+    import torch
+
+    P = len(prompt_ids)
+    kv = model.new_cache(1, P + room + 1)
+    pos = torch.arange(P)
+    model.net.forward(torch.as_tensor(prompt_ids, dtype=torch.long), pos,
+                      torch.zeros(P, dtype=torch.long), kv, pos[-1:])
+    return kv
+
+
+def _step(model, kv, tok: int, pos: int) -> float:
+    """One teacher-forced decode step (every placement sees the same tokens, so the same
+    routing); wall seconds."""
+    import torch
+
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    model.net.forward(torch.tensor([int(tok)]), torch.tensor([pos]),
+                      torch.zeros(1, dtype=torch.long), kv)
+    sync()
+    return time.perf_counter() - t0
+
+
+def nested_caches(model, counts: np.ndarray, fractions) -> dict:
+    """fraction -> {decoder layer: GpuExpertCache or None}: every layer's round(f x E) most
+    picked experts (calibrate.fraction_mask's placement). One cache per layer holds the largest
+    placement, most picked first; the smaller ones are views of its first slots, so the bf16
+    copies exist once. The caches are GpuExpertCache.from_packed, what hybrid.load(path,
+    profile=...) builds."""
+    from hybrid.experts.gpu_cache import GpuExpertCache
+
+    moe = moe_layers(model)
+    E = counts.shape[1]
+    sizes = {f: int(round(f * E)) for f in fractions}
+    top = max(sizes.values())
+    out = {f: {} for f in fractions}
+    for i, mlp in enumerate(moe):
+        order = [int(e) for e in np.argsort(-counts[i].astype(np.float64), kind="stable")]
+        big = (GpuExpertCache.from_packed(mlp.routed.layer, order[:top], model.device,
+                                          model.dtype) if top else None)
+        for f, n in sizes.items():
+            out[f][mlp.layer] = None if n == 0 else GpuExpertCache(
+                order[:n], E, big.gate[:n], big.up[:n], big.down[:n])
+    return out
+
+
+def time_placements(model, prompt_ids, decode_ids, placements: dict, rounds: int = 3,
+                    warmup: int = 2) -> dict:
+    """label -> wall seconds of every decode step, for each placement {layer: cache or None}.
+    Placements take turns step by step (each with its own KV cache), so a burst of load from
+    elsewhere on the machine lands on all of them alike; the first `warmup` steps of each round
+    are dropped."""
+    moe = {m_.layer: m_ for m_ in moe_layers(model)}
+    out = {label: [] for label in placements}
+    labels = list(placements)
+    try:
+        for r in range(rounds):
+            kvs = {label: _prefill(model, prompt_ids, len(decode_ids)) for label in labels}
+            for i, tok in enumerate(decode_ids):
+                turn = labels[i % len(labels):] + labels[:i % len(labels)]   # rotate the order
+                for label in turn:
+                    for layer, cache in placements[label].items():
+                        moe[layer].gpu_cache = cache
+                    dt = _step(model, kvs[label], tok, len(prompt_ids) + i)
+                    if i >= warmup:
+                        out[label].append(dt)
+    finally:
+        for m_ in moe.values():
+            m_.gpu_cache = None
+    return out
+
+
+# ---- placements for the check -----------------------------------------------------------------
+
+def fraction_mask(counts: np.ndarray, fraction: float) -> np.ndarray:
+    """[L, E] bool: in every layer the round(fraction x E) most picked experts."""
+    from hybrid.planner.plan import place_uniform
+
+    L, E = counts.shape
+    return place_uniform(counts, int(round(fraction * E)) * L)
+
+
+def write_profile(path: str, cost: CostModel, trace, mask: np.ndarray, label: str,
+                  context_tokens: int) -> None:
+    """A profile caching exactly `mask`, for hybrid.load(..., profile=path). Its budget is the
+    VRAM this placement needs (a calibration run fixes the placement, not the budget)."""
+    from hybrid.planner import plan as planner
+    from hybrid.planner import profile as profiles
+
+    budget = planner.budget_for_slots(cost, context_tokens, int(mask.sum()))
+    freq = trace.frequencies()
+    res = planner.PlanResult(budget=budget, masks={label: mask},
+                             predictions={label: planner.predict(cost, freq, mask)})
+    prof = profiles.build(cost.model, cost.machine, trace, res, cost, strategy=label,
+                          command=f"calibration placement {label!r} (hybrid.planner.calibrate)")
+    profiles.save(prof, path)
