@@ -82,5 +82,7 @@ class AnswerView:
                 self.console.print(Markdown(self.content_text))
                 self.at_line_start = True
         self._newline()
+        if note is None and self.state is None:
+            note = "(the model ended its turn without writing anything)"
         if note:
             self._write(note + "\n", style="dim")
