@@ -1,6 +1,7 @@
 """Load test for `hybrid serve`: N concurrent streaming clients, M requests in all.
 
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 8 --requests 64
+    python bench/serve_load.py --url http://127.0.0.1:8000 --sweep 1,8,32,100 --max-tokens 128
 
 Each client sends streaming /v1/chat/completions requests back to back until M requests have
 been sent in total (or --time-limit passes). Reported: request throughput, aggregate generated
@@ -120,44 +121,64 @@ async def run(args) -> dict:
             "errors": dict(Counter(r.error for r in results if not r.ok))}
 
 
+def report(res: dict, baseline: float | None) -> None:
+    print(f"clients {res['clients']:4d}  requests {res['ok']}/{res['requests']} ok in {res['wall_s']:.2f} s  "
+          f"{res['req_per_s']:.2f} req/s  {res['tok_per_s']:.1f} tok/s aggregate"
+          + (f" ({res['tok_per_s'] / baseline:.2f}x one client)" if baseline else ""))
+    t, i = res["ttft_ms"], res["itl_ms"]
+    print(f"  time to first token ms  p50 {t[50]:.1f}  p90 {t[90]:.1f}  p99 {t[99]:.1f}")
+    print(f"  inter-token latency ms  p50 {i[50]:.1f}  p90 {i[90]:.1f}  p99 {i[99]:.1f}")
+    if res["errors"]:
+        print(f"  errors: {res['errors']}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
     p.add_argument("--clients", type=int, default=1, help="concurrent clients (default 1)")
     p.add_argument("--requests", type=int, default=16, help="requests in total (default 16)")
+    p.add_argument("--sweep", default=None, metavar="N,N,...",
+                   help="run once per client count (e.g. 1,8,32,100), each with max(--requests, 2N) "
+                        "requests; the first count is the baseline for the speed-up")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     p.add_argument("--prompt-chars", type=int, default=200, help="prompt length in characters (default 200)")
     p.add_argument("--model", default=None, help="model id (default: the first in /v1/models)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--time-limit", type=float, default=300.0, help="stop sending after this many seconds")
+    p.add_argument("--time-limit", type=float, default=300.0, help="stop sending after this many seconds (per run)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--baseline-tok-s", type=float, default=None,
                    help="single-client tok/s, to report the aggregate speed-up against")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     host = urlparse(args.url).hostname
     if host not in LOOPBACK:
         print(f"serve_load: refusing {args.url}: only loopback servers ({', '.join(sorted(LOOPBACK))})",
               file=sys.stderr)
         return 2
-    for name in ("clients", "requests", "max_tokens"):
-        if getattr(args, name) < 1:
-            print(f"serve_load: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+    try:
+        counts = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.clients]
+    except ValueError:
+        print(f"serve_load: --sweep must be comma-separated integers, got {args.sweep!r}", file=sys.stderr)
+        return 2
+    for name, value in (("clients", min(counts)), ("requests", args.requests), ("max-tokens", args.max_tokens)):
+        if value < 1:
+            print(f"serve_load: --{name} must be >= 1", file=sys.stderr)
             return 2
-    res = asyncio.run(run(args))
+    results, baseline = [], args.baseline_tok_s
+    for n in counts:
+        run_args = argparse.Namespace(**vars(args))
+        run_args.clients = n
+        run_args.requests = max(args.requests, 2 * n) if args.sweep else args.requests
+        res = asyncio.run(run(run_args))
+        results.append(res)
+        if args.json:
+            continue
+        report(res, baseline)
+        if args.sweep and baseline is None:
+            baseline = res["tok_per_s"]
     if args.json:
-        print(json.dumps(res))
-        return 0 if not res["errors"] else 1
-    print(f"clients {res['clients']:4d}  requests {res['ok']}/{res['requests']} ok in {res['wall_s']:.2f} s  "
-          f"{res['req_per_s']:.2f} req/s  {res['tok_per_s']:.1f} tok/s aggregate"
-          + (f" ({res['tok_per_s'] / args.baseline_tok_s:.2f}x one client)" if args.baseline_tok_s else ""))
-    t, i = res["ttft_ms"], res["itl_ms"]
-    print(f"  time to first token ms  p50 {t[50]:.1f}  p90 {t[90]:.1f}  p99 {t[99]:.1f}")
-    print(f"  inter-token latency ms  p50 {i[50]:.1f}  p90 {i[90]:.1f}  p99 {i[99]:.1f}")
-    if res["errors"]:
-        print(f"  errors: {res['errors']}")
-    print(f"  tokens per request {res['tokens'] / max(res['ok'], 1):.1f}")
-    return 0 if not res["errors"] else 1
+        print(json.dumps(results if args.sweep else results[0]))
+    return 0 if not any(r["errors"] for r in results) else 1
 
 
 if __name__ == "__main__":
