@@ -119,6 +119,7 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             run = await asyncio.to_thread(backend.start, job)
         except ApiError as err:
             return error_response(err, dialect, route)
+        metrics.prompt_tokens += run.prompt_tokens  # here, on the event loop, like every counter
         run.request_id = openai_responses.new_id(id_prefix)
         if config.log_requests:
             log.info("%s %s prompt=%d stream=%s", route, run.request_id, run.prompt_tokens, opts.stream)

@@ -132,7 +132,6 @@ class Backend:
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None
-        self.metrics.prompt_tokens += n
         return Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics)
 
     def gauges(self) -> dict[str, float]:
