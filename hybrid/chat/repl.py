@@ -14,11 +14,11 @@ from hybrid.chat.session import MODES, ChatSession
 
 HELP = """\
 Commands:
-  /mode [instant|thinking]  show or switch mode (thinking: the model reasons first, shown dimmed)
+  /mode [instant|thinking]  show or switch mode (thinking: reasoning first, dimmed)
   /system [TEXT|clear]      show, set or clear the system prompt
   /reset                    forget the conversation (mode and system prompt stay)
-  /stats                    tokens, speed and time per phase of the last answer and the session
-  /save FILE                save the conversation (.md: Markdown, otherwise JSON)
+  /stats                    tokens, speed and time per phase
+  /save FILE                save the conversation (FILE.md: Markdown, else JSON)
   /help                     this text
   /exit                     quit (also Ctrl-D)
 Enter sends; Alt-Enter (or Esc, Enter) adds a line. Ctrl-C stops an answer."""
