@@ -14,14 +14,14 @@ from hybrid.chat.session import MODES, ChatSession
 
 HELP = """\
 Commands:
-  /mode [instant|thinking]  show or switch mode (thinking: reasoning first, dimmed)
+  /mode [instant|thinking]  show or switch mode (thinking shows reasoning dimmed)
   /system [TEXT|clear]      show, set or clear the system prompt
-  /reset                    forget the conversation (mode and system prompt stay)
+  /reset                    forget the conversation (keeps mode, system prompt)
   /stats                    tokens, speed and time per phase
-  /save FILE                save the conversation (FILE.md: Markdown, else JSON)
+  /save FILE                save the conversation (.md: Markdown, else JSON)
   /help                     this text
   /exit                     quit (also Ctrl-D)
-Enter sends; Alt-Enter (or Esc, Enter) adds a line. Ctrl-C stops an answer."""
+Enter sends; Alt-Enter (or Esc then Enter) adds a line; Ctrl-C stops an answer."""
 
 
 class ChatApp:
