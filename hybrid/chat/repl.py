@@ -14,7 +14,7 @@ from hybrid.chat.session import MODES, ChatSession
 
 HELP = """\
 Commands:
-  /mode [instant|thinking]  show or switch mode (thinking shows reasoning dimmed)
+  /mode [instant|thinking]  show or switch mode (thinking: reasoning, dimmed)
   /system [TEXT|clear]      show, set or clear the system prompt
   /reset                    forget the conversation (keeps mode, system prompt)
   /stats                    tokens, speed and time per phase
