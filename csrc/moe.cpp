@@ -209,17 +209,46 @@ void MoeOperator::run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int6
 }
 
 // Phase 2: h = SiLU(gate x) * (up x) for this thread's gate_up units of every active expert.
+//
+// Each NUMA node owns the same unit range of every expert (ThreadPool::node_share, which is also
+// how pages were placed). Within a node, when there are at least as many units as threads, each
+// thread takes an equal slice of every expert: balanced whatever the token counts. With more
+// threads than units (many cores, narrow experts), the node's (expert, unit) items are instead
+// dealt out by cost, a unit of expert a costing (n_a + kUnitBytesAsTokens): no thread idles.
 void MoeOperator::phase_gate_up(int tid, int team) {
+  if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
+  constexpr int64_t kUnitBytesAsTokens = 16;  // streaming a unit's weights ~ this many tokens
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), GI = I / kGroup;
   const WeightFormat f = layer_->format();
   const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
-  if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
-  auto [u0, u1] = pool_->split(gate_up_units(I), tid, team);
+  const ThreadPool::NodeShare ns = pool_->node_share(gate_up_units(I), tid, team);
+  const int64_t len = ns.end - ns.begin;
+  const bool by_expert = len >= ns.count;
+  // Cost-dealt range [lo, hi) along the node's items, expert-major (used when !by_expert).
+  int64_t total = 0;
+  if (!by_expert)
+    for (size_t a = 0; a < act_expert_.size(); ++a)
+      total += len * (act_start_[a + 1] - act_start_[a] + kUnitBytesAsTokens);
+  const int64_t lo = total * ns.rank / ns.count, hi = total * (ns.rank + 1) / ns.count;
+  auto ceil_div = [](int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; };
+
   float* tmp = tmp_[size_t(tid)].data();
   float hbuf[kGroup];
+  int64_t before = 0;  // cost of the node's items of experts < a
   for (size_t a = 0; a < act_expert_.size(); ++a) {
-    const PackedMatrix gu = layer_->gate_up(act_expert_[a]);
     const int64_t p0 = act_start_[a], n = act_start_[a + 1] - p0;
+    int64_t u0, u1;
+    if (by_expert) {
+      u0 = ns.begin + len * ns.rank / ns.count;
+      u1 = ns.begin + len * (ns.rank + 1) / ns.count;
+    } else {  // items whose cost start falls in [lo, hi)
+      const int64_t c = n + kUnitBytesAsTokens;
+      u0 = ns.begin + std::min(len, ceil_div(lo - before, c));
+      u1 = ns.begin + std::min(len, ceil_div(hi - before, c));
+      before += len * c;
+    }
+    if (u0 >= u1) continue;
+    const PackedMatrix gu = layer_->gate_up(act_expert_[a]);
     for (int64_t uc = u0; uc < u1; uc += cu) {
       const int64_t ue = std::min(u1, uc + cu), ldo = 4 * kRowBlock * (ue - uc);
       for (int64_t s0 = 0; s0 < n; s0 += kTokenTile) {

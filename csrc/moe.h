@@ -12,7 +12,9 @@
 //              in fast mode, quantised to int8 once, then copied to the token's pair slots.
 //   2 gate_up  threads split each active expert's gate_up units (32 h columns = 4 packed blocks)
 //              and compute SiLU(g) * u right after the kernel call (gate and up blocks are
-//              interleaved); in fast mode h is quantised per 32-group in the same pass.
+//              interleaved); in fast mode h is quantised per 32-group in the same pass. (With
+//              more threads on a node than units, the node's (expert, unit) items are dealt out
+//              by cost instead, see phase_gate_up.)
 //   3 down     threads split the H row blocks; each loops over all active experts and adds
 //              w * (down_e h) into its own y columns: one writer per y element, no atomics.
 // Every thread reads its slice of every selected expert's bytes exactly once per token tile:

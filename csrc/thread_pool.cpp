@@ -251,7 +251,7 @@ void ThreadPool::worker_main(int tid) {
   }
 }
 
-std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vector<int>& team_nodes) {
+ThreadPool::NodeShare node_share_of(int64_t units, int tid, const std::vector<int>& team_nodes) {
   const int team = int(team_nodes.size());
   const int node = team_nodes[size_t(tid)];
   int before = 0, mine = 0, rank = 0;  // team threads on lower nodes, on ours, ours before tid
@@ -263,15 +263,31 @@ std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vecto
       if (i < tid) ++rank;
     }
   }
-  const int64_t node_begin = units * before / team, node_end = units * (before + mine) / team;
-  const int64_t len = node_end - node_begin;
-  return {node_begin + len * rank / mine, node_begin + len * (rank + 1) / mine};
+  return {units * before / team, units * (before + mine) / team, rank, mine};
 }
+
+std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vector<int>& team_nodes) {
+  const ThreadPool::NodeShare s = node_share_of(units, tid, team_nodes);
+  const int64_t len = s.end - s.begin;
+  return {s.begin + len * s.rank / s.count, s.begin + len * (s.rank + 1) / s.count};
+}
+
+namespace {
+std::vector<int> team_nodes(const std::vector<int>& worker_node, int team) {
+  return std::vector<int>(worker_node.begin(), worker_node.begin() + team);
+}
+}  // namespace
 
 std::pair<int64_t, int64_t> ThreadPool::split(int64_t units, int tid, int team) const {
   if (team <= 0 || team > size()) team = size();
   if (team == size()) return split_units(units, tid, worker_node_);
-  return split_units(units, tid, std::vector<int>(worker_node_.begin(), worker_node_.begin() + team));
+  return split_units(units, tid, team_nodes(worker_node_, team));
+}
+
+ThreadPool::NodeShare ThreadPool::node_share(int64_t units, int tid, int team) const {
+  if (team <= 0 || team > size()) team = size();
+  if (team == size()) return node_share_of(units, tid, worker_node_);
+  return node_share_of(units, tid, team_nodes(worker_node_, team));
 }
 
 namespace {

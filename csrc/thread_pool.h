@@ -77,6 +77,14 @@ class ThreadPool {
   // their node's range evenly. Deterministic, so placement and compute agree.
   std::pair<int64_t, int64_t> split(int64_t units, int tid, int team) const;
 
+  // The node-level part of split(): the range of `units` owned by tid's node, and tid's rank
+  // among that node's `count` team threads.
+  struct NodeShare {
+    int64_t begin, end;
+    int rank, count;
+  };
+  NodeShare node_share(int64_t units, int tid, int team) const;
+
  private:
   void worker_main(int tid);
   void run_job(Job& job, int tid);
@@ -97,6 +105,7 @@ class ThreadPool {
 // thread tid. Nodes (ascending id) get contiguous ranges proportional to their thread counts;
 // the threads of a node split its range evenly in tid order.
 std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vector<int>& team_nodes);
+ThreadPool::NodeShare node_share_of(int64_t units, int tid, const std::vector<int>& team_nodes);
 
 // The process-wide pool, created on first use with `default_threads()` workers. It is never
 // destroyed at process exit (exit must not wait on workers); set_global_threads() replaces it.
