@@ -57,12 +57,26 @@ def test_serve_subprocess_with_key_from_environment():
     assert proc.returncode == 0
 
 
+@pytest.fixture
+def busy_port():
+    """A loopback port something is already listening on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["/no/such/checkpoint"], 1, "cannot load /no/such/checkpoint"),
+    (["--port", "BUSY"], 2, "cannot listen on 127.0.0.1"),
+    (["--host", "no-such-host.invalid"], 2, "cannot resolve --host"),
     (["--port", "70000"], 2, "port"),
     (["--max-running", "0"], 2, "max_running"),
 ])
-def test_serve_refuses_bad_setup_with_a_message(args, code, needle):
+def test_serve_refuses_bad_setup_with_a_message(busy_port, args, code, needle):
+    args = [str(busy_port) if a == "BUSY" else a for a in args]
     r = subprocess.run([sys.executable, "-m", "hybrid", "serve", *args], env=env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == code

@@ -57,6 +57,25 @@ def build_config(args):
     return cfg
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound, or None. Checked before loading a model that may take
+    minutes, so a busy port is reported at once."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot resolve --host {host!r}: {e}"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
 def build_backend(model, cfg):
     """An Engine over a loaded model, and the server's Backend over that engine."""
     from hybrid.engine.engine import Engine
@@ -72,6 +91,10 @@ def main(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except ValueError as e:
         print(f"hybrid serve: {e}", file=sys.stderr)
+        return 2
+    problem = port_problem(cfg.host, cfg.port)
+    if problem:
+        print(f"hybrid serve: {problem}", file=sys.stderr)
         return 2
     from hybrid.chat.loading import load_model_or_explain, load_options
 
@@ -90,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(f"hybrid serve: warning: listening on {cfg.host} with no API key; anyone who can reach "
               "this port can use the model (set --api-key or HYBRID_API_KEY)", file=sys.stderr)
-    print(f"hybrid serve: model '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/v1 "
+    print(f"hybrid serve: serving '{cfg.model_name}' at http://{cfg.host}:{cfg.port}/v1 "
           f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
           f"{', API key required' if cfg.api_key else ''})", file=sys.stderr)
     try:
