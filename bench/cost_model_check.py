@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +75,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (32)")
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed per run (32)")
     ap.add_argument("--reps", type=int, default=30, help="repetitions per micro-timing (30)")
+    ap.add_argument("--stat", choices=["median", "q25"], default="q25",
+                    help="how step and part timings are summarised for the fit and the check: "
+                         "median, or q25 (lower quartile) on a machine busy with other work, "
+                         "where steps are either undisturbed or preempted (both are printed)")
     ap.add_argument("--threads", type=int, default=1,
                     help="engine and torch threads (1: on a shared machine, multi-threaded ops "
                          "wait for busy cores and the timings become noise; 0: hybrid.load's "
@@ -102,8 +103,6 @@ def main(argv=None) -> int:
 
     import hybrid
     from hybrid.planner import calibrate as cal
-    from hybrid.planner.cost import CostModel, local_machine
-    from hybrid.planner.model_spec import load_model_spec
 
     if args.tiny:
         path = _tiny_checkpoint(Path(args.tiny))
@@ -118,69 +117,12 @@ def main(argv=None) -> int:
         load_opts["threads"] = args.threads
 
     model = hybrid.load(path, **load_opts)
-    fmt = {"int4": "int4_g32", "int8": "int8_g32", "bf16": "bf16"}[
-        cal.moe_layers(model)[0].routed.layer.format]
-    spec = dataclasses.replace(load_model_spec(str(path)), expert_format=fmt)
-    dev_fmt = "fp32" if model.dtype == torch.float32 else "bf16"
     rng = np.random.default_rng(args.seed)
     toks = rng.integers(2, model.config.vocab_size, size=args.prompt + args.decode).tolist()
-    prompt, decode = toks[:args.prompt], toks[args.prompt:]
-    print(f"model {path} ({label}): {len(spec.moe_layers)} MoE layer(s) x {spec.num_experts} "
-          f"experts, top-{spec.top_k}, expert {spec.expert_bytes() / 1e6:.2f} MB ({fmt}); "
-          f"torch threads {torch.get_num_threads()}")
-    trace = cal.record_routing(model, spec, prompt, decode)
-    freq = trace.frequencies()
-    print("timing the parts (engine, GPU cache, torch matmul) ...")
-    parts = cal.measure_parts(model, reps=args.reps)
-    gc.collect()
-
-    base = local_machine(measure=False)
-    cost = CostModel(spec, base, gpu_expert_format=dev_fmt, device_weight_format=dev_fmt,
-                     kv_tokens=args.prompt + args.decode // 2, prefill_chunk=args.prompt)
-    masks = {f: cal.fraction_mask(trace.counts, f) for f in fractions}
-    out_dir = Path(args.profiles_dir or tempfile.mkdtemp(prefix="cost_model_check_"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in fractions:
-        if f > 0:   # the placements as profiles (what `hybrid.load(path, profile=...)` takes)
-            cal.write_profile(str(out_dir / f"cached_{int(round(100 * f))}.yaml"), cost, trace,
-                              masks[f], f"{f:.0%}", context_tokens=load_opts["max_len"])
-    print(f"placement profiles in {out_dir}")
-    print("building the GPU caches (the largest placement; smaller ones are its first slots) ...")
-    placements = cal.nested_caches(model, trace.counts, fractions)
-    for f in fractions:   # the caches hold exactly the profiles' experts
-        got = {layer: sorted(c.experts) if c else [] for layer, c in placements[f].items()}
-        want = {layer: sorted(np.nonzero(masks[f][i])[0].tolist())
-                for i, layer in enumerate(spec.moe_layers)}
-        assert got == want, f"placement {f}: caches differ from the profile"
-    print(f"timing {len(fractions)} placements, {args.rounds} round(s) x {args.decode} steps, "
-          f"taking turns step by step ...")
-    steps = cal.time_placements(model, prompt, decode, placements, rounds=args.rounds)
-    del placements
-    runs = {f: steps[f] for f in fractions}
-
-    def combined(f):
-        return cal.RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=runs[f])
-
-    machine, report = cal.fit(cost, parts, freq, combined(0.0), combined(args.fit_on), label)
-    fitted = dataclasses.replace(cost, machine=machine)
-    before = cost.costs(freq, 1)
-    after = fitted.costs(freq, 1)
-    rows, worst = [], 0.0
-    for f in fractions:
-        meas = statistics.median(runs[f])
-        pred = after.step_time(masks[f])
-        err = pred / meas - 1
-        used = f in (0.0, args.fit_on)
-        if not used:
-            worst = max(worst, abs(err))
-        rows.append({"cached_fraction": f, "cached_experts": int(masks[f].sum()),
-                     "hit_rate": float((freq * masks[f]).sum() / freq.sum()),
-                     "measured_tok_s": 1 / meas, "measured_spread_tok_s":
-                         [1 / float(np.percentile(runs[f], 75)),
-                          1 / float(np.percentile(runs[f], 25))],
-                     "predicted_tok_s": 1 / pred, "error": err, "fit_input": used,
-                     "uncalibrated_tok_s": 1 / before.step_time(masks[f])})
-
+    res = cal.check(model, path, toks[:args.prompt], toks[args.prompt:], fractions,
+                    args.fit_on, rounds=args.rounds, reps=args.reps, label=label,
+                    profiles_dir=args.profiles_dir, stat=args.stat)
+    machine, report, rows, worst = res["machine"], res["fit"], res["rows"], res["worst_error"]
     print()
     print(f"fitted machine ({label}):")
     for k in ("cpu_kernel_gbps", "sync_us", "gpu_mem_gbps", "gpu_expert_overhead_us",
@@ -189,33 +131,23 @@ def main(argv=None) -> int:
     print("fit details: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in report.items()))
     print()
-    print("measured: median step over all rounds [interquartile range]")
-    print(f"{'cached':>7} {'experts':>8} {'hit rate':>9} {'measured tok/s':>22} "
-          f"{'predicted':>10} {'error':>7}  {'uncalibrated':>12}")
-    for row in rows:
-        lo, hi = row["measured_spread_tok_s"]
-        print(f"{row['cached_fraction']:>7.0%} {row['cached_experts']:>8d} "
-              f"{row['hit_rate']:>9.1%} {row['measured_tok_s']:>9.2f} [{lo:6.1f}-{hi:6.1f}] "
-              f"{row['predicted_tok_s']:>10.2f} {row['error']:>+7.1%}  "
-              f"{row['uncalibrated_tok_s']:>12.2f}" + ("  (fit input)" if row["fit_input"] else ""))
+    cal.print_table(rows)
     ok = worst <= 0.15
     checked = [r for r in rows if not r["fit_input"]]
     if checked:
         print(f"\nplacements not used by the fit: worst error {worst:.1%} "
               f"({'within' if ok else 'OUTSIDE'} the 15% target)")
     if args.machine_out:
-        import yaml
-
-        with open(args.machine_out, "w") as fh:
-            fh.write(f"# machine parameters fitted by bench/cost_model_check.py on {label}\n")
-            yaml.safe_dump(machine.to_dict(), fh, sort_keys=False, width=100)
+        cal.save_machine(machine, args.machine_out,
+                         f"machine parameters fitted by bench/cost_model_check.py on {label}")
         print(f"wrote {args.machine_out}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"model": str(path), "label": label, "rounds": args.rounds, "prompt": args.prompt,
-             "decode": args.decode, "torch_threads": torch.get_num_threads(),
-             "parts": dataclasses.asdict(parts), "fit": report, "machine": machine.to_dict(),
-             "rows": rows, "steps_s": {str(f): v for f, v in runs.items()},
+             "decode": args.decode, "statistic": args.stat, "torch_threads": torch.get_num_threads(),
+             "parts": dataclasses.asdict(res["parts"]), "fit": report,
+             "machine": machine.to_dict(), "rows": rows,
+             "steps_s": {str(f): v for f, v in res["steps_s"].items()},
              "worst_error_unfitted": worst}, indent=1, default=float))
     return 0 if ok else 1
 

@@ -70,7 +70,7 @@ def test_fit_recovers_the_parameters_and_predicts_other_placements(setup):
     # Placements the fit never saw are predicted exactly (noise-free timings).
     fc = dataclasses.replace(cost, machine=fitted).costs(freq, 1)
     for f in (0.125, 0.25):
-        assert fc.step_time(masks[f]) == pytest.approx(runs[f].median_s, rel=1e-9)
+        assert fc.step_time(masks[f]) == pytest.approx(runs[f].typical_s, rel=1e-9)
     # Every fitted number says where it came from.
     for name in ("cpu_kernel_gbps", "layer_overhead_us", "gpu_cache_layer_us"):
         assert "synthetic" in fitted.sources[name]
@@ -114,3 +114,12 @@ def test_fraction_mask_is_most_picked_per_layer(setup):
     assert (m.sum(axis=1) == E // 4).all()
     for row, c in zip(m, counts):
         assert c[row].min() >= c[~row].max()
+
+
+def test_typical_statistics():
+    two_humps = [1.0] * 6 + [5.0] * 5     # undisturbed steps and preempted ones
+    assert cal.typical(two_humps, "median") == 1.0
+    assert cal.typical(two_humps + [5.0, 5.0], "median") == 5.0   # the median flips humps
+    assert cal.typical(two_humps + [5.0, 5.0], "q25") == 1.0      # the lower quartile does not
+    with pytest.raises(ValueError, match="statistic 'mean'"):
+        cal.typical([1.0], "mean")

@@ -27,7 +27,8 @@ def test_profile_command_records_the_routing(ckpt, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "t.safetensors"
     assert main(["profile", str(ckpt), "--prompts", str(prompts), "--out", str(out),
-                 "--new-tokens", "3", "--no-compare"]) == 0
+                 "--new-tokens", "3"
+                 ]) == 0
     tr = traces.load(str(out))
     spec = load_model_spec(str(ckpt))
     assert tr.config_hash == spec.config_hash and tr.layers == list(spec.moe_layers)
@@ -52,5 +53,5 @@ def test_profile_jsonl_errors_name_the_line(ckpt, tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + "{not json\n")
     assert main(["profile", str(ckpt), "--prompts", str(bad), "--out",
-                 str(tmp_path / "x.safetensors"), "--no-compare"]) == 2
+                 str(tmp_path / "x.safetensors")]) == 2
     assert "p.jsonl:2" in capsys.readouterr().err

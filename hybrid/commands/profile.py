@@ -2,7 +2,9 @@
 
 Runs every prompt through the model (hybrid.load; MODEL defaults to the embedded demo model),
 prefill and `--new-tokens` greedy decode steps, with a TraceRecorder on every MoE layer, and
-writes the routing trace (counts and the token sequence) for `hybrid plan`.
+writes the routing trace (counts and the token sequence) for `hybrid plan`. With
+`--calibrate MACHINE.yaml` it then fits the cost model's machine parameters on this model
+(hybrid.planner.calibrate) and writes them for `hybrid plan --machine MACHINE.yaml`.
 
 Prompt files: .txt (one prompt per line; blank lines skipped) or .jsonl (one object per line
 with "prompt" or "text", or "messages" rendered with the model's chat template).
@@ -25,9 +27,13 @@ def register(subparsers) -> None:
                    help="greedy decode steps recorded after each prompt (64)")
     p.add_argument("--counts-only", action="store_true",
                    help="do not keep the per-token sequence (smaller file; no replay)")
-    p.add_argument("--no-compare", action="store_true",
-                   help="skip timing the run and comparing it with the cost model's prediction "
-                        "for this machine (which measures RAM bandwidth, a few seconds)")
+    p.add_argument("--calibrate", metavar="MACHINE_YAML", default=None,
+                   help="after recording, calibrate the cost model on this model and machine "
+                        "(time the engine, the GPU cache and decode runs with nothing and with "
+                        "some experts cached, fit the machine parameters, check one more "
+                        "placement) and write the fitted machine for `hybrid plan --machine`")
+    p.add_argument("--calibrate-rounds", type=int, default=2,
+                   help="decode runs per placement for --calibrate (2)")
     p.set_defaults(func=main)
 
 
@@ -74,6 +80,9 @@ def main(args) -> int:
     if args.new_tokens < 0:
         print("error: --new-tokens must be >= 0", file=sys.stderr)
         return 2
+    if args.calibrate_rounds < 1:
+        print("error: --calibrate-rounds must be >= 1", file=sys.stderr)
+        return 2
     try:
         model = hybrid.load(args.model)
         if model.tokenizer is None:
@@ -109,10 +118,17 @@ def main(args) -> int:
             m.trace = None
     tr = recorder.to_trace(notes={"prompts": len(prompts), "new_tokens": args.new_tokens,
                                   "clipped_prompts": clipped})
-    if not args.no_compare and tr.tokens:
-        tr.notes["cost_model_check"] = _compare(model, spec, tr, timing, prompts)
+    for kind in ("decode", "prefill"):
+        if timing[f"{kind}_tokens"]:
+            tr.notes[f"measured_{kind}_tok_s"] = timing[f"{kind}_tokens"] / timing[f"{kind}_s"]
     traces.save(tr, args.out)
     print(f"wrote {args.out}: {tr.describe()}")
+    if "measured_decode_tok_s" in tr.notes:
+        print(f"measured while recording (trace hook on): decode "
+              f"{tr.notes['measured_decode_tok_s']:.2f} tok/s, prefill "
+              f"{tr.notes.get('measured_prefill_tok_s', 0.0):.2f} tok/s")
+    if args.calibrate:
+        return _calibrate(model, prompts, args)
     if clipped:
         print(f"note: {clipped} prompt(s) kept only their last {room} tokens (max_len "
               f"{model.max_len})")
@@ -140,48 +156,27 @@ def _run_timed(model, ids, new_tokens: int, acc: dict) -> None:
         acc["decode_tokens"] += n
 
 
-def _compare(model, spec, trace, timing: dict, prompts) -> dict:
-    """This run's measured speed next to the cost model's prediction for this machine, with the
-    routing just recorded and nothing cached (the check DESIGN.md asks of the cost model)."""
-    import dataclasses
+def _calibrate(model, prompts, args) -> int:
+    """Fit this machine's cost-model parameters on the loaded model (calibrate.check): the
+    prompts' own tokens, teacher-forced, as the timed sequence; none and 25% of each layer's
+    experts cached for the fit, 12.5% as the check."""
+    from hybrid.planner import calibrate as cal
 
-    import numpy as np
-    import torch
+    toks = [t for ids in prompts for t in ids]
+    P = min(32, max(1, len(toks) // 3))
+    N = min(48, len(toks) - P, model.max_len - P - 2)
+    if N < 8:
+        import sys
 
-    from hybrid.planner.cost import CostModel, local_machine
-
-    print("measuring this machine for the cost-model check ...")
-    machine = local_machine(measure=True)
-    layer = getattr(getattr(model.net.layers[spec.moe_layers[0]].mlp, "routed", None), "layer",
-                    None)
-    dev_fmt = "fp32" if model.dtype == torch.float32 else "bf16"
-    fmt = {"int4": "int4_g32", "int8": "int8_g32", "bf16": "bf16"}.get(
-        getattr(layer, "format", None), dev_fmt)
-    spec = dataclasses.replace(spec, expert_format=fmt)
-    mean_prompt = max(1, int(np.mean([len(p) for p in prompts])))
-    cm = CostModel(spec, machine, gpu_expert_format=dev_fmt, device_weight_format=dev_fmt,
-                   kv_tokens=mean_prompt, prefill_chunk=mean_prompt)
-    freq = trace.frequencies()
-    none = np.zeros(freq.shape, dtype=bool)
-    out = {"machine": machine.name, "cpu_read_gbps": round(machine.cpu_read_gbps, 2),
-           "expert_format": fmt,
-           "predicted_decode_tok_s": cm.decode_tok_s(freq, none),
-           "predicted_prefill_tok_s": float(cm.prefill(freq, none)["tok_s"])}
-    if timing["decode_tokens"]:
-        out["measured_decode_tok_s"] = timing["decode_tokens"] / timing["decode_s"]
-    if timing["prefill_tokens"]:
-        out["measured_prefill_tok_s"] = timing["prefill_tokens"] / timing["prefill_s"]
-    for kind in ("decode", "prefill"):
-        pred, meas = out[f"predicted_{kind}_tok_s"], out.get(f"measured_{kind}_tok_s")
-        if meas:
-            print(f"{kind}: measured {meas:.2f} tok/s, cost model predicts {pred:.2f} tok/s "
-                  f"(ratio {meas / pred:.2f})")
-    meas = out.get("measured_decode_tok_s")
-    if meas:
-        # What the per-layer host overhead would have to be for the model to match this run.
-        gap = 1.0 / meas - 1.0 / out["predicted_decode_tok_s"]
-        implied = machine.layer_overhead_us + gap / spec.num_layers * 1e6
-        out["implied_layer_overhead_us"] = implied
-        print(f"decode matches the cost model with layer_overhead_us = {implied:.0f} "
-              f"(assumed {machine.layer_overhead_us:g}); put it in a machine YAML for `hybrid plan`")
-    return out
+        print(f"error: --calibrate needs at least {P + 8} prompt tokens in all, the prompts "
+              f"have {len(toks)}", file=sys.stderr)
+        return 2
+    res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
+                    rounds=args.calibrate_rounds, reps=20, label=str(model.path))
+    cal.print_table(res["rows"])
+    cal.save_machine(res["machine"], args.calibrate,
+                     f"this machine's cost-model parameters, calibrated by `hybrid profile "
+                     f"--calibrate` on {model.path}")
+    print(f"wrote {args.calibrate}: use it with `hybrid plan --machine {args.calibrate}`; the "
+          f"placement not used by the fit is off by {res['worst_error']:.1%}")
+    return 0

@@ -3,7 +3,7 @@
 The cost model (cost.py) is only as good as its MachineSpec. For the reference workstation the
 numbers are assumptions; here they are measured, on a given model, with the runtime itself:
 
-  micro-timings of the real parts (medians, so they see the same contention as a run):
+  micro-timings of the real parts (summarised like the runs, `typical()`):
     engine   one MoE layer's CPU expert engine, submit + sync of one token with n = 0..K of
              its K picked experts running (the rest skipped by the mask, as the GPU cache
              does):                 t = sync + n x expert_bytes / cpu_kernel_gbps
@@ -47,11 +47,28 @@ PER_EXPERT_FLOOR_S = 1e-9   # engine seconds per expert below which the fit call
 
 @dataclass
 class PartTimings:
-    """Micro-timings of one model's parts; seconds are medians over repetitions."""
+    """Micro-timings of one model's parts; seconds summarised over repetitions (typical())."""
     engine: dict          # n experts run -> seconds (submit + sync of one token)
     cache: dict           # n cache hits -> seconds (GpuExpertCache.forward of one token)
     matmul_gbps: float    # torch one-token matmul read rate on the device, GB/s
     engine_isa: str = ""
+    stat: str = "median"  # how the repetitions were summarised (typical())
+
+
+STATS = ("median", "q25")
+
+
+def typical(values, stat: str = "median") -> float:
+    """The statistic every timing here is summarised by. "median"; or "q25", the lower
+    quartile, for a machine shared with other work: there a step either runs undisturbed or is
+    preempted, the distribution is two humps, and the median can land on either, while the
+    lower quartile stays in the undisturbed one (and, unlike the minimum, does not chase one
+    lucky sample)."""
+    if stat == "median":
+        return float(statistics.median(values))
+    if stat == "q25":
+        return float(np.percentile(np.asarray(values, dtype=np.float64), 25))
+    raise ValueError(f"calibrate: statistic {stat!r}, expected one of {STATS}")
 
 
 @dataclass
@@ -60,10 +77,11 @@ class RunTiming:
     label: str
     mask: np.ndarray          # [L, E] bool, the cached experts
     step_s: list = field(default_factory=list)
+    stat: str = "median"
 
     @property
-    def median_s(self) -> float:
-        return float(statistics.median(self.step_s))
+    def typical_s(self) -> float:
+        return typical(self.step_s, self.stat)
 
 
 def _line(points: dict) -> tuple[float, float]:
@@ -111,11 +129,11 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
         return c.costs(freq, 1).step_time(mask)
 
     # Host overhead: what the no-cache run leaves unexplained, per decoder layer.
-    resid_none = none.median_s - predicted(mc, none.mask)
+    resid_none = none.typical_s - predicted(mc, none.mask)
     mc.layer_overhead_us = max(0.0, resid_none / m.num_layers) * 1e6
     # The cache's fixed per-layer cost: what the other run leaves unexplained, per cache layer.
     layers_cached = int(other.mask.any(axis=1).sum())
-    resid_other = other.median_s - predicted(mc, other.mask)
+    resid_other = other.typical_s - predicted(mc, other.mask)
     mc.gpu_cache_layer_us = max(0.0, resid_other / layers_cached) * 1e6
     where = f"calibrated on {model_label or m.model_id}"
     mc.sources.update({
@@ -138,8 +156,8 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
         "engine_per_expert_below_resolution": bool(below_resolution),
         "cache_fix_us_micro": cache_fix_s * 1e6, "cache_us_per_hit": per_hit_s * 1e6,
         "cached_expert_bytes_us": gpu_bytes_s * 1e6,
-        "none_step_ms": none.median_s * 1e3, "none_residual_ms": resid_none * 1e3,
-        "other_label": other.label, "other_step_ms": other.median_s * 1e3,
+        "statistic": none.stat, "none_step_ms": none.typical_s * 1e3, "none_residual_ms": resid_none * 1e3,
+        "other_label": other.label, "other_step_ms": other.typical_s * 1e3,
         "other_residual_ms": resid_other * 1e3, "layers_cached": layers_cached,
     }
     return mc, report
@@ -152,17 +170,17 @@ def moe_layers(model) -> list:
     return [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "routed")]
 
 
-def _median_time(fn, reps: int) -> float:
+def _typical_time(fn, reps: int, stat: str) -> float:
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
-    return float(statistics.median(out))
+    return typical(out, stat)
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    """key -> median seconds of fns[key](), the keys taking turns (one warm-up call each), so
+def _interleaved(fns: dict, reps: int, stat: str) -> dict:
+    """key -> typical seconds of fns[key](), the keys taking turns (one warm-up call each), so
     load from elsewhere on the machine affects every key alike."""
     times = {k: [] for k in fns}
     for fn in fns.values():
@@ -172,10 +190,11 @@ def _interleaved(fns: dict, reps: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: float(statistics.median(v)) for k, v in times.items()}
+    return {k: typical(v, stat) for k, v in times.items()}
 
 
-def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20) -> PartTimings:
+def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
+                  stat: str = "median") -> PartTimings:
     """Micro-timings of the engine, the GPU cache and torch's matmul on `model`'s own parts."""
     import torch
 
@@ -210,7 +229,7 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20) -> PartTi
         routed.submit(x.cpu(), ids, w.cpu(), skip)
         routed.sync()
 
-    engine = _interleaved({n: (lambda n=n: engine_run(n)) for n in range(K + 1)}, reps)
+    engine = _interleaved({n: (lambda n=n: engine_run(n)) for n in range(K + 1)}, reps, stat)
 
     # GPU cache holding K experts, as a profile would build it; n of the K picks hit it.
     held = list(range(K))
@@ -227,7 +246,7 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20) -> PartTi
             sync()
 
         runs[n] = cache_run
-    cache_t = _interleaved(runs, reps)
+    cache_t = _interleaved(runs, reps, stat)
     del cache
 
     # torch's one-token matmul read rate (the "GPU" memory rate of cost.py).
@@ -240,10 +259,10 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20) -> PartTi
         sync()
 
     mm()
-    gbps = W.numel() * item / _median_time(mm, max(5, reps // 3)) / 1e9
+    gbps = W.numel() * item / _typical_time(mm, max(5, reps // 3), stat) / 1e9
     del W
     return PartTimings(engine=engine, cache=cache_t, matmul_gbps=gbps,
-                       engine_isa=str(getattr(routed, "isa", "")))
+                       engine_isa=str(getattr(routed, "isa", "")), stat=stat)
 
 
 def record_routing(model, spec, prompt_ids, decode_ids):
@@ -370,3 +389,107 @@ def write_profile(path: str, cost: CostModel, trace, mask: np.ndarray, label: st
     prof = profiles.build(cost.model, cost.machine, trace, res, cost, strategy=label,
                           command=f"calibration placement {label!r} (hybrid.planner.calibrate)")
     profiles.save(prof, path)
+
+
+# ---- the whole loop ---------------------------------------------------------------------------
+
+def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds: int = 3,
+          reps: int = 30, label: str = "", profiles_dir=None, stat: str = "q25",
+          log=print) -> dict:
+    """Record the routing of the token sequence, time the parts, time every placement (the
+    most picked `fraction` of each layer's experts cached), fit on none and `fit_on`, and
+    predict every placement with the fitted machine. Returns machine, fit report, parts, rows
+    (measured vs predicted per placement), steps_s and the worst error on the placements the
+    fit did not use. `model` is a loaded hybrid Model of checkpoint `path`."""
+    import gc
+    import os
+    import tempfile
+
+    import torch
+
+    from hybrid.planner.cost import local_machine
+    from hybrid.planner.model_spec import load_model_spec
+
+    fractions = sorted({float(f) for f in fractions})
+    if 0.0 not in fractions or fit_on not in fractions or fit_on <= 0:
+        raise ValueError(f"calibrate: fractions {fractions} must include 0 and fit_on {fit_on} > 0")
+    fmt = {"int4": "int4_g32", "int8": "int8_g32", "bf16": "bf16"}[
+        moe_layers(model)[0].routed.layer.format]
+    spec = dataclasses.replace(load_model_spec(str(path)), expert_format=fmt)
+    dev_fmt = "fp32" if model.dtype == torch.float32 else "bf16"
+    P, N = len(prompt_ids), len(decode_ids)
+    log(f"model {path} ({label}): {len(spec.moe_layers)} MoE layer(s) x {spec.num_experts} "
+        f"experts, top-{spec.top_k}, expert {spec.expert_bytes() / 1e6:.3f} MB ({fmt}); "
+        f"torch threads {torch.get_num_threads()}")
+    trace = record_routing(model, spec, prompt_ids, decode_ids)
+    freq = trace.frequencies()
+    log("timing the parts (engine, GPU cache, torch matmul) ...")
+    parts = measure_parts(model, reps=reps, stat=stat)
+    gc.collect()
+
+    cost = CostModel(spec, local_machine(measure=False), gpu_expert_format=dev_fmt,
+                     device_weight_format=dev_fmt, kv_tokens=P + N // 2, prefill_chunk=P)
+    masks = {f: fraction_mask(trace.counts, f) for f in fractions}
+    out_dir = profiles_dir or tempfile.mkdtemp(prefix="calibration_profiles_")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in fractions:
+        if f > 0:   # the placements as profiles (what hybrid.load(path, profile=...) takes)
+            write_profile(os.path.join(out_dir, f"cached_{int(round(100 * f))}.yaml"), cost,
+                          trace, masks[f], f"{f:.0%}", context_tokens=P + N + 1)
+    log(f"placement profiles in {out_dir}; building the GPU caches ...")
+    placements = nested_caches(model, trace.counts, fractions)
+    for f in fractions:   # the caches hold exactly the profiles' experts
+        got = {layer: sorted(c.experts) if c else [] for layer, c in placements[f].items()}
+        want = {layer: sorted(np.nonzero(masks[f][i])[0].tolist())
+                for i, layer in enumerate(spec.moe_layers)}
+        if got != want:
+            raise AssertionError(f"calibrate: placement {f}: caches differ from the profile")
+    log(f"timing {len(fractions)} placements, {rounds} round(s) x {N} steps, taking turns "
+        f"step by step ...")
+    steps = time_placements(model, prompt_ids, decode_ids, placements, rounds=rounds)
+    del placements
+    gc.collect()
+
+    def run(f):
+        return RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=steps[f], stat=stat)
+
+    machine, report = fit(cost, parts, freq, run(0.0), run(fit_on), label)
+    before = cost.costs(freq, 1)
+    after = dataclasses.replace(cost, machine=machine).costs(freq, 1)
+    rows, worst = [], 0.0
+    for f in fractions:
+        meas = run(f).typical_s
+        pred = after.step_time(masks[f])
+        used = f in (0.0, fit_on)
+        if not used:
+            worst = max(worst, abs(pred / meas - 1))
+        rows.append({"cached_fraction": f, "cached_experts": int(masks[f].sum()),
+                     "hit_rate": float((freq * masks[f]).sum() / freq.sum()),
+                     "statistic": stat, "measured_tok_s": 1 / meas,
+                     "median_tok_s": 1 / typical(steps[f], "median"),
+                     "q25_tok_s": 1 / typical(steps[f], "q25"),
+                     "predicted_tok_s": 1 / pred, "error": pred / meas - 1, "fit_input": used,
+                     "uncalibrated_tok_s": 1 / before.step_time(masks[f])})
+    return {"machine": machine, "fit": report, "parts": parts, "rows": rows,
+            "steps_s": steps, "worst_error": worst, "trace": trace, "profiles_dir": out_dir}
+
+
+def print_table(rows, log=print) -> None:
+    stat = rows[0]["statistic"] if rows else "median"
+    log(f"tok/s from step times over all rounds; fit and error on the {stat} "
+        f"(median and lower quartile q25 both shown)")
+    log(f"{'cached':>7} {'experts':>8} {'hit rate':>9} {'median':>9} {'q25':>9} "
+        f"{'predicted':>10} {'error':>7}  {'uncalibrated':>12}")
+    for r in rows:
+        log(f"{r['cached_fraction']:>7.1%} {r['cached_experts']:>8d} {r['hit_rate']:>9.1%} "
+            f"{r['median_tok_s']:>9.2f} {r['q25_tok_s']:>9.2f} {r['predicted_tok_s']:>10.2f} "
+            f"{r['error']:>+7.1%}  {r['uncalibrated_tok_s']:>12.2f}"
+            + ("  (fit input)" if r["fit_input"] else ""))
+
+
+def save_machine(machine: MachineSpec, path: str, header: str) -> None:
+    import yaml
+
+    with open(path, "w") as fh:
+        fh.write(f"# {header}\n")
+        yaml.safe_dump(machine.to_dict(), fh, sort_keys=False, width=100)

@@ -72,7 +72,7 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
     results = {}
     for fmt in ("bf16", "int8"):
         cm = CostModel(spec, machine, device_weight_format=fmt, kv_tokens=decode_at)
-        entry = {"device_weights_bytes": spec.device_weight_bytes(fmt)}
+        entry = {"device_weights_bytes": planner.device_needs(cm, context_tokens)[0]}
         pre = cm.prefill(freq, none)
         entry["no_cache"] = {"decode_tok_s": cm.decode_tok_s(freq, none),
                              "prefill_tok_s": pre["tok_s"]}

@@ -96,6 +96,9 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     expert_format: str = "int4_g32"   # format the CPU experts are stored in
     config_hash: str = ""
+    # The checkpoint's config.json as read (the device-memory budget is computed from it by
+    # the loader's own accounting, hybrid/loaders/memory.py, so planner and loader agree).
+    config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # --- parameter counts -------------------------------------------------------------------
     @property
@@ -187,6 +190,7 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["moe_layers"] = list(self.moe_layers)
+        d.pop("config")
         return d
 
 
@@ -207,6 +211,7 @@ def _need(cfg: dict, key: str, where: str):
 
 def spec_from_config(cfg: dict, model_id: str, where: str = "config") -> ModelSpec:
     """Build a ModelSpec from a DeepSeek-V3-style config dict (text_config is unwrapped)."""
+    raw = cfg
     if "text_config" in cfg and isinstance(cfg["text_config"], dict):
         cfg = cfg["text_config"]
     n_layers = _need(cfg, "num_hidden_layers", where)
@@ -237,6 +242,7 @@ def spec_from_config(cfg: dict, model_id: str, where: str = "config") -> ModelSp
         vocab_size=cfg.get("vocab_size", 0) or 0,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         config_hash=config_hash(cfg),
+        config=raw,
     )
 
 

@@ -1,10 +1,12 @@
 """Placement: which experts to hold in VRAM, under a budget, to minimise predicted time.
 
-Budget. VRAM minus: the non-expert device weights (attention, shared experts, dense MLP,
-routers, LM head in `device_weight_format`), the latent KV cache for the requested context,
-activation workspace for one prefill chunk, and a fixed CUDA context reserve. What is left,
-divided by the exact bytes of one expert in the GPU cache's format (bf16 by default:
-3 x H x I x 2 bytes; gpu_cache.py holds bf16), is the number of expert slots.
+Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/loaders/memory.py
+device_bytes, the one accounting both use): the non-expert device weights (attention, shared
+experts, dense MLP, routers, norms, LM head in `device_weight_format`), the latent KV cache for
+the requested context, and activations for one prefill chunk with the allocator/CUDA-context
+reserve. What is left, divided by the exact bytes of one expert in the GPU cache's format (bf16
+by default: 3 x H x I x 2 bytes; gpu_cache.py holds bf16, and hybrid.load counts the same), is
+the number of expert slots.
 
 Optimisation. With the costs of cost.py, layer l with cached set S takes
     T_l(S) = serial_l + sync + max(cpu_fix_l + sum_{e not in S} c_le, gpu_fix_l + sum_{e in S} g_le)
@@ -45,7 +47,9 @@ import numpy as np
 from hybrid.planner.cost import CostModel, LayerCosts
 from hybrid.planner.units import fmt_bytes
 
-CUDA_CONTEXT_BYTES = 600 * 1024**2   # CUDA context + allocator slack (measured ~500 MB, rounded)
+# Headroom beyond the loader's accounting (its activation figure already holds a 512 MB
+# CUDA-context and allocator reserve); a caller may ask for more.
+EXTRA_RESERVE_BYTES = 0
 
 
 class PlanError(ValueError):
@@ -94,33 +98,45 @@ class Budget:
         return [
             f"VRAM budget            {fmt_bytes(self.vram_bytes):>12}",
             f"- device weights       {fmt_bytes(self.device_weights_bytes):>12}  "
-            f"({self.device_weight_format}: attention, shared experts, dense MLP, routers, LM head)",
+            f"({self.device_weight_format}: attention, shared experts, dense MLP, routers, norms, "
+            f"LM head)",
             f"- KV cache             {fmt_bytes(self.kv_cache_bytes):>12}  "
             f"({self.context_tokens} tokens of latent KV)",
-            f"- activations          {fmt_bytes(self.activation_bytes):>12}  (one prefill chunk)",
-            f"- CUDA context reserve {fmt_bytes(self.reserve_bytes):>12}",
+            f"- activations          {fmt_bytes(self.activation_bytes):>12}  (one prefill chunk, "
+            f"CUDA context and allocator reserve)",
+            f"- extra reserve        {fmt_bytes(self.reserve_bytes):>12}",
             f"= for experts          {fmt_bytes(max(0, self.experts_bytes)):>12}  -> "
             f"{self.slots} experts x {fmt_bytes(self.bytes_per_expert)} ({self.gpu_expert_format})",
         ]
 
 
-def activation_bytes(model, chunk: int) -> int:
-    """Workspace of one prefill chunk on the GPU: hidden states and MLP intermediates in bf16
-    (a few live copies of [chunk, H] and [chunk, dense I]) plus one head's attention scores
-    [chunk, chunk] fp32 per head batch (sdpa-style chunking keeps it to one head group)."""
-    h, di = model.hidden, max(model.dense_intermediate, model.expert_intermediate)
-    states = chunk * (8 * h + 3 * di) * 2
-    scores = chunk * chunk * 4 * 8
-    return int(states + scores)
+def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
+    """(device weights, KV cache, activations incl. reserve) bytes for one sequence of
+    `context_tokens`, from the loader's accounting: exactly what hybrid.load checks."""
+    import torch
+
+    from hybrid.config import ConfigError, ModelConfig
+    from hybrid.loaders.memory import GROUPS, device_bytes
+
+    m = cost.model
+    fmt = cost.device_weight_format
+    if fmt not in ("bf16", "fp32", "int8", "fp8"):
+        raise PlanError(f"device weight format {fmt!r}: expected bf16, fp32, int8 or fp8")
+    try:
+        cfg = ModelConfig.from_dict(m.config, source=f"model {m.model_id!r} config")
+    except ConfigError as e:
+        raise PlanError(f"cannot count device memory for model {m.model_id!r}: {e}") from None
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    formats = {g: fmt for g in GROUPS} if fmt in ("int8", "fp8") else {}
+    b = device_bytes(cfg, dtype, formats, max_len=context_tokens, num_slots=1)
+    return b.weights, b.kv_cache, b.activations
 
 
 def budget_for_slots(cost: CostModel, context_tokens: int, slots: int,
-                     reserve_bytes: int = CUDA_CONTEXT_BYTES) -> Budget:
+                     reserve_bytes: int = EXTRA_RESERVE_BYTES) -> Budget:
     """The budget that holds exactly `slots` experts: VRAM = what that placement needs."""
     m = cost.model
-    need = m.device_weight_bytes(cost.device_weight_format) \
-        + context_tokens * m.kv_bytes_per_token + activation_bytes(m, cost.prefill_chunk) \
-        + reserve_bytes + slots * cost.gpu_expert_bytes
+    need = sum(device_needs(cost, context_tokens)) + reserve_bytes + slots * cost.gpu_expert_bytes
     c = CostModel(m, _with_vram(cost.machine, need), cost.gpu_expert_format,
                   cost.device_weight_format, cost.kv_tokens, cost.prefill_chunk)
     return compute_budget(c, context_tokens, reserve_bytes)
@@ -133,12 +149,10 @@ def _with_vram(machine, vram: int):
 
 
 def compute_budget(cost: CostModel, context_tokens: int,
-                   reserve_bytes: int = CUDA_CONTEXT_BYTES) -> Budget:
+                   reserve_bytes: int = EXTRA_RESERVE_BYTES) -> Budget:
     m = cost.model
     vram = cost.machine.vram_bytes
-    dev = m.device_weight_bytes(cost.device_weight_format)
-    kv = context_tokens * m.kv_bytes_per_token
-    act = activation_bytes(m, cost.prefill_chunk)
+    dev, kv, act = device_needs(cost, context_tokens)
     per = cost.gpu_expert_bytes
     left = vram - dev - kv - act - reserve_bytes
     max_slots = len(m.moe_layers) * m.num_experts

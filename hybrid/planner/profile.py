@@ -68,19 +68,25 @@ def build(model, machine, trace, plan_result, cost_model, strategy: str = "plan"
         "predicted": _round(preds),
         "strategy": strategy,
         "online": online or {"enabled": False},
-        "notes": _notes(model, cost_model),
+        "notes": _notes(model, cost_model, plan_result.budget),
         "cached": cached,
     }
 
 
-def _notes(model, cost_model) -> list:
+def _notes(model, cost_model, budget) -> list:
     """Assumptions a reader must know before trusting the numbers."""
+    import dataclasses
+
+    from hybrid.planner.plan import device_needs
+
     out = []
     fmt = cost_model.device_weight_format
     if fmt != "bf16":
+        bf16 = device_needs(dataclasses.replace(cost_model, device_weight_format="bf16"),
+                            budget.context_tokens)[0]
         out.append(f"non-expert device weights assumed {fmt} "
-                   f"({fmt_bytes(model.device_weight_bytes(fmt))}; bf16 would take "
-                   f"{fmt_bytes(model.device_weight_bytes('bf16'))}, which with the KV cache "
+                   f"({fmt_bytes(budget.device_weights_bytes)}; bf16 would take "
+                   f"{fmt_bytes(bf16)}, which with the KV cache "
                    f"leaves little or no room for experts); load with device_weights='{fmt}'")
     if cost_model.gpu_expert_format != "bf16":
         out.append(f"cached experts counted as {cost_model.gpu_expert_format} in VRAM: assumes "
@@ -88,6 +94,8 @@ def _notes(model, cost_model) -> list:
                    f"have yet")
     out.append("the embedding table stays in RAM (only looked-up rows go to the GPU), so it is "
                "not in the device weights")
+    out.append("device memory is counted by hybrid.load's own accounting "
+               "(hybrid/loaders/memory.py), so a profile that fits here passes its check")
     return out
 
 
