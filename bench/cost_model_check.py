@@ -5,13 +5,15 @@
     python bench/cost_model_check.py MODEL_DIR [--machine-out m.yaml] [--json out.json]
 
 1. Record the routing of a fixed token sequence (prompt + teacher-forced decode tokens, so every
-   placement sees the same tokens) and time the model's parts (hybrid.planner.calibrate).
+   placement sees the same tokens).
 2. For each placement (--fractions of every layer's experts cached, most picked first), write
    its profile, and hold its GPU caches (GpuExpertCache.from_packed, what hybrid.load(path,
    profile=...) builds; the largest placement's caches hold the bf16 copies once and the
    smaller ones are views of their first slots). Then decode the sequence --rounds times with
-   the placements taking turns STEP BY STEP, each with its own KV cache, so load from other
-   work on the machine lands on all of them alike. Measured = median of all its steps.
+   the placements taking turns STEP BY STEP, each with its own KV cache, and the model's parts
+   (engine, GPU cache, torch matmul: hybrid.planner.calibrate.part_probes) timed between the
+   steps, so load from other work on the machine lands on all of them alike. Measured = the
+   --stat (lower quartile by default, median also shown) of all its steps.
 3. Fit the machine parameters on two placements (none and --fit-on) and predict ALL placements
    with the fitted MachineSpec; the others are the check (target: within 15%).
 
@@ -74,7 +76,6 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved runs per placement (5)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (32)")
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed per run (32)")
-    ap.add_argument("--reps", type=int, default=30, help="repetitions per micro-timing (30)")
     ap.add_argument("--stat", choices=["median", "q25"], default="q25",
                     help="how step and part timings are summarised for the fit and the check: "
                          "median, or q25 (lower quartile) on a machine busy with other work, "
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     toks = rng.integers(2, model.config.vocab_size, size=args.prompt + args.decode).tolist()
     res = cal.check(model, path, toks[:args.prompt], toks[args.prompt:], fractions,
-                    args.fit_on, rounds=args.rounds, reps=args.reps, label=label,
+                    args.fit_on, rounds=args.rounds, label=label,
                     profiles_dir=args.profiles_dir, stat=args.stat)
     machine, report, rows, worst = res["machine"], res["fit"], res["rows"], res["worst_error"]
     print()

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from checkpoints import build
 from test_engine_model import VOCAB, write_tiny_tokenizer
 
@@ -26,10 +27,14 @@ def test_profile_command_records_the_routing(ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "t.safetensors"
+    summary = tmp_path / "summary.yaml"
     assert main(["profile", str(ckpt), "--prompts", str(prompts), "--out", str(out),
-                 "--new-tokens", "3"
-                 ]) == 0
+                 "--new-tokens", "3", "--summary", str(summary)]) == 0
     tr = traces.load(str(out))
+    s = yaml.safe_load(summary.read_text())
+    assert s["tokens"] == tr.tokens and not s["synthetic"]
+    assert str(prompts) in s["recorded_with"]
+    assert sum(v["experts_used"] for v in s["layers"].values()) == int((tr.counts > 0).sum())
     spec = load_model_spec(str(ckpt))
     assert tr.config_hash == spec.config_hash and tr.layers == list(spec.moe_layers)
     assert not tr.synthetic and tr.source.startswith("recorded")

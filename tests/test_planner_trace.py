@@ -108,3 +108,25 @@ def test_recorder_errors():
     rec.record(1, np.arange(4)[None])
     with pytest.raises(TraceError, match="different token counts"):
         rec.to_trace()
+
+
+def test_summary_shares_are_cache_hit_rates():
+    # Layer 1: expert 3 takes half the picks; the rest spread evenly over 4 more experts.
+    counts = np.zeros((2, 10), dtype=np.uint64)
+    counts[0, 3] = 40
+    counts[0, [0, 1, 2, 4]] = 10
+    counts[1, :] = 8
+    t = Trace(model_id="tiny", config_hash="sha256:abc", layers=[1, 2], num_experts=10,
+              top_k=1, counts=counts, tokens=80, source="recorded: test", synthetic=False)
+    s = t.summary(fractions=(0.1, 0.5), top=2)
+    l1, l2 = s["layers"][1], s["layers"][2]
+    assert l1["experts_used"] == 5 and l2["experts_used"] == 10
+    assert l1["top_share"] == {"0.1": 0.5, "0.5": 1.0}      # top 1 expert, top 5 experts
+    assert l2["top_share"] == {"0.1": 0.1, "0.5": 0.5}
+    assert l1["most_picked"][0] == [3, 0.5]
+    assert s["mean_top_share"]["0.1"] == pytest.approx(0.3)
+    assert not s["synthetic"] and s["tokens"] == 80
+    empty = Trace(model_id="tiny", config_hash="sha256:abc", layers=[1], num_experts=4, top_k=1,
+                  counts=np.zeros((1, 4), dtype=np.uint64), tokens=0, source="x", synthetic=False)
+    with pytest.raises(TraceError, match="no tokens"):
+        empty.summary()

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
                    help="greedy decode steps recorded after each prompt (64)")
     p.add_argument("--counts-only", action="store_true",
                    help="do not keep the per-token sequence (smaller file; no replay)")
+    p.add_argument("--summary", metavar="YAML", default=None,
+                   help="also write a human-readable summary of the trace (per layer: experts "
+                        "used, share of picks of the most picked 10/25/50%%, top experts)")
     p.add_argument("--calibrate", metavar="MACHINE_YAML", default=None,
                    help="after recording, calibrate the cost model on this model and machine "
                         "(time the engine, the GPU cache and decode runs with nothing and with "
@@ -117,12 +120,15 @@ def main(args) -> int:
         for m in moe:
             m.trace = None
     tr = recorder.to_trace(notes={"prompts": len(prompts), "new_tokens": args.new_tokens,
-                                  "clipped_prompts": clipped})
+                                  "clipped_prompts": clipped, "prompts_file": args.prompts,
+                                  "model_path": str(model.path)})
     for kind in ("decode", "prefill"):
         if timing[f"{kind}_tokens"]:
             tr.notes[f"measured_{kind}_tok_s"] = timing[f"{kind}_tokens"] / timing[f"{kind}_s"]
     traces.save(tr, args.out)
     print(f"wrote {args.out}: {tr.describe()}")
+    if args.summary:
+        _write_summary(tr, args)
     if "measured_decode_tok_s" in tr.notes:
         print(f"measured while recording (trace hook on): decode "
               f"{tr.notes['measured_decode_tok_s']:.2f} tok/s, prefill "
@@ -156,6 +162,20 @@ def _run_timed(model, ids, new_tokens: int, acc: dict) -> None:
         acc["decode_tokens"] += n
 
 
+def _write_summary(trace, args) -> None:
+    import yaml
+
+    summary = trace.summary()
+    model = f" {args.model}" if args.model else ""    # none: the embedded demo model
+    summary["recorded_with"] = (f"hybrid profile{model} --prompts {args.prompts} "
+                                f"--new-tokens {args.new_tokens}")
+    with open(args.summary, "w") as f:
+        f.write("# routing trace summary, made by `hybrid profile --summary`: RECORDED, not "
+                "synthetic\n")
+        yaml.safe_dump(summary, f, sort_keys=False, width=100)
+    print(f"wrote {args.summary}")
+
+
 def _calibrate(model, prompts, args) -> int:
     """Fit this machine's cost-model parameters on the loaded model (calibrate.check): the
     prompts' own tokens, teacher-forced, as the timed sequence; none and 25% of each layer's
@@ -172,7 +192,7 @@ def _calibrate(model, prompts, args) -> int:
               f"have {len(toks)}", file=sys.stderr)
         return 2
     res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
-                    rounds=args.calibrate_rounds, reps=20, label=str(model.path))
+                    rounds=args.calibrate_rounds, label=str(model.path))
     cal.print_table(res["rows"])
     cal.save_machine(res["machine"], args.calibrate,
                      f"this machine's cost-model parameters, calibrated by `hybrid profile "

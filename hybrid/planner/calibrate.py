@@ -3,7 +3,8 @@
 The cost model (cost.py) is only as good as its MachineSpec. For the reference workstation the
 numbers are assumptions; here they are measured, on a given model, with the runtime itself:
 
-  micro-timings of the real parts (summarised like the runs, `typical()`):
+  micro-timings of the real parts, run between the decode steps below so that both see the
+  same load from whatever else runs on the machine (summarised like the runs, `typical()`):
     engine   one MoE layer's CPU expert engine, submit + sync of one token with n = 0..K of
              its K picked experts running (the rest skipped by the mask, as the GPU cache
              does):                 t = sync + n x expert_bytes / cpu_kernel_gbps
@@ -170,32 +171,12 @@ def moe_layers(model) -> list:
     return [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "routed")]
 
 
-def _typical_time(fn, reps: int, stat: str) -> float:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return typical(out, stat)
-
-
-def _interleaved(fns: dict, reps: int, stat: str) -> dict:
-    """key -> typical seconds of fns[key](), the keys taking turns (one warm-up call each), so
-    load from elsewhere on the machine affects every key alike."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: typical(v, stat) for k, v in times.items()}
-
-
-def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
-                  stat: str = "median") -> PartTimings:
-    """Micro-timings of the engine, the GPU cache and torch's matmul on `model`'s own parts."""
+def part_probes(model, matmul_bytes: int = 64 << 20) -> tuple[dict, dict]:
+    """Callables that run one of the model's parts once, keyed ("engine", n) for the CPU
+    engine with n of K picked experts running, ("cache", n) for a GpuExpertCache of K experts
+    with n hits, ("matmul",) for torch's one-token matmul over a >= 64 MB weight; and facts
+    (weight bytes of the matmul, engine ISA). They hold a K-expert cache and the matmul
+    weight until dropped."""
     import torch
 
     from hybrid.experts.gpu_cache import GpuExpertCache
@@ -203,8 +184,7 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
     moe = moe_layers(model)
     if not moe:
         raise ValueError(f"{model.path}: the model has no MoE layer to calibrate on")
-    mlp = moe[0]
-    routed = mlp.routed
+    routed = moe[0].routed
     packed = getattr(routed, "layer", None)
     if packed is None or not hasattr(routed, "submit"):
         raise ValueError("calibrate: the routed experts do not run on the CPU engine "
@@ -215,7 +195,9 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, H, generator=g).to(dev, dt)                          # [1, H]
     w = torch.full((1, K), 1.0 / K, device=dev)                             # [1, K]
+    xh, wh = x.cpu(), w.cpu()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    probes = {}
 
     # Engine: rotate through the layer's experts so repetitions do not re-read the same ones.
     rot = [0]
@@ -226,17 +208,17 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
         ids = ((torch.arange(K) + start) % E).to(torch.int32)[None, :]     # [1, K]
         skip = torch.zeros(E, dtype=torch.bool)                             # [E]
         skip[ids[0, n:].long()] = True
-        routed.submit(x.cpu(), ids, w.cpu(), skip)
+        routed.submit(xh, ids, wh, skip)
         routed.sync()
 
-    engine = _interleaved({n: (lambda n=n: engine_run(n)) for n in range(K + 1)}, reps, stat)
+    for n in range(K + 1):
+        probes[("engine", n)] = lambda n=n: engine_run(n)
 
     # GPU cache holding K experts, as a profile would build it; n of the K picks hit it.
-    held = list(range(K))
+    held = list(range(min(K, E - 1)))
     cache = GpuExpertCache.from_packed(packed, held, dev, dt)
-    others = [e for e in range(E) if e not in held][:K]
-    runs = {}
-    for n in range(1, K + 1):
+    others = [e for e in range(E) if e not in held]
+    for n in range(1, len(held) + 1):
         if K - n > len(others):
             continue
         ids = torch.tensor([held[:n] + others[:K - n]], device=dev)         # [1, K]
@@ -245,24 +227,48 @@ def measure_parts(model, reps: int = 30, matmul_bytes: int = 64 << 20,
             cache.forward(x, ids, w)
             sync()
 
-        runs[n] = cache_run
-    cache_t = _interleaved(runs, reps, stat)
-    del cache
+        probes[("cache", n)] = cache_run
 
     # torch's one-token matmul read rate (the "GPU" memory rate of cost.py).
     item = torch.empty((), dtype=dt).element_size()
-    rows = max(1, matmul_bytes // (H * item))
-    W = torch.randn(rows, H, generator=g).to(dev, dt)                      # [rows, H]
+    W = torch.randn(max(1, matmul_bytes // (H * item)), H, generator=g).to(dev, dt)
 
     def mm():
         torch.nn.functional.linear(x, W)
         sync()
 
-    mm()
-    gbps = W.numel() * item / _typical_time(mm, max(5, reps // 3), stat) / 1e9
-    del W
-    return PartTimings(engine=engine, cache=cache_t, matmul_gbps=gbps,
-                       engine_isa=str(getattr(routed, "isa", "")), stat=stat)
+    probes[("matmul",)] = mm
+    return probes, {"matmul_bytes": W.numel() * item, "isa": str(getattr(routed, "isa", ""))}
+
+
+def parts_from_times(times: dict, facts: dict, stat: str) -> PartTimings:
+    """PartTimings from {probe key: [seconds, ...]} (part_probes' keys)."""
+    t = {k: typical(v, stat) for k, v in times.items() if v}
+    return PartTimings(engine={k[1]: v for k, v in t.items() if k[0] == "engine"},
+                       cache={k[1]: v for k, v in t.items() if k[0] == "cache"},
+                       matmul_gbps=facts["matmul_bytes"] / t[("matmul",)] / 1e9,
+                       engine_isa=facts["isa"], stat=stat)
+
+
+def _time_turns(fns: dict, reps: int) -> dict:
+    """key -> seconds of each of `reps` calls of fns[key](), the keys taking turns (one
+    warm-up call each), so load from elsewhere on the machine affects every key alike."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def measure_parts(model, reps: int = 30, stat: str = "median") -> PartTimings:
+    """Micro-timings of the engine, the GPU cache and torch's matmul on `model`'s own parts,
+    on their own (check() instead times them between decode steps)."""
+    probes, facts = part_probes(model)
+    return parts_from_times(_time_turns(probes, reps), facts, stat)
 
 
 def record_routing(model, spec, prompt_ids, decode_ids):
@@ -340,13 +346,18 @@ def nested_caches(model, counts: np.ndarray, fractions) -> dict:
 
 
 def time_placements(model, prompt_ids, decode_ids, placements: dict, rounds: int = 3,
-                    warmup: int = 2) -> dict:
-    """label -> wall seconds of every decode step, for each placement {layer: cache or None}.
-    Placements take turns step by step (each with its own KV cache), so a burst of load from
-    elsewhere on the machine lands on all of them alike; the first `warmup` steps of each round
-    are dropped."""
+                    warmup: int = 2, probes: dict | None = None) -> tuple[dict, dict]:
+    """(label -> wall seconds of every decode step, for each placement {layer: cache or
+    None}; probe key -> seconds of each probe call). Placements take turns step by step (each
+    with its own KV cache), and between two steps every probe (part_probes) runs once, so load
+    from elsewhere on the machine lands on all of them alike; the first `warmup` steps of each
+    round are dropped."""
     moe = {m_.layer: m_ for m_ in moe_layers(model)}
     out = {label: [] for label in placements}
+    probes = probes or {}
+    probe_t = {k: [] for k in probes}
+    for fn in probes.values():
+        fn()                                                   # warm-up, untimed
     labels = list(placements)
     try:
         for r in range(rounds):
@@ -359,10 +370,16 @@ def time_placements(model, prompt_ids, decode_ids, placements: dict, rounds: int
                     dt = _step(model, kvs[label], tok, len(prompt_ids) + i)
                     if i >= warmup:
                         out[label].append(dt)
+                for m_ in moe.values():
+                    m_.gpu_cache = None
+                for k, fn in probes.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    probe_t[k].append(time.perf_counter() - t0)
     finally:
         for m_ in moe.values():
             m_.gpu_cache = None
-    return out
+    return out, probe_t
 
 
 # ---- placements for the check -----------------------------------------------------------------
@@ -394,10 +411,11 @@ def write_profile(path: str, cost: CostModel, trace, mask: np.ndarray, label: st
 # ---- the whole loop ---------------------------------------------------------------------------
 
 def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds: int = 3,
-          reps: int = 30, label: str = "", profiles_dir=None, stat: str = "q25",
+          label: str = "", profiles_dir=None, stat: str = "q25",
           log=print) -> dict:
-    """Record the routing of the token sequence, time the parts, time every placement (the
-    most picked `fraction` of each layer's experts cached), fit on none and `fit_on`, and
+    """Record the routing of the token sequence, time every placement (the most picked
+    `fraction` of each layer's experts cached) and, between their steps, the parts; fit on none
+    and `fit_on`, and
     predict every placement with the fitted machine. Returns machine, fit report, parts, rows
     (measured vs predicted per placement), steps_s and the worst error on the placements the
     fit did not use. `model` is a loaded hybrid Model of checkpoint `path`."""
@@ -423,9 +441,6 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
         f"torch threads {torch.get_num_threads()}")
     trace = record_routing(model, spec, prompt_ids, decode_ids)
     freq = trace.frequencies()
-    log("timing the parts (engine, GPU cache, torch matmul) ...")
-    parts = measure_parts(model, reps=reps, stat=stat)
-    gc.collect()
 
     cost = CostModel(spec, local_machine(measure=False), gpu_expert_format=dev_fmt,
                      device_weight_format=dev_fmt, kv_tokens=P + N // 2, prefill_chunk=P)
@@ -444,11 +459,14 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
                 for i, layer in enumerate(spec.moe_layers)}
         if got != want:
             raise AssertionError(f"calibrate: placement {f}: caches differ from the profile")
+    probes, facts = part_probes(model)
     log(f"timing {len(fractions)} placements, {rounds} round(s) x {N} steps, taking turns "
-        f"step by step ...")
-    steps = time_placements(model, prompt_ids, decode_ids, placements, rounds=rounds)
-    del placements
+        f"step by step, the parts (engine, GPU cache, torch matmul) between steps ...")
+    steps, probe_t = time_placements(model, prompt_ids, decode_ids, placements, rounds=rounds,
+                                     probes=probes)
+    del placements, probes
     gc.collect()
+    parts = parts_from_times(probe_t, facts, stat)
 
     def run(f):
         return RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=steps[f], stat=stat)

@@ -110,6 +110,35 @@ class Trace:
         return (f"{kind} trace, {self.tokens} tokens, {self.num_layers} MoE layers x "
                 f"{self.num_experts} experts, top-{self.top_k}; source: {self.source}")
 
+    def summary(self, fractions=(0.1, 0.25, 0.5), top: int = 8) -> dict:
+        """A short, human-readable account of the routing (what profiles/ ships beside a
+        profile): per layer, how many experts were used at all, the share of picks the most
+        picked fraction of experts takes (the hit rate of caching exactly those), and the most
+        picked experts with their shares."""
+        if self.tokens == 0:
+            raise TraceError("trace has no tokens: nothing to summarise")
+        E = self.num_experts
+        layers = {}
+        total = np.zeros(len(fractions))
+        for i, layer in enumerate(self.layers):
+            c = self.counts[i].astype(np.float64)
+            order = np.argsort(-c, kind="stable")
+            share = np.cumsum(c[order]) / c.sum()                 # [E] top-n share of picks
+            cover = [float(share[max(1, int(round(f * E))) - 1]) for f in fractions]
+            total += cover
+            layers[int(layer)] = {
+                "experts_used": int((c > 0).sum()),
+                "top_share": {f"{f:g}": round(v, 4) for f, v in zip(fractions, cover)},
+                "most_picked": [[int(e), round(float(c[e] / c.sum()), 4)] for e in order[:top]],
+            }
+        return {"model_id": self.model_id, "config_hash": self.config_hash,
+                "source": self.source, "synthetic": bool(self.synthetic),
+                "tokens": int(self.tokens), "moe_layers": self.num_layers, "experts": E,
+                "top_k": self.top_k, "notes": self.notes,
+                "mean_top_share": {f"{f:g}": round(float(v / self.num_layers), 4)
+                                   for f, v in zip(fractions, total)},
+                "layers": layers}
+
     # ---- slicing and merging -----------------------------------------------------------------
     def slice_layers(self, layer_indices) -> "Trace":
         """Keep only the given decoder-layer indices (in the given order)."""
