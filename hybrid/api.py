@@ -104,12 +104,9 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
 
 
 def _native_available() -> bool:
-    try:
-        from hybrid.experts import cpu_moe  # noqa: F401
-        import hybrid._native  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from hybrid import native  # the only importer of hybrid._native (DESIGN.md)
+
+    return native.available()
 
 
 def _load_profile(profile, path: Path, device: torch.device, max_vram):
