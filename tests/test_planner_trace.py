@@ -123,7 +123,7 @@ def test_summary_shares_are_cache_hit_rates():
     assert l1["experts_used"] == 5 and l2["experts_used"] == 10
     assert l1["top_share"] == {"0.1": 0.5, "0.5": 1.0}      # top 1 expert, top 5 experts
     assert l2["top_share"] == {"0.1": 0.1, "0.5": 0.5}
-    assert l1["most_picked"][0] == [3, 0.5]
+    assert list(l1["most_picked"].items())[0] == (3, 0.5)
     assert s["mean_top_share"]["0.1"] == pytest.approx(0.3)
     assert not s["synthetic"] and s["tokens"] == 80
     empty = Trace(model_id="tiny", config_hash="sha256:abc", layers=[1], num_experts=4, top_k=1,

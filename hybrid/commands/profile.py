@@ -191,12 +191,21 @@ def _calibrate(model, prompts, args) -> int:
         print(f"error: --calibrate needs at least {P + 8} prompt tokens in all, the prompts "
               f"have {len(toks)}", file=sys.stderr)
         return 2
-    res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
-                    rounds=args.calibrate_rounds, label=str(model.path))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="calibration_profiles_") as tmp:
+        res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
+                        rounds=args.calibrate_rounds, label=str(model.path), profiles_dir=tmp)
     cal.print_table(res["rows"])
-    cal.save_machine(res["machine"], args.calibrate,
+    machine = res["machine"]
+    cal.save_machine(machine, args.calibrate,
                      f"this machine's cost-model parameters, calibrated by `hybrid profile "
                      f"--calibrate` on {model.path}")
-    print(f"wrote {args.calibrate}: use it with `hybrid plan --machine {args.calibrate}`; the "
-          f"placement not used by the fit is off by {res['worst_error']:.1%}")
+    print(f"wrote {args.calibrate}; the placement not used by the fit is off by "
+          f"{res['worst_error']:.1%}")
+    if machine.gpu_present:
+        print(f"plan with it: hybrid plan --machine {args.calibrate} ...")
+    else:
+        print("no GPU here: the \"device\" numbers are torch on this CPU, where caching experts "
+              "does not pay; `hybrid plan` needs a machine with a GPU")
     return 0

@@ -129,7 +129,7 @@ class Trace:
             layers[int(layer)] = {
                 "experts_used": int((c > 0).sum()),
                 "top_share": {f"{f:g}": round(v, 4) for f, v in zip(fractions, cover)},
-                "most_picked": [[int(e), round(float(c[e] / c.sum()), 4)] for e in order[:top]],
+                "most_picked": {int(e): round(float(c[e] / c.sum()), 4) for e in order[:top]},
             }
         return {"model_id": self.model_id, "config_hash": self.config_hash,
                 "source": self.source, "synthetic": bool(self.synthetic),
