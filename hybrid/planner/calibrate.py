@@ -12,9 +12,12 @@ numbers are assumptions; here they are measured, on a given model, with the runt
              token with n = 1..K hits:  t = fix + n x per_hit
     matmul   torch F.linear of one token against a >= 64 MB weight in the device dtype:
              the "GPU" read rate gpu_mem_gbps (torch on the CPU when there is no GPU)
-  decode runs (hybrid.load(path, profile=...), a fixed token sequence, step wall times):
+  decode runs (the model with each placement's GpuExpertCaches, the ones hybrid.load(path,
+  profile=...) attaches; a fixed teacher-forced token sequence; wall time per step):
     "none"   nothing cached: whatever the parts above do not explain is per-layer host
-             overhead (Python, torch dispatch): layer_overhead_us = residual / layers
+             overhead (Python, torch dispatch, and any device work the cost model does not
+             itemise: norms, activations, attention arithmetic): layer_overhead_us =
+             residual / decoder layers
     "other"  some experts cached: with the host overhead known, its residual is the cache's
              per-layer fixed cost in place (gpu_cache_layer_us; the micro-timing's intercept
              misses the sum into the layer output and the cache's interplay with the engine)
@@ -23,9 +26,9 @@ numbers are assumptions; here they are measured, on a given model, with the runt
   (gpu_expert_overhead_us, never below 0).
 
 `fit` is a pure function of those timings (tests check it recovers known parameters from
-synthetic timings); `measure_parts` and `time_placements` take them on a loaded model;
-bench/cost_model_check.py drives the whole loop and then checks the fitted model on
-placements it was not fitted on. The result is a MachineSpec, saved as YAML for `hybrid plan
+synthetic timings); `part_probes` and `time_placements` take them on a loaded model; `check`
+runs the whole loop and predicts the placements the fit did not use (bench/cost_model_check.py
+and `hybrid profile --calibrate` call it). The result is a MachineSpec, saved as YAML for `hybrid plan
 --machine FILE`; its `sources` say what each number came from and on which model.
 
 Legend: K picks per token, E experts, H hidden, I expert width, L MoE layers.
