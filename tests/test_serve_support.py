@@ -90,7 +90,8 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving create_app(...) in a background thread on 127.0.0.1."""
 
-    def __init__(self, config_overrides: dict | None = None, max_seqs: int = 32):
+    def __init__(self, config_overrides: dict | None = None, max_seqs: int = 32, loaded=None,
+                 context: int = CONTEXT):
         import uvicorn
 
         from hybrid.engine.engine import Engine
@@ -99,12 +100,14 @@ class LiveServer:
         from hybrid.serve.config import ServeConfig
         from hybrid.serve.metrics import Metrics
 
-        m = model()
-        cfg = ServeConfig(port=free_port(), model_name="tiny", max_running=max_seqs, max_tokens=512,
-                          max_body_bytes=64 * 1024, **(config_overrides or {}))
+        m = loaded if loaded is not None else model()
+        settings = dict(port=free_port(), model_name="tiny", max_running=max_seqs, max_tokens=512,
+                        max_body_bytes=64 * 1024)
+        settings.update(config_overrides or {})
+        cfg = ServeConfig(**settings)
         cfg.validate()
         self.config = cfg
-        self.engine = Engine(m, tokenizer=m.tokenizer, max_seqs=max_seqs, max_context=CONTEXT)
+        self.engine = Engine(m, tokenizer=m.tokenizer, max_seqs=max_seqs, max_context=context)
         self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m)
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.backend, cfg), host="127.0.0.1",
                                                     port=cfg.port, log_level="warning"))
