@@ -54,3 +54,25 @@ def test_doctor_screen_renders(capsys):
     assert cli_main(["doctor", "--no-measure"]) == 0
     out = capsys.readouterr().out
     assert "RAM" in out and "kimi-k2.5" in out and "decode" in out
+
+
+def test_doctor_uses_a_calibrated_machine_file(capsys, tmp_path):
+    import yaml
+
+    from hybrid.planner.cost import reference_workstation
+
+    m = reference_workstation("48GiB").to_dict()
+    m.update(name="calibrated box", layer_overhead_us=5000.0)   # slow host: speed must drop
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(m))
+    base = _run(capsys, ["doctor", "--json", "--no-measure", "--machine", str(path)])
+    assert base["machine_model"]["name"] == "calibrated box"
+    m["layer_overhead_us"] = 0.0
+    path.write_text(yaml.safe_dump(m))
+    fast = _run(capsys, ["doctor", "--json", "--no-measure", "--machine", str(path)])
+    slow_tps = base["expect"]["device_weights"]["bf16"]["no_cache"]["decode_tok_s"]
+    fast_tps = fast["expect"]["device_weights"]["bf16"]["no_cache"]["decode_tok_s"]
+    assert slow_tps < fast_tps
+    path.write_text("name: x\n")
+    bad = _run(capsys, ["doctor", "--json", "--no-measure", "--machine", str(path)])
+    assert "missing field" in bad["expect"]["error"]

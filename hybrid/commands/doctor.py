@@ -23,6 +23,10 @@ def register(subparsers) -> None:
     p.add_argument("--trace", default=None, help="routing trace to predict with (default: "
                    "uniform routing, the worst case for the GPU cache)")
     p.add_argument("--context", default="32k", help="context to reserve KV cache for (32k)")
+    p.add_argument("--machine", default=None, metavar="YAML",
+                   help="expect with these machine parameters, e.g. the ones `hybrid profile "
+                        "--calibrate` fitted on this machine, instead of the measured RAM "
+                        "bandwidth and assumed rates")
     p.set_defaults(func=main)
 
 
@@ -77,7 +81,19 @@ def collect(args) -> dict:
     if measure:
         info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(1.0)
     machine = local_machine(measure=measure, info=info)
+    machine_error = None
+    if args.machine:
+        from hybrid.planner.cost import MachineSpec
+
+        try:
+            machine = MachineSpec.from_yaml(args.machine)
+        except (OSError, ValueError) as e:
+            machine_error = f"--machine {args.machine}: {e}"
     report = {"hybrid_version": __version__, "machine": info, "machine_model": machine.to_dict()}
+    if machine_error:
+        report["expect"] = {"error": machine_error}
+        report["advice"] = advice(report)
+        return report
     try:
         import torch
 
