@@ -1,0 +1,45 @@
+"""`hybrid convert MODEL --to gguf --out FILE [--type f32|f16|bf16|q8_0]`: write a checkpoint
+(DeepSeek-V3 / Kimi K2 / K2.5; bf16, FP8 or compressed-tensors INT4 weights, read through
+hybrid's own loader) as a GGUF file llama.cpp loads (architecture deepseek2).
+
+See hybrid/convert/gguf_export.py for the tensor names, metadata keys and value transforms.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="write a checkpoint in another runtime's format (GGUF for llama.cpp)",
+        description="Convert a checkpoint directory to GGUF (llama.cpp architecture deepseek2). INT4 "
+                    "routed experts are dequantised to --type: GGUF's Q4_0 is a different 4-bit "
+                    "format, so they are not copied as-is (f16 holds them exactly).",
+    )
+    p.add_argument("model", help="checkpoint directory (config.json + safetensors + tokenizer)")
+    p.add_argument("--to", choices=("gguf",), required=True, help="output format")
+    p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    p.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16", dest="out_type",
+                   help="storage type of the weight matrices (default bf16; norms and router stay f32)")
+    p.add_argument("--pre", default=None,
+                   help="llama.cpp pre-tokenizer name (default: kimi-k2 for tiktoken.model, gpt-2 for a "
+                        "plain byte-level tokenizer.json; other tokenizer.json files need it)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from hybrid.config import ConfigError
+    from hybrid.convert.gguf_export import ConvertError, convert_to_gguf
+    from hybrid.loaders.safetensors_files import CheckpointError
+
+    try:
+        path = convert_to_gguf(args.model, args.out, args.out_type, pre=args.pre)
+    except (ConvertError, ConfigError, CheckpointError) as e:
+        print(f"hybrid convert: {e}", file=sys.stderr)
+        return 1
+    import os
+
+    print(f"wrote {path} ({os.path.getsize(path) / 1e9:.2f} GB, {args.out_type})", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Converters from a checkpoint hybrid loads to other runtimes' formats (GGUF for llama.cpp)."""
