@@ -161,8 +161,12 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
             "pcie_gbps": "assumed: PCIe 4.0 x16 32 GB/s peak, ~25 GB/s pinned copies",
             "sync_us": "assumed: stream sync + CPU pool wake + two small copies per MoE layer",
             "layer_overhead_us": "assumed: eager PyTorch, ~40 kernel launches per layer, partly "
-                                 "hidden behind GPU work; `hybrid profile` prints the overhead a "
-                                 "real run implies",
+                                 "hidden behind GPU work; `hybrid profile --calibrate` fits it on a "
+                                 "real machine",
+            "cpu_kernel_gbps": "not set: cpu_read_gbps x cpu_kernel_efficiency",
+            "gpu_expert_overhead_us": "assumed 0: a cached expert's launches queue behind GPU "
+                                      "work; `hybrid profile --calibrate` measures it",
+            "gpu_cache_layer_us": "assumed 0 (as above); `hybrid profile --calibrate` fits it",
             "vram_bytes": "the budget being planned for",
         },
     )
@@ -192,8 +196,9 @@ def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None 
         "cpu_kernel_efficiency": "assumed 0.7 (run `hybrid doctor` to measure)",
         "cpu_matmul_tops": "assumed: 0.5 T op/s per core",
         "gpu_mem_gbps": "assumed nominal", "gpu_tflops": "assumed nominal",
-        "pcie_gbps": "assumed nominal", "sync_us": "assumed",
-        "layer_overhead_us": "assumed (`hybrid profile` prints the overhead a real run implies)",
+        "pcie_gbps": "assumed nominal",
+        "sync_us": "assumed (`hybrid profile --calibrate` measures it)",
+        "layer_overhead_us": "assumed (`hybrid profile --calibrate` fits it from real runs)",
     })
     if kern and info.get("ram_read_gbps"):
         eff = min(1.0, kern / bw)
