@@ -123,3 +123,37 @@ def test_typical_statistics():
     assert cal.typical(two_humps + [5.0, 5.0], "q25") == 1.0      # the lower quartile does not
     with pytest.raises(ValueError, match="statistic 'mean'"):
         cal.typical([1.0], "mean")
+
+
+def test_check_runs_the_loop_on_a_real_model(tmp_path):
+    # The whole calibration loop on a tiny checkpoint: what it writes and how it is shaped.
+    # Nothing about the timings is asserted (tests never judge speed).
+    import os
+
+    from checkpoints import build
+
+    import hybrid
+    from hybrid.planner.cost import MachineSpec
+    from hybrid.planner.profile import load as load_profile
+
+    path, _ = build(tmp_path, variant="int4", shards=1)
+    model = hybrid.load(path, max_len=64, threads=1, progress=False)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(2, model.config.vocab_size, size=24).tolist()
+    res = cal.check(model, path, toks[:8], toks[8:], [0.0, 0.25, 0.5], 0.5, rounds=1,
+                    profiles_dir=str(tmp_path / "profiles"), log=lambda *_: None)
+    assert [r["cached_fraction"] for r in res["rows"]] == [0.0, 0.25, 0.5]
+    assert [r["fit_input"] for r in res["rows"]] == [True, False, True]
+    E, L = model.config.n_routed_experts, len(cal.moe_layers(model))
+    assert [r["cached_experts"] for r in res["rows"]] == [0, E // 4 * L, E // 2 * L]
+    assert {len(v) for v in res["steps_s"].values()} == {16 - 2}     # warm-up steps dropped
+    m = res["machine"]
+    assert isinstance(m, MachineSpec) and not m.gpu_present
+    assert "calibrated on" in m.sources["layer_overhead_us"]
+    files = sorted(os.listdir(tmp_path / "profiles"))
+    assert files == ["cached_25.yaml", "cached_50.yaml"]
+    prof = load_profile(str(tmp_path / "profiles" / "cached_25.yaml"))
+    assert prof.num_cached == E // 4 * L
+    # The fitted machine round-trips through its YAML.
+    cal.save_machine(m, str(tmp_path / "m.yaml"), "test")
+    assert MachineSpec.from_yaml(str(tmp_path / "m.yaml")) == m
