@@ -297,3 +297,27 @@ def test_cli_writes_file(tmp_path, capsys):
     r = gguf.GGUFReader(str(out))
     assert _field(r, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
     assert "wrote" in capsys.readouterr().err
+
+
+def test_int4_experts_repacked_exactly_as_q4_0(tmp_path):
+    """--expert-type q4_0: GGUF Q4_0 decodes to exactly the checkpoint's INT4 experts (gguf's own
+    dequantiser reads the blocks); everything else is --type."""
+    path, ref = checkpoints.build(tmp_path, variant="int4", vocab_size=VOCAB)
+    _add_bpe_tokenizer(path)
+    reader = _convert(path, "bf16", tmp_path, expert_type="q4_0")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.1.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.1.ffn_up_shexp.weight"] == gguf.GGMLQuantizationType.BF16
+    got, want = _tensors(reader), _expected(ref, ref.config.to_dict())
+    for proj in ("gate", "up", "down"):
+        name = f"blk.1.ffn_{proj}_exps.weight"
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_q4_0_refused_for_non_int4_experts(tmp_path):
+    from hybrid.convert.gguf_export import ConvertError
+
+    path, _ = checkpoints.build(tmp_path, variant="plain", vocab_size=VOCAB)
+    _add_bpe_tokenizer(path)
+    with pytest.raises(ConvertError, match="expert-type q4_0"):
+        _convert(path, "bf16", tmp_path, expert_type="q4_0")

@@ -1,4 +1,4 @@
-"""`hybrid convert MODEL --to gguf --out FILE [--type f32|f16|bf16|q8_0]`: write a checkpoint
+"""`hybrid convert MODEL --to gguf --out FILE [--type f32|f16|bf16|q8_0] [--expert-type q4_0]`: write a checkpoint
 (DeepSeek-V3 / Kimi K2 / K2.5; bf16, FP8 or compressed-tensors INT4 weights, read through
 hybrid's own loader) as a GGUF file llama.cpp loads (architecture deepseek2).
 
@@ -15,14 +15,17 @@ def register(subparsers) -> None:
         "convert",
         help="write a checkpoint in another runtime's format (GGUF for llama.cpp)",
         description="Convert a checkpoint directory to GGUF (llama.cpp architecture deepseek2). INT4 "
-                    "routed experts are dequantised to --type: GGUF's Q4_0 is a different 4-bit "
-                    "format, so they are not copied as-is (f16 holds them exactly).",
+                    "routed experts are dequantised to --type (f16 holds them exactly), or with "
+                    "--expert-type q4_0 repacked losslessly into GGUF Q4_0 (same decode rule).",
     )
     p.add_argument("model", help="checkpoint directory (config.json + safetensors + tokenizer)")
     p.add_argument("--to", choices=("gguf",), required=True, help="output format")
     p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
     p.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16", dest="out_type",
                    help="storage type of the weight matrices (default bf16; norms and router stay f32)")
+    p.add_argument("--expert-type", choices=("same", "q4_0"), default="same", dest="expert_type",
+                   help="routed experts: 'same' = --type; 'q4_0' = exact repack of INT4 group-32 experts "
+                        "into GGUF Q4_0 (same decode rule, fp16 scales; refused if a scale would round)")
     p.add_argument("--pre", default=None,
                    help="llama.cpp pre-tokenizer name (default: kimi-k2 for tiktoken.model, gpt-2 for a "
                         "plain byte-level tokenizer.json; other tokenizer.json files need it)")
@@ -35,7 +38,7 @@ def main(args) -> int:
     from hybrid.loaders.safetensors_files import CheckpointError
 
     try:
-        path = convert_to_gguf(args.model, args.out, args.out_type, pre=args.pre)
+        path = convert_to_gguf(args.model, args.out, args.out_type, expert_type=args.expert_type, pre=args.pre)
     except (ConvertError, ConfigError, CheckpointError) as e:
         print(f"hybrid convert: {e}", file=sys.stderr)
         return 1

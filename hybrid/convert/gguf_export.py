@@ -30,11 +30,18 @@ Transforms applied to values (all documented, all checked by tests/test_convert_
     or q8_0 = llama.cpp's 32-value blocks, one fp16 scale each). Norms, the router and its
     bias are always f32 (llama.cpp keeps them f32 too); a q8_0 tensor whose rows are not a
     multiple of 32 falls back to f16.
-  - INT4 routed experts (compressed-tensors, group 32) are dequantised. GGUF's Q4_0 is not the
-    same quantisation (an fp16 scale per 32 values with an offset of 8 vs. a bf16 scale and
-    symmetric [-8, 7] nibbles), so they are not copied bit-for-bit. f16 holds them exactly
-    (a 4-bit integer times a bf16 scale needs at most 11 significant bits) unless a scale is
-    below f16's normal range; bf16 rounds them; q8_0 requantises.
+  - INT4 routed experts (compressed-tensors, group 32) are dequantised to --type. GGUF's Q4_0
+    is a different quantisation in general (ggml's quantiser picks d = max/-8 with an fp16
+    scale, ours are bf16 scales from the model's own training-aware quantiser), so by default
+    they are not copied as 4-bit. f16 holds them exactly (a 4-bit integer times a bf16 scale
+    needs at most 11 significant bits) unless a scale is below f16's normal range; bf16 rounds
+    them; q8_0 requantises.
+    --expert-type q4_0 instead repacks them losslessly: Q4_0's decode rule is x = d * (u - 8)
+    for a nibble u and one fp16 d per 32 values along the row, which is exactly
+    scale * q with u = q + 8 when the group is 32 and every bf16 scale is an fp16 value too
+    (true unless a scale is outside fp16's range, below ~6e-8 or above 65504, or a tiny
+    subnormal that loses bits; checked, never rounded). Only the
+    nibble order differs (Q4_0 byte j of a block holds values j and j + 16).
   - rope_interleave=false checkpoints (rope dims stored half-split) get their rope rows of
     q_b_proj / q_proj / kv_a_proj_with_mqa reordered to adjacent pairs, which is the layout
     llama.cpp's deepseek2 rope (NORM type) rotates.
@@ -52,8 +59,10 @@ import numpy as np
 import torch
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+EXPERT_TYPES = ("same", "q4_0")  # q4_0: exact repack of INT4 group-32 experts
 ARCH = "deepseek2"
 Q8_BLOCK = 32  # values per q8_0 block; the block is one fp16 scale + 32 int8 (34 bytes)
+Q4_BLOCK = 32  # values per q4_0 block; one fp16 scale + 16 bytes of nibbles (18 bytes)
 
 
 class ConvertError(ValueError):
@@ -70,7 +79,8 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         n = math.prod(self.shape)
-        return {"f32": 4 * n, "f16": 2 * n, "bf16": 2 * n, "q8_0": n // Q8_BLOCK * (Q8_BLOCK + 2)}[self.out]
+        return {"f32": 4 * n, "f16": 2 * n, "bf16": 2 * n, "q8_0": n // Q8_BLOCK * (Q8_BLOCK + 2),
+                "q4_0": n // Q4_BLOCK * (Q4_BLOCK // 2 + 2)}[self.out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +107,25 @@ def dequantize_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return (q * d).reshape(shape)
 
 
-def encode(x: torch.Tensor, out: str) -> np.ndarray:
-    """fp32 tensor -> numpy array whose bytes are the GGUF storage of `out`."""
+def repack_int4_q4_0(q: torch.Tensor, scale: torch.Tensor, name: str = "?") -> np.ndarray:
+    """INT4 group-32 weight (q [N, K] int8 in [-8, 7], scale [N, K/32]) -> [N, K/32*18] uint8
+    GGUF Q4_0 blocks decoding to exactly q * scale (see the module docstring)."""
+    N, K = q.shape
+    d = scale.float().to(torch.float16)  # [N, K/32]
+    if not torch.equal(d.float(), scale.float()):  # out of fp16's range or too many bits
+        raise ConvertError(f"{name}.weight_scale: a scale is not exactly an fp16 value; "
+                           "--expert-type q4_0 would round it (use --expert-type same)")
+    u = (q.to(torch.int16) + 8).to(torch.uint8).view(N, K // Q4_BLOCK, Q4_BLOCK)  # [N, B, 32]
+    nibbles = u[..., :16] | (u[..., 16:] << 4)  # [N, B, 16]: byte j = values j, j + 16
+    blocks = torch.cat([d.view(torch.uint8).view(N, K // Q4_BLOCK, 2), nibbles], dim=2)  # [N, B, 18]
+    return blocks.reshape(N, -1).numpy()
+
+
+def encode(x: torch.Tensor | np.ndarray, out: str) -> np.ndarray:
+    """fp32 tensor -> numpy array whose bytes are the GGUF storage of `out` (arrays already
+    in storage form, e.g. repacked q4_0, pass through)."""
+    if isinstance(x, np.ndarray):
+        return x
     if out == "f32":
         return x.float().contiguous().numpy()
     if out == "f16":
@@ -142,7 +169,7 @@ def _rope_pairs_perm(n_rows: int, block: int, rope: int) -> torch.Tensor:
     return (one[None, :] + block * torch.arange(blocks)[:, None]).reshape(-1)
 
 
-def plan_tensors(config, src, out: str) -> list[PlannedTensor]:
+def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[PlannedTensor]:
     """Every GGUF tensor of the model: name, shape, storage type and how to produce it."""
     c = config
     H, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
@@ -203,8 +230,12 @@ def plan_tensors(config, src, out: str) -> list[PlannedTensor]:
         for proj, gg, shape in (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)), ("down_proj", "down", (H, I))):
             def experts(m=m, proj=proj, shape=shape):
                 for e in range(E):  # one expert at a time: [1, out, in]
-                    yield src.float_weight(f"{m}.experts.{e}.{proj}", shape)[None]
-            plan.append(PlannedTensor(f"{b}.ffn_{gg}_exps.weight", (E, *shape), kind((E, *shape)), experts))
+                    if expert_type == "q4_0":
+                        yield _int4_as_q4_0(src, f"{m}.experts.{e}.{proj}", shape)
+                    else:
+                        yield src.float_weight(f"{m}.experts.{e}.{proj}", shape)[None]
+            t = "q4_0" if expert_type == "q4_0" else kind((E, *shape))
+            plan.append(PlannedTensor(f"{b}.ffn_{gg}_exps.weight", (E, *shape), t, experts))
         if c.n_shared_experts:
             S = I * c.n_shared_experts
             sh = f"{m}.shared_experts"
@@ -215,6 +246,35 @@ def plan_tensors(config, src, out: str) -> list[PlannedTensor]:
     if not c.tie_word_embeddings:
         add("output.weight", (V, H), linear("lm_head", (V, H)))
     return plan
+
+
+def _int4_as_q4_0(src, name: str, shape: tuple[int, int]) -> np.ndarray:
+    from hybrid.loaders.quant import unpack_int4
+    from hybrid.loaders.safetensors_files import FLOAT_DTYPES
+
+    full = src.prefix + name
+    n, k = shape
+    packed = src.files.get(f"{full}.weight_packed", (n, k // 8), (torch.int32,))
+    scale = src.files.get(f"{full}.weight_scale", (n, k // Q4_BLOCK), FLOAT_DTYPES)
+    return repack_int4_q4_0(unpack_int4(packed, n, k, full), scale, full)
+
+
+def check_expert_type(config, files, expert_type: str) -> None:
+    if expert_type not in EXPERT_TYPES:
+        raise ConvertError(f"--expert-type {expert_type!r} is not supported ({', '.join(EXPERT_TYPES)})")
+    if expert_type != "q4_0":
+        return
+    q = config.quant
+    if q is None or q.method != "compressed-tensors" or q.group_size != Q4_BLOCK:
+        raise ConvertError("--expert-type q4_0 repacks INT4 group-32 routed experts exactly; this checkpoint's "
+                           "experts are not compressed-tensors INT4 group 32 (use --expert-type same)")
+    first = next((i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)), None)
+    name = f"{config.tensor_prefix}model.layers.{first}.mlp.experts.0.gate_proj.weight_packed"
+    if first is not None and name not in files:
+        raise ConvertError(f"--expert-type q4_0: tensor {name} is missing; routed experts are not INT4 "
+                           "(use --expert-type same)")
+    if config.moe_intermediate_size % Q4_BLOCK or config.hidden_size % Q4_BLOCK:
+        raise ConvertError("--expert-type q4_0: hidden_size and moe_intermediate_size must be multiples of 32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +348,7 @@ def write_metadata(w, config, name: str, out: str) -> None:
 # Entry point
 # ---------------------------------------------------------------------------------------------
 def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf16", *,
-                    pre: str | None = None, progress: bool = True) -> Path:
+                    expert_type: str = "same", pre: str | None = None, progress: bool = True) -> Path:
     """Write `checkpoint` (a directory hybrid.load accepts) as a deepseek2 GGUF at `out_path`."""
     import gguf
     from hybrid.config import ModelConfig
@@ -311,8 +371,9 @@ def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf
         raise ConvertError(str(e)) from None
     files = SafetensorsFiles(checkpoint)
     files.file_sizes_ok()
+    check_expert_type(config, files, expert_type)
     src = WeightSource(config, files, "cpu", torch.float32)
-    plan = plan_tensors(config, src, out)
+    plan = plan_tensors(config, src, out, expert_type)
 
     w = gguf.GGUFWriter(str(out_path), ARCH)
     write_metadata(w, config, checkpoint.name, out)
@@ -320,7 +381,8 @@ def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf
     for t in plan:
         byte_shape = t.shape if t.out in ("f32", "f16") else _byte_shape(t)
         dtype = {"f32": np.float32, "f16": np.float16}.get(t.out, np.uint8)
-        raw = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(t.out)
+        raw = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+               "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(t.out)
         w.add_tensor_info(t.name, byte_shape, np.dtype(dtype), t.nbytes, raw_dtype=raw)
     bar = None
     if progress:
@@ -351,4 +413,6 @@ def _byte_shape(t: PlannedTensor) -> tuple[int, ...]:
     *lead, k = t.shape
     if t.out == "bf16":
         return (*lead, 2 * k)
+    if t.out == "q4_0":
+        return (*lead, k // Q4_BLOCK * (Q4_BLOCK // 2 + 2))
     return (*lead, k // Q8_BLOCK * (Q8_BLOCK + 2))
