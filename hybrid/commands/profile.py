@@ -102,7 +102,8 @@ def main(args) -> int:
               f"{list(spec.moe_layers)}", file=sys.stderr)
         return 2
     recorder = traces.TraceRecorder.for_spec(spec, keep_sequence=not args.counts_only,
-                                             source=f"recorded: {args.prompts} on {model.path}")
+                                             source=f"recorded: {args.prompts} on "
+                                                    f"{args.model or 'the embedded demo model'}")
     for m in moe:
         m.trace = recorder.record
     room = model.max_len - args.new_tokens
@@ -121,7 +122,7 @@ def main(args) -> int:
             m.trace = None
     tr = recorder.to_trace(notes={"prompts": len(prompts), "new_tokens": args.new_tokens,
                                   "clipped_prompts": clipped, "prompts_file": args.prompts,
-                                  "model_path": str(model.path)})
+                                  "model": args.model or "the embedded demo model"})
     for kind in ("decode", "prefill"):
         if timing[f"{kind}_tokens"]:
             tr.notes[f"measured_{kind}_tok_s"] = timing[f"{kind}_tokens"] / timing[f"{kind}_s"]
