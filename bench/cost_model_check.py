@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"model": str(path), "label": label, "rounds": args.rounds, "prompt": args.prompt,
-             "decode": args.decode, "statistic": args.stat, "torch_threads": torch.get_num_threads(),
+             "decode": args.decode, "statistic": args.stat,
+             "torch_threads": torch.get_num_threads(),
              "parts": dataclasses.asdict(res["parts"]), "fit": report,
              "machine": machine.to_dict(), "rows": rows,
              "steps_s": {str(f): v for f, v in res["steps_s"].items()},

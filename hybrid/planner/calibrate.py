@@ -28,8 +28,9 @@ numbers are assumptions; here they are measured, on a given model, with the runt
 `fit` is a pure function of those timings (tests check it recovers known parameters from
 synthetic timings); `part_probes` and `time_placements` take them on a loaded model; `check`
 runs the whole loop and predicts the placements the fit did not use (bench/cost_model_check.py
-and `hybrid profile --calibrate` call it). The result is a MachineSpec, saved as YAML for `hybrid plan
---machine FILE`; its `sources` say what each number came from and on which model.
+and `hybrid profile --calibrate` call it). The result is a MachineSpec, saved as YAML for
+`hybrid plan --machine FILE` / `hybrid doctor --machine FILE`; its `sources` say what each
+number came from and on which model.
 
 Legend: K picks per token, E experts, H hidden, I expert width, L MoE layers.
 """
@@ -160,7 +161,8 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
         "engine_per_expert_below_resolution": bool(below_resolution),
         "cache_fix_us_micro": cache_fix_s * 1e6, "cache_us_per_hit": per_hit_s * 1e6,
         "cached_expert_bytes_us": gpu_bytes_s * 1e6,
-        "statistic": none.stat, "none_step_ms": none.typical_s * 1e3, "none_residual_ms": resid_none * 1e3,
+        "statistic": none.stat, "none_step_ms": none.typical_s * 1e3,
+        "none_residual_ms": resid_none * 1e3,
         "other_label": other.label, "other_step_ms": other.typical_s * 1e3,
         "other_residual_ms": resid_other * 1e3, "layers_cached": layers_cached,
     }

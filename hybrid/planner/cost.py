@@ -161,8 +161,8 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
             "pcie_gbps": "assumed: PCIe 4.0 x16 32 GB/s peak, ~25 GB/s pinned copies",
             "sync_us": "assumed: stream sync + CPU pool wake + two small copies per MoE layer",
             "layer_overhead_us": "assumed: eager PyTorch, ~40 kernel launches per layer, partly "
-                                 "hidden behind GPU work; `hybrid profile --calibrate` fits it on a "
-                                 "real machine",
+                                 "hidden behind GPU work; `hybrid profile --calibrate` fits "
+                                 "it on a real machine",
             "cpu_kernel_gbps": "not set: cpu_read_gbps x cpu_kernel_efficiency",
             "gpu_expert_overhead_us": "assumed 0: a cached expert's launches queue behind GPU "
                                       "work; `hybrid profile --calibrate` measures it",
