@@ -1,0 +1,260 @@
+"""hybrid against llama.cpp (llama-cpp-python) on the same weights, prompt and threads, CPU only.
+
+    python bench/vs_llamacpp.py --demo                       # the embedded demo model
+    python bench/vs_llamacpp.py --synthetic /tmp/k25-2l-32e  # 2-layer K2.5-width, 32 experts
+    python bench/vs_llamacpp.py --model DIR                  # any checkpoint hybrid loads
+
+For each model: the checkpoint is written as GGUF with `hybrid convert` (cached next to it,
+or under --gguf-dir), then each runtime in turn (one at a time: RAM) runs
+  prefill  the prompt in one batch, logits for every position (both runtimes compute all)
+  decode   --decode steps of one token; the tokens are hybrid's greedy choices, fed to
+           llama.cpp too (teacher forcing), so both see the same inputs at every position.
+Printed side by side: prefill tok/s, decode tok/s, and logit agreement over the first
+--compare prompt positions and all decode steps: top-1 agreement and the max |difference| of
+log-softmax.
+
+Weights: INT4 group-32 routed experts go to GGUF Q4_0 by an exact repack (hybrid convert
+--expert-type q4_0), so both runtimes read the same expert values and the same expert bytes;
+the other matrices are --type (default bf16, what hybrid computes with on CPU). Checkpoints
+with float experts are written with experts in --type.
+
+The synthetic model is bench/e2e.py's K2.5-width generator (H 7168, I 2048, dense 18432, MLA
+64 heads, INT4 experts) with --experts routed experts instead of 384 (default 32: RAM; the
+decode work per token is the same 8 experts at any count), plus a byte-level tokenizer (its
+text is never used: the prompt is seeded random ids).
+
+YaRN: llama.cpp's deepseek2 loader ignores the GGUF's beta_fast/beta_slow and uses 32/1, so the
+config's values are passed to llama.cpp explicitly.
+
+Threads: --threads for both: hybrid's CPU engine threads (torch gets hybrid.load's own
+choice on a CPU-only machine, printed), llama.cpp n_threads and n_threads_batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/e2e.py, run as a script
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def synthetic_checkpoint(path: Path, experts: int, vocab: int, seed: int = 0) -> Path:
+    """bench/e2e.py's K2.5-width 2-layer checkpoint with `experts` routed experts, plus a tokenizer."""
+    import e2e
+
+    if not (path / "config.json").is_file():
+        print(f"writing synthetic K2.5-width checkpoint ({experts} experts) to {path} ...", file=sys.stderr)
+        full = e2e.K25
+        e2e.K25 = dict(full, experts=experts)  # the generator reads its widths from this table
+        try:
+            e2e.write_synthetic(path, vocab=vocab, seed=seed)
+        finally:
+            e2e.K25 = full
+    if not (path / "tokenizer.json").is_file():
+        _byte_tokenizer(path)
+    return path
+
+
+def _byte_tokenizer(path: Path) -> None:
+    """A byte-level BPE over the 256 byte symbols and <s>/</s> (ids 0, 1), no merges: enough for
+    both runtimes to load; config.json's vocab_size pads the rest."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=258, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([""], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None) -> Path:
+    from hybrid.config import ModelConfig
+    from hybrid.convert.gguf_export import convert_to_gguf
+
+    cfg = ModelConfig.from_dir(ckpt)
+    q = cfg.quant
+    expert_type = "q4_0" if q is not None and q.method == "compressed-tensors" and q.group_size == 32 else "same"
+    where = gguf_dir or ckpt.parent
+    out = where / f"{ckpt.name}-{out_type}-experts_{expert_type}.gguf"
+    if not out.is_file():
+        print(f"converting {ckpt} -> {out} (--type {out_type} --expert-type {expert_type}) ...", file=sys.stderr)
+        convert_to_gguf(ckpt, out, out_type, expert_type=expert_type)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int) -> dict:
+    import torch
+
+    import hybrid
+
+    model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16)
+    net = model.net
+    P = len(prompt)
+    ids = torch.tensor(prompt)
+    warm = model.new_cache(1, 16)
+    net.forward(ids[:8], torch.arange(8), torch.zeros(8, dtype=torch.long), warm)  # warm-up
+    cache = model.new_cache(1, P + decode + 16)
+    pos = torch.arange(P)
+    t0 = time.perf_counter()
+    logits = net.forward(ids, pos, torch.zeros_like(pos), cache)  # [P, V]
+    prefill_s = time.perf_counter() - t0
+    prompt_logits = logits[:n_cmp].float().clone()
+    tok = int(logits[-1].argmax())
+    fed, step_logits, step_s = [], [], []
+    for i in range(decode):
+        fed.append(tok)
+        t0 = time.perf_counter()
+        out = net.forward(torch.tensor([tok]), torch.tensor([P + i]), torch.tensor([0]), cache)
+        step_s.append(time.perf_counter() - t0)
+        step_logits.append(out[0].float().clone())
+        tok = int(out[0].argmax())
+    res = {"prefill_s": prefill_s, "decode_s": sum(step_s), "fed": fed, "prompt_logits": prompt_logits,
+           "decode_logits": torch.stack(step_logits), "torch_threads": torch.get_num_threads(),
+           "engine_threads": threads, "dtype": str(net.dtype)}
+    model.close()
+    del model, net, cache
+    gc.collect()
+    return res
+
+
+def run_llamacpp(path: Path, cfg, prompt: list[int], fed: list[int], threads: int, n_cmp: int) -> dict:
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    P = len(prompt)
+    kw = {}
+    if cfg.rope.rope_type == "yarn":
+        kw.update(yarn_beta_fast=float(cfg.rope.beta_fast if cfg.rope.beta_fast is not None else 32.0),
+                  yarn_beta_slow=float(cfg.rope.beta_slow if cfg.rope.beta_slow is not None else 1.0))
+    llm = Llama(model_path=str(path), n_gpu_layers=0, n_ctx=P + len(fed) + 16, n_batch=max(P, 8),
+                n_ubatch=max(P, 8), n_threads=threads, n_threads_batch=threads, logits_all=True,
+                verbose=False, **kw)
+    llm.eval(prompt[:8])  # warm-up (touches the weights it needs, like hybrid's)
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    prompt_logits = torch.from_numpy(np.array(llm.scores[:n_cmp], dtype=np.float32))
+    step_logits, step_s = [], []
+    for i, tok in enumerate(fed):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        step_s.append(time.perf_counter() - t0)
+        step_logits.append(torch.from_numpy(np.array(llm.scores[P + i], dtype=np.float32)))
+    res = {"prefill_s": prefill_s, "decode_s": sum(step_s), "prompt_logits": prompt_logits,
+           "decode_logits": torch.stack(step_logits) if step_logits else None}
+    llm.close()
+    del llm
+    gc.collect()
+    return res
+
+
+def agreement(a, b) -> tuple[float, float]:
+    """(fraction of rows with the same argmax, max |log_softmax(a) - log_softmax(b)|)."""
+    import torch
+
+    la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    return top1, (la - lb).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+def bench_model(name: str, ckpt: Path, args) -> dict:
+    import torch
+
+    from hybrid.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(ckpt)
+    path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
+    n_cmp = min(args.compare, args.prompt)
+    print(f"[{name}] hybrid ...", file=sys.stderr)
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp)
+    print(f"[{name}] llama.cpp ...", file=sys.stderr)
+    lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp)
+    p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
+    d_top1, d_diff = agreement(h["decode_logits"], lc["decode_logits"]) if args.decode else (math.nan, math.nan)
+    return {
+        "model": name, "checkpoint": str(ckpt), "gguf": str(path), "gguf_gb": round(path.stat().st_size / 1e9, 2),
+        "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size,
+        "threads": args.threads, "hybrid_torch_threads": h["torch_threads"], "hybrid_dtype": h["dtype"],
+        "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+        "hybrid_prefill_tok_s": round(args.prompt / h["prefill_s"], 2),
+        "llamacpp_prefill_tok_s": round(args.prompt / lc["prefill_s"], 2),
+        "hybrid_decode_tok_s": round(args.decode / h["decode_s"], 3) if args.decode else None,
+        "llamacpp_decode_tok_s": round(args.decode / lc["decode_s"], 3) if args.decode else None,
+        "prompt_positions_compared": n_cmp, "prompt_top1_agree": round(p_top1, 4),
+        "prompt_max_abs_logsoftmax_diff": round(p_diff, 4),
+        "decode_top1_agree": round(d_top1, 4), "decode_max_abs_logsoftmax_diff": round(d_diff, 4),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = [k for k in rows[0] if k not in ("checkpoint", "gguf")]
+    width = max(len(k) for k in keys)
+    print(" " * width + "".join(f"  {r['model']:>18s}" for r in rows))
+    for k in keys[1:]:
+        print(f"{k:{width}s}" + "".join(f"  {str(r[k]):>18s}" for r in rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo", action="store_true", help="bench the embedded demo model (hybrid.load(None))")
+    ap.add_argument("--synthetic", metavar="DIR", help="write (if absent) and bench the 2-layer K2.5-width model")
+    ap.add_argument("--model", metavar="DIR", help="bench this checkpoint directory")
+    ap.add_argument("--experts", type=int, default=32, help="routed experts of the synthetic model (K2.5: 384)")
+    ap.add_argument("--vocab", type=int, default=32768, help="synthetic vocabulary")
+    ap.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16",
+                    help="GGUF type of the non-expert matrices (default bf16, hybrid's CPU compute dtype)")
+    ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: beside the checkpoint)")
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both runtimes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
+    args = ap.parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        ap.error("llama-cpp-python is not installed (pip install -e '.[bench]'; it builds llama.cpp from source)")
+    todo = []
+    if args.demo:
+        from hybrid.api import DEMO_DIR
+
+        todo.append(("demo", DEMO_DIR))
+    if args.synthetic:
+        todo.append((f"k25w-2L-{args.experts}e", synthetic_checkpoint(Path(args.synthetic), args.experts, args.vocab)))
+    if args.model:
+        todo.append((Path(args.model).name, Path(args.model)))
+    if not todo:
+        ap.error("give --demo, --synthetic DIR and/or --model DIR")
+    rows = [bench_model(name, path, args) for name, path in todo]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
