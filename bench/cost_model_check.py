@@ -13,7 +13,9 @@
    the placements taking turns STEP BY STEP, each with its own KV cache, and the model's parts
    (engine, GPU cache, torch matmul: hybrid.planner.calibrate.part_probes) timed between the
    steps, so load from other work on the machine lands on all of them alike. Measured = the
-   --stat (lower quartile by default, median also shown) of all its steps.
+   --stat of its steps: by default "paired" (the median ratio of its step to the no-cache step
+   of the same token, times the no-cache lower quartile), also each placement's own median
+   and lower quartile.
 3. Fit the machine parameters on two placements (none and --fit-on) and predict ALL placements
    with the fitted MachineSpec; the others are the check (target: within 15%).
 
@@ -76,10 +78,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved runs per placement (5)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (32)")
     ap.add_argument("--decode", type=int, default=32, help="decode steps timed per run (32)")
-    ap.add_argument("--stat", choices=["median", "q25"], default="q25",
+    ap.add_argument("--stat", choices=["median", "q25", "paired"], default="paired",
                     help="how step and part timings are summarised for the fit and the check: "
-                         "median, or q25 (lower quartile) on a machine busy with other work, "
-                         "where steps are either undisturbed or preempted (both are printed)")
+                         "median; q25 (lower quartile: on a machine busy with other work steps "
+                         "are either undisturbed or preempted); paired (default: each "
+                         "placement's steps divided by the no-cache step of the same token, "
+                         "taken milliseconds apart, median ratio times the no-cache q25)")
     ap.add_argument("--threads", type=int, default=1,
                     help="engine and torch threads (1: on a shared machine, multi-threaded ops "
                          "wait for busy cores and the timings become noise; 0: hybrid.load's "

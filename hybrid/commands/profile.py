@@ -196,7 +196,8 @@ def _calibrate(model, prompts, args) -> int:
 
     with tempfile.TemporaryDirectory(prefix="calibration_profiles_") as tmp:
         res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
-                        rounds=args.calibrate_rounds, label=str(model.path), profiles_dir=tmp)
+                        rounds=args.calibrate_rounds, label=str(model.path), profiles_dir=tmp,
+                        stat="paired")
     cal.print_table(res["rows"])
     machine = res["machine"]
     cal.save_machine(machine, args.calibrate,

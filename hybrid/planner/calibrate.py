@@ -60,7 +60,7 @@ class PartTimings:
     stat: str = "median"  # how the repetitions were summarised (typical())
 
 
-STATS = ("median", "q25")
+STATS = ("median", "q25", "paired")   # "paired": see check()
 
 
 def typical(values, stat: str = "median") -> float:
@@ -416,7 +416,7 @@ def write_profile(path: str, cost: CostModel, trace, mask: np.ndarray, label: st
 # ---- the whole loop ---------------------------------------------------------------------------
 
 def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds: int = 3,
-          label: str = "", profiles_dir=None, stat: str = "q25",
+          label: str = "", profiles_dir=None, stat: str = "paired",
           log=print) -> dict:
     """Record the routing of the token sequence, time every placement (the most picked
     `fraction` of each layer's experts cached) and, between their steps, the parts; fit on none
@@ -471,17 +471,28 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
                                      probes=probes)
     del placements, probes
     gc.collect()
-    parts = parts_from_times(probe_t, facts, stat)
+    part_stat = "q25" if stat == "paired" else stat
+    parts = parts_from_times(probe_t, facts, part_stat)
+
+    def placement_s(f) -> float:
+        """A placement's step time by `stat`. "paired": the no-cache run's lower quartile times
+        the median over steps of (this placement's step / the no-cache step of the same
+        token), the two taken milliseconds apart, so a burst of load elsewhere that slows
+        both cancels in the ratio."""
+        if stat != "paired" or f == 0.0:
+            return typical(steps[f], part_stat)
+        ratio = np.asarray(steps[f]) / np.asarray(steps[0.0])
+        return typical(steps[0.0], "q25") * float(np.median(ratio))
 
     def run(f):
-        return RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=steps[f], stat=stat)
+        return RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=[placement_s(f)])
 
     machine, report = fit(cost, parts, freq, run(0.0), run(fit_on), label)
     before = cost.costs(freq, 1)
     after = dataclasses.replace(cost, machine=machine).costs(freq, 1)
     rows, worst = [], 0.0
     for f in fractions:
-        meas = run(f).typical_s
+        meas = placement_s(f)
         pred = after.step_time(masks[f])
         used = f in (0.0, fit_on)
         if not used:
@@ -499,13 +510,14 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
 
 def print_table(rows, log=print) -> None:
     stat = rows[0]["statistic"] if rows else "median"
-    log(f"tok/s from step times over all rounds; fit and error on the {stat} "
-        f"(median and lower quartile q25 both shown)")
+    log(f"tok/s from step times over all rounds; fit and error on the {stat} statistic "
+        f"(each placement's own median and lower quartile q25 shown too)")
     log(f"{'cached':>7} {'experts':>8} {'hit rate':>9} {'median':>9} {'q25':>9} "
-        f"{'predicted':>10} {'error':>7}  {'uncalibrated':>12}")
+        f"{'measured':>9} {'predicted':>10} {'error':>7}  {'uncalibrated':>12}")
     for r in rows:
         log(f"{r['cached_fraction']:>7.1%} {r['cached_experts']:>8d} {r['hit_rate']:>9.1%} "
-            f"{r['median_tok_s']:>9.2f} {r['q25_tok_s']:>9.2f} {r['predicted_tok_s']:>10.2f} "
+            f"{r['median_tok_s']:>9.2f} {r['q25_tok_s']:>9.2f} {r['measured_tok_s']:>9.2f} "
+            f"{r['predicted_tok_s']:>10.2f} "
             f"{r['error']:>+7.1%}  {r['uncalibrated_tok_s']:>12.2f}"
             + ("  (fit input)" if r["fit_input"] else ""))
 
