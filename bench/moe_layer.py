@@ -14,7 +14,8 @@ What it measures (medians of --runs runs after one warm-up run each):
                   bandwidth_gbps (decode is a stream of weights)
   prefill         B = --tokens tokens (default 512), random top-8 routing over all experts:
                   prefill_tok_s, prefill_gflops (2 x 3 x H x I x 8 flops per token), compared
-                  with peak_gops
+                  with peak_gops, and prefill_gbps (packed bytes of the experts it ran / time),
+                  compared with bandwidth_gbps: at ~11 tokens per expert both limits matter
   peak_gops       int8 ops/s of a register-only loop of the instruction the GEMM path is built
                   on (tdpbssd for amx, vpdpbusd for avx512_vnni/avx512_bf16, vpmaddubsw for
                   avx512/avx2; compiled from bench/peak_probe.cpp), on the same thread count
@@ -238,6 +239,9 @@ def bench_native(args, native, layer, isa: str, rng) -> dict:
         "prefill_s": pre,
         "prefill_tok_s": B / pre,
         "prefill_gflops": B * flops_per_token / pre / 1e9,
+        # Weight bytes the pass reads (every expert with at least one token) per second: with
+        # ~11 tokens per expert prefill is as much a weight stream as a GEMM.
+        "prefill_gbps": len(np.unique(ids)) * layer.expert_nbytes / pre / 1e9,
     }
 
 
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         res.update(bench_torch(args, args.seed + 1))
 
     res["decode_frac_bandwidth"] = res["decode_gbps"] / res["bandwidth_gbps"]
+    res["prefill_frac_bandwidth"] = res["prefill_gbps"] / res["bandwidth_gbps"]
     if res["peak_gops"]:
         res["prefill_frac_peak"] = res["prefill_gflops"] / res["peak_gops"]
 
@@ -343,16 +348,18 @@ def print_table(r: dict) -> None:
     print(f"limits: read bandwidth {r['bandwidth_gbps']:.1f} GB/s "
           f"(huge pages {'advised' if r['hugepages'] else 'refused'}), "
           f"peak {f(r['peak_gops'], '.0f')} Gop/s int8 ({r['peak_instruction'] or 'no probe'})")
-    rows = [("", "decode ms", "decode GB/s", "of bw", "prefill tok/s", "prefill GFLOP/s", "of peak")]
+    rows = [("", "decode ms", "decode GB/s", "of bw", "prefill tok/s", "prefill GFLOP/s", "of peak",
+             "prefill GB/s", "of bw")]
     peak = r["peak_gops"]
     rows.append(("hybrid " + r["isa"], f(r["decode_ms"], ".2f"), f(r["decode_gbps"], ".1f"),
                  f(r["decode_frac_bandwidth"], ".0%"), f(r["prefill_tok_s"], ".0f"),
-                 f(r["prefill_gflops"], ".0f"), f(r.get("prefill_frac_peak"), ".0%")))
+                 f(r["prefill_gflops"], ".0f"), f(r.get("prefill_frac_peak"), ".0%"),
+                 f(r["prefill_gbps"], ".1f"), f(r["prefill_frac_bandwidth"], ".0%")))
     if "torch_decode_ms" in r:
         rows.append(("torch bf16", f(r["torch_decode_ms"], ".2f"), f(r["torch_decode_gbps"], ".1f"),
                      f(r["torch_decode_gbps"] / r["bandwidth_gbps"], ".0%"),
                      f(r["torch_prefill_tok_s"], ".0f"), f(r["torch_prefill_gflops"], ".0f"),
-                     f(r["torch_prefill_gflops"] / peak if peak else None, ".0%")))
+                     f(r["torch_prefill_gflops"] / peak if peak else None, ".0%"), "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
