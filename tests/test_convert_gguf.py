@@ -321,3 +321,14 @@ def test_q4_0_refused_for_non_int4_experts(tmp_path):
     _add_bpe_tokenizer(path)
     with pytest.raises(ConvertError, match="expert-type q4_0"):
         _convert(path, "bf16", tmp_path, expert_type="q4_0")
+
+
+def test_row_slices_cover_the_tensor():
+    """Large tensors are encoded in row slices; the slices are the tensor, in order, each small."""
+    from hybrid.convert.gguf_export import _row_slices, encode
+
+    x = torch.randn(10, 64)
+    parts = list(_row_slices(x, max_elems=150))
+    assert [p.shape[0] for p in parts] == [2, 2, 2, 2, 2]
+    assert torch.equal(torch.cat(parts), x)
+    assert np.array_equal(np.concatenate([encode(p, "q8_0") for p in parts]), encode(x, "q8_0"))

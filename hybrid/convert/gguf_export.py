@@ -137,6 +137,17 @@ def encode(x: torch.Tensor | np.ndarray, out: str) -> np.ndarray:
     raise ValueError(f"unknown GGUF type {out!r} ({', '.join(OUT_TYPES)})")
 
 
+def _row_slices(x, max_elems: int = 1 << 24):
+    """Split a tensor along dim 0 into pieces of at most ~max_elems elements (at least one row),
+    so encoding temporaries stay small (an embedding of 164k x 7168 is 4.7 GB in fp32)."""
+    if isinstance(x, np.ndarray) or x.dim() < 2 or x.numel() <= max_elems:
+        yield x
+        return
+    rows = max(1, max_elems // (x.numel() // x.shape[0]))
+    for i in range(0, x.shape[0], rows):
+        yield x[i : i + rows]
+
+
 class _Streamed:
     """What gguf.GGUFWriter.write_tensor_data needs of an array (nbytes, tofile), produced piece
     by piece so a stacked expert tensor (GBs at full width) never exists whole in memory."""
@@ -147,11 +158,12 @@ class _Streamed:
     def tofile(self, f) -> None:
         written = 0
         for piece in self.t.chunks():
-            arr = encode(piece, self.t.out)
-            arr.tofile(f)
-            written += arr.nbytes
-            if self.bar is not None:
-                self.bar.update(arr.nbytes)
+            for part in _row_slices(piece):
+                arr = encode(part, self.t.out)
+                arr.tofile(f)
+                written += arr.nbytes
+                if self.bar is not None:
+                    self.bar.update(arr.nbytes)
         if written != self.nbytes:  # a bug here would write a corrupt file: refuse loudly
             raise RuntimeError(f"GGUF tensor {self.t.name}: wrote {written} bytes, planned {self.nbytes}")
 
@@ -193,7 +205,8 @@ def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[Plann
             return w[perm] if perm is not None else w
         return fn
 
-    add("token_embd.weight", (V, H), lambda: src.embedding("model.embed_tokens.weight", (V, H)).float())
+    # Stored dtype (bf16 for every supported checkpoint): encode() converts row slices.
+    add("token_embd.weight", (V, H), lambda: src.float_weight("model.embed_tokens", (V, H)))
     for i in range(L):
         p, b = f"model.layers.{i}", f"blk.{i}"
         add(f"{b}.attn_norm.weight", (H,), lambda p=p: src.norm(f"{p}.input_layernorm.weight", H))
