@@ -117,9 +117,11 @@ static HY_ALWAYS_INLINE void amx_tokens_body(const PackedMatrix& w, int64_t b0, 
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < ng; g0 += kPassGroups) {
       const int np = int(ng - g0 < kPassGroups ? ng - g0 : kPassGroups);
-      // (1) B tiles: INT4 unpacked to s8; INT8 read in place (u8, TDPBSUD).
+      // (1) B tiles: INT4 unpacked to s8; INT8 read in place (u8, TDPBSUD), only prefetched.
       if (int4)
         for (int i = 0; i < np; ++i) amx_unpack_i4(qw + (g0 + i) * 256, bbuf[i]);
+      else
+        for (int i = 0; i < np; ++i) z_prefetch_bytes(qw + (g0 + i) * 512, 512);
       // (2) tiles, two groups in flight on tile sets (0, 2, 4) and (1, 3, 5).
       int i = 0;
       for (; i + 2 <= np; i += 2) {
