@@ -16,8 +16,10 @@ import pytest
 from test_serve_support import no_stop_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT_INSTANT = r"\[instant\] >"
-PROMPT_THINKING = r"\[thinking\] >"
+# A fresh prompt: prompt_toolkit draws "[mode] >" and moves the cursor (an escape sequence comes
+# next). When a line is accepted it redraws "[mode] > TEXT", which must not count as a new prompt.
+PROMPT_INSTANT = r"\[instant\] >\x1b"
+PROMPT_THINKING = r"\[thinking\] >\x1b"
 
 
 def env(tmp_path) -> dict:
@@ -27,10 +29,21 @@ def env(tmp_path) -> dict:
     return e
 
 
+@pytest.fixture(autouse=True)
+def show_session_on_failure(tmp_path):
+    """Print the pty transcript after each test; pytest shows it only when the test failed."""
+    yield
+    log = tmp_path / "pty.log"
+    if log.exists():
+        text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", log.read_text(errors="replace"))
+        print("---- pty transcript (escape codes removed) ----\n" + text[-4000:])
+
+
 def spawn(tmp_path, *args) -> pexpect.spawn:
     argv = ["-m", "hybrid", "chat", str(no_stop_checkpoint_dir()), "--temperature", "0", *args]
     child = pexpect.spawn(sys.executable, argv, env=env(tmp_path), encoding="utf-8", timeout=60,
                           dimensions=(40, 100))
+    child.logfile_read = open(tmp_path / "pty.log", "w")  # the whole session, for a failure's report
     child.expect(PROMPT_INSTANT)
     return child
 
