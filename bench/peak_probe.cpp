@@ -1,6 +1,8 @@
-// peak_probe.cpp: peak int8 throughput of the instruction each GEMM path is built on, for the
-// roofline column of bench/moe_layer.py. Built by that script with the system C++ compiler into a
-// temporary shared library (ctypes); not part of the extension.
+// peak_probe.cpp: the two ceilings bench/moe_layer.py compares the kernels with, measured with
+// the widest instructions the kernels use: peak int8 throughput of the instruction each GEMM path
+// is built on, and RAM read bandwidth with 64-byte (zmm) or 32-byte (ymm) loads. Built by that
+// script with the system C++ compiler into a temporary shared library (ctypes); not part of the
+// extension.
 //
 // Each probe runs `iters` iterations of a loop of independent accumulations (enough chains to
 // cover the instruction's latency) on the calling thread and returns the int8 operations done
@@ -10,8 +12,14 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 extern "C" {
 
@@ -121,6 +129,66 @@ __attribute__((target("amx-tile,amx-int8"))) double peak_tdpbssd(int64_t iters) 
   volatile int32_t sink = out[0];
   (void)sink;
   return double(iters) * 4 * 16 * 16 * 64 * 2;
+}
+
+// ---- read bandwidth ---------------------------------------------------------------------------
+// Same page policy as the extension's packed layers: 2 MiB aligned, MADV_HUGEPAGE, first touch by
+// the thread that reads the slice. Four independent 64-byte loads per iteration.
+
+__attribute__((target("avx512f"))) static uint64_t read_zmm(const uint8_t* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 256 <= n; i += 256) {
+    a0 = _mm512_xor_si512(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_xor_si512(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_xor_si512(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_xor_si512(a3, _mm512_load_si512(p + i + 192));
+  }
+  return uint64_t(_mm512_reduce_add_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3))));
+}
+
+__attribute__((target("avx2"))) static uint64_t read_ymm(const uint8_t* p, size_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 128 <= n; i += 128) {
+    a0 = _mm256_xor_si256(a0, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i)));
+    a1 = _mm256_xor_si256(a1, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 32)));
+    a2 = _mm256_xor_si256(a2, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 64)));
+    a3 = _mm256_xor_si256(a3, _mm256_load_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
+  }
+  __m256i x = _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3));
+  return uint64_t(_mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 3));
+}
+
+// Median GB/s (1e9 bytes/s) of `repeats` reads of `bytes` split over `threads` threads; -1 when
+// the buffer cannot be allocated.
+double read_bandwidth_simd(int64_t bytes, int threads, int repeats) {
+  const size_t huge = size_t(2) << 20;
+  const size_t slice = (size_t(bytes) / size_t(threads)) / huge * huge;
+  const size_t total = slice * size_t(threads);
+  void* raw = mmap(nullptr, total + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED || slice == 0) return -1;
+  uint8_t* buf = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + huge - 1) / huge * huge);
+  madvise(buf, total, MADV_HUGEPAGE);
+  const bool zmm = __builtin_cpu_supports("avx512f");
+  std::vector<double> runs;
+  volatile uint64_t sink = 0;
+  for (int r = -1; r < repeats; ++r) {  // r = -1: first touch (untimed)
+    std::vector<std::thread> team;
+    std::vector<uint64_t> sums(size_t(threads), 0);
+    auto t0 = std::chrono::steady_clock::now();
+    for (int t = 0; t < threads; ++t)
+      team.emplace_back([&, t] {
+        uint8_t* p = buf + size_t(t) * slice;
+        if (r < 0) std::memset(p, t + 1, slice);
+        else sums[size_t(t)] = zmm ? read_zmm(p, slice) : read_ymm(p, slice);
+      });
+    for (auto& th : team) th.join();
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r >= 0) runs.push_back(double(total) / s / 1e9);
+    for (uint64_t v : sums) sink = sink + v;
+  }
+  munmap(raw, total + huge);
+  std::sort(runs.begin(), runs.end());
+  return runs[runs.size() / 2];
 }
 
 }  // extern "C"
