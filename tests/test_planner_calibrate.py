@@ -53,16 +53,19 @@ def _timings(cost: CostModel, truth: MachineSpec, freq, masks: dict, cache_fix_m
     return parts, runs
 
 
-def test_fit_recovers_the_parameters_and_predicts_other_placements(setup):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fit_recovers_the_parameters_and_predicts_other_placements(setup, overlap):
+    # overlap: the cached experts' torch work runs beside the CPU engine (threads side by side)
     spec, freq, counts = setup
-    truth = _machine()
+    truth = _machine(device_overlaps_cpu=overlap)
     start = _machine(layer_overhead_us=0.0, cpu_kernel_gbps=0.0, sync_us=10.0,
                      gpu_expert_overhead_us=0.0, gpu_cache_layer_us=0.0, gpu_mem_gbps=1.0)
     cost = CostModel(spec, start, gpu_expert_format="bf16", device_weight_format="bf16",
                      kv_tokens=64, prefill_chunk=32)
     masks = {f: cal.fraction_mask(counts, f) for f in (0.0, 0.125, 0.25, 0.5)}
     parts, runs = _timings(cost, truth, freq, masks)
-    fitted, report = cal.fit(cost, parts, freq, runs[0.0], runs[0.5], "synthetic")
+    fitted, report = cal.fit(cost, parts, freq, runs[0.0], runs[0.5], "synthetic", overlap)
+    assert fitted.overlaps is overlap
     for name in ("cpu_kernel_gbps", "sync_us", "gpu_mem_gbps", "gpu_expert_overhead_us",
                  "gpu_cache_layer_us", "layer_overhead_us"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6), name

@@ -48,6 +48,7 @@ from hybrid.planner.cost import CostModel, MachineSpec
 
 
 PER_EXPERT_FLOOR_S = 1e-9   # engine seconds per expert below which the fit calls it zero
+CACHE_PROBE_BYTES = 256 << 20   # experts the GPU-cache probe holds and rotates through
 
 
 @dataclass
@@ -100,10 +101,13 @@ def _line(points: dict) -> tuple[float, float]:
 
 
 def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
-        other: RunTiming, model_label: str = "") -> tuple[MachineSpec, dict]:
+        other: RunTiming, model_label: str = "",
+        overlap: bool | None = None) -> tuple[MachineSpec, dict]:
     """The machine parameters that make `cost` (its model, kv_tokens, formats) reproduce these
     timings. `cost.machine` supplies what is not fitted (RAM size, names, PCIe, flags).
     freq [L, E]: the routing of the timed token sequence (Trace.frequencies()).
+    overlap: whether the cache's device work runs beside the CPU engine (MachineSpec.
+    device_overlaps_cpu; None: as cost.machine says).
     Returns the fitted MachineSpec and a report of the fit (every intermediate number)."""
     m = cost.model
     L = len(m.moe_layers)
@@ -127,7 +131,8 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
         sync_us=max(0.0, sync_s) * 1e6,
         gpu_mem_gbps=parts.matmul_gbps,
         gpu_expert_overhead_us=max(0.0, per_hit_s - gpu_bytes_s) * 1e6,
-        gpu_cache_layer_us=0.0, layer_overhead_us=0.0, sources=dict(base.sources))
+        gpu_cache_layer_us=0.0, layer_overhead_us=0.0, sources=dict(base.sources),
+        device_overlaps_cpu=base.device_overlaps_cpu if overlap is None else bool(overlap))
 
     def predicted(machine, mask):
         c = dataclasses.replace(cost, machine=machine)
@@ -156,6 +161,10 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
                               f"and host overhead do not explain, per MoE layer holding "
                               f"cached experts",
     })
+    if overlap is not None:
+        mc.sources["device_overlaps_cpu"] = (
+            f"{'yes' if overlap else 'no'}: torch's and the engine's threads "
+            f"{'fit' if overlap else 'do not fit'} in the cores side by side ({where})")
     report = {
         "engine_sync_us": sync_s * 1e6, "engine_us_per_expert": per_expert_s * 1e6,
         "engine_per_expert_below_resolution": bool(below_resolution),
@@ -176,12 +185,28 @@ def moe_layers(model) -> list:
     return [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "routed")]
 
 
+def side_by_side(model) -> bool:
+    """Without a GPU, can the cache's torch work and the CPU engine run at the same time?
+    MoELayer starts the cached experts right after submitting the CPU ones; they overlap when
+    torch's threads and the engine's fit in the physical cores together, and otherwise take
+    turns on the same cores (hybrid.load's default gives each every core)."""
+    import torch
+
+    from hybrid import native
+    from hybrid.hardware import cores
+
+    c = cores()
+    n = min(c["physical"], c["usable"])
+    loader = getattr(model.net, "experts_loader", None)
+    engine = getattr(loader, "threads", None) or native.num_threads()
+    return torch.get_num_threads() + engine <= n
+
+
 def part_probes(model, matmul_bytes: int = 64 << 20) -> tuple[dict, dict]:
     """Callables that run one of the model's parts once, keyed ("engine", n) for the CPU
-    engine with n of K picked experts running, ("cache", n) for a GpuExpertCache of K experts
-    with n hits, ("matmul",) for torch's one-token matmul over a >= 64 MB weight; and facts
-    (weight bytes of the matmul, engine ISA). They hold a K-expert cache and the matmul
-    weight until dropped."""
+    engine with n of K picked experts running, ("cache", n) for a GpuExpertCache with n hits,
+    ("matmul",) for torch's one-token matmul over a >= 64 MB weight; and facts (weight bytes
+    of the matmul, engine ISA). They hold their cache and the matmul weight until dropped."""
     import torch
 
     from hybrid.experts.gpu_cache import GpuExpertCache
@@ -219,23 +244,31 @@ def part_probes(model, matmul_bytes: int = 64 << 20) -> tuple[dict, dict]:
     for n in range(K + 1):
         probes[("engine", n)] = lambda n=n: engine_run(n)
 
-    # GPU cache holding K experts, as a profile would build it; n of the K picks hit it.
-    held = list(range(min(K, E - 1)))
+    # A GPU cache as a profile builds it, n of the K picks hitting it. It holds up to
+    # CACHE_PROBE_BYTES of experts (at least K) and the hits rotate through them: in a decode
+    # step the cached experts were last read a whole forward ago, so a probe re-reading the
+    # same small experts from the CPU's caches would make them look faster than they run.
+    item = torch.empty((), dtype=dt).element_size()
+    per = 3 * H * cfg.moe_intermediate_size * item
+    C = max(1, min(E - K, max(K, CACHE_PROBE_BYTES // per)))
+    held = list(range(C))
     cache = GpuExpertCache.from_packed(packed, held, dev, dt)
-    others = [e for e in range(E) if e not in held]
-    for n in range(1, len(held) + 1):
-        if K - n > len(others):
-            continue
-        ids = torch.tensor([held[:n] + others[:K - n]], device=dev)         # [1, K]
+    others = list(range(C, E))
+    crot = [0]
 
-        def cache_run(ids=ids):
-            cache.forward(x, ids, w)
-            sync()
+    def cache_run(n):
+        start = crot[0]
+        crot[0] = (crot[0] + n) % C
+        hit = [held[(start + j) % C] for j in range(n)]
+        ids = torch.tensor([hit + others[:K - n]], device=dev)            # [1, K]
+        cache.forward(x, ids, w)
+        sync()
 
-        probes[("cache", n)] = cache_run
+    for n in range(1, min(K, C) + 1):
+        if K - n <= len(others):
+            probes[("cache", n)] = lambda n=n: cache_run(n)
 
     # torch's one-token matmul read rate (the "GPU" memory rate of cost.py).
-    item = torch.empty((), dtype=dt).element_size()
     W = torch.randn(max(1, matmul_bytes // (H * item)), H, generator=g).to(dev, dt)
 
     def mm():
@@ -487,7 +520,10 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
     def run(f):
         return RunTiming(label=f"{f:.0%}", mask=masks[f], step_s=[placement_s(f)])
 
-    machine, report = fit(cost, parts, freq, run(0.0), run(fit_on), label)
+    overlap = None if cost.machine.gpu_present else side_by_side(model)
+    machine, report = fit(cost, parts, freq, run(0.0), run(fit_on), label, overlap)
+    report["statistic"] = stat
+    report["device_overlaps_cpu"] = machine.overlaps
     before = cost.costs(freq, 1)
     after = dataclasses.replace(cost, machine=machine).costs(freq, 1)
     rows, worst = [], 0.0

@@ -73,8 +73,12 @@ class MachineSpec:
     gpu_expert_overhead_us: float = 0.0  # per cached expert a step uses: launching its matmuls
     gpu_cache_layer_us: float = 0.0      # per MoE layer holding cached experts: the cache's
                                          # fixed work (slot lookup, sort, one host sync)
-    gpu_present: bool = True      # False: the "GPU" part is torch on the same CPU, so the
-                                  # CPU experts and it take turns instead of overlapping
+    gpu_present: bool = True      # False: the "GPU" part is torch on the same CPU
+    device_overlaps_cpu: bool | None = None  # does the cached experts' device work run while
+                                  # the CPU engine works? None: exactly when there is a GPU.
+                                  # Without one it does only when torch's threads and the
+                                  # engine's fit in the cores side by side (calibrate.py
+                                  # decides); otherwise they take turns and the parts add up
     sources: dict = field(default_factory=dict)   # parameter -> where its value came from
 
     def __post_init__(self):
@@ -92,6 +96,10 @@ class MachineSpec:
                 raise ValueError(f"machine {self.name!r}: {f} must be a number >= 0, got {v!r}")
         self.vram_bytes = parse_bytes(self.vram_bytes, f"machine {self.name!r} vram_bytes")
         self.ram_bytes = parse_bytes(self.ram_bytes, f"machine {self.name!r} ram_bytes")
+
+    @property
+    def overlaps(self) -> bool:
+        return self.gpu_present if self.device_overlaps_cpu is None else self.device_overlaps_cpu
 
     @property
     def cpu_effective_gbps(self) -> float:
@@ -324,8 +332,11 @@ class CostModel:
         kv_time = max(kv_read, kv_flops / (mc.gpu_tflops * 1e12))
         host = mc.layer_overhead_us * 1e-6
         attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch) + kv_time
-        serial = np.full(L, attn + host)
-        gpu_fix = np.full(L, gpu_op(m.shared_params_per_layer, batch) if m.shared_experts else 0.0)
+        shared = gpu_op(m.shared_params_per_layer, batch) if m.shared_experts else 0.0
+        if mc.gpu_present:   # the shared expert runs beside the CPU experts
+            serial, gpu_fix = np.full(L, attn + host), np.full(L, shared)
+        else:                # MoELayer runs it before submitting the CPU experts
+            serial, gpu_fix = np.full(L, attn + host + shared), np.zeros(L)
         # Hidden states to host and the CPU result back (bf16), over PCIe.
         cpu_fix = np.full(L, 2 * batch * m.hidden * 2 / (mc.pcie_gbps * GB))
         dense = m.num_dense_layers * (gpu_op(m.attention_params_per_layer, batch) + kv_time
@@ -335,7 +346,7 @@ class CostModel:
         return LayerCosts(cpu=cpu, gpu=gpu, cpu_fix=cpu_fix, gpu_fix=gpu_fix,
                           cache_fix=cache_fix, serial=serial,
                           sync=mc.sync_us * 1e-6, other=dense + head, batch=batch,
-                          overlap=mc.gpu_present)
+                          overlap=mc.overlaps)
 
     # ---- predictions -------------------------------------------------------------------------
     def decode_tok_s(self, freq: np.ndarray, mask: np.ndarray, batch: int = 1) -> float:
