@@ -65,6 +65,9 @@ class ChatApp:
         except ValueError as e:
             self.say(f"error: {e}", style="red")
             return
+        except KeyboardInterrupt:  # before the answer started
+            self.say("[stopped]", style="dim")
+            return
         view = AnswerView(self.console, markdown=self.markdown)
         note = None
         try:

@@ -200,8 +200,12 @@ class ChatSession:
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         reused = self._reused_counter()
         handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room))
-        self.messages.append({"role": "user", "content": user_text})
-        return Reply(self, handle, len(ids), in_reasoning, reused)
+        try:
+            self.messages.append({"role": "user", "content": user_text})
+            return Reply(self, handle, len(ids), in_reasoning, reused)
+        except BaseException:  # Ctrl-C between submit and the Reply that would own the request
+            handle.cancel()
+            raise
 
     def _reused_counter(self) -> int | None:
         """The engine's count of prompt tokens served from a kept prefix (None: it has none).
