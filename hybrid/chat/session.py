@@ -200,11 +200,14 @@ class ChatSession:
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         reused = self._reused_counter()
         handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room))
+        question = {"role": "user", "content": user_text}
         try:
-            self.messages.append({"role": "user", "content": user_text})
+            self.messages.append(question)
             return Reply(self, handle, len(ids), in_reasoning, reused)
         except BaseException:  # Ctrl-C between submit and the Reply that would own the request
             handle.cancel()
+            if self.messages and self.messages[-1] is question:
+                self.messages.pop()
             raise
 
     def _reused_counter(self) -> int | None:
