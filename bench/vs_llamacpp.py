@@ -4,8 +4,8 @@
     python bench/vs_llamacpp.py --synthetic /tmp/k25-2l-32e  # 2-layer K2.5-width, 32 experts
     python bench/vs_llamacpp.py --model DIR                  # any checkpoint hybrid loads
 
-For each model: the checkpoint is written as GGUF with `hybrid convert` (cached next to it,
-or under --gguf-dir), then each runtime in turn (one at a time: RAM) runs
+For each model: the checkpoint is written as GGUF with `hybrid convert` (cached under
+--gguf-dir, default $TMPDIR/hybrid-gguf), then each runtime in turn (one at a time: RAM) runs
   prefill  the prompt in one batch, logits for every position (both runtimes compute all)
   decode   --decode steps of one token; the tokens are hybrid's greedy choices, fed to
            llama.cpp too (teacher forcing), so both see the same inputs at every position.
@@ -21,7 +21,7 @@ with float experts are written with experts in --type.
 The synthetic model is bench/e2e.py's K2.5-width generator (H 7168, I 2048, dense 18432, MLA
 64 heads, INT4 experts) with --experts routed experts instead of 384 (default 32: RAM; the
 decode work per token is the same 8 experts at any count), plus a byte-level tokenizer (its
-text is never used: the prompt is seeded random ids).
+text is never used: the prompt is seeded random ids). The demo model's prompt is English text.
 
 YaRN: llama.cpp's deepseek2 loader ignores the GGUF's beta_fast/beta_slow and uses 32/1, so the
 config's values are passed to llama.cpp explicitly.
@@ -38,6 +38,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None) -> Path:
     cfg = ModelConfig.from_dir(ckpt)
     q = cfg.quant
     expert_type = "q4_0" if q is not None and q.method == "compressed-tensors" and q.group_size == 32 else "same"
-    where = gguf_dir or ckpt.parent
+    where = gguf_dir or Path(tempfile.gettempdir()) / "hybrid-gguf"
+    where.mkdir(parents=True, exist_ok=True)
     out = where / f"{ckpt.name}-{out_type}-experts_{expert_type}.gguf"
     if not out.is_file():
         print(f"converting {ckpt} -> {out} (--type {out_type} --expert-type {expert_type}) ...", file=sys.stderr)
@@ -175,6 +177,11 @@ def agreement(a, b) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+DEMO_TEXT = ("The json module provides functions to encode Python objects as JSON strings and to "
+             "decode JSON text back into Python objects. Use json.dumps to serialise a dictionary, "
+             "and json.loads to parse a string. The os.path module handles file names portably.")
+
+
 def bench_model(name: str, ckpt: Path, args) -> dict:
     import torch
 
@@ -182,8 +189,14 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
 
     cfg = ModelConfig.from_dir(ckpt)
     path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None)
-    g = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
+    if name == "demo":  # a trained model: real text, so top-1 agreement means something
+        from hybrid.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(ckpt).encode(DEMO_TEXT)
+        prompt = (ids * (1 + args.prompt // len(ids)))[: args.prompt]
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
     h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp)
@@ -223,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32768, help="synthetic vocabulary")
     ap.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16",
                     help="GGUF type of the non-expert matrices (default bf16, hybrid's CPU compute dtype)")
-    ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: beside the checkpoint)")
+    ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")
