@@ -30,8 +30,6 @@ class Options:
     logprobs: bool = False
 
 
-
-
 def _text_content(content, where: str, allow_none: bool) -> str | None:
     """OpenAI content: a string or a list of parts; only text parts are supported."""
     if content is None:
@@ -140,8 +138,6 @@ def apply_tool_choice(job: Job, choice, names: list[str], where: str = "tool_cho
         job.tools, job.parse_tools = None, False
     elif choice == "required":
         force_tool_call(job, None)
-
-
 
 
 def parse_thinking(body: dict) -> bool | None:
