@@ -160,8 +160,8 @@ def parse_thinking(body: dict) -> bool | None:
             return v
     effort = get(body, "reasoning_effort", "", str, default=None)
     if effort is not None:
-        check(effort in ("none", "minimal", "low", "medium", "high"),
-              "'reasoning_effort' must be one of none, minimal, low, medium, high", "reasoning_effort")
+        levels = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+        check(effort in levels, f"'reasoning_effort' must be one of {', '.join(levels)}", "reasoning_effort")
         return effort not in ("none", "minimal")
     return None
 
