@@ -53,6 +53,11 @@ def add_load_arguments(parser) -> None:
                         help="device compute dtype (default bfloat16; float32 is the reference path)")
     parser.add_argument("--experts", choices=("cpu", "torch"), default=None,
                         help="routed experts on the C++ engine (default when built) or in torch (reference)")
+    parser.add_argument("--profile", default=None, metavar="YAML",
+                        help="placement profile from `hybrid plan` (profiles/*.yaml): experts cached on the GPU")
+    parser.add_argument("--device-weights", choices=("bf16", "fp32", "int8", "fp8"), default=None,
+                        help="format of the weights on the device (default: the dtype; int8/fp8 to fit 24 GB)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU expert engine threads (default: physical cores)")
 
 
 def load_options(args, context_length: int | None = None) -> dict:
@@ -68,4 +73,10 @@ def load_options(args, context_length: int | None = None) -> dict:
         options["dtype"] = getattr(torch, args.dtype)
     if args.experts:
         options["experts_backend"] = args.experts
+    if args.profile:
+        options["profile"] = args.profile
+    if args.device_weights:
+        options["device_weights"] = args.device_weights
+    if args.threads is not None:
+        options["threads"] = args.threads
     return options
