@@ -7,12 +7,14 @@ which words the model picks. Skipped when the demo model is not in the tree.
 """
 
 import json
+from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
-from test_serve_support import LiveServer
+from test_serve_support import LiveServer, metric
 
 TOOL = {"type": "function", "function": {
     "name": "python_help", "description": "Look up the documentation of a Python name",
@@ -34,8 +36,13 @@ def server():
 
     import hybrid
 
-    s = LiveServer({"model_name": "demo"}, max_seqs=4, loaded=hybrid.load(None, dtype=torch.float32, progress=False),
-                   context=1024)
+    # With the shipped placement profile some experts live in the "GPU" cache (torch on the
+    # CPU here), so the cache hit rate has something to count.
+    profiles = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("demo-model_*MiB.yaml"))
+    options = {"profile": str(profiles[0])} if profiles else {}
+    loaded = hybrid.load(None, dtype=torch.float32, progress=False, **options)
+    s = LiveServer({"model_name": "demo"}, max_seqs=4, loaded=loaded, context=1024)
+    s.has_profile = bool(profiles)
     yield s
     s.stop()
 
@@ -75,3 +82,12 @@ def test_anthropic_generated_tool_use_streamed_and_whole(server):
     with a.messages.stream(**kw) as s:
         streamed = s.get_final_message()
     assert streamed.content == whole.content and streamed.stop_reason == "tool_use"
+
+
+def test_metrics_report_the_gpu_expert_cache_hit_rate(server):
+    if not server.has_profile:
+        pytest.skip("no placement profile for the demo model")
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    c.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0)
+    rate = metric(httpx.get(server.url + "/metrics").text, "hybrid_cache_hit_rate")
+    assert 0.0 < rate < 1.0

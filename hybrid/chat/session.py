@@ -140,6 +140,9 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.settings = settings or Settings()
         self.model = model
+        from hybrid.chat.cache_stats import attach_hit_counter
+
+        self._hits = attach_hit_counter(model) if model is not None else None
         self.messages: list[dict] = []
         self.stats = SessionStats()
 
@@ -223,8 +226,6 @@ class ChatSession:
         self.stats.add(reply.stats)
 
     def cache_hit_rate(self) -> float | None:
-        fn = getattr(self.model, "cache_hit_rate", None)
-        if fn is None:
-            return None
-        value = fn() if callable(fn) else fn
-        return None if value is None else float(value)
+        from hybrid.chat.cache_stats import hit_rate
+
+        return hit_rate(self.model, self._hits)

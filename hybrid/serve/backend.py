@@ -77,6 +77,9 @@ class Backend:
         self.max_queued = max_queued
         self.metrics = metrics
         self.model = model  # hybrid.load()'s Model, when the server loaded one (for cache stats)
+        from hybrid.chat.cache_stats import attach_hit_counter
+
+        self._hits = attach_hit_counter(model) if model is not None else None
 
     @property
     def context_length(self) -> int:
@@ -141,16 +144,9 @@ class Backend:
         if "prompt_tokens_reused" in s and s.get("prompt_tokens"):
             # Prompt tokens whose KV a freed slot still held (the next turn of a chat).
             out["prefix_cache_hit_rate"] = s["prompt_tokens_reused"] / s["prompt_tokens"]
-        rate = _cache_hit_rate(self.model)
+        from hybrid.chat.cache_stats import hit_rate
+
+        rate = hit_rate(self.model, self._hits)
         if rate is not None:
             out["cache_hit_rate"] = rate
         return out
-
-
-def _cache_hit_rate(model) -> float | None:
-    """GPU expert-cache hit rate, if the loaded model keeps one (None when it has no cache)."""
-    fn = getattr(model, "cache_hit_rate", None)
-    if fn is None:
-        return None
-    value = fn() if callable(fn) else fn
-    return float(value) if value is not None else None
