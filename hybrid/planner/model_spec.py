@@ -209,9 +209,28 @@ def _need(cfg: dict, key: str, where: str):
     return v
 
 
-def spec_from_config(cfg: dict, model_id: str, where: str = "config") -> ModelSpec:
-    """Build a ModelSpec from a DeepSeek-V3-style config dict (text_config is unwrapped)."""
+def default_expert_format(cfg: dict) -> str:
+    """The format hybrid.load keeps a checkpoint's routed experts in by default (loaders/
+    experts.py): compressed-tensors INT4 passes through, FP8 becomes int8 group-32, float
+    experts stay bf16."""
+    q = cfg.get("quantization_config") or {}
+    if "text_config" in cfg and not q:
+        q = (cfg["text_config"] or {}).get("quantization_config") or {}
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == "compressed-tensors":
+        return "int4_g32"
+    if method == "fp8":
+        return "int8_g32"
+    return "bf16"
+
+
+def spec_from_config(cfg: dict, model_id: str, where: str = "config",
+                     expert_format: str | None = None) -> ModelSpec:
+    """Build a ModelSpec from a DeepSeek-V3-style config dict (text_config is unwrapped).
+    expert_format: how the CPU holds the experts (default: what hybrid.load does with this
+    checkpoint, default_expert_format)."""
     raw = cfg
+    expert_format = expert_format or default_expert_format(cfg)
     if "text_config" in cfg and isinstance(cfg["text_config"], dict):
         cfg = cfg["text_config"]
     n_layers = _need(cfg, "num_hidden_layers", where)
@@ -242,6 +261,7 @@ def spec_from_config(cfg: dict, model_id: str, where: str = "config") -> ModelSp
         vocab_size=cfg.get("vocab_size", 0) or 0,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         config_hash=config_hash(cfg),
+        expert_format=expert_format,
         config=raw,
     )
 
@@ -250,7 +270,8 @@ def load_model_spec(model: str | None) -> ModelSpec:
     """`model`: a checkpoint directory, a config.json path, or a built-in name ("kimi-k2.5")."""
     if model is None or model.lower() in BUILTIN_MODELS:
         name = "kimi-k2.5" if model is None else model.lower()
-        return spec_from_config(BUILTIN_MODELS[name], "kimi-k2.5", where="built-in kimi-k2.5")
+        return spec_from_config(BUILTIN_MODELS[name], "kimi-k2.5", where="built-in kimi-k2.5",
+                                expert_format="int4_g32")   # Kimi ships INT4 group-32 experts
     path = model
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")

@@ -115,9 +115,11 @@ def _trace_section(trace, path) -> dict:
 def save(profile: dict, path: str) -> None:
     import yaml
 
+    t = profile["trace"]
     header = ("# hybrid placement profile: which experts live in VRAM. Made by `hybrid plan`.\n"
               + ("# SYNTHETIC TRACE: routing statistics were generated, not recorded.\n"
-                 if profile["trace"]["synthetic"] else ""))
+                 if t["synthetic"] else
+                 f"# RECORDED TRACE: {t['tokens']} tokens, {t['source']}\n"))
     with open(path, "w") as f:
         f.write(header)
         yaml.safe_dump(profile, f, sort_keys=False, default_flow_style=False, width=100)
