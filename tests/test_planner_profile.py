@@ -145,3 +145,30 @@ def test_matching_profiles_for_a_gpu():
                               "moe_intermediate_size": 32, "num_hidden_layers": 2,
                               "first_k_dense_replace": 1, "num_attention_heads": 2}, "tiny")
     assert matching_profiles(other, 80 * 2**30) == []
+
+
+def test_shipped_demo_profile_is_recorded_and_loads():
+    root = Path(__file__).resolve().parent.parent
+    demo = root / "hybrid" / "demo_model"
+    if not (demo / "config.json").is_file():
+        pytest.skip("no embedded demo model in this tree")
+    import yaml
+
+    import hybrid
+
+    path = root / "profiles" / "demo-model_reference_542MiB.yaml"
+    spec = load_model_spec(str(demo))
+    p = profiles.load(str(path), model=spec, vram_bytes=542 * 2**20)
+    t = p.data["trace"]
+    assert t["synthetic"] is False and "profiles/prompts/demo.jsonl" in t["source"]
+    assert "RECORDED TRACE" in path.read_text().splitlines()[1]
+    summary = yaml.safe_load((root / "profiles" / "demo-model_demo-prompts_trace-summary.yaml")
+                             .read_text())
+    trace = traces.load(str(root / t["path"]))
+    assert summary["tokens"] == trace.tokens == t["tokens"]
+    assert summary["config_hash"] == trace.config_hash == spec.config_hash
+    model = hybrid.load(demo, profile=str(path), max_vram=542 * 2**20, max_len=2048,
+                        progress=False)
+    held = {layer.mlp.layer: sorted(layer.mlp.gpu_cache.experts) for layer in model.net.layers
+            if getattr(getattr(layer, "mlp", None), "gpu_cache", None) is not None}
+    assert held == {k: v for k, v in p.cached.items() if v}
