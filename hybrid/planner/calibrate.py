@@ -18,9 +18,10 @@ numbers are assumptions; here they are measured, on a given model, with the runt
              overhead (Python, torch dispatch, and any device work the cost model does not
              itemise: norms, activations, attention arithmetic): layer_overhead_us =
              residual / decoder layers
-    "other"  some experts cached: with the host overhead known, its residual is the cache's
-             per-layer fixed cost in place (gpu_cache_layer_us; the micro-timing's intercept
-             misses the sum into the layer output and the cache's interplay with the engine)
+    "other"  some experts cached: with the host overhead known, what is left is the cache's
+             work in place differing from its micro-timing (colder CPU caches, the engine's
+             thread beside it): one factor k scales both its fixed part and its per-hit part
+             (gpu_cache_layer_us = k x fix, per hit = k x per_hit)
 
   per_hit splits into the cached expert's bytes at gpu_mem_gbps plus a dispatch overhead
   (gpu_expert_overhead_us, never below 0).
@@ -49,6 +50,7 @@ from hybrid.planner.cost import CostModel, MachineSpec
 
 PER_EXPERT_FLOOR_S = 1e-9   # engine seconds per expert below which the fit calls it zero
 CACHE_PROBE_BYTES = 256 << 20   # experts the GPU-cache probe holds and rotates through
+MAX_CACHE_SCALE = 1e3           # bound on the cache's in-place / micro-timed work factor
 
 
 @dataclass
@@ -141,10 +143,25 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
     # Host overhead: what the no-cache run leaves unexplained, per decoder layer.
     resid_none = none.typical_s - predicted(mc, none.mask)
     mc.layer_overhead_us = max(0.0, resid_none / m.num_layers) * 1e6
-    # The cache's fixed per-layer cost: what the other run leaves unexplained, per cache layer.
+    # The cache in place: its micro-timed work (fixed part per layer, per hit) runs k times
+    # slower or faster inside a decode step (colder CPU caches, the engine's thread beside it);
+    # k is what makes the other run add up.
     layers_cached = int(other.mask.any(axis=1).sum())
     resid_other = other.typical_s - predicted(mc, other.mask)
-    mc.gpu_cache_layer_us = max(0.0, resid_other / layers_cached) * 1e6
+
+    def scaled(k):
+        return dataclasses.replace(
+            mc, gpu_cache_layer_us=max(0.0, k * cache_fix_s) * 1e6,
+            gpu_expert_overhead_us=max(0.0, k * per_hit_s - gpu_bytes_s) * 1e6)
+
+    lo, hi = 0.0, 1.0
+    while predicted(scaled(hi), other.mask) < other.typical_s and hi < MAX_CACHE_SCALE:
+        lo, hi = hi, hi * 2
+    for _ in range(60):   # bisection: predicted time grows with k
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted(scaled(mid), other.mask) < other.typical_s else (lo, mid)
+    k = min(hi, MAX_CACHE_SCALE)
+    mc = scaled(k)
     where = f"calibrated on {model_label or m.model_id}"
     mc.sources.update({
         "cpu_kernel_gbps": f"measured ({where}): expert engine seconds per expert "
@@ -153,13 +170,14 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
                    f"(intercept of the fit)",
         "gpu_mem_gbps": f"measured: torch one-token matmul read rate on the device"
                         f"{' (torch on the CPU: no GPU)' if not base.gpu_present else ''}",
-        "gpu_expert_overhead_us": f"measured ({where}): GpuExpertCache seconds per hit minus "
-                                  f"the expert's bytes at gpu_mem_gbps",
+        "gpu_expert_overhead_us": f"measured ({where}): GpuExpertCache seconds per hit, "
+                                  f"times the in-place factor (gpu_cache_layer_us), minus the "
+                                  f"expert's bytes at gpu_mem_gbps",
         "layer_overhead_us": f"fitted ({where}): the no-cache decode run's time the parts do "
                              f"not explain, per decoder layer",
-        "gpu_cache_layer_us": f"fitted ({where}): the '{other.label}' run's time the parts "
-                              f"and host overhead do not explain, per MoE layer holding "
-                              f"cached experts",
+        "gpu_cache_layer_us": f"measured and fitted ({where}): GpuExpertCache fixed seconds "
+                              f"per call, times the factor {k:.3g} that makes the "
+                              f"'{other.label}' run add up (the cache's work in place)",
     })
     if overlap is not None:
         mc.sources["device_overlaps_cpu"] = (
@@ -174,6 +192,7 @@ def fit(cost: CostModel, parts: PartTimings, freq: np.ndarray, none: RunTiming,
         "none_residual_ms": resid_none * 1e3,
         "other_label": other.label, "other_step_ms": other.typical_s * 1e3,
         "other_residual_ms": resid_other * 1e3, "layers_cached": layers_cached,
+        "cache_in_place_factor": k,
     }
     return mc, report
 
