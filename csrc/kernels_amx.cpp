@@ -59,8 +59,9 @@ static void amx_configure(int m) {
 }
 
 // INT4 group -> B tile buffer of 8 x 64 signed bytes (nibble - 8).
-static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst) {
+static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst, int64_t block_bytes) {
   z_prefetch_bytes(p, 256);
+  z_prefetch_next_block(p, 256, block_bytes);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i eight = _mm512_set1_epi8(8);
 #pragma GCC unroll 16
@@ -119,9 +120,12 @@ static HY_ALWAYS_INLINE void amx_tokens_body(const PackedMatrix& w, int64_t b0, 
       const int np = int(ng - g0 < kPassGroups ? ng - g0 : kPassGroups);
       // (1) B tiles: INT4 unpacked to s8; INT8 read in place (u8, TDPBSUD), only prefetched.
       if (int4)
-        for (int i = 0; i < np; ++i) amx_unpack_i4(qw + (g0 + i) * 256, bbuf[i]);
+        for (int i = 0; i < np; ++i) amx_unpack_i4(qw + (g0 + i) * 256, bbuf[i], ng * 256);
       else
-        for (int i = 0; i < np; ++i) z_prefetch_bytes(qw + (g0 + i) * 512, 512);
+        for (int i = 0; i < np; ++i) {
+          z_prefetch_bytes(qw + (g0 + i) * 512, 512);
+          z_prefetch_next_block(qw + (g0 + i) * 512, 512, ng * 512);
+        }
       // (2) tiles, two groups in flight on tile sets (0, 2, 4) and (1, 3, 5).
       int i = 0;
       for (; i + 2 <= np; i += 2) {

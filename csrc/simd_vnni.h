@@ -30,6 +30,7 @@ static HY_ALWAYS_INLINE void v_a8_i4_tile(const PackedMatrix& w, int64_t b, cons
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 256;
     z_prefetch_bytes(p, 256);  // see kPrefetchBytes
+    if (tt > 1) z_prefetch_next_block(p, 256, ng * 256);
     __m512i wv[8];  // [chunk c lo, chunk c hi]: inputs 8c..8c+3, 8c+4..8c+7 of the group
 #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
@@ -74,6 +75,7 @@ static HY_ALWAYS_INLINE void v_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* p = qw + g * 512;
     z_prefetch_bytes(p, 512);
+    if (tt > 1) z_prefetch_next_block(p, 512, ng * 512);
     __m512i wv[8];
 #pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(p + c * 64);
