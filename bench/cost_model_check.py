@@ -26,6 +26,15 @@ bf16 GPU-cache copies within this machine's RAM: each cached expert is 88 MB): p
 engine reads 8 full-width experts either way, so the routed bytes per token are K2.5's.
 Speeds are this machine's, under whatever else runs on it: the check is prediction vs
 measurement on the same machine at the same time, not a speed claim.
+
+Measured 2026-11-29 on the shared 2-core dev box (Xeon, AVX-512/AMX, no GPU; load average 5-8
+from other work; engine and torch 1 thread each; paired statistic; fit on 0% and 25%):
+  model                            placements checked (cached share: error)         worst
+  tiny test checkpoint (H 64)      6.25%: -8.3  12.5%: -6.5  50%: -2.3                8.3%
+  demo model (H 256, 4 MoE layers)  6.25%: +5.5  12.5%: +4.4  50%: +2.0                5.5%
+  K2.5 width, 64 experts            12.5%: -7.6  50%: +4.2   75%: +2.4                7.6%
+  (an uncalibrated local machine predicts 1583, 778 and 12.4 tok/s for the three with nothing
+  cached; measured 332, 81 and 2.9)
 """
 
 from __future__ import annotations
