@@ -99,12 +99,13 @@ def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
-def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int) -> dict:
+def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int, fp32: bool = False) -> dict:
     import torch
 
     import hybrid
 
-    model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16)
+    model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16,
+                        dtype=torch.float32 if fp32 else None)
     net = model.net
     P = len(prompt)
     ids = torch.tensor(prompt)
@@ -199,7 +200,7 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
-    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp)
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32")
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
     lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp)
     p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
@@ -235,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=32, help="routed experts of the synthetic model (K2.5: 384)")
     ap.add_argument("--vocab", type=int, default=32768, help="synthetic vocabulary")
     ap.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16",
-                    help="GGUF type of the non-expert matrices (default bf16, hybrid's CPU compute dtype)")
+                    help="GGUF type of the non-expert matrices (default bf16, hybrid's CPU compute dtype; "
+                         "f32 also runs hybrid in fp32, the reference path: a converter check)")
     ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
