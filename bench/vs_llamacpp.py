@@ -66,16 +66,16 @@ def synthetic_checkpoint(path: Path, experts: int, vocab: int, seed: int = 0) ->
 
 
 def _byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE over the 256 byte symbols and <s>/</s> (ids 0, 1), no merges: enough for
-    both runtimes to load; config.json's vocab_size pads the rest."""
+    """A byte-level BPE over the 256 byte symbols, <s>/</s> (ids 0, 1) and a few merges (llama.cpp
+    needs at least one): enough for both runtimes to load; config.json's vocab_size pads the rest."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=258, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=262, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([""], trainer)
+    tok.train_from_iterator(["the theme of the thesis"] * 4, trainer)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 

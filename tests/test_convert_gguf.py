@@ -332,3 +332,18 @@ def test_row_slices_cover_the_tensor():
     assert [p.shape[0] for p in parts] == [2, 2, 2, 2, 2]
     assert torch.equal(torch.cat(parts), x)
     assert np.array_equal(np.concatenate([encode(p, "q8_0") for p in parts]), encode(x, "q8_0"))
+
+
+def test_bpe_without_merges_is_refused(tmp_path):
+    """llama.cpp's gpt2 tokenizer needs tokenizer.ggml.merges, and gguf cannot write an empty array."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from hybrid.convert.gguf_export import ConvertError
+
+    path, _ = checkpoints.build(tmp_path, variant="plain", vocab_size=VOCAB)
+    tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path / "tokenizer.json"))
+    with pytest.raises(ConvertError, match="no merges"):
+        _convert(path, "f32", tmp_path)

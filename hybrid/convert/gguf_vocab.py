@@ -156,6 +156,9 @@ def build_vocab(checkpoint: Path, vocab_size: int, pre: str | None = None) -> GG
         tokens, types, merges, pre = _hf_vocab(Path(tok.source), vocab_size, pre)
     for text, tid in tok.special_tokens.items():
         tokens[tid], types[tid] = text, TOKEN_CONTROL
+    if not merges:  # gguf cannot write an empty array, and llama.cpp requires the key
+        raise VocabError(f"{tok.source}: the BPE vocabulary has no merges; llama.cpp's gpt2 tokenizer "
+                         "needs at least one")
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
     return GGUFVocab(pre=pre, tokens=tokens, token_types=types, merges=merges, bos_id=tok.bos_id,
                      eos_id=tok.eos_id, add_bos=tok.add_bos,
