@@ -41,6 +41,12 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       max_len          context the KV cache is sized for (default: min(max_position_embeddings, 4096))
       max_vram         bytes the device may use (default: free device memory on CUDA; unchecked on CPU)
       profile          placement profile (hybrid plan, profiles/*.yaml): experts held on the device
+      online           online re-placement of the profile's cached experts (hybrid/planner/
+                       online.py): False, True, or a dict of OnlinePolicy fields (interval,
+                       window, max_swaps, horizon) over the profile's `online.policy`. Default:
+                       the profile's `online.enabled` (false as `hybrid plan` writes it). Needs a
+                       profile with a `machine` section (its costs decide when a swap pays); the
+                       number of cached experts per layer never changes, so the budget holds.
       progress         show progress bars (default True)
     """
     from hybrid.config import ModelConfig
@@ -76,18 +82,26 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     progress = bool(opts.pop("progress", True))
     max_vram = opts.pop("max_vram", None)
     profile = opts.pop("profile", None)
+    online = opts.pop("online", None)
+    if online is not None and not isinstance(online, (bool, dict)):
+        raise TypeError(f"hybrid.load: online must be False, True or a dict of policy options, "
+                        f"got {online!r}")
+    if online is not None and online is not False and profile is None:
+        raise ValueError("hybrid.load: online= re-places the experts a placement profile caches "
+                         "on the device; pass profile= (hybrid plan) as well")
     config = ModelConfig.from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
 
-    prof = None
+    prof = placer = None
     gpu_expert_bytes = 0
     if profile is not None:
         if backend != "cpu":
             raise ValueError("profile= caches experts on the device beside the CPU engine: it needs "
                              "experts_backend='cpu'")
-        prof = _load_profile(profile, path, device, max_vram)
+        prof, spec = _load_profile(profile, path, device, max_vram)
+        placer = _online_placer(prof, spec, online)
         item = torch.empty((), dtype=dtype).element_size()
         gpu_expert_bytes = prof.num_cached * 3 * config.hidden_size * config.moe_intermediate_size * item
     check_fits(config, path, device, dtype, formats, max_len=max_len, num_slots=1,
@@ -98,9 +112,12 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     config, net = load_model(path, device, dtype, experts_backend=backend, expert_format=expert_format,
                              device_formats=formats, packed_cache=packed_cache, threads=threads,
                              mode=mode, progress=progress, config=config)
+    live = None
     if prof is not None:
         _attach_gpu_caches(net, config, prof, device, dtype)
-    return Model(config, net, path, max_len=max_len, tokenizer=_tokenizer(path))
+        if placer is not None:
+            live = _attach_online(net, config, placer)
+    return Model(config, net, path, max_len=max_len, tokenizer=_tokenizer(path), online=live)
 
 
 def _native_available() -> bool:
@@ -121,7 +138,57 @@ def _load_profile(profile, path: Path, device: torch.device, max_vram):
     budget = max_vram
     if budget is None and device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0]
-    return load_profile(str(profile), model=spec, vram_bytes=budget)
+    return load_profile(str(profile), model=spec, vram_bytes=budget), spec
+
+
+def _online_placer(prof, spec, online):
+    """The OnlinePlacer `online` asks for (None: off), starting from the profile's placement,
+    with the profile's machine and expert formats as its cost model."""
+    import dataclasses
+
+    from hybrid.planner.cost import CostModel, MachineSpec
+    from hybrid.planner.online import OnlinePlacer
+    from hybrid.planner.simulate import OnlinePolicy
+
+    section = prof.data.get("online") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{prof.path}: field 'online' must be a mapping")
+    if online is None:
+        online = bool(section.get("enabled", False))
+    if online is False:
+        return None
+    options = dict(section.get("policy") or {})
+    if isinstance(online, dict):
+        options.update(online)
+    known = {f.name for f in dataclasses.fields(OnlinePolicy)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"online re-placement: unknown policy option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    policy = OnlinePolicy(**options)
+    if not isinstance(prof.data.get("machine"), dict):
+        raise ValueError(f"{prof.path}: online re-placement needs the profile's 'machine' section "
+                         f"(the costs that decide when a swap pays); make the profile with "
+                         f"`hybrid plan`")
+    machine = MachineSpec.from_dict(prof.data["machine"], where=f"{prof.path}: machine")
+    cost = CostModel(spec, machine, gpu_expert_format=prof.gpu_expert_format)
+    return OnlinePlacer(cost, prof.mask(spec.moe_layers), spec.moe_layers, policy)
+
+
+def _attach_online(net, config, placer):
+    """Observe every MoE layer's routing and swap experts at each step's end (Model.forward)."""
+    from hybrid.planner.online import LiveReplacement
+
+    caches, sources = {}, {}
+    for i, layer in enumerate(net.layers):
+        if config.is_moe_layer(i) and layer.mlp.gpu_cache is not None:
+            caches[i] = layer.mlp.gpu_cache
+            sources[i] = layer.mlp.routed.layer.unpack_expert
+    live = LiveReplacement(placer, caches, sources)
+    for i, layer in enumerate(net.layers):
+        if config.is_moe_layer(i):
+            layer.mlp.observe = live.observe
+    return live
 
 
 def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
@@ -136,9 +203,12 @@ def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
 
 def _split_threads(device: torch.device, threads: int | None) -> None:
     """With no GPU the "device" work (attention, router, shared expert, dense MLP) is torch on
-    the same cores as the expert engine. MoELayer runs the two one after the other there (an
-    overlap only makes them share cores), and torch gets few intra-op threads: the engine's
-    share of a step dominates, while every multi-threaded torch op ends in a barrier that waits
+    the same cores as the expert engine. MoELayer runs the two one after the other there: the
+    shared expert and the experts a profile caches "on the device" both run before the engine's
+    submit, never beside it (an overlap would put torch's threads on the cores the engine was
+    given, 3 busy threads on 2 cores, and the engine's barrier waits for the slowest). Torch
+    gets few intra-op threads: the engine's share of a step dominates, while every
+    multi-threaded torch op ends in a barrier that waits
     for all its threads, and its OpenMP workers spin after each op, so on contended cores a
     2-thread torch op can wait milliseconds for a time slice. Measured on the 2-core dev box
     (tiny model, bf16 decode): torch 2 threads + engine 2 threads 500-860 ms per step, torch
@@ -166,9 +236,11 @@ def _tokenizer(path: Path):
 class Model:
     """A loaded model: .config, .tokenizer, .logits(), .generate(), .stream()."""
 
-    def __init__(self, config, net, path: Path, max_len: int, tokenizer=None):
+    def __init__(self, config, net, path: Path, max_len: int, tokenizer=None, online=None):
         self.config, self.net, self.path = config, net, path
         self.max_len, self.tokenizer = max_len, tokenizer
+        # planner/online.py LiveReplacement, or None: its end_step runs after every forward.
+        self.online = online
         self.device, self.dtype = net.device, net.dtype
         self.model = net  # the module with forward(), under the name hybrid.engine looks for
         self._engine = None
@@ -179,7 +251,16 @@ class Model:
         return LatentKVCache(self.config, num_slots, max_len or self.max_len, self.device, self.dtype)
 
     def forward(self, input_ids, positions, slots, cache, logits_index=None) -> torch.Tensor:
-        return self.net.forward(input_ids, positions, slots, cache, logits_index)
+        """One step (the engine calls this once per step). With online re-placement, the swaps
+        the step's routing asks for happen after the whole forward, never inside it."""
+        out = self.net.forward(input_ids, positions, slots, cache, logits_index)
+        if self.online is not None:
+            self.online.end_step()
+        return out
+
+    def online_stats(self) -> dict | None:
+        """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""
+        return self.online.stats() if self.online is not None else None
 
     def _check_prompt(self, token_ids, extra: int = 0) -> torch.Tensor:
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)
@@ -195,7 +276,7 @@ class Model:
         ids = self._check_prompt(token_ids)
         cache = self.new_cache(1, ids.numel())
         pos = torch.arange(ids.numel())
-        return self.net.forward(ids, pos, torch.zeros_like(pos), cache)
+        return self.forward(ids, pos, torch.zeros_like(pos), cache)
 
     def generate(self, token_ids, max_new_tokens: int, temperature: float = 0.0, **sampling) -> list[int]:
         """New token ids (prompt not included, a final end-of-sequence token not included)."""
@@ -245,7 +326,7 @@ class Model:
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         pos = torch.arange(ids.numel())
         last = torch.tensor([ids.numel() - 1])
-        logits = self.net.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last)
+        logits = self.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last)
         n = ids.numel()
         for i in range(max_new_tokens):
             tok = _sample(logits[0], temperature, top_p, top_k, gen)
@@ -254,7 +335,7 @@ class Model:
             yield tok
             if i == max_new_tokens - 1:
                 return
-            logits = self.net.forward(torch.tensor([tok]), torch.tensor([n]), torch.tensor([0]), cache)
+            logits = self.forward(torch.tensor([tok]), torch.tensor([n]), torch.tensor([0]), cache)
             n += 1
 
 

@@ -22,6 +22,7 @@ Legend: L MoE layers, E experts, T tokens in a step, K picks per token.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
@@ -80,3 +81,70 @@ class OnlinePlacer:
         self.swaps += len(out)
         self._since = 0
         return out
+
+
+class LiveReplacement:
+    """OnlinePlacer wired into a loaded model: the MoE layers' routing observer and the
+    model's step-end callback (hybrid/api.py sets both up for load(..., online=...)).
+
+    observe(layer, ids) runs inside a forward, before the layer submits its CPU work, so the
+    hit count uses the placement that forward computes with; end_step() runs after the whole
+    forward (never mid-forward: the CPU skip mask and the cache must agree for every layer of
+    a step) and performs the placer's swaps with GpuExpertCache.swap, the new expert's weights
+    dequantised from the packed CPU layout (PackedLayer.unpack_expert). swap updates the skip
+    mask with the slot, so no (token, expert) pair is computed twice or dropped.
+
+    caches: decoder layer -> GpuExpertCache; sources: decoder layer -> unpack_expert(e).
+    """
+
+    def __init__(self, placer: OnlinePlacer, caches: dict, sources: dict):
+        import threading
+
+        missing = sorted(set(caches) - set(sources))
+        if missing:
+            raise ValueError(f"LiveReplacement: no expert source for layers {missing}")
+        self.placer, self.caches, self.sources = placer, caches, sources
+        self._lock = threading.Lock()  # the engine thread counts, a frontend thread reads
+        self.hits = 0
+        self.picks = 0
+        self.steps = 0
+        self.swaps = 0
+        # The latest swaps as (step, layer, out, in), in the order they were made; bounded so
+        # a server running for weeks does not grow it without end.
+        self.history = deque(maxlen=4096)
+
+    def observe(self, layer_idx: int, ids) -> None:
+        """ids [T, K] from the router of decoder layer `layer_idx` (any device)."""
+        if hasattr(ids, "detach"):
+            ids = ids.detach().to("cpu").numpy()
+        ids = np.asarray(ids)
+        self.placer.observe(layer_idx, ids)
+        cache = self.caches.get(int(layer_idx))
+        hits = 0
+        if cache is not None:
+            hits = int(cache.mask.numpy()[ids.reshape(-1)].sum())   # mask [E] bool, host
+        with self._lock:
+            self.hits += hits
+            self.picks += ids.size
+
+    def end_step(self) -> list:
+        """Close one forward: returns the swaps made now as (layer, out, in)."""
+        swaps = self.placer.end_step()
+        for layer, out_e, in_e in swaps:
+            cache = self.caches.get(layer)
+            if cache is None:  # the placer's mask had experts here, so the cache must exist
+                raise RuntimeError(f"online re-placement: swap {out_e} -> {in_e} for layer "
+                                   f"{layer}, which holds no GPU expert cache")
+            cache.swap(out_e, in_e, self.sources[layer])
+        with self._lock:
+            self.history.extend((self.steps, l, o, i) for l, o, i in swaps)
+            self.swaps += len(swaps)
+            self.steps += 1
+        return swaps
+
+    def stats(self) -> dict:
+        """Counters for /stats and /metrics: swaps made, cache hits over routed picks."""
+        with self._lock:
+            return {"swaps": self.swaps, "steps": self.steps, "hits": self.hits,
+                    "picks": self.picks,
+                    "hit_rate": self.hits / self.picks if self.picks else None}
