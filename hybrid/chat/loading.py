@@ -7,6 +7,7 @@ long it took, and one line saying why when it fails.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -58,6 +59,10 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--device-weights", choices=("bf16", "fp32", "int8", "fp8"), default=None,
                         help="format of the weights on the device (default: the dtype; int8/fp8 to fit 24 GB)")
     parser.add_argument("--threads", type=int, default=None, help="CPU expert engine threads (default: physical cores)")
+    parser.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --profile: swap experts into the GPU cache as routing drifts, a few "
+                             "per layer per step when the cost model says a swap pays (default: the "
+                             "profile's online.enabled, normally off)")
 
 
 def load_options(args, context_length: int | None = None) -> dict:
@@ -79,4 +84,7 @@ def load_options(args, context_length: int | None = None) -> dict:
         options["device_weights"] = args.device_weights
     if args.threads is not None:
         options["threads"] = args.threads
+    online = getattr(args, "online", None)
+    if online is not None:  # without --profile hybrid.load says why (load_model_or_explain)
+        options["online"] = online
     return options

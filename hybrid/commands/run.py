@@ -43,11 +43,11 @@ def register(subparsers) -> None:
                    help="keep generating past end-of-text tokens (for measuring speed)")
     p.add_argument("--context-length", type=int, default=None,
                    help="KV cache length in tokens (default: the model's, at most 4096)")
-    p.add_argument("--device", default=None, help="torch device for the dense part (default: cuda if present)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                   help="device compute dtype (default bfloat16; float32 is the reference path)")
-    p.add_argument("--experts", choices=("cpu", "torch"), default=None,
-                   help="routed experts on the C++ engine (default when built) or in torch (reference)")
+    # --device, --dtype, --experts, --profile, --device-weights, --threads, --online: the
+    # same load flags as chat and serve.
+    from hybrid.chat.loading import add_load_arguments
+
+    add_load_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -95,20 +95,9 @@ def main(args: argparse.Namespace) -> int:
     if not text:
         return _fail("no prompt: pass --prompt TEXT (or pipe text on stdin)")
 
-    import torch
+    from hybrid.chat.loading import load_model_or_explain, load_options
 
-    from hybrid.chat.loading import load_model_or_explain
-
-    options = {}
-    if args.context_length:
-        options["max_len"] = args.context_length
-    if args.device:
-        options["device"] = args.device
-    if args.dtype:
-        options["dtype"] = getattr(torch, args.dtype)
-    if args.experts:
-        options["experts_backend"] = args.experts
-    model = load_model_or_explain(args.model, "hybrid run", **options)
+    model = load_model_or_explain(args.model, "hybrid run", **load_options(args, args.context_length))
     if model is None:
         return 1
 
@@ -148,6 +137,11 @@ def main(args: argparse.Namespace) -> int:
         decode = (n - 1) / (end - first) if n > 1 and end > first else 0.0
         print(f"hybrid run: {len(ids)} prompt tokens, {n} generated ({final.finish_reason}); "
               f"first token {first - start:.2f} s, then {decode:.1f} tok/s", file=sys.stderr)
+        online = model.online_stats() if hasattr(model, "online_stats") else None
+        if online is not None:
+            rate = "-" if online["hit_rate"] is None else f"{online['hit_rate']:.1%}"
+            print(f"hybrid run: online re-placement: {online['swaps']} swaps, GPU cache hit rate "
+                  f"{rate}", file=sys.stderr)
         return 0
     finally:
         engine.close()
