@@ -35,3 +35,22 @@ def test_run_online_needs_a_profile():
     r = _run("--online")
     assert r.returncode == 1
     assert "pass profile=" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_engine_stats_report_swaps_on_the_demo_model():
+    # The engine calls Model.forward once per step, which ends the placer's step; its stats
+    # (what /metrics reads) carry the swap count and the cache hit rate.
+    import hybrid
+
+    model = hybrid.load(None, profile=PROFILE, progress=False, threads=1,
+                        online={"interval": 1, "window": 4.0, "max_swaps": 2, "horizon": 1e9})
+    try:
+        ids = model.tokenizer.encode("Once upon a time")
+        assert len(model.generate(ids, 8, stop_at_eos=False)) == 8
+        online = model.online_stats()
+        s = model.engine().stats()
+        assert s["expert_swaps"] == online["swaps"] > 0
+        assert s["expert_cache_hit_rate"] == online["hit_rate"]
+        assert online["steps"] == s["steps"]
+    finally:
+        model.close()

@@ -235,9 +235,18 @@ class Engine:
                 self._rate.popleft()
             span = now - self._rate[0][0] if self._rate else 0.0
             tokens = sum(n for _, n in self._rate)
-            return dict(self._counters, running=len(self._active), waiting=len(self._waiting),
-                        max_seqs=self.max_seqs, max_context=self.max_context,
-                        tokens_per_s=tokens / span if span > 0 else 0.0)
+            out = dict(self._counters, running=len(self._active), waiting=len(self._waiting),
+                       max_seqs=self.max_seqs, max_context=self.max_context,
+                       tokens_per_s=tokens / span if span > 0 else 0.0)
+        # hybrid.load(..., online=...): experts swapped into the GPU cache and its hit rate
+        # (the model's step-end callback runs inside self.module.forward, once per step).
+        online = getattr(self.module, "online_stats", None)
+        online = online() if callable(online) else None
+        if online is not None:
+            out["expert_swaps"] = online["swaps"]
+            if online["hit_rate"] is not None:
+                out["expert_cache_hit_rate"] = online["hit_rate"]
+        return out
 
     def close(self) -> None:
         """Stop the engine thread; requests still queued or running end as "cancelled"."""
