@@ -240,7 +240,8 @@ def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[Plann
             continue
         add(f"{b}.ffn_gate_inp.weight", (E, H), lambda m=m: src.fp32(f"{m}.gate.weight", (E, H)), small=True)
         add(f"{b}.exp_probs_b.bias", (E,), lambda m=m: src.fp32(f"{m}.gate.e_score_correction_bias", (E,)))
-        for proj, gg, shape in (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)), ("down_proj", "down", (H, I))):
+        projs = (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)), ("down_proj", "down", (H, I)))
+        for proj, gg, shape in projs:
             def experts(m=m, proj=proj, shape=shape):
                 for e in range(E):  # one expert at a time: [1, out, in]
                     if expert_type == "q4_0":
