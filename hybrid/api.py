@@ -203,17 +203,23 @@ def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
 
 def _split_threads(device: torch.device, threads: int | None) -> None:
     """With no GPU the "device" work (attention, router, shared expert, dense MLP) is torch on
-    the same cores as the expert engine. MoELayer runs the two one after the other there: the
-    shared expert and the experts a profile caches "on the device" both run before the engine's
-    submit, never beside it (an overlap would put torch's threads on the cores the engine was
-    given, 3 busy threads on 2 cores, and the engine's barrier waits for the slowest). Torch
-    gets few intra-op threads: the engine's share of a step dominates, while every
-    multi-threaded torch op ends in a barrier that waits
-    for all its threads, and its OpenMP workers spin after each op, so on contended cores a
-    2-thread torch op can wait milliseconds for a time slice. Measured on the 2-core dev box
-    (tiny model, bf16 decode): torch 2 threads + engine 2 threads 500-860 ms per step, torch
-    1 thread + engine 2 threads 3-16 ms. So: torch takes the cores the engine was not given,
-    or 1/8 of them (at least 1) when the engine has them all."""
+    the same cores as the expert engine. MoELayer runs most of it and the engine one after the
+    other there, and torch gets few intra-op threads: the engine's share of a step dominates,
+    while every multi-threaded torch op ends in a barrier that waits for all its threads, and
+    its OpenMP workers spin after each op, so on contended cores a 2-thread torch op can wait
+    milliseconds for a time slice. Measured on the 2-core dev box (tiny model, bf16 decode):
+    torch 2 threads + engine 2 threads 500-860 ms per step, torch 1 thread + engine 2 threads
+    3-16 ms. So: torch takes the cores the engine was not given, or 1/8 of them (at least 1)
+    when the engine has them all.
+
+    One part does overlap: the experts a profile caches "on the device" (GpuExpertCache on a
+    CPU device) run on torch's thread beside the engine, i.e. 3 busy threads on 2 cores.
+    Measured both orders on the 2-core dev box (demo model with its 542 MiB profile, bf16,
+    engine 2 threads + torch 1, 64-token greedy decodes, 16 alternating runs on a shared,
+    noisy box; same tokens both ways): beside the engine median 80 tok/s, before the submit
+    76 (an earlier 8-run pass: 92 vs 73). The engine streams memory, so a third thread costs
+    it little, while running the cache first adds its time to every MoE layer; so it stays
+    beside the engine."""
     if device.type != "cpu":
         return
     from hybrid.hardware import cores as machine_cores

@@ -7,10 +7,10 @@ Step order (DESIGN.md, "One decode step"):
   3. the shared expert (and experts cached on the device, if a GPU cache is set) run on the
      device while the CPU works;
   4. sync: the routed result comes back to the device and the parts are summed.
-With no CUDA the "device" is torch on the same CPU cores as the engine: the shared expert and
-the cached experts then run before the submit instead of beside it (see __call__), and
-hybrid/api.py keeps torch's intra-op threads few so the two do not fight over the cores
-(numbers there).
+With no CUDA the "device" is torch on the same CPU cores as the engine: the shared expert then
+runs before the submit instead of beside it, while experts cached "on the device" (a profile on
+a CPU device) still run beside the engine, on torch's one thread (see __call__); hybrid/api.py
+keeps torch's intra-op threads few so the two do not fight over the cores (numbers there).
 
 Router (DeepSeek-V3 "noaux_tc"): sigmoid scores; e_score_correction_bias is added for choosing
 only; with n_group > 1 only the topk_group groups with the best sum-of-top-2 biased scores are
@@ -110,16 +110,14 @@ class MoELayer:
             t1 = time.perf_counter()
             self.timer.add("router", t1 - t0)
         on_gpu = x.device.type == "cuda"
-        shared = cached = None
+        shared = None
         if not on_gpu:
             # No GPU: the "device" is these same CPU cores, so overlapping would only make torch
             # and the engine fight for them (and torch's OpenMP workers spin after each op).
-            # Run the shared expert and the cached experts first, then the engine, each with
-            # every core it was given (hybrid/api.py _split_threads).
+            # Run the shared expert first, then the engine, each with every core. (The cached
+            # experts below still overlap: measured faster, see hybrid/api.py _split_threads.)
             t1 = time.perf_counter() if timing else 0.0
             shared = self.shared(x) if self.shared is not None else None
-            if self.gpu_cache is not None:
-                cached = self.gpu_cache.forward(x, ids, w)
             if timing:
                 t2 = time.perf_counter()
                 self.timer.add("shared", t2 - t1)
@@ -131,8 +129,7 @@ class MoELayer:
             self.timer.add("experts_submit", t2 - t1)
         if on_gpu:  # the CPU works meanwhile
             shared = self.shared(x) if self.shared is not None else None
-            if self.gpu_cache is not None:
-                cached = self.gpu_cache.forward(x, ids, w)
+        cached = self.gpu_cache.forward(x, ids, w) if self.gpu_cache is not None else None
         if timing:
             sync_dev()
             t3 = time.perf_counter()
