@@ -1,6 +1,8 @@
 """Online re-placement for the runtime: the policy simulate.py replays, one step at a time.
 
-Off by default (a profile's `online.enabled` is false). Contract for whoever drives decoding:
+Off by default (a profile's `online.enabled` is false). hybrid.load(..., profile=..., online=True
+or a dict of OnlinePolicy fields) wires it into a model with LiveReplacement (below), which
+follows this contract; for whoever drives decoding otherwise:
 
     placer = OnlinePlacer(cost_model, profile.mask(spec.moe_layers), spec.moe_layers)
     # in every forward, for every MoE layer, with the router's choice ids [T, K]:
