@@ -23,6 +23,11 @@ The synthetic model is bench/e2e.py's K2.5-width generator (H 7168, I 2048, dens
 decode work per token is the same 8 experts at any count), plus a byte-level tokenizer (its
 text is never used: the prompt is seeded random ids). The demo model's prompt is English text.
 
+Measured converter check (fp32 hybrid vs f32 GGUF in llama.cpp, max |log-softmax diff|): demo
+0.0024; tiny INT4 test checkpoint with experts as f32 0.0017 (YaRN factor 8: 0.0023), with
+experts as Q4_0 0.35 (median 0.018) -- the Q4_0 blocks are exact (tests/test_convert_gguf.py);
+the difference is llama.cpp quantising activations to Q8_0 for its Q4_0 dot products.
+
 YaRN: llama.cpp's deepseek2 loader ignores the GGUF's beta_fast/beta_slow and uses 32/1, so the
 config's values are passed to llama.cpp explicitly.
 
@@ -80,13 +85,15 @@ def _byte_tokenizer(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
-def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None) -> Path:
+def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str = "auto") -> Path:
     from hybrid.config import ModelConfig
     from hybrid.convert.gguf_export import convert_to_gguf
 
     cfg = ModelConfig.from_dir(ckpt)
     q = cfg.quant
-    expert_type = "q4_0" if q is not None and q.method == "compressed-tensors" and q.group_size == 32 else "same"
+    if expert_type == "auto":
+        int4 = q is not None and q.method == "compressed-tensors" and q.group_size == 32
+        expert_type = "q4_0" if int4 else "same"
     where = gguf_dir or Path(tempfile.gettempdir()) / "hybrid-gguf"
     where.mkdir(parents=True, exist_ok=True)
     out = where / f"{ckpt.name}-{out_type}-experts_{expert_type}.gguf"
@@ -189,7 +196,7 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
     from hybrid.config import ModelConfig
 
     cfg = ModelConfig.from_dir(ckpt)
-    path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None)
+    path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None, args.expert_type)
     if name == "demo":  # a trained model: real text, so top-1 agreement means something
         from hybrid.tokenizer import load_tokenizer
 
@@ -238,6 +245,10 @@ def main(argv=None) -> int:
     ap.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16",
                     help="GGUF type of the non-expert matrices (default bf16, hybrid's CPU compute dtype; "
                          "f32 also runs hybrid in fp32, the reference path: a converter check)")
+    ap.add_argument("--expert-type", choices=("auto", "same", "q4_0"), default="auto",
+                    help="GGUF routed experts: auto = exact q4_0 repack for INT4 checkpoints, else --type; "
+                         "'same' with --type f32 is the converter check (llama.cpp's Q4_0 matmul quantises "
+                         "activations to 8 bits, which alone moves log-softmax by ~0.02 median)")
     ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
