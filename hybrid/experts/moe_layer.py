@@ -98,13 +98,13 @@ class MoELayer:
         ids, w, _ = route(x, self.gate_weight, self.bias, self.config)
         if self.trace is not None:
             self.trace(self.layer, ids)
-        if self.observe is not None:
-            self.observe(self.layer, ids)
         xh = self._to_host("x", x)
         idsh = self._to_host("ids", ids.to(torch.int32))
         wh = self._to_host("w", w)
         if x.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # host buffers complete before the CPU reads
+        if self.observe is not None:
+            self.observe(self.layer, idsh)  # the host copy: no device sync of its own
         if timing:
             sync_dev()
             t1 = time.perf_counter()
