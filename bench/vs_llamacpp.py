@@ -32,7 +32,9 @@ YaRN: llama.cpp's deepseek2 loader ignores the GGUF's beta_fast/beta_slow and us
 config's values are passed to llama.cpp explicitly.
 
 Threads: --threads for both: hybrid's CPU engine threads (torch gets hybrid.load's own
-choice on a CPU-only machine, printed), llama.cpp n_threads and n_threads_batch.
+choice on a CPU-only machine, or --torch-threads; printed), llama.cpp n_threads and
+n_threads_batch. On a shared machine both runtimes swing several-fold with other load (llama.cpp's
+spinning thread barriers most): compare runs taken back to back, and repeat.
 """
 
 from __future__ import annotations
@@ -106,13 +108,16 @@ def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str 
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
-def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int, fp32: bool = False) -> dict:
+def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int, fp32: bool = False,
+               torch_threads: int | None = None) -> dict:
     import torch
 
     import hybrid
 
     model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16,
                         dtype=torch.float32 if fp32 else None)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     net = model.net
     P = len(prompt)
     ids = torch.tensor(prompt)
@@ -207,7 +212,8 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
-    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32")
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32",
+                   torch_threads=args.torch_threads)
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
     lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp)
     p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
@@ -254,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both runtimes")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="hybrid's torch intra-op threads after loading (default: hybrid.load's choice, "
+                         "1 when the engine has every core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
     args = ap.parse_args(argv)
