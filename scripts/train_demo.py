@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --work/ckpt.pt")
     p.add_argument("--export-only", action="store_true", help="export --work/ckpt.pt and report")
+    p.add_argument("--card-note", default="",
+                   help="text added to MODEL_CARD.md's training section (e.g. how a run was resumed)")
     return p.parse_args(argv)
 
 
@@ -231,6 +233,21 @@ def val_windows(val, seq: int, n: int = 24):
     return torch.from_numpy(w.astype(np.int64))
 
 
+def labels_for(ids):
+    """Labels = the inputs (transformers shifts them), except the `</think>` that closes an
+    empty `<think>`: whether to think is the caller's choice (the chat template writes
+    `<think></think>` into instant-mode prompts), so the model must not learn to skip the
+    reasoning that a thinking-mode prompt asks for. Without this, greedy thinking mode closes
+    `<think>` at once because most training chats are instant."""
+    from demo_data import SPECIAL_TOKENS
+
+    labels = ids.clone()
+    open_, close = SPECIAL_TOKENS.index("<think>"), SPECIAL_TOKENS.index("</think>")
+    skip = (ids[:, 1:] == close) & (ids[:, :-1] == open_)
+    labels[:, 1:][skip] = -100
+    return labels
+
+
 def evaluate(model, windows, batch: int) -> float:
     import torch
 
@@ -239,7 +256,7 @@ def evaluate(model, windows, batch: int) -> float:
     with torch.no_grad():
         for i in range(0, len(windows), batch):
             w = windows[i:i + batch]
-            total += model(input_ids=w[:, :-1], labels=w[:, :-1]).loss.item() * len(w)
+            total += model(input_ids=w[:, :-1], labels=labels_for(w[:, :-1])).loss.item() * len(w)
     model.train()
     return total / len(windows)
 
@@ -290,7 +307,7 @@ def train(args, model, train_stream, val_stream):
         starts = rng.integers(0, len(train_stream) - args.seq - 1, size=args.batch)
         batch = torch.from_numpy(np.stack([train_stream[s:s + args.seq] for s in starts]).astype(np.int64))
         load.reset()
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=labels_for(batch)).loss
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
@@ -542,7 +559,8 @@ def write_model_card(out: Path, cfg: dict, report: dict) -> None:
         f"time on {report['threads']} CPU thread(s) of a shared 2-core machine (torch CPU, "
         "transformers' DeepseekV3ForCausalLM, experts as grouped matmuls);",
         f"- AdamW (0.9, 0.95), peak LR {report['lr']}, warmup then cosine on "
-        "max(step fraction, time fraction), gradient clipping 1.0, loss on every token;",
+        "max(step fraction, time fraction), gradient clipping 1.0, loss on every token but the "
+        "`</think>` closing an empty `<think>` (see `labels_for`);",
         f"- router bias: DeepSeek-V3's aux-loss-free rule, bias += {report['gamma']} * "
         "sign(mean load - load) per step and layer; gamma is 10x below DeepSeek's so the learned "
         "preferences stay skewed (the planner's expert cache needs skew to pay);",
@@ -551,6 +569,8 @@ def write_model_card(out: Path, cfg: dict, report: dict) -> None:
         "", "| step | tokens | minutes | val loss |", "|---|---|---|---|"] + [
         f"| {r['step']} | {r['tokens'] / 1e6:.2f} M | {r['minutes']} | {r['val_loss']:.3f} |"
         for r in {r["step"]: r for r in report["log"]}.values()])  # last entry per step
+    if report.get("card_note"):
+        train += "\n\n" + report["card_note"]
     usage = "| MoE layer | Gini | top-8 share | unused experts | busiest / mean |\n|---|---|---|---|---|\n"
     usage += "\n".join(f"| {u['layer']} | {u['gini']:.3f} | {u['top8_share']:.3f} | "
                         f"{u['unused_experts']} | {u['max_over_mean']:.2f} |"
@@ -602,7 +622,7 @@ def main(argv=None) -> int:
         "wall_minutes": round(state["elapsed"] / 60, 1),
         "final_val_loss": round(state.get("final_val_loss", float("nan")), 4),
         "threads": args.threads, "seq": args.seq, "batch": args.batch, "lr": args.lr,
-        "gamma": args.gamma, "expert_usage": usage, "samples": answers, "log": state["log"],
+        "gamma": args.gamma, "card_note": args.card_note, "expert_usage": usage, "samples": answers, "log": state["log"],
     }
     (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_model_card(args.out, json.loads((args.out / "config.json").read_text()), report)
