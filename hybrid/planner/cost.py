@@ -181,9 +181,8 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
 
 
 def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None = None) -> MachineSpec:
-    """This machine: RAM, cores, GPU from hybrid.hardware / psutil / torch.cuda, and a measured
-    RAM read bandwidth when `measure` (hybrid.hardware's probe when present, else planner's own
-    numpy probe, bandwidth.py). Kernel efficiency and GPU rates stay assumptions unless a GPU is
+    """This machine: RAM, cores, GPU and, when `measure`, the RAM read bandwidth, all from
+    hybrid.hardware (through hostinfo.collect). Kernel efficiency and GPU rates stay assumptions unless a GPU is
     present (then its name and memory are real, its rates still nominal)."""
     from hybrid.planner import hostinfo
 

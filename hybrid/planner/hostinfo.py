@@ -1,160 +1,39 @@
-"""Facts about this machine for `hybrid doctor` and the "local" machine preset.
+"""Facts about this machine for `hybrid doctor` and the "local" machine preset, as one flat dict.
 
-hybrid/hardware.py (owned by native-core) is the project's one source of hardware facts; this
-module asks it first and fills in, from /proc, /sys, psutil and torch.cuda, only what it does
-not (yet) provide, so doctor works on a tree where the extension is not built. The RAM read
-probe here (numba, all cores summing a buffer) is the fallback when hardware.py has no probe.
+Every hardware fact comes from hybrid/hardware.py, the project's one source of them (DESIGN.md);
+this module only flattens them into the keys doctor and the cost model read, and adds the disk
+where a model lives. Without the C++ extension, the facts that need cpuid (brand, ISA paths) and
+the bandwidth probe are reported as missing with the reason, never guessed.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
-
-def _hardware():
-    try:
-        import hybrid.hardware as hw  # noqa: PLC0415 (optional module of another engineer)
-        return hw
-    except Exception:  # not written or extension not built: fall back to our own probes
-        return None
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    txt = _read("/proc/cpuinfo") or ""
-    for line in txt.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set:
-    txt = _read("/proc/cpuinfo") or ""
-    for line in txt.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-ISA_FLAGS = {  # the ISA paths csrc/ builds, and the cpuinfo flags each needs
-    "avx2": ["avx2", "fma"],
-    "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"],
-    "avx512_vnni": ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"],
-    "avx512_bf16": ["avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"],
-    "amx": ["amx_tile", "amx_int8", "amx_bf16"],
-}
-
-
-def isa_paths(flags: set) -> list:
-    return ["scalar"] + [name for name, need in ISA_FLAGS.items() if all(f in flags for f in need)]
-
-
-def numa_nodes() -> int:
-    try:
-        return len([d for d in os.listdir("/sys/devices/system/node") if d.startswith("node")
-                    and d[4:].isdigit()]) or 1
-    except OSError:
-        return 1
-
-
-def thp_mode() -> str:
-    txt = _read("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not txt:
-        return "unknown"
-    for word in txt.split():
-        if word.startswith("["):
-            return word.strip("[]")
-    return txt
-
-
-def gpus() -> list:
-    """[{name, total_bytes, free_bytes}] from torch.cuda; [] without CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    out = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append({"index": i, "name": torch.cuda.get_device_name(i),
-                    "total_bytes": int(total), "free_bytes": int(free)})
-    return out
-
-
-_PROBE = None
-
-
-def _probe_kernel():
-    global _PROBE
-    if _PROBE is None:
-        import numba
-
-        @numba.njit(parallel=True, cache=False)
-        def chunk_sums(a, nchunks):  # every thread streams its own contiguous slice
-            n = a.shape[0]
-            out = 0
-            step = (n + nchunks - 1) // nchunks
-            for c in numba.prange(nchunks):
-                s = 0
-                for i in range(c * step, min(n, (c + 1) * step)):
-                    s += a[i]
-                out += s
-            return out
-
-        _PROBE = chunk_sums
-    return _PROBE
-
-
-def measure_ram_read_gbps(seconds: float = 1.0, buffer_bytes: int = 1 << 29) -> float:
-    """Best-of-N streaming read over a buffer several times the LLC (all cores, numba)."""
-    import numpy as np
-    import numba
-
-    fn = _probe_kernel()
-    a = np.ones(buffer_bytes // 8, dtype=np.int64)
-    threads = numba.get_num_threads()
-    fn(a[:1024], threads)          # compile outside the timed loop
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        fn(a, threads * 4)
-        dt = time.perf_counter() - t0
-        best = max(best, a.nbytes / dt / 1e9)
-        if time.perf_counter() > t_end:
-            break
-    return best
+from hybrid import hardware
 
 
 def collect(measure_bandwidth: bool = True, seconds: float = 1.0, path: str | None = None) -> dict:
-    import psutil
-
-    hw = _hardware()
-    vm = psutil.virtual_memory()
-    flags = cpu_flags()
+    """Flat machine facts. `seconds` is accepted for callers' symmetry: the probe's length is
+    fixed by hybrid.hardware (1 GiB read 5 times)."""
+    del seconds
+    hw = hardware.summary(measure_bandwidth=measure_bandwidth)
+    isa = hw["isa"] or {}
     info = {
-        "cpu_model": cpu_model(),
-        "logical_cores": psutil.cpu_count(logical=True) or os.cpu_count() or 1,
-        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-        "numa_nodes": numa_nodes(),
-        "ram_total_bytes": int(vm.total), "ram_available_bytes": int(vm.available),
-        "thp": thp_mode(),
-        "isa_supported": isa_paths(flags),
-        "isa_source": "/proc/cpuinfo flags",
-        "gpus": gpus(),
-        "hardware_module": hw is not None,
+        "cpu_model": hw["cpu_brand"] or "unknown (C++ extension not built)",
+        "logical_cores": hw["cores"]["logical"],
+        "physical_cores": hw["cores"]["physical"],
+        "numa_nodes": max(1, len(hw["numa_nodes"])),
+        "ram_total_bytes": hw["ram"]["total_bytes"],
+        "ram_available_bytes": hw["ram"]["available_bytes"],
+        "thp": hw["thp"] or "unknown",
+        "isa_supported": list(isa.get("available") or ["scalar"]),
+        "isa_source": "cpuid + OS state (hybrid.hardware)" if isa else
+                      f"not detected: {hw['native_error']}",
+        "gpus": hw["gpus"],
     }
     if path:
         target = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -164,20 +43,10 @@ def collect(measure_bandwidth: bool = True, seconds: float = 1.0, path: str | No
         except OSError:
             pass
     if measure_bandwidth:
-        gbps, source = None, None
-        for name in ("measure_read_bandwidth", "ram_read_bandwidth", "read_bandwidth_gbps"):
-            f = getattr(hw, name, None) if hw is not None else None
-            if callable(f):
-                try:
-                    gbps, source = float(f()), f"hybrid.hardware.{name}"
-                except Exception:
-                    gbps = None
-                break
-        if gbps is None:
-            gbps = measure_ram_read_gbps(seconds)
-            source = "planner numba probe, all threads"
-        info["ram_read_gbps"] = gbps
-        info["ram_read_source"] = source
+        bw = hw.get("read_bandwidth")
+        info["ram_read_gbps"] = float(bw["gbps"]) if bw else None
+        info["ram_read_source"] = ("hybrid.hardware.read_bandwidth: engine thread pool, 1 GiB, "
+                                   "median of 5" if bw else f"not measured: {hw['native_error']}")
     return info
 
 
