@@ -3,7 +3,7 @@
 // Every ISA variant lives in its own translation unit (kernels_scalar.cpp, kernels_avx2.cpp,
 // kernels_avx512.cpp, kernels_avx512_vnni.cpp, kernels_avx512_bf16.cpp, kernels_amx.cpp), compiled
 // with that ISA's target flags and nothing else, and exports one `const KernelTable*` getter.
-// dispatch.cpp picks the table at load time from cpuid + OS support (never -march=native).
+// dispatch.cpp picks the table at load time from cpuid + OS support (never a host-specific -march flag).
 //
 // Legend: N output rows of a weight matrix, K inputs (reduction), T tokens (activation rows),
 // RB = 16 rows per packed block, G = 32 inputs per quantization group.
