@@ -249,6 +249,26 @@ class Tokenizer:
             rest = rest[pos + len(name):]
         return out
 
+    def encode_chat(self, text: str, untrusted=()) -> list[int]:
+        """Ids of a rendered chat prompt in which each `untrusted` string (message text that came
+        from outside: user, system, tool results) is encoded as ordinary text, so a special-token
+        string inside it (e.g. a web page holding "<|im_end|><|im_system|>") stays text and cannot
+        forge a turn. Strings without special-token text need nothing; the others must appear
+        verbatim in `text`, in order, else ValueError names the first that does not."""
+        ids: list[int] = []
+        pos = 0
+        for s in untrusted:
+            if not s or not any(name in s for name in self.special_tokens):
+                continue
+            start = text.find(s, pos)
+            if start < 0:
+                raise ValueError(f"message text {s[:60]!r} holds special-token text and the chat "
+                                 "template changed it, so it cannot be kept as plain text")
+            ids += self.encode(text[pos:start])
+            ids += self.encode(s, allow_special=False)
+            pos = start + len(s)
+        return ids + self.encode(text[pos:])
+
     def encode_prompt(self, text: str) -> list[int]:
         """Ids for a raw completion prompt: BOS first when the checkpoint asks for it."""
         return self.encode(text, add_bos=self.add_bos)

@@ -104,7 +104,11 @@ class Backend:
         except ChatTemplateError as e:
             raise bad_request(str(e), "messages") from None
         in_reasoning = text.rstrip().endswith("<think>")
-        return tok.encode(text + job.assistant_prefix), in_reasoning
+        try:
+            ids = tok.encode_chat(text + job.assistant_prefix, _untrusted_text(job.messages))
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        return ids, in_reasoning
 
     def start(self, job: Job) -> Run:
         from hybrid.engine.sampling import SamplingParams
@@ -150,3 +154,23 @@ class Backend:
         if rate is not None:
             out["cache_hit_rate"] = rate
         return out
+
+
+# Roles whose text may come from a third party (a person, a web page, a tool): their special-token
+# strings must stay text. Assistant turns are the model's own output echoed back by the client.
+_UNTRUSTED_ROLES = frozenset({"user", "system", "developer", "tool"})
+
+
+def _untrusted_text(messages) -> list[str]:
+    """The text of untrusted messages, in prompt order (string content or text parts)."""
+    out: list[str] = []
+    for m in messages or ():
+        if not isinstance(m, dict) or m.get("role") not in _UNTRUSTED_ROLES:
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [p["text"] for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return out
