@@ -72,7 +72,7 @@ def collect(args) -> dict:
 
     measure = not args.no_measure
     model_path = args.model if args.model and os.path.exists(args.model) else None
-    info = hostinfo.collect(measure_bandwidth=measure, seconds=1.0,
+    info = hostinfo.collect(measure_bandwidth=measure,
                             path=model_path or os.getcwd())
     isa, isa_err = _isa_chosen()
     info["isa_chosen"] = isa

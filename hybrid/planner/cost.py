@@ -180,14 +180,14 @@ def reference_workstation(vram_bytes="24GiB") -> MachineSpec:
     )
 
 
-def local_machine(measure: bool = True, seconds: float = 1.0, info: dict | None = None) -> MachineSpec:
+def local_machine(measure: bool = True, info: dict | None = None) -> MachineSpec:
     """This machine: RAM, cores, GPU and, when `measure`, the RAM read bandwidth, all from
     hybrid.hardware (through hostinfo.collect). Kernel efficiency and GPU rates stay assumptions unless a GPU is
     present (then its name and memory are real, its rates still nominal)."""
     from hybrid.planner import hostinfo
 
     if info is None:
-        info = hostinfo.collect(measure_bandwidth=measure, seconds=seconds)
+        info = hostinfo.collect(measure_bandwidth=measure)
     src = {"ram_bytes": "psutil", "cpu_cores": "os / psutil"}
     bw = info.get("ram_read_gbps")
     if bw:

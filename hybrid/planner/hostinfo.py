@@ -16,10 +16,8 @@ from pathlib import Path
 from hybrid import hardware
 
 
-def collect(measure_bandwidth: bool = True, seconds: float = 1.0, path: str | None = None) -> dict:
-    """Flat machine facts. `seconds` is accepted for callers' symmetry: the probe's length is
-    fixed by hybrid.hardware (1 GiB read 5 times)."""
-    del seconds
+def collect(measure_bandwidth: bool = True, path: str | None = None) -> dict:
+    """Flat machine facts; the bandwidth probe is hybrid.hardware's (1 GiB read 5 times)."""
     hw = hardware.summary(measure_bandwidth=measure_bandwidth)
     isa = hw["isa"] or {}
     info = {

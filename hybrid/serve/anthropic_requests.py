@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from hybrid.serve.errors import bad_request
-from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list
+from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list, iter_messages
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -97,13 +97,8 @@ def _assistant_message(content, where: str) -> dict:
 
 
 def parse_messages(raw) -> list[dict]:
-    check(isinstance(raw, list), "'messages' must be an array", "messages")
-    check(len(raw) > 0, "'messages' must contain at least one message", "messages")
     out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        check(isinstance(m, dict), f"'{where}' must be an object", where)
-        role = get(m, "role", where, str)
+    for where, m, role in iter_messages(raw):
         content = m.get("content")
         check(content is not None, f"'{where}.content' is required", f"{where}.content")
         if role == "user":

@@ -109,3 +109,14 @@ def check_model(body: dict, served: str) -> str:
 def check(cond: bool, message: str, param: str | None = None) -> None:
     if not cond:
         raise ApiError(400, message, param=param)
+
+
+def iter_messages(raw):
+    """(where, message, role) for each entry of a non-empty 'messages' array, each checked to be
+    an object with a string role; the dialects check what the role allows."""
+    check(isinstance(raw, list), "'messages' must be an array", "messages")
+    check(len(raw) > 0, "'messages' must contain at least one message", "messages")
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        check(isinstance(m, dict), f"'{where}' must be an object", where)
+        yield where, m, get(m, "role", where, str)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from hybrid.serve.errors import bad_request
-from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list
+from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list, iter_messages
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -66,13 +66,8 @@ def _tool_calls(calls, where: str) -> list[dict]:
 
 
 def parse_messages(raw) -> list[dict]:
-    check(isinstance(raw, list), "'messages' must be an array", "messages")
-    check(len(raw) > 0, "'messages' must contain at least one message", "messages")
     messages = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        check(isinstance(m, dict), f"'{where}' must be an object", where)
-        role = get(m, "role", where, str)
+    for where, m, role in iter_messages(raw):
         if role not in _ROLES:
             raise bad_request(f"'{where}.role' must be one of {', '.join(_ROLES)}; got '{role}'", f"{where}.role")
         msg: dict = {"role": "system" if role == "developer" else role}
