@@ -22,8 +22,8 @@ void grow(std::vector<T>& v, size_t n) {
 }  // namespace
 
 MoeOperator::MoeOperator(std::shared_ptr<PackedLayer> layer, ActMode mode, int team,
-                         const std::string& isa)
-    : layer_(std::move(layer)), mode_(mode), team_req_(team) {
+                         const std::string& isa, bool caller)
+    : layer_(std::move(layer)), mode_(mode), team_req_(team), caller_(caller) {
   if (!layer_) throw std::invalid_argument("layer: a packed layer is required");
   isa_ = isa.empty() ? active_isa() : isa;
   table_ = resolved_table(isa_);  // throws std::invalid_argument with the reason
@@ -130,7 +130,8 @@ void MoeOperator::submit(const MoeCall& c) {
   if (!(c.y_type == ElemType::F32 && !c.accumulate)) grow(yacc_, size_t(B * H));
 
   pool_ = global_pool();
-  team_ = (team_req_ <= 0 || team_req_ > pool_->size()) ? pool_->size() : team_req_;
+  const int most = pool_->size() + (caller_ ? 1 : 0);
+  team_ = (team_req_ <= 0 || team_req_ > most) ? most : team_req_;
   const WeightFormat f = layer_->format();
   const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
   const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));
@@ -145,7 +146,7 @@ void MoeOperator::submit(const MoeCall& c) {
   job_ = pool_->submit({[this](int tid, int team) { phase_prep(tid, team); },
                         [this](int tid, int team) { phase_gate_up(tid, team); },
                         [this](int tid, int team) { phase_down(tid, team); }},
-                       team_);
+                       team_, caller_);
 }
 
 void MoeOperator::sync() {

@@ -58,7 +58,11 @@ class MoeOperator {
 
   // `team`: threads of the pool this operator uses (<= 0: all of them). `isa`: "" = the
   // process's active ISA (HYBRID_ISA or the best one), else a named one (tests).
-  MoeOperator(std::shared_ptr<PackedLayer> layer, ActMode mode, int team, const std::string& isa);
+  // `caller`: the thread that calls sync() computes a share too (ThreadPool::submit's caller
+  // jobs), so `team` counts it and the pool needs one worker fewer; for synchronous use on a
+  // CPU-only machine, where that thread would otherwise only wait.
+  MoeOperator(std::shared_ptr<PackedLayer> layer, ActMode mode, int team, const std::string& isa,
+              bool caller = false);
   ~MoeOperator();  // waits for a pending job (the job uses this operator's buffers)
 
   // Starts the job and returns. Throws std::invalid_argument for bad ids, std::logic_error when a
@@ -88,6 +92,7 @@ class MoeOperator {
   std::shared_ptr<PackedLayer> layer_;
   ActMode mode_;
   int team_req_;
+  bool caller_ = false;
   std::string isa_;
   KernelTable table_;
   std::shared_ptr<ThreadPool> pool_;   // the pool the pending job runs on

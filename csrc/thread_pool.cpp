@@ -163,11 +163,18 @@ ThreadPool::~ThreadPool() {
   for (auto& w : workers_) w.join();
 }
 
-ThreadPool::Handle ThreadPool::submit(std::vector<Phase> phases, int team) {
+ThreadPool::Handle ThreadPool::submit(std::vector<Phase> phases, int team, bool caller) {
   auto job = std::make_shared<Job>();
   job->phases = std::move(phases);
-  job->team = (team <= 0 || team > size()) ? size() : team;
-  job->remaining.store(size());
+  const int most = size() + (caller ? 1 : 0);
+  job->team = (team <= 0 || team > most) ? most : team;
+  job->caller = caller;
+  job->pool = this;
+  if (caller && job->team == 1) {  // the caller alone: no queue, no wake-up (wait() runs it)
+    job->remaining.store(1);
+    return job;
+  }
+  job->remaining.store(size() + (caller ? 1 : 0));
   {
     std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(job);
@@ -179,6 +186,15 @@ ThreadPool::Handle ThreadPool::submit(std::vector<Phase> phases, int team) {
 }
 
 void ThreadPool::wait(const Handle& job) {
+  if (job->caller && job->done.load(std::memory_order_acquire) == 0 &&
+      !job->caller_ran.exchange(true)) {
+    job->pool->run_job(*job, job->team - 1);
+    if (job->team == 1) {
+      job->done.store(1, std::memory_order_release);  // never queued: nothing to drop
+    } else if (job->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      job->pool->finish(job);
+    }
+  }
   wait_until(job->done, [&] { return job->done.load(std::memory_order_acquire) != 0; });
   if (job->failed.load()) {
     std::exception_ptr e;
@@ -188,6 +204,19 @@ void ThreadPool::wait(const Handle& job) {
     }
     std::rethrow_exception(e);
   }
+}
+
+void ThreadPool::finish(const Handle& job) {
+  {
+    // Every thread is past this job: drop finished jobs from the queue front.
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t drop = 0;
+    while (drop < queue_.size() && queue_[drop]->remaining.load() == 0) ++drop;
+    queue_.erase(queue_.begin(), queue_.begin() + long(drop));
+    base_seq_ += drop;
+  }
+  job->done.store(1, std::memory_order_release);
+  futex_wake_all(&job->done);
 }
 
 void ThreadPool::barrier(Job& job) {
@@ -201,8 +230,7 @@ void ThreadPool::barrier(Job& job) {
   wait_until(job.barrier_gen, [&] { return job.barrier_gen.load(std::memory_order_acquire) != gen; });
 }
 
-void ThreadPool::run_job(Job& job, int tid) {
-  if (tid >= job.team) return;
+void ThreadPool::run_job(Job& job, int tid) {  // tid: a team member (worker_main checks)
   for (size_t p = 0; p < job.phases.size(); ++p) {
     if (!job.failed.load(std::memory_order_acquire)) {
       try {
@@ -234,19 +262,9 @@ void ThreadPool::worker_main(int tid) {
       std::lock_guard<std::mutex> lock(mu_);
       job = queue_[size_t(next - base_seq_)];
     }
-    run_job(*job, tid);
-    if (job->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      {
-        // Every worker is past this job: drop finished jobs from the queue front.
-        std::lock_guard<std::mutex> lock(mu_);
-        size_t drop = 0;
-        while (drop < queue_.size() && queue_[drop]->remaining.load() == 0) ++drop;
-        queue_.erase(queue_.begin(), queue_.begin() + long(drop));
-        base_seq_ += drop;
-      }
-      job->done.store(1, std::memory_order_release);
-      futex_wake_all(&job->done);
-    }
+    // Workers are tids 0..; a caller job's submitting thread is tid team-1, so they stop one short.
+    if (tid < (job->caller ? job->team - 1 : job->team)) run_job(*job, tid);
+    if (job->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) finish(job);
     ++next;
   }
 }
@@ -272,22 +290,26 @@ std::pair<int64_t, int64_t> split_units(int64_t units, int tid, const std::vecto
   return {s.begin + len * s.rank / s.count, s.begin + len * (s.rank + 1) / s.count};
 }
 
-namespace {
-std::vector<int> team_nodes(const std::vector<int>& worker_node, int team) {
-  return std::vector<int>(worker_node.begin(), worker_node.begin() + team);
+std::vector<int> ThreadPool::team_nodes(int team) const {
+  // Workers' nodes; a caller beyond the workers (a caller job of size() + 1) counts on the node
+  // of the CPU the next worker would have been pinned to.
+  std::vector<int> nodes(size_t(team), 0);
+  for (int i = 0; i < team; ++i)
+    nodes[size_t(i)] = i < size() ? worker_node_[size_t(i)]
+                                  : topo_.node_of[size_t(i) % topo_.node_of.size()];
+  return nodes;
 }
-}  // namespace
 
 std::pair<int64_t, int64_t> ThreadPool::split(int64_t units, int tid, int team) const {
-  if (team <= 0 || team > size()) team = size();
+  if (team <= 0 || team > size() + 1) team = size();
   if (team == size()) return split_units(units, tid, worker_node_);
-  return split_units(units, tid, team_nodes(worker_node_, team));
+  return split_units(units, tid, team_nodes(team));
 }
 
 ThreadPool::NodeShare ThreadPool::node_share(int64_t units, int tid, int team) const {
-  if (team <= 0 || team > size()) team = size();
+  if (team <= 0 || team > size() + 1) team = size();
   if (team == size()) return node_share_of(units, tid, worker_node_);
-  return node_share_of(units, tid, team_nodes(worker_node_, team));
+  return node_share_of(units, tid, team_nodes(team));
 }
 
 namespace {

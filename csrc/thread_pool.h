@@ -46,6 +46,9 @@ class ThreadPool {
   struct Job {
     std::vector<Phase> phases;
     int team = 0;
+    bool caller = false;                 // the submitting thread is tid team-1 (see submit)
+    ThreadPool* pool = nullptr;          // for a caller job's wait(): the pool's queue
+    std::atomic<bool> caller_ran{false}; // the caller has taken its share (wait() called)
     std::atomic<int> remaining{0};       // workers (all of them) not yet done with this job
     std::atomic<uint32_t> done{0};       // futex word: 1 when finished
     std::atomic<bool> failed{false};
@@ -67,14 +70,29 @@ class ThreadPool {
   const CpuTopology& topology() const { return topo_; }
 
   // team <= 0 or > size(): the whole pool.
-  Handle submit(std::vector<Phase> phases, int team = 0);
-  static void wait(const Handle& job);   // rethrows the first worker exception
+  //
+  // caller = true: the submitting thread is one of the team, as tid team-1 (team <= size() + 1;
+  // <= 0 means size() + 1), and workers 0..team-2 are the others. It runs its share in wait(),
+  // which it must call (from the same thread). Why: when the calling thread would otherwise
+  // only wait (a synchronous call on a CPU-only machine, where it also runs torch between
+  // calls), a pool of one worker per core leaves the caller and a spinning worker fighting for
+  // one core; measured on a 2-vCPU KVM guest, a 2-worker round trip took 110 us against 2.3 us
+  // with 1 worker + the caller. Give such a pool one worker fewer than the threads wanted.
+  // A caller job of team 1 runs entirely on the caller, without waking the pool.
+  Handle submit(std::vector<Phase> phases, int team = 0, bool caller = false);
+  // Waits for the job (running the caller's share first for a caller job); rethrows the first
+  // exception a thread threw.
+  static void wait(const Handle& job);
   static bool finished(const Handle& job) { return job->done.load() != 0; }
-  void run(std::vector<Phase> phases, int team = 0) { wait(submit(std::move(phases), team)); }
+  void run(std::vector<Phase> phases, int team = 0, bool caller = false) {
+    wait(submit(std::move(phases), team, caller));
+  }
 
   // [begin, end) of `units` work units for thread tid of a team of `team` threads: nodes get
   // contiguous ranges proportional to their thread counts in the team, threads of one node split
   // their node's range evenly. Deterministic, so placement and compute agree.
+  // team may be size() + 1 for a caller job: the caller (tid size()) counts on the node of the
+  // CPU a next worker would get.
   std::pair<int64_t, int64_t> split(int64_t units, int tid, int team) const;
 
   // The node-level part of split(): the range of `units` owned by tid's node, and tid's rank
@@ -88,6 +106,8 @@ class ThreadPool {
  private:
   void worker_main(int tid);
   void run_job(Job& job, int tid);
+  void finish(const Handle& job);        // last thread out: drop finished jobs, mark done
+  std::vector<int> team_nodes(int team) const;
   static void barrier(Job& job);
 
   CpuTopology topo_;
