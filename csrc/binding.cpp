@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "bandwidth.h"
+#include "dense.h"
 #include "dispatch.h"
 #include "kernels.h"
 #include "kernels_scalar.h"
@@ -279,6 +280,200 @@ py::array_t<float> float_matmul(FloatEntry which, const std::string& isa, const 
     fn(m, b0, b1, xp, T, k, op, ldo);
   }
   return out;
+}
+
+// ---- dense bf16 GEMV ------------------------------------------------------------------------
+// out [T, N] = x [T, K] . w [N, K]^T for the device Linear on CPU (dense.h). Two front doors
+// share the checks and the call: dense_gemv takes numpy arrays (bf16 as uint16 bits), and
+// dense_gemv_torch takes torch CPU tensors directly, reading dtype / shape / strides / data_ptr
+// from the tensor objects, because a torch -> numpy view costs ~2 us per tensor and the
+// device Linear calls this ~40 times per decode step. Neither copies: every operand needs unit
+// inner stride; rows may be strided (a column slice of a wider weight or activation).
+
+// One 2-D operand as raw memory: element (r, c) at data + (r * ld + c) * element size.
+struct DenseOperand {
+  char* data;
+  int64_t rows, cols, ld;
+  bool bf16;  // uint16 bf16 bits; else float32 (out only)
+  const char* name;
+  std::string shape() const { return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]"; }
+  int64_t esize() const { return bf16 ? 2 : 4; }
+  // [first byte, last byte + 1)
+  std::pair<uintptr_t, uintptr_t> span() const {
+    uintptr_t b = reinterpret_cast<uintptr_t>(data);
+    return {b, b + uintptr_t(((rows - 1) * ld + cols) * esize())};
+  }
+};
+
+// Strides (in elements) -> row stride ld; unit inner stride and ld >= cols unless the dimension
+// has one element (its stride then means nothing).
+int64_t dense_ld(const char* name, int64_t rows, int64_t cols, int64_t s0, int64_t s1, const char* unit) {
+  auto strides = [&] {
+    return "(" + std::to_string(s0) + ", " + std::to_string(s1) + ") " + unit + " for shape [" +
+           std::to_string(rows) + ", " + std::to_string(cols) + "]";
+  };
+  if (rows < 1 || cols < 1)
+    throw py::value_error(std::string(name) + " must not be empty, got shape [" + std::to_string(rows) + ", " +
+                          std::to_string(cols) + "]");
+  if (cols > 1 && s1 != 1)
+    throw py::value_error(std::string(name) + " must have contiguous rows (inner stride 1 element), got strides " +
+                          strides());
+  if (rows > 1 && s0 < cols)
+    throw py::value_error(std::string(name) + " row stride must be >= its " + std::to_string(cols) +
+                          " columns (rows may not overlap), got strides " + strides());
+  return rows > 1 ? s0 : cols;
+}
+
+DenseOperand dense_from_numpy(const py::object& o, const char* name, bool is_out) {
+  py::array a = as_array(o, name);
+  const bool bf16 = is_dtype<uint16_t>(a);
+  if (!bf16 && !(is_out && is_dtype<float>(a)))
+    bad_dtype(a, name, is_out ? "float32 or uint16 (bf16 bits)" : "uint16 (bf16 bits)");
+  if (a.ndim() != 2) check_layout(a, name, {-1, -1});  // raises with the shape
+  if (is_out && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  const int64_t es = bf16 ? 2 : 4, s0 = a.strides(0), s1 = a.strides(1);
+  if (s0 % es || s1 % es)
+    throw py::value_error(std::string(name) + " strides must be whole elements, got (" + std::to_string(s0) + ", " +
+                          std::to_string(s1) + ") bytes");
+  DenseOperand d{static_cast<char*>(const_cast<void*>(a.data())), a.shape(0), a.shape(1), 0, bf16, name};
+  d.ld = dense_ld(name, d.rows, d.cols, s0 / es, s1 / es, "elements");
+  return d;
+}
+
+// torch objects, looked up once under the GIL (not a function-local static: its init guard
+// would be held across an import that may release the GIL). Leaked on purpose (exit order).
+struct TorchRefs {
+  PyObject* tensor = nullptr;  // torch.Tensor
+  PyObject* bf16 = nullptr;    // torch.bfloat16
+  PyObject* f32 = nullptr;     // torch.float32
+  PyObject* empty = nullptr;   // torch.empty
+};
+const TorchRefs& torch_refs() {
+  static TorchRefs refs;
+  if (refs.empty == nullptr) {
+    py::object torch = py::module_::import("torch");
+    auto leak = [&](const char* attr) { return py::object(torch.attr(attr)).release().ptr(); };
+    TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty")};
+    refs = r;
+  }
+  return refs;
+}
+
+// Attribute names interned once; the raw C API below costs ~0.5 us per tensor where the same
+// reads through pybind11's o.attr("...") (a fresh string per lookup, casters) cost ~1.5 us.
+struct TensorAttrNames {
+  PyObject *dtype, *is_cpu, *device, *shape, *stride, *data_ptr;
+};
+const TensorAttrNames& tensor_attr_names() {
+  static const TensorAttrNames n{PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("is_cpu"),
+                                 PyUnicode_InternFromString("device"), PyUnicode_InternFromString("shape"),
+                                 PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr")};
+  return n;
+}
+
+// New reference or the pending Python error as an exception.
+py::object checked(PyObject* p) {
+  if (p == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(p);
+}
+
+// Two ints of a tuple (torch.Size, stride()).
+std::pair<int64_t, int64_t> int_pair(const py::object& t) {
+  const int64_t a = PyLong_AsLongLong(PyTuple_GET_ITEM(t.ptr(), 0)), b = PyLong_AsLongLong(PyTuple_GET_ITEM(t.ptr(), 1));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return {a, b};
+}
+
+DenseOperand dense_from_torch(const py::object& o, const char* name, bool is_out) {
+  const TorchRefs& tr = torch_refs();
+  const TensorAttrNames& an = tensor_attr_names();
+  PyObject* ob = o.ptr();
+  if (!PyObject_TypeCheck(ob, reinterpret_cast<PyTypeObject*>(tr.tensor)))
+    throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + py::str(py::type::of(o)).cast<std::string>());
+  py::object dt = checked(PyObject_GetAttr(ob, an.dtype));
+  const bool bf16 = dt.ptr() == tr.bf16;
+  if (!bf16 && !(is_out && dt.ptr() == tr.f32))
+    throw py::type_error(std::string(name) + " must have dtype torch.bfloat16" + (is_out ? " or torch.float32" : "") +
+                         ", got " + py::str(dt).cast<std::string>());
+  if (checked(PyObject_GetAttr(ob, an.is_cpu)).ptr() != Py_True)
+    throw py::type_error(std::string(name) + " must be a CPU tensor, got one on " +
+                         py::str(checked(PyObject_GetAttr(ob, an.device))).cast<std::string>());
+  py::object shape = checked(PyObject_GetAttr(ob, an.shape));
+  if (!PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 2)
+    throw py::value_error(std::string(name) + " must have 2 dimensions [*, *], got shape " +
+                          py::str(py::tuple(shape)).cast<std::string>());
+  py::object st;
+  uintptr_t ptr = 0;
+  try {  // sparse / mkldnn layouts have no strides or data pointer
+    st = checked(PyObject_CallMethodNoArgs(ob, an.stride));
+    ptr = uintptr_t(PyLong_AsUnsignedLongLong(checked(PyObject_CallMethodNoArgs(ob, an.data_ptr)).ptr()));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  } catch (py::error_already_set& e) {
+    throw py::value_error(std::string(name) + " must be a dense strided tensor: " + e.what());
+  }
+  auto [rows, cols] = int_pair(shape);
+  auto [s0, s1] = int_pair(st);
+  DenseOperand d{reinterpret_cast<char*>(ptr), rows, cols, 0, bf16, name};
+  d.ld = dense_ld(name, rows, cols, s0, s1, "elements");
+  return d;
+}
+
+const KernelTable& dense_table(const std::string& isa) {
+  static const KernelTable* active = nullptr;  // the process's ISA never changes (dispatch.h)
+  if (!isa.empty()) return resolved_table(isa);
+  if (active == nullptr) active = &active_table();
+  return *active;
+}
+
+void dense_check_k(const DenseOperand& w, const DenseOperand& x) {
+  if (x.cols != w.cols)
+    throw py::value_error("x has " + std::to_string(x.cols) + " inputs per row but " + w.name + " has " +
+                          std::to_string(w.cols) + " (x " + x.shape() + ", " + w.name + " " + w.shape() +
+                          ": x [T, K] and " + w.name + " [N, K])");
+}
+
+// Shapes agree, out does not overlap the inputs; then the call, GIL released.
+void dense_run(const DenseOperand& w, const DenseOperand& x, const DenseOperand& out, const std::string& isa,
+               bool threads) {
+  dense_check_k(w, x);
+  if (out.rows != x.rows || out.cols != w.rows)
+    throw py::value_error("out must have shape [T, N] = [" + std::to_string(x.rows) + ", " + std::to_string(w.rows) +
+                          "] for x " + x.shape() + " and " + w.name + " " + w.shape() + ", got " + out.shape());
+  for (const DenseOperand* in : {&w, &x}) {
+    auto [a0, a1] = out.span();
+    auto [b0, b1] = in->span();
+    if (a0 < b1 && b0 < a1) throw py::value_error(std::string("out must not overlap ") + in->name);
+  }
+  const KernelTable& kt = dense_table(isa);
+  const bool big = threads && w.rows * w.cols * 2 >= kDenseParallelMinBytes;
+  py::gil_scoped_release release;
+  std::shared_ptr<ThreadPool> pool = big ? global_pool() : nullptr;  // small: no pool at all
+  dense_gemv(kt, pool.get(), reinterpret_cast<const uint16_t*>(w.data), w.ld, w.rows, w.cols,
+             reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
+}
+
+void py_dense_gemv(const py::object& wo, const py::object& xo, const py::object& oo, const std::string& isa,
+                   bool threads) {
+  DenseOperand w = dense_from_numpy(wo, "w", false), x = dense_from_numpy(xo, "x", false),
+               out = dense_from_numpy(oo, "out", true);
+  dense_run(w, x, out, isa, threads);
+}
+
+py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const py::object& oo,
+                               const std::string& isa, bool threads) {
+  DenseOperand w = dense_from_torch(wo, "weight", false), x = dense_from_torch(xo, "x", false);
+  py::object res = oo;
+  if (oo.is_none()) {
+    dense_check_k(w, x);
+    const TorchRefs& tr = torch_refs();
+    static PyObject* kwargs = nullptr;  // {"dtype": torch.bfloat16}, built once, leaked
+    if (kwargs == nullptr) kwargs = py::dict(py::arg("dtype") = py::handle(tr.bf16)).release().ptr();
+    py::tuple size = py::make_tuple(x.rows, w.rows);
+    res = checked(PyObject_Call(tr.empty, size.ptr(), kwargs));
+  }
+  DenseOperand out = dense_from_torch(res, "out", true);
+  dense_run(w, x, out, isa, threads);
+  return res;
 }
 
 // ---- packed layer ----------------------------------------------------------------------------
@@ -605,6 +800,7 @@ PYBIND11_MODULE(_native, m) {
     d["matmul_a8"] = t.matmul_a8 != nullptr;
     d["matmul_f32"] = t.matmul_f32 != nullptr;
     d["matmul_a16"] = t.matmul_a16 != nullptr;
+    d["gemv_bf16"] = t.gemv_bf16 != nullptr;
     return d;
   }, py::arg("isa"), "which entries the resolved table of `isa` has (after filling)");
   m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));
@@ -625,6 +821,14 @@ PYBIND11_MODULE(_native, m) {
                                    int64_t b1) {
     return float_matmul(FloatEntry::A16Reference, "scalar", "bf16", q, py::none(), n, k, x, b0, b1);
   }, py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
+
+  m.def("dense_gemv", &py_dense_gemv, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("isa") = "",
+        py::arg("threads") = true,
+        "out [T, N] (float32, or uint16 bf16 bits rounded to nearest even) = x [T, K] . w [N, K]^T; w, x uint16 "
+        "bf16 bits with unit inner stride (rows may be strided); isa '' = the active one; threads=False: inline");
+  m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
+        py::arg("isa") = "", py::arg("threads") = true,
+        "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
 
   py::class_<PyPoolJob>(m, "PoolTestJob")
       .def("wait", &PyPoolJob::wait)
@@ -690,6 +894,7 @@ PYBIND11_MODULE(_native, m) {
 //   pack_int4_from_ct, quantize_pack, unpack
 //   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
 //   reference_matmul_a16
+//   dense_gemv, dense_gemv_torch
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
 //   MoE(layer, mode, threads, isa): submit, sync, pending, isa, mode, inject_fault

@@ -1,4 +1,5 @@
-// kernels.h: the contract between the MoE operator (moe.cpp) and the per-ISA matmul kernels.
+// kernels.h: the contract between the MoE operator (moe.cpp), the dense GEMV driver (dense.cpp)
+// and the per-ISA matmul kernels.
 //
 // Every ISA variant lives in its own translation unit (kernels_scalar.cpp, kernels_avx2.cpp,
 // kernels_avx512.cpp, kernels_avx512_vnni.cpp, kernels_avx512_bf16.cpp, kernels_amx.cpp), compiled
@@ -106,6 +107,19 @@ struct KernelTable {
   // matmul_f32 for BF16 weights in the fast mode too).
   void (*matmul_a16)(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                      int64_t ldx, float* out, int64_t ldo);
+
+  // Dense bf16 GEMV / small GEMM on an UNPACKED row-major weight (the device Linear on CPU at
+  // decode: attention projections, router, dense MLP, shared expert, LM head; driver dense.h):
+  //   out[tt * ldo + (n - n0)] = sum_{i < k} W[n][i] * X[tt][i]   for n in [n0, n1), tt in [0, t)
+  // W: bf16 bits [N][K], row n at w + n * ldw (a torch weight as it is: no packing, no copy);
+  // X: bf16 bits [T][K], row tt at x + tt * ldx; out points at column n0. Any k >= 1, any row
+  // range, any t >= 1. A bf16 x bf16 product is exact in fp32 (8 + 8 significant bits), so
+  // implementations differ from the scalar reference only in fp32 summation order (and the
+  // avx512_bf16 one flushes subnormal inputs and outputs to zero: vdpbf16ps does).
+  // Declared last with a default so tables that leave it out (vnni, amx) need not name it;
+  // dispatch fills it from below, down to scalar.
+  void (*gemv_bf16)(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
+                    const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo) = nullptr;
 };
 
 // Getters, one per translation unit. Each returns nullptr when this build did not compile that

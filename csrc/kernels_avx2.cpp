@@ -1,6 +1,7 @@
 // kernels_avx2.cpp: AVX2 + FMA kernels (see kernels.h) for CPUs without AVX-512:
-// quantize_row_a8, matmul_f32 for all three formats (exact fp32 dequantisation, FMA) and
-// matmul_a8 via vpmaddubsw + vpmaddwd. Compiled with -mavx2 -mfma -mf16c only.
+// quantize_row_a8, matmul_f32 for all three formats (exact fp32 dequantisation, FMA), matmul_a8
+// via vpmaddubsw + vpmaddwd, and gemv_bf16 (unpacked bf16, FMA). Compiled with -mavx2 -mfma
+// -mf16c only.
 //
 // A packed row block (16 rows) is two ymm halves of 8 lanes: bytes [0, 32) of every 64-byte chunk
 // hold rows 0-7, bytes [32, 64) rows 8-15.
@@ -340,12 +341,119 @@ static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const Qua
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// gemv_bf16 (kernels.h): unpacked row-major bf16 W [N][K] times bf16 X [T][K], fp32 out.
+// A tile is R = 4 rows (or 1 for the last n % 4) x TT <= 2 tokens: 8 ymm accumulators, 2 x TT
+// widened x operands and 2 widened weight operands fit the 16 ymm. A step covers 16 inputs: one
+// 32-byte load per row and token, each 32-bit lane split into its two bf16 halves as fp32 (shift
+// left 16 = input 2j, mask = input 2j + 1). Rows are the outer loop, token tiles the inner one,
+// so a row tile comes from memory once per call. The K % 16 tail goes through zero-padded stack
+// copies (AVX2 has no 16-bit masked load), so no load reads past a row. Only the fp32 summation
+// order differs from the scalar reference (the products are exact).
+// ---------------------------------------------------------------------------------------------
+constexpr int kGemvRows = 4;    // R
+constexpr int kGemvTokens = 2;  // TT max
+
+// Total of one ymm of partial sums.
+static HY_ALWAYS_INLINE float y_hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Totals of four ymm: [sum a, sum b, sum c, sum d].
+static HY_ALWAYS_INLINE __m128 y_hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// acc[r][t] += W row r . X token t over one step of 16 inputs (wv, xv: the raw bf16 vectors).
+static HY_ALWAYS_INLINE void y_gemv_step(__m256 (*acc)[kGemvTokens], const __m256i* wv, const __m256i* xv,
+                                         int rows, int tt) {
+  const __m256i hi = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  __m256 xe[kGemvTokens], xo[kGemvTokens];
+#pragma GCC unroll 2
+  for (int t = 0; t < tt; ++t) {
+    xe[t] = _mm256_castsi256_ps(_mm256_slli_epi32(xv[t], 16));
+    xo[t] = _mm256_castsi256_ps(_mm256_and_si256(xv[t], hi));
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r) {
+    const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv[r], 16));
+    const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv[r], hi));
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm256_fmadd_ps(wo, xo[t], _mm256_fmadd_ps(we, xe[t], acc[r][t]));
+  }
+}
+
+// 16 bf16 from p[0, n), n in [1, 15], zero-padded.
+static HY_ALWAYS_INLINE __m256i y_load_bf16_partial(const uint16_t* p, int64_t n) {
+  alignas(32) uint16_t buf[16] = {};
+  std::memcpy(buf, p, size_t(n) * 2);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// One tile: rows [0, rows) of w (rows = 4 or 1), tokens [0, tt) of x, out[t * ldo + r].
+static HY_ALWAYS_INLINE void y_gemv_tile(const uint16_t* w, int64_t ldw, int64_t k, const uint16_t* x,
+                                         int64_t ldx, int rows, int tt, float* out, int64_t ldo) {
+  __m256 acc[kGemvRows][kGemvTokens];
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm256_setzero_ps();
+  __m256i wv[kGemvRows], xv[kGemvTokens];
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + i));
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * ldx + i));
+    y_gemv_step(acc, wv, xv, rows, tt);
+  }
+  if (i < k) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = y_load_bf16_partial(w + r * ldw + i, k - i);
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) xv[t] = y_load_bf16_partial(x + t * ldx + i, k - i);
+    y_gemv_step(acc, wv, xv, rows, tt);
+  }
+  if (rows == kGemvRows) {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, y_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) out[t * ldo] = y_hsum(acc[0][t]);
+  }
+}
+
+static void y_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
+                        int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1;) {
+    const int rows = n1 - n >= kGemvRows ? kGemvRows : 1;
+    const uint16_t* wr = w + n * ldw;
+    for (int64_t t0 = 0; t0 < t; t0 += kGemvTokens) {
+      const uint16_t* xt = x + t0 * ldx;
+      float* ot = out + t0 * ldo + (n - n0);
+      const bool two = t - t0 >= 2;
+      if (rows == kGemvRows) {
+        if (two) y_gemv_tile(wr, ldw, k, xt, ldx, kGemvRows, 2, ot, ldo);
+        else y_gemv_tile(wr, ldw, k, xt, ldx, kGemvRows, 1, ot, ldo);
+      } else {
+        if (two) y_gemv_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo);
+        else y_gemv_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo);
+      }
+    }
+    n += rows;
+  }
+}
+
 const KernelTable kTable = {
     "avx2",
     y_quantize_row_a8,
     y_matmul_a8,
     y_matmul_f32,
     nullptr,  // matmul_a16 needs avx512_bf16
+    y_gemv_bf16,
 };
 
 }  // namespace

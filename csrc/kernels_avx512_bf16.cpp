@@ -2,7 +2,8 @@
 // with vdpbf16ps (fp32 += bf16 x bf16 pairs). The activations are rounded to bf16 (nearest even,
 // vcvtne2ps2bf16) once per token tile and K chunk into a stack buffer, then every row block of
 // the call reuses them; the packed BF16 layout ([16 lanes][2 inputs] per 64 bytes) is the
-// vdpbf16ps operand as it is. Other entries are left null: dispatch.cpp fills them from the
+// vdpbf16ps operand as it is. gemv_bf16 (unpacked bf16 weights and activations) with vdpbf16ps
+// too, on the tile code of simd_avx512.h. Other entries are left null: dispatch.cpp fills them from the
 // avx512_vnni / avx512 tables. Compiled with the avx512 flags + -mavx512vnni -mavx512bf16 only.
 //
 // Legend: RB = 16 rows per block, P = K / 2 input pairs, TT tokens per tile, PC pairs per chunk.
@@ -68,12 +69,20 @@ static void b_matmul_a16(const PackedMatrix& w, int64_t b0, int64_t b1, const fl
   }
 }
 
+// gemv_bf16: the tile code of simd_avx512.h with vdpbf16ps steps (W rows and x are bf16 pairs
+// already, loaded as they are).
+static void b_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
+                        int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  z_gemv_bf16_body(w, ldw, n0, n1, k, x, t, ldx, out, ldo, true);
+}
+
 const KernelTable kTable = {
     "avx512_bf16",
     nullptr,  // quantize_row_a8: avx512's
     nullptr,  // matmul_a8: avx512_vnni's
     nullptr,  // matmul_f32: avx512's
     b_matmul_a16,
+    b_gemv_bf16,
 };
 
 }  // namespace

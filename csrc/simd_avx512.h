@@ -338,5 +338,139 @@ static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, co
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// gemv_bf16 (kernels.h): unpacked row-major bf16 W [N][K] times bf16 X [T][K], fp32 out.
+// A tile is R = 4 rows (or 1 for the last n % 4) x TT <= 4 tokens, R x TT zmm accumulators of 16
+// partial sums each, reduced horizontally once at the end. Each step covers 32 inputs: one 64-byte
+// load per row and per token, so every x load serves 4 rows and every weight load TT tokens.
+// Rows are the outer loop and token tiles the inner one: a row tile is read from memory once per
+// call and from L1/L2 for the next token tiles (4 rows of K = 18432 are 144 KiB).
+//
+// Two bodies share this code: plain AVX-512 splits each 32-bit lane into its two bf16 halves as
+// fp32 (low half: shift left 16 = input 2j, high half: mask = input 2j + 1) and does two FMAs;
+// the avx512_bf16 TU (which defines __AVX512BF16__) uses one vdpbf16ps on the pairs as loaded.
+// Both sum the pairs of 16 lanes in a different order from the scalar loop; the products are
+// exact, so only the fp32 summation order differs. The K % 32 tail uses masked loads (masked
+// lanes read as 0 and never fault), so any K works without touching memory past a row.
+//
+// Legend: R rows per tile, TT tokens per tile, 32 inputs (bf16) per zmm step.
+// ---------------------------------------------------------------------------------------------
+#define HY_Z_GEMV_TT_MAX 4
+#define HY_Z_GEMV_ROWS 4
+
+// Totals of four zmm of partial sums: [sum a, sum b, sum c, sum d].
+static HY_ALWAYS_INLINE __m128 z_hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+  const __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  const __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+  // hadd pairs within 128-bit lanes: [a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7]
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// acc[r][t] += W row r . X token t over one step of 32 inputs (wv, xv: the raw bf16 vectors).
+// The FMA body is bound by its vector ALU ports (widening + 2 FMAs per row), not by the chain of
+// two dependent FMAs: splitting even and odd products into separate accumulators measured no
+// faster for T = 1 and slower for T = 2.
+static HY_ALWAYS_INLINE void z_gemv_step(__m512 (*acc)[HY_Z_GEMV_TT_MAX], const __m512i* wv, const __m512i* xv,
+                                         int rows, int tt, bool dot) {
+#ifdef __AVX512BF16__
+  if (dot) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xv[t]);
+    return;
+  }
+#endif
+  const __m512i hi = _mm512_set1_epi32(int32_t(0xFFFF0000u));
+  __m512 xe[HY_Z_GEMV_TT_MAX], xo[HY_Z_GEMV_TT_MAX];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    xe[t] = _mm512_castsi512_ps(_mm512_slli_epi32(xv[t], 16));  // inputs 2j
+    xo[t] = _mm512_castsi512_ps(_mm512_and_si512(xv[t], hi));   // inputs 2j + 1
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r) {
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv[r], 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv[r], hi));
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_fmadd_ps(wo, xo[t], _mm512_fmadd_ps(we, xe[t], acc[r][t]));
+  }
+}
+
+// One tile: rows [0, rows) of w (rows = 4 or 1), tokens [0, tt) of x, out[t * ldo + r].
+static HY_ALWAYS_INLINE void z_gemv_tile(const uint16_t* w, int64_t ldw, int64_t k, const uint16_t* x,
+                                         int64_t ldx, int rows, int tt, bool dot, float* out, int64_t ldo) {
+  __m512 acc[HY_Z_GEMV_ROWS][HY_Z_GEMV_TT_MAX];
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_setzero_ps();
+  __m512i wv[HY_Z_GEMV_ROWS], xv[HY_Z_GEMV_TT_MAX];
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + i);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) xv[t] = _mm512_loadu_si512(x + t * ldx + i);
+    z_gemv_step(acc, wv, xv, rows, tt, dot);
+  }
+  if (i < k) {  // 1..31 inputs left: masked lanes load as zero on both sides
+    const __mmask32 m = __mmask32((1u << (k - i)) - 1u);
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, w + r * ldw + i);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, x + t * ldx + i);
+    z_gemv_step(acc, wv, xv, rows, tt, dot);
+  }
+  if (rows == HY_Z_GEMV_ROWS) {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, z_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) out[t * ldo] = _mm512_reduce_add_ps(acc[0][t]);
+  }
+}
+
+// vdpbf16ps only for one token: its throughput here is one per ~2 cycles (32 products) against two
+// FMAs per cycle (16 products each), so once the widening of W is shared by 2+ tokens the FMA body
+// is faster (measured, 1 thread, 256 x 512 in L2: T = 1 dp 4.9 us vs FMA 7.4 us; T = 2 7.6 vs 6.6;
+// T = 4 14.1 vs 11.2; 12288 x 1536 from L3: T = 1 1.60 vs 1.80 ms, T = 4 2.77 vs 2.38 ms).
+#define HY_Z_GEMV_DISPATCH(rows, tt, dot, ...)                          \
+  switch (tt) {                                                         \
+    case 1: z_gemv_tile(__VA_ARGS__, rows, 1, dot, ot, ldo); break;     \
+    case 2: z_gemv_tile(__VA_ARGS__, rows, 2, false, ot, ldo); break;   \
+    case 3: z_gemv_tile(__VA_ARGS__, rows, 3, false, ot, ldo); break;   \
+    default: z_gemv_tile(__VA_ARGS__, rows, 4, false, ot, ldo); break;  \
+  }
+
+// The whole entry; `dot` (vdpbf16ps) only where __AVX512BF16__ is defined.
+static HY_ALWAYS_INLINE void z_gemv_bf16_body(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
+                                              const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo,
+                                              bool dot) {
+  for (int64_t n = n0; n < n1;) {
+    const int rows = n1 - n >= HY_Z_GEMV_ROWS ? HY_Z_GEMV_ROWS : 1;
+    const uint16_t* wr = w + n * ldw;
+    for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMV_TT_MAX) {
+      const int tt = int(t - t0 < HY_Z_GEMV_TT_MAX ? t - t0 : HY_Z_GEMV_TT_MAX);
+      const uint16_t* xt = x + t0 * ldx;
+      float* ot = out + t0 * ldo + (n - n0);
+      if (rows == HY_Z_GEMV_ROWS) {
+        HY_Z_GEMV_DISPATCH(HY_Z_GEMV_ROWS, tt, dot, wr, ldw, k, xt, ldx)
+      } else {
+        HY_Z_GEMV_DISPATCH(1, tt, dot, wr, ldw, k, xt, ldx)
+      }
+    }
+    n += rows;
+  }
+}
+
+[[maybe_unused]] static void z_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
+                                         const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  z_gemv_bf16_body(w, ldw, n0, n1, k, x, t, ldx, out, ldo, false);
+}
+
 }  // namespace
 }  // namespace hybrid

@@ -5,6 +5,7 @@
 // Tolerances: matmul_f32 / matmul_a8 differ from the reference only in fp32 summation order, so
 // |out - ref| <= 1e-5 * sum_k |w_k * x_k| (+ tiny absolute); matmul_a16 rounds x to bf16, so
 // |out - ref_f32| <= 2^-8 * sum_k |w_k * x_k|. quantize_row_a8 must match bit for bit.
+// gemv_bf16 (unpacked bf16, exact products): |out - ref| <= K * 2^-24 * sum_k |w_k * x_k|.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -208,6 +209,39 @@ void check_table(const KernelTable* kt) {
     }
 }
 
+// gemv_bf16 on unpacked row-major bf16 with strided rows, a row range that starts past row 0
+// and K tails of every width; out is filled with NaN first so unwritten entries show.
+void check_gemv(const KernelTable* kt) {
+  if (!kt || !kt->gemv_bf16) return;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int shapes[][2] = {{21, 1}, {9, 31}, {37, 33}, {64, 100}, {19, 2048}, {8, 7168}};
+  const int ts[] = {1, 2, 3, 4, 5, 9};
+  for (auto& sh : shapes)
+    for (int t : ts) {
+      const int n = sh[0], k = sh[1], ldw = k + 3, ldx = k + 5, n0 = 2, n1 = n, cols = n1 - n0, ldo = cols + 1;
+      std::vector<uint16_t> w(size_t(n) * ldw), x(size_t(t) * ldx);
+      for (auto& v : w) v = f32_to_bf16(nd(rng));
+      for (auto& v : x) v = f32_to_bf16(nd(rng));
+      std::vector<float> out(size_t(t) * ldo, NAN), got(size_t(t) * cols);
+      std::vector<double> ref(size_t(t) * cols), mag(size_t(t) * cols);
+      kt->gemv_bf16(w.data(), ldw, n0, n1, k, x.data(), t, ldx, out.data(), ldo);
+      for (int tt = 0; tt < t; ++tt)
+        for (int c = 0; c < cols; ++c) {
+          double s = 0, a = 0;
+          for (int i = 0; i < k; ++i) {
+            double p = double(bf16_to_f32(w[size_t(n0 + c) * ldw + i])) * bf16_to_f32(x[size_t(tt) * ldx + i]);
+            s += p;
+            a += std::fabs(p);
+          }
+          ref[size_t(tt) * cols + c] = s;
+          mag[size_t(tt) * cols + c] = a + 1e-30;
+          got[size_t(tt) * cols + c] = out[size_t(tt) * ldo + c];
+        }
+      Mat shape{WeightFormat::BF16, cols, k, {}, {}, {}};
+      compare("gemv_bf16", kt->name, shape, t, got, ref, mag, k * std::ldexp(1.0, -24));
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -220,6 +254,7 @@ int main(int argc, char** argv) {
   for (const KernelTable* kt : tables) {
     if (argc > 1 && kt && std::strcmp(argv[1], kt->name) != 0) continue;
     check_table(kt);
+    check_gemv(kt);
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;

@@ -1,0 +1,68 @@
+// dense.cpp: see dense.h.
+#include "dense.h"
+
+#include <algorithm>
+
+namespace hybrid {
+namespace {
+
+constexpr int64_t kSplitRows = 16;    // rows per work unit of the pool split (one cache line of fp32 out)
+constexpr int64_t kChunkRows = 32;    // bf16 out: rows per fp32 scratch tile
+constexpr int64_t kChunkTokens = 32;  // bf16 out: tokens per fp32 scratch tile (32 x 32 x 4 B = 4 KiB)
+
+// Rows [r0, r1) for all tokens. fp32 out: the kernel writes straight into out. bf16 out: the
+// kernel fills a small fp32 scratch tile (stack, L1) that is then rounded into out; a tile is
+// 32 rows so that for T > 32 the re-read rows (32 x K x 2 B, 1.2 MiB at K = 18432) stay in L2.
+void gemv_rows(const KernelTable& kt, const uint16_t* w, int64_t ldw, int64_t r0, int64_t r1, int64_t k,
+               const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo, bool out_bf16) {
+  if (!out_bf16) {
+    kt.gemv_bf16(w, ldw, r0, r1, k, x, t, ldx, static_cast<float*>(out) + r0, ldo);
+    return;
+  }
+  uint16_t* ob = static_cast<uint16_t*>(out);
+  float scratch[kChunkTokens * kChunkRows];  // [tokens][rows]
+  for (int64_t c0 = r0; c0 < r1; c0 += kChunkRows) {
+    const int64_t c1 = std::min(r1, c0 + kChunkRows), rows = c1 - c0;
+    for (int64_t t0 = 0; t0 < t; t0 += kChunkTokens) {
+      const int64_t tc = std::min(t - t0, kChunkTokens);
+      kt.gemv_bf16(w, ldw, c0, c1, k, x + t0 * ldx, tc, ldx, scratch, rows);
+      for (int64_t i = 0; i < tc; ++i)
+        for (int64_t r = 0; r < rows; ++r) ob[(t0 + i) * ldo + c0 + r] = f32_to_bf16(scratch[i * rows + r]);
+    }
+  }
+}
+
+}  // namespace
+
+// Where the pool starts to pay. One thread streams a bf16 matrix at ~40 GB/s from L2 and ~20 GB/s
+// from L3 / ~13 GB/s from RAM (T = 1, measured on the 2-vCPU Sapphire Rapids KVM guest), so
+// 256 KiB takes ~6.5 us inline and 512 KiB ~13 us. A caller job's round trip with a free core
+// for the worker is ~4-7 us (thread_pool.h; 1 worker + caller), so halving the work gains nothing
+// at 256 KiB and ~1.2x at 512 KiB, ~1.4x at 1 MiB. When the worker's core is busy (another
+// process, or more pool threads than free cores) the round trip measured ~110 us and the pool
+// only paid from ~4 MiB; callers on such machines should pass threads=False.
+const int64_t kDenseParallelMinBytes = int64_t(512) << 10;
+
+void dense_gemv(const KernelTable& kt, ThreadPool* pool, const uint16_t* w, int64_t ldw, int64_t n,
+                int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
+                bool out_bf16) {
+  const int64_t bytes = n * k * 2;
+  const int64_t units = (n + kSplitRows - 1) / kSplitRows;
+  int team = pool == nullptr ? 1 : int(std::min<int64_t>(pool->size() + 1, units));  // + 1: the caller
+  if (bytes < kDenseParallelMinBytes) team = 1;
+  if (team <= 1) {
+    gemv_rows(kt, w, ldw, 0, n, k, x, t, ldx, out, ldo, out_bf16);
+    return;
+  }
+  // A caller job: the calling thread, which would otherwise only wait, takes the last share and
+  // team - 1 workers the others (thread_pool.h: a waiting caller and a spinning worker fight for
+  // a core when the pool has one worker per core).
+  pool->run({[&](int tid, int team_size) {
+               auto [u0, u1] = pool->split(units, tid, team_size);
+               const int64_t r0 = u0 * kSplitRows, r1 = std::min(n, u1 * kSplitRows);
+               if (r0 < r1) gemv_rows(kt, w, ldw, r0, r1, k, x, t, ldx, out, ldo, out_bf16);
+             }},
+            team, /*caller=*/true);
+}
+
+}  // namespace hybrid

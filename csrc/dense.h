@@ -1,0 +1,33 @@
+// dense.h: the dense bf16 GEMV driver (the device Linear's decode path when the device is the
+// CPU): out [T, N] = X [T, K] . W [N, K]^T on an unpacked row-major bf16 weight, with the
+// KernelTable's gemv_bf16 doing the arithmetic (kernels.h). It splits the rows over the thread
+// pool when the matrix is large enough to pay for waking it, and rounds to bf16 on the way out
+// when asked.
+//
+// Legend: N output rows of W, K inputs, T tokens (rows of X and of out).
+#pragma once
+#include <cstdint>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace hybrid {
+
+// Below this many weight bytes (512 KiB) the call runs on the calling thread: see dense.cpp for
+// the measurement behind it.
+extern const int64_t kDenseParallelMinBytes;
+
+// out[tt * ldo + n] = sum_k W[n][k] * X[tt][k] for n < N, tt < T.
+//   w: bf16 bits, row n at w + n * ldw (ldw >= k); x: bf16 bits, token tt at x + tt * ldx;
+//   out: fp32 (out_bf16 = false) or bf16 bits rounded to nearest even (out_bf16 = true), row
+//   stride ldo elements (ldo >= n). n, k, t >= 1; the caller checks shapes (binding.cpp).
+// pool == nullptr, or a matrix under kDenseParallelMinBytes: inline on the calling thread.
+// Otherwise a caller job of up to pool->size() + 1 threads (the calling thread is one of them,
+// as MoeOperator's caller mode counts it) takes contiguous row ranges of multiples of 16 rows;
+// the call returns when all are done. Results do not depend on the split (each row's sum is
+// computed the same way whichever thread owns it).
+void dense_gemv(const KernelTable& kt, ThreadPool* pool, const uint16_t* w, int64_t ldw, int64_t n,
+                int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
+                bool out_bf16);
+
+}  // namespace hybrid
