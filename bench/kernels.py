@@ -9,6 +9,15 @@ Columns: Gop/s (2 per multiply-add) and, for T = 1, the GB/s of packed weight re
 matrix, 16 MB for INT4, is larger than L2, so T = 1 streams it from L3/RAM like decode does).
 Medians of --runs calls after a warm-up call.
 
+--gemv: the dense bf16 GEMV of the device Linear on CPU (hybrid.native.gemv_bf16, csrc/dense.h)
+against torch's bf16 F.linear, on the demo model's and Kimi K2.5's non-expert shapes, T = 1 and
+4, bf16 out, once on one thread (native threads=False, torch.set_num_threads(1)) and once with
+the native pool (threads=True) against torch with its default threads. Columns: microseconds,
+GB/s of weight read (N x K x 2 bytes per call), torch's time, and torch / native.
+
+    python bench/kernels.py --gemv                          # active ISA, all shapes
+    python bench/kernels.py --gemv --isa avx512 --shapes 256x512 7168x8192 --tokens 1
+
 Legend: N rows, K inputs, T tokens.
 """
 
@@ -30,15 +39,85 @@ def _native():
     return native.lib()
 
 
+GEMV_SHAPES = ["256x512", "512x256", "4096x256", "1536x7168", "12288x1536", "7168x8192", "18432x7168"]
+
+
+def _median_time(fn, runs: int) -> float:
+    """Median seconds per call of `runs` timed batches after a warm-up call; a batch repeats the
+    call enough times to last ~2 ms so small shapes are not all timer overhead."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, int(2e-3 / once))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def gemv_bench(shapes: list[str], tokens: list[int], isa: str | None, runs: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from hybrid import native
+
+    N = native.lib()
+    isa = isa or N.active_isa()
+    default_threads = torch.get_num_threads()
+    print(f"dense bf16 GEMV, isa {isa}, native pool {N.num_threads()} workers (+ the caller), "
+          f"torch {default_threads} threads; median of {runs}; us, GB/s of weight read")
+    head = (f"{'N x K':>12} {'T':>2} | {'native 1t':>17} {'torch 1t':>9} {'ratio':>6} | "
+            f"{'native pool':>17} {'torch':>9} {'ratio':>6}")
+    print(head)
+    for shape in shapes:
+        n, k = (int(v) for v in shape.lower().split("x"))
+        w = torch.empty(n, k, dtype=torch.bfloat16).uniform_(-1, 1)  # [N, K]; speed is value-blind
+        gb = n * k * 2 / 1e9
+        for t in tokens:
+            x = torch.empty(t, k, dtype=torch.bfloat16).uniform_(-1, 1)  # [T, K]
+            out = torch.empty(t, n, dtype=torch.bfloat16)  # [T, N]
+            cells = []
+            for threads in (False, True):
+                torch.set_num_threads(default_threads if threads else 1)
+                dn = _median_time(lambda: native.gemv_bf16(w, x, out, isa=isa, threads=threads), runs)
+                dt = _median_time(lambda: F.linear(x, w), runs)
+                cells.append(f"{dn * 1e6:9.1f} {gb / dn:5.1f}GB/s {dt * 1e6:9.1f} {dt / dn:6.1f}")
+            torch.set_num_threads(default_threads)
+            print(f"{shape:>12} {t:>2} | {cells[0]} | {cells[1]}", flush=True)
+        del w
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--format", choices=["int4", "int8"], default="int4")
     p.add_argument("--n", type=int, default=4096, help="rows N (multiple of 16, default 4096)")
     p.add_argument("--k", type=int, default=7168, help="inputs K (multiple of 32, default 7168)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 11, 16, 32, 64])
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts (default 1 2 4 8 11 16 32 64; --gemv: 1 4)")
     p.add_argument("--isa", nargs="+", default=None, help="ISAs (default: all this machine runs)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--gemv", action="store_true", help="the dense bf16 GEMV vs torch F.linear instead")
+    p.add_argument("--shapes", nargs="+", default=GEMV_SHAPES, help="--gemv: N x K shapes (e.g. 256x512)")
     a = p.parse_args(argv)
+    a.tokens_given = a.tokens is not None
+    a.tokens = a.tokens or [1, 2, 4, 8, 11, 16, 32, 64]
+    if a.gemv:
+        if any(len(s.lower().split("x")) != 2 or not all(v.isdigit() and int(v) > 0 for v in s.lower().split("x"))
+               for s in a.shapes):
+            p.error(f"--shapes must be NxK with positive integers, got {a.shapes}")
+        if a.runs < 1 or min(a.tokens) < 1:
+            p.error("--runs and every --tokens value must be >= 1")
+        isa = a.isa[0] if a.isa else None
+        if isa:
+            reason = _native().isa_unavailable_reason(isa)
+            if reason:
+                p.error(f"--isa {isa}: {reason}")
+        gemv_bench(a.shapes, a.tokens if a.tokens_given else [1, 4], isa, a.runs)
+        return 0
     if a.n <= 0 or a.n % 16 or a.k <= 0 or a.k % 32:
         p.error(f"--n must be a positive multiple of 16 and --k of 32, got {a.n}, {a.k}")
     if a.runs < 1 or min(a.tokens) < 1:
