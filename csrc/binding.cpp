@@ -17,6 +17,8 @@
 
 #include "bandwidth.h"
 #include "dense.h"
+#include "mla_decode.h"
+#include "router.h"
 #include "dispatch.h"
 #include "kernels.h"
 #include "kernels_scalar.h"
@@ -347,13 +349,15 @@ struct TorchRefs {
   PyObject* bf16 = nullptr;    // torch.bfloat16
   PyObject* f32 = nullptr;     // torch.float32
   PyObject* empty = nullptr;   // torch.empty
+  PyObject* i64 = nullptr;     // torch.int64
+  PyObject* i32 = nullptr;     // torch.int32
 };
 const TorchRefs& torch_refs() {
   static TorchRefs refs;
   if (refs.empty == nullptr) {
     py::object torch = py::module_::import("torch");
     auto leak = [&](const char* attr) { return py::object(torch.attr(attr)).release().ptr(); };
-    TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty")};
+    TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty"), leak("int64"), leak("int32")};
     refs = r;
   }
   return refs;
@@ -474,6 +478,170 @@ py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const
   DenseOperand out = dense_from_torch(res, "out", true);
   dense_run(w, x, out, isa, threads);
   return res;
+}
+
+// ---- MLA decode attention (mla_decode.h) ---------------------------------------------------
+// A torch CPU tensor as raw memory, checked: its type, dtype, device, dimensions and that it is
+// contiguous (every operand here is).
+struct TensorView {
+  char* data = nullptr;
+  std::vector<int64_t> shape;
+};
+
+TensorView tensor_view(const py::object& o, const char* name, PyObject* dtype, const char* dtype_name, size_t ndim) {
+  const TorchRefs& tr = torch_refs();
+  if (!PyObject_TypeCheck(o.ptr(), reinterpret_cast<PyTypeObject*>(tr.tensor)))
+    throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + py::str(py::type::of(o)).cast<std::string>());
+  py::object dt = o.attr("dtype");
+  if (dt.ptr() != dtype)
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " + py::str(dt).cast<std::string>());
+  if (!o.attr("is_cpu").cast<bool>())
+    throw py::type_error(std::string(name) + " must be a CPU tensor, got one on " + py::str(o.attr("device")).cast<std::string>());
+  py::tuple shape = o.attr("shape");
+  if (shape.size() != ndim)
+    throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                          py::str(shape).cast<std::string>());
+  if (!o.attr("is_contiguous")().cast<bool>())
+    throw py::value_error(std::string(name) + " must be contiguous");
+  TensorView v;
+  for (auto d : shape) v.shape.push_back(d.cast<int64_t>());
+  v.data = reinterpret_cast<char*>(o.attr("data_ptr")().cast<uintptr_t>());
+  return v;
+}
+
+void expect_shape(const TensorView& v, const char* name, const std::vector<int64_t>& want) {
+  if (v.shape == want) return;
+  auto str = [](const std::vector<int64_t>& s) {
+    std::string r = "[";
+    for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+    return r + "]";
+  };
+  throw py::value_error(std::string(name) + " must have shape " + str(want) + ", got " + str(v.shape));
+}
+
+void py_mla_decode(const py::object& qo, const py::object& kvo, const py::object& normo, const py::object& coso,
+                   const py::object& sino, const py::object& cacheo, const py::object& sloto, const py::object& poso,
+                   const py::object& wkvbo, const py::object& outo, int64_t nh, int64_t d, int64_t v, double eps,
+                   double scale, bool interleave, bool threads, const std::string& isa) {
+  const TorchRefs& tr = torch_refs();
+  TensorView q = tensor_view(qo, "q", tr.bf16, "torch.bfloat16", 2), kv = tensor_view(kvo, "kv", tr.bf16, "torch.bfloat16", 2);
+  TensorView cache = tensor_view(cacheo, "cache", tr.bf16, "torch.bfloat16", 3);
+  TensorView norm = tensor_view(normo, "kv_norm", tr.bf16, "torch.bfloat16", 1);
+  TensorView cs = tensor_view(coso, "cos", tr.f32, "torch.float32", 2), sn = tensor_view(sino, "sin", tr.f32, "torch.float32", 2);
+  TensorView slot = tensor_view(sloto, "slots", tr.i64, "torch.int64", 1), pos = tensor_view(poso, "positions", tr.i64, "torch.int64", 1);
+  TensorView w = tensor_view(wkvbo, "kv_b_weight", tr.bf16, "torch.bfloat16", 2);
+  TensorView out = tensor_view(outo, "out", tr.bf16, "torch.bfloat16", 2);
+  if (nh < 1 || d < 1 || v < 1) throw py::value_error("num_heads, qk_nope_head_dim and v_head_dim must be >= 1");
+  const int64_t T = q.shape[0], S = cache.shape[0], Lmax = cache.shape[1], W = cache.shape[2];
+  const int64_t C = norm.shape[0], R = W - C;
+  if (T < 1) throw py::value_error("q must hold at least one token");
+  if (R < 2 || R % 2 || R > 256)
+    throw py::value_error("cache rows of " + std::to_string(W) + " minus kv_norm's " + std::to_string(C) +
+                          " latent values leave a rope width of " + std::to_string(R) + " (need even, 2..256)");
+  expect_shape(q, "q", {T, nh * (d + R)});
+  expect_shape(kv, "kv", {T, W});
+  expect_shape(cs, "cos", {T, R / 2});
+  expect_shape(sn, "sin", {T, R / 2});
+  expect_shape(slot, "slots", {T});
+  expect_shape(pos, "positions", {T});
+  expect_shape(w, "kv_b_weight", {nh * (d + v), C});
+  expect_shape(out, "out", {T, nh * v});
+  const int64_t* sp = reinterpret_cast<const int64_t*>(slot.data);
+  const int64_t* pp = reinterpret_cast<const int64_t*>(pos.data);
+  for (int64_t t = 0; t < T; ++t) {
+    if (sp[t] < 0 || sp[t] >= S)
+      throw py::value_error("slots[" + std::to_string(t) + "] = " + std::to_string(sp[t]) + " is out of range [0, " +
+                            std::to_string(S) + ")");
+    if (pp[t] < 0 || pp[t] >= Lmax)
+      throw py::value_error("positions[" + std::to_string(t) + "] = " + std::to_string(pp[t]) +
+                            " is out of range [0, " + std::to_string(Lmax) + ")");
+    for (int64_t u = 0; u < t; ++u)
+      if (sp[u] == sp[t] && pp[u] == pp[t])
+        throw py::value_error("tokens " + std::to_string(u) + " and " + std::to_string(t) + " both write slot " +
+                              std::to_string(sp[t]) + " position " + std::to_string(pp[t]));
+  }
+  MlaDecodeArgs a;
+  a.t = T; a.nh = nh; a.d = d; a.r = R; a.v = v; a.c = C;
+  a.q = reinterpret_cast<const uint16_t*>(q.data); a.ldq = nh * (d + R);
+  a.kv = reinterpret_cast<const uint16_t*>(kv.data); a.ldkv = W;
+  a.kv_norm = reinterpret_cast<const uint16_t*>(norm.data);
+  a.eps = float(eps);
+  a.cos = reinterpret_cast<const float*>(cs.data); a.sin = reinterpret_cast<const float*>(sn.data);
+  a.interleave = interleave;
+  a.cache = reinterpret_cast<uint16_t*>(cache.data); a.slots = S; a.max_len = Lmax;
+  a.slot = sp; a.pos = pp;
+  a.wkvb = reinterpret_cast<const uint16_t*>(w.data);
+  a.scale = float(scale);
+  a.out = reinterpret_cast<uint16_t*>(out.data);
+  const KernelTable& kt = dense_table(isa);
+  py::gil_scoped_release release;
+  std::shared_ptr<ThreadPool> pool = threads ? global_pool() : nullptr;
+  mla_decode(kt, pool.get(), pool ? pool->size() + 1 : 1, a);
+}
+
+// ---- decode-step norms and router (router.h) -----------------------------------------------
+py::object py_rms_norm(const py::object& xo, const py::object& wo, double eps, const py::object& oo,
+                       const py::object& ro) {
+  const TorchRefs& tr = torch_refs();
+  TensorView x = tensor_view(xo, "x", tr.bf16, "torch.bfloat16", 2);
+  TensorView w = tensor_view(wo, "weight", tr.bf16, "torch.bfloat16", 1);
+  const int64_t T = x.shape[0], H = x.shape[1];
+  if (T < 1 || H < 1) throw py::value_error("x must not be empty");
+  expect_shape(w, "weight", {H});
+  const uint16_t* res = nullptr;
+  if (!ro.is_none()) {
+    TensorView r = tensor_view(ro, "residual", tr.bf16, "torch.bfloat16", 2);
+    expect_shape(r, "residual", {T, H});
+    res = reinterpret_cast<const uint16_t*>(r.data);
+  }
+  // out comes from the caller: torch.empty called from here through pybind costs ~6 us, from
+  // Python ~1.5 us.
+  TensorView o = tensor_view(oo, "out", tr.bf16, "torch.bfloat16", 2);
+  expect_shape(o, "out", {T, H});
+  if (o.data == x.data) throw py::value_error("out must not be x");
+  {
+    py::gil_scoped_release release;
+    rms_norm_bf16(reinterpret_cast<uint16_t*>(x.data), res, reinterpret_cast<const uint16_t*>(w.data), T, H,
+                  float(eps), reinterpret_cast<uint16_t*>(o.data));
+  }
+  return oo;
+}
+
+void py_route(const py::object& xo, const py::object& go, const py::object& bo, int64_t groups,
+              int64_t topk_groups, int64_t top_k, bool norm_topk_prob, double scaling, const py::object& ido,
+              const py::object& wo) {
+  const TorchRefs& tr = torch_refs();
+  TensorView x = tensor_view(xo, "x", tr.bf16, "torch.bfloat16", 2);
+  TensorView g = tensor_view(go, "gate", tr.f32, "torch.float32", 2);
+  const int64_t T = x.shape[0], H = x.shape[1], E = g.shape[0];
+  if (T < 1 || H < 1) throw py::value_error("x must not be empty");
+  expect_shape(g, "gate", {E, H});
+  const float* bias = nullptr;
+  if (!bo.is_none()) {
+    TensorView b = tensor_view(bo, "bias", tr.f32, "torch.float32", 1);
+    expect_shape(b, "bias", {E});
+    bias = reinterpret_cast<const float*>(b.data);
+  }
+  if (groups < 1 || E % groups)
+    throw py::value_error("n_group " + std::to_string(groups) + " must divide the " + std::to_string(E) + " experts");
+  if (topk_groups < 1 || topk_groups > groups)
+    throw py::value_error("topk_group " + std::to_string(topk_groups) + " must be in 1.." + std::to_string(groups));
+  if (top_k < 1 || top_k > topk_groups * (E / groups))
+    throw py::value_error("num_experts_per_tok " + std::to_string(top_k) + " must be in 1.." +
+                          std::to_string(topk_groups * (E / groups)) + " (the experts of the eligible groups)");
+  RouterConfig cfg;
+  cfg.experts = E; cfg.groups = groups; cfg.topk_groups = topk_groups; cfg.top_k = top_k;
+  cfg.norm_topk_prob = norm_topk_prob; cfg.scaling = float(scaling);
+  TensorView iv = tensor_view(ido, "ids", tr.i32, "torch.int32", 2), wv = tensor_view(wo, "weights", tr.f32, "torch.float32", 2);
+  expect_shape(iv, "ids", {T, top_k});
+  expect_shape(wv, "weights", {T, top_k});
+  int32_t* ip = reinterpret_cast<int32_t*>(iv.data);
+  float* wp = reinterpret_cast<float*>(wv.data);
+  {
+    py::gil_scoped_release release;
+    route_bf16(reinterpret_cast<const uint16_t*>(x.data), reinterpret_cast<const float*>(g.data), bias, T, H, cfg,
+               ip, wp);
+  }
 }
 
 // ---- packed layer ----------------------------------------------------------------------------
@@ -684,6 +852,7 @@ struct PyPoolJob {
     ThreadPool::wait(handle);
   }
   bool done() const { return ThreadPool::finished(handle); }
+  int team() const { return handle->team; }
   std::vector<int> phase_counts() const {
     std::vector<int> out;
     for (auto& c : *counts) out.push_back(c.load());
@@ -691,7 +860,7 @@ struct PyPoolJob {
   }
 };
 
-PyPoolJob pool_test_job(int phases, int fail_phase, int fail_tid, int sleep_us, int team) {
+PyPoolJob pool_test_job(int phases, int fail_phase, int fail_tid, int sleep_us, int team, bool caller) {
   if (phases < 1) throw py::value_error("phases must be >= 1");
   auto pool = global_pool();
   auto counts = std::make_shared<std::vector<std::atomic<int>>>(size_t(phases));
@@ -708,7 +877,7 @@ PyPoolJob pool_test_job(int phases, int fail_phase, int fail_tid, int sleep_us, 
   }
   PyPoolJob j;
   j.counts = counts;
-  j.handle = pool->submit(std::move(ph), team);
+  j.handle = pool->submit(std::move(ph), team, caller);
   return j;
 }
 
@@ -826,6 +995,17 @@ PYBIND11_MODULE(_native, m) {
         py::arg("threads") = true,
         "out [T, N] (float32, or uint16 bf16 bits rounded to nearest even) = x [T, K] . w [N, K]^T; w, x uint16 "
         "bf16 bits with unit inner stride (rows may be strided); isa '' = the active one; threads=False: inline");
+  m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        py::arg("residual") = py::none(),
+        "RMSNorm of bf16 x [T, H] into out (router.h); with residual, x += residual first, in place; returns out");
+  m.def("route", &py_route, py::arg("x"), py::arg("gate"), py::arg("bias"), py::arg("n_group"), py::arg("topk_group"),
+        py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("scaling"), py::arg("ids"), py::arg("weights"),
+        "DeepSeek-V3 noaux_tc router (router.h) into ids int32 [T, K] and weights float32 [T, K]");
+  m.def("mla_decode", &py_mla_decode, py::arg("q"), py::arg("kv"), py::arg("kv_norm"), py::arg("cos"), py::arg("sin"),
+        py::arg("cache"), py::arg("slots"), py::arg("positions"), py::arg("kv_b_weight"), py::arg("out"),
+        py::arg("num_heads"), py::arg("qk_nope_head_dim"), py::arg("v_head_dim"), py::arg("eps"), py::arg("scale"),
+        py::arg("interleave"), py::arg("threads") = true, py::arg("isa") = "",
+        "MLA attention of decode tokens (mla_decode.h): writes their cache rows, out [T, nh*V] bf16");
   m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
         py::arg("isa") = "", py::arg("threads") = true,
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
@@ -833,9 +1013,11 @@ PYBIND11_MODULE(_native, m) {
   py::class_<PyPoolJob>(m, "PoolTestJob")
       .def("wait", &PyPoolJob::wait)
       .def_property_readonly("done", &PyPoolJob::done)
+      .def_property_readonly("team", &PyPoolJob::team)
       .def_property_readonly("phase_counts", &PyPoolJob::phase_counts);
   m.def("pool_test_job", &pool_test_job, py::arg("phases"), py::arg("fail_phase") = -1, py::arg("fail_tid") = -1,
-        py::arg("sleep_us") = 0, py::arg("team") = 0, "tests: a pool job that checks its barriers");
+        py::arg("sleep_us") = 0, py::arg("team") = 0, py::arg("caller") = false,
+        "tests: a pool job that checks its barriers (caller=True: wait() runs the caller's share)");
 
   py::class_<PyLayer>(m, "Layer")
       .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i) {
@@ -867,7 +1049,8 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("path", [](const PyLayer& l) { return l.layer->path(); });
 
   py::class_<PyMoE>(m, "MoE")
-      .def(py::init([](const PyLayer& l, const std::string& mode, int threads, const std::string& isa) {
+      .def(py::init([](const PyLayer& l, const std::string& mode, int threads, const std::string& isa,
+                       bool caller) {
         ActMode am;
         if (mode == "fast") am = ActMode::Fast;
         else if (mode == "precise") am = ActMode::Precise;
@@ -875,9 +1058,10 @@ PYBIND11_MODULE(_native, m) {
         if (threads < 0) throw py::value_error("threads must be >= 0 (0: the whole pool), got " + std::to_string(threads));
         auto p = std::make_unique<PyMoE>();
         p->layer = l.layer;
-        p->op = std::make_unique<MoeOperator>(l.layer, am, threads, isa);
+        p->op = std::make_unique<MoeOperator>(l.layer, am, threads, isa, caller);
         return p;
-      }), py::arg("layer"), py::arg("mode") = "fast", py::arg("threads") = 0, py::arg("isa") = "")
+      }), py::arg("layer"), py::arg("mode") = "fast", py::arg("threads") = 0, py::arg("isa") = "",
+           py::arg("caller") = false)
       .def("submit", &PyMoE::submit, py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("skip_mask"),
            py::arg("y"), py::arg("accumulate") = false)
       .def("sync", &PyMoE::sync)
@@ -894,8 +1078,8 @@ PYBIND11_MODULE(_native, m) {
 //   pack_int4_from_ct, quantize_pack, unpack
 //   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
 //   reference_matmul_a16
-//   dense_gemv, dense_gemv_torch
+//   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
-//   MoE(layer, mode, threads, isa): submit, sync, pending, isa, mode, inject_fault
+//   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode, inject_fault
 //   pool_test_job -> PoolTestJob: wait, done, phase_counts

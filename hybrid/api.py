@@ -222,12 +222,20 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
     beside the engine."""
     if device.type != "cpu":
         return
+    from hybrid import native
     from hybrid.hardware import cores as machine_cores
 
     c = machine_cores()
     n = max(1, min(c["physical"], c["usable"]))
     engine = min(threads or n, n)
     torch.set_num_threads(n - engine if engine < n else max(1, n // 8))
+    # The Python thread computes a share of every expert job (CpuMoE caller=, set by the
+    # loader on a CPU device), so the engine's `engine` threads are it + engine-1 pool workers:
+    # a worker per core plus the caller left one core with two spinning threads, and each
+    # decode layer paid ~110 us for the pool round trip on 2 vCPUs (6 us this way).
+    workers = max(1, engine - 1)
+    if native.num_threads() != workers:
+        native.set_num_threads(workers)
 
 
 def _tokenizer(path: Path):

@@ -51,6 +51,15 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return ids, w * config.routed_scaling_factor, choice
 
 
+def _native_lib():
+    try:
+        from hybrid import native
+
+        return native.lib()
+    except ImportError:
+        return None
+
+
 class StepTimer:
     """Accumulates seconds per phase (router, experts, wait, shared) when enabled; bench/e2e.py
     reads it. Off by default: timing needs device syncs that would slow a normal run."""
@@ -80,6 +89,10 @@ class MoELayer:
         # mask makes the CPU skip them, so each (token, expert) pair runs exactly once.
         self.gpu_cache = None
         self._pinned: dict[str, torch.Tensor] = {}
+        # Route in one native call when x is bf16 on the CPU (csrc/router.h): the ~12 torch ops
+        # of route() cost more than the arithmetic in a decode step there. Tests switch it off.
+        self._native = _native_lib()
+        self.native_route = self._native is not None and hasattr(self._native, "route")
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":
@@ -95,7 +108,15 @@ class MoELayer:
         timing = self.timer.enabled
         sync_dev = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter() if timing else 0.0
-        ids, w, _ = route(x, self.gate_weight, self.bias, self.config)
+        if self.native_route and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
+            c = self.config  # ids int32 [T, K], w fp32 [T, K], on the host already (csrc/router.h)
+            K = c.num_experts_per_tok
+            ids = torch.empty(x.shape[0], K, dtype=torch.int32)
+            w = torch.empty(x.shape[0], K, dtype=torch.float32)
+            self._native.route(x, self.gate_weight, self.bias, c.n_group, c.topk_group, K,
+                               c.norm_topk_prob, c.routed_scaling_factor, ids, w)
+        else:
+            ids, w, _ = route(x, self.gate_weight, self.bias, self.config)
         if self.trace is not None:
             self.trace(self.layer, ids)
         xh = self._to_host("x", x)

@@ -26,8 +26,11 @@ def load_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts_
     config = config or ModelConfig.from_dir(path)
     files = SafetensorsFiles(path)
     files.file_sizes_ok()
+    # With no GPU the Python thread only waits while the experts run: it computes a share
+    # (CpuMoE caller=), and hybrid.api gives the pool one worker fewer.
     experts = ExpertLoader(experts_backend, expert_format, threads=threads, mode=mode,
-                           packed_cache=packed_cache, checkpoint_dir=path)
+                           packed_cache=packed_cache, checkpoint_dir=path,
+                           caller=torch.device(device).type == "cpu")
     src = WeightSource(config, files, device, dtype, device_formats, experts)
     bar = None
     if progress:

@@ -33,7 +33,8 @@ CACHE_DIR = ".hybrid-cache"
 
 class ExpertLoader:
     def __init__(self, backend: str = "torch", expert_format: str | None = None, threads: int | None = None,
-                 mode: str = "fast", packed_cache: bool = False, checkpoint_dir: str | Path | None = None):
+                 mode: str = "fast", packed_cache: bool = False, checkpoint_dir: str | Path | None = None,
+                 caller: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"experts_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if expert_format is not None and expert_format not in EXPERT_FORMATS:
@@ -44,6 +45,7 @@ class ExpertLoader:
         if mode not in ("fast", "precise"):
             raise ValueError(f"mode must be 'fast' or 'precise', got {mode!r}")
         self.backend, self.expert_format, self.threads, self.mode = backend, expert_format, threads, mode
+        self.caller = caller  # CpuMoE(caller=): the calling thread computes too (CPU-only device)
         self.packed_cache = packed_cache
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.timer = StepTimer()
@@ -75,7 +77,7 @@ class ExpertLoader:
         cache_path = self._cache_path(src, layer, fmt) if self.packed_cache else None
         if cache_path is not None and cache_path.is_file():
             self.stats["from_cache"] += 1
-            return cpu_moe.CpuMoE(cpu_moe.PackedLayer.load(str(cache_path)), threads=self.threads, mode=self.mode)
+            return cpu_moe.CpuMoE(cpu_moe.PackedLayer.load(str(cache_path)), threads=self.threads, mode=self.mode, caller=self.caller)
         if int4 and fmt == "int4":
             q = src.config.quant
             if q is None or q.method != "compressed-tensors":
@@ -109,7 +111,7 @@ class ExpertLoader:
             cache_path.parent.mkdir(exist_ok=True)
             packed_layer.save(str(cache_path))  # atomic: temp file, fsync, rename
             packed_layer = cpu_moe.PackedLayer.load(str(cache_path))  # mmap instead of the heap copy
-        return cpu_moe.CpuMoE(packed_layer, threads=self.threads, mode=self.mode)
+        return cpu_moe.CpuMoE(packed_layer, threads=self.threads, mode=self.mode, caller=self.caller)
 
     def _cache_path(self, src, layer: int, fmt: str) -> Path:
         # The key covers what the packed bytes depend on: checkpoint files (name, size, mtime),

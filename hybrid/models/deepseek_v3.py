@@ -31,8 +31,15 @@ from hybrid.models.linear import Linear
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+NATIVE_NORM_TOKENS = 16  # up to this many bf16 tokens on a CPU, norms run natively (below)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32, round back, then scale: transformers' order, so bf16 results agree.
+    # A few bf16 tokens on the CPU: one native call (csrc/router.h, same rounding) instead of 7
+    # torch ops of dispatch each; prefill-sized inputs stay with torch's threaded kernels.
+    if _native_norm_ok(x, weight):
+        return _NATIVE[0].rms_norm(x, weight, eps, torch.empty_like(x))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -117,6 +124,8 @@ class Attention:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_norm, self.eps))
+        if groups is None:  # decode tokens, one per slot, bf16 on a CPU device: one native call
+            return self.o_proj(self._native_decode(q, self.kv_a_proj(x), cos, sin, slots, positions, cache))
         q = q.view(T, self.nh, self.D + self.R)
         q_nope, q_rope = q[..., : self.D], q[..., self.D :]  # [T, nh, D], [T, nh, R]
         kv = self.kv_a_proj(x)  # [T, C+R]
@@ -138,6 +147,14 @@ class Attention:
         else:
             out = self._absorbed(q_nope, q_rope, rows, groups)
         return self.o_proj(out.reshape(T, self.nh * self.V))
+
+    def _native_decode(self, q, kv, cos, sin, slots, positions, cache):
+        # q [T, nh*(D+R)], kv [T, C+R] -> [T, nh*V]; writes the tokens' cache rows (csrc/mla_decode.h).
+        out = torch.empty(q.shape[0], self.nh * self.V, dtype=q.dtype)
+        _NATIVE[0].mla_decode(q, kv, self.kv_a_norm, cos, sin, cache.kv[self.layer], slots, positions,
+                                self.kv_b_proj.weight, out, self.nh, self.D, self.V, self.eps, self.scale,
+                                self.config.rope_interleave)
+        return out
 
     def _expanded(self, q_nope, q_rope, rows, g):
         U, L = rows.shape[:2]
@@ -180,6 +197,30 @@ def sdpa_chunked(q, k, v, mask, scale):
     outs = [F.scaled_dot_product_attention(q[:, :, i : i + step], k, v, attn_mask=mask[:, :, i : i + step],
                                            scale=scale) for i in range(0, Q, step)]
     return torch.cat(outs, dim=2)
+
+
+_NATIVE: list = []  # [hybrid._native or None], looked up on first use
+
+
+def _native_lib():
+    if not _NATIVE:
+        try:
+            from hybrid import native
+
+            _NATIVE.append(native.lib() if hasattr(native.lib(), "mla_decode") else None)
+        except ImportError:
+            _NATIVE.append(None)
+    return _NATIVE[0]
+
+
+def _native_ok() -> bool:
+    return _native_lib() is not None
+
+
+def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.dim() == 2 and x.shape[0] <= NATIVE_NORM_TOKENS and x.is_contiguous()
+            and _native_lib() is not None)
 
 
 class SlotGroups:
@@ -246,8 +287,14 @@ class DecoderLayer:
             self.mlp = MLP(src, f"{p}.mlp", H, config.intermediate_size)
 
     def __call__(self, h, cos, sin, slots, positions, groups, cache):
-        h = h + self.attn(rms_norm(h, self.input_norm, self.eps), cos, sin, slots, positions, groups, cache)
-        return h + self.mlp(rms_norm(h, self.post_attn_norm, self.eps))
+        a = self.attn(rms_norm(h, self.input_norm, self.eps), cos, sin, slots, positions, groups, cache)
+        if _native_norm_ok(h, self.post_attn_norm) and a.is_contiguous() and a.dtype == h.dtype:
+            # h += a (in place: h is this step's own tensor) and its norm, in one native call.
+            normed = _NATIVE[0].rms_norm(h, self.post_attn_norm, self.eps, torch.empty_like(h), a)
+        else:
+            h = h + a
+            normed = rms_norm(h, self.post_attn_norm, self.eps)
+        return h + self.mlp(normed)
 
 
 class DeepseekV3:
@@ -271,6 +318,10 @@ class DeepseekV3:
             self.lm_head = src.linear("lm_head", (V, H))
         inv_freq, self.rope_scale = rope_inv_freq(config)
         self.inv_freq = inv_freq.to(self.device)
+        # Decode steps (one token per slot) run MLA attention in one native call when the device
+        # is the CPU and the compute dtype bf16 (csrc/mla_decode.h: ~45 torch ops per layer, each
+        # 3-30 us of dispatch on a CPU, become one). Tests switch it off to compare.
+        self.native_decode = self.device.type == "cpu" and self.dtype == torch.bfloat16 and _native_ok()
 
     def set_attention_mode(self, mode: str) -> None:
         if mode not in ("auto", "absorbed", "expanded"):
@@ -300,7 +351,10 @@ class DeepseekV3:
         positions, slots = positions.to(self.device), slots.to(self.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        groups = SlotGroups(slots, positions)
+        native = (self.native_decode and cache.dtype == torch.bfloat16
+                  and all(layer.attn.mode == "auto" for layer in self.layers)
+                  and (slots.shape[0] == 1 or int(torch.unique(slots).numel()) == slots.shape[0]))
+        groups = None if native else SlotGroups(slots, positions)  # None: Attention's native path
         for layer in self.layers:
             h = layer(h, cos, sin, slots, positions, groups, cache)
         if logits_index is not None:

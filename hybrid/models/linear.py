@@ -16,6 +16,11 @@ import torch.nn.functional as F
 
 
 DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
+# Up to this many tokens a dense bf16 weight on the CPU goes through the native GEMV
+# (hybrid.native.gemv_bf16): torch's CPU bf16 F.linear costs ~30 us per call on small shapes and
+# reorders the weight each call (12 GB/s on a 7168x1536 matrix), which made it most of a decode
+# step. Beyond a few tokens torch's blocked GEMM (AMX / AVX-512 BF16) is the faster one.
+NATIVE_MAX_TOKENS = 4
 
 
 class Linear:
@@ -31,6 +36,9 @@ class Linear:
             self.format = "int8" if weight.dtype == torch.int8 else "fp8"
         else:
             self.format = "dense"
+        # Native GEMV eligibility, decided once: a dense bf16 CPU weight with unit inner stride.
+        self._native = (self.format == "dense" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                        and weight.dim() == 2 and weight.stride(1) == 1 and _native_gemv() is not None)
 
     @property
     def out_features(self) -> int:
@@ -51,6 +59,10 @@ class Linear:
         return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
+        if (self._native and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS
+                and x.stride(1) == 1):
+            y = _native_gemv()(self.weight, x, None, "", True)  # [T, N] bf16
+            return y if self.bias is None else y + self.bias
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
         # Weight-only: x @ (q * s)^T == (x @ q^T) * s, so scale after the matmul (one [T, N]
@@ -64,3 +76,17 @@ class Linear:
                            for i in range(0, N, DEQUANT_ROWS)], dim=-1)
         y = y * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+_GEMV = []  # [hybrid._native.dense_gemv_torch or None], looked up on first use
+
+
+def _native_gemv():
+    if not _GEMV:
+        try:
+            from hybrid import native
+
+            _GEMV.append(native.lib().dense_gemv_torch)
+        except (ImportError, AttributeError):
+            _GEMV.append(None)
+    return _GEMV[0]
