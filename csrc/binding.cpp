@@ -366,12 +366,13 @@ const TorchRefs& torch_refs() {
 // Attribute names interned once; the raw C API below costs ~0.5 us per tensor where the same
 // reads through pybind11's o.attr("...") (a fresh string per lookup, casters) cost ~1.5 us.
 struct TensorAttrNames {
-  PyObject *dtype, *is_cpu, *device, *shape, *stride, *data_ptr;
+  PyObject *dtype, *is_cpu, *device, *shape, *stride, *data_ptr, *is_contiguous;
 };
 const TensorAttrNames& tensor_attr_names() {
   static const TensorAttrNames n{PyUnicode_InternFromString("dtype"), PyUnicode_InternFromString("is_cpu"),
                                  PyUnicode_InternFromString("device"), PyUnicode_InternFromString("shape"),
-                                 PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr")};
+                                 PyUnicode_InternFromString("stride"), PyUnicode_InternFromString("data_ptr"),
+                                 PyUnicode_InternFromString("is_contiguous")};
   return n;
 }
 
@@ -489,23 +490,30 @@ struct TensorView {
 };
 
 TensorView tensor_view(const py::object& o, const char* name, PyObject* dtype, const char* dtype_name, size_t ndim) {
+  // The raw C API with interned names (as dense_from_torch): ~0.5 us per tensor, where pybind11's
+  // o.attr() reads cost ~1.5 us; mla_decode takes ten tensors per layer per decode step.
   const TorchRefs& tr = torch_refs();
-  if (!PyObject_TypeCheck(o.ptr(), reinterpret_cast<PyTypeObject*>(tr.tensor)))
+  const TensorAttrNames& an = tensor_attr_names();
+  PyObject* ob = o.ptr();
+  if (!PyObject_TypeCheck(ob, reinterpret_cast<PyTypeObject*>(tr.tensor)))
     throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + py::str(py::type::of(o)).cast<std::string>());
-  py::object dt = o.attr("dtype");
+  py::object dt = checked(PyObject_GetAttr(ob, an.dtype));
   if (dt.ptr() != dtype)
     throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " + py::str(dt).cast<std::string>());
-  if (!o.attr("is_cpu").cast<bool>())
-    throw py::type_error(std::string(name) + " must be a CPU tensor, got one on " + py::str(o.attr("device")).cast<std::string>());
-  py::tuple shape = o.attr("shape");
-  if (shape.size() != ndim)
+  if (checked(PyObject_GetAttr(ob, an.is_cpu)).ptr() != Py_True)
+    throw py::type_error(std::string(name) + " must be a CPU tensor, got one on " +
+                         py::str(checked(PyObject_GetAttr(ob, an.device))).cast<std::string>());
+  py::object shape = checked(PyObject_GetAttr(ob, an.shape));
+  if (!PyTuple_Check(shape.ptr()) || size_t(PyTuple_GET_SIZE(shape.ptr())) != ndim)
     throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
                           py::str(shape).cast<std::string>());
-  if (!o.attr("is_contiguous")().cast<bool>())
+  if (checked(PyObject_CallMethodNoArgs(ob, an.is_contiguous)).ptr() != Py_True)
     throw py::value_error(std::string(name) + " must be contiguous");
   TensorView v;
-  for (auto d : shape) v.shape.push_back(d.cast<int64_t>());
-  v.data = reinterpret_cast<char*>(o.attr("data_ptr")().cast<uintptr_t>());
+  for (size_t i = 0; i < ndim; ++i) v.shape.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), Py_ssize_t(i))));
+  v.data = reinterpret_cast<char*>(
+      uintptr_t(PyLong_AsUnsignedLongLong(checked(PyObject_CallMethodNoArgs(ob, an.data_ptr)).ptr())));
+  if (PyErr_Occurred()) throw py::error_already_set();
   return v;
 }
 
@@ -576,7 +584,7 @@ void py_mla_decode(const py::object& qo, const py::object& kvo, const py::object
   const KernelTable& kt = dense_table(isa);
   py::gil_scoped_release release;
   std::shared_ptr<ThreadPool> pool = threads ? global_pool() : nullptr;
-  mla_decode(kt, pool.get(), pool ? pool->size() + 1 : 1, a);
+  mla_decode(kt, pool.get(), pool ? sync_team(*pool) : 1, a);
 }
 
 // ---- decode-step norms and router (router.h) -----------------------------------------------
@@ -909,6 +917,9 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("default_threads", &default_threads);
   m.def("num_threads", []() { return global_pool()->size(); }, "threads of the global pool");
+  m.def("set_sync_threads", &set_sync_threads, py::arg("threads"),
+        "cap the threads (caller + workers) of synchronous native calls: dense GEMV, MLA decode (<= 0: none)");
+  m.def("sync_threads", []() { return sync_team(*global_pool()); }, "threads a synchronous native call uses now");
   m.def("set_num_threads", [](int n) { py::gil_scoped_release r; set_global_threads(n); }, py::arg("threads"),
         "replace the global pool (<= 0: default); queued jobs finish first");
   m.def("split_units", [](int64_t units, const std::vector<int>& team_nodes) {
@@ -1074,7 +1085,7 @@ PYBIND11_MODULE(_native, m) {
 
 // Bound functions and classes (module hybrid._native):
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
-//   default_threads, num_threads, set_num_threads, split_units, topology, pool_info, read_bandwidth
+//   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
 //   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
 //   reference_matmul_a16

@@ -41,14 +41,19 @@ void gemv_rows(const KernelTable& kt, const uint16_t* w, int64_t ldw, int64_t r0
 // at 256 KiB and ~1.2x at 512 KiB, ~1.4x at 1 MiB. When the worker's core is busy (another
 // process, or more pool threads than free cores) the round trip measured ~110 us and the pool
 // only paid from ~4 MiB; callers on such machines should pass threads=False.
-const int64_t kDenseParallelMinBytes = int64_t(512) << 10;
+// The demo model's decode settled it at 4 MiB: with its 2 MiB LM head split over the caller and
+// one worker, 2-thread steps on this guest swung between 1.2 and 2.2 ms (the worker, asleep
+// between steps, wakes late on a KVM vCPU; spinning longer made it worse, the two vCPUs behave
+// like one core's hyperthreads), against a steady 1.2-1.4 ms inline. K2.5's matrices are
+// 1.1-264 MiB, all but kv_a (8 MiB) far above.
+const int64_t kDenseParallelMinBytes = int64_t(4) << 20;
 
 void dense_gemv(const KernelTable& kt, ThreadPool* pool, const uint16_t* w, int64_t ldw, int64_t n,
                 int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
                 bool out_bf16) {
   const int64_t bytes = n * k * 2;
   const int64_t units = (n + kSplitRows - 1) / kSplitRows;
-  int team = pool == nullptr ? 1 : int(std::min<int64_t>(pool->size() + 1, units));  // + 1: the caller
+  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));  // workers + the caller
   if (bytes < kDenseParallelMinBytes) team = 1;
   if (team <= 1) {
     gemv_rows(kt, w, ldw, 0, n, k, x, t, ldx, out, ldo, out_bf16);

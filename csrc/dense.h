@@ -13,7 +13,7 @@
 
 namespace hybrid {
 
-// Below this many weight bytes (512 KiB) the call runs on the calling thread: see dense.cpp for
+// Below this many weight bytes (4 MiB) the call runs on the calling thread: see dense.cpp for
 // the measurement behind it.
 extern const int64_t kDenseParallelMinBytes;
 

@@ -132,6 +132,13 @@ void MoeOperator::submit(const MoeCall& c) {
   pool_ = global_pool();
   const int most = pool_->size() + (caller_ ? 1 : 0);
   team_ = (team_req_ <= 0 || team_req_ > most) ? most : team_req_;
+  // A caller job this small runs on the caller alone: splitting ~13 us of work (512 KiB of
+  // weights from L2/L3) gains less than the pool round trip costs (~5 us on a free core, ~110 us
+  // when the worker's core is busy, thread_pool.h). The demo model's decode layer is 8 experts
+  // x 48 KiB; a K2.5 layer's is 8 x 24.8 MB.
+  if (caller_ && int64_t(act_expert_.size()) * int64_t(layer_->expert_nbytes()) < int64_t(kChunkBytes) &&
+      P * 3 * H * I < (int64_t(4) << 20))
+    team_ = 1;
   const WeightFormat f = layer_->format();
   const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
   const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));

@@ -11,7 +11,8 @@
 // are short) and then sleeps on a futex, so an idle pool uses no CPU.
 //
 // Topology: the pool runs on the CPUs of the process affinity mask, one worker per physical
-// core by default (hyperthread siblings only when asked for more threads than cores). Workers
+// core by default (hyperthread siblings only when asked for more threads than cores), each bound
+// to the CPUs of its NUMA node (cpu_of() is the CPU it is counted on, not a pin). Workers
 // are ordered round-robin over NUMA nodes (tid 0 on node 0, tid 1 on node 1, ...), and split()
 // hands each node a contiguous range of work proportional to its team threads, so weights first
 // touched through split() live in the memory of the node whose threads later read them.
@@ -130,6 +131,13 @@ ThreadPool::NodeShare node_share_of(int64_t units, int tid, const std::vector<in
 // The process-wide pool, created on first use with `default_threads()` workers. It is never
 // destroyed at process exit (exit must not wait on workers); set_global_threads() replaces it.
 std::shared_ptr<ThreadPool> global_pool();
+// Threads a synchronous caller job (dense GEMV, MLA decode) may use: the calling thread + pool
+// workers, at most `pool.size() + 1`. set_sync_threads(n) caps it at n (<= 0: no cap), so a run
+// asked for 1 thread on a CPU device computes on the calling thread alone even though the pool
+// keeps a worker (a pool has at least one).
+void set_sync_threads(int threads);
+int sync_team(const ThreadPool& pool);
+
 // Replace the global pool by one with `threads` workers (<= 0: default). Waits for queued jobs.
 void set_global_threads(int threads);
 // HYBRID_NUM_THREADS when set, else the physical cores available to the process.

@@ -233,9 +233,12 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
     # loader on a CPU device), so the engine's `engine` threads are it + engine-1 pool workers:
     # a worker per core plus the caller left one core with two spinning threads, and each
     # decode layer paid ~110 us for the pool round trip on 2 vCPUs (6 us this way).
+    # The synchronous native calls (dense GEMV, MLA decode) use the same caller + workers, capped
+    # at `engine` (a pool keeps at least one worker, which a 1-thread run must not use).
     workers = max(1, engine - 1)
     if native.num_threads() != workers:
         native.set_num_threads(workers)
+    native.lib().set_sync_threads(engine)
 
 
 def _tokenizer(path: Path):

@@ -117,7 +117,8 @@ def gemv_bf16(weight, x, out=None, *, isa: str | None = None, threads: bool = Tr
     new bf16 [T, N] tensor, rounded to nearest even) or a CPU [T, N] tensor of dtype bf16 or
     float32 with unit inner stride, written in place; returns it. isa: a path name from
     available_isas() (tests, benchmarks), None = the active one. threads=False: always on the
-    calling thread; otherwise matrices of 256 KiB and more are split over the native pool.
+    calling thread; otherwise matrices of 4 MiB and more are split over the native pool
+    (the calling thread and hybrid._native.sync_threads() - 1 workers).
     Autograd is bypassed (inference only).
     TypeError for a wrong type, dtype or device; ValueError for a wrong shape, stride, empty
     operand or an out that overlaps an input, naming the argument.

@@ -274,3 +274,17 @@ def test_moe_caller_equals_plain():
     ref = CpuMoE(layer, threads=1)(x, ids, w)
     for threads in (1, 2, 3):
         assert torch.equal(CpuMoE(layer, threads=threads, caller=True)(x, ids, w), ref)
+
+
+def test_sync_threads_cap():
+    """set_sync_threads caps the caller + workers of synchronous native calls (a 1-thread run on
+    a CPU device must not use the pool's worker); <= 0 lifts the cap (pool size + 1)."""
+    try:
+        L.set_sync_threads(1)
+        assert L.sync_threads() == 1
+        L.set_sync_threads(0)
+        assert L.sync_threads() == L.num_threads() + 1
+        L.set_sync_threads(1000)
+        assert L.sync_threads() == L.num_threads() + 1
+    finally:
+        L.set_sync_threads(0)
