@@ -118,8 +118,8 @@ def test_route_bad_config():
 # ---- the whole decode step: native ops on vs off ------------------------------------------------
 def _set_native(net, on: bool, monkeypatch):
     net.native_decode = on and deepseek_v3._native_ok()
-    monkeypatch.setattr(deepseek_v3, "NATIVE_NORM_TOKENS", 16 if on else 0)
-    monkeypatch.setattr(linear, "NATIVE_MAX_TOKENS", 4 if on else 0)
+    monkeypatch.setattr(deepseek_v3, "NATIVE_NORM_ELEMENTS", 1 << 16 if on else 0)
+    monkeypatch.setattr(linear, "NATIVE_SMALL_MAX_TOKENS", 64 if on else 0)
     for layer in net.layers:
         if hasattr(layer.mlp, "native_route"):
             layer.mlp.native_route = on

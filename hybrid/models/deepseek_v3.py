@@ -31,7 +31,7 @@ from hybrid.models.linear import Linear
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-NATIVE_NORM_TOKENS = 16  # up to this many bf16 tokens on a CPU, norms run natively (below)
+NATIVE_NORM_ELEMENTS = 1 << 16  # up to this many bf16 values on a CPU, norms run natively (below)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -219,7 +219,7 @@ def _native_ok() -> bool:
 
 def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and x.dim() == 2 and x.shape[0] <= NATIVE_NORM_TOKENS and x.is_contiguous()
+            and x.dim() == 2 and x.numel() <= NATIVE_NORM_ELEMENTS and x.is_contiguous()
             and _native_lib() is not None)
 
 

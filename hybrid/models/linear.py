@@ -21,6 +21,11 @@ DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds t
 # reorders the weight each call (12 GB/s on a 7168x1536 matrix), which made it most of a decode
 # step. Beyond a few tokens torch's blocked GEMM (AMX / AVX-512 BF16) is the faster one.
 NATIVE_MAX_TOKENS = 4
+# ... and up to this many for a weight of at most NATIVE_SMALL_BYTES, which stays in L2 while the
+# kernel passes over it once per 4 tokens: a batch of decode tokens from many sequences on a small
+# model, where torch's fixed cost per call is most of the time.
+NATIVE_SMALL_MAX_TOKENS = 64
+NATIVE_SMALL_BYTES = 1 << 20
 
 
 class Linear:
@@ -39,6 +44,8 @@ class Linear:
         # Native GEMV eligibility, decided once: a dense bf16 CPU weight with unit inner stride.
         self._native = (self.format == "dense" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
                         and weight.dim() == 2 and weight.stride(1) == 1 and _native_gemv() is not None)
+        small = weight.numel() * weight.element_size() <= NATIVE_SMALL_BYTES
+        self._native_tokens = NATIVE_SMALL_MAX_TOKENS if small else NATIVE_MAX_TOKENS
 
     @property
     def out_features(self) -> int:
@@ -59,8 +66,8 @@ class Linear:
         return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
-        if (self._native and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= NATIVE_MAX_TOKENS
-                and x.stride(1) == 1):
+        if (self._native and x.dtype == torch.bfloat16 and x.dim() == 2
+                and x.shape[0] <= min(self._native_tokens, NATIVE_SMALL_MAX_TOKENS) and x.stride(1) == 1):
             y = _native_gemv()(self.weight, x, None, "", True)  # [T, N] bf16
             return y if self.bias is None else y + self.bias
         if self.format == "dense":
