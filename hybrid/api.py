@@ -37,7 +37,9 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       device_weights   "bf16"/"fp32" (dense) | "int8" | "fp8", or a dict per tensor group
                        {"attention", "shared", "dense", "lm_head"} -> format
       packed_cache     True: save packed experts next to the checkpoint for an mmap next time
-      threads          CPU engine threads (default: physical cores)
+      threads          CPU engine threads (default: physical cores). With no GPU these are the
+                       calling thread + threads-1 pool workers, and decode's device work runs
+                       on them too (see _split_threads)
       max_len          context the KV cache is sized for (default: min(max_position_embeddings, 4096))
       max_vram         bytes the device may use (default: free device memory on CUDA; unchecked on CPU)
       profile          placement profile (hybrid plan, profiles/*.yaml): experts held on the device
@@ -202,24 +204,23 @@ def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
 
 
 def _split_threads(device: torch.device, threads: int | None) -> None:
-    """With no GPU the "device" work (attention, router, shared expert, dense MLP) is torch on
-    the same cores as the expert engine. MoELayer runs most of it and the engine one after the
-    other there, and torch gets few intra-op threads: the engine's share of a step dominates,
-    while every multi-threaded torch op ends in a barrier that waits for all its threads, and
-    its OpenMP workers spin after each op, so on contended cores a 2-thread torch op can wait
-    milliseconds for a time slice. Measured on the 2-core dev box (tiny model, bf16 decode):
-    torch 2 threads + engine 2 threads 500-860 ms per step, torch 1 thread + engine 2 threads
-    3-16 ms. So: torch takes the cores the engine was not given, or 1/8 of them (at least 1)
-    when the engine has them all.
+    """With no GPU the "device" work (attention, router, shared expert, dense MLP, LM head) runs
+    on the same cores as the expert engine, one part after the other. Decode steps do it in
+    native calls (csrc/mla_decode.h, router.h, dense.h: the bf16 GEMV up to a few tokens) on the
+    engine's threads: the Python thread plus `threads - 1` pool workers (caller jobs,
+    thread_pool.h), so each core runs one thread and nothing spins on a core another needs.
+    Measured on the 2-vCPU dev box: a pool of one worker per core plus a waiting Python thread
+    paid ~110 us per pool round trip, one worker fewer ~6 us; demo-model decode went from
+    ~150 to 610-850 tok/s with these calls.
 
-    One part does overlap: the experts a profile caches "on the device" (GpuExpertCache on a
-    CPU device) run on torch's thread beside the engine, i.e. 3 busy threads on 2 cores.
-    Measured both orders on the 2-core dev box (demo model with its 542 MiB profile, bf16,
-    engine 2 threads + torch 1, 64-token greedy decodes, 16 alternating runs on a shared,
-    noisy box; same tokens both ways): beside the engine median 80 tok/s, before the submit
-    76 (an earlier 8-run pass: 92 vs 73). The engine streams memory, so a third thread costs
-    it little, while running the cache first adds its time to every MoE layer; so it stays
-    beside the engine."""
+    torch keeps what is left: prefill-sized matmuls and attention, and everything in fp32. It
+    gets the cores the engine was not given, or 1/8 of them (at least 1) when the engine has
+    them all: its OpenMP workers spin after each op, and a 2-thread torch beside a 2-thread
+    engine measured 500-860 ms per tiny-model step against 3-16 ms with 1 torch thread.
+
+    Experts a profile caches "on the device" (GpuExpertCache on a CPU device) run on the Python
+    thread after the submit, while the pool's workers run their share of the CPU experts; the
+    Python thread takes its own share at sync."""
     if device.type != "cpu":
         return
     from hybrid import native

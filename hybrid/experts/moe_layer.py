@@ -7,10 +7,11 @@ Step order (DESIGN.md, "One decode step"):
   3. the shared expert (and experts cached on the device, if a GPU cache is set) run on the
      device while the CPU works;
   4. sync: the routed result comes back to the device and the parts are summed.
-With no CUDA the "device" is torch on the same CPU cores as the engine: the shared expert then
-runs before the submit instead of beside it, while experts cached "on the device" (a profile on
-a CPU device) still run beside the engine, on torch's one thread (see __call__); hybrid/api.py
-keeps torch's intra-op threads few so the two do not fight over the cores (numbers there).
+With no CUDA the "device" is the same CPU cores as the engine: the router runs natively
+(csrc/router.h) on bf16 input, the shared expert runs before the submit instead of beside it,
+and the CPU engine's job is a caller job (CpuMoE caller=): its workers start at submit, experts
+cached "on the device" (a profile on a CPU device) run on this thread meanwhile, and this thread
+computes its own share at sync (hybrid/api.py _split_threads has the numbers).
 
 Router (DeepSeek-V3 "noaux_tc"): sigmoid scores; e_score_correction_bias is added for choosing
 only; with n_group > 1 only the topk_group groups with the best sum-of-top-2 biased scores are
@@ -133,10 +134,10 @@ class MoELayer:
         on_gpu = x.device.type == "cuda"
         shared = None
         if not on_gpu:
-            # No GPU: the "device" is these same CPU cores, so overlapping would only make torch
-            # and the engine fight for them (and torch's OpenMP workers spin after each op).
-            # Run the shared expert first, then the engine, each with every core. (The cached
-            # experts below still overlap: measured faster, see hybrid/api.py _split_threads.)
+            # No GPU: the "device" is these same CPU cores, so overlapping would only make the
+            # shared expert and the engine fight for them. Run the shared expert first, then
+            # the engine with every core. (The cached experts below run on this thread while the
+            # engine's workers start; this thread's own share waits for sync.)
             t1 = time.perf_counter() if timing else 0.0
             shared = self.shared(x) if self.shared is not None else None
             if timing:
