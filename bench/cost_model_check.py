@@ -64,12 +64,9 @@ def _full_width_checkpoint(path: Path, experts: int) -> Path:
     import e2e  # bench/e2e.py owns the synthetic K2.5-width writer
 
     if not (path / "config.json").is_file():
-        # e2e.write_synthetic reads its shapes from the module's K25 table; only the expert
-        # count changes here (it has no parameter for it).
-        e2e.K25 = dict(e2e.K25, experts=experts)
         print(f"writing a K2.5-width checkpoint with {experts} experts to {path} ...",
               file=sys.stderr)
-        e2e.write_synthetic(path)
+        e2e.write_synthetic(path, experts=experts)
     return path
 
 

@@ -43,12 +43,14 @@ K25 = dict(hidden=7168, inter=18432, moe_inter=2048, heads=64, q_lora=1536, kv_l
 # ---------------------------------------------------------------------------------------------
 # Synthetic full-width checkpoint
 # ---------------------------------------------------------------------------------------------
-def write_synthetic(path: Path, vocab: int = 32768, seed: int = 0) -> None:
+def write_synthetic(path: Path, vocab: int = 32768, seed: int = 0, experts: int | None = None) -> None:
+    """K2.5's widths (K25), 2 layers; `experts` routed experts (default K2.5's 384): the decode
+    work per token is the same 8 experts at any count, so fewer save RAM and disk."""
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    k = K25
+    k = K25 if experts is None else dict(K25, experts=experts)
     H, I, E = k["hidden"], k["moe_inter"], k["experts"]
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)

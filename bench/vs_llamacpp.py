@@ -61,12 +61,7 @@ def synthetic_checkpoint(path: Path, experts: int, vocab: int, seed: int = 0) ->
 
     if not (path / "config.json").is_file():
         print(f"writing synthetic K2.5-width checkpoint ({experts} experts) to {path} ...", file=sys.stderr)
-        full = e2e.K25
-        e2e.K25 = dict(full, experts=experts)  # the generator reads its widths from this table
-        try:
-            e2e.write_synthetic(path, vocab=vocab, seed=seed)
-        finally:
-            e2e.K25 = full
+        e2e.write_synthetic(path, vocab=vocab, seed=seed, experts=experts)
     if not (path / "tokenizer.json").is_file():
         _byte_tokenizer(path)
     return path
