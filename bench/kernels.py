@@ -18,7 +18,17 @@ GB/s of weight read (N x K x 2 bytes per call), torch's time, and torch / native
     python bench/kernels.py --gemv                          # active ISA, all shapes
     python bench/kernels.py --gemv --isa avx512 --shapes 256x512 7168x8192 --tokens 1
 
-Legend: N rows, K inputs, T tokens.
+--gemv-t: the transposed bf16 GEMV (KernelTable::gemv_t_bf16: out [T, N] = x [T, K] . W [K, N],
+fp32 x; MLA decode's probabilities . latent cache rows) on one thread, each ISA against the
+scalar loop. W is the first N columns of [K, N + 64] (cache rows carry 64 RoPE values after the
+512 latent ones: row stride 576 for Kimi K2.5). Columns: microseconds, GB/s of W read
+(K x N x 2 bytes per call) and the speed-up over scalar. 4096 x 576 bf16 is 4.7 MB, so repeated
+calls read it from L3 on most servers; a long cache (e.g. 131072x512, 150 MB) reads from RAM.
+
+    python bench/kernels.py --gemv-t                        # 4096x512, T = 1 and 4
+    python bench/kernels.py --gemv-t --shapes 4096x512 131072x512 --tokens 1 4 8
+
+Legend: N rows, K inputs, T tokens (--gemv-t: W is [K, N], K summed over).
 """
 
 from __future__ import annotations
@@ -91,6 +101,35 @@ def gemv_bench(shapes: list[str], tokens: list[int], isa: str | None, runs: int)
         del w
 
 
+def gemv_t_bench(shapes: list[str], tokens: list[int], isas: list[str] | None, runs: int) -> None:
+    import numpy as np
+
+    N = _native()
+    isas = isas or [i for i in N.available_isas() if i in ("scalar", "avx2", "avx512")]
+    if "scalar" not in isas:
+        isas = ["scalar"] + isas
+    rng = np.random.default_rng(0)
+    print(f"transposed bf16 GEMV (gemv_t_bf16), 1 thread, median of {runs}; us, GB/s of W read, x scalar")
+    print(f"{'K x N (ldw)':>20} {'T':>2} | " + " | ".join(f"{i:>26}" for i in isas))
+    for shape in shapes:
+        k, n = (int(v) for v in shape.lower().split("x"))
+        ldw = n + 64
+        # Random bf16 bits of normal values (exponent bits set: no subnormal slow paths).
+        rows = (rng.standard_normal((k, ldw), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        w = rows[:, :n]  # [K, N], row stride ldw
+        gb = k * n * 2 / 1e9
+        for t in tokens:
+            x = rng.random((t, k), dtype=np.float32)  # [T, K], probabilities-like
+            out = np.empty((t, n), np.float32)  # [T, N]
+            cells, base = [], None
+            for isa in isas:
+                dt = _median_time(lambda: N.kernel_gemv_t_bf16(isa, w, x, 0, n, False, out), runs)
+                base = base or dt
+                cells.append(f"{dt * 1e6:9.1f} {gb / dt:5.1f}GB/s {base / dt:5.1f}x")
+            print(f"{shape + f' ({ldw})':>20} {t:>2} | " + " | ".join(cells), flush=True)
+        del rows, w
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--format", choices=["int4", "int8"], default="int4")
@@ -101,11 +140,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isa", nargs="+", default=None, help="ISAs (default: all this machine runs)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--gemv", action="store_true", help="the dense bf16 GEMV vs torch F.linear instead")
-    p.add_argument("--shapes", nargs="+", default=GEMV_SHAPES, help="--gemv: N x K shapes (e.g. 256x512)")
+    p.add_argument("--gemv-t", action="store_true",
+                   help="the transposed bf16 GEMV (gemv_t_bf16) of each ISA vs scalar instead")
+    p.add_argument("--shapes", nargs="+", default=None,
+                   help="--gemv: N x K shapes (e.g. 256x512); --gemv-t: K x N (default 4096x512)")
     a = p.parse_args(argv)
     a.tokens_given = a.tokens is not None
     a.tokens = a.tokens or [1, 2, 4, 8, 11, 16, 32, 64]
+    if a.gemv and a.gemv_t:
+        p.error("--gemv and --gemv-t are separate runs")
+    if a.gemv_t:
+        a.shapes = a.shapes or ["4096x512"]
+        if any(len(s.lower().split("x")) != 2 or not all(v.isdigit() and int(v) > 0 for v in s.lower().split("x"))
+               for s in a.shapes):
+            p.error(f"--shapes must be KxN with positive integers, got {a.shapes}")
+        if a.runs < 1 or min(a.tokens) < 1:
+            p.error("--runs and every --tokens value must be >= 1")
+        for isa in a.isa or []:
+            reason = _native().isa_unavailable_reason(isa)
+            if reason:
+                p.error(f"--isa {isa}: {reason}")
+        gemv_t_bench(a.shapes, a.tokens if a.tokens_given else [1, 4], a.isa, a.runs)
+        return 0
     if a.gemv:
+        a.shapes = a.shapes or GEMV_SHAPES
         if any(len(s.lower().split("x")) != 2 or not all(v.isdigit() and int(v) > 0 for v in s.lower().split("x"))
                for s in a.shapes):
             p.error(f"--shapes must be NxK with positive integers, got {a.shapes}")

@@ -481,6 +481,60 @@ py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const
   return res;
 }
 
+// ---- transposed bf16 GEMV (KernelTable::gemv_t_bf16, tests) ----------------------------------
+// out [T, n1 - n0] (+)= x [T, K] . w [K, N][:, n0:n1] with one ISA's kernel, inline. Operands as
+// dense_gemv takes them: unit inner stride, any row stride (w may be a column slice of a wider
+// matrix), no copies.
+
+// A 2-D float32 numpy array under dense_ld's stride rules.
+DenseOperand f32_from_numpy(const py::object& o, const char* name, bool writable) {
+  py::array a = as_array(o, name);
+  if (!is_dtype<float>(a)) bad_dtype(a, name, "float32");
+  if (a.ndim() != 2) check_layout(a, name, {-1, -1});  // raises with the shape
+  if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  const int64_t s0 = a.strides(0), s1 = a.strides(1);
+  if (s0 % 4 || s1 % 4)
+    throw py::value_error(std::string(name) + " strides must be whole elements, got (" + std::to_string(s0) + ", " +
+                          std::to_string(s1) + ") bytes");
+  DenseOperand d{static_cast<char*>(const_cast<void*>(a.data())), a.shape(0), a.shape(1), 0, false, name};
+  d.ld = dense_ld(name, d.rows, d.cols, s0 / 4, s1 / 4, "elements");
+  return d;
+}
+
+py::object py_kernel_gemv_t_bf16(const std::string& isa, const py::object& wo, const py::object& xo, int64_t n0,
+                                 int64_t n1, bool accumulate, const py::object& oo) {
+  const KernelTable& kt = dense_table(isa);
+  DenseOperand w = dense_from_numpy(wo, "w", false), x = f32_from_numpy(xo, "x", false);
+  if (x.cols != w.rows)
+    throw py::value_error("x has " + std::to_string(x.cols) + " inputs per row but w has " + std::to_string(w.rows) +
+                          " rows (x " + x.shape() + ", w " + w.shape() + ": x [T, K] and w [K, N])");
+  if (n1 == -1) n1 = w.cols;
+  if (n0 < 0 || n0 >= n1 || n1 > w.cols)
+    throw py::value_error("column range [n0, n1) = [" + std::to_string(n0) + ", " + std::to_string(n1) +
+                          ") must satisfy 0 <= n0 < n1 <= N = " + std::to_string(w.cols) + " (n1 = -1: N)");
+  py::object res = oo;
+  if (oo.is_none()) {
+    if (accumulate) throw py::value_error("accumulate=True needs out (the sums are added to it)");
+    res = py::array_t<float>({x.rows, n1 - n0});
+  }
+  DenseOperand out = f32_from_numpy(res, "out", true);
+  if (out.rows != x.rows || out.cols != n1 - n0)
+    throw py::value_error("out must have shape [T, n1 - n0] = [" + std::to_string(x.rows) + ", " +
+                          std::to_string(n1 - n0) + "], got " + out.shape());
+  for (const DenseOperand* in : {&w, &x}) {
+    auto [a0, a1] = out.span();
+    auto [b0, b1] = in->span();
+    if (a0 < b1 && b0 < a1) throw py::value_error(std::string("out must not overlap ") + in->name);
+  }
+  {
+    py::gil_scoped_release release;
+    kt.gemv_t_bf16(reinterpret_cast<const uint16_t*>(w.data), w.ld, w.rows, n0, n1,
+                   reinterpret_cast<const float*>(x.data), x.rows, x.ld, reinterpret_cast<float*>(out.data), out.ld,
+                   accumulate);
+  }
+  return res;
+}
+
 // ---- MLA decode attention (mla_decode.h) ---------------------------------------------------
 // A torch CPU tensor as raw memory, checked: its type, dtype, device, dimensions and that it is
 // contiguous (every operand here is).
@@ -981,6 +1035,7 @@ PYBIND11_MODULE(_native, m) {
     d["matmul_f32"] = t.matmul_f32 != nullptr;
     d["matmul_a16"] = t.matmul_a16 != nullptr;
     d["gemv_bf16"] = t.gemv_bf16 != nullptr;
+    d["gemv_t_bf16"] = t.gemv_t_bf16 != nullptr;
     return d;
   }, py::arg("isa"), "which entries the resolved table of `isa` has (after filling)");
   m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));
@@ -1002,6 +1057,10 @@ PYBIND11_MODULE(_native, m) {
     return float_matmul(FloatEntry::A16Reference, "scalar", "bf16", q, py::none(), n, k, x, b0, b1);
   }, py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
 
+  m.def("kernel_gemv_t_bf16", &py_kernel_gemv_t_bf16, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("n0") = 0,
+        py::arg("n1") = -1, py::arg("accumulate") = false, py::arg("out") = py::none(),
+        "out [T, n1 - n0] float32 (+)= x [T, K] float32 . w [K, N][:, n0:n1] (uint16 bf16 bits), one ISA's "
+        "gemv_t_bf16 inline; unit inner strides, rows may be strided; out allocated when None; returns out");
   m.def("dense_gemv", &py_dense_gemv, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("isa") = "",
         py::arg("threads") = true,
         "out [T, N] (float32, or uint16 bf16 bits rounded to nearest even) = x [T, K] . w [N, K]^T; w, x uint16 "
@@ -1088,7 +1147,7 @@ PYBIND11_MODULE(_native, m) {
 //   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
 //   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
-//   reference_matmul_a16
+//   reference_matmul_a16, kernel_gemv_t_bf16
 //   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path

@@ -120,6 +120,25 @@ struct KernelTable {
   // dispatch fills it from below, down to scalar.
   void (*gemv_bf16)(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
                     const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo) = nullptr;
+
+  // Transposed bf16 GEMV in axpy form, for weights and caches stored [K][N] (MLA decode:
+  // q_nope . W_uk, where W_uk is a [D][C] slice of a torch weight; softmax probabilities . latent
+  // cache rows, where K = cache length is huge and N = latent width small):
+  //   out[tt * ldo + (j - n0)] = s + sum_{i < k} x[tt * ldx + i] * W[i][j]   for j in [n0, n1), tt in [0, t)
+  //   with s = out[tt * ldo + (j - n0)] when accumulate, else 0 (out is then never read: it may
+  //   hold garbage, NaN included).
+  // W: bf16 bits [K][N], row i at w + i * ldw (column j of row i at w + i * ldw + j; w is the
+  // matrix's base, not column n0's; only W[i][n0, n1) is read); x: fp32 [T][K], row tt at
+  // x + tt * ldx; out: fp32 [T][n1 - n0], row stride ldo, pointing at column n0. Any k >= 1, any
+  // column range 0 <= n0 < n1 (no multiple of 16 needed), any t >= 1; out must not overlap w or x.
+  // Each column's sum runs over i in increasing order, starting from s: the scalar reference
+  // rounds x * w and then the sum, the SIMD paths do one FMA per step, so they differ only by that
+  // product rounding (both are within about (k + 1) * 2^-24 * (|s| + sum_i |x_i W[i][j]|) of the
+  // exact value). A NaN in token tt reaches only row tt of out.
+  // Declared after gemv_bf16 with a default for the same reason. Scalar, avx2 and avx512 provide
+  // it; the tables above avx512 take avx512's (vdpbf16ps would round the fp32 x to bf16).
+  void (*gemv_t_bf16)(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t n1, const float* x,
+                      int64_t t, int64_t ldx, float* out, int64_t ldo, bool accumulate) = nullptr;
 };
 
 // Getters, one per translation unit. Each returns nullptr when this build did not compile that

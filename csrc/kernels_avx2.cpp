@@ -1,7 +1,7 @@
 // kernels_avx2.cpp: AVX2 + FMA kernels (see kernels.h) for CPUs without AVX-512:
 // quantize_row_a8, matmul_f32 for all three formats (exact fp32 dequantisation, FMA), matmul_a8
-// via vpmaddubsw + vpmaddwd, and gemv_bf16 (unpacked bf16, FMA). Compiled with -mavx2 -mfma
-// -mf16c only.
+// via vpmaddubsw + vpmaddwd, gemv_bf16 (unpacked bf16, FMA) and gemv_t_bf16 (the transposed
+// axpy form, columns in ymm). Compiled with -mavx2 -mfma -mf16c only.
 //
 // A packed row block (16 rows) is two ymm halves of 8 lanes: bytes [0, 32) of every 64-byte chunk
 // hold rows 0-7, bytes [32, 64) rows 8-15.
@@ -447,6 +447,95 @@ static void y_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// gemv_t_bf16 (kernels.h): out[tt][j] (+)= sum_i x[tt][i] W[i][j], W bf16 [K][N] used transposed.
+// The structure of simd_avx512.h's z_gemv_t_bf16 on ymm of 8 columns: a tile is NV ymm x TT
+// tokens of fp32 accumulators, W row i's tile columns widened once (zero-extend, shift left 16)
+// and one FMA per ymm and token with x[tt][i] broadcast, so each column is the ordered FMA sum
+// of kernels.h. 16 ymm allow 8 accumulators: NV = 4 (32 columns) for 1-2 tokens, so one token
+// still has 4 independent FMA chains, and NV = 2 (16 columns) for 3-4. Blocks of KB rows (~16 KiB
+// of W) carry the sums through out, so later token tiles read the block from L1 and W streams
+// from memory once; the first token tile prefetches its lines of the next block (see there). The
+// last columns go in single-ymm tiles, then 1..7 left over in scalar FMA loops (AVX2 has no
+// 16-bit masked load), the same fused steps in the same order as a vector lane.
+// ---------------------------------------------------------------------------------------------
+constexpr int kGemvTTokens = 4;  // TT max
+
+// One tile over kb rows: out[t * ldo + 8 v + c] for tokens t < tt, ymm v < nv. `start`: the sums
+// start from 0 and out is not read. Rows i < pf_rows prefetch the tile's bytes pf_ahead rows on.
+static HY_ALWAYS_INLINE void y_gemv_t_tile(const uint16_t* w, int64_t ldw, int64_t kb, const float* x, int64_t ldx,
+                                           int nv, int tt, bool start, int64_t pf_rows, int64_t pf_ahead, float* out,
+                                           int64_t ldo) {
+  __m256 acc[kGemvTTokens][4];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v) acc[t][v] = start ? _mm256_setzero_ps() : _mm256_loadu_ps(out + t * ldo + 8 * v);
+  for (int64_t i = 0; i < kb; ++i) {
+    const uint16_t* wr = w + i * ldw;
+    if (i < pf_rows) {  // first and last byte of the tile's 16 * nv: at most 2 lines
+      const char* p = reinterpret_cast<const char*>(wr + pf_ahead * ldw);
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + 16 * nv - 1, _MM_HINT_T0);
+    }
+    __m256 wv[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v) wv[v] = y_load_bf16x8(wr + 8 * v);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) {
+      const __m256 xb = _mm256_broadcast_ss(x + t * ldx + i);
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; ++v) acc[t][v] = _mm256_fmadd_ps(wv[v], xb, acc[t][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v) _mm256_storeu_ps(out + t * ldo + 8 * v, acc[t][v]);
+}
+
+// Columns [0, n) of one block for tokens [0, tt): chunks of 8 * nv columns, then of 8, then single columns.
+static HY_ALWAYS_INLINE void y_gemv_t_tokens(const uint16_t* w, int64_t ldw, int64_t kb, int64_t n, const float* x,
+                                             int64_t ldx, int tt, bool start, int64_t pf_rows, int64_t pf_ahead,
+                                             float* out, int64_t ldo) {
+  const int nv = tt <= 2 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + 8 * nv <= n; j += 8 * nv) y_gemv_t_tile(w + j, ldw, kb, x, ldx, nv, tt, start, pf_rows, pf_ahead, out + j, ldo);
+  for (; j + 8 <= n; j += 8) y_gemv_t_tile(w + j, ldw, kb, x, ldx, 1, tt, start, pf_rows, pf_ahead, out + j, ldo);
+  for (; j < n; ++j)
+    for (int t = 0; t < tt; ++t) {
+      float* o = out + t * ldo + j;
+      __m128 acc = start ? _mm_setzero_ps() : _mm_load_ss(o);
+      for (int64_t i = 0; i < kb; ++i)
+        acc = _mm_fmadd_ss(_mm_set_ss(bf16_to_f32(w[i * ldw + j])), _mm_load_ss(x + t * ldx + i), acc);
+      _mm_store_ss(o, acc);
+    }
+}
+
+static void y_gemv_t_bf16(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t n1, const float* x,
+                          int64_t t, int64_t ldx, float* out, int64_t ldo, bool accumulate) {
+  const int64_t n = n1 - n0;
+  const int64_t kb_max = 8192 / n > 16 ? 8192 / n : 16;  // KB: ~16 KiB of W per block, 16 rows or more
+  for (int64_t i0 = 0; i0 < k; i0 += kb_max) {
+    const int64_t kb = k - i0 < kb_max ? k - i0 : kb_max;
+    const int64_t next = k - i0 - kb;  // rows of the next block, to prefetch
+    const bool start = i0 == 0 && !accumulate;
+    const uint16_t* wb = w + i0 * ldw + n0;
+    for (int64_t t0 = 0; t0 < t; t0 += kGemvTTokens) {
+      const int tt = int(t - t0 < kGemvTTokens ? t - t0 : kGemvTTokens);
+      const int64_t pf_rows = t0 > 0 ? 0 : next < kb ? next : kb;
+      const float* xt = x + t0 * ldx + i0;
+      float* ot = out + t0 * ldo;
+      switch (tt) {
+        case 1: y_gemv_t_tokens(wb, ldw, kb, n, xt, ldx, 1, start, pf_rows, kb_max, ot, ldo); break;
+        case 2: y_gemv_t_tokens(wb, ldw, kb, n, xt, ldx, 2, start, pf_rows, kb_max, ot, ldo); break;
+        case 3: y_gemv_t_tokens(wb, ldw, kb, n, xt, ldx, 3, start, pf_rows, kb_max, ot, ldo); break;
+        default: y_gemv_t_tokens(wb, ldw, kb, n, xt, ldx, 4, start, pf_rows, kb_max, ot, ldo); break;
+      }
+    }
+  }
+}
+
 const KernelTable kTable = {
     "avx2",
     y_quantize_row_a8,
@@ -454,6 +543,7 @@ const KernelTable kTable = {
     y_matmul_f32,
     nullptr,  // matmul_a16 needs avx512_bf16
     y_gemv_bf16,
+    y_gemv_t_bf16,
 };
 
 }  // namespace

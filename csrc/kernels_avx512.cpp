@@ -1,6 +1,7 @@
 // kernels_avx512.cpp: AVX-512 F/BW/VL/DQ kernels (see kernels.h): quantize_row_a8, matmul_f32
 // for all three formats (exact fp32 dequantisation, zmm FMA), matmul_a8 via vpmaddubsw +
-// vpmaddwd, and gemv_bf16 (bf16 widened to fp32 by shift / mask, FMA). The bodies live in simd_avx512.h so the VNNI and AMX units can reuse the helpers.
+// vpmaddwd, gemv_bf16 (bf16 widened to fp32 by shift / mask, FMA) and gemv_t_bf16 (the transposed
+// axpy form, columns in zmm). The bodies live in simd_avx512.h so the VNNI and AMX units can reuse the helpers.
 // Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
 #include "simd_avx512.h"
 
@@ -14,6 +15,7 @@ const KernelTable kTable = {
     z_matmul_f32,
     nullptr,  // matmul_a16 needs avx512_bf16
     z_gemv_bf16,
+    z_gemv_t_bf16,
 };
 
 }  // namespace

@@ -141,10 +141,28 @@ void gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k
   }
 }
 
+// The reference axpy: out row tt += x[tt][i] * W row i, rows in increasing i, so each column is an
+// ordered fp32 sum starting from out (accumulate) or 0. Row by row: W is read along its rows (the
+// compiler may vectorise over j with SSE2 mul + add, which rounds exactly as written).
+void gemv_t_bf16(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t n1, const float* x, int64_t t,
+                 int64_t ldx, float* out, int64_t ldo, bool accumulate) {
+  const int64_t n = n1 - n0;
+  for (int64_t tt = 0; tt < t; ++tt) {
+    float* o = out + tt * ldo;
+    if (!accumulate) std::fill(o, o + n, 0.f);
+    for (int64_t i = 0; i < k; ++i) {
+      const float xi = x[tt * ldx + i];
+      const uint16_t* wr = w + i * ldw + n0;
+      for (int64_t j = 0; j < n; ++j) o[j] += xi * bf16_to_f32(wr[j]);
+    }
+  }
+}
+
 const KernelTable kTable = {
     "scalar", quantize_row_a8, matmul_a8, matmul_f32,
     nullptr,  // matmul_a16: none below avx512_bf16 (kernels.h); see reference_matmul_a16
     gemv_bf16,
+    gemv_t_bf16,
 };
 
 }  // namespace

@@ -474,5 +474,126 @@ static HY_ALWAYS_INLINE void z_gemv_bf16_body(const uint16_t* w, int64_t ldw, in
   z_gemv_bf16_body(w, ldw, n0, n1, k, x, t, ldx, out, ldo, false);
 }
 
+// ---------------------------------------------------------------------------------------------
+// gemv_t_bf16 (kernels.h): out[tt][j] (+)= sum_i x[tt][i] W[i][j], W bf16 [K][N] used transposed.
+// Axpy form, vectorised over columns: a tile is NV zmm of 16 consecutive columns x TT <= 4 tokens
+// of fp32 accumulators (64 columns x 4 tokens = 16 zmm); for each row i it widens the tile's
+// columns of W row i once (zero-extend, shift left 16) and does one FMA per zmm and token with
+// x[tt][i] broadcast. So each column is the ordered sum over i of kernels.h, one FMA per step.
+//
+// The K loop is cut into blocks of KB rows (about 16 KiB of W), and the tiles of a block pass
+// their accumulators on through out (loaded and stored once per block): every token tile after
+// the first reads the block's W from L1, so W streams from memory once per call for any T, and
+// the column chunks of a block touch the same few pages back to back, not once per chunk over
+// the whole of K (a 256K-row latent cache is 300 MB). The first token tile of each chunk
+// prefetches the chunk's lines of the next block (KB rows ahead): the rows are 1152 bytes apart
+// and a chunk reads 128 bytes of each, a stride the hardware prefetchers follow poorly. Measured
+// (K x N = 131072 x 512, ldw 576, 1 thread, from RAM, medians of 7 alternating rounds on a 2-vCPU
+// KVM guest shared with another job): 7.4 -> 9.4 GB/s at T = 1 and 5.0 -> 7.7 at T = 4; from L3
+// (K = 4096) 19.4 -> 21.5 and 13.0 -> 16.0 (a plain read of the rows: ~14 and ~24 GB/s).
+// Prefetching whole rows of the next block instead (every chunk's lines, in the first chunk) was
+// ~10% faster from RAM but 25% slower from L3; blocks of 32 or 64 rows measured no better; and
+// splitting each 32-bf16 load into even and odd columns (half the widening work, permutes at
+// every block edge) gained up to 10% at T = 1 from RAM but lost 20% on a 128-row W in L2.
+// The last 1..63 columns go in single-zmm tiles, the last one with masked loads and stores
+// (masked lanes never fault), so any column range works.
+//
+// Legend: NV zmm per column chunk (16 columns each), TT tokens per tile, KB rows per block.
+// ---------------------------------------------------------------------------------------------
+#define HY_Z_GEMVT_TT 4  // TT max
+#define HY_Z_GEMVT_NV 4  // NV of a full chunk: 64 columns
+
+// The lanes of m of 16 bf16 -> fp32 (other lanes 0, their memory not touched).
+static HY_ALWAYS_INLINE __m512 z_load_bf16x16_mask(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// One tile over kb rows: out[t * ldo + 16 v + c] for tokens t < tt, zmm v < nv (the last one
+// limited to the lanes of `last` when `masked`). `start`: the sums start from 0 and out is not
+// read. Rows i < pf_rows prefetch their tile's bytes [0, pf_bytes) pf_ahead rows further on.
+static HY_ALWAYS_INLINE void z_gemv_t_tile(const uint16_t* w, int64_t ldw, int64_t kb, const float* x, int64_t ldx,
+                                           int nv, int tt, bool masked, __mmask16 last, bool start, int64_t pf_rows,
+                                           int64_t pf_ahead, int pf_bytes, float* out, int64_t ldo) {
+  __m512 acc[HY_Z_GEMVT_TT][HY_Z_GEMVT_NV];
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v) {
+      const float* o = out + t * ldo + 16 * v;
+      acc[t][v] = start ? _mm512_setzero_ps() : masked && v == nv - 1 ? _mm512_maskz_loadu_ps(last, o) : _mm512_loadu_ps(o);
+    }
+  for (int64_t i = 0; i < kb; ++i) {
+    const uint16_t* wr = w + i * ldw;
+    if (i < pf_rows) {  // first and last byte: the tile's 32 * nv bytes span at most 3 lines
+      const char* p = reinterpret_cast<const char*>(wr + pf_ahead * ldw);
+      _mm_prefetch(p, _MM_HINT_T0);
+      if (pf_bytes > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+      _mm_prefetch(p + pf_bytes - 1, _MM_HINT_T0);
+    }
+    __m512 wv[HY_Z_GEMVT_NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v)
+      wv[v] = masked && v == nv - 1 ? z_load_bf16x16_mask(wr + 16 * v, last) : z_load_bf16x16(wr + 16 * v);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) {
+      const __m512 xb = _mm512_set1_ps(x[t * ldx + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; ++v) acc[t][v] = _mm512_fmadd_ps(wv[v], xb, acc[t][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t)
+#pragma GCC unroll 4
+    for (int v = 0; v < nv; ++v) {
+      float* o = out + t * ldo + 16 * v;
+      if (masked && v == nv - 1) _mm512_mask_storeu_ps(o, last, acc[t][v]);
+      else _mm512_storeu_ps(o, acc[t][v]);
+    }
+}
+
+#define HY_Z_GEMVT_DISPATCH(nv, masked, last, ...)                                                  \
+  switch (tt) {                                                                                     \
+    case 1: z_gemv_t_tile(__VA_ARGS__, nv, 1, masked, last, start, pf_rows, kb_max, pf_bytes, ot, ldo); break; \
+    case 2: z_gemv_t_tile(__VA_ARGS__, nv, 2, masked, last, start, pf_rows, kb_max, pf_bytes, ot, ldo); break; \
+    case 3: z_gemv_t_tile(__VA_ARGS__, nv, 3, masked, last, start, pf_rows, kb_max, pf_bytes, ot, ldo); break; \
+    default: z_gemv_t_tile(__VA_ARGS__, nv, 4, masked, last, start, pf_rows, kb_max, pf_bytes, ot, ldo); break; \
+  }
+
+[[maybe_unused]] static void z_gemv_t_bf16(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t n1,
+                                           const float* x, int64_t t, int64_t ldx, float* out, int64_t ldo,
+                                           bool accumulate) {
+  const int64_t n = n1 - n0;
+  const int64_t kb_max = 8192 / n > 16 ? 8192 / n : 16;  // KB: ~16 KiB of W per block, 16 rows or more
+  for (int64_t i0 = 0; i0 < k; i0 += kb_max) {
+    const int64_t kb = k - i0 < kb_max ? k - i0 : kb_max;
+    const int64_t next = k - i0 - kb;                     // rows of the next block, to prefetch
+    const int64_t pf_next = next < kb ? next : kb;
+    const bool start = i0 == 0 && !accumulate;
+    const uint16_t* wb = w + i0 * ldw + n0;
+    const float* xb = x + i0;
+    int64_t j = 0;
+    for (; j + 16 * HY_Z_GEMVT_NV <= n; j += 16 * HY_Z_GEMVT_NV) {
+      const int pf_bytes = 32 * HY_Z_GEMVT_NV;
+      for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMVT_TT) {
+        const int tt = int(t - t0 < HY_Z_GEMVT_TT ? t - t0 : HY_Z_GEMVT_TT);
+        const int64_t pf_rows = t0 == 0 ? pf_next : 0;
+        float* ot = out + t0 * ldo + j;
+        HY_Z_GEMVT_DISPATCH(HY_Z_GEMVT_NV, false, __mmask16(0xFFFF), wb + j, ldw, kb, xb + t0 * ldx, ldx)
+      }
+    }
+    for (; j < n; j += 16) {
+      const int cols = int(n - j < 16 ? n - j : 16);
+      const __mmask16 last = __mmask16((1u << cols) - 1u);
+      const int pf_bytes = 2 * cols;
+      for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMVT_TT) {
+        const int tt = int(t - t0 < HY_Z_GEMVT_TT ? t - t0 : HY_Z_GEMVT_TT);
+        const int64_t pf_rows = t0 == 0 ? pf_next : 0;
+        float* ot = out + t0 * ldo + j;
+        HY_Z_GEMVT_DISPATCH(1, true, last, wb + j, ldw, kb, xb + t0 * ldx, ldx)
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace hybrid

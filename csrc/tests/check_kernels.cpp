@@ -6,6 +6,7 @@
 // |out - ref| <= 1e-5 * sum_k |w_k * x_k| (+ tiny absolute); matmul_a16 rounds x to bf16, so
 // |out - ref_f32| <= 2^-8 * sum_k |w_k * x_k|. quantize_row_a8 must match bit for bit.
 // gemv_bf16 (unpacked bf16, exact products): |out - ref| <= K * 2^-24 * sum_k |w_k * x_k|.
+// gemv_t_bf16 (fp32 x, bf16 W [K][N]): |out - ref| <= 1e-6 * (|s| + sum_i |x_i w_i|), see check_gemv_t.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -242,6 +243,44 @@ void check_gemv(const KernelTable* kt) {
     }
 }
 
+// gemv_t_bf16 ([K][N] bf16 used transposed, fp32 x) with strided rows, a column range off every
+// multiple of 8 and 16, 1..9 tokens, overwrite (out pre-filled with NaN: never read) and
+// accumulate (sums start from the old out). Tolerance 1e-6 of |s| + sum |x w|: the same FMA
+// steps in the same order as the sequential sum, only rounding differs (tests/test_native_gemv_t.py).
+void check_gemv_t(const KernelTable* kt) {
+  if (!kt || !kt->gemv_t_bf16) return;
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int shapes[][2] = {{1, 17}, {31, 100}, {100, 64}, {1000, 512}, {40, 15}};  // {K, N}
+  for (auto& sh : shapes)
+    for (int t : {1, 3, 4, 6, 9})
+      for (bool acc : {false, true}) {
+        const int k = sh[0], n = sh[1], ldw = n + 11, ldx = k + 3, n0 = n > 4 ? 3 : 0, n1 = n > 4 ? n - 1 : n;
+        const int cols = n1 - n0, ldo = cols + 2;
+        std::vector<uint16_t> w(size_t(k) * ldw);
+        std::vector<float> x(size_t(t) * ldx), out(size_t(t) * ldo), got(size_t(t) * cols);
+        for (auto& v : w) v = f32_to_bf16(nd(rng));
+        for (auto& v : x) v = nd(rng);
+        for (auto& v : out) v = acc ? nd(rng) : NAN;
+        std::vector<double> ref(size_t(t) * cols), mag(size_t(t) * cols);
+        for (int tt = 0; tt < t; ++tt)
+          for (int c = 0; c < cols; ++c) {
+            double s0 = acc ? out[size_t(tt) * ldo + c] : 0, s = s0, a = std::fabs(s0);
+            for (int i = 0; i < k; ++i) {
+              double p = double(x[size_t(tt) * ldx + i]) * bf16_to_f32(w[size_t(i) * ldw + n0 + c]);
+              s += p;
+              a += std::fabs(p);
+            }
+            ref[size_t(tt) * cols + c] = s;
+            mag[size_t(tt) * cols + c] = a;
+          }
+        kt->gemv_t_bf16(w.data(), ldw, k, n0, n1, x.data(), t, ldx, out.data(), ldo, acc);
+        for (int tt = 0; tt < t; ++tt)
+          for (int c = 0; c < cols; ++c) got[size_t(tt) * cols + c] = out[size_t(tt) * ldo + c];
+        Mat shape{WeightFormat::BF16, cols, k, {}, {}, {}};
+        compare(acc ? "gemv_t+=" : "gemv_t", kt->name, shape, t, got, ref, mag, 1e-6);
+      }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -255,6 +294,7 @@ int main(int argc, char** argv) {
     if (argc > 1 && kt && std::strcmp(argv[1], kt->name) != 0) continue;
     check_table(kt);
     check_gemv(kt);
+    check_gemv_t(kt);
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
