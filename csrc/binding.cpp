@@ -594,6 +594,7 @@ void py_mla_decode(const py::object& qo, const py::object& kvo, const py::object
   TensorView w = tensor_view(wkvbo, "kv_b_weight", tr.bf16, "torch.bfloat16", 2);
   TensorView out = tensor_view(outo, "out", tr.bf16, "torch.bfloat16", 2);
   if (nh < 1 || d < 1 || v < 1) throw py::value_error("num_heads, qk_nope_head_dim and v_head_dim must be >= 1");
+  if (d > 512) throw py::value_error("qk_nope_head_dim " + std::to_string(d) + " is over the 512 mla_decode supports");
   const int64_t T = q.shape[0], S = cache.shape[0], Lmax = cache.shape[1], W = cache.shape[2];
   const int64_t C = norm.shape[0], R = W - C;
   if (T < 1) throw py::value_error("q must hold at least one token");

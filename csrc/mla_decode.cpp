@@ -1,5 +1,5 @@
 // mla_decode.cpp: see mla_decode.h. Compiled with the default flags: the ISA-specific work is the
-// KernelTable's gemv_bf16; the rest is short fp32 loops the compiler vectorises as it can.
+// KernelTable's gemv_bf16 / gemv_t_bf16; the rest is short fp32 loops (norm, RoPE, softmax).
 #include "mla_decode.h"
 
 #include <algorithm>
@@ -71,12 +71,9 @@ void attend(const KernelTable& kt, const MlaDecodeArgs& a, int64_t t, int64_t h0
     const uint16_t* qh = a.q + t * a.ldq + h * (D + R);
     const uint16_t* wuk = a.wkvb + h * (D + V) * C;  // [D][C]
     float* ql = s.qf.data();
-    std::fill(ql, ql + C, 0.f);
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = bf16_to_f32(qh[d]);
-      const uint16_t* wr = wuk + d * C;
-      for (int64_t c = 0; c < C; ++c) ql[c] += qd * bf16_to_f32(wr[c]);
-    }
+    float qn[512];  // D <= 512 (checked at the binding)
+    for (int64_t d = 0; d < D; ++d) qn[d] = bf16_to_f32(qh[d]);
+    kt.gemv_t_bf16(wuk, C, D, 0, C, qn, 1, D, ql, C, false);  // ql[c] = sum_d qn[d] * W_uk[d][c]
     float xr[256];
     for (int64_t i = 0; i < R; ++i) xr[i] = bf16_to_f32(qh[D + i]);
     rope(xr, a.cos + t * (R / 2), a.sin + t * (R / 2), R, a.interleave, ql + C);
@@ -97,15 +94,8 @@ void attend(const KernelTable& kt, const MlaDecodeArgs& a, int64_t t, int64_t h0
     const float inv = 1.f / sum;
     for (int64_t j = 0; j < L; ++j) sc[j] *= inv;
   }
-  std::fill(s.olat.begin(), s.olat.begin() + hg * C, 0.f);
-  for (int64_t j = 0; j < L; ++j) {
-    const uint16_t* lat = rows + j * W;
-    for (int64_t i = 0; i < hg; ++i) {
-      const float p = s.scores[size_t(i * L + j)];
-      float* o = s.olat.data() + i * C;
-      for (int64_t c = 0; c < C; ++c) o[c] += p * bf16_to_f32(lat[c]);
-    }
-  }
+  // o_lat[i][c] = sum_j p[i][j] * latent_j[c]: the cache rows streamed once for the hg heads.
+  kt.gemv_t_bf16(rows, W, L, 0, C, s.scores.data(), hg, L, s.olat.data(), C, false);
 
   // Values: out[t][h] = W_uv[h] [V][C] . o_lat[h].
   for (int64_t h = h0; h < h1; ++h) {

@@ -15,9 +15,9 @@
 //   score[j] = scale * ([q_lat, RoPE(q[t][h][D:], p)] . cache[s][j])   for j <= p
 //   o_lat    = softmax(score) . cache[s][:p+1][:C]       [C]
 //   out[t][h] = W_uv[h] . o_lat                  [V]     (W_uv[h] = kv_b rows h*(D+V)+D .. +V)
-// The dot products over cache rows and W_uv run in the KernelTable's gemv_bf16 (q_lat and o_lat
-// are rounded to bf16 for it, as the torch path holds them); the two sums over the other axis
-// (q_lat, o_lat) are plain fp32 loops.
+// The products run in the KernelTable: gemv_bf16 for the dot products over cache rows and W_uv
+// (q_lat and o_lat are rounded to bf16 for it, as the torch path holds them), gemv_t_bf16 for the
+// sums down the columns (q_lat from W_uk, o_lat from the cache rows).
 //
 // Legend: T tokens, nh heads, D qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim,
 // C kv_lora_rank, S cache slots, Lmax cache length.
