@@ -145,7 +145,15 @@ class MoELayer:
                 self.timer.add("shared", t2 - t1)
                 t1 = t2
         skip = self.gpu_cache.mask if self.gpu_cache is not None else None
-        self.routed.submit(xh, idsh, wh, skip)
+        # No GPU, nothing cached: the engine adds its result straight into the shared expert's
+        # bf16 output (one rounding of shared + routed, and no fp32 -> bf16 copy and add after).
+        into_shared = (not on_gpu and shared is not None and self.gpu_cache is None
+                       and getattr(self.routed, "caller", False) and shared.dtype == torch.bfloat16
+                       and shared.is_contiguous())
+        if into_shared:
+            self.routed.submit(xh, idsh, wh, skip, out=shared, accumulate=True)
+        else:
+            self.routed.submit(xh, idsh, wh, skip)
         if timing:
             t2 = time.perf_counter()
             self.timer.add("experts_submit", t2 - t1)
@@ -156,10 +164,12 @@ class MoELayer:
             sync_dev()
             t3 = time.perf_counter()
             self.timer.add("shared", t3 - t2)
-        y = self.routed.sync().to(x.device, non_blocking=True)  # [T, H] fp32
+        y = self.routed.sync().to(x.device, non_blocking=True)  # [T, H] fp32 (into_shared: shared)
         if timing:
             sync_dev()
             self.timer.add("experts_wait", time.perf_counter() - t3)
+        if into_shared:
+            return y  # shared + routed, bf16
         if cached is not None:
             y = y + cached
         y = y.to(x.dtype)

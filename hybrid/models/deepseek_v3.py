@@ -347,7 +347,7 @@ class DeepseekV3:
             raise IndexError(f"forward: token ids must be in 0..{vocab - 1}")
         cache.check(slots, positions)
 
-        h = self.embed[input_ids.cpu()].to(self.device, self.dtype)  # [T, H]
+        h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H] (indexing: ~30 us)
         positions, slots = positions.to(self.device), slots.to(self.device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
