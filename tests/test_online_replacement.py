@@ -172,3 +172,29 @@ def test_off_by_default_and_bad_options(ckpt):
         _load(path, profile=pfile2, online=True)
     with pytest.raises(TypeError, match="online must be"):
         _load(path, profile=pfile, online="yes")
+
+
+def test_metrics_count_the_swaps(ckpt):
+    # /metrics publishes online re-placement's swaps as a counter (hybrid_expert_swaps_total),
+    # from the engine's stats; the other backend values stay gauges.
+    from hybrid.engine.engine import Engine
+    from hybrid.serve.backend import Backend
+    from hybrid.serve.metrics import Metrics
+
+    path, pfile, _, _ = ckpt
+    model = _load(path, profile=pfile, online=EAGER)
+    for prompt in _prompts(model.config.vocab_size, 3, seed=8):
+        model.logits(prompt)
+    class NoText:  # the engine needs a tokenizer only to decode text; none is asked for here
+        vocab_size = model.config.vocab_size
+
+    engine = Engine(model, tokenizer=NoText(), max_seqs=2, max_context=64)
+    try:
+        gauges = Backend(engine, None, 16, 4, Metrics(), model=model).gauges()
+        assert gauges["expert_swaps_total"] == model.online_stats()["swaps"] > 0
+        text = Metrics().render(gauges)
+        assert "# TYPE hybrid_expert_swaps_total counter" in text
+        assert f"hybrid_expert_swaps_total {model.online_stats()['swaps']}" in text
+        assert "# TYPE hybrid_running gauge" in text
+    finally:
+        engine.close()

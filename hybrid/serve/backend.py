@@ -153,6 +153,8 @@ class Backend:
         rate = hit_rate(self.model, self._hits)
         if rate is not None:
             out["cache_hit_rate"] = rate
+        if "expert_swaps" in s:  # online re-placement (hybrid.load(online=...)) is on
+            out["expert_swaps_total"] = s["expert_swaps"]
         return out
 
 

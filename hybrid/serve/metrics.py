@@ -59,8 +59,9 @@ class Metrics:
             ("hybrid_uptime_seconds", "gauge", "Seconds since the server started.",
              time.monotonic() - self.started),
         ]
-        for name, value in gauges.items():
-            scalars.append((f"hybrid_{name}", "gauge", _GAUGE_HELP.get(name, name), value))
+        for name, value in gauges.items():  # a backend value named *_total only ever grows
+            kind = "counter" if name.endswith("_total") else "gauge"
+            scalars.append((f"hybrid_{name}", kind, _GAUGE_HELP.get(name, name), value))
         for name, kind, help_, value in scalars:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {_num(value)}"]
         return "\n".join(lines) + "\n"
@@ -72,6 +73,7 @@ _GAUGE_HELP = {
     "max_running": "Sequence slots (the engine's batch).",
     "engine_tokens_per_second": "Tokens the engine generated per second over its recent window.",
     "cache_hit_rate": "Fraction of routed expert picks served from the GPU expert cache.",
+    "expert_swaps_total": "Experts online re-placement swapped into the GPU expert cache.",
     "prefix_cache_hit_rate": "Fraction of prompt tokens served from the prefix cache.",
 }
 
