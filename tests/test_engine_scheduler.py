@@ -181,10 +181,13 @@ def test_prefix_reuse_reads_only_the_new_tokens(model, tiny_tokenizer):
         # the next chat turn: everything before plus new text
         second = first + out1 + tok.encode(" user: and then?")
         n_steps = len(model.steps)
-        out2 = eng.generate(second, greedy, max_tokens=5)
+        done = eng.complete(second, greedy, max_tokens=5)
+        out2 = done.token_ids
         stats = eng.stats()
     reused = len(first) + len(out1) - 1  # the last answer token was never fed
     assert stats["prompt_tokens_reused"] == reused
+    # ... and the request's own usage says so (the servers' cached_tokens / cache_read_input_tokens)
+    assert done.usage.cached_tokens == reused and done.usage.prompt_tokens == len(second)
     slots, positions = model.steps[n_steps]
     assert set(slots) == {slot1} and positions == list(range(reused, len(second)))
     assert out2 == reference_greedy(model, second, 5)

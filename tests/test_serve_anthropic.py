@@ -14,6 +14,12 @@ WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
+def prompt_tokens(usage) -> int:
+    """The whole prompt: Anthropic counts prompt tokens whose KV was reused from an earlier turn
+    as cache_read_input_tokens, not input_tokens."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
 @pytest.fixture(scope="module")
 def server():
     s = LiveServer({"api_key": KEY})
@@ -68,7 +74,7 @@ def test_stream_event_sequence_and_final_message(server, client):
     assert streamed == text_of(final) == text_of(whole)
     assert final.stop_reason == whole.stop_reason == "max_tokens"
     assert final.usage.output_tokens == whole.usage.output_tokens == 20
-    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert prompt_tokens(final.usage) == prompt_tokens(whole.usage)
 
 
 def test_thinking_block(client):
@@ -104,7 +110,7 @@ def test_tool_use_and_result_round_trip(client):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.get_weather:0",
                                       "content": "sunny, 21 C"}]}]
     m2 = create(client, messages=history, tools=[WEATHER])
-    assert m2.role == "assistant" and m2.usage.input_tokens > m.usage.input_tokens + len("sunny, 21 C")
+    assert m2.role == "assistant" and prompt_tokens(m2.usage) > prompt_tokens(m.usage) + len("sunny, 21 C")
 
 
 def test_prefill_continues_and_is_not_repeated(client):
@@ -112,7 +118,7 @@ def test_prefill_continues_and_is_not_repeated(client):
     m = create(client, messages=msgs, max_tokens=5, extra_body={"ignore_eos": True})
     plain = create(client, max_tokens=1)
     assert m.usage.output_tokens == 5
-    assert m.usage.input_tokens == plain.usage.input_tokens + len("I am")  # byte-level vocabulary
+    assert prompt_tokens(m.usage) == prompt_tokens(plain.usage) + len("I am")  # byte-level vocabulary
     assert not text_of(m).startswith("I am")
 
 
@@ -136,7 +142,7 @@ def test_count_tokens_matches_usage(client):
     m = create(client, system="Be brief.", max_tokens=1)
     counted = client.messages.count_tokens(model="tiny", messages=HELLO, system="Be brief.",
                                            thinking={"type": "disabled"})
-    assert counted.input_tokens == m.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(m.usage)
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(anthropic.NotFoundError):
         client.models.retrieve("other")

@@ -91,3 +91,25 @@ def test_metrics_report_the_gpu_expert_cache_hit_rate(server):
     c.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0)
     rate = metric(httpx.get(server.url + "/metrics").text, "hybrid_cache_hit_rate")
     assert 0.0 < rate < 1.0
+
+
+def test_second_turn_reports_cached_prompt_tokens(server):
+    # The next turn of a chat reuses the KV its first turn left in the slot; usage says how many
+    # prompt tokens that saved (OpenAI prompt_tokens_details.cached_tokens, Anthropic
+    # cache_read_input_tokens).
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r1 = c.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0)
+    turn2 = QUESTION + [{"role": "assistant", "content": r1.choices[0].message.content or ""},
+                        {"role": "user", "content": "And str.split?"}]
+    r2 = c.chat.completions.create(model="demo", messages=turn2, max_tokens=8, temperature=0)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < r2.usage.prompt_tokens
+    a = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    m = a.messages.create(model="demo", max_tokens=8, messages=turn2, extra_body={"temperature": 0})
+    assert m.usage.cache_read_input_tokens > 0 and m.usage.input_tokens > 0
+    with a.messages.stream(model="demo", max_tokens=8, messages=turn2, extra_body={"temperature": 0}) as s:
+        streamed = s.get_final_message()
+    assert streamed.usage.cache_read_input_tokens > 0
+    # Same prompt, so the same total; Anthropic's total input is input + cache reads.
+    assert (streamed.usage.input_tokens + streamed.usage.cache_read_input_tokens
+            == m.usage.input_tokens + m.usage.cache_read_input_tokens == r2.usage.prompt_tokens)

@@ -56,6 +56,7 @@ class _Request:
     output: list[int] = field(default_factory=list)  # sampled ids, stop token included
     slot: int | None = None
     computed: int = 0  # tokens (prompt + output) whose KV is in the cache
+    reused: int = 0  # prompt tokens whose KV a freed slot still held at admission (prefix reuse)
     cancelled: bool = False
 
     @property
@@ -292,7 +293,7 @@ class Engine:
     def _emit_end(self, req: _Request, reason: str, error: str | None = None) -> None:
         text = req.stop.finish(reason)
         req.handle._push(Event(text=text, finish_reason=reason, error=error,
-                               usage=Usage(len(req.prompt), req.stop.generated)))
+                               usage=Usage(len(req.prompt), req.stop.generated, req.reused)))
 
     def _release(self, req: _Request, kv_valid: bool = True) -> None:
         """Give the slot back (engine thread) and admit the next waiting request into it.
@@ -322,6 +323,7 @@ class Engine:
             self._active.append(req)
             self._counters["prompt_tokens"] += len(req.prompt)
             self._counters["prompt_tokens_reused"] += req.computed
+            req.reused = req.computed
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -465,7 +467,7 @@ class Engine:
         lp = None
         if req.params.logprobs is not None and shown:
             lp = [TokenLogprob(s.token_id, s.logprob, s.top_logprobs)]
-        usage = Usage(len(req.prompt), req.stop.generated) if reason else None
+        usage = Usage(len(req.prompt), req.stop.generated, req.reused) if reason else None
         if reason:
             self._release(req)
             with self._lock:

@@ -30,6 +30,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int  # tokens sampled, a final stop token included
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from a freed slot (prefix reuse)
 
     @property
     def total_tokens(self) -> int:

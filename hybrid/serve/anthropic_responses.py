@@ -84,7 +84,9 @@ class _Blocks:
 
 
 def _usage(fin: Finish) -> dict:
-    return {"input_tokens": fin.prompt_tokens, "output_tokens": fin.completion_tokens,
+    # Anthropic counts input as input_tokens + cache_creation + cache_read: the prompt tokens
+    # whose KV was reused from the chat's previous turn are cache reads, not input_tokens.
+    return {"input_tokens": fin.prompt_tokens - fin.cached_tokens, "output_tokens": fin.completion_tokens,
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": fin.cached_tokens}
 
 
@@ -164,7 +166,8 @@ async def message_stream(run, job: Job, opts: Options) -> AsyncIterator[str]:
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": reason, "stop_sequence": seq},
                                    "usage": {"output_tokens": fin.completion_tokens,
-                                             "input_tokens": fin.prompt_tokens}})
+                                             "input_tokens": fin.prompt_tokens - fin.cached_tokens,
+                                             "cache_read_input_tokens": fin.cached_tokens}})
     yield _event("message_stop", {"type": "message_stop"})
 
 

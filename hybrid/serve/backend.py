@@ -56,7 +56,8 @@ class Run:
                 stop_string = min(hits)[1]
                 reason = "stop_string"
         return Finish(reason=reason, prompt_tokens=usage.prompt_tokens,
-                      completion_tokens=usage.completion_tokens, stop_string=stop_string)
+                      completion_tokens=usage.completion_tokens, stop_string=stop_string,
+                      cached_tokens=usage.cached_tokens)
 
     def cancel(self) -> None:
         self.handle.cancel()

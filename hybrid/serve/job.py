@@ -57,4 +57,4 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     stop_string: str | None = None  # which stop string ended it
-    cached_tokens: int = 0  # prompt tokens served from a prefix cache, if the engine has one
+    cached_tokens: int = 0  # prompt tokens whose KV the engine reused from the previous turn's slot
