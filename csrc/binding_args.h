@@ -306,4 +306,12 @@ inline DenseOperand dense_from_torch(const py::object& o, const char* name, bool
   return d;
 }
 
+// The KernelTable an `isa` argument names ("" = the process's active one).
+inline const KernelTable& dense_table(const std::string& isa) {
+  static const KernelTable* active = nullptr;  // the process's ISA never changes (dispatch.h)
+  if (!isa.empty()) return resolved_table(isa);
+  if (active == nullptr) active = &active_table();
+  return *active;
+}
+
 }  // namespace hybrid
