@@ -214,13 +214,9 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
     ~150 to 610-850 tok/s with these calls.
 
     torch keeps what is left: prefill-sized matmuls and attention, and everything in fp32. It
-    gets the same `threads`, as the parts run one after another. (Before decode went native, torch got
-    the cores the engine was not given or 1/8 of them: a 2-thread torch beside a 2-thread engine
-    measured 500-860 ms per tiny-model decode step, its OpenMP workers spinning in every small
-    op's barrier. Decode's torch ops are now few and single-threaded; measured on the 2-vCPU dev
-    box with torch on both cores against one: full-K2.5-width prefill 101-123 against 69-74
-    tok/s, decode unchanged (11.9-13.9 against 11.1-11.6 tok/s); demo-model serving 1030 against
-    845 tok/s with 8 clients and 1630 against 1468 with 32.)
+    gets the cores the engine was not given, or 1/8 of them (at least 1) when the engine has
+    them all: its OpenMP workers spin after each op, and a 2-thread torch beside a 2-thread
+    engine measured 500-860 ms per tiny-model step against 3-16 ms with 1 torch thread.
 
     Experts a profile caches "on the device" (GpuExpertCache on a CPU device) run on the Python
     thread after the submit, while the pool's workers run their share of the CPU experts; the
@@ -233,7 +229,7 @@ def _split_threads(device: torch.device, threads: int | None) -> None:
     c = machine_cores()
     n = max(1, min(c["physical"], c["usable"]))
     engine = min(threads or n, n)
-    torch.set_num_threads(engine)
+    torch.set_num_threads(n - engine if engine < n else max(1, n // 8))
     # The Python thread computes a share of every expert job (CpuMoE caller=, set by the
     # loader on a CPU device), so the engine's `engine` threads are it + engine-1 pool workers:
     # a worker per core plus the caller left one core with two spinning threads, and each
