@@ -37,6 +37,16 @@ def lib():
     return _native
 
 
+@functools.lru_cache(maxsize=None)
+def lib_or_none():
+    """The extension module, or None when it is not built: the model code then keeps its torch
+    paths (decode-time native calls, the native GEMV and router are optional speed-ups)."""
+    try:
+        return lib()
+    except ImportError:
+        return None
+
+
 def available() -> bool:
     """True when the extension is built and importable."""
     try:

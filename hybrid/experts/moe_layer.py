@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hybrid import native
 from hybrid.config import ModelConfig
 
 
@@ -50,15 +51,6 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if config.norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return ids, w * config.routed_scaling_factor, choice
-
-
-def _native_lib():
-    try:
-        from hybrid import native
-
-        return native.lib()
-    except ImportError:
-        return None
 
 
 class StepTimer:
@@ -92,8 +84,8 @@ class MoELayer:
         self._pinned: dict[str, torch.Tensor] = {}
         # Route in one native call when x is bf16 on the CPU (csrc/router.h): the ~12 torch ops
         # of route() cost more than the arithmetic in a decode step there. Tests switch it off.
-        self._native = _native_lib()
-        self.native_route = self._native is not None and hasattr(self._native, "route")
+        self._native = native.lib_or_none()
+        self.native_route = self._native is not None
 
     def _to_host(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cuda":

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hybrid import native
 from hybrid.config import ModelConfig, yarn_mscale
 from hybrid.models.kv_cache import LatentKVCache
 from hybrid.models.linear import Linear
@@ -39,7 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # A few bf16 tokens on the CPU: one native call (csrc/router.h, same rounding) instead of 7
     # torch ops of dispatch each; prefill-sized inputs stay with torch's threaded kernels.
     if _native_norm_ok(x, weight):
-        return _NATIVE[0].rms_norm(x, weight, eps, torch.empty_like(x))
+        return native.lib_or_none().rms_norm(x, weight, eps, torch.empty_like(x))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -151,7 +152,7 @@ class Attention:
     def _native_decode(self, q, kv, cos, sin, slots, positions, cache):
         # q [T, nh*(D+R)], kv [T, C+R] -> [T, nh*V]; writes the tokens' cache rows (csrc/mla_decode.h).
         out = torch.empty(q.shape[0], self.nh * self.V, dtype=q.dtype)
-        _NATIVE[0].mla_decode(q, kv, self.kv_a_norm, cos, sin, cache.kv[self.layer], slots, positions,
+        native.lib_or_none().mla_decode(q, kv, self.kv_a_norm, cos, sin, cache.kv[self.layer], slots, positions,
                                 self.kv_b_proj.weight, out, self.nh, self.D, self.V, self.eps, self.scale,
                                 self.config.rope_interleave)
         return out
@@ -199,28 +200,14 @@ def sdpa_chunked(q, k, v, mask, scale):
     return torch.cat(outs, dim=2)
 
 
-_NATIVE: list = []  # [hybrid._native or None], looked up on first use
-
-
-def _native_lib():
-    if not _NATIVE:
-        try:
-            from hybrid import native
-
-            _NATIVE.append(native.lib() if hasattr(native.lib(), "mla_decode") else None)
-        except ImportError:
-            _NATIVE.append(None)
-    return _NATIVE[0]
-
-
 def _native_ok() -> bool:
-    return _native_lib() is not None
+    return native.lib_or_none() is not None
 
 
 def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and x.dim() == 2 and x.numel() <= NATIVE_NORM_ELEMENTS and x.is_contiguous()
-            and _native_lib() is not None)
+            and native.lib_or_none() is not None)
 
 
 class SlotGroups:
@@ -290,7 +277,7 @@ class DecoderLayer:
         a = self.attn(rms_norm(h, self.input_norm, self.eps), cos, sin, slots, positions, groups, cache)
         if _native_norm_ok(h, self.post_attn_norm) and a.is_contiguous() and a.dtype == h.dtype:
             # h += a (in place: h is this step's own tensor) and its norm, in one native call.
-            normed = _NATIVE[0].rms_norm(h, self.post_attn_norm, self.eps, torch.empty_like(h), a)
+            normed = native.lib_or_none().rms_norm(h, self.post_attn_norm, self.eps, torch.empty_like(h), a)
         else:
             h = h + a
             normed = rms_norm(h, self.post_attn_norm, self.eps)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybrid import native
+
 
 DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
 # Up to this many tokens a dense bf16 weight on the CPU goes through the native GEMV
@@ -43,7 +45,7 @@ class Linear:
             self.format = "dense"
         # Native GEMV eligibility, decided once: a dense bf16 CPU weight with unit inner stride.
         self._native = (self.format == "dense" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-                        and weight.dim() == 2 and weight.stride(1) == 1 and _native_gemv() is not None)
+                        and weight.dim() == 2 and weight.stride(1) == 1 and native.lib_or_none() is not None)
         small = weight.numel() * weight.element_size() <= NATIVE_SMALL_BYTES
         self._native_tokens = NATIVE_SMALL_MAX_TOKENS if small else NATIVE_MAX_TOKENS
 
@@ -68,7 +70,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
         if (self._native and x.dtype == torch.bfloat16 and x.dim() == 2
                 and x.shape[0] <= min(self._native_tokens, NATIVE_SMALL_MAX_TOKENS) and x.stride(1) == 1):
-            y = _native_gemv()(self.weight, x, None, "", True)  # [T, N] bf16
+            y = native.lib_or_none().dense_gemv_torch(self.weight, x, None, "", True)  # [T, N] bf16
             return y if self.bias is None else y + self.bias
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
@@ -84,16 +86,3 @@ class Linear:
         y = y * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-
-_GEMV = []  # [hybrid._native.dense_gemv_torch or None], looked up on first use
-
-
-def _native_gemv():
-    if not _GEMV:
-        try:
-            from hybrid import native
-
-            _GEMV.append(native.lib().dense_gemv_torch)
-        except (ImportError, AttributeError):
-            _GEMV.append(None)
-    return _GEMV[0]
