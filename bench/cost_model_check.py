@@ -114,6 +114,7 @@ def main(argv=None) -> int:
 
     import hybrid
     from hybrid.planner import calibrate as cal
+    from hybrid.runtime import calibration
 
     if args.tiny:
         path = _tiny_checkpoint(Path(args.tiny))
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     model = hybrid.load(path, **load_opts)
     rng = np.random.default_rng(args.seed)
     toks = rng.integers(2, model.config.vocab_size, size=args.prompt + args.decode).tolist()
-    res = cal.check(model, path, toks[:args.prompt], toks[args.prompt:], fractions,
+    res = calibration.check(model, path, toks[:args.prompt], toks[args.prompt:], fractions,
                     args.fit_on, rounds=args.rounds, label=label,
                     profiles_dir=args.profiles_dir, stat=args.stat)
     machine, report, rows, worst = res["machine"], res["fit"], res["rows"], res["worst_error"]

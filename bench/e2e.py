@@ -163,6 +163,7 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
     import torch
 
     import hybrid
+    from hybrid.experts.cpu_moe import CpuMoE
 
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
     if torch_threads:
         torch.set_num_threads(torch_threads)
     rss_loaded = rss_bytes()
-    net, cfg = model.net, model.config
+    net, cfg = model.network, model.config
     dev = net.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     L = cfg.num_hidden_layers
@@ -183,7 +184,7 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, cfg.vocab_size, (prompt,), generator=g)
-    cache = model.new_cache(1, prompt + decode + 8)
+    cache = model.make_cache(1, prompt + decode + 8)
     pos = torch.arange(prompt)
     last = torch.tensor([prompt - 1])
     net.forward(ids[:8], pos[:8], torch.zeros(8, dtype=torch.long), cache, last[:1] * 0 + 7)  # warm-up
@@ -194,14 +195,15 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
     prefill_s = time.perf_counter() - t
 
     totals: dict[str, float] = {}
-    moe_timers = []
+    moe: dict[str, float] = {}
+
+    def on_phase(layer, phase, seconds):
+        moe[phase] = moe.get(phase, 0.0) + seconds
+
     for layer in net.layers:
         layer.attn = _Timed(layer.attn, totals, "attention", sync)
-        if hasattr(layer.mlp, "timer"):
-            layer.mlp.timer.enabled = True
-            moe_timers.append(layer.mlp.timer)
-    for tm in {id(t): t for t in moe_timers}.values():
-        tm.totals.clear()
+    for m in model.moe_layers().values():
+        m.add_observer(on_phase=on_phase)
     tok = int(logits.argmax())
     step_times = []
     for i in range(decode):
@@ -211,10 +213,8 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
         step_times.append(time.perf_counter() - t)
         tok = int(logits[0].argmax())
     decode_s = sum(step_times)
-    moe = {}
-    for tm in {id(t): t for t in moe_timers}.values():
-        for k2, v in tm.totals.items():
-            moe[k2] = moe.get(k2, 0.0) + v
+    for m in model.moe_layers().values():
+        m.remove_observer(on_phase)
     parts = {"attention": totals.get("attention", 0.0), "router": moe.get("router", 0.0),
              "experts": moe.get("experts_submit", 0.0), "shared": moe.get("shared", 0.0),
              "sync wait": moe.get("experts_wait", 0.0)}
@@ -241,14 +241,11 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
                if not name.startswith("{") and f != "~" and not f.endswith("cpu_moe.py"))
     overhead = py_s / (n_prof * L)
 
-    routed = getattr(net, "experts_loader", None)
-    packed_bytes = 0
-    for layer in net.layers:
-        r = getattr(getattr(layer.mlp, "routed", None), "layer", None)
-        packed_bytes += getattr(r, "nbytes", 0)
+    hosts = [m.host_experts() for m in model.moe_layers().values()]
+    packed_bytes = sum(h.layer.nbytes for h in hosts if isinstance(h, CpuMoE))
     return {
         "model": str(model_dir), "device": str(dev), "dtype": str(net.dtype), "layers": L, "moe_layers": n_moe,
-        "experts_backend": type(net.layers[-1].mlp.routed).__name__ if n_moe else None,
+        "experts_backend": type(hosts[-1]).__name__ if hosts else None,
         "load_s": round(load_s, 2), "prefill_tokens": prompt, "prefill_tok_s": round(prompt / prefill_s, 2),
         "decode_tokens": decode, "decode_tok_s": round(decode / decode_s, 3),
         "decode_step_ms": round(1000 * decode_s / decode, 2),
@@ -257,7 +254,7 @@ def bench(model_dir: Path, prompt: int, decode: int, backend: str | None, thread
         "step_us_per_layer": round(1e6 * decode_s / decode / L, 1),
         "rss_before_load_gb": round(rss0 / 2**30, 2), "rss_after_load_gb": round(rss_loaded / 2**30, 2),
         "rss_end_gb": round(rss_bytes() / 2**30, 2), "packed_experts_gb": round(packed_bytes / 2**30, 2),
-        "experts_loader": routed.stats if routed else None,
+        "experts_loader": model.stats()["experts"],
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -113,12 +113,12 @@ def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: 
                         dtype=torch.float32 if fp32 else None)
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    net = model.net
+    net = model.network
     P = len(prompt)
     ids = torch.tensor(prompt)
-    warm = model.new_cache(1, 16)
+    warm = model.make_cache(1, 16)
     net.forward(ids[:8], torch.arange(8), torch.zeros(8, dtype=torch.long), warm)  # warm-up
-    cache = model.new_cache(1, P + decode + 16)
+    cache = model.make_cache(1, P + decode + 16)
     pos = torch.arange(P)
     t0 = time.perf_counter()
     logits = net.forward(ids, pos, torch.zeros_like(pos), cache)  # [P, V]

@@ -39,7 +39,7 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       packed_cache     True: save packed experts next to the checkpoint for an mmap next time
       threads          CPU engine threads (default: physical cores). With no GPU these are the
                        calling thread + threads-1 pool workers, and decode's device work runs
-                       on them too (see _split_threads)
+                       on them too (see hybrid/runtime/threads.py)
       max_len          context the KV cache is sized for (default: min(max_position_embeddings, 4096))
       max_vram         bytes the device may use (default: free device memory on CUDA; unchecked on CPU)
       profile          placement profile (hybrid plan, profiles/*.yaml): experts held on the device
@@ -49,11 +49,13 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
                        the profile's `online.enabled` (false as `hybrid plan` writes it). Needs a
                        profile with a `machine` section (its costs decide when a swap pays); the
                        number of cached experts per layer never changes, so the budget holds.
+      device_ops       "auto" (default) | "torch" | "native": the device ops' forms (hybrid/ops);
+                       "torch" on a CPU runs exactly what a CUDA device runs (also HYBRID_DEVICE_OPS)
       progress         show progress bars (default True)
     """
-    from hybrid.config import ModelConfig
-    from hybrid.loaders.checkpoint import load_model
-    from hybrid.loaders.memory import check_fits, device_formats_option
+    from hybrid.models import config_from_dir
+    from hybrid.runtime.build import build_model
+    from hybrid.runtime.memory import device_formats_option
 
     if path is None:
         if not (DEMO_DIR / "config.json").is_file():
@@ -77,169 +79,32 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
         if backend == "torch":
             warnings.warn("hybrid._native is not built (pip install -e .): routed experts run on the "
                           "plain torch backend, which is much slower")
-    expert_format = opts.pop("expert_format", None)
-    formats = device_formats_option(opts.pop("device_weights", None))
-    packed_cache = bool(opts.pop("packed_cache", False))
-    threads = opts.pop("threads", None)
-    progress = bool(opts.pop("progress", True))
-    max_vram = opts.pop("max_vram", None)
-    profile = opts.pop("profile", None)
     online = opts.pop("online", None)
     if online is not None and not isinstance(online, (bool, dict)):
         raise TypeError(f"hybrid.load: online must be False, True or a dict of policy options, "
                         f"got {online!r}")
+    profile = opts.pop("profile", None)
     if online is not None and online is not False and profile is None:
         raise ValueError("hybrid.load: online= re-places the experts a placement profile caches "
                          "on the device; pass profile= (hybrid plan) as well")
-    config = ModelConfig.from_dir(path)
+    config = config_from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
+    kw = dict(expert_format=opts.pop("expert_format", None),
+              device_formats=device_formats_option(opts.pop("device_weights", None)),
+              packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
+              progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
+              device_ops=opts.pop("device_ops", None))
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
-
-    prof = placer = None
-    gpu_expert_bytes = 0
-    if profile is not None:
-        if backend != "cpu":
-            raise ValueError("profile= caches experts on the device beside the CPU engine: it needs "
-                             "experts_backend='cpu'")
-        prof, spec = _load_profile(profile, path, device, max_vram)
-        placer = _online_placer(prof, spec, online)
-        item = torch.empty((), dtype=dtype).element_size()
-        gpu_expert_bytes = prof.num_cached * 3 * config.hidden_size * config.moe_intermediate_size * item
-    check_fits(config, path, device, dtype, formats, max_len=max_len, num_slots=1,
-               max_vram=max_vram, experts_on_device=(backend == "torch"), extra=gpu_expert_bytes)
-    if backend == "cpu":
-        _split_threads(device, threads)
-    mode = "precise" if dtype == torch.float32 else "fast"
-    config, net = load_model(path, device, dtype, experts_backend=backend, expert_format=expert_format,
-                             device_formats=formats, packed_cache=packed_cache, threads=threads,
-                             mode=mode, progress=progress, config=config)
-    live = None
-    if prof is not None:
-        _attach_gpu_caches(net, config, prof, device, dtype)
-        if placer is not None:
-            live = _attach_online(net, config, placer)
-    return Model(config, net, path, max_len=max_len, tokenizer=_tokenizer(path), online=live)
+    built = build_model(path, device, dtype, experts_backend=backend, max_len=max_len, profile=profile,
+                        online=online, config=config, **kw)
+    return Model(built, path, max_len=max_len, tokenizer=_tokenizer(path))
 
 
 def _native_available() -> bool:
     from hybrid import native  # the only importer of hybrid._native (DESIGN.md)
 
     return native.available()
-
-
-def _load_profile(profile, path: Path, device: torch.device, max_vram):
-    """A placement profile (hybrid plan), checked against this checkpoint's config and VRAM."""
-    import json
-
-    from hybrid.planner.model_spec import spec_from_config
-    from hybrid.planner.profile import load as load_profile
-
-    spec = spec_from_config(json.loads((path / "config.json").read_text()), model_id=path.name,
-                            where=str(path / "config.json"))
-    budget = max_vram
-    if budget is None and device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0]
-    return load_profile(str(profile), model=spec, vram_bytes=budget), spec
-
-
-def _online_placer(prof, spec, online):
-    """The OnlinePlacer `online` asks for (None: off), starting from the profile's placement,
-    with the profile's machine and expert formats as its cost model."""
-    import dataclasses
-
-    from hybrid.planner.cost import CostModel, MachineSpec
-    from hybrid.planner.online import OnlinePlacer
-    from hybrid.planner.simulate import OnlinePolicy
-
-    section = prof.data.get("online") or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{prof.path}: field 'online' must be a mapping")
-    if online is None:
-        online = bool(section.get("enabled", False))
-    if online is False:
-        return None
-    options = dict(section.get("policy") or {})
-    if isinstance(online, dict):
-        options.update(online)
-    known = {f.name for f in dataclasses.fields(OnlinePolicy)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"online re-placement: unknown policy option(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(known))})")
-    policy = OnlinePolicy(**options)
-    if not isinstance(prof.data.get("machine"), dict):
-        raise ValueError(f"{prof.path}: online re-placement needs the profile's 'machine' section "
-                         f"(the costs that decide when a swap pays); make the profile with "
-                         f"`hybrid plan`")
-    machine = MachineSpec.from_dict(prof.data["machine"], where=f"{prof.path}: machine")
-    cost = CostModel(spec, machine, gpu_expert_format=prof.gpu_expert_format)
-    return OnlinePlacer(cost, prof.mask(spec.moe_layers), spec.moe_layers, policy)
-
-
-def _attach_online(net, config, placer):
-    """Observe every MoE layer's routing and swap experts at each step's end (Model.forward)."""
-    from hybrid.planner.online import LiveReplacement
-
-    caches, sources = {}, {}
-    for i, layer in enumerate(net.layers):
-        if config.is_moe_layer(i) and layer.mlp.gpu_cache is not None:
-            caches[i] = layer.mlp.gpu_cache
-            sources[i] = layer.mlp.routed.layer.unpack_expert
-    live = LiveReplacement(placer, caches, sources)
-    for i, layer in enumerate(net.layers):
-        if config.is_moe_layer(i):
-            layer.mlp.observe = live.observe
-    return live
-
-
-def _attach_gpu_caches(net, config, prof, device, dtype) -> None:
-    """Give each MoE layer the experts the profile holds on the device (from the packed CPU
-    layout, dequantised once); the CPU engine then skips them."""
-    from hybrid.experts.gpu_cache import GpuExpertCache
-
-    for i, layer in enumerate(net.layers):
-        if config.is_moe_layer(i) and prof.experts_for_layer(i):
-            layer.mlp.gpu_cache = GpuExpertCache.from_profile(prof, i, layer.mlp.routed.layer, device, dtype)
-
-
-def _split_threads(device: torch.device, threads: int | None) -> None:
-    """With no GPU the "device" work (attention, router, shared expert, dense MLP, LM head) runs
-    on the same cores as the expert engine, one part after the other. Decode steps do it in
-    native calls (csrc/mla_decode.h, router.h, dense.h: the bf16 GEMV up to a few tokens) on the
-    engine's threads: the Python thread plus `threads - 1` pool workers (caller jobs,
-    thread_pool.h), so each core runs one thread and nothing spins on a core another needs.
-    Measured on the 2-vCPU dev box: a pool of one worker per core plus a waiting Python thread
-    paid ~110 us per pool round trip, one worker fewer ~6 us; demo-model decode went from
-    ~150 to 610-850 tok/s with these calls.
-
-    torch keeps what is left: prefill-sized matmuls and attention, and everything in fp32. It
-    gets the cores the engine was not given, or 1/8 of them (at least 1) when the engine has
-    them all: its OpenMP workers spin after each op, and a 2-thread torch beside a 2-thread
-    engine measured 500-860 ms per tiny-model step against 3-16 ms with 1 torch thread.
-
-    Experts a profile caches "on the device" (GpuExpertCache on a CPU device) run on the Python
-    thread after the submit, while the pool's workers run their share of the CPU experts; the
-    Python thread takes its own share at sync."""
-    if device.type != "cpu":
-        return
-    from hybrid import native
-    from hybrid.hardware import cores as machine_cores
-
-    c = machine_cores()
-    n = max(1, min(c["physical"], c["usable"]))
-    engine = min(threads or n, n)
-    torch.set_num_threads(n - engine if engine < n else max(1, n // 8))
-    # The Python thread computes a share of every expert job (CpuMoE caller=, set by the
-    # loader on a CPU device), so the engine's `engine` threads are it + engine-1 pool workers:
-    # a worker per core plus the caller left one core with two spinning threads, and each
-    # decode layer paid ~110 us for the pool round trip on 2 vCPUs (6 us this way).
-    # The synchronous native calls (dense GEMV, MLA decode) use the same caller + workers, capped
-    # at `engine` (a pool keeps at least one worker, which a 1-thread run must not use).
-    workers = max(1, engine - 1)
-    if native.num_threads() != workers:
-        native.set_num_threads(workers)
-    native.lib().set_sync_threads(engine)
 
 
 def _tokenizer(path: Path):
@@ -252,26 +117,37 @@ def _tokenizer(path: Path):
 
 
 class Model:
-    """A loaded model: .config, .tokenizer, .logits(), .generate(), .stream()."""
+    """A loaded model: .config, .tokenizer, .network, .logits(), .generate(), .stream()."""
 
-    def __init__(self, config, net, path: Path, max_len: int, tokenizer=None, online=None):
-        self.config, self.net, self.path = config, net, path
+    def __init__(self, built, path: Path, max_len: int, tokenizer=None):
+        self.config, self.network, self.path = built.config, built.network, path
+        self.facts = built.facts
         self.max_len, self.tokenizer = max_len, tokenizer
         # planner/online.py LiveReplacement, or None: its end_step runs after every forward.
-        self.online = online
-        self.device, self.dtype = net.device, net.dtype
-        self.model = net  # the module with forward(), under the name hybrid.engine looks for
+        self.online = built.online
+        self.device, self.dtype = self.network.device, self.network.dtype
+        self._built = built
         self._engine = None
 
-    def new_cache(self, num_slots: int = 1, max_len: int | None = None):
-        from hybrid.models.kv_cache import LatentKVCache
+    def make_cache(self, num_slots: int = 1, max_len: int | None = None):
+        return self.network.make_cache(num_slots, max_len or self.max_len)
 
-        return LatentKVCache(self.config, num_slots, max_len or self.max_len, self.device, self.dtype)
+    def kv_bytes_per_token(self) -> int:
+        return self.network.kv_bytes_per_token()
+
+    def moe_layers(self) -> dict:
+        """{decoder-layer index: MoELayer}: attach points for traces, timing and placement."""
+        return self.network.moe_layers()
+
+    def stats(self) -> dict:
+        """How the model was built: the op set, the expert factory's counters (int4_passthrough,
+        quantised, from_cache)."""
+        return self._built.stats()
 
     def forward(self, input_ids, positions, slots, cache, logits_index=None) -> torch.Tensor:
         """One step (the engine calls this once per step). With online re-placement, the swaps
         the step's routing asks for happen after the whole forward, never inside it."""
-        out = self.net.forward(input_ids, positions, slots, cache, logits_index)
+        out = self.network.forward(input_ids, positions, slots, cache, logits_index)
         if self.online is not None:
             self.online.end_step()
         return out
@@ -292,7 +168,7 @@ class Model:
     def logits(self, token_ids) -> torch.Tensor:
         """Logits for every position of a prompt: [len, vocab] fp32."""
         ids = self._check_prompt(token_ids)
-        cache = self.new_cache(1, ids.numel())
+        cache = self.make_cache(1, ids.numel())
         pos = torch.arange(ids.numel())
         return self.forward(ids, pos, torch.zeros_like(pos), cache)
 
@@ -339,7 +215,7 @@ class Model:
             self._engine = None
 
     def _plain_loop(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
-        cache = self.new_cache(1, ids.numel() + max_new_tokens)
+        cache = self.make_cache(1, ids.numel() + max_new_tokens)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         pos = torch.arange(ids.numel())

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from hybrid.planner import trace as traces
-    from hybrid.planner.model_spec import load_model_spec
+    from hybrid.models.spec import load_model_spec
     from hybrid.planner.synthetic import make_trace
 
     try:

@@ -259,3 +259,13 @@ def add_tokenizer(path: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(Path(path) / "tokenizer.json"))
     (Path(path) / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def load_model(path, device="cpu", dtype=torch.bfloat16, **kw):
+    """-> (config, network) through the runtime's builder, without hybrid.load's thread split
+    (tests keep the process's threads as they are)."""
+    from hybrid.runtime.build import build_model
+
+    kw.setdefault("progress", False)
+    built = build_model(path, device, dtype, split_threads=False, **kw)
+    return built.config, built.network

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import build
 from hybrid.config import ConfigError
-from hybrid.loaders.checkpoint import load_model
+from checkpoints import load_model
 from hybrid.loaders.safetensors_files import CheckpointError
 
 NORM = "model.layers.1.input_layernorm.weight"

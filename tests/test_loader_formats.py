@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoints import build, reference_logits
-from hybrid.loaders.checkpoint import load_model
+from checkpoints import load_model
 from hybrid.loaders.quant import unpack_int4
 from test_model_vs_transformers import _compare, _ids, _prefill
 
@@ -48,7 +48,7 @@ def test_device_weights_quantised(tmp_path, fmt):
     at most amax/254 of its row; fp8 e4m3: 3 mantissa bits, relative error up to 2^-4. Outputs
     drift by ~0.3% (int8) / ~3% (fp8) per matmul, so mean logit error stays within 5% / 15% of
     the logit scale; top-1 agreement reported."""
-    from hybrid.loaders.memory import device_formats_option
+    from hybrid.runtime.memory import device_formats_option
 
     path, ref = build(tmp_path)
     cfg, net = load_model(path, "cpu", torch.float32, progress=False,
@@ -67,7 +67,7 @@ def test_device_weights_quantised(tmp_path, fmt):
 
 def test_quantised_linear_row_chunks(monkeypatch):
     """Converting a quantised weight in row chunks gives the same product as all at once."""
-    import hybrid.models.linear as lin
+    import hybrid.ops.linear as lin
     from hybrid.loaders.quant import quantize_rows
 
     w = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from checkpoints import build
+from checkpoints import load_model
 from hybrid.config import ModelConfig
-from hybrid.loaders.checkpoint import load_model
-from hybrid.loaders.memory import KIMI_K25, check_fits, device_bytes, device_formats_option, options_table
+from hybrid.models import facts_of
 from hybrid.models.kv_cache import LatentKVCache
+from hybrid.models.spec import KIMI_K25_CONFIG as KIMI_K25
+from hybrid.planner.device_memory import device_bytes
+from hybrid.runtime.memory import check_fits, device_formats_option, options_table
 
 
 def _held_bytes(net) -> int:
@@ -29,9 +32,13 @@ def _held_bytes(net) -> int:
         elif isinstance(obj, (list, tuple)):
             for o in obj:
                 walk(o, depth)
-        elif hasattr(obj, "__dict__") and depth < 6 and not isinstance(obj, TorchMoE):
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                walk(o, depth)
+        elif (hasattr(obj, "__dict__") and depth < 6 and not isinstance(obj, (TorchMoE, type))
+              and not callable(getattr(obj, "__func__", None)) and type(obj).__name__ != "module"):
             for k, v in vars(obj).items():
-                if k not in ("embed", "config", "timer", "_pinned", "inv_freq"):
+                if k not in ("embed", "config", "ops", "_lib", "staging", "inv_freq"):
                     walk(v, depth + 1)
 
     walk(net)
@@ -43,7 +50,7 @@ def test_weight_bytes_match_loaded_model(tmp_path, fmt):
     path, _ = build(tmp_path, q_lora_rank=None if fmt == "int8" else 48)
     formats = device_formats_option(fmt)
     cfg, net = load_model(path, "cpu", torch.bfloat16, device_formats=formats, progress=False)
-    predicted = device_bytes(cfg, torch.bfloat16, formats).weights
+    predicted = device_bytes(facts_of(cfg), 2, formats).weights
     assert predicted == _held_bytes(net)
 
 
@@ -63,9 +70,9 @@ def test_kv_cache_bytes():
 def test_budget_refused_with_numbers(tmp_path):
     cfg = ModelConfig.from_dict(KIMI_K25)
     with pytest.raises(MemoryError, match=r"needs weights 19\.95 GiB \+ KV cache 17\.16 GiB .* only 24\.00 GiB"):
-        check_fits(cfg, "k25", "cpu", torch.bfloat16, {}, max_len=262144, max_vram=24 * 2**30)
+        check_fits(facts_of(cfg), "k25", "cpu", torch.bfloat16, {}, max_len=262144, max_vram=24 * 2**30)
     # int8 device weights at 32K fit 24 GiB
-    need = check_fits(cfg, "k25", "cpu", torch.bfloat16, device_formats_option("int8"), max_len=32768,
+    need = check_fits(facts_of(cfg), "k25", "cpu", torch.bfloat16, device_formats_option("int8"), max_len=32768,
                       max_vram=24 * 2**30)
     assert need.total < 24 * 2**30
 

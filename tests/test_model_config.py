@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from hybrid.config import ConfigError, ModelConfig
-from hybrid.loaders.memory import KIMI_K25
+from hybrid.models.spec import KIMI_K25_CONFIG as KIMI_K25
 
 
 def test_kimi_k2_old_spelling():

@@ -17,13 +17,17 @@ import torch
 pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
 
 from checkpoints import build, reference_logits  # noqa: E402
-from hybrid.loaders.checkpoint import load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from test_model_vs_transformers import _compare, _ids, _prefill  # noqa: E402
 
 
 def _load(path, dtype=torch.float32, **kw):
+    """-> (config, network, the expert factory's counters)."""
+    from hybrid.runtime.build import build_model
+
     kw.setdefault("mode", "precise" if dtype == torch.float32 else "fast")
-    return load_model(path, "cpu", dtype, experts_backend="cpu", progress=False, **kw)
+    b = build_model(path, "cpu", dtype, experts_backend="cpu", progress=False, split_threads=False, **kw)
+    return b.config, b.network, b.stats()["experts"]
 
 
 def _report(label, out, ref):
@@ -36,8 +40,8 @@ def _report(label, out, ref):
 
 def test_int4_passthrough_precise(tmp_path):
     path, ref = build(tmp_path, variant="int4")
-    cfg, net = _load(path)
-    assert net.experts_loader.stats["int4_passthrough"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    cfg, net, stats = _load(path)
+    assert stats["int4_passthrough"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
     ids = _ids(cfg.vocab_size)
     r, ties = reference_logits(ref, ids)
     _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "int4/cpu/precise")
@@ -45,7 +49,7 @@ def test_int4_passthrough_precise(tmp_path):
 
 def test_int4_passthrough_fast(tmp_path):
     path, ref = build(tmp_path, variant="int4")
-    cfg, net = _load(path, mode="fast")
+    cfg, net, _ = _load(path, mode="fast")
     ids = _ids(cfg.vocab_size)
     r, _ = reference_logits(ref, ids)
     err, agree = _report("int4/cpu/fast", _prefill(net, cfg, ids), r)
@@ -60,8 +64,8 @@ def test_float_experts_packed(tmp_path, fmt, rel):
     int8 by 1/254; bf16 by 2^-9."""
     path, _ = build(tmp_path)
     cfg, ref_net = load_model(path, "cpu", torch.float32, experts_backend="torch", progress=False)
-    cfg, net = _load(path, expert_format=fmt)
-    assert net.experts_loader.stats["quantised"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
+    cfg, net, stats = _load(path, expert_format=fmt)
+    assert stats["quantised"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
     ids = _ids(cfg.vocab_size)
     r = _prefill(ref_net, cfg, ids)
     err, agree = _report(f"bf16->{fmt}/cpu/precise", _prefill(net, cfg, ids), r)
@@ -72,14 +76,14 @@ def test_float_experts_packed(tmp_path, fmt, rel):
 def test_packed_cache_roundtrip(tmp_path):
     path, _ = build(tmp_path, variant="int4")
     before = sorted(p.name for p in path.iterdir())
-    cfg, net1 = _load(path, packed_cache=True)
+    cfg, net1, _ = _load(path, packed_cache=True)
     cache_dir = path / ".hybrid-cache"
     files = sorted(p.name for p in cache_dir.iterdir())
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
     assert len(files) == n_moe and all(f.endswith(".packed") for f in files), files
     assert sorted(p.name for p in path.iterdir()) == sorted(before + [".hybrid-cache"])
-    cfg, net2 = _load(path, packed_cache=True)
-    assert net2.experts_loader.stats["from_cache"] == n_moe
+    cfg, net2, stats = _load(path, packed_cache=True)
+    assert stats["from_cache"] == n_moe
     ids = _ids(cfg.vocab_size)
     assert torch.equal(_prefill(net1, cfg, ids), _prefill(net2, cfg, ids))
 
@@ -92,8 +96,9 @@ def test_hybrid_load_default_backend_greedy(tmp_path):
 
     path, ref = build(tmp_path, variant="int4")
     model = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False)
-    assert isinstance(model.net.layers[-1].mlp.routed, CpuMoE)
-    assert model.net.layers[-1].mlp.routed.mode == "precise"
+    host = model.moe_layers()[model.config.num_hidden_layers - 1].host_experts()
+    assert isinstance(host, CpuMoE)
+    assert host.mode == "precise"
     prompt = _ids(model.config.vocab_size, 8, seed=7)
     with torch.no_grad():
         want = ref.generate(prompt[None], max_new_tokens=16, do_sample=False, min_new_tokens=16,
@@ -110,7 +115,7 @@ def test_placement_profile_gpu_cache(tmp_path):
     import yaml
 
     import hybrid
-    from hybrid.planner.model_spec import spec_from_config
+    from hybrid.models.spec import spec_from_config
 
     path, _ = build(tmp_path, variant="int4")
     spec = spec_from_config(json.loads((path / "config.json").read_text()), model_id="tiny")
@@ -123,8 +128,8 @@ def test_placement_profile_gpu_cache(tmp_path):
     pfile.write_text(yaml.safe_dump(prof))
     base = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False)
     cached = hybrid.load(path, device="cpu", dtype=torch.float32, progress=False, profile=pfile)
-    layer = cached.net.layers[-1].mlp
-    assert layer.gpu_cache is not None and int(layer.gpu_cache.mask.sum()) == 22
+    layer = cached.moe_layers()[cached.config.num_hidden_layers - 1]
+    assert layer.device_experts() is not None and int(layer.device_experts().held_mask().sum()) == 22
     ids = _ids(cached.config.vocab_size).tolist()
     assert (cached.logits(ids) - base.logits(ids)).abs().max() <= 1e-4
     with pytest.raises(MemoryError, match="cached experts"):
@@ -133,17 +138,17 @@ def test_placement_profile_gpu_cache(tmp_path):
 
 
 def device_need(model):
-    from hybrid.loaders.memory import device_bytes
+    from hybrid.planner.device_memory import device_bytes
 
-    return device_bytes(model.config, model.dtype, {}, model.max_len).total
+    return device_bytes(model.facts, model.dtype.itemsize, {}, model.max_len).total
 
 
 def test_fp8_checkpoint_experts_to_int8(tmp_path):
     """FP8 block experts are dequantised once and packed as int8 group 32 by default (8 bits,
     step amax/127 per 32 inputs): mean logit error within 2% of the scale."""
     path, ref = build(tmp_path, variant="fp8")
-    cfg, net = _load(path)
-    assert net.layers[-1].mlp.routed.layer.format == "int8"
+    cfg, net, _ = _load(path)
+    assert net.moe_layers()[cfg.num_hidden_layers - 1].host_experts().layer.format == "int8"
     ids = _ids(cfg.vocab_size)
     r, _ = reference_logits(ref, ids)
     err, agree = _report("fp8->int8/cpu/precise", _prefill(net, cfg, ids), r)

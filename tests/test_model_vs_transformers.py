@@ -28,7 +28,7 @@ def _ids(vocab, n=T, seed=1):
 
 
 def _load(path, dtype=torch.float32, **kw):
-    from hybrid.loaders.checkpoint import load_model
+    from checkpoints import load_model
 
     return load_model(path, "cpu", dtype, progress=False, **kw)
 
@@ -244,7 +244,7 @@ def test_model_logits_and_errors(tmp_path):
 
 def test_attention_query_chunking(tmp_path, monkeypatch):
     """A tiny scores budget forces sdpa_chunked to split queries; logits are unchanged."""
-    import hybrid.models.deepseek_v3 as m
+    import hybrid.ops.mla_attention as m
 
     path, ref = build(tmp_path)
     cfg, net = _load(path)

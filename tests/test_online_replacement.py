@@ -31,7 +31,7 @@ def ckpt(tmp_path_factory):
     import yaml
 
     from hybrid.planner.cost import reference_workstation
-    from hybrid.planner.model_spec import spec_from_config
+    from hybrid.models.spec import spec_from_config
 
     tmp = tmp_path_factory.mktemp("online")
     path, _ = build(tmp, variant="int4")
@@ -81,7 +81,7 @@ def test_logits_equal_cpu_only_before_and_after_swaps(ckpt):
     worst, swaps_seen = 0.0, []
     for prompt in _prompts(online.config.vocab_size, 4, seed=3):
         # Prefill, then greedy decode; each forward is one step of the placer.
-        kv_a, kv_b = base.new_cache(1, 16), online.new_cache(1, 16)
+        kv_a, kv_b = base.make_cache(1, 16), online.make_cache(1, 16)
         ids, pos = torch.tensor(prompt), torch.arange(len(prompt))
         for _ in range(5):
             before = online.online_stats()["swaps"]
@@ -119,7 +119,7 @@ def test_runtime_swaps_equal_the_replay(ckpt):
             layer.mlp.trace = rec.record   # the planner's hook, beside the online observer
     # One token per step (a 1-token prompt, then decode), as the replay walks the routing;
     # the token jumps across the vocabulary to make the routing drift.
-    kv = model.new_cache(1, 48)
+    kv = model.make_cache(1, 48)
     g = torch.Generator().manual_seed(5)
     for t in range(40):
         span = model.config.vocab_size // 4

@@ -12,9 +12,10 @@ import hybrid
 from hybrid.config import ModelConfig
 from hybrid.loaders.memory import device_bytes
 from hybrid.planner import calibrate as cal
+from hybrid.runtime import calibration
 from hybrid.planner import plan as planner
 from hybrid.planner.cost import CostModel, reference_workstation
-from hybrid.planner.model_spec import load_model_spec
+from hybrid.models.spec import load_model_spec
 from hybrid.planner.profile import ProfileError
 from hybrid.planner.trace import Trace
 
@@ -52,7 +53,7 @@ def test_profile_loads_under_its_budget_and_not_one_byte_less(ckpt, tmp_path):
     cal.write_profile(path, cost, trace, mask, "quarter", context_tokens=max_len)
     need = planner.budget_for_slots(cost, max_len, int(mask.sum())).vram_bytes
     model = hybrid.load(ckpt, profile=path, max_vram=need, max_len=max_len, progress=False)
-    cached = {m.layer: sorted(m.gpu_cache.experts) for m in cal.moe_layers(model)}
+    cached = {m.layer: sorted(m.gpu_cache.experts) for m in calibration.moe_layers(model)}
     assert cached == {l: sorted(np.nonzero(mask[i])[0].tolist())
                       for i, l in enumerate(spec.moe_layers)}
     with pytest.raises((ProfileError, MemoryError)):

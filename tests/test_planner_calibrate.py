@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from hybrid.planner import calibrate as cal
+from hybrid.runtime import calibration
 from hybrid.planner.cost import CostModel, MachineSpec
-from hybrid.planner.model_spec import spec_from_config
+from hybrid.models.spec import spec_from_config
 
 CONFIG = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
               n_routed_experts=32, num_experts_per_tok=4, n_shared_experts=1,
@@ -146,11 +147,11 @@ def test_check_runs_the_loop_on_a_real_model(tmp_path):
     model = hybrid.load(path, max_len=64, threads=1, progress=False)
     rng = np.random.default_rng(0)
     toks = rng.integers(2, model.config.vocab_size, size=24).tolist()
-    res = cal.check(model, path, toks[:8], toks[8:], [0.0, 0.25, 0.5], 0.5, rounds=1,
+    res = calibration.check(model, path, toks[:8], toks[8:], [0.0, 0.25, 0.5], 0.5, rounds=1,
                     profiles_dir=str(tmp_path / "profiles"), log=lambda *_: None)
     assert [r["cached_fraction"] for r in res["rows"]] == [0.0, 0.25, 0.5]
     assert [r["fit_input"] for r in res["rows"]] == [True, False, True]
-    E, L = model.config.n_routed_experts, len(cal.moe_layers(model))
+    E, L = model.config.n_routed_experts, len(calibration.moe_layers(model))
     assert [r["cached_experts"] for r in res["rows"]] == [0, E // 4 * L, E // 2 * L]
     assert {len(v) for v in res["steps_s"].values()} == {16 - 2}     # warm-up steps dropped
     m = res["machine"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hybrid.planner.cost import CostModel, MachineSpec, reference_workstation
-from hybrid.planner.model_spec import expert_format_bytes, load_model_spec
+from hybrid.models.spec import load_model_spec
+from hybrid.planner.model_spec import expert_format_bytes
 from hybrid.planner.units import parse_bytes
 
 

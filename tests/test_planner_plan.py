@@ -7,7 +7,7 @@ import pytest
 
 from hybrid.planner import plan as planner
 from hybrid.planner.cost import CostModel, LayerCosts, reference_workstation
-from hybrid.planner.model_spec import load_model_spec
+from hybrid.models.spec import load_model_spec
 from hybrid.planner.trace import Trace
 from hybrid.planner.units import parse_bytes
 

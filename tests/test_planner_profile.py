@@ -9,7 +9,7 @@ import yaml
 from hybrid.cli import main as cli_main
 from hybrid.planner import profile as profiles
 from hybrid.planner import trace as traces
-from hybrid.planner.model_spec import load_model_spec, spec_from_config
+from hybrid.models.spec import load_model_spec, spec_from_config
 from hybrid.planner.synthetic import make_trace
 from hybrid.planner.units import compact_ids, expand_ids, parse_bytes
 

@@ -11,7 +11,7 @@ from test_engine_model import VOCAB, write_tiny_tokenizer
 import hybrid
 from hybrid.cli import main
 from hybrid.planner import trace as traces
-from hybrid.planner.model_spec import load_model_spec
+from hybrid.models.spec import load_model_spec
 
 PROMPTS = ["hello world", "the quick brown fox", "", "def f(x): return x"]
 

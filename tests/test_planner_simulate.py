@@ -6,7 +6,7 @@ import pytest
 
 from hybrid.planner import simulate
 from hybrid.planner.cost import CostModel, reference_workstation
-from hybrid.planner.model_spec import spec_from_config
+from hybrid.models.spec import spec_from_config
 from hybrid.planner.plan import place_optimal
 from hybrid.planner.synthetic import make_trace
 from hybrid.planner.units import parse_bytes

@@ -1,9 +1,9 @@
 """GPU expert-cache hit rate for the frontends (/stats in chat, /metrics in serve).
 
 A hit is a routed (token, expert) pick whose expert the layer holds on the device (its
-GpuExpertCache.mask); the rate is hits / picks over every MoE layer since the counter was
-attached. It uses the MoE layers' public routing hook (`trace`), chaining any hook already set,
-so a planner trace recorded in the same process keeps working.
+GpuExpertCache.held_mask()); the rate is hits / picks over every MoE layer since the counter
+was attached. It registers a routing observer on each MoE layer (MoELayer.add_observer), beside
+any other (a planner trace recorded in the same process keeps working).
 
 Legend: T tokens, K experts picked per token, E experts.
 """
@@ -23,38 +23,30 @@ class CacheHitCounter:
         with self._lock:
             return self.hits / self.picks if self.picks else None
 
-    def _hook(self, layer_module, previous):
-        def trace(layer: int, ids) -> None:  # ids [T, K] on the device
-            if previous is not None:
-                previous(layer, ids)
-            cache = layer_module.gpu_cache
+    def _hook(self, moe):
+        def on_routing(layer: int, ids) -> None:  # ids [T, K] int32, host
+            cache = moe.device_experts()
             if cache is None:
                 return
-            picked = ids.reshape(-1).to("cpu", non_blocking=False)  # [T*K]
-            hits = int(cache.mask[picked].sum())  # mask [E] bool, host
+            picked = ids.reshape(-1).long()  # [T*K]
+            hits = int(cache.held_mask()[picked].sum())  # [E] bool, host
             with self._lock:
                 self.hits += hits
                 self.picks += picked.numel()
-        return trace
+        return on_routing
 
 
 def attach_hit_counter(model) -> CacheHitCounter | None:
     """Count cache hits on a loaded Model; None when it holds no experts on the device."""
-    net = getattr(model, "net", None)
-    moe = [layer.mlp for layer in getattr(net, "layers", [])
-           if getattr(getattr(layer, "mlp", None), "gpu_cache", None) is not None]
+    moe = [m for m in model.moe_layers().values() if m.device_experts() is not None]
     if not moe:
         return None
     counter = CacheHitCounter()
-    for mlp in moe:
-        mlp.trace = counter._hook(mlp, mlp.trace)
+    for m in moe:
+        m.add_observer(on_routing=counter._hook(m))
     return counter
 
 
 def hit_rate(model, counter: CacheHitCounter | None) -> float | None:
-    """The model's own figure if it reports one, else the counter's (None: no cache, or no picks yet)."""
-    fn = getattr(model, "cache_hit_rate", None)
-    if fn is not None:
-        value = fn() if callable(fn) else fn
-        return None if value is None else float(value)
+    """The counter's rate (None: no cache, or no picks yet)."""
     return counter.rate() if counter is not None else None

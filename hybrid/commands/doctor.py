@@ -67,7 +67,7 @@ def collect(args) -> dict:
     from hybrid.planner import trace as traces
     from hybrid.planner.cost import local_machine
     from hybrid.planner.expect import expectations
-    from hybrid.planner.model_spec import load_model_spec
+    from hybrid.models.spec import load_model_spec
     from hybrid.planner.units import parse_tokens
 
     measure = not args.no_measure

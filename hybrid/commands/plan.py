@@ -61,7 +61,7 @@ def main(args) -> int:
     from hybrid.planner import simulate
     from hybrid.planner import trace as traces
     from hybrid.planner.cost import CostModel, machine_from_arg
-    from hybrid.planner.model_spec import load_model_spec
+    from hybrid.models.spec import load_model_spec
     from hybrid.planner.units import parse_bytes, parse_tokens
 
     con = Console()

@@ -78,7 +78,7 @@ def main(args) -> int:
 
     import hybrid
     from hybrid.planner import trace as traces
-    from hybrid.planner.model_spec import load_model_spec
+    from hybrid.models.spec import load_model_spec
 
     if args.new_tokens < 0:
         print("error: --new-tokens must be >= 0", file=sys.stderr)
@@ -95,7 +95,7 @@ def main(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    moe = [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "trace")]
+    moe = list(model.moe_layers().values())
     layers = [m.layer for m in moe]
     if layers != list(spec.moe_layers):
         print(f"error: the loaded model's MoE layers {layers} differ from its config's "
@@ -105,7 +105,7 @@ def main(args) -> int:
                                              source=f"recorded: {args.prompts} on "
                                                     f"{args.model or 'the embedded demo model'}")
     for m in moe:
-        m.trace = recorder.record
+        m.add_observer(on_routing=recorder.record)
     room = model.max_len - args.new_tokens
     clipped = 0
     timing = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
@@ -119,7 +119,7 @@ def main(args) -> int:
                 bar.advance(task)
     finally:
         for m in moe:
-            m.trace = None
+            m.remove_observer(recorder.record)
     tr = recorder.to_trace(notes={"prompts": len(prompts), "new_tokens": args.new_tokens,
                                   "clipped_prompts": clipped, "prompts_file": args.prompts,
                                   "model": args.model or "the embedded demo model"})
@@ -182,6 +182,7 @@ def _calibrate(model, prompts, args) -> int:
     prompts' own tokens, teacher-forced, as the timed sequence; none and 25% of each layer's
     experts cached for the fit, 12.5% as the check."""
     from hybrid.planner import calibrate as cal
+    from hybrid.runtime import calibration
 
     toks = [t for ids in prompts for t in ids]
     P = min(32, max(1, len(toks) // 3))
@@ -195,7 +196,7 @@ def _calibrate(model, prompts, args) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="calibration_profiles_") as tmp:
-        res = cal.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
+        res = calibration.check(model, model.path, toks[:P], toks[P:P + N], [0.0, 0.125, 0.25], 0.25,
                         rounds=args.calibrate_rounds, label=str(model.path), profiles_dir=tmp,
                         stat="paired")
     cal.print_table(res["rows"])

@@ -64,26 +64,15 @@ class _Request:
         return self.prompt + self.output
 
 
-def _unwrap(model):
-    """Accept the module with forward(), or hybrid.load()'s Model that holds it as .model."""
-    if callable(getattr(model, "forward", None)):
-        return model
-    inner = getattr(model, "model", None)
-    if callable(getattr(inner, "forward", None)):
-        return inner
-    raise TypeError(f"Engine: {type(model).__name__} has no forward() and no .model with one")
-
-
 def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
     """Where the model computes and in what float dtype: its .device/.dtype when it says so
-    (hybrid.load's Model and DeepseekV3 do), else its first parameters."""
-    device, dtype = getattr(module, "device", None), getattr(module, "dtype", None)
-    if device is not None and isinstance(dtype, torch.dtype):
-        return torch.device(device), dtype
-    params = list(module.parameters()) if hasattr(module, "parameters") else []
-    floats = [p for p in params if p.is_floating_point()]
-    return (params[0].device if params else torch.device("cpu"),
-            floats[0].dtype if floats else torch.float32)
+    (hybrid.load's Model and the model classes do), else its first parameters (test modules)."""
+    if isinstance(module, torch.nn.Module):
+        params = list(module.parameters())
+        floats = [p for p in params if p.is_floating_point()]
+        return (params[0].device if params else torch.device("cpu"),
+                floats[0].dtype if floats else torch.float32)
+    return torch.device(module.device), module.dtype
 
 
 def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: torch.device) -> None:
@@ -107,23 +96,25 @@ def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: tor
 class Engine:
     """Continuous-batching generation over a model that follows the flat ragged contract.
 
-    model: the module with forward(input_ids, positions, slots, cache, logits_index), or the
-    Model from hybrid.load() (its .model is used, and its .tokenizer when none is given).
+    model: anything with forward(input_ids, positions, slots, cache, logits_index), .config and
+    make_cache(num_slots, max_len): a model class, or the Model from hybrid.load() (its
+    .tokenizer is used when none is given).
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
     output (default: the cache's max_len, else the Model's max_len, else
     min(max_position_embeddings, 4096)).
     prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
-    .reset(slot), .num_slots and .max_len (default: a LatentKVCache built for the model).
+    .reset(slot), .num_slots and .max_len (default: the model's make_cache, after checking that
+    model.kv_bytes_per_token() x slots x context fits the memory left).
     prefix_reuse: let a new request reuse the KV a freed slot holds for a shared prompt prefix.
     """
 
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
                  prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True):
-        self.module = _unwrap(model)
+        self.module = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("Engine: a tokenizer is needed (pass tokenizer=, or a Model that has one)")
-        self.config = getattr(self.module, "config", None) or getattr(model, "config", None)
+        self.config = model.config
         for name, value in (("max_seqs", max_seqs), ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
@@ -134,18 +125,12 @@ class Engine:
             raise ValueError(f"Engine: max_context {max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
         if cache is None:
-            from hybrid.models.kv_cache import LatentKVCache
-
-            if self.config is None:
-                raise ValueError("Engine: the model has no .config to size the KV cache from")
             # hybrid.load's Model knows the context it was sized for (its max_len option)
             max_context = (max_context or getattr(model, "max_len", None)
                            or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
-            device, dtype = _module_device_dtype(self.module)
-            _check_cache_fits(LatentKVCache.bytes_per_token_for(self.config, dtype), max_seqs,
-                              max_context, device)
-            cache = LatentKVCache(self.config, num_slots=max_seqs, max_len=max_context,
-                                  device=device, dtype=dtype)
+            _check_cache_fits(model.kv_bytes_per_token(), max_seqs, max_context,
+                              _module_device_dtype(model)[0])
+            cache = model.make_cache(max_seqs, max_context)
         else:
             if cache.num_slots < max_seqs:
                 raise ValueError(f"Engine: cache has {cache.num_slots} slots, max_seqs is {max_seqs}")

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hybrid import native
+from hybrid.experts.executor import Capabilities
 
 FORMATS = ("int4", "int8", "bf16")
 MODES = ("fast", "precise")
@@ -225,6 +226,17 @@ class CpuMoE:
     def pending(self) -> bool:
         return self._op.pending
 
+    @property
+    def num_experts(self) -> int:
+        return self.layer.num_experts
+
+    def capabilities(self) -> Capabilities:
+        # caller: the thread that syncs computes a share, so nothing else may run on it meanwhile.
+        return Capabilities(device="cpu", overlaps_caller=not self.caller, accumulates=True)
+
+    def unpack_expert(self, e: int):
+        return self.layer.unpack_expert(e)
+
     def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
         """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).
         out: an optional [B, H] fp32/bf16 CPU buffer written (accumulate=False) or added to
@@ -234,7 +246,7 @@ class CpuMoE:
 
     __call__ = forward
 
-    def submit(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False) -> None:
+    def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
         """Start the job and return at once. x [B, H] fp32/bf16, ids [B, K] int32/int64,
         weights [B, K] fp32, skip_mask [E] bool/uint8 or None, out as in forward(); CPU and
         contiguous. Do not touch the arrays until sync()."""
@@ -244,7 +256,7 @@ class CpuMoE:
         xn = native.as_numpy(x, "x")
         idn = native.as_numpy(ids, "ids")
         wn = native.as_numpy(weights, "weights")
-        sn = None if skip_mask is None else native.as_numpy(skip_mask, "skip_mask")
+        sn = None if skip is None else native.as_numpy(skip, "skip_mask")
         if xn.ndim != 2:
             raise ValueError(f"x must be [B, H], got shape {list(xn.shape)}")
         if out is not None:

@@ -1,10 +1,12 @@
 """GPU expert cache: the routed experts a profile places in VRAM, and their share of a MoE layer.
 
-Contract with hybrid/experts/moe_layer.py (one cache per MoE layer, or None):
+The "device" ExpertExecutor (hybrid/experts/executor.py; one per MoE layer, or none):
 
-    cache = GpuExpertCache.from_profile(profile, layer_idx, packed_layer, device, dtype)
-    cache.mask      # [E] bool, CPU tensor: True where the expert runs here; pass it to the CPU
-                    # operator as its skip mask so each (token, expert) pair runs exactly once
+    cache = GpuExpertCache.from_profile(profile, layer_idx, host_executor, device, dtype)
+    cache.held_mask()  # [E] bool, CPU tensor: True where the expert runs here; the MoE layer
+                    # passes it to the host executor as its skip mask so each (token, expert)
+                    # pair runs exactly once
+    cache.submit(x, ids, weights); y_gpu = cache.sync()   # the protocol, over forward():
     y_gpu = cache.forward(x, ids, weights)   # x [T, H], ids [T, K] int, weights [T, K] fp32,
                     # all on cache.device; returns [T, H] fp32: sum over the pairs (t, k) whose
                     # expert is cached of weights[t, k] * expert(x[t]); pairs of other experts
@@ -27,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from hybrid.experts.executor import Capabilities
 
 
 class GpuExpertCache:
@@ -51,6 +55,7 @@ class GpuExpertCache:
         self.mask[experts] = True
         self._slot = torch.full((num_experts,), -1, dtype=torch.long)     # [E] expert -> slot
         self._slot[experts] = torch.arange(C)
+        self._result: torch.Tensor | None = None
         self._slot_dev = self._slot.to(self.device)
 
     # ---- construction ------------------------------------------------------------------------
@@ -85,7 +90,8 @@ class GpuExpertCache:
     @classmethod
     def from_packed(cls, packed_layer, experts, device, dtype=torch.bfloat16,
                     progress=None) -> "GpuExpertCache":
-        """From native-core's PackedLayer (hybrid/experts/cpu_moe.py)."""
+        """From anything with unpack_expert(e) and num_experts: a PackedLayer
+        (hybrid/experts/cpu_moe.py) or the host executor that runs the layer."""
         return cls.from_source(packed_layer.unpack_expert, experts, packed_layer.num_experts,
                                device, dtype, progress)
 
@@ -97,6 +103,27 @@ class GpuExpertCache:
         (hybrid.planner.profile.load(path, model=spec, vram_bytes=...))."""
         return cls.from_packed(packed_layer, profile.experts_for_layer(layer_idx), device,
                                dtype, progress)
+
+    # ---- the executor protocol ---------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=self.device.type, overlaps_caller=False, accumulates=True)
+
+    def held_mask(self) -> torch.Tensor:
+        """[E] bool on the host: the experts this cache runs (the host executor skips them)."""
+        return self.mask
+
+    def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
+        y = self.forward(x, ids, weights)
+        if out is not None:
+            out.add_(y.to(out.dtype)) if accumulate else out.copy_(y)
+            y = out
+        self._result = y
+
+    def sync(self) -> torch.Tensor:
+        y, self._result = self._result, None
+        if y is None:
+            raise RuntimeError("GpuExpertCache.sync() without a submit()")
+        return y
 
     # ---- use ---------------------------------------------------------------------------------
     @property

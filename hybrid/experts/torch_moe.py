@@ -1,9 +1,8 @@
-"""Routed experts in plain torch: the reference backend.
+"""Routed experts in plain torch: the reference executor.
 
 Each expert's gate/up/down weights are held as ordinary tensors of any float dtype; work is
-grouped by expert (one F.linear triple per expert that has tokens). Same interface as the CPU
-engine's CpuMoE (forward / submit / sync) so moe_layer.py does not care which it drives;
-submit() here simply computes at once.
+grouped by expert (one F.linear triple per expert that has tokens). An ExpertExecutor
+(hybrid/experts/executor.py); submit() here computes at once, on the tensors' device.
 
 Legend: B tokens, K picked per token, E experts, H hidden, I expert width.
 """
@@ -12,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hybrid.experts.executor import Capabilities
 
 
 class TorchMoE:
@@ -57,8 +58,19 @@ class TorchMoE:
             y.index_add_(0, tok, out * flat_w[sel, None])
         return y
 
-    def submit(self, x, ids, weights, skip_mask=None) -> None:
-        self._result = self.forward(x, ids, weights, skip_mask)
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device=self.gate[0].device.type, overlaps_caller=False, accumulates=True)
+
+    def unpack_expert(self, e: int):
+        return self.gate[e].float(), self.up[e].float(), self.down[e].float()
+
+    def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
+        y = self.forward(x, ids, weights, skip)
+        if out is not None:
+            # One rounding to out's dtype, as `y.to(out.dtype) + out` would do.
+            out.add_(y.to(out.dtype)) if accumulate else out.copy_(y)
+            y = out
+        self._result = y
 
     def sync(self) -> torch.Tensor:
         if self._result is None:

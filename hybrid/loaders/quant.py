@@ -7,7 +7,7 @@ Checkpoint formats:
     weight_packed [N, K/8] int32, element k of a row at bits 4*(k % 8) of word k // 8, stored
     as the unsigned nibble q + 8 (q in [-8, 7]); weight_scale [N, K/G] (bf16); weight_shape [2];
     W[n, k] = q[n, k] * scale[n, k // G].
-Device formats (hybrid/models/linear.py): int8 / fp8 weight-only with a per-row scale.
+Device formats (hybrid/ops/linear.py): int8 / fp8 weight-only with a per-row scale.
 
 Legend: N rows (outputs), K columns (inputs), G group size.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+DEVICE_FORMATS = ("dense", "int8", "fp8")  # what a device linear weight may be stored as
 
 
 def dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],

@@ -1,11 +1,14 @@
-"""A device linear layer whose weight may be stored dense or weight-only quantised.
+"""Device linear layers: a weight stored dense or weight-only quantised, and how it is applied.
 
-Formats (chosen per tensor group by the loader, see hybrid/loaders/source.py):
+Formats (chosen per tensor group at load, see hybrid/runtime/context.py):
   dense  weight [N, K] in the compute dtype (bf16 or fp32)
   int8   weight [N, K] int8 + per-output-channel scale [N] fp32: W = q * scale[n]
   fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
 The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU; they
-dequantise on the fly (one matrix at a time), trading compute for memory.
+dequantise on the fly (one block of rows at a time), trading compute for memory.
+
+Two forms, chosen once per weight by the op set (hybrid/ops/__init__.py): `Linear` (torch: what a
+CUDA device runs) and `NativeLinear` (a bf16 CPU weight: the native GEMV for a few tokens).
 Legend: T tokens, N outputs, K inputs.
 """
 
@@ -14,14 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybrid import native
-
-
 DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
 # Up to this many tokens a dense bf16 weight on the CPU goes through the native GEMV
-# (hybrid.native.gemv_bf16): torch's CPU bf16 F.linear costs ~30 us per call on small shapes and
-# reorders the weight each call (12 GB/s on a 7168x1536 matrix), which made it most of a decode
-# step. Beyond a few tokens torch's blocked GEMM (AMX / AVX-512 BF16) is the faster one.
+# (csrc/dense.h): torch's CPU bf16 F.linear costs ~30 us per call on small shapes and reorders
+# the weight each call (12 GB/s on a 7168x1536 matrix), which made it most of a decode step.
+# Beyond a few tokens torch's blocked GEMM (AMX / AVX-512 BF16) is the faster one.
 NATIVE_MAX_TOKENS = 4
 # ... and up to this many for a weight of at most NATIVE_SMALL_BYTES, which stays in L2 while the
 # kernel passes over it once per 4 tokens: a batch of decode tokens from many sequences on a small
@@ -43,11 +43,6 @@ class Linear:
             self.format = "int8" if weight.dtype == torch.int8 else "fp8"
         else:
             self.format = "dense"
-        # Native GEMV eligibility, decided once: a dense bf16 CPU weight with unit inner stride.
-        self._native = (self.format == "dense" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-                        and weight.dim() == 2 and weight.stride(1) == 1 and native.lib_or_none() is not None)
-        small = weight.numel() * weight.element_size() <= NATIVE_SMALL_BYTES
-        self._native_tokens = NATIVE_SMALL_MAX_TOKENS if small else NATIVE_MAX_TOKENS
 
     @property
     def out_features(self) -> int:
@@ -68,10 +63,6 @@ class Linear:
         return (self.weight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
-        if (self._native and x.dtype == torch.bfloat16 and x.dim() == 2
-                and x.shape[0] <= min(self._native_tokens, NATIVE_SMALL_MAX_TOKENS) and x.stride(1) == 1):
-            y = native.lib_or_none().dense_gemv_torch(self.weight, x, None, "", True)  # [T, N] bf16
-            return y if self.bias is None else y + self.bias
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
         # Weight-only: x @ (q * s)^T == (x @ q^T) * s, so scale after the matmul (one [T, N]
@@ -86,3 +77,24 @@ class Linear:
         y = y * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+
+class NativeLinear(Linear):
+    """A dense bf16 CPU weight with unit inner stride: a few bf16 tokens go through the native
+    GEMV (hybrid.native.gemv_bf16), more through torch's GEMM."""
+
+    def __init__(self, lib, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "?"):
+        super().__init__(weight, bias, None, name)
+        self._lib = lib
+        small = weight.numel() * weight.element_size() <= NATIVE_SMALL_BYTES
+        self._max_tokens = NATIVE_SMALL_MAX_TOKENS if small else NATIVE_MAX_TOKENS
+
+    @staticmethod
+    def fits(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+        return (scale is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and weight.dim() == 2 and weight.stride(1) == 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
+        if x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= self._max_tokens and x.stride(1) == 1:
+            y = self._lib.dense_gemv_torch(self.weight, x, None, "", True)  # [T, N] bf16
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)

@@ -330,10 +330,10 @@ class CostModel:
 
         # Attention over the latent KV cache (MLA, absorbed form): every token reads ctx latent
         # rows of (kv_lora + rope) and does QK and AV over them in all heads.
-        kv_row = (m.kv_lora_rank + m.qk_rope_head_dim) * 2                 # bytes per layer
+        kv_row = m.kv_bytes_per_token / m.num_layers                        # bytes per layer
         ctx = batch / 2 if prefill else self.kv_tokens
         kv_read = (1 if prefill else batch) * ctx * kv_row / gpu_bw      # each sequence its own
-        kv_flops = 4.0 * m.num_heads * (m.kv_lora_rank + m.qk_rope_head_dim) * ctx * batch
+        kv_flops = float(m.attention_flops_per_key) * ctx * batch
         kv_time = max(kv_read, kv_flops / (mc.gpu_tflops * 1e12))
         host = mc.layer_overhead_us * 1e-6
         attn = gpu_op(m.attention_params_per_layer + m.router_params_per_layer, batch) + kv_time

@@ -1,6 +1,6 @@
 """Placement: which experts to hold in VRAM, under a budget, to minimise predicted time.
 
-Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/loaders/memory.py
+Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/planner/device_memory.py
 device_bytes, the one accounting both use): the non-expert device weights (attention, shared
 experts, dense MLP, routers, norms, LM head in `device_weight_format`), the latent KV cache for
 the requested context, and activations for one prefill chunk with the allocator/CUDA-context
@@ -113,22 +113,17 @@ class Budget:
 def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
     """(device weights, KV cache, activations incl. reserve) bytes for one sequence of
     `context_tokens`, from the loader's accounting: exactly what hybrid.load checks."""
-    import torch
-
-    from hybrid.config import ConfigError, ModelConfig
-    from hybrid.loaders.memory import GROUPS, device_bytes
+    from hybrid.planner.device_memory import device_bytes
 
     m = cost.model
     fmt = cost.device_weight_format
     if fmt not in ("bf16", "fp32", "int8", "fp8"):
         raise PlanError(f"device weight format {fmt!r}: expected bf16, fp32, int8 or fp8")
-    try:
-        cfg = ModelConfig.from_dict(m.config, source=f"model {m.model_id!r} config")
-    except ConfigError as e:
-        raise PlanError(f"cannot count device memory for model {m.model_id!r}: {e}") from None
-    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
-    formats = {g: fmt for g in GROUPS} if fmt in ("int8", "fp8") else {}
-    b = device_bytes(cfg, dtype, formats, max_len=context_tokens, num_slots=1)
+    if m.facts is None:
+        raise PlanError(f"cannot count device memory for model {m.model_id!r}: its spec carries no "
+                        f"architecture facts (make it with hybrid.models.spec)")
+    formats = {g: fmt for g in m.facts.group_matrices} if fmt in ("int8", "fp8") else {}
+    b = device_bytes(m.facts, 4 if fmt == "fp32" else 2, formats, max_len=context_tokens, num_slots=1)
     return b.weights, b.kv_cache, b.activations
 
 

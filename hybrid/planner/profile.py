@@ -95,7 +95,7 @@ def _notes(model, cost_model, budget) -> list:
     out.append("the embedding table stays in RAM (only looked-up rows go to the GPU), so it is "
                "not in the device weights")
     out.append("device memory is counted by hybrid.load's own accounting "
-               "(hybrid/loaders/memory.py), so a profile that fits here passes its check")
+               "(hybrid/planner/device_memory.py), so a profile that fits here passes its check")
     return out
 
 

@@ -16,9 +16,9 @@ bytes = 960 MB: loading is instant and pages are read as the replay walks them).
 
 Recording hook contract (for hybrid/experts/moe_layer.py):
     recorder = TraceRecorder.for_spec(spec, keep_sequence=True)
-    moe_layer.trace = recorder.record          # MoELayer calls self.trace(layer_idx, ids)
+    moe_layer.add_observer(on_routing=recorder.record)   # MoELayer calls it as below
     ... for every MoE layer in every forward, after the router chose ids [T, K]:
-    if self.trace is not None: self.trace(layer_idx, ids)
+    recorder.record(layer_idx, ids)
 `layer_idx` is the decoder-layer index (e.g. 1..60 for K2.5), `ids` an integer torch tensor or
 numpy array [T, K] (any device; it is copied to host). Calls for one forward must come in layer
 order, every MoE layer once, with the same T: then row t of each layer's record is the same

@@ -1,7 +1,7 @@
-"""Routed experts from the checkpoint to an expert backend.
+"""Routed experts from the checkpoint to a host expert executor (hybrid/experts/executor.py).
 
-torch backend (the reference): every expert as float tensors in the compute dtype, INT4 and
-FP8 experts dequantised. cpu backend (hybrid.experts.cpu_moe, the C++ engine): experts packed
+torch executor (the reference): every expert as float tensors in the compute dtype, INT4 and
+FP8 experts dequantised. cpu executor (hybrid.experts.cpu_moe, the C++ engine): experts packed
 once into the kernel layout:
   compressed-tensors INT4 group 32 -> passed through without dequantising (the nibbles are
     the packed layout's nibbles);
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from hybrid.experts.moe_layer import StepTimer
 from hybrid.experts.torch_moe import TorchMoE
 from hybrid.loaders.safetensors_files import FLOAT_DTYPES, CheckpointError
 
@@ -48,13 +47,11 @@ class ExpertLoader:
         self.caller = caller  # CpuMoE(caller=): the calling thread computes too (CPU-only device)
         self.packed_cache = packed_cache
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.timer = StepTimer()
         self.stats = {"int4_passthrough": 0, "quantised": 0, "from_cache": 0}
 
     # ---- one layer -----------------------------------------------------------------------------
-    def layer(self, src, layer: int, prefix: str):
-        c = src.config
-        E, H, I = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+    def layer(self, src, layer: int, prefix: str, E: int, H: int, I: int):
+        """The host executor for the routed experts `{prefix}.experts.{e}` of one layer."""
         names = [f"{prefix}.experts.{e}" for e in range(E)]
         if self.backend == "torch":
             gate, up, down = [], [], []

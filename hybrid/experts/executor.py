@@ -1,0 +1,32 @@
+"""The expert executor protocol: one interface over every place routed experts can run.
+
+    ex.submit(x, ids, w, skip=None, out=None, accumulate=False)   # returns at once
+    y = ex.sync()            # [T, H] fp32 (or `out`, written or added to): the routed share
+    ex.capabilities()        # what the MoE layer may rely on (below)
+    ex.num_experts           # E of the layer
+    ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32: to copy an expert elsewhere
+
+x [T, H], ids [T, K] int, w [T, K] fp32; skip [E] bool: experts that run elsewhere contribute
+nothing here. Executors (one file each, named in EXECUTORS):
+  cpu     hybrid/experts/cpu_moe.py CpuMoE: the C++ engine over packed experts in RAM
+  torch   hybrid/experts/torch_moe.py TorchMoE: plain torch, the reference
+  device  hybrid/experts/gpu_cache.py GpuExpertCache: experts a placement holds in VRAM;
+          also `held_mask()` [E] bool (host): the experts it runs, which the host skips
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXECUTORS = {
+    "cpu": "hybrid.experts.cpu_moe:CpuMoE",
+    "torch": "hybrid.experts.torch_moe:TorchMoE",
+    "device": "hybrid.experts.gpu_cache:GpuExpertCache",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    device: str             # where its inputs must be: "cpu" (host memory) or the device's type
+    overlaps_caller: bool   # computes while the caller goes on between submit and sync
+    accumulates: bool       # honours out= / accumulate=True

@@ -1,0 +1,55 @@
+"""Device memory a configuration needs, from the architecture's facts, before loading anything.
+
+device bytes = weights (per tensor group, in the format chosen for it)
+             + KV cache (num_slots x max_len tokens)
+             + activations (a prefill chunk's working set, plus a fixed allocator reserve)
+The facts are hybrid.models.facts.ModelFacts (the model class computes them); hybrid.load
+(hybrid/runtime/memory.py) and the planner's budget both count with this one function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1024**3
+PREFILL_CHUNK = 512  # tokens per prefill chunk the activation estimate assumes
+RESERVE = 512 * 1024**2  # CUDA context, allocator fragmentation, temporaries
+
+
+@dataclass
+class DeviceBudget:
+    weights: int
+    kv_cache: int
+    activations: int
+    routed_experts: int
+    gpu_experts: int = 0  # experts a placement profile caches on the device
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.routed_experts + self.gpu_experts
+
+    def describe(self) -> str:
+        parts = [f"weights {self.weights / GiB:.2f} GiB", f"KV cache {self.kv_cache / GiB:.2f} GiB",
+                 f"activations {self.activations / GiB:.2f} GiB"]
+        if self.routed_experts:
+            parts.append(f"routed experts {self.routed_experts / GiB:.2f} GiB")
+        if self.gpu_experts:
+            parts.append(f"cached experts {self.gpu_experts / GiB:.2f} GiB")
+        return " + ".join(parts) + f" = {self.total / GiB:.2f} GiB"
+
+
+def device_bytes(facts, itemsize: int = 2, formats: dict[str, str] | None = None, max_len: int = 4096,
+                 num_slots: int = 1, experts_on_device: bool = False) -> DeviceBudget:
+    """facts: ModelFacts; itemsize: bytes of the compute dtype; formats: {group: dense|int8|fp8}."""
+    formats = formats or {}
+    weights = 0
+    for g, (params, rows) in facts.group_params().items():
+        f = formats.get(g, "dense")
+        weights += params * itemsize if f == "dense" else params + rows * 4  # int8/fp8 + fp32 row scale
+    weights += facts.always_dense_params * itemsize + facts.router_params * 4
+    kv = facts.kv_bytes_per_token(itemsize) * max_len * num_slots
+    quantised = any(f != "dense" for f in formats.values())
+    acts = facts.activation_bytes(min(PREFILL_CHUNK, max_len), itemsize, quantised) + RESERVE
+    routed = (len(facts.moe_layers) * facts.num_experts * facts.expert_params * itemsize
+              if experts_on_device else 0)
+    return DeviceBudget(weights, kv, acts, routed)
