@@ -5,7 +5,7 @@ Bounds:
   rms_norm: the same rounding points as the torch code (fp32 normalise, round, times the bf16
     weight, round); only the fp32 sum of squares is summed in another order, so an output may
     differ by one bf16 step (2^-7 relative) and almost all are equal.
-  route: the same picks as hybrid.experts.moe_layer.route (random scores have no ties) and
+  route: the same picks as the noaux_tc rule's torch body (random scores have no ties) and
     weights within 1e-6 relative.
   mla_decode: against the formulas in fp64 on the same bf16 inputs, within 2% of the output
     scale (bf16 rounding of q_lat, o_lat and the result), cache rows within two bf16 steps.
@@ -22,9 +22,8 @@ pytest.importorskip("hybrid._native", reason="C++ extension not built (pip insta
 from checkpoints import YARN, build  # noqa: E402
 from hybrid import native  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
-from hybrid.experts.moe_layer import route  # noqa: E402
-from hybrid.loaders.checkpoint import load_model  # noqa: E402
-from hybrid.models import deepseek_v3, linear  # noqa: E402
+from hybrid.experts.routers import NoAuxTC  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 
 L = native.lib()
 
@@ -92,7 +91,8 @@ def test_route_matches_torch(E, G, TG, K, norm, bias):
     ids = torch.empty(T, K, dtype=torch.int32)
     w = torch.empty(T, K)
     L.route(x, gate, b, G, TG, K, norm, cfg.routed_scaling_factor, ids, w)
-    rid, rw, _ = route(x, gate, b, cfg)
+    rule = NoAuxTC(E, K, G, TG, norm, cfg.routed_scaling_factor)
+    rid, rw, _ = rule.torch_body(x, {"weight": gate, "bias": b})
     for t in range(T):
         mine = dict(zip(ids[t].tolist(), w[t].tolist()))
         ref = dict(zip(rid[t].tolist(), rw[t].tolist()))
@@ -115,20 +115,10 @@ def test_route_bad_config():
         L.route(x, gate.bfloat16(), None, 1, 1, 2, True, 1.0, ids, w)
 
 
-# ---- the whole decode step: native ops on vs off ------------------------------------------------
-def _set_native(net, on: bool, monkeypatch):
-    net.native_decode = on and deepseek_v3._native_ok()
-    monkeypatch.setattr(deepseek_v3, "NATIVE_NORM_ELEMENTS", 1 << 16 if on else 0)
-    monkeypatch.setattr(linear, "NATIVE_SMALL_MAX_TOKENS", 64 if on else 0)
-    for layer in net.layers:
-        if hasattr(layer.mlp, "native_route"):
-            layer.mlp.native_route = on
-
-
-def _decode(net, cfg, on, monkeypatch, lens=(9, 4, 1), steps=5):
+# ---- the whole decode step: native ops (HYBRID_DEVICE_OPS=native) vs torch ops -------------------
+def _decode(net, cfg, lens=(9, 4, 1), steps=5):
     from hybrid.models.kv_cache import LatentKVCache
 
-    _set_native(net, on, monkeypatch)
     g = torch.Generator().manual_seed(7)
     cache = LatentKVCache(cfg, len(lens), 64, dtype=torch.bfloat16)
     for s, n in enumerate(lens):  # prefill (T > 1 per slot: the torch path in both runs)
@@ -148,19 +138,20 @@ def _decode(net, cfg, on, monkeypatch, lens=(9, 4, 1), steps=5):
     ("plain", {"q_lora_rank": None, "rope_interleave": False}),
     ("plain", {"n_group": 4, "topk_group": 2, "rope_parameters": YARN}),
 ])
-def test_decode_step_native_matches_torch(tmp_path, monkeypatch, variant, overrides):
+def test_decode_step_native_matches_torch(tmp_path, variant, overrides):
     # Both bf16 paths against the fp32 model: a bf16 rounding difference can flip one of the
     # top-8 of 64 experts for a token, which moves its logits by far more than rounding, and
     # either path may be the one that flips (5 seeds: mean errors 0.028-0.107 torch, 0.029-0.093
     # native). So the bound is relative to the torch path's own error, not to the torch path.
     path, _ = build(tmp_path, variant=variant, **overrides)
     cfg = ModelConfig.from_dir(path)
-    _, net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", progress=False)
-    assert net.native_decode
-    _, ref_net = load_model(path, "cpu", torch.float32, experts_backend="cpu", mode="precise", progress=False)
-    ref, _ = _decode(ref_net, cfg, False, monkeypatch)
-    off, cache_off = _decode(net, cfg, False, monkeypatch)
-    on, cache_on = _decode(net, cfg, True, monkeypatch)
+    _, net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", device_ops="native")
+    _, torch_net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", device_ops="torch")
+    assert net.ops.name == "native" and torch_net.ops.name == "torch"
+    _, ref_net = load_model(path, "cpu", torch.float32, experts_backend="cpu", mode="precise")
+    ref, _ = _decode(ref_net, cfg)
+    off, cache_off = _decode(torch_net, cfg)
+    on, cache_on = _decode(net, cfg)
     err_on, err_off = (on - ref).abs().amax(-1), (off - ref).abs().amax(-1)  # [steps, slots]
     print(f"mean max|diff| to fp32: native {err_on.mean():.4f}, torch {err_off.mean():.4f}")
     assert err_on.mean() <= 2 * err_off.mean() + 0.02
@@ -210,11 +201,11 @@ def test_mla_decode_bad_input(tmp_path):
     path, _ = build(tmp_path)
     cfg = ModelConfig.from_dir(path)
     _, net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", progress=False)
-    attn = net.layers[0].attn
+    attn = net.layers[0].attn.core  # hybrid/ops/mla_attention.py
     from hybrid.models.kv_cache import LatentKVCache
 
     cache = LatentKVCache(cfg, 2, 16, dtype=torch.bfloat16)
-    nh, D, R, V, C = attn.nh, attn.D, attn.R, attn.V, attn.C
+    nh, D, R, V, C = attn.s.heads, attn.s.nope, attn.s.rope, attn.s.value, attn.s.latent
     q = torch.randn(1, nh * (D + R)).bfloat16()
     kv = torch.randn(1, C + R).bfloat16()
     cs, sn = torch.ones(1, R // 2), torch.zeros(1, R // 2)
@@ -222,8 +213,8 @@ def test_mla_decode_bad_input(tmp_path):
 
     def call(slots=torch.tensor([0]), positions=torch.tensor([3]), q=q, n=1):
         r = (lambda t: t.repeat(n, 1))
-        L.mla_decode(r(q), r(kv), attn.kv_a_norm, r(cs), r(sn), cache.kv[0], slots, positions,
-                     attn.kv_b_proj.weight, r(out), nh, D, V, 1e-6, attn.scale, True)
+        L.mla_decode(r(q), r(kv), attn.kv_norm, r(cs), r(sn), cache.kv[0], slots, positions,
+                     attn.kv_b.weight, r(out), nh, D, V, 1e-6, attn.s.scale, True)
 
     call()
     with pytest.raises(ValueError, match=r"slots\[0\] = 2 is out of range \[0, 2\)"):

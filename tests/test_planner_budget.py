@@ -10,7 +10,7 @@ from checkpoints import build
 
 import hybrid
 from hybrid.config import ModelConfig
-from hybrid.loaders.memory import device_bytes
+from hybrid.planner.device_memory import device_bytes
 from hybrid.planner import calibrate as cal
 from hybrid.runtime import calibration
 from hybrid.planner import plan as planner
