@@ -61,8 +61,7 @@ def _load(path, **kw):
 
 
 def _caches(model):
-    return {i: layer.mlp.gpu_cache for i, layer in enumerate(model.net.layers)
-            if model.config.is_moe_layer(i)}
+    return {i: m.device_experts() for i, m in model.moe_layers().items()}
 
 
 def _prompts(vocab, n, seed):
@@ -114,9 +113,9 @@ def test_runtime_swaps_equal_the_replay(ckpt):
     policy = {"interval": 2, "window": 8.0, "max_swaps": 2, "horizon": 1e9}
     model = _load(path, profile=pfile, online=policy)
     rec = TraceRecorder.for_spec(spec, keep_sequence=True)
-    for layer in model.net.layers:
-        if getattr(layer.mlp, "gpu_cache", None) is not None:
-            layer.mlp.trace = rec.record   # the planner's hook, beside the online observer
+    for m in model.moe_layers().values():
+        if m.device_experts() is not None:
+            m.add_observer(on_routing=rec.record)   # the planner's hook, beside the online observer
     # One token per step (a 1-token prompt, then decode), as the replay walks the routing;
     # the token jumps across the vocabulary to make the routing drift.
     kv = model.make_cache(1, 48)
@@ -160,8 +159,7 @@ def test_off_by_default_and_bad_options(ckpt):
     path, pfile, pfile2, _ = ckpt
     static = _load(path, profile=pfile)
     assert static.online is None and static.online_stats() is None
-    assert all(layer.mlp.observe is None for i, layer in enumerate(static.net.layers)
-               if static.config.is_moe_layer(i))
+    assert all(not m._on_routing for m in static.moe_layers().values())
     with pytest.raises(ValueError, match="pass profile="):
         _load(path, online=True)
     with pytest.raises(ValueError, match="unknown policy option.*max_swap\\b"):

@@ -10,6 +10,7 @@ from checkpoints import build
 
 import hybrid
 from hybrid.config import ModelConfig
+from hybrid.models import facts_of
 from hybrid.planner.device_memory import device_bytes
 from hybrid.planner import calibrate as cal
 from hybrid.runtime import calibration
@@ -35,7 +36,7 @@ def test_budget_parts_are_the_loaders(ckpt):
                                                            "lm_head")})):
         cost = CostModel(spec, reference_workstation("8GiB"), device_weight_format=fmt)
         b = planner.compute_budget(cost, 256)
-        ref = device_bytes(cfg, dtype, formats, max_len=256, num_slots=1)
+        ref = device_bytes(facts_of(cfg), dtype.itemsize, formats, max_len=256, num_slots=1)
         assert (b.device_weights_bytes, b.kv_cache_bytes, b.activation_bytes) == \
             (ref.weights, ref.kv_cache, ref.activations)
 
@@ -53,14 +54,14 @@ def test_profile_loads_under_its_budget_and_not_one_byte_less(ckpt, tmp_path):
     cal.write_profile(path, cost, trace, mask, "quarter", context_tokens=max_len)
     need = planner.budget_for_slots(cost, max_len, int(mask.sum())).vram_bytes
     model = hybrid.load(ckpt, profile=path, max_vram=need, max_len=max_len, progress=False)
-    cached = {m.layer: sorted(m.gpu_cache.experts) for m in calibration.moe_layers(model)}
+    cached = {m.layer: sorted(m.device_experts().experts) for m in calibration.moe_layers(model)}
     assert cached == {l: sorted(np.nonzero(mask[i])[0].tolist())
                       for i, l in enumerate(spec.moe_layers)}
     with pytest.raises((ProfileError, MemoryError)):
         hybrid.load(ckpt, profile=path, max_vram=need - 1, max_len=max_len, progress=False)
 
 
-def test_budget_refuses_a_model_whose_config_the_loader_cannot_read():
-    spec = dataclasses.replace(load_model_spec("kimi-k2.5"), config={"model_type": "llama"})
+def test_budget_refuses_a_spec_without_architecture_facts():
+    spec = dataclasses.replace(load_model_spec("kimi-k2.5"), facts=None)
     with pytest.raises(planner.PlanError, match="cannot count device memory"):
         planner.compute_budget(CostModel(spec, reference_workstation()), 4096)

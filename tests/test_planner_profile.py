@@ -9,7 +9,7 @@ import yaml
 from hybrid.cli import main as cli_main
 from hybrid.planner import profile as profiles
 from hybrid.planner import trace as traces
-from hybrid.models.spec import load_model_spec, spec_from_config
+from hybrid.models.spec import KIMI_K25_CONFIG, load_model_spec, spec_from_config
 from hybrid.planner.synthetic import make_trace
 from hybrid.planner.units import compact_ids, expand_ids, parse_bytes
 
@@ -43,10 +43,7 @@ def test_profile_round_trip(k25_profile):
 
 def test_profile_refused_for_other_model(k25_profile):
     _, path = k25_profile
-    other = spec_from_config({**load_model_spec("kimi-k2.5").to_dict(), "n_routed_experts": 256,
-                              "hidden_size": 7168, "num_hidden_layers": 61,
-                              "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
-                              "num_attention_heads": 64}, "other")
+    other = spec_from_config({**KIMI_K25_CONFIG, "n_routed_experts": 256}, "other")
     with pytest.raises(profiles.ProfileError, match="made for model"):
         profiles.load(path, model=other)
 
@@ -141,9 +138,9 @@ def test_matching_profiles_for_a_gpu():
     assert matching_profiles(spec, 16 * 2**30) == []
     assert Path(matching_profiles(spec, 24 * 2**30)[0][0]).name == "kimi-k2.5_reference_24GiB.yaml"
     assert Path(matching_profiles(spec, 80 * 2**30)[0][0]).name == "kimi-k2.5_reference_80GiB.yaml"
-    other = spec_from_config({"hidden_size": 64, "n_routed_experts": 8, "num_experts_per_tok": 2,
-                              "moe_intermediate_size": 32, "num_hidden_layers": 2,
-                              "first_k_dense_replace": 1, "num_attention_heads": 2}, "tiny")
+    other = spec_from_config({**KIMI_K25_CONFIG, "hidden_size": 64, "n_routed_experts": 8,
+                              "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                              "num_hidden_layers": 2, "num_attention_heads": 2}, "tiny")
     assert matching_profiles(other, 80 * 2**30) == []
 
 
@@ -169,6 +166,6 @@ def test_shipped_demo_profile_is_recorded_and_loads():
     assert summary["config_hash"] == trace.config_hash == spec.config_hash
     model = hybrid.load(demo, profile=str(path), max_vram=542 * 2**20, max_len=2048,
                         progress=False)
-    held = {layer.mlp.layer: sorted(layer.mlp.gpu_cache.experts) for layer in model.net.layers
-            if getattr(getattr(layer, "mlp", None), "gpu_cache", None) is not None}
+    held = {i: sorted(m.device_experts().experts) for i, m in model.moe_layers().items()
+            if m.device_experts() is not None}
     assert held == {k: v for k, v in p.cached.items() if v}

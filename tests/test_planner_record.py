@@ -42,9 +42,8 @@ def test_profile_command_records_the_routing(ckpt, tmp_path):
     # The same prompts, run again with a plain hook, give the same ids in the same order.
     model = hybrid.load(ckpt, progress=False)
     seen = {l: [] for l in spec.moe_layers}
-    moe = [layer.mlp for layer in model.net.layers if hasattr(layer.mlp, "trace")]
-    for m in moe:
-        m.trace = lambda layer, ids: seen[layer].append(ids.detach().cpu().numpy())
+    for m in model.moe_layers().values():
+        m.add_observer(on_routing=lambda layer, ids: seen[layer].append(ids.detach().cpu().numpy()))
     for p in PROMPTS:
         if p:
             model.generate(model.tokenizer.encode(p), 3)
