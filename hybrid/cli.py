@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order is the order shown in `hybrid --help`.
-COMMANDS = ["chat", "serve", "run", "doctor", "profile", "plan", "bench", "convert"]
+COMMANDS = ["chat", "serve", "run", "doctor", "profile", "plan", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"hybrid.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"hybrid.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"hybrid.commands.{name}").register(sub)
     return parser
 
 

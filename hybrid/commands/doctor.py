@@ -49,11 +49,11 @@ def _isa_chosen():
 
 
 def _kernel_gbps(seconds: float):
-    """Expert-kernel read throughput (planner's probe over native-core's CpuMoE)."""
-    from hybrid.planner import hostinfo
+    """Expert-kernel read throughput (hybrid/runtime/measure.py's probe over the CPU engine)."""
+    from hybrid.runtime.measure import measure_expert_kernel_gbps
 
     try:
-        r = hostinfo.measure_expert_kernel_gbps(seconds)
+        r = measure_expert_kernel_gbps(seconds)
     except ImportError as e:
         return None, f"engine not built ({e})"
     except Exception as e:  # report, never crash doctor
