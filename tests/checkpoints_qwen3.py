@@ -3,7 +3,7 @@
 `build(tmp_path, case="e64_gqa4", seed=0, **overrides)` makes a seeded random model (weights
 scaled so activations stay O(1) and router logits spread out), saves it as shipped: safetensors
 with one tensor per expert (`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`),
-a config.json in Qwen's own spelling (num_experts, rope_theta, rope_scaling: null,
+tensors in bf16 (the fp32 reference holds the same values), a config.json in Qwen's own spelling (num_experts, rope_theta, rope_scaling: null,
 max_window_layers, ...; spelling="transformers" keeps what transformers 5 writes instead:
 num_local_experts, rope_parameters), and by default a tokenizer: a byte-level BPE
 tokenizer.json with Qwen's special tokens, a tokenizer_config.json with a Qwen-style Jinja
@@ -106,7 +106,7 @@ def _shipped_spelling(cfg_json: dict) -> dict:
     out["rope_scaling"] = None if rtype == "default" else dict(rp, rope_type=rtype)
     out["max_window_layers"] = cfg_json["num_hidden_layers"]
     out["sliding_window"] = None
-    out["torch_dtype"] = "float32"
+    out["torch_dtype"] = "bfloat16"
     return out
 
 
@@ -119,6 +119,9 @@ def build(tmp_path, case: str = "e64_gqa4", seed: int = 0, variant: str = "plain
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(hf_config(case, **overrides)).eval()
     _randomise(model, seed)
+    with torch.no_grad():  # bf16 values, as Qwen ships: the CPU engine's bf16 experts hold them exactly
+        for prm in model.parameters():
+            prm.copy_(prm.bfloat16().float())
     path = Path(tmp_path) / f"qwen3-{case}-{variant}-{seed}"
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "_hf"
@@ -126,7 +129,7 @@ def build(tmp_path, case: str = "e64_gqa4", seed: int = 0, variant: str = "plain
     cfg_json = json.loads((tmp / "config.json").read_text())
     tensors = {}
     for f in sorted(tmp.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+        tensors.update({k: t.bfloat16() for k, t in load_file(str(f)).items()})  # exact (rounded above)
     for f in tmp.iterdir():
         f.unlink()
     tmp.rmdir()
