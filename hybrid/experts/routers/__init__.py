@@ -7,8 +7,9 @@ router tensors it reads (`tensors(prefix)`), and has a torch body and a native C
     ids, weights = router(x)      # x [T, H] -> ids [T, K] int32, weights [T, K] fp32
 
 The body is chosen once, when the Router is made: native when the op set hands it the extension
-(a bf16 CPU device), torch otherwise. A new rule is one file with a dataclass that has
-`tensors`, `torch_body` and `native_body`.
+(a bf16 CPU device) and the extension has the rule's kernel (`native_in(lib)`), torch
+otherwise. A new rule is one file with a dataclass that has `tensors`, `torch_body`,
+`native_body` and `native_in`.
 
 Legend: T tokens, E experts, K picked, H hidden.
 """
@@ -28,7 +29,8 @@ __all__ = ["NoAuxTC", "RULES", "Router", "SoftmaxTopK"]
 class Router:
     def __init__(self, rule, tensors: dict[str, torch.Tensor | None], lib=None):
         self.rule, self.tensors = rule, tensors
-        self._lib = lib  # the extension when the native body runs, else None
+        # The extension when the native body runs (decided here, once), else None.
+        self._lib = lib if lib is not None and rule.native_in(lib) else None
 
     @property
     def top_k(self) -> int:

@@ -50,6 +50,10 @@ class NoAuxTC:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return ids, w * self.routed_scaling_factor, choice
 
+    @staticmethod
+    def native_in(lib) -> bool:
+        return True  # csrc/router.h route: in every build
+
     def native_body(self, lib, x: torch.Tensor, t: dict, ids: torch.Tensor, w: torch.Tensor) -> None:
         """x [T, H] bf16 CPU -> ids [T, K] int32, w [T, K] fp32, written in place."""
         lib.route(x, t["weight"], t.get("bias"), self.n_group, self.topk_group, self.top_k,

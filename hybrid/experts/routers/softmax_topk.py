@@ -32,5 +32,10 @@ class SoftmaxTopK:
             w = w / w.sum(-1, keepdim=True)
         return ids, w, probs
 
+    @staticmethod
+    def native_in(lib) -> bool:
+        """Whether this build of the extension has the kernel (an older build routes in torch)."""
+        return hasattr(lib, "route_softmax")
+
     def native_body(self, lib, x: torch.Tensor, t: dict, ids: torch.Tensor, w: torch.Tensor) -> None:
         lib.route_softmax(x, t["weight"], self.top_k, self.norm_topk_prob, ids, w)
