@@ -19,16 +19,15 @@ C kv_lora_rank, E experts, K picked, I expert width, Vocab vocabulary.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from hybrid.config import ModelConfig
 from hybrid.experts.routers import NoAuxTC
-from hybrid.models.batch import Batch, check_inputs
+from hybrid.models.batch import Batch
+from hybrid.models.decoder_stack import DecoderStack
 from hybrid.models.facts import ModelFacts
 from hybrid.models.kv_cache import LatentKVCache
 from hybrid.ops.mla_attention import MLAShape
-from hybrid.ops.rope import rope_cos_sin, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,10 +103,11 @@ class DecoderLayer:
         return h + self.mlp(normed)
 
 
-class DeepseekV3:
+class DeepseekV3(DecoderStack):
     """The whole text model: DeepseekV3(config, ctx) with ctx a hybrid.runtime.context.BuildContext."""
 
     config_class = ModelConfig
+    cache_class = LatentKVCache
     # config.json fields that decide placement: a profile made for one checkpoint stays valid for
     # another with the same values (hybrid/models/spec.py hashes them).
     HASH_FIELDS = (
@@ -117,59 +117,13 @@ class DeepseekV3:
         "v_head_dim", "num_attention_heads", "vocab_size",
     )
 
-    def __init__(self, config: ModelConfig, ctx, progress=None):
-        self.config = config
-        self.device, self.dtype, self.ops = ctx.device, ctx.dtype, ctx.ops
-        # The table stays in host memory (2.3 GB for K2.5); only looked-up rows move.
-        V, H = config.vocab_size, config.hidden_size
-        self.embed = ctx.embedding("model.embed_tokens.weight", (V, H))  # host
-        self.layers = []
-        for i in range(config.num_hidden_layers):
-            self.layers.append(DecoderLayer(config, i, ctx))
-            if progress is not None:
-                progress(i + 1, config.num_hidden_layers)
-        self.norm = ctx.norm("model.norm.weight", H)
-        if config.tie_word_embeddings:
-            self.lm_head = ctx.tied_linear(self.embed, "lm_head (tied)")
-        else:
-            self.lm_head = ctx.linear("lm_head", (V, H), "lm_head")
-        inv_freq, self.rope_scale = rope_inv_freq(config.rope, config.qk_rope_head_dim)
-        self.inv_freq = inv_freq.to(self.device)
-
-    # ---- attach points ---------------------------------------------------------------------
-    def moe_layers(self) -> dict:
-        """{decoder-layer index: MoELayer} (hybrid/experts/moe_layer.py)."""
-        return {i: layer.mlp for i, layer in enumerate(self.layers) if self.config.is_moe_layer(i)}
+    def __init__(self, config, ctx, progress=None):
+        self._build(config, ctx, lambda i: DecoderLayer(config, i, ctx), config.qk_rope_head_dim, progress)
 
     def set_attention_mode(self, mode: str) -> None:
         """auto | absorbed | expanded (tests force each form)."""
         for layer in self.layers:
             layer.attn.core.set_mode(mode)
-
-    def make_cache(self, num_slots: int, max_len: int) -> LatentKVCache:
-        return LatentKVCache(self.config, num_slots, max_len, self.device, self.dtype)
-
-    def kv_bytes_per_token(self) -> int:
-        return LatentKVCache.bytes_per_token_for(self.config, self.dtype)
-
-    # ---- forward ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                cache: LatentKVCache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions, slots [T] -> logits [len(logits_index) or T, Vocab] fp32."""
-        check_inputs(input_ids, positions, slots, self.config.vocab_size)
-        cache.check(slots, positions)
-        h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H] (indexing: ~30 us)
-        batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale)  # [T, R/2]
-        for layer in self.layers:
-            h = layer(h, cos, sin, batch, cache)
-        if logits_index is not None:
-            h = h[logits_index.to(self.device)]
-        h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()  # [len(logits_index) or T, Vocab]
-
-    __call__ = forward
 
     # ---- what the architecture says about itself ---------------------------------------------
     @staticmethod

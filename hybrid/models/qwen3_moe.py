@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.experts.routers import SoftmaxTopK
-from hybrid.models.batch import Batch, SlotGroups, check_inputs
+from hybrid.models.batch import Batch, SlotGroups
+from hybrid.models.decoder_stack import DecoderStack
 from hybrid.models.facts import ModelFacts
 from hybrid.models.head_kv_cache import HeadKVCache
 from hybrid.models.qwen3_moe_config import Qwen3MoeConfig
 from hybrid.ops.mla_attention import sdpa_chunked
-from hybrid.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from hybrid.ops.rope import apply_rope
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +113,11 @@ class DecoderLayer:
         return h + self.mlp(normed)
 
 
-class Qwen3Moe:
+class Qwen3Moe(DecoderStack):
     """The whole model: Qwen3Moe(config, ctx) with ctx a hybrid.runtime.context.BuildContext."""
 
     config_class = Qwen3MoeConfig
+    cache_class = HeadKVCache
     # config.json fields that decide placement: a profile made for one checkpoint stays valid for
     # another with the same values (hybrid/models/spec.py hashes them).
     HASH_FIELDS = (
@@ -124,53 +126,8 @@ class Qwen3Moe:
         "num_key_value_heads", "head_dim", "vocab_size",
     )
 
-    def __init__(self, config: Qwen3MoeConfig, ctx, progress=None):
-        self.config = config
-        self.device, self.dtype, self.ops = ctx.device, ctx.dtype, ctx.ops
-        V, H = config.vocab_size, config.hidden_size
-        self.embed = ctx.embedding("model.embed_tokens.weight", (V, H))  # host; only looked-up rows move
-        self.layers = []
-        for i in range(config.num_hidden_layers):
-            self.layers.append(DecoderLayer(config, i, ctx))
-            if progress is not None:
-                progress(i + 1, config.num_hidden_layers)
-        self.norm = ctx.norm("model.norm.weight", H)
-        if config.tie_word_embeddings:
-            self.lm_head = ctx.tied_linear(self.embed, "lm_head (tied)")
-        else:
-            self.lm_head = ctx.linear("lm_head", (V, H), "lm_head")
-        inv_freq, self.rope_scale = rope_inv_freq(config.rope, config.head_dim)
-        self.inv_freq = inv_freq.to(self.device)
-
-    # ---- attach points ---------------------------------------------------------------------
-    def moe_layers(self) -> dict:
-        """{decoder-layer index: MoELayer} (hybrid/experts/moe_layer.py)."""
-        return {i: layer.mlp for i, layer in enumerate(self.layers) if self.config.is_moe_layer(i)}
-
-    def make_cache(self, num_slots: int, max_len: int) -> HeadKVCache:
-        return HeadKVCache(self.config, num_slots, max_len, self.device, self.dtype)
-
-    def kv_bytes_per_token(self) -> int:
-        return HeadKVCache.bytes_per_token_for(self.config, self.dtype)
-
-    # ---- forward ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                cache: HeadKVCache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions, slots [T] -> logits [len(logits_index) or T, Vocab] fp32."""
-        check_inputs(input_ids, positions, slots, self.config.vocab_size)
-        cache.check(slots, positions)
-        h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H]
-        batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale)  # [T, D/2]
-        for layer in self.layers:
-            h = layer(h, cos, sin, batch, cache)
-        if logits_index is not None:
-            h = h[logits_index.to(self.device)]
-        h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()  # [len(logits_index) or T, Vocab]
-
-    __call__ = forward
+    def __init__(self, config, ctx, progress=None):
+        self._build(config, ctx, lambda i: DecoderLayer(config, i, ctx), config.head_dim, progress)
 
     # ---- what the architecture says about itself ---------------------------------------------
     @staticmethod

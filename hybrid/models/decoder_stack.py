@@ -1,0 +1,68 @@
+"""What every decoder-only model here shares, written once: the embedding table on the host, the
+decoder layers, the final norm, the LM head (tied or not), the RoPE tables, the attach points and
+the forward over a flat ragged batch (hybrid/models/batch.py). A model class subclasses it, sets
+`cache_class`, and builds its own layers with `_build`; its file keeps only its own math.
+
+Legend: T tokens, H hidden, Vocab vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.models.batch import Batch, check_inputs
+from hybrid.ops.rope import rope_cos_sin, rope_inv_freq
+
+
+class DecoderStack:
+    cache_class = None  # the model's KV cache type: (config, num_slots, max_len, device, dtype)
+
+    def _build(self, config, ctx, make_layer, rope_dim: int, progress=None) -> None:
+        """make_layer(i) -> decoder layer i: (h, cos, sin, batch, cache) -> h."""
+        self.config = config
+        self.device, self.dtype, self.ops = ctx.device, ctx.dtype, ctx.ops
+        V, H = config.vocab_size, config.hidden_size
+        self.embed = ctx.embedding("model.embed_tokens.weight", (V, H))  # host; only looked-up rows move
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            self.layers.append(make_layer(i))
+            if progress is not None:
+                progress(i + 1, config.num_hidden_layers)
+        self.norm = ctx.norm("model.norm.weight", H)
+        if config.tie_word_embeddings:
+            self.lm_head = ctx.tied_linear(self.embed, "lm_head (tied)")
+        else:
+            self.lm_head = ctx.linear("lm_head", (V, H), "lm_head")
+        inv_freq, self.rope_scale = rope_inv_freq(config.rope, rope_dim)
+        self.inv_freq = inv_freq.to(self.device)
+
+    # ---- attach points ---------------------------------------------------------------------
+    def moe_layers(self) -> dict:
+        """{decoder-layer index: MoELayer} (hybrid/experts/moe_layer.py)."""
+        return {i: layer.mlp for i, layer in enumerate(self.layers) if self.config.is_moe_layer(i)}
+
+    def make_cache(self, num_slots: int, max_len: int):
+        return self.cache_class(self.config, num_slots, max_len, self.device, self.dtype)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.cache_class.bytes_per_token_for(self.config, self.dtype)
+
+    # ---- forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions, slots [T] -> logits [len(logits_index) or T, Vocab] fp32."""
+        check_inputs(input_ids, positions, slots, self.config.vocab_size)
+        cache.check(slots, positions)
+        h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H] (indexing: ~30 us)
+        batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale)  # [T, R/2]
+        for layer in self.layers:
+            h = layer(h, cos, sin, batch, cache)
+        if logits_index is not None:
+            h = h[logits_index.to(self.device)]
+        h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
+        return self.lm_head(h).float()  # [len(logits_index) or T, Vocab]
+
+    __call__ = forward
