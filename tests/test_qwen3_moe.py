@@ -71,6 +71,35 @@ def test_other_seed_and_transformers_spelling(tmp_path):
     _compare(_prefill(net, ids), r, ties, 1e-3, "seed3/transformers-spelling")
 
 
+def test_yarn_rope_scaling(tmp_path):
+    """rope_scaling {rope_type: yarn} as Qwen documents for long context; 40 positions against
+    original_max_position_embeddings 16 exercise the interpolated frequencies."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1e6}
+    path, ref = build(tmp_path, max_position_embeddings=64, rope_parameters=yarn)
+    assert json.loads((path / "config.json").read_text())["rope_scaling"]["rope_type"] == "yarn"
+    built = _load(path)
+    assert built.config.rope.rope_type == "yarn"
+    ids = _ids(ref.config.vocab_size, 40, seed=2)
+    r, ties = reference_logits(ref, ids)
+    _compare(_prefill(built.network, ids), r, ties, 1e-3, "yarn-40")
+
+
+def test_fp8_checkpoint(tmp_path):
+    """Block-FP8 projections + weight_scale_inv (as Qwen3-*-FP8 ships): torch experts decode the
+    checkpoint exactly (1e-3); the CPU engine keeps FP8 experts as int8 group-32 (reported)."""
+    path, ref = build(tmp_path, variant="fp8")
+    ids = _ids(ref.config.vocab_size)
+    r, ties = reference_logits(ref, ids)
+    built = _load(path)
+    assert built.config.quant.method == "fp8"
+    _compare(_prefill(built.network, ids), r, ties, 1e-3, "fp8/torch")
+    if "cpu" in BACKENDS:
+        out = _prefill(_load(path, experts_backend="cpu").network, ids)
+        err = (out - r).abs().max(-1)[0]
+        print(f"fp8->int8/cpu: mean max|diff| {err.mean():.4f} (logit scale {r.abs().max():.2f})")
+        assert err.mean() <= 0.02 * r.abs().max()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_facts_count_every_parameter(case):
     """ModelFacts (device groups, always-dense, routers, routed experts, host embedding) add up
