@@ -94,6 +94,9 @@ class TinyLM(torch.nn.Module):
     def make_cache(self, num_slots: int, max_len: int) -> TinyCache:
         return TinyCache(self.layers, num_slots, max_len, self.hidden)
 
+    def online_stats(self):
+        return None  # no expert placement here
+
     @staticmethod
     def _norm(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)

@@ -39,7 +39,7 @@ def load_model_or_explain(path: str | None, prog: str, **options):
     except (OSError, ValueError, TypeError, RuntimeError, MemoryError, KeyError, ImportError) as e:
         print(f"{prog}: cannot load {what}: {e}", file=sys.stderr)
         return None
-    if getattr(model, "tokenizer", None) is None:
+    if model.tokenizer is None:
         print(f"{prog}: {what} has no tokenizer (tiktoken.model or tokenizer.json); a chat needs one",
               file=sys.stderr)
         return None

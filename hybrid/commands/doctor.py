@@ -36,11 +36,8 @@ def _isa_chosen():
         import hybrid.native as native
     except Exception as e:  # not built / import error: report, do not fail doctor
         return None, f"extension not available ({type(e).__name__})"
-    f = getattr(native, "isa", None)
-    if not callable(f):
-        return None, "hybrid.native has no isa()"
     try:
-        got = f()
+        got = native.isa()
     except Exception as e:
         return None, f"hybrid.native.isa() failed: {e}"
     if isinstance(got, dict):  # {"active": name, "available": [...], "forced": ..., ...}

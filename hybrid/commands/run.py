@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
         decode = (n - 1) / (end - first) if n > 1 and end > first else 0.0
         print(f"hybrid run: {len(ids)} prompt tokens, {n} generated ({final.finish_reason}); "
               f"first token {first - start:.2f} s, then {decode:.1f} tok/s", file=sys.stderr)
-        online = model.online_stats() if hasattr(model, "online_stats") else None
+        online = model.online_stats()
         if online is not None:
             rate = "-" if online["hit_rate"] is None else f"{online['hit_rate']:.1%}"
             print(f"hybrid run: online re-placement: {online['swaps']} swaps, GPU cache hit rate "

@@ -96,9 +96,10 @@ def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: tor
 class Engine:
     """Continuous-batching generation over a model that follows the flat ragged contract.
 
-    model: anything with forward(input_ids, positions, slots, cache, logits_index), .config and
-    make_cache(num_slots, max_len): a model class, or the Model from hybrid.load() (its
-    .tokenizer is used when none is given).
+    model: the Model from hybrid.load(), or anything with its engine-facing part: forward(input_ids,
+    positions, slots, cache, logits_index), .config (vocab_size, max_position_embeddings),
+    online_stats() (None when off), and, when no cache is given, make_cache(num_slots, max_len),
+    kv_bytes_per_token() and .max_len (None: the config's limit); .tokenizer when none is given.
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
     output (default: the cache's max_len, else the Model's max_len, else
     min(max_position_embeddings, 4096)).
@@ -111,7 +112,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
                  prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True):
         self.module = model
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError("Engine: a tokenizer is needed (pass tokenizer=, or a Model that has one)")
         self.config = model.config
@@ -120,13 +121,13 @@ class Engine:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
             raise ValueError(f"Engine: max_context must be an integer >= 2, got {max_context!r}")
-        limit = getattr(self.config, "max_position_embeddings", None)
+        limit = self.config.max_position_embeddings
         if max_context is not None and limit is not None and max_context > limit:
             raise ValueError(f"Engine: max_context {max_context} exceeds the model's "
                              f"max_position_embeddings {limit}")
         if cache is None:
             # hybrid.load's Model knows the context it was sized for (its max_len option)
-            max_context = (max_context or getattr(model, "max_len", None)
+            max_context = (max_context or model.max_len
                            or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
             _check_cache_fits(model.kv_bytes_per_token(), max_seqs, max_context,
                               _module_device_dtype(model)[0])
@@ -141,8 +142,7 @@ class Engine:
         self.cache = cache
         self.max_seqs, self.max_context, self.prefill_chunk = max_seqs, max_context, prefill_chunk
         self.device = _module_device_dtype(self.module)[0]
-        vocab = getattr(self.config, "vocab_size", None)
-        self.vocab_size = vocab if vocab is not None else self.tokenizer.vocab_size
+        self.vocab_size = self.config.vocab_size
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -226,8 +226,7 @@ class Engine:
                        tokens_per_s=tokens / span if span > 0 else 0.0)
         # hybrid.load(..., online=...): experts swapped into the GPU cache and its hit rate
         # (the model's step-end callback runs inside self.module.forward, once per step).
-        online = getattr(self.module, "online_stats", None)
-        online = online() if callable(online) else None
+        online = self.module.online_stats()
         if online is not None:
             out["expert_swaps"] = online["swaps"]
             if online["hit_rate"] is not None:
