@@ -50,17 +50,23 @@ class WeightSource:
                 raise CheckpointError(f"{self.files.file_of(full + '.weight_scale_inv')}: {e}") from None
         return w
 
-    def int4_weight(self, full: str, shape: tuple[int, int]) -> torch.Tensor:
-        """compressed-tensors INT4 module `full` -> [N, K] fp32."""
+    def int4_parts(self, full: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """compressed-tensors INT4 module `full` (prefixed name) as stored: (weight_packed
+        [N, K/8] int32, weight_scale [N, K/G]), checked against its weight_shape."""
         n, k = shape
         g = self.config.quant.group_size
-        where = self.files.file_of(f"{full}.weight_packed")
         ws = self.files.get(f"{full}.weight_shape", None, (torch.int32, torch.int64))
         if ws.tolist() != [n, k]:
-            raise CheckpointError(f"{where}: tensor {full}.weight_shape is {ws.tolist()}, config.json implies {[n, k]}")
+            raise CheckpointError(f"{self.files.file_of(full + '.weight_shape')}: tensor {full}.weight_shape "
+                                  f"is {ws.tolist()}, config.json implies {[n, k]}")
         packed = self.files.get(f"{full}.weight_packed", (n, -(-k // 8)), (torch.int32,))
         scale = self.files.get(f"{full}.weight_scale", (n, -(-k // g)), FLOAT_DTYPES)
-        return dequant_int4(packed, scale, n, k, g, full)
+        return packed, scale
+
+    def int4_weight(self, full: str, shape: tuple[int, int]) -> torch.Tensor:
+        """compressed-tensors INT4 module `full` -> [N, K] fp32."""
+        packed, scale = self.int4_parts(full, shape)
+        return dequant_int4(packed, scale, shape[0], shape[1], self.config.quant.group_size, full)
 
     # ---- what the model asks for -------------------------------------------------------------
     def linear(self, name: str, shape: tuple[int, int], fmt: str = "dense", bias: bool = False):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hybrid.experts.torch_moe import TorchMoE
-from hybrid.loaders.safetensors_files import FLOAT_DTYPES, CheckpointError
+from hybrid.loaders.safetensors_files import CheckpointError
 
 BACKENDS = ("cpu", "torch")
 EXPERT_FORMATS = ("int4", "int8", "bf16")
@@ -88,7 +88,8 @@ class ExpertLoader:
             def part(module, n, k, i):
                 if module not in last:
                     last.clear()
-                    last[module] = _int4_parts(src, module, n, k)
+                    packed, scale = src.int4_parts(module, (n, k))
+                    last[module] = (packed, scale.to(torch.bfloat16))
                 return last[module][i]
 
             args = []
@@ -131,16 +132,3 @@ class _PerExpert:
 
     def __getitem__(self, e: int) -> torch.Tensor:
         return self._get(e)
-
-
-def _int4_parts(src, module: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One compressed-tensors module -> (weight_packed [N, K/8] int32, weight_scale [N, K/32]
-    bf16), checked against weight_shape."""
-    files = src.files
-    ws = files.get(f"{module}.weight_shape", None, (torch.int32, torch.int64))
-    if ws.tolist() != [n, k]:
-        raise CheckpointError(f"{files.file_of(module + '.weight_shape')}: tensor {module}.weight_shape "
-                              f"is {ws.tolist()}, config.json implies {[n, k]}")
-    packed = files.get(f"{module}.weight_packed", (n, k // 8), (torch.int32,))
-    scale = files.get(f"{module}.weight_scale", (n, k // 32), FLOAT_DTYPES).to(torch.bfloat16)
-    return packed, scale
