@@ -256,8 +256,8 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
     if v["qk_rope_head_dim"] % 2:
         bad("qk_rope_head_dim", "must be even")
 
-    rope = _parse_rope(raw, v, source)
-    quant = _parse_quant(quant_raw, source)
+    rope = parse_rope(raw, v, source)
+    quant = parse_quant(quant_raw, source)
     extra = {k: raw[k] for k in raw if k not in _REQUIRED and k not in _DEFAULTS and k not in _IGNORED}
     if extra:
         warnings.warn(f"{source}: ignoring unknown config field(s): {', '.join(sorted(extra))}")
@@ -286,7 +286,7 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
     )
 
 
-def _parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
+def parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
     """Accept both spellings: new `rope_parameters` (with rope_theta inside) and old
     `rope_scaling` (+ top-level rope_theta, `type` instead of `rope_type`)."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
@@ -322,7 +322,7 @@ def _parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
     )
 
 
-def _parse_quant(q, source: str) -> QuantConfig | None:
+def parse_quant(q, source: str) -> QuantConfig | None:
     if q is None:
         return None
     if not isinstance(q, dict):

@@ -244,7 +244,7 @@ def test_model_logits_and_errors(tmp_path):
 
 def test_attention_query_chunking(tmp_path, monkeypatch):
     """A tiny scores budget forces sdpa_chunked to split queries; logits are unchanged."""
-    import hybrid.ops.mla_attention as m
+    import hybrid.ops.attention as m
 
     path, ref = build(tmp_path)
     cfg, net = _load(path)

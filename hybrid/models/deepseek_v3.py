@@ -144,7 +144,7 @@ class DeepseekV3(DecoderStack):
                 "attention": [m for m in attn for _ in range(L)],
                 "shared": [(shared_I, H), (shared_I, H), (H, shared_I)] * len(moe) if shared_I else [],
                 "dense": [(c.intermediate_size, H), (c.intermediate_size, H), (H, c.intermediate_size)] * (L - len(moe)),
-                "lm_head": [(c.vocab_size, H)],
+                "lm_head": [] if c.tie_word_embeddings else [(c.vocab_size, H)],  # tied: always dense, below
             },
             # kv_b, the norms (input, post-attention, kv_a, q_a per layer; the final one) and,
             # tied, the LM head's copy of the table.

@@ -60,10 +60,10 @@ class ModelFacts:
     def activation_bytes(self, chunk: int, itemsize: int, quantised: bool) -> int:
         """Device working set of one prefill chunk of `chunk` tokens (without the allocator reserve):
         residual and MLP buffers, expanded keys/values, attention scores (capped where attention is
-        split, hybrid/ops/mla_attention.py), a row of logits, and the dequantisation temporary of
+        split, hybrid/ops/attention.py), a row of logits, and the dequantisation temporary of
         weight-only linears (hybrid/ops/linear.py)."""
         from hybrid.ops.linear import DEQUANT_ROWS
-        from hybrid.ops.mla_attention import SCORES_BUDGET
+        from hybrid.ops.attention import SCORES_BUDGET
 
         H, nh = self.hidden, self.attention_heads
         width = max(self.dense_width, self.shared_width, self.expert_width)

@@ -29,7 +29,7 @@ from hybrid.models.decoder_stack import DecoderStack
 from hybrid.models.facts import ModelFacts
 from hybrid.models.head_kv_cache import HeadKVCache
 from hybrid.models.qwen3_moe_config import Qwen3MoeConfig
-from hybrid.ops.mla_attention import sdpa_chunked
+from hybrid.ops.attention import sdpa_chunked
 from hybrid.ops.rope import apply_rope
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid.config import ConfigError, QuantConfig, RopeConfig, _parse_quant, _parse_rope
+from hybrid.config import ConfigError, QuantConfig, RopeConfig, parse_quant, parse_rope
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -178,8 +178,8 @@ class Qwen3MoeConfig:
         if e is not None and not _is_int(e) and not (isinstance(e, list) and all(_is_int(i) for i in e)):
             bad("eos_token_id", "must be an integer, a list of integers, or null")
 
-        rope = _parse_rope(raw, v, source)
-        quant = _parse_quant(raw.get("quantization_config"), source)
+        rope = parse_rope(raw, v, source)
+        quant = parse_quant(raw.get("quantization_config"), source)
         if quant is not None and quant.method != "fp8":
             raise ConfigError(f"{source}: quantization_config.quant_method {quant.method!r} is not supported "
                               f"for {MODEL_TYPE} (supported: fp8)")
