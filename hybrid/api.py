@@ -215,34 +215,23 @@ class Model:
             self._engine = None
 
     def _plain_loop(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
+        from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
+
+        row = RowState(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+                       make_generator(seed), ids.tolist(), [])
         cache = self.make_cache(1, ids.numel() + max_new_tokens)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         pos = torch.arange(ids.numel())
         last = torch.tensor([ids.numel() - 1])
         logits = self.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last)
         n = ids.numel()
         for i in range(max_new_tokens):
-            tok = _sample(logits[0], temperature, top_p, top_k, gen)
+            tok = sample(logits[:1], [row])[0].token_id  # the engine's sampler, one row
             if tok in eos:
                 return
+            row.output_ids.append(tok)
             yield tok
             if i == max_new_tokens - 1:
                 return
             logits = self.forward(torch.tensor([tok]), torch.tensor([n]), torch.tensor([0]), cache)
             n += 1
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen) -> int:
-    """logits [Vocab] fp32 -> one token id. temperature 0: greedy."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.cpu() / temperature, -1)
-    if top_k > 0:
-        kth = torch.topk(probs, min(top_k, probs.numel()))[0][-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sp, 0) - sp < top_p * sp.sum()
-        probs = torch.zeros_like(probs).scatter_(0, si[keep], sp[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
