@@ -152,7 +152,7 @@ class DeepseekV3(DecoderStack):
                                  + (c.vocab_size * H if c.tie_word_embeddings else 0)),
             dense_attention_per_layer=kv_b,
             router_params=len(moe) * (E * H + E),
-            kv_elements_per_token=L * c.latent_width,
+            kv_elements_per_token=LatentKVCache.elements_per_token(c),
             attention_heads=nh, attention_key_width=D + V + R, attention_out_width=nh * V,
             # Absorbed decode: scores (C+R) and the latent sum (C) per head per key, 2 flops each.
             attention_flops_per_key=4 * nh * c.latent_width,

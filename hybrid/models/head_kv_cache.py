@@ -2,8 +2,9 @@
 
 Each layer keeps the rotated keys and the values of its K/V heads, one entry per (slot,
 position): 2 x nkv x D elements per token per layer, e.g. Qwen3-30B-A3B: 48 layers x 2 x 4 x
-128 x 2 bytes = 96 KB per token in bf16. Same interface as LatentKVCache (kv_cache.py), so the
-engine and the memory planner need not know which one a model uses.
+128 x 2 bytes = 96 KB per token in bf16. Same interface as LatentKVCache (both are a
+SlotCache, slot_cache.py), so the engine and the memory planner need not know which one a
+model uses.
 
 Layout is head-major, [S, nkv, P, D] per layer, so one slot's first L positions are the
 [nkv, L, D] key block attention multiplies against as it stands (a view for a single slot).
@@ -16,64 +17,26 @@ from __future__ import annotations
 
 import torch
 
+from hybrid.models.slot_cache import SlotCache
 
-class HeadKVCache:
+
+class HeadKVCache(SlotCache):
     """Per layer: k, v [S, nkv, P, D] on `device` in `dtype`. `config` needs num_hidden_layers,
     num_key_value_heads and head_dim."""
 
     def __init__(self, config, num_slots: int, max_len: int, device=None, dtype=torch.bfloat16):
-        if num_slots <= 0:
-            raise ValueError(f"HeadKVCache: num_slots must be positive, got {num_slots}")
-        if max_len <= 0:
-            raise ValueError(f"HeadKVCache: max_len must be positive, got {max_len}")
-        self.config = config
-        self.num_slots = num_slots
-        self.max_len = max_len
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
+        super().__init__(config, num_slots, max_len, device, dtype)
         L, nkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         self.k = [torch.zeros(num_slots, nkv, max_len, D, device=self.device, dtype=dtype) for _ in range(L)]
         self.v = [torch.zeros(num_slots, nkv, max_len, D, device=self.device, dtype=dtype) for _ in range(L)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v]
 
     @staticmethod
     def elements_per_token(config) -> int:
         """Cache elements one token costs across all layers: K and V of every K/V head."""
         return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
-
-    @staticmethod
-    def bytes_per_token_for(config, dtype=torch.bfloat16) -> int:
-        """Cache bytes one token costs across all layers (for memory planning before allocating)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return HeadKVCache.elements_per_token(config) * itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.bytes_per_token_for(self.config, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-    def reset(self, slot: int) -> None:
-        """Forget a slot's contents (a finished sequence). Attention only ever reads positions a
-        sequence has written, so this is hygiene, not correctness."""
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"HeadKVCache.reset: slot {slot} out of range 0..{self.num_slots - 1}")
-        for t in (*self.k, *self.v):
-            t[slot].zero_()
-
-    def check(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Raise a clear error for slots/positions outside the cache (instead of an index crash)."""
-        if slots.numel() == 0:
-            return
-        smin, smax = int(slots.min()), int(slots.max())
-        if smin < 0 or smax >= self.num_slots:
-            raise IndexError(f"slots must be in 0..{self.num_slots - 1}, got {smin}..{smax}")
-        pmin, pmax = int(positions.min()), int(positions.max())
-        if pmin < 0 or pmax >= self.max_len:
-            raise IndexError(
-                f"positions must be in 0..{self.max_len - 1} (cache max_len {self.max_len}), got {pmin}..{pmax}"
-            )
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:

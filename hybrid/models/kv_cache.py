@@ -15,63 +15,29 @@ from __future__ import annotations
 import torch
 
 from hybrid.config import ModelConfig
+from hybrid.models.slot_cache import SlotCache
 
 
-class LatentKVCache:
+class LatentKVCache(SlotCache):
     """Per layer: rows [S, P, C+R] = latent (first C) and rope key (last R), on `device` in
     `dtype`. One row per token keeps both parts adjacent, so the absorbed attention uses a row
     as its key directly (no concatenation per step). `latent` / `rope` are views of it."""
 
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, device=None, dtype=torch.bfloat16):
-        if num_slots <= 0:
-            raise ValueError(f"LatentKVCache: num_slots must be positive, got {num_slots}")
-        if max_len <= 0:
-            raise ValueError(f"LatentKVCache: max_len must be positive, got {max_len}")
-        self.config = config
-        self.num_slots = num_slots
-        self.max_len = max_len
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype
+        super().__init__(config, num_slots, max_len, device, dtype)
         L, C, R = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
         # One allocation per layer keeps a slot's rows contiguous: attention reads [slot, :L].
         self.kv = [torch.zeros(num_slots, max_len, C + R, device=self.device, dtype=dtype) for _ in range(L)]
         self.latent = [t[..., :C] for t in self.kv]  # [S, P, C] views
         self.rope = [t[..., C:] for t in self.kv]  # [S, P, R] views
 
+    def tensors(self) -> list[torch.Tensor]:
+        return self.kv
+
     @staticmethod
-    def bytes_per_token_for(config: ModelConfig, dtype=torch.bfloat16) -> int:
-        """Cache bytes one token costs across all layers (for memory planning before allocating)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return config.num_hidden_layers * config.latent_width * itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self.bytes_per_token_for(self.config, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv)
-
-    def reset(self, slot: int) -> None:
-        """Forget a slot's contents (a finished sequence). Attention only ever reads positions a
-        sequence has written, so this is hygiene, not correctness."""
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"LatentKVCache.reset: slot {slot} out of range 0..{self.num_slots - 1}")
-        for t in self.kv:
-            t[slot].zero_()
-
-    def check(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Raise a clear error for slots/positions outside the cache (instead of an index crash)."""
-        if slots.numel() == 0:
-            return
-        smin, smax = int(slots.min()), int(slots.max())
-        if smin < 0 or smax >= self.num_slots:
-            raise IndexError(f"slots must be in 0..{self.num_slots - 1}, got {smin}..{smax}")
-        pmin, pmax = int(positions.min()), int(positions.max())
-        if pmin < 0 or pmax >= self.max_len:
-            raise IndexError(
-                f"positions must be in 0..{self.max_len - 1} (cache max_len {self.max_len}), got {pmin}..{pmax}"
-            )
+    def elements_per_token(config: ModelConfig) -> int:
+        """Cache elements one token costs across all layers: latent and rope key of every layer."""
+        return config.num_hidden_layers * config.latent_width
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
               latent: torch.Tensor, rope: torch.Tensor) -> None:
