@@ -366,6 +366,7 @@ def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf
     """Write `checkpoint` (a directory hybrid.load accepts) as a deepseek2 GGUF at `out_path`."""
     import gguf
     from hybrid.config import ModelConfig
+    from hybrid.models import config_from_dir
     from hybrid.convert.gguf_vocab import VocabError, build_vocab, write_vocab
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
@@ -377,7 +378,10 @@ def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf
         raise ConvertError(f"--out {out_path}: directory {out_path.parent} does not exist")
     if out_path.is_dir():
         raise ConvertError(f"--out {out_path}: is a directory; give a file name")
-    config = ModelConfig.from_dir(checkpoint)
+    config = config_from_dir(checkpoint)
+    if not isinstance(config, ModelConfig):
+        raise ConvertError(f"{checkpoint}: model_type {config.model_type!r}: --to gguf writes llama.cpp's "
+                           f"deepseek2 architecture only (DeepSeek-V3/R1, Kimi K2/K2.5)")
     check_supported(config)
     try:
         vocab = build_vocab(checkpoint, config.vocab_size, pre)
