@@ -167,15 +167,7 @@ class ModelConfig:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"{cfg_file}: no config.json in checkpoint directory {path}")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(cfg_file))
+        return cls.from_dict(*read_config_json(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -203,6 +195,49 @@ class ModelConfig:
         return _parse_text(text, model_type, prefix, quant_raw, source)
 
 
+def read_config_json(path: str | Path) -> tuple[dict, str]:
+    """(config.json of a checkpoint directory, or that file itself, as a dict; its path as
+    text), or ConfigError."""
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise ConfigError(f"{cfg_file}: no config.json in checkpoint directory {path}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object")
+    return raw, str(cfg_file)
+
+
+def read_fields(raw: dict, required, defaults: dict, source: str, given: dict | None = None) -> dict:
+    """The `required` fields of `raw` (and any already read, `given`), all present, then every
+    field of `defaults` as `raw` has it or defaulted; ConfigError names the missing ones."""
+    v = {k: raw.get(k) for k in required} | (given or {})
+    missing = [k for k in v if v[k] is None]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+    for k, d in defaults.items():
+        v[k] = raw.get(k, d)
+    return v
+
+
+def field_checker(source: str, v: dict, raw: dict):
+    """bad(name, why): raise ConfigError naming the field and its value (as read or defaulted)."""
+    def bad(name, why):
+        raise ConfigError(f"{source}: field {name}={v.get(name, raw.get(name))!r} {why}")
+    return bad
+
+
+def unknown_fields(raw: dict, known, source: str) -> dict:
+    """The fields of `raw` not in `known`, listed in a warning (real checkpoints carry many)."""
+    extra = {k: raw[k] for k in raw if k not in known}
+    if extra:
+        warnings.warn(f"{source}: ignoring unknown config field(s): {', '.join(sorted(extra))}")
+    return extra
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
     if scale <= 1:
@@ -211,15 +246,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str) -> ModelConfig:
-    missing = [k for k in _REQUIRED if raw.get(k) is None]
-    if missing:
-        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
-    v = {k: raw[k] for k in _REQUIRED}
-    for k, d in _DEFAULTS.items():
-        v[k] = raw.get(k, d)
-
-    def bad(name, why):
-        raise ConfigError(f"{source}: field {name}={v.get(name, raw.get(name))!r} {why}")
+    v = read_fields(raw, _REQUIRED, _DEFAULTS, source)
+    bad = field_checker(source, v, raw)
 
     for k in _REQUIRED:
         if not isinstance(v[k], int) or v[k] <= 0:
@@ -258,9 +286,7 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
 
     rope = parse_rope(raw, v, source)
     quant = parse_quant(quant_raw, source)
-    extra = {k: raw[k] for k in raw if k not in _REQUIRED and k not in _DEFAULTS and k not in _IGNORED}
-    if extra:
-        warnings.warn(f"{source}: ignoring unknown config field(s): {', '.join(sorted(extra))}")
+    extra = unknown_fields(raw, set(_REQUIRED) | set(_DEFAULTS) | _IGNORED, source)
     return ModelConfig(
         model_type=model_type,
         rope=rope,

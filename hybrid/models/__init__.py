@@ -13,7 +13,6 @@ The registry maps model_type -> "module:Class"; imports happen on lookup, not he
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 REGISTRY = {
@@ -34,23 +33,6 @@ def model_class(model_type: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def read_config_json(path: str | Path) -> tuple[dict, str]:
-    """(config.json of a checkpoint directory as a dict, its path as text), or ConfigError."""
-    from hybrid.config import ConfigError
-
-    path = Path(path)
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.is_file():
-        raise ConfigError(f"{cfg_file}: no config.json in checkpoint directory {path}")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_file}: expected a JSON object")
-    return raw, str(cfg_file)
-
-
 def config_from_dict(raw: dict, source: str = "config.json"):
     """The architecture's own config object for a config.json dict."""
     from hybrid.config import ConfigError
@@ -65,6 +47,8 @@ def config_from_dict(raw: dict, source: str = "config.json"):
 
 
 def config_from_dir(path: str | Path):
+    from hybrid.config import read_config_json
+
     raw, source = read_config_json(path)
     return config_from_dict(raw, source)
 

@@ -12,13 +12,12 @@ eos_token_ids, is_moe_layer) are properties here, so one fact stays in one field
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid.config import ConfigError, QuantConfig, RopeConfig, parse_quant, parse_rope
+from hybrid.config import (ConfigError, QuantConfig, RopeConfig, field_checker, parse_quant, parse_rope,
+                           read_config_json, read_fields, unknown_fields)
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -118,14 +117,7 @@ class Qwen3MoeConfig:
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path) -> "Qwen3MoeConfig":
-        cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"{cfg_file}: no config.json in checkpoint directory {path}")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(cfg_file))
+        return cls.from_dict(*read_config_json(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "Qwen3MoeConfig":
@@ -133,16 +125,8 @@ class Qwen3MoeConfig:
             raise ConfigError(f"{source}: expected a JSON object")
         if raw.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} is not {MODEL_TYPE!r}")
-        v = {k: raw.get(k) for k in _REQUIRED}
-        v["num_experts"] = _num_experts(raw, source)
-        missing = [k for k in (*_REQUIRED, "num_experts") if v[k] is None]
-        if missing:
-            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
-        for k, d in _DEFAULTS.items():
-            v[k] = raw.get(k, d)
-
-        def bad(name, why):
-            raise ConfigError(f"{source}: field {name}={v.get(name, raw.get(name))!r} {why}")
+        v = read_fields(raw, _REQUIRED, _DEFAULTS, source, given={"num_experts": _num_experts(raw, source)})
+        bad = field_checker(source, v, raw)
 
         for k in (*_REQUIRED, "num_experts"):
             if not _is_int(v[k]) or v[k] <= 0:
@@ -183,10 +167,7 @@ class Qwen3MoeConfig:
         if quant is not None and quant.method != "fp8":
             raise ConfigError(f"{source}: quantization_config.quant_method {quant.method!r} is not supported "
                               f"for {MODEL_TYPE} (supported: fp8)")
-        known = set(_REQUIRED) | set(_DEFAULTS) | _IGNORED
-        extra = {k: raw[k] for k in raw if k not in known}
-        if extra:
-            warnings.warn(f"{source}: ignoring unknown config field(s): {', '.join(sorted(extra))}")
+        extra = unknown_fields(raw, set(_REQUIRED) | set(_DEFAULTS) | _IGNORED, source)
         return cls(
             model_type=MODEL_TYPE,
             **{k: v[k] for k in _REQUIRED},

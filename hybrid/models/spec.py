@@ -63,7 +63,7 @@ def spec_from_config(cfg: dict, model_id: str, where: str = "config",
 
 def load_model_spec(model: str | None) -> ModelSpec:
     """`model`: a checkpoint directory, a config.json path, or a built-in name ("kimi-k2.5")."""
-    from hybrid.models import read_config_json
+    from hybrid.config import read_config_json
 
     if model is None or model.lower() in BUILTIN_MODELS:
         name = "kimi-k2.5" if model is None else model.lower()

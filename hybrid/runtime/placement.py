@@ -15,7 +15,7 @@ import torch
 
 def load_checked_profile(profile, path: Path, device: torch.device, max_vram):
     """A placement profile (hybrid plan), checked against this checkpoint's config and VRAM."""
-    from hybrid.models import read_config_json
+    from hybrid.config import read_config_json
     from hybrid.models.spec import spec_from_config
     from hybrid.planner.profile import load as load_profile
 
