@@ -9,7 +9,8 @@ scaled so activations and router scores stay spread out), optionally re-stores i
                    vision tensor that must be ignored),
 and writes it sharded with an index (or single-file with save_pretrained when shards=1). The
 returned transformers model holds exactly the weights the checkpoint decodes to (dequantised
-for int4/fp8), so it is the reference.
+for int4/fp8), so it is the reference. The writing helpers (randomise, saved_by_transformers,
+store_fp8, write_checkpoint, logits_hooking) serve checkpoints_qwen3.py too.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def hf_config(**overrides):
     return cfg
 
 
-def _randomise(model, seed: int) -> None:
+def randomise(model, seed: int, bias_std: float | None = None) -> None:
     """Weights ~ N(0, 1/fan_in) so each layer keeps activations O(1); norms near 1; router
-    logits and correction bias spread so top-k choices are rarely near ties."""
+    logits (std 2) and correction bias spread so top-k choices are rarely near ties. With
+    bias_std, biases ~ N(0, bias_std^2) (else they are drawn as the linear weights are)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,6 +60,8 @@ def _randomise(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g))
             elif name.endswith("gate.weight"):  # router [E, H]
                 p.copy_(2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif bias_std is not None and name.endswith("bias"):
+                p.copy_(bias_std * torch.randn(p.shape, generator=g))
             else:  # linear weights [.., out, in]
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         for name, b in model.named_buffers():
@@ -94,9 +98,54 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     return q, scale
 
 
-def write_sharded(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def fp8_quant_config(block: tuple[int, int]) -> dict:
+    """config.json's quantization_config for block FP8 e4m3 (as DeepSeek-V3 and Qwen3-*-FP8 ship)."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+
+
+def store_fp8(model, tensors: dict[str, torch.Tensor], block: tuple[int, int], quantized) -> None:
+    """Re-store each checkpoint tensor whose name `quantized(name)` accepts as block FP8 +
+    weight_scale_inv, and write its dequantised value back into the reference model."""
+    bn, bk = block
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name in list(tensors):
+            if not quantized(name):
+                continue
+            q, s = quantize_fp8_block(tensors[name], block)
+            tensors[name] = q
+            tensors[name.replace(".weight", ".weight_scale_inv")] = s
+            deq = q.float() * s.repeat_interleave(bn, 0)[: q.shape[0]].repeat_interleave(bk, 1)[:, : q.shape[1]]
+            _set_reference(model, params, name, deq)
+
+
+def saved_by_transformers(model, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, tensors) as transformers' save_pretrained writes the model (in a scratch
+    folder under `path`, removed again)."""
+    from safetensors.torch import load_file
+
+    tmp = path / "_hf"
+    model.save_pretrained(str(tmp))
+    cfg_json = json.loads((tmp / "config.json").read_text())
+    tensors = {}
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return cfg_json, tensors
+
+
+def write_checkpoint(path: Path, cfg_json: dict, tensors: dict[str, torch.Tensor], shards: int) -> None:
+    """config.json and the tensors: one model.safetensors when shards=1, else `shards` files
+    and an index."""
     from safetensors.torch import save_file
 
+    (path / "config.json").write_text(json.dumps(cfg_json, indent=1))
+    if shards == 1:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
     names = sorted(tensors)
     per = -(-len(names) // shards)
     weight_map = {}
@@ -110,13 +159,12 @@ def write_sharded(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> 
 
 def build(tmp_path, variant: str = "plain", seed: int = 0, shards: int = 2, fp8_block=(16, 16), **overrides):
     """-> (checkpoint dir, transformers reference model in fp32 eval mode)."""
-    from safetensors.torch import load_file
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
     cfg = hf_config(**overrides)
     model = DeepseekV3ForCausalLM(cfg).eval()
-    _randomise(model, seed)
+    randomise(model, seed)
     path = Path(tmp_path) / f"ckpt-{variant}-{seed}"
     path.mkdir(parents=True, exist_ok=True)
     quant = None
@@ -142,17 +190,8 @@ def build(tmp_path, variant: str = "plain", seed: int = 0, shards: int = 2, fp8_
                 "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|down)_proj.*"],
             }
         if variant == "fp8":
-            quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                     "weight_block_size": list(fp8_block)}
-    tmp = path / "_hf"
-    model.save_pretrained(str(tmp))
-    cfg_json = json.loads((tmp / "config.json").read_text())
-    tensors = {}
-    for f in sorted(tmp.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
+            quant = fp8_quant_config(fp8_block)
+    cfg_json, tensors = saved_by_transformers(model, path)
 
     if variant == "int4":
         for name in list(tensors):
@@ -160,16 +199,7 @@ def build(tmp_path, variant: str = "plain", seed: int = 0, shards: int = 2, fp8_
                 del tensors[name]
         tensors.update(packed)
     if variant == "fp8":
-        with torch.no_grad():
-            sd = dict(model.named_parameters())
-            for name in list(tensors):
-                if not name.endswith("proj.weight") and "proj_with_mqa" not in name:
-                    continue
-                q, s = quantize_fp8_block(tensors[name], fp8_block)
-                tensors[name] = q
-                tensors[name.replace(".weight", ".weight_scale_inv")] = s
-                _set_reference(model, sd, name, q.float() * s.repeat_interleave(fp8_block[0], 0)[: q.shape[0]]
-                               .repeat_interleave(fp8_block[1], 1)[:, : q.shape[1]])
+        store_fp8(model, tensors, fp8_block, lambda n: n.endswith("proj.weight") or "proj_with_mqa" in n)
     if quant is not None:
         cfg_json["quantization_config"] = quant
     if variant == "kimi_k25":
@@ -178,14 +208,7 @@ def build(tmp_path, variant: str = "plain", seed: int = 0, shards: int = 2, fp8_
                     "text_config": text, "vision_config": {"hidden_size": 8}, "media_placeholder_token_id": 5}
         tensors = {f"language_model.{k}": v for k, v in tensors.items()}
         tensors["vision_tower.patch_embed.weight"] = torch.randn(8, 8)
-    (path / "config.json").write_text(json.dumps(cfg_json, indent=1))
-    if shards == 1:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
-                  metadata={"format": "pt"})
-    else:
-        write_sharded(path, tensors, shards)
+    write_checkpoint(path, cfg_json, tensors, shards)
     return path, model
 
 
@@ -239,14 +262,19 @@ def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
         top = s.sort(-1, descending=True)[0]
         ties.logical_or_(top[:, router.top_k - 1] - top[:, router.top_k] < tie_eps)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, DeepseekV3TopkRouter)]
+    return logits_hooking(model, ids, DeepseekV3TopkRouter, hook), ties
+
+
+def logits_hooking(model, ids: torch.Tensor, module_class, hook) -> torch.Tensor:
+    """transformers logits [T, Vocab] for one sequence, with `hook` as a forward hook on every
+    `module_class` module during the run."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, module_class)]
     try:
         with torch.no_grad():
-            logits = model(ids[None]).logits[0].float()
+            return model(ids[None]).logits[0].float()
     finally:
         for h in handles:
             h.remove()
-    return logits, ties
 
 
 def add_tokenizer(path: Path, vocab_size: int) -> None:

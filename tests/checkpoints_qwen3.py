@@ -18,12 +18,11 @@ transformers model holds exactly the weights the checkpoint decodes to, so it is
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from checkpoints import _set_reference, quantize_fp8_block, write_sharded
+from checkpoints import fp8_quant_config, logits_hooking, randomise, saved_by_transformers, store_fp8, write_checkpoint
 
 # Tokenizer: the 256 byte tokens (GPT-2 byte-to-unicode alphabet, as Qwen's BPE uses), then
 # Qwen's added tokens in Qwen's order. The model's vocabulary is exactly this long.
@@ -77,24 +76,6 @@ def hf_config(case: str = "e64_gqa4", **overrides):
     return cfg
 
 
-def _randomise(model, seed: int) -> None:
-    """Weights ~ N(0, 1/fan_in) so each layer keeps activations O(1); norms near 1; router
-    logits spread (std 2) so top-k choices are rarely near ties."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif name.endswith("gate.weight"):  # router [E, H]
-                p.copy_(2.0 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:  # linear weights [.., out, in]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
 def _shipped_spelling(cfg_json: dict) -> dict:
     """transformers 5's saved config.json -> the spelling Qwen's checkpoints ship."""
     out = {k: v for k, v in cfg_json.items() if k not in ("num_local_experts", "rope_parameters")}
@@ -113,56 +94,30 @@ def _shipped_spelling(cfg_json: dict) -> dict:
 def build(tmp_path, case: str = "e64_gqa4", seed: int = 0, variant: str = "plain", shards: int = 2,
           spelling: str = "shipped", tokenizer: bool = True, fp8_block=(16, 16), **overrides):
     """-> (checkpoint dir, transformers reference model in fp32 eval mode)."""
-    from safetensors.torch import load_file
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(hf_config(case, **overrides)).eval()
-    _randomise(model, seed)
+    randomise(model, seed, bias_std=0.1)
     with torch.no_grad():  # bf16 values, as Qwen ships: the CPU engine's bf16 experts hold them exactly
         for prm in model.parameters():
             prm.copy_(prm.bfloat16().float())
     path = Path(tmp_path) / f"qwen3-{case}-{variant}-{seed}"
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "_hf"
-    model.save_pretrained(str(tmp))
-    cfg_json = json.loads((tmp / "config.json").read_text())
-    tensors = {}
-    for f in sorted(tmp.glob("*.safetensors")):
-        tensors.update({k: t.bfloat16() for k, t in load_file(str(f)).items()})  # exact (rounded above)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
+    cfg_json, tensors = saved_by_transformers(model, path)
+    tensors = {k: t.bfloat16() for k, t in tensors.items()}  # exact (rounded above)
     if not any(".mlp.experts.0.gate_proj.weight" in n for n in tensors):
         raise AssertionError("transformers no longer saves one tensor per expert; fix this builder")
 
     if variant == "fp8":
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name in list(tensors):
-                if not name.endswith("proj.weight"):
-                    continue
-                q, s = quantize_fp8_block(tensors[name], fp8_block)
-                tensors[name] = q
-                tensors[name.replace(".weight", ".weight_scale_inv")] = s
-                bn, bk = fp8_block
-                deq = q.float() * s.repeat_interleave(bn, 0)[: q.shape[0]].repeat_interleave(bk, 1)[:, : q.shape[1]]
-                _set_reference(model, params, name, deq)
-        cfg_json["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                           "weight_block_size": list(fp8_block)}
+        store_fp8(model, tensors, fp8_block, lambda n: n.endswith("proj.weight"))
+        cfg_json["quantization_config"] = fp8_quant_config(fp8_block)
     elif variant != "plain":
         raise ValueError(f"unknown variant {variant!r}")
 
     if spelling == "shipped":
         cfg_json = _shipped_spelling(cfg_json)
-    (path / "config.json").write_text(json.dumps(cfg_json, indent=1))
-    if shards == 1:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
-                  metadata={"format": "pt"})
-    else:
-        write_sharded(path, tensors, shards)
+    write_checkpoint(path, cfg_json, tensors, shards)
     if tokenizer:
         add_tokenizer(path)
     return path, model
@@ -229,11 +184,4 @@ def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
         top = (x @ router.weight.float().T).sort(-1, descending=True)[0]
         ties.logical_or_(top[:, router.top_k - 1] - top[:, router.top_k] < tie_eps)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, Qwen3MoeTopKRouter)]
-    try:
-        with torch.no_grad():
-            logits = model(ids[None]).logits[0].float()
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, ties
+    return logits_hooking(model, ids, Qwen3MoeTopKRouter, hook), ties
