@@ -12,7 +12,7 @@ import torch
 from checkpoints import build, reference_logits
 from checkpoints import load_model
 from hybrid.loaders.quant import unpack_int4
-from test_model_vs_transformers import _compare, _ids, _prefill
+from test_model_vs_transformers import _ids, _matches_transformers, _prefill, _report
 
 
 def test_unpack_int4_matches_compressed_tensors():
@@ -28,18 +28,14 @@ def test_int4_experts_torch_backend(tmp_path):
     path, ref = build(tmp_path, variant="int4")
     cfg, net = load_model(path, "cpu", torch.float32, progress=False)
     assert cfg.quant.method == "compressed-tensors" and cfg.quant.group_size == 32
-    ids = _ids(cfg.vocab_size)
-    r, ties = reference_logits(ref, ids)
-    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "int4/torch")
+    _matches_transformers(ref, cfg, net, "int4/torch")
 
 
 def test_fp8_block_checkpoint(tmp_path):
     path, ref = build(tmp_path, variant="fp8")
     cfg, net = load_model(path, "cpu", torch.float32, progress=False)
     assert cfg.quant.method == "fp8" and cfg.quant.block_size == (16, 16)
-    ids = _ids(cfg.vocab_size)
-    r, ties = reference_logits(ref, ids)
-    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "fp8/torch")
+    _matches_transformers(ref, cfg, net, "fp8/torch")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -56,11 +52,7 @@ def test_device_weights_quantised(tmp_path, fmt):
     assert net.layers[0].attn.o_proj.format == fmt and net.lm_head.format == fmt
     ids = _ids(cfg.vocab_size)
     r, _ = reference_logits(ref, ids)
-    out = _prefill(net, cfg, ids)
-    err = (out - r).abs().max(-1)[0]
-    agree = (out.argmax(-1) == r.argmax(-1)).float().mean().item()
-    print(f"{fmt} device weights: mean max|diff| {err.mean():.3f} (logit scale {r.abs().max():.2f}), "
-          f"top-1 agreement {agree:.1%}")
+    err, agree = _report(f"{fmt} device weights", _prefill(net, cfg, ids), r)
     assert err.mean() <= (0.05 if fmt == "int8" else 0.15) * r.abs().max()
     assert agree >= (0.8 if fmt == "int8" else 0.6)
 

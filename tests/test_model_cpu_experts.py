@@ -18,7 +18,7 @@ pytest.importorskip("hybrid._native", reason="C++ extension not built (pip insta
 
 from checkpoints import build, reference_logits  # noqa: E402
 from checkpoints import load_model  # noqa: E402
-from test_model_vs_transformers import _compare, _ids, _prefill  # noqa: E402
+from test_model_vs_transformers import _ids, _matches_transformers, _prefill, _report  # noqa: E402
 
 
 def _load(path, dtype=torch.float32, **kw):
@@ -30,21 +30,11 @@ def _load(path, dtype=torch.float32, **kw):
     return b.config, b.network, b.stats()["experts"]
 
 
-def _report(label, out, ref):
-    err = (out - ref).abs().max(-1)[0]
-    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"{label}: mean max|diff| {err.mean():.4f} (logit scale {ref.abs().max():.2f}), "
-          f"top-1 agreement {agree:.1%}")
-    return err, agree
-
-
 def test_int4_passthrough_precise(tmp_path):
     path, ref = build(tmp_path, variant="int4")
     cfg, net, stats = _load(path)
     assert stats["int4_passthrough"] == cfg.num_hidden_layers - cfg.first_k_dense_replace
-    ids = _ids(cfg.vocab_size)
-    r, ties = reference_logits(ref, ids)
-    _compare(_prefill(net, cfg, ids), r, ties, 1e-3, "int4/cpu/precise")
+    _matches_transformers(ref, cfg, net, "int4/cpu/precise")
 
 
 def test_int4_passthrough_fast(tmp_path):

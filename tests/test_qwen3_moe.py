@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from checkpoints_qwen3 import CASES, IM_END, IM_START, build, reference_logits
-from test_model_vs_transformers import _compare
+from test_model_vs_transformers import _compare, _ragged_forward, _report, _within_bf16_cost
 
 T = 24
 try:
@@ -154,13 +154,7 @@ def test_bf16_path(tmp_path, ops):
     r, _ = reference_logits(ref, ids)
     r16, _ = reference_logits(copy.deepcopy(ref).to(torch.bfloat16), ids)
     out = _prefill(_load(path, torch.bfloat16, experts_backend=BACKENDS[0], device_ops=ops).network, ids)
-    ours, theirs = (out - r).abs().max(-1)[0], (r16 - r).abs().max(-1)[0]
-    agree = (out.argmax(-1) == r.argmax(-1)).float().mean().item()
-    agree16 = (r16.argmax(-1) == r.argmax(-1)).float().mean().item()
-    print(f"bf16/{ops} mean max|diff| vs fp32: ours {ours.mean():.4f}, transformers-bf16 {theirs.mean():.4f}; "
-          f"top-1 agreement: ours {agree:.1%}, transformers-bf16 {agree16:.1%}")
-    assert ours.mean() <= 2 * theirs.mean() + 1e-3
-    assert agree >= agree16 - 0.1
+    _within_bf16_cost(out, r, r16, f"bf16/{ops}")
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension not built")
@@ -174,10 +168,7 @@ def test_expert_formats(tmp_path, fmt, rel):
     r, _ = reference_logits(ref, ids)
     built = _load(path, experts_backend="cpu", expert_format=fmt)
     assert built.experts.stats["quantised"] == len(built.config.moe_layers)
-    out = _prefill(built.network, ids)
-    err = (out - r).abs().max(-1)[0]
-    agree = (out.argmax(-1) == r.argmax(-1)).float().mean().item()
-    print(f"{fmt}: mean max|diff| {err.mean():.4f} (logit scale {r.abs().max():.2f}), top-1 agreement {agree:.1%}")
+    err, agree = _report(fmt, _prefill(built.network, ids), r)
     assert err.mean() <= rel * r.abs().max()
     assert agree >= (0.75 if fmt == "int4" else 0.95)
 
@@ -189,22 +180,10 @@ def test_chunked_prefill_and_decode_equal_one_pass(tmp_path):
     net = _load(path).network
     a, b = _ids(ref.config.vocab_size, 20, seed=5), _ids(ref.config.vocab_size, 13, seed=6)
     full_a, full_b = _prefill(net, a), _prefill(net, b)
-    cache = net.make_cache(4, 32)
-    sa, sb = 3, 0
-    outs_a, outs_b = [], []
     plan = [((0, 8), (0, 5)), ((8, 16), (5, 12)), ((16, 17), (12, 13)), ((17, 18), None), ((18, 20), None)]
-    for pa, pb in plan:
-        ids, pos, slots = [a[pa[0]:pa[1]]], [torch.arange(*pa)], [torch.full((pa[1] - pa[0],), sa)]
-        if pb:
-            ids.append(b[pb[0]:pb[1]])
-            pos.append(torch.arange(*pb))
-            slots.append(torch.full((pb[1] - pb[0],), sb))
-        out = net.forward(torch.cat(ids), torch.cat(pos), torch.cat(slots), cache)
-        outs_a.append(out[: pa[1] - pa[0]])
-        if pb:
-            outs_b.append(out[pa[1] - pa[0]:])
-    assert torch.allclose(torch.cat(outs_a), full_a, atol=1e-4)
-    assert torch.allclose(torch.cat(outs_b), full_b, atol=1e-4)
+    out_a, out_b = _ragged_forward(net, net.make_cache(4, 32), a, b, 3, 0, plan)
+    assert torch.allclose(out_a, full_a, atol=1e-4)
+    assert torch.allclose(out_b, full_b, atol=1e-4)
     idx = torch.tensor([2, 19])
     some = net.forward(a, torch.arange(20), torch.zeros(20, dtype=torch.long), net.make_cache(1, 20), idx)
     assert torch.allclose(some, full_a[idx], atol=1e-5)
