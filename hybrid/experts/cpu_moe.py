@@ -16,9 +16,11 @@ copies) and keeps the arrays of a pending job alive until sync().
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from hybrid import native
@@ -39,6 +41,28 @@ def _seq(arg, name: str) -> Sequence:
         raise TypeError(f"{name} must be a sequence over experts or a stacked [E, rows, cols] "
                         f"array/tensor, got {type(arg).__name__} with shape {shape}")
     return arg
+
+
+def _first_matrix(seq: Sequence, name: str, layout: str) -> tuple[int, int]:
+    """(rows, cols) of the first expert's matrix in `seq`, which must be 2-D (`layout`)."""
+    m = native.as_numpy(seq[0], f"{name}[0]")
+    if m.ndim != 2:
+        raise ValueError(f"{name}[0] must be {layout}, got shape {list(m.shape)}")
+    return int(m.shape[0]), int(m.shape[1])
+
+
+@contextmanager
+def _naming_expert(e: int):
+    """A packing error (ValueError/TypeError) raised again, prefixed with the expert it is about."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"expert {e}: {err}") from err
+
+
+def _fact(path: str, doc: str | None = None) -> property:
+    """A read-only property that reads `path` (dotted, e.g. "_h.hidden") on the object."""
+    return property(operator.attrgetter(path), doc=doc)
 
 
 class PackedLayer:
@@ -64,17 +88,12 @@ class PackedLayer:
                 raise ValueError(f"{k} has {len(v)} experts, gate_packed has {E}")
         if E == 0:
             raise ValueError("gate_packed: no experts")
-        g0 = native.as_numpy(seqs["gate_packed"][0], "gate_packed[0]")
-        if g0.ndim != 2:
-            raise ValueError(f"gate_packed[0] must be [I, H/8], got shape {list(g0.shape)}")
-        I, H = int(g0.shape[0]), int(g0.shape[1]) * 8
-        h = native.lib().Layer.create("int4", E, H, I)
+        I, H8 = _first_matrix(seqs["gate_packed"], "gate_packed", "[I, H/8]")
+        h = native.lib().Layer.create("int4", E, H8 * 8, I)
         for e in range(E):
             conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in args]
-            try:
+            with _naming_expert(e):
                 h.pack_expert_ct(e, *conv)
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"expert {e}: {err}") from err
             if progress is not None:
                 progress(e + 1, E)
         return cls(h)
@@ -92,18 +111,13 @@ class PackedLayer:
         if E == 0 or len(up) != E or len(down) != E:
             raise ValueError(f"gate, up, down must hold the same number (>= 1) of experts, got "
                              f"{len(gate)}, {len(up)}, {len(down)}")
-        g0 = native.as_numpy(gate[0], "gate[0]")
-        if g0.ndim != 2:
-            raise ValueError(f"gate[0] must be [I, H], got shape {list(g0.shape)}")
-        I, H = int(g0.shape[0]), int(g0.shape[1])
+        I, H = _first_matrix(gate, "gate", "[I, H]")
         h = native.lib().Layer.create(format, E, H, I)
         for e in range(E):
-            try:
+            with _naming_expert(e):
                 h.pack_expert_float(e, native.as_numpy(gate[e], f"gate[{e}]"),
                                     native.as_numpy(up[e], f"up[{e}]"),
                                     native.as_numpy(down[e], f"down[{e}]"))
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"expert {e}: {err}") from err
             if progress is not None:
                 progress(e + 1, E)
         return cls(h)
@@ -126,32 +140,13 @@ class PackedLayer:
         are otherwise faulted in, wherever, on first use."""
         self._h.place()
 
-    # ---- facts -------------------------------------------------------------------------------
-    @property
-    def num_experts(self) -> int:
-        return self._h.num_experts
-
-    @property
-    def hidden(self) -> int:
-        return self._h.hidden
-
-    @property
-    def intermediate(self) -> int:
-        return self._h.intermediate
-
-    @property
-    def format(self) -> str:
-        return self._h.format
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the whole layout (file size when saved)."""
-        return self._h.nbytes
-
-    @property
-    def expert_nbytes(self) -> int:
-        """Bytes of one expert (gate_up + down, weights + scales, page-padded)."""
-        return self._h.expert_nbytes
+    # ---- facts (the native layer's own) ------------------------------------------------------
+    num_experts = _fact("_h.num_experts", "E (int)")
+    hidden = _fact("_h.hidden", "H (int)")
+    intermediate = _fact("_h.intermediate", "I (int)")
+    format = _fact("_h.format", "one of FORMATS (str)")
+    nbytes = _fact("_h.nbytes", "Bytes of the whole layout (file size when saved).")
+    expert_nbytes = _fact("_h.expert_nbytes", "Bytes of one expert (gate_up + down, weights + scales, page-padded).")
 
     @property
     def path(self) -> str | None:
@@ -214,21 +209,10 @@ class CpuMoE:
         self._lock = threading.Lock()
         self._pending: tuple[Any, bool] | None = None  # (y, return torch)
 
-    @property
-    def mode(self) -> str:
-        return self._op.mode
-
-    @property
-    def isa(self) -> str:
-        return self._op.isa
-
-    @property
-    def pending(self) -> bool:
-        return self._op.pending
-
-    @property
-    def num_experts(self) -> int:
-        return self.layer.num_experts
+    mode = _fact("_op.mode", "one of MODES (str)")
+    isa = _fact("_op.isa", "the ISA path the operator runs (str)")
+    pending = _fact("_op.pending", "a job is submitted and not yet sync()ed (bool)")
+    num_experts = _fact("layer.num_experts", "E (int)")
 
     def capabilities(self) -> Capabilities:
         # caller: the thread that syncs computes a share, so nothing else may run on it meanwhile.
