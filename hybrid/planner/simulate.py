@@ -34,6 +34,16 @@ def _kernels():
         import numba
 
         @numba.njit(cache=False)
+        def layer_time(l, h, k, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial, overlap):
+            # One token's time in layer l with h of its k picks cached: the serial part, then
+            # the CPU part (misses) and the GPU part (hits), overlapped (max) or in turn (sum).
+            c = cpu_fix[l] + (k - h) * cpu_pick[l]
+            g = gpu_fix[l] + h * gpu_pick[l]
+            if overlap:
+                return serial[l] + (c if c > g else g)
+            return serial[l] + c + g
+
+        @numba.njit(cache=False)
         def replay_static(seq, mask, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial, overlap):
             # seq [N, L, K] int16, mask [L, E] bool; per-pick costs [L]; returns hits [L], time
             n, L, k = seq.shape
@@ -46,12 +56,7 @@ def _kernels():
                         if mask[l, seq[t, l, j]]:
                             h += 1
                     hits[l] += h
-                    c = cpu_fix[l] + (k - h) * cpu_pick[l]
-                    g = gpu_fix[l] + h * gpu_pick[l]
-                    if overlap:
-                        total += serial[l] + (c if c > g else g)
-                    else:
-                        total += serial[l] + c + g
+                    total += layer_time(l, h, k, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial, overlap)
             return hits, total
 
         @numba.njit(cache=False)
@@ -110,12 +115,7 @@ def _kernels():
                         if mask[l, e]:
                             h += 1
                     hits[l] += h
-                    c = cpu_fix[l] + (k - h) * cpu_pick[l]
-                    g = gpu_fix[l] + h * gpu_pick[l]
-                    if overlap:
-                        total += serial[l] + (c if c > g else g)
-                    else:
-                        total += serial[l] + c + g
+                    total += layer_time(l, h, k, cpu_pick, gpu_pick, cpu_fix, gpu_fix, serial, overlap)
                 if (t + 1) % interval == 0:
                     for l in range(L):
                         n_sw = check_layer(ema[l], window[l], mask[l], float(interval), decay,
