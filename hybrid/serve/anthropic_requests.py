@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 
 from hybrid.serve.errors import bad_request
-from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list, iter_messages
+from hybrid.serve.fields import (check, check_model, get, get_number, get_stop_list, iter_messages, iter_tools,
+                                 unique_name)
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -22,16 +23,22 @@ class Options:
     stream: bool = False
 
 
+def _iter_blocks(blocks, where: str, what: str = "content"):
+    """(where, block, type) for each entry of an array of blocks (a string was handled by the
+    caller), each checked to be an object with a string type; `what` names the blocks expected."""
+    check(isinstance(blocks, list), f"'{where}' must be a string or an array of {what} blocks", where)
+    for j, b in enumerate(blocks):
+        bw = f"{where}[{j}]"
+        check(isinstance(b, dict), f"'{bw}' must be an object", bw)
+        yield bw, b, get(b, "type", bw, str)
+
+
 def _block_text(blocks, where: str) -> str:
     """A string, or a list of text blocks (system prompts, tool results)."""
     if isinstance(blocks, str):
         return blocks
-    check(isinstance(blocks, list), f"'{where}' must be a string or an array of text blocks", where)
     out = []
-    for j, b in enumerate(blocks):
-        bw = f"{where}[{j}]"
-        check(isinstance(b, dict), f"'{bw}' must be an object", bw)
-        kind = get(b, "type", bw, str)
+    for bw, b, kind in _iter_blocks(blocks, where, "text"):
         if kind != "text":
             raise bad_request(f"'{bw}.type' is '{kind}'; only text blocks are supported here", f"{bw}.type")
         out.append(get(b, "text", bw, str))
@@ -42,12 +49,8 @@ def _user_message(content, where: str) -> list[dict]:
     """One Anthropic user turn -> tool results (role "tool") first, then the user's text."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
-    check(isinstance(content, list), f"'{where}' must be a string or an array of content blocks", where)
     tools, texts = [], []
-    for j, b in enumerate(content):
-        bw = f"{where}[{j}]"
-        check(isinstance(b, dict), f"'{bw}' must be an object", bw)
-        kind = get(b, "type", bw, str)
+    for bw, b, kind in _iter_blocks(content, where):
         if kind == "text":
             texts.append(get(b, "text", bw, str))
         elif kind == "tool_result":
@@ -67,13 +70,9 @@ def _user_message(content, where: str) -> list[dict]:
 def _assistant_message(content, where: str) -> dict:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    check(isinstance(content, list), f"'{where}' must be a string or an array of content blocks", where)
     msg: dict = {"role": "assistant", "content": ""}
     texts, thinking, calls = [], [], []
-    for j, b in enumerate(content):
-        bw = f"{where}[{j}]"
-        check(isinstance(b, dict), f"'{bw}' must be an object", bw)
-        kind = get(b, "type", bw, str)
+    for bw, b, kind in _iter_blocks(content, where):
         if kind == "text":
             texts.append(get(b, "text", bw, str))
         elif kind == "thinking":
@@ -112,23 +111,15 @@ def parse_messages(raw) -> list[dict]:
 
 
 def parse_tools(body: dict) -> list[dict] | None:
-    tools = get(body, "tools", "", list, default=None)
-    if not tools:
-        return None
     out, names = [], set()
-    for i, t in enumerate(tools):
-        where = f"tools[{i}]"
-        check(isinstance(t, dict), f"'{where}' must be an object", where)
+    for where, t in iter_tools(body):
         kind = t.get("type")
         check(kind in (None, "custom"), f"'{where}.type' is '{kind}'; only client tools are supported", f"{where}.type")
-        name = get(t, "name", where, str)
-        check(name != "" and name not in names, f"'{where}.name' must be a unique, non-empty name", f"{where}.name")
-        names.add(name)
-        fn = {"name": name, "parameters": get(t, "input_schema", where, dict)}
+        fn = {"name": unique_name(t, where, names), "parameters": get(t, "input_schema", where, dict)}
         if t.get("description") is not None:
             fn["description"] = get(t, "description", where, str)
         out.append({"type": "function", "function": fn})
-    return out
+    return out or None
 
 
 def apply_tool_choice(job: Job, body: dict, names: list[str]) -> None:

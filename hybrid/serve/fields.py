@@ -120,3 +120,20 @@ def iter_messages(raw):
         where = f"messages[{i}]"
         check(isinstance(m, dict), f"'{where}' must be an object", where)
         yield where, m, get(m, "role", where, str)
+
+
+def iter_tools(body: dict):
+    """(where, tool) for each entry of the optional 'tools' array, each checked to be an object;
+    the dialects read what a tool holds."""
+    for i, t in enumerate(get(body, "tools", "", list, default=None) or []):
+        where = f"tools[{i}]"
+        check(isinstance(t, dict), f"'{where}' must be an object", where)
+        yield where, t
+
+
+def unique_name(obj: dict, where: str, names: set) -> str:
+    """obj's 'name': a non-empty string not yet in `names` (added to it)."""
+    name = get(obj, "name", where, str)
+    check(name != "" and name not in names, f"'{where}.name' must be a unique, non-empty name", f"{where}.name")
+    names.add(name)
+    return name

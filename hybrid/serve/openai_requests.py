@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass
 
 from hybrid.serve.errors import bad_request
-from hybrid.serve.fields import check, check_model, get, get_number, get_stop_list, iter_messages
+from hybrid.serve.fields import (check, check_model, get, get_number, get_stop_list, iter_messages, iter_tools,
+                                 unique_name)
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -89,26 +90,17 @@ def parse_messages(raw) -> list[dict]:
 
 
 def parse_tools(body: dict) -> list[dict] | None:
-    tools = get(body, "tools", "", list, default=None)
-    if not tools:
-        return None
     out, names = [], set()
-    for i, t in enumerate(tools):
-        where = f"tools[{i}]"
-        check(isinstance(t, dict), f"'{where}' must be an object", where)
+    for where, t in iter_tools(body):
         kind = get(t, "type", where, str, default="function")
         check(kind == "function", f"'{where}.type' must be 'function'", f"{where}.type")
         fn = get(t, "function", where, dict)
-        name = get(fn, "name", f"{where}.function", str)
-        check(name != "" and name not in names, f"'{where}.function.name' must be a unique, non-empty name",
-              f"{where}.function.name")
-        names.add(name)
-        entry = {"name": name}
+        entry = {"name": unique_name(fn, f"{where}.function", names)}
         if fn.get("description") is not None:
             entry["description"] = get(fn, "description", f"{where}.function", str)
         entry["parameters"] = get(fn, "parameters", f"{where}.function", dict, default={"type": "object", "properties": {}})
         out.append({"type": "function", "function": entry})
-    return out
+    return out or None
 
 
 def tool_names(tools: list[dict] | None) -> list[str]:
