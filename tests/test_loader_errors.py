@@ -158,3 +158,17 @@ def test_load_writes_nothing_into_checkpoint(ckpt):
     _load(ckpt)
     after = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in ckpt.iterdir()}
     assert before == after
+
+
+@pytest.mark.parametrize("shard", ["../good/model.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
+def test_index_cannot_name_a_file_outside_the_checkpoint(tmp_path, shard):
+    import json
+
+    path, _ = build(tmp_path, shards=2)
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="is not a file name inside the checkpoint directory"):
+        _load(path)

@@ -38,8 +38,16 @@ class SafetensorsFiles:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map must be an object of tensor -> shard file")
             self.where: dict[str, str] = dict(weight_map)
-            for shard in sorted(set(self.where.values())):
+            for shard in sorted(set(map(str, self.where.values()))):
+                # A downloaded checkpoint must not make us open files outside its directory: a
+                # shard is a plain file name beside the index (it may be a symlink, as in the
+                # Hugging Face cache, whose snapshot files point into its blob store).
+                if os.path.isabs(shard) or "/" in shard or os.sep in shard or shard in ("", ".", ".."):
+                    raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside the checkpoint "
+                                          f"directory {self.path} (shards must sit beside the index)")
                 if not (self.path / shard).is_file():
                     raise CheckpointError(f"{self.path / shard}: shard listed in {INDEX_NAME} is missing")
         elif single.is_file():
