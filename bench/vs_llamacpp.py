@@ -83,10 +83,10 @@ def _byte_tokenizer(path: Path) -> None:
 
 
 def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str = "auto") -> Path:
-    from hybrid.config import ModelConfig
+    from hybrid.models import config_from_dir
     from hybrid.convert.gguf_export import convert_to_gguf
 
-    cfg = ModelConfig.from_dir(ckpt)
+    cfg = config_from_dir(ckpt)
     q = cfg.quant
     if expert_type == "auto":
         int4 = q is not None and q.method == "compressed-tensors" and q.group_size == 32
@@ -193,9 +193,9 @@ DEMO_TEXT = ("The json module provides functions to encode Python objects as JSO
 def bench_model(name: str, ckpt: Path, args) -> dict:
     import torch
 
-    from hybrid.config import ModelConfig
+    from hybrid.models import config_from_dir
 
-    cfg = ModelConfig.from_dir(ckpt)
+    cfg = config_from_dir(ckpt)
     path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None, args.expert_type)
     if name == "demo":  # a trained model: real text, so top-1 agreement means something
         from hybrid.tokenizer import load_tokenizer

@@ -166,10 +166,6 @@ class ModelConfig:
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(*read_config_json(path))
-
-    @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object")

@@ -20,8 +20,8 @@ import torch
 pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
 
 from checkpoints import YARN, build  # noqa: E402
+from hybrid.models import config_from_dir
 from hybrid import native  # noqa: E402
-from hybrid.config import ModelConfig  # noqa: E402
 from hybrid.experts.routers import NoAuxTC  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_decode_step_native_matches_torch(tmp_path, variant, overrides):
     # either path may be the one that flips (5 seeds: mean errors 0.028-0.107 torch, 0.029-0.093
     # native). So the bound is relative to the torch path's own error, not to the torch path.
     path, _ = build(tmp_path, variant=variant, **overrides)
-    cfg = ModelConfig.from_dir(path)
+    cfg = config_from_dir(path)
     _, net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", device_ops="native")
     _, torch_net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", device_ops="torch")
     assert net.ops.name == "native" and torch_net.ops.name == "torch"
@@ -199,7 +199,7 @@ def test_mla_decode_matches_fp64(interleave, pos, nh):
 
 def test_mla_decode_bad_input(tmp_path):
     path, _ = build(tmp_path)
-    cfg = ModelConfig.from_dir(path)
+    cfg = config_from_dir(path)
     _, net = load_model(path, "cpu", torch.bfloat16, experts_backend="cpu", progress=False)
     attn = net.layers[0].attn.core  # hybrid/ops/mla_attention.py
     from hybrid.models.kv_cache import LatentKVCache

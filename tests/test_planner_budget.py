@@ -9,7 +9,7 @@ import torch
 from checkpoints import build
 
 import hybrid
-from hybrid.config import ModelConfig
+from hybrid.models import config_from_dir
 from hybrid.models import facts_of
 from hybrid.planner.device_memory import device_bytes
 from hybrid.planner import calibrate as cal
@@ -29,7 +29,7 @@ def ckpt(tmp_path_factory):
 
 def test_budget_parts_are_the_loaders(ckpt):
     spec = load_model_spec(str(ckpt))
-    cfg = ModelConfig.from_dir(ckpt)
+    cfg = config_from_dir(ckpt)
     for fmt, dtype, formats in (("bf16", torch.bfloat16, {}),
                                 ("int8", torch.bfloat16, {g: "int8" for g in
                                                           ("attention", "shared", "dense",

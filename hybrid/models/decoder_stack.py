@@ -1,7 +1,8 @@
-"""What every decoder-only model here shares, written once: the embedding table on the host, the
-decoder layers, the final norm, the LM head (tied or not), the RoPE tables, the attach points and
-the forward over a flat ragged batch (hybrid/models/batch.py). A model class subclasses it, sets
-`cache_class`, and builds its own layers with `_build`; its file keeps only its own math.
+"""What every decoder-only model here shares, written once: the gated MLP, the pre-norm decoder
+layer, and the stack: the embedding table on the host, the layers, the final norm, the LM head
+(tied or not), the RoPE tables, the attach points and the forward over a flat ragged batch
+(hybrid/models/batch.py). A model class subclasses DecoderStack, sets `cache_class`, and builds
+its own layers with `_build`; its file keeps only its own math (attention, routing rule, facts).
 
 Legend: T tokens, H hidden, Vocab vocabulary.
 """
@@ -13,6 +14,35 @@ import torch.nn.functional as F
 
 from hybrid.models.batch import Batch, check_inputs
 from hybrid.ops.rope import rope_cos_sin, rope_inv_freq
+
+
+class GatedMLP:
+    """down(SiLU(gate x) * up x): dense layers and shared experts."""
+
+    def __init__(self, ctx, prefix: str, hidden: int, width: int, group: str):
+        self.gate = ctx.linear(f"{prefix}.gate_proj", (width, hidden), group)
+        self.up = ctx.linear(f"{prefix}.up_proj", (width, hidden), group)
+        self.down = ctx.linear(f"{prefix}.down_proj", (hidden, width), group)
+
+    def __call__(self, x):  # [T, H] -> [T, H]
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class PreNormLayer:
+    """h + attn(norm(h)), then + mlp(norm(...)): the decoder layer of both architectures. The
+    model's subclass passes its attention and its MLP (dense, or a MoELayer)."""
+
+    def __init__(self, config, layer: int, ctx, attn, mlp):
+        p, H = f"model.layers.{layer}", config.hidden_size
+        self.ops, self.eps = ctx.ops, config.rms_norm_eps
+        self.attn, self.mlp = attn, mlp
+        self.input_norm = ctx.norm(f"{p}.input_layernorm.weight", H)
+        self.post_attn_norm = ctx.norm(f"{p}.post_attention_layernorm.weight", H)
+
+    def __call__(self, h, cos, sin, batch, cache):  # [T, H] -> [T, H]
+        a = self.attn(self.ops.rms_norm(h, self.input_norm, self.eps), cos, sin, batch, cache)
+        h, normed = self.ops.add_rms_norm(h, a, self.post_attn_norm, self.eps)
+        return h + self.mlp(normed)
 
 
 class DecoderStack:

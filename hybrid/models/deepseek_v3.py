@@ -19,12 +19,11 @@ C kv_lora_rank, E experts, K picked, I expert width, Vocab vocabulary.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 
 from hybrid.config import ModelConfig
 from hybrid.experts.routers import NoAuxTC
 from hybrid.models.batch import Batch
-from hybrid.models.decoder_stack import DecoderStack
+from hybrid.models.decoder_stack import DecoderStack, GatedMLP, PreNormLayer
 from hybrid.models.facts import ModelFacts
 from hybrid.models.kv_cache import LatentKVCache
 from hybrid.ops.mla_attention import MLAShape
@@ -64,43 +63,20 @@ class Attention:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense MLP (dense layers and the shared expert)
+# Decoder layer: MLA attention, then a dense MLP (the first layers) or the MoE with shared experts
 # ---------------------------------------------------------------------------------------------
-class MLP:
-    def __init__(self, ctx, prefix: str, hidden: int, width: int, group: str):
-        self.gate = ctx.linear(f"{prefix}.gate_proj", (width, hidden), group)
-        self.up = ctx.linear(f"{prefix}.up_proj", (width, hidden), group)
-        self.down = ctx.linear(f"{prefix}.down_proj", (hidden, width), group)
-
-    def __call__(self, x):  # [T, H] -> [T, H]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder layer and model
-# ---------------------------------------------------------------------------------------------
-class DecoderLayer:
-    def __init__(self, config: ModelConfig, layer: int, ctx):
-        p = f"model.layers.{layer}"
-        H, c = config.hidden_size, config
-        self.ops, self.eps = ctx.ops, c.rms_norm_eps
-        self.attn = Attention(config, layer, ctx, f"{p}.self_attn")
-        self.input_norm = ctx.norm(f"{p}.input_layernorm.weight", H)
-        self.post_attn_norm = ctx.norm(f"{p}.post_attention_layernorm.weight", H)
-        if c.is_moe_layer(layer):
-            shared = None
-            if c.n_shared_experts:
-                shared = MLP(ctx, f"{p}.mlp.shared_experts", H, c.moe_intermediate_size * c.n_shared_experts, "shared")
-            rule = NoAuxTC(c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group,
-                           c.norm_topk_prob, c.routed_scaling_factor)
-            self.mlp = ctx.moe(layer, f"{p}.mlp", rule, shared)  # hybrid.experts.moe_layer.MoELayer
-        else:
-            self.mlp = MLP(ctx, f"{p}.mlp", H, c.intermediate_size, "dense")
-
-    def __call__(self, h, cos, sin, batch, cache):  # [T, H] -> [T, H]
-        a = self.attn(self.ops.rms_norm(h, self.input_norm, self.eps), cos, sin, batch, cache)
-        h, normed = self.ops.add_rms_norm(h, a, self.post_attn_norm, self.eps)
-        return h + self.mlp(normed)
+def decoder_layer(c: ModelConfig, layer: int, ctx) -> PreNormLayer:
+    p, H = f"model.layers.{layer}", c.hidden_size
+    if c.is_moe_layer(layer):
+        shared = None
+        if c.n_shared_experts:
+            shared = GatedMLP(ctx, f"{p}.mlp.shared_experts", H, c.moe_intermediate_size * c.n_shared_experts, "shared")
+        rule = NoAuxTC(c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group,
+                       c.norm_topk_prob, c.routed_scaling_factor)
+        mlp = ctx.moe(layer, f"{p}.mlp", rule, shared)  # hybrid.experts.moe_layer.MoELayer
+    else:
+        mlp = GatedMLP(ctx, f"{p}.mlp", H, c.intermediate_size, "dense")
+    return PreNormLayer(c, layer, ctx, Attention(c, layer, ctx, f"{p}.self_attn"), mlp)
 
 
 class DeepseekV3(DecoderStack):
@@ -118,7 +94,7 @@ class DeepseekV3(DecoderStack):
     )
 
     def __init__(self, config, ctx, progress=None):
-        self._build(config, ctx, lambda i: DecoderLayer(config, i, ctx), config.qk_rope_head_dim, progress)
+        self._build(config, ctx, lambda i: decoder_layer(config, i, ctx), config.qk_rope_head_dim, progress)
 
     def set_attention_mode(self, mode: str) -> None:
         """auto | absorbed | expanded (tests force each form)."""

@@ -21,11 +21,10 @@ E experts, K picked, I expert width, Vocab vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hybrid.experts.routers import SoftmaxTopK
 from hybrid.models.batch import Batch, SlotGroups
-from hybrid.models.decoder_stack import DecoderStack
+from hybrid.models.decoder_stack import DecoderStack, GatedMLP, PreNormLayer
 from hybrid.models.facts import ModelFacts
 from hybrid.models.head_kv_cache import HeadKVCache
 from hybrid.models.qwen3_moe_config import Qwen3MoeConfig
@@ -79,38 +78,17 @@ class Attention:
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense MLP (the layers in mlp_only_layers or off the decoder_sparse_step)
+# Decoder layer: GQA attention, then a dense MLP (mlp_only_layers, or off the decoder_sparse_step)
+# or the routed experts (no shared expert)
 # ---------------------------------------------------------------------------------------------
-class MLP:
-    def __init__(self, ctx, prefix: str, hidden: int, width: int):
-        self.gate = ctx.linear(f"{prefix}.gate_proj", (width, hidden), "dense")
-        self.up = ctx.linear(f"{prefix}.up_proj", (width, hidden), "dense")
-        self.down = ctx.linear(f"{prefix}.down_proj", (hidden, width), "dense")
-
-    def __call__(self, x):  # [T, H] -> [T, H]
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoder layer and model
-# ---------------------------------------------------------------------------------------------
-class DecoderLayer:
-    def __init__(self, config: Qwen3MoeConfig, layer: int, ctx):
-        p, c, H = f"model.layers.{layer}", config, config.hidden_size
-        self.ops, self.eps = ctx.ops, c.rms_norm_eps
-        self.attn = Attention(c, layer, ctx, f"{p}.self_attn")
-        self.input_norm = ctx.norm(f"{p}.input_layernorm.weight", H)
-        self.post_attn_norm = ctx.norm(f"{p}.post_attention_layernorm.weight", H)
-        if c.is_moe_layer(layer):
-            rule = SoftmaxTopK(c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
-            self.mlp = ctx.moe(layer, f"{p}.mlp", rule, None)  # hybrid.experts.moe_layer.MoELayer
-        else:
-            self.mlp = MLP(ctx, f"{p}.mlp", H, c.intermediate_size)
-
-    def __call__(self, h, cos, sin, batch, cache):  # [T, H] -> [T, H]
-        a = self.attn(self.ops.rms_norm(h, self.input_norm, self.eps), cos, sin, batch, cache)
-        h, normed = self.ops.add_rms_norm(h, a, self.post_attn_norm, self.eps)
-        return h + self.mlp(normed)
+def decoder_layer(c: Qwen3MoeConfig, layer: int, ctx) -> PreNormLayer:
+    p = f"model.layers.{layer}"
+    if c.is_moe_layer(layer):
+        rule = SoftmaxTopK(c.num_experts, c.num_experts_per_tok, c.norm_topk_prob)
+        mlp = ctx.moe(layer, f"{p}.mlp", rule, None)  # hybrid.experts.moe_layer.MoELayer
+    else:
+        mlp = GatedMLP(ctx, f"{p}.mlp", c.hidden_size, c.intermediate_size, "dense")
+    return PreNormLayer(c, layer, ctx, Attention(c, layer, ctx, f"{p}.self_attn"), mlp)
 
 
 class Qwen3Moe(DecoderStack):
@@ -127,7 +105,7 @@ class Qwen3Moe(DecoderStack):
     )
 
     def __init__(self, config, ctx, progress=None):
-        self._build(config, ctx, lambda i: DecoderLayer(config, i, ctx), config.head_dim, progress)
+        self._build(config, ctx, lambda i: decoder_layer(config, i, ctx), config.head_dim, progress)
 
     # ---- what the architecture says about itself ---------------------------------------------
     @staticmethod

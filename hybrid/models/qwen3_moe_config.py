@@ -13,11 +13,10 @@ eos_token_ids, is_moe_layer) are properties here, so one fact stays in one field
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hybrid.config import (ConfigError, QuantConfig, RopeConfig, field_checker, parse_quant, parse_rope,
-                           read_config_json, read_fields, unknown_fields)
+                           read_fields, unknown_fields)
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -115,10 +114,6 @@ class Qwen3MoeConfig:
         return self.head_dim ** -0.5
 
     # ---- construction ------------------------------------------------------------------------
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "Qwen3MoeConfig":
-        return cls.from_dict(*read_config_json(path))
-
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "Qwen3MoeConfig":
         if not isinstance(raw, dict):
