@@ -234,6 +234,39 @@ def unknown_fields(raw: dict, known, source: str) -> dict:
     return extra
 
 
+def is_int(x) -> bool:
+    """A JSON integer (true/false are not numbers here, though Python counts bool as int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+LONG_CONTEXT_WARNING = 1 << 24  # max_position_embeddings beyond this is legal but unheard of
+
+
+def check_common_fields(v: dict, bad, source: str) -> None:
+    """Checks every architecture's config needs: context length, norm eps, special token ids
+    inside the vocabulary (v holds vocab_size, max_position_embeddings, rms_norm_eps and the
+    bos/eos/pad token ids as read or defaulted; bad(name, why) raises naming the field)."""
+    if not is_int(v["max_position_embeddings"]) or v["max_position_embeddings"] <= 0:
+        bad("max_position_embeddings", "must be a positive integer")
+    if v["max_position_embeddings"] > LONG_CONTEXT_WARNING:
+        warnings.warn(f"{source}: max_position_embeddings={v['max_position_embeddings']} is unusually "
+                      f"large; the KV cache is sized by max_len, not by this")
+    if not is_number(v["rms_norm_eps"]) or v["rms_norm_eps"] <= 0:
+        bad("rms_norm_eps", "must be a positive number")
+    vocab = v["vocab_size"]
+    for k in ("bos_token_id", "pad_token_id"):
+        if v[k] is not None and (not is_int(v[k]) or not 0 <= v[k] < vocab):
+            bad(k, f"must be a token id in 0..{vocab - 1} or null")
+    e = v["eos_token_id"]
+    ids = [e] if is_int(e) else e if isinstance(e, list) else None
+    if e is not None and (ids is None or not ids or not all(is_int(i) and 0 <= i < vocab for i in ids)):
+        bad("eos_token_id", f"must be a token id in 0..{vocab - 1}, a list of them, or null")
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature: 0.1 * mscale * ln(scale) + 1 (1 when scale <= 1)."""
     if scale <= 1:
@@ -246,8 +279,11 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
     bad = field_checker(source, v, raw)
 
     for k in _REQUIRED:
-        if not isinstance(v[k], int) or v[k] <= 0:
+        if not is_int(v[k]) or v[k] <= 0:
             bad(k, "must be a positive integer")
+    check_common_fields(v, bad, source)
+    if not is_number(v["routed_scaling_factor"]) or v["routed_scaling_factor"] <= 0:
+        bad("routed_scaling_factor", "must be a positive number")
     if v["hidden_act"] != "silu":
         bad("hidden_act", "is not supported (only 'silu')")
     if v["scoring_func"] != "sigmoid":
@@ -258,16 +294,16 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
         bad("moe_layer_freq", "is not supported (only 1: every layer after the dense ones is MoE)")
     if v["num_key_value_heads"] not in (None, v["num_attention_heads"]):
         bad("num_key_value_heads", "must equal num_attention_heads for MLA")
-    if v["q_lora_rank"] is not None and (not isinstance(v["q_lora_rank"], int) or v["q_lora_rank"] <= 0):
+    if v["q_lora_rank"] is not None and (not is_int(v["q_lora_rank"]) or v["q_lora_rank"] <= 0):
         bad("q_lora_rank", "must be a positive integer or null")
     if v["n_group"] is None:
         v["n_group"] = 1
     if v["topk_group"] is None:
         v["topk_group"] = v["n_group"]
     E, G = v["n_routed_experts"], v["n_group"]
-    if not isinstance(G, int) or G <= 0 or E % G:
+    if not is_int(G) or G <= 0 or E % G:
         bad("n_group", f"must divide n_routed_experts={E}")
-    if not isinstance(v["topk_group"], int) or not 1 <= v["topk_group"] <= G:
+    if not is_int(v["topk_group"]) or not 1 <= v["topk_group"] <= G:
         bad("topk_group", f"must be in 1..n_group={G}")
     if G > 1 and E // G < 2:
         bad("n_group", "leaves fewer than 2 experts per group (group score is the sum of the top 2)")
@@ -275,7 +311,7 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
         bad("num_experts_per_tok", "exceeds the experts available in topk_group groups")
     if v["n_shared_experts"] is None:
         v["n_shared_experts"] = 0
-    if not 0 <= v["first_k_dense_replace"] <= v["num_hidden_layers"]:
+    if not is_int(v["first_k_dense_replace"]) or not 0 <= v["first_k_dense_replace"] <= v["num_hidden_layers"]:
         bad("first_k_dense_replace", "must be in 0..num_hidden_layers")
     if v["qk_rope_head_dim"] % 2:
         bad("qk_rope_head_dim", "must be even")
@@ -319,7 +355,10 @@ def parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
         raise ConfigError(
             f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(_ROPE_TYPES)})"
         )
-    theta = float(params.get("rope_theta", raw.get("rope_theta", v["rope_theta"])))
+    theta = params.get("rope_theta", raw.get("rope_theta", v["rope_theta"]))
+    if not is_number(theta) or theta <= 1:
+        raise ConfigError(f"{source}: field rope_theta={theta!r} must be a number > 1")
+    theta = float(theta)
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{source}: rope partial_rotary_factor is not supported")
     if rope_type == "default":
@@ -327,9 +366,15 @@ def parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
     omax = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
     if omax is None:
         omax = v["max_position_embeddings"]  # transformers' fallback
+    if not is_int(omax) or omax <= 0:
+        raise ConfigError(f"{source}: rope original_max_position_embeddings={omax!r} must be a positive integer")
     factor = params.get("factor")
     if factor is None:  # transformers derives it from the two lengths
         factor = v["max_position_embeddings"] / omax
+        warnings.warn(f"{source}: YaRN rope parameters have no factor; using max_position_embeddings / "
+                      f"original_max_position_embeddings = {factor:g}, as transformers does")
+    if not is_number(factor) or factor < 1:
+        raise ConfigError(f"{source}: rope factor={factor!r} must be a number >= 1 for YaRN")
     return RopeConfig(
         "yarn",
         theta,

@@ -172,3 +172,23 @@ def test_index_cannot_name_a_file_outside_the_checkpoint(tmp_path, shard):
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="is not a file name inside the checkpoint directory"):
         _load(path)
+
+
+def test_index_listing_a_tensor_nobody_reads_is_still_refused(ckpt, tmp_path):
+    p = _copy(ckpt, tmp_path)
+    index = json.loads((p / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"][NORM]
+    index["weight_map"]["model.layers.1.extra.weight"] = shard
+    (p / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"{shard}: does not hold tensor.*model.layers.1.extra.weight"):
+        _load(p)
+
+
+def test_nan_router_bias_is_refused(ckpt, tmp_path):
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    p = _copy(ckpt, tmp_path)
+    bias = load_file(str(_shard_of(p, name)))[name].clone()
+    bias[3] = float("nan")
+    shard = _rewrite(p, name, bias)
+    with pytest.raises(CheckpointError, match=f"{shard.name}: tensor {name} holds NaN or Inf"):
+        _load(p)

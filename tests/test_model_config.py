@@ -77,3 +77,28 @@ def test_unsupported_values_name_the_field(patch, msg):
 def test_kimi_k25_without_text_config():
     with pytest.raises(ConfigError, match="needs a 'text_config' object"):
         ModelConfig.from_dict({"model_type": "kimi_k25"})
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"hidden_size": True}, "hidden_size=True must be a positive integer"),
+    ({"rms_norm_eps": "x"}, "field rms_norm_eps='x' must be a positive number"),
+    ({"max_position_embeddings": 0}, "field max_position_embeddings=0 must be a positive integer"),
+    ({"eos_token_id": 163840}, r"field eos_token_id=163840 must be a token id in 0\.\.163839"),
+    ({"eos_token_id": [1, -2]}, "field eos_token_id=.* must be a token id"),
+    ({"bos_token_id": 10**9}, "field bos_token_id=1000000000 must be a token id"),
+    ({"routed_scaling_factor": -1}, "field routed_scaling_factor=-1 must be a positive number"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}},
+     "rope factor=0.5 must be a number >= 1"),
+    ({"rope_theta": "big"}, "rope_theta='big' must be a number > 1"),
+])
+def test_bad_values_are_refused_naming_the_field(patch, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig.from_dict(dict(KIMI_K25, **patch), source="ckpt/config.json")
+
+
+def test_odd_but_legal_values_warn():
+    with pytest.warns(UserWarning, match="max_position_embeddings=1000000000000 is unusually large"):
+        ModelConfig.from_dict(dict(KIMI_K25, max_position_embeddings=10**12))
+    with pytest.warns(UserWarning, match="YaRN rope parameters have no factor"):
+        c = ModelConfig.from_dict(dict(KIMI_K25, rope_scaling={"type": "yarn", "original_max_position_embeddings": 4096}))
+    assert c.rope.factor == 64.0

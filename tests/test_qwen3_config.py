@@ -110,7 +110,7 @@ def test_fp8_quantization_config():
     (dict(decoder_sparse_step=0), r"field decoder_sparse_step=0 must be a positive integer"),
     (dict(mlp_only_layers=[48]), r"field mlp_only_layers=\[48\] must be a list of layer indices in 0..47"),
     (dict(num_local_experts=64), r"fields num_experts=128 and num_local_experts=64 disagree"),
-    (dict(eos_token_id="x"), r"field eos_token_id='x' must be an integer"),
+    (dict(eos_token_id="x"), r"field eos_token_id='x' must be a token id"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope type 'dynamic' is not supported"),
     (dict(quantization_config={"quant_method": "awq", "bits": 4}), r"quant_method 'awq' is not supported"),
     (dict(model_type="qwen2_moe"), r"model_type 'qwen2_moe' is not 'qwen3_moe'"),

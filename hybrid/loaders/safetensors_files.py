@@ -130,10 +130,13 @@ class SafetensorsFiles:
 
     def file_sizes_ok(self) -> None:
         """Check every file is at least as long as its header says (catches truncated downloads
-        before minutes of loading)."""
+        before minutes of loading), and that every tensor the index puts in a file is in it."""
         import struct
 
-        for fname in sorted(set(self.where.values())):
+        listed: dict[str, list[str]] = {}
+        for name, fname in self.where.items():
+            listed.setdefault(fname, []).append(name)
+        for fname in sorted(listed):
             full = self.path / fname
             size = os.path.getsize(full)
             with open(full, "rb") as f:
@@ -147,9 +150,20 @@ class SafetensorsFiles:
                     header = json.loads(f.read(hlen))
                 except json.JSONDecodeError as e:
                     raise CheckpointError(f"{full}: corrupt safetensors header ({e})") from None
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{full}: corrupt safetensors header (not an object)")
+            try:
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (KeyError, TypeError, IndexError) as e:
+                raise CheckpointError(f"{full}: corrupt safetensors header (tensor entry without "
+                                      f"data_offsets: {e})") from None
             if 8 + hlen + end > size:
                 raise CheckpointError(f"{full}: truncated: tensors need {8 + hlen + end} bytes, file has {size}")
+            absent = sorted(n for n in listed[fname] if n not in header)
+            if absent:
+                more = f" (and {len(absent) - 3} more)" if len(absent) > 3 else ""
+                raise CheckpointError(f"{full}: does not hold tensor(s) {', '.join(absent[:3])}{more} that "
+                                      f"{INDEX_NAME} lists in it")
 
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid.config import (ConfigError, QuantConfig, RopeConfig, field_checker, parse_quant, parse_rope,
-                           read_fields, unknown_fields)
+from hybrid.config import (ConfigError, QuantConfig, RopeConfig, check_common_fields, field_checker, is_int,
+                           parse_quant, parse_rope, read_fields, unknown_fields)
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -124,14 +124,14 @@ class Qwen3MoeConfig:
         bad = field_checker(source, v, raw)
 
         for k in (*_REQUIRED, "num_experts"):
-            if not _is_int(v[k]) or v[k] <= 0:
+            if not is_int(v[k]) or v[k] <= 0:
                 bad(k, "must be a positive integer")
         H, nh, nkv = v["hidden_size"], v["num_attention_heads"], v["num_key_value_heads"]
         if nh % nkv:
             bad("num_key_value_heads", f"must divide num_attention_heads={nh}")
         if v["head_dim"] is None:
             v["head_dim"] = H // nh
-        if not _is_int(v["head_dim"]) or v["head_dim"] <= 0 or v["head_dim"] % 2:
+        if not is_int(v["head_dim"]) or v["head_dim"] <= 0 or v["head_dim"] % 2:
             bad("head_dim", "must be a positive even integer (RoPE rotates halves)")
         if v["num_experts_per_tok"] > v["num_experts"]:
             bad("num_experts_per_tok", f"exceeds num_experts={v['num_experts']}")
@@ -139,23 +139,13 @@ class Qwen3MoeConfig:
             bad("hidden_act", "is not supported (only 'silu')")
         if v["use_sliding_window"]:
             bad("use_sliding_window", "is not supported (sliding-window attention)")
-        if not _is_int(v["decoder_sparse_step"]) or v["decoder_sparse_step"] <= 0:
+        if not is_int(v["decoder_sparse_step"]) or v["decoder_sparse_step"] <= 0:
             bad("decoder_sparse_step", "must be a positive integer")
         dense = [] if v["mlp_only_layers"] is None else v["mlp_only_layers"]
         L = v["num_hidden_layers"]
-        if not isinstance(dense, list) or not all(_is_int(i) and 0 <= i < L for i in dense):
+        if not isinstance(dense, list) or not all(is_int(i) and 0 <= i < L for i in dense):
             bad("mlp_only_layers", f"must be a list of layer indices in 0..{L - 1}")
-        for k in ("max_position_embeddings",):
-            if not _is_int(v[k]) or v[k] <= 0:
-                bad(k, "must be a positive integer")
-        if not isinstance(v["rms_norm_eps"], (int, float)) or v["rms_norm_eps"] <= 0:
-            bad("rms_norm_eps", "must be a positive number")
-        for k in ("bos_token_id", "pad_token_id"):
-            if v[k] is not None and not _is_int(v[k]):
-                bad(k, "must be an integer or null")
-        e = v["eos_token_id"]
-        if e is not None and not _is_int(e) and not (isinstance(e, list) and all(_is_int(i) for i in e)):
-            bad("eos_token_id", "must be an integer, a list of integers, or null")
+        check_common_fields(v, bad, source)
 
         rope = parse_rope(raw, v, source)
         quant = parse_quant(raw.get("quantization_config"), source)
@@ -182,10 +172,6 @@ class Qwen3MoeConfig:
             quant=quant,
             extra=extra,
         )
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _num_experts(raw: dict, source: str):

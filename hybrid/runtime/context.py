@@ -23,6 +23,7 @@ from hybrid.experts.moe_layer import MoELayer
 from hybrid.experts.routers import Router
 from hybrid.experts.staging import staging_for
 from hybrid.loaders.quant import DEVICE_FORMATS
+from hybrid.loaders.safetensors_files import CheckpointError
 from hybrid.models.facts import GROUPS
 
 
@@ -68,7 +69,12 @@ class BuildContext:
         H = self.source.config.hidden_size
         E = rule.num_experts
         shapes = {"weight": (E, H), "bias": (E,)}
-        tensors = {role: self.tensor(name, shapes[role]) for role, name in rule.tensors(prefix).items()}
+        names = rule.tensors(prefix)
+        tensors = {role: self.tensor(name, shapes[role]) for role, name in names.items()}
+        for role, t in tensors.items():  # a NaN here would send every token to arbitrary experts
+            if not bool(torch.isfinite(t).all()):
+                full = self.source.prefix + names[role]
+                raise CheckpointError(f"{self.source.files.file_of(full)}: tensor {full} holds NaN or Inf")
         router = Router(rule, tensors, lib=self.ops.native_lib())
         host = self.experts.layer(self.source, layer, prefix, E, H, self.source.config.moe_intermediate_size)
         return MoELayer(layer, router, host, shared, staging=staging_for(self.device))
