@@ -1,4 +1,6 @@
-"""Build hook: setuptools' build_ext runs CMake, which builds csrc/ into hybrid._native.
+"""Build hook: setuptools' build_ext runs CMake, which builds csrc/ into hybrid._native (what users
+load), hybrid._native_testing (test-only entry points) and the core library both link,
+hybrid/libhybrid_core.so, all three into the package folder.
 
 Everything about compiling lives in CMakeLists.txt; this file only hands CMake the Python
 interpreter, pybind11's CMake directory and the output folder setuptools expects. Release build
@@ -12,6 +14,7 @@ Incremental rebuilds while editing csrc/ (only changed files recompile):
           -DHYBRID_OUTPUT_DIR=$PWD/hybrid \
           -DHYBRID_EXT_SUFFIX=$(python -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
     ninja -C build/dev
+The kernel check alone (no Python needed): see csrc/tests/check_kernels.cpp.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-// binding.cpp: the only file that knows Python. It turns numpy arrays into raw pointers +
-// shapes, checks everything at the boundary (dtype, ndim, shape, C-contiguity, writability,
+// binding.cpp: the module users load, hybrid._native. With binding_testing.cpp (the test-only
+// module hybrid._native_testing) and their two headers (binding_args.h, binding_moe.h) the only
+// code that knows Python; core/ and models/ know nothing of it. It turns numpy arrays and torch
+// tensors into raw pointers + shapes, checks everything at the boundary (dtype, ndim, shape, C-contiguity, writability,
 // expert id range, buffer sizes) and raises TypeError / ValueError naming the argument. bf16 data
 // travels as uint16 arrays of bit patterns (numpy has no bf16); hybrid/native.py converts torch
 // tensors without copies. The bound functions are listed at the end of the file.
@@ -7,27 +9,24 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <atomic>
-#include <chrono>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <string>
 #include <vector>
 
-#include "bandwidth.h"
-#include "dense.h"
-#include "mla_decode.h"
-#include "router.h"
-#include "dispatch.h"
-#include "kernels.h"
-#include "kernels_scalar.h"
-#include "moe.h"
-#include "pack.h"
-#include "packed_layer.h"
-#include "thread_pool.h"
 #include "binding_args.h"
-#include "kernel_probes.h"
+#include "binding_moe.h"
+#include "core/bandwidth.h"
+#include "core/dense.h"
+#include "core/dispatch.h"
+#include "core/kernels.h"
+#include "core/moe.h"
+#include "core/norm.h"
+#include "core/pack.h"
+#include "core/packed_layer.h"
+#include "core/thread_pool.h"
+#include "models/mla_decode.h"
+#include "models/router.h"
 
 namespace py = pybind11;
 using namespace hybrid;
@@ -223,7 +222,7 @@ void py_mla_decode(const py::object& qo, const py::object& kvo, const py::object
   mla_decode(kt, pool.get(), pool ? sync_team(*pool) : 1, a);
 }
 
-// ---- decode-step norms and router (router.h) -----------------------------------------------
+// ---- decode-step norm (core/norm.h) and routers (models/router.h) -----------------------------------------------
 py::object py_rms_norm(const py::object& xo, const py::object& wo, double eps, const py::object& oo,
                        const py::object& ro) {
   const TorchRefs& tr = torch_refs();
@@ -251,18 +250,45 @@ py::object py_rms_norm(const py::object& xo, const py::object& wo, double eps, c
   return oo;
 }
 
-void py_route(const py::object& xo, const py::object& go, const py::object& bo, int64_t groups,
-              int64_t topk_groups, int64_t top_k, bool norm_topk_prob, double scaling, const py::object& ido,
-              const py::object& wo) {
+// The operands every router takes: x bf16 [T, H] (T, H >= 1), gate fp32 [E, H], and the outputs
+// ids int32 [T, K], weights fp32 [T, K] under the names the binding gives them.
+struct RouterOperands {
+  const uint16_t* x;
+  const float* gate;
+  int64_t t, h, e;
+  int32_t* ids = nullptr;
+  float* weights = nullptr;
+};
+
+RouterOperands router_inputs(const py::object& xo, const py::object& go) {
   const TorchRefs& tr = torch_refs();
   TensorView x = tensor_view(xo, "x", tr.bf16, "torch.bfloat16", 2);
   TensorView g = tensor_view(go, "gate", tr.f32, "torch.float32", 2);
   const int64_t T = x.shape[0], H = x.shape[1], E = g.shape[0];
   if (T < 1 || H < 1) throw py::value_error("x must not be empty");
   expect_shape(g, "gate", {E, H});
+  return {reinterpret_cast<const uint16_t*>(x.data), reinterpret_cast<const float*>(g.data), T, H, E};
+}
+
+void router_outputs(RouterOperands& r, int64_t top_k, const py::object& ido, const char* ids_name,
+                    const py::object& wo, const char* weights_name) {
+  const TorchRefs& tr = torch_refs();
+  TensorView iv = tensor_view(ido, ids_name, tr.i32, "torch.int32", 2);
+  TensorView wv = tensor_view(wo, weights_name, tr.f32, "torch.float32", 2);
+  expect_shape(iv, ids_name, {r.t, top_k});
+  expect_shape(wv, weights_name, {r.t, top_k});
+  r.ids = reinterpret_cast<int32_t*>(iv.data);
+  r.weights = reinterpret_cast<float*>(wv.data);
+}
+
+void py_route(const py::object& xo, const py::object& go, const py::object& bo, int64_t groups,
+              int64_t topk_groups, int64_t top_k, bool norm_topk_prob, double scaling, const py::object& ido,
+              const py::object& wo) {
+  RouterOperands r = router_inputs(xo, go);
+  const int64_t E = r.e;
   const float* bias = nullptr;
   if (!bo.is_none()) {
-    TensorView b = tensor_view(bo, "bias", tr.f32, "torch.float32", 1);
+    TensorView b = tensor_view(bo, "bias", torch_refs().f32, "torch.float32", 1);
     expect_shape(b, "bias", {E});
     bias = reinterpret_cast<const float*>(b.data);
   }
@@ -276,16 +302,20 @@ void py_route(const py::object& xo, const py::object& go, const py::object& bo, 
   RouterConfig cfg;
   cfg.experts = E; cfg.groups = groups; cfg.topk_groups = topk_groups; cfg.top_k = top_k;
   cfg.norm_topk_prob = norm_topk_prob; cfg.scaling = float(scaling);
-  TensorView iv = tensor_view(ido, "ids", tr.i32, "torch.int32", 2), wv = tensor_view(wo, "weights", tr.f32, "torch.float32", 2);
-  expect_shape(iv, "ids", {T, top_k});
-  expect_shape(wv, "weights", {T, top_k});
-  int32_t* ip = reinterpret_cast<int32_t*>(iv.data);
-  float* wp = reinterpret_cast<float*>(wv.data);
-  {
-    py::gil_scoped_release release;
-    route_bf16(reinterpret_cast<const uint16_t*>(x.data), reinterpret_cast<const float*>(g.data), bias, T, H, cfg,
-               ip, wp);
-  }
+  router_outputs(r, top_k, ido, "ids", wo, "weights");
+  py::gil_scoped_release release;
+  route_bf16(r.x, r.gate, bias, r.t, r.h, cfg, r.ids, r.weights);
+}
+
+void py_route_softmax(const py::object& xo, const py::object& go, int64_t top_k, bool norm_topk_prob,
+                      const py::object& ido, const py::object& wo) {
+  RouterOperands r = router_inputs(xo, go);
+  if (top_k < 1 || top_k > r.e)
+    throw py::value_error("top_k " + std::to_string(top_k) + " must be in 1.." + std::to_string(r.e) +
+                          " (the experts of gate)");
+  router_outputs(r, top_k, ido, "ids_out", wo, "w_out");
+  py::gil_scoped_release release;
+  route_softmax_bf16(r.x, r.gate, r.t, r.h, r.e, top_k, norm_topk_prob, r.ids, r.weights);
 }
 
 // ---- packed layer ----------------------------------------------------------------------------
@@ -399,131 +429,6 @@ struct PyLayer {
   }
 };
 
-// ---- MoE operator ----------------------------------------------------------------------------
-
-struct PyMoE {
-  // Declared before `op` so they outlive it: the operator's destructor waits for a pending job,
-  // and only then may the arrays it reads and writes be released.
-  std::vector<py::object> keep;  // x, ids, weights, skip_mask, y of the pending job
-  uint64_t keep_gen = 0;
-  uint64_t next_gen = 0;
-  std::shared_ptr<PackedLayer> layer;
-  std::unique_ptr<MoeOperator> op;
-
-  void submit(const py::object& xo, const py::object& ido, const py::object& wo, const py::object& so,
-              const py::object& yo, bool accumulate) {
-    const int64_t E = layer->num_experts(), H = layer->hidden();
-    py::array x = as_array(xo, "x"), ids = as_array(ido, "ids"), w = as_array(wo, "weights");
-    py::array y = as_array(yo, "y");
-    MoeCall c;
-    SrcDtype xt = float_kind(x, "x");
-    c.x_type = xt == SrcDtype::F32 ? ElemType::F32 : ElemType::BF16;
-    check_layout(x, "x", {-1, H});
-    const int64_t B = x.shape(0);
-    if (is_dtype<int32_t>(ids)) c.ids_type = ElemType::I32;
-    else if (is_dtype<int64_t>(ids)) c.ids_type = ElemType::I64;
-    else bad_dtype(ids, "ids", "int32 or int64");
-    check_layout(ids, "ids", {B, -1});
-    const int64_t K = ids.shape(1);
-    if (K < 1) throw py::value_error("ids must have at least one pick per token, got shape " + shape_str(ids));
-    if (!is_dtype<float>(w)) bad_dtype(w, "weights", "float32");
-    check_layout(w, "weights", {B, K});
-    SrcDtype yt = float_kind(y, "y");
-    c.y_type = yt == SrcDtype::F32 ? ElemType::F32 : ElemType::BF16;
-    check_layout(y, "y", {B, H}, true);
-    if (y.data() == x.data() && B > 0) throw py::value_error("y must not be the same buffer as x");
-    py::object skip_keep = py::none();
-    if (!so.is_none()) {
-      py::array s = as_array(so, "skip_mask");
-      if (!is_dtype<uint8_t>(s) && !is_dtype<bool>(s)) bad_dtype(s, "skip_mask", "bool or uint8");
-      check_layout(s, "skip_mask", {E});
-      c.skip = static_cast<const uint8_t*>(s.data());
-      skip_keep = s;
-    }
-    // Expert ids are checked here, before anything runs (the operator checks again).
-    const int64_t n = B * K;
-    if (c.ids_type == ElemType::I32) {
-      const int32_t* p = static_cast<const int32_t*>(ids.data());
-      for (int64_t i = 0; i < n; ++i)
-        if (p[i] < 0 || p[i] >= E)
-          throw py::value_error("ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
-                                std::to_string(p[i]) + " is out of range [0, " + std::to_string(E) + ")");
-    } else {
-      const int64_t* p = static_cast<const int64_t*>(ids.data());
-      for (int64_t i = 0; i < n; ++i)
-        if (p[i] < 0 || p[i] >= E)
-          throw py::value_error("ids[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
-                                std::to_string(p[i]) + " is out of range [0, " + std::to_string(E) + ")");
-    }
-    c.x = x.data();
-    c.ids = ids.data();
-    c.weights = static_cast<const float*>(w.data());
-    c.y = y.mutable_data();
-    c.accumulate = accumulate;
-    c.b = B;
-    c.k = K;
-    {
-      py::gil_scoped_release release;
-      op->submit(c);  // throws (nothing started) when a job is pending
-    }
-    keep = {x, ids, w, skip_keep, y};
-    keep_gen = ++next_gen;
-  }
-
-  void sync() {
-    uint64_t gen = keep_gen;
-    bool had = op->pending();
-    try {
-      py::gil_scoped_release release;
-      op->sync();
-    } catch (...) {
-      if (had && keep_gen == gen) keep.clear();
-      throw;
-    }
-    // Only the caller that waited for the job releases its arrays; a job submitted meanwhile by
-    // another thread has a newer generation and keeps its own.
-    if (had && keep_gen == gen && !op->pending()) keep.clear();
-  }
-};
-
-// A pool job for tests of the pool itself: every phase checks that all team threads finished the
-// previous phase (the barrier), counts itself, optionally sleeps, and one (phase, thread) may throw.
-struct PyPoolJob {
-  ThreadPool::Handle handle;
-  std::shared_ptr<std::vector<std::atomic<int>>> counts;
-  void wait() {
-    py::gil_scoped_release r;
-    ThreadPool::wait(handle);
-  }
-  bool done() const { return ThreadPool::finished(handle); }
-  int team() const { return handle->team; }
-  std::vector<int> phase_counts() const {
-    std::vector<int> out;
-    for (auto& c : *counts) out.push_back(c.load());
-    return out;
-  }
-};
-
-PyPoolJob pool_test_job(int phases, int fail_phase, int fail_tid, int sleep_us, int team, bool caller) {
-  if (phases < 1) throw py::value_error("phases must be >= 1");
-  auto pool = global_pool();
-  auto counts = std::make_shared<std::vector<std::atomic<int>>>(size_t(phases));
-  std::vector<ThreadPool::Phase> ph;
-  for (int p = 0; p < phases; ++p) {
-    ph.push_back([=](int tid, int team_size) {
-      if (p > 0 && (*counts)[size_t(p - 1)].load() != team_size)
-        throw std::logic_error("barrier violated: phase " + std::to_string(p) + " started early");
-      (*counts)[size_t(p)].fetch_add(1);
-      if (sleep_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
-      if (p == fail_phase && tid == fail_tid)
-        throw std::runtime_error("injected failure in phase " + std::to_string(p) + ", thread " + std::to_string(tid));
-    });
-  }
-  PyPoolJob j;
-  j.counts = counts;
-  j.handle = pool->submit(std::move(ph), team, caller);
-  return j;
-}
 
 std::string mode_name(ActMode m) { return m == ActMode::Fast ? "fast" : "precise"; }
 
@@ -609,50 +514,21 @@ PYBIND11_MODULE(_native, m) {
   m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
         py::arg("k"), "packed -> float32 [N, K]");
 
-  m.def("kernel_entries", [](const std::string& isa) {
-    const KernelTable& t = resolved_table(isa);
-    py::dict d;
-    d["quantize_row_a8"] = t.quantize_row_a8 != nullptr;
-    d["matmul_a8"] = t.matmul_a8 != nullptr;
-    d["matmul_f32"] = t.matmul_f32 != nullptr;
-    d["matmul_a16"] = t.matmul_a16 != nullptr;
-    d["gemv_bf16"] = t.gemv_bf16 != nullptr;
-    d["gemv_t_bf16"] = t.gemv_t_bf16 != nullptr;
-    return d;
-  }, py::arg("isa"), "which entries the resolved table of `isa` has (after filling)");
-  m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));
-  m.def("kernel_matmul_a8", &py_kernel_matmul_a8, py::arg("isa"), py::arg("format"), py::arg("qweight"),
-        py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("q"), py::arg("scale"), py::arg("gsum"),
-        py::arg("b0") = 0, py::arg("b1") = -1);
-  m.def("kernel_matmul_f32", [](const std::string& isa, const std::string& fmt, const py::object& q, const py::object& s,
-                                int64_t n, int64_t k, const py::object& x, int64_t b0, int64_t b1) {
-    return float_matmul(FloatEntry::F32, isa, fmt, q, s, n, k, x, b0, b1);
-  }, py::arg("isa"), py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"), py::arg("k"),
-        py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
-  m.def("kernel_matmul_a16", [](const std::string& isa, const py::object& q, int64_t n, int64_t k,
-                                const py::object& x, int64_t b0, int64_t b1) {
-    return float_matmul(FloatEntry::A16, isa, "bf16", q, py::none(), n, k, x, b0, b1);
-  }, py::arg("isa"), py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0,
-        py::arg("b1") = -1);
-  m.def("reference_matmul_a16", [](const py::object& q, int64_t n, int64_t k, const py::object& x, int64_t b0,
-                                   int64_t b1) {
-    return float_matmul(FloatEntry::A16Reference, "scalar", "bf16", q, py::none(), n, k, x, b0, b1);
-  }, py::arg("qweight"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("b0") = 0, py::arg("b1") = -1);
-
-  m.def("kernel_gemv_t_bf16", &py_kernel_gemv_t_bf16, py::arg("isa"), py::arg("w"), py::arg("x"), py::arg("n0") = 0,
-        py::arg("n1") = -1, py::arg("accumulate") = false, py::arg("out") = py::none(),
-        "out [T, n1 - n0] float32 (+)= x [T, K] float32 . w [K, N][:, n0:n1] (uint16 bf16 bits), one ISA's "
-        "gemv_t_bf16 inline; unit inner strides, rows may be strided; out allocated when None; returns out");
   m.def("dense_gemv", &py_dense_gemv, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("isa") = "",
         py::arg("threads") = true,
         "out [T, N] (float32, or uint16 bf16 bits rounded to nearest even) = x [T, K] . w [N, K]^T; w, x uint16 "
         "bf16 bits with unit inner stride (rows may be strided); isa '' = the active one; threads=False: inline");
   m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
         py::arg("residual") = py::none(),
-        "RMSNorm of bf16 x [T, H] into out (router.h); with residual, x += residual first, in place; returns out");
+        "RMSNorm of bf16 x [T, H] into out (core/norm.h); with residual, x += residual first, in place; returns out");
   m.def("route", &py_route, py::arg("x"), py::arg("gate"), py::arg("bias"), py::arg("n_group"), py::arg("topk_group"),
         py::arg("top_k"), py::arg("norm_topk_prob"), py::arg("scaling"), py::arg("ids"), py::arg("weights"),
         "DeepSeek-V3 noaux_tc router (router.h) into ids int32 [T, K] and weights float32 [T, K]");
+  m.def("route_softmax", &py_route_softmax, py::arg("x"), py::arg("gate"), py::arg("top_k"), py::arg("norm_topk_prob"),
+        py::arg("ids_out"), py::arg("w_out"),
+        "softmax top-k router (Qwen3-MoE, Mixtral; router.h): x bf16 [T, H] . gate float32 [E, H]^T -> softmax -> the "
+        "top_k experts into ids_out int32 [T, K] and their probabilities into w_out float32 [T, K] (renormalised to "
+        "sum 1 when norm_topk_prob); equal probabilities go to the lower expert index");
   m.def("mla_decode", &py_mla_decode, py::arg("q"), py::arg("kv"), py::arg("kv_norm"), py::arg("cos"), py::arg("sin"),
         py::arg("cache"), py::arg("slots"), py::arg("positions"), py::arg("kv_b_weight"), py::arg("out"),
         py::arg("num_heads"), py::arg("qk_nope_head_dim"), py::arg("v_head_dim"), py::arg("eps"), py::arg("scale"),
@@ -661,15 +537,6 @@ PYBIND11_MODULE(_native, m) {
   m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
         py::arg("isa") = "", py::arg("threads") = true,
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
-
-  py::class_<PyPoolJob>(m, "PoolTestJob")
-      .def("wait", &PyPoolJob::wait)
-      .def_property_readonly("done", &PyPoolJob::done)
-      .def_property_readonly("team", &PyPoolJob::team)
-      .def_property_readonly("phase_counts", &PyPoolJob::phase_counts);
-  m.def("pool_test_job", &pool_test_job, py::arg("phases"), py::arg("fail_phase") = -1, py::arg("fail_tid") = -1,
-        py::arg("sleep_us") = 0, py::arg("team") = 0, py::arg("caller") = false,
-        "tests: a pool job that checks its barriers (caller=True: wait() runs the caller's share)");
 
   py::class_<PyLayer>(m, "Layer")
       .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i) {
@@ -717,8 +584,6 @@ PYBIND11_MODULE(_native, m) {
       .def("submit", &PyMoE::submit, py::arg("x"), py::arg("ids"), py::arg("weights"), py::arg("skip_mask"),
            py::arg("y"), py::arg("accumulate") = false)
       .def("sync", &PyMoE::sync)
-      .def("inject_fault", [](PyMoE& p, const std::string& msg) { p.op->inject_fault(msg); }, py::arg("message"),
-           "tests: the next job fails in a worker with RuntimeError(message) at sync()")
       .def_property_readonly("pending", [](const PyMoE& p) { return p.op->pending(); })
       .def_property_readonly("isa", [](const PyMoE& p) { return p.op->isa(); })
       .def_property_readonly("mode", [](const PyMoE& p) { return mode_name(p.op->mode()); });
@@ -728,10 +593,9 @@ PYBIND11_MODULE(_native, m) {
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
 //   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
-//   kernel_entries, kernel_quantize_row_a8, kernel_matmul_a8, kernel_matmul_f32, kernel_matmul_a16,
-//   reference_matmul_a16, kernel_gemv_t_bf16
-//   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route
+//   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
-//   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode, inject_fault
-//   pool_test_job -> PoolTestJob: wait, done, phase_counts
+//   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode
+// The test-only entry points (kernel probes, pool test jobs, fault injection) are in
+// hybrid._native_testing (binding_testing.cpp).

@@ -1,5 +1,5 @@
-// binding_args.h: checked views of the Python arguments of the native calls, for binding.cpp
-// (its only includer; the bindings themselves stay in that one file). numpy arrays: dtype,
+// binding_args.h: checked views of the Python arguments of the native calls, for the two binding
+// files (binding.cpp, binding_testing.cpp; the bindings themselves stay in those). numpy arrays: dtype,
 // layout and writability checks; torch tensors: dtype / device / shape / strides / data pointer
 // read through the raw Python C API with interned attribute names, ~0.5 us per tensor where
 // pybind11's o.attr() reads cost ~1.5 us and a torch -> numpy view ~2 us (the decode path passes
@@ -13,9 +13,10 @@
 #include <utility>
 #include <vector>
 
-#include "kernels.h"
-#include "moe.h"
-#include "pack.h"
+#include "core/dispatch.h"
+#include "core/kernels.h"
+#include "core/moe.h"
+#include "core/pack.h"
 
 namespace hybrid {
 namespace py = pybind11;

@@ -20,6 +20,7 @@ import pytest
 from hybrid import native
 
 N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 ISAS = [i for i in N.available_isas() if i != "scalar"]
 EPS32 = 2.0**-24
 
@@ -54,9 +55,9 @@ def test_matmul_a8_tile_edges(isa, fmt, k, t):
     n = 48
     q, s, w = packed(rng, fmt, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    xq, xs, xg = N.kernel_quantize_row_a8("scalar", x)
+    xq, xs, xg = NT.kernel_quantize_row_a8("scalar", x)
     xd = xq.astype(np.float64) * np.repeat(xs, 32, axis=1)
-    out = N.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg, 1, 3)  # blocks 1, 2
+    out = NT.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg, 1, 3)  # blocks 1, 2
     ws = w[16:48]
     err = np.abs(out - xd @ ws.T)
     assert (err <= bound(ws, xd)).all(), f"{isa} {fmt} K={k} T={t}: max error {err.max()}"
@@ -70,9 +71,9 @@ def test_matmul_a8_k25_hidden(isa, fmt, t):
     n, k = 32, 7168
     q, s, w = packed(rng, fmt, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    xq, xs, xg = N.kernel_quantize_row_a8("scalar", x)
+    xq, xs, xg = NT.kernel_quantize_row_a8("scalar", x)
     xd = xq.astype(np.float64) * np.repeat(xs, 32, axis=1)
-    out = N.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg)
+    out = NT.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg)
     err = np.abs(out - xd @ w.T)
     assert (err <= bound(w, xd)).all(), err.max()
 
@@ -84,7 +85,7 @@ def test_matmul_f32_tile_edges(isa, fmt, t):
     n, k = 48, 96
     q, s, w = packed(rng, fmt, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    out = N.kernel_matmul_f32(isa, fmt, q, s, n, k, x, 2, 3)  # block 2 only
+    out = NT.kernel_matmul_f32(isa, fmt, q, s, n, k, x, 2, 3)  # block 2 only
     ws = w[32:48]
     err = np.abs(out - x.astype(np.float64) @ ws.T)
     assert (err <= bound(ws, x)).all(), err.max()
@@ -94,13 +95,13 @@ def test_matmul_f32_tile_edges(isa, fmt, t):
 @pytest.mark.parametrize("t", [1, 7, 8, 9, 17])
 def test_matmul_a16_chunks(isa, k, t):
     """K chunks of the bf16 path (512 inputs) and token tiles of 8."""
-    if not N.kernel_entries(isa)["matmul_a16"]:
+    if not NT.kernel_entries(isa)["matmul_a16"]:
         pytest.skip(f"{isa} has no matmul_a16 (needs avx512_bf16)")
     rng = np.random.default_rng(300 + t + k)
     n = 32
     q, _, w = packed(rng, "bf16", n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    out = N.kernel_matmul_a16(isa, q, n, k, x)
+    out = NT.kernel_matmul_a16(isa, q, n, k, x)
     xb = bf16_round(x)
     err = np.abs(out - xb @ w.T)
     assert (err <= bound(w, xb)).all(), err.max()
@@ -116,8 +117,8 @@ def test_quantize_row_a8_bit_exact(isa, k):
     x[2, : k // 2] = 0
     x[3, 5::32] = np.abs(x[3]).max() * 2  # a tie-free amax in every group
     x[4] = np.round(x[4] * 4) / 4  # values on a coarse grid: many equal magnitudes
-    q, s, g = N.kernel_quantize_row_a8(isa, x)
-    q0, s0, g0 = N.kernel_quantize_row_a8("scalar", x)
+    q, s, g = NT.kernel_quantize_row_a8(isa, x)
+    q0, s0, g0 = NT.kernel_quantize_row_a8("scalar", x)
     np.testing.assert_array_equal(q, q0)
     np.testing.assert_array_equal(s, s0)
     np.testing.assert_array_equal(g, g0)

@@ -17,6 +17,7 @@ from hybrid import native
 from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
 
 N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 E, H, I, B, K = 16, 64, 64, 9, 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,7 @@ def test_two_operators_in_flight(layer, inputs):
 def test_worker_exception_comes_back_at_sync(layer, inputs):
     moe = CpuMoE(layer)
     ref = moe.forward(*inputs)
-    moe._op.inject_fault("injected worker failure")
+    NT.inject_fault(moe._op, "injected worker failure")
     moe.submit(*inputs)  # returns: the failure happens in a worker
     with pytest.raises(RuntimeError, match="injected worker failure"):
         moe.sync()
@@ -102,14 +103,14 @@ def test_many_python_threads(layer, inputs):
 
 @pytest.mark.parametrize("phases,team", [(1, 0), (3, 0), (4, 1)])
 def test_pool_barriers(phases, team):
-    job = N.pool_test_job(phases, sleep_us=200, team=team)
+    job = NT.pool_test_job(phases, sleep_us=200, team=team)
     job.wait()  # a barrier violation would raise here
     expect = team or N.num_threads()
     assert job.done and job.phase_counts == [expect] * phases
 
 
 def test_pool_failure_skips_later_phases():
-    job = N.pool_test_job(3, fail_phase=1, fail_tid=0)
+    job = NT.pool_test_job(3, fail_phase=1, fail_tid=0)
     with pytest.raises(RuntimeError, match="injected failure in phase 1, thread 0"):
         job.wait()
     counts = job.phase_counts

@@ -13,6 +13,7 @@ from hybrid import native
 from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
 
 N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 E, H, I, B, K = 16, 64, 32, 3, 4
 
 
@@ -145,19 +146,19 @@ KS = np.zeros(16 * 2, np.uint16)
 X = np.zeros((2, 64), np.float32)
 
 KERNEL_BAD = [
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ[:-1], KS, 16, 64, X), ValueError, r"qweight must have shape \[512\]"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ.view(np.int8), KS, 16, 64, X), TypeError, "qweight must have dtype uint8"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, None, 16, 64, X), ValueError, "scales are required"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, KS[:-1], 16, 64, X), ValueError, r"scales must have shape \[32\]"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, KS, 24, 64, X), ValueError, "multiple of 16"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 48, X), ValueError, "multiple of 32"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 64, X[:, :32].copy()), ValueError, r"x must have shape \[\*, 64\]"),
-    (lambda: N.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 64, X, 0, 2), ValueError, r"block range"),
-    (lambda: N.kernel_matmul_f32("scalar", "int5", KQ, KS, 16, 64, X), ValueError, "format must be"),
-    (lambda: N.kernel_matmul_a8("scalar", "bf16", KQ, None, 16, 64, X, X, X), ValueError, "int4 or int8"),
-    (lambda: N.kernel_matmul_a8("scalar", "int4", KQ, KS, 16, 64, X, X[:, :2].copy(), X[:, :2].copy()), TypeError, "q must have dtype int8"),
-    (lambda: N.kernel_quantize_row_a8("scalar", X[:, :40].copy()), ValueError, "multiple of 32"),
-    (lambda: N.kernel_matmul_a16("scalar", KQ, 16, 32, X[:, :32].copy()), ValueError, "matmul_a16"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ[:-1], KS, 16, 64, X), ValueError, r"qweight must have shape \[512\]"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ.view(np.int8), KS, 16, 64, X), TypeError, "qweight must have dtype uint8"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, None, 16, 64, X), ValueError, "scales are required"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, KS[:-1], 16, 64, X), ValueError, r"scales must have shape \[32\]"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, KS, 24, 64, X), ValueError, "multiple of 16"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 48, X), ValueError, "multiple of 32"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 64, X[:, :32].copy()), ValueError, r"x must have shape \[\*, 64\]"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int4", KQ, KS, 16, 64, X, 0, 2), ValueError, r"block range"),
+    (lambda: NT.kernel_matmul_f32("scalar", "int5", KQ, KS, 16, 64, X), ValueError, "format must be"),
+    (lambda: NT.kernel_matmul_a8("scalar", "bf16", KQ, None, 16, 64, X, X, X), ValueError, "int4 or int8"),
+    (lambda: NT.kernel_matmul_a8("scalar", "int4", KQ, KS, 16, 64, X, X[:, :2].copy(), X[:, :2].copy()), TypeError, "q must have dtype int8"),
+    (lambda: NT.kernel_quantize_row_a8("scalar", X[:, :40].copy()), ValueError, "multiple of 32"),
+    (lambda: NT.kernel_matmul_a16("scalar", KQ, 16, 32, X[:, :32].copy()), ValueError, "matmul_a16"),
     (lambda: N.quantize_pack(np.zeros((16, 64), np.float64), "int4"), TypeError, "w must have dtype float32 or bf16"),
     (lambda: N.pack_int4_from_ct(np.zeros((16, 8), np.int32), np.zeros((16, 3), np.uint16)), ValueError,
      r"weight_scale must have shape \[16, 2\]"),

@@ -1,5 +1,5 @@
-"""The native decode-step ops (csrc/mla_decode.h, csrc/router.h) against their torch references,
-and the thread pool's caller jobs they run on.
+"""The native decode-step ops (csrc/models/mla_decode.h, csrc/core/norm.h, csrc/models/router.h)
+against their torch references, and the thread pool's caller jobs they run on.
 
 Bounds:
   rms_norm: the same rounding points as the torch code (fp32 normalise, round, times the bf16
@@ -26,6 +26,7 @@ from hybrid.experts.routers import NoAuxTC  # noqa: E402
 from checkpoints import load_model  # noqa: E402
 
 L = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 
 
 # ---- rms_norm ---------------------------------------------------------------------------------
@@ -236,16 +237,16 @@ def test_pool_caller_jobs(workers):
     L.set_num_threads(workers)
     try:
         for team in range(1, workers + 2):
-            j = L.pool_test_job(3, team=team, caller=True)
+            j = NT.pool_test_job(3, team=team, caller=True)
             j.wait()
             assert j.team == team and j.phase_counts == [team] * 3
         # An error in the caller's share (the last tid) and in a worker's come back from wait().
         with pytest.raises(RuntimeError, match=f"thread {workers}"):
-            L.pool_test_job(2, fail_phase=0, fail_tid=workers, team=workers + 1, caller=True).wait()
+            NT.pool_test_job(2, fail_phase=0, fail_tid=workers, team=workers + 1, caller=True).wait()
         with pytest.raises(RuntimeError, match="phase 1, thread 0"):
-            L.pool_test_job(2, fail_phase=1, fail_tid=0, team=workers + 1, caller=True).wait()
+            NT.pool_test_job(2, fail_phase=1, fail_tid=0, team=workers + 1, caller=True).wait()
         # Interleaved with plain jobs: all complete, none waits on another forever.
-        jobs = [L.pool_test_job(2, team=0, caller=bool(i % 2)) for i in range(6)]
+        jobs = [NT.pool_test_job(2, team=0, caller=bool(i % 2)) for i in range(6)]
         for j in jobs:
             j.wait()
     finally:

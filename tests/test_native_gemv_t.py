@@ -29,6 +29,7 @@ import pytest
 from hybrid import native
 
 N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 ISAS = list(N.available_isas())
 REL = 1e-6
 
@@ -62,7 +63,7 @@ def run(isa, w, x, n0, n1, acc, prefill, rng):
         out[...] = prefill
     else:
         out[...] = np.nan  # never read when overwriting
-    res = N.kernel_gemv_t_bf16(isa, w, x, n0, n1, acc, out)
+    res = NT.kernel_gemv_t_bf16(isa, w, x, n0, n1, acc, out)
     assert res is out
     assert np.array_equal(buf[:, 0], keep[:, 0]) and np.array_equal(buf[:, 1 + cols :], keep[:, 1 + cols :]), (
         f"{isa} wrote outside out[:, {n0}:{n1}]"
@@ -113,7 +114,7 @@ def test_scalar_is_the_ordered_float32_loop():
         ref = s.copy() if acc else np.zeros((t, n), np.float32)
         for i in range(k):
             ref += x[:, i : i + 1] * wf[i]  # float32 * float32 -> float32, then float32 +
-        out = N.kernel_gemv_t_bf16("scalar", w, x, accumulate=acc, out=s.copy())
+        out = NT.kernel_gemv_t_bf16("scalar", w, x, accumulate=acc, out=s.copy())
         assert np.array_equal(out, ref)
 
 
@@ -124,13 +125,13 @@ def test_nan_stays_in_its_token_and_old_out_is_not_read(isa):
     w = bf16_bits(rng.standard_normal((k, n), dtype=np.float32))
     x = rng.standard_normal((t, k), dtype=np.float32)
     x[1, 33] = np.nan
-    out = N.kernel_gemv_t_bf16(isa, w, x, out=np.full((t, n), np.nan, np.float32))
+    out = NT.kernel_gemv_t_bf16(isa, w, x, out=np.full((t, n), np.nan, np.float32))
     assert np.isnan(out[1]).all()
     assert np.isfinite(out[[0, 2]]).all()
     x[1, 33] = 0.5
     prev = rng.standard_normal((t, n)).astype(np.float32)
     prev[2, 17] = np.inf
-    out = N.kernel_gemv_t_bf16(isa, w, x, 5, 30, True, prev[:, 5:30].copy())
+    out = NT.kernel_gemv_t_bf16(isa, w, x, 5, 30, True, prev[:, 5:30].copy())
     assert np.isinf(out[2, 12]) and np.isfinite(np.delete(out.ravel(), 2 * 25 + 12)).all()
 
 
@@ -138,14 +139,14 @@ def test_allocates_out_and_defaults_to_every_column():
     rng = np.random.default_rng(4)
     w = bf16_bits(rng.standard_normal((20, 33), dtype=np.float32))
     x = rng.standard_normal((2, 20), dtype=np.float32)
-    out = N.kernel_gemv_t_bf16("", w, x)
+    out = NT.kernel_gemv_t_bf16("", w, x)
     assert out.dtype == np.float32 and out.shape == (2, 33) and out.flags.c_contiguous
-    assert np.array_equal(out, N.kernel_gemv_t_bf16(N.active_isa(), w, x, 0, 33))  # "" = the active ISA
+    assert np.array_equal(out, NT.kernel_gemv_t_bf16(N.active_isa(), w, x, 0, 33))  # "" = the active ISA
 
 
 def test_every_isa_has_the_entry():
     for isa in ISAS:  # scalar, avx2 and avx512 their own; the tables above take avx512's
-        assert N.kernel_entries(isa)["gemv_t_bf16"]
+        assert NT.kernel_entries(isa)["gemv_t_bf16"]
 
 
 def test_binding_errors():
@@ -179,8 +180,8 @@ def test_binding_errors():
     ]
     for args, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            N.kernel_gemv_t_bf16(*args)
+            NT.kernel_gemv_t_bf16(*args)
     missing = [i for i in N.isa_names() if i not in ISAS]
     if missing:
         with pytest.raises(ValueError, match=f"ISA '{missing[0]}' cannot run here"):
-            N.kernel_gemv_t_bf16(missing[0], w, x)
+            NT.kernel_gemv_t_bf16(missing[0], w, x)

@@ -1,5 +1,5 @@
 """Every kernel of every ISA table this machine runs, against float64 numpy references of the
-same math (csrc/kernels.h). Weights are packed with our packer and dequantised with `unpack`, so
+same math (csrc/core/kernels.h). Weights are packed with our packer and dequantised with `unpack`, so
 the references use exactly the weights the kernels see.
 
 Tolerances: the int8 activations are the same for every path (produced by one quantize call), so
@@ -17,6 +17,7 @@ from native_ref import bf16_round
 from hybrid import native
 
 N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 ISAS = N.available_isas()
 EPS32 = 2.0**-24
 
@@ -43,7 +44,7 @@ def test_quantize_row_a8_matches_rule(isa, k):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, k)) * rng.uniform(0.01, 10, (5, 1))).astype(np.float32)
     x[1, :32] = 0  # an all-zero group: scale 0, q 0
-    q, scale, gsum = N.kernel_quantize_row_a8(isa, x)
+    q, scale, gsum = NT.kernel_quantize_row_a8(isa, x)
     g = x.reshape(5, k // 32, 32)
     amax = np.abs(g).max(axis=2)
     np.testing.assert_allclose(scale, amax / 127, rtol=2e-7, atol=0)
@@ -54,7 +55,7 @@ def test_quantize_row_a8_matches_rule(isa, k):
     assert (q[1, :32] == 0).all() and scale[1, 0] == 0
     np.testing.assert_array_equal(gsum, q.reshape(g.shape).astype(np.int64).sum(axis=2))
     if isa != "scalar":  # same rule as the reference, so the same bytes up to ties
-        q0, s0, _ = N.kernel_quantize_row_a8("scalar", x)
+        q0, s0, _ = NT.kernel_quantize_row_a8("scalar", x)
         assert np.abs(q.astype(int) - q0).max() <= 1
         assert (q != q0).mean() < 1e-3
         np.testing.assert_array_equal(scale, s0)
@@ -68,9 +69,9 @@ def test_matmul_a8(isa, fmt, t, blocks):
     n, k = 64, 512
     q, s, w = packed(rng, fmt, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    xq, xs, xg = N.kernel_quantize_row_a8("scalar", x)
+    xq, xs, xg = NT.kernel_quantize_row_a8("scalar", x)
     b0, b1 = blocks or (0, n // 16)
-    out = N.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg, b0, b1)
+    out = NT.kernel_matmul_a8(isa, fmt, q, s, n, k, xq, xs, xg, b0, b1)
     xd = xq.astype(np.float64) * np.repeat(xs, 32, axis=1)  # the activations the kernel sees
     ws = w[16 * b0:16 * b1].astype(np.float64)
     ref = xd @ ws.T
@@ -85,10 +86,10 @@ def test_matmul_f32(isa, fmt, t):
     n, k = 48, 256
     q, s, w = packed(rng, fmt, n, k)
     x = rng.standard_normal((t, k)).astype(np.float32)
-    out = N.kernel_matmul_f32(isa, fmt, q, s, n, k, x)
+    out = NT.kernel_matmul_f32(isa, fmt, q, s, n, k, x)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     assert (np.abs(out - ref) <= fp32_bound(w, x)).all(), np.abs(out - ref).max()
-    part = N.kernel_matmul_f32(isa, fmt, q, s, n, k, x, 1, 2)
+    part = NT.kernel_matmul_f32(isa, fmt, q, s, n, k, x, 1, 2)
     np.testing.assert_allclose(part, out[:, 16:32], rtol=1e-6, atol=1e-6)
 
 
@@ -101,13 +102,13 @@ def test_matmul_a16(isa, t):
     xb = bf16_round(x)
     ref = xb @ w.T.astype(np.float64)
     bound = fp32_bound(w, xb)
-    r = N.reference_matmul_a16(q, n, k, x)
+    r = NT.reference_matmul_a16(q, n, k, x)
     assert (np.abs(r - ref) <= bound).all()
-    if not N.kernel_entries(isa)["matmul_a16"]:
+    if not NT.kernel_entries(isa)["matmul_a16"]:
         with pytest.raises(ValueError, match="matmul_a16"):
-            N.kernel_matmul_a16(isa, q, n, k, x)
+            NT.kernel_matmul_a16(isa, q, n, k, x)
         return
-    out = N.kernel_matmul_a16(isa, q, n, k, x)
+    out = NT.kernel_matmul_a16(isa, q, n, k, x)
     assert (np.abs(out - ref) <= bound).all(), np.abs(out - ref).max()
 
 
@@ -117,11 +118,11 @@ def test_k25_sizes(isa):
     for n, k in ((32, 7168), (32, 2048)):
         q, s, w = packed(rng, "int4", n, k)
         x = rng.standard_normal((3, k)).astype(np.float32)
-        xq, xs, xg = N.kernel_quantize_row_a8("scalar", x)
+        xq, xs, xg = NT.kernel_quantize_row_a8("scalar", x)
         xd = xq.astype(np.float64) * np.repeat(xs, 32, axis=1)
-        out = N.kernel_matmul_a8(isa, "int4", q, s, n, k, xq, xs, xg)
+        out = NT.kernel_matmul_a8(isa, "int4", q, s, n, k, xq, xs, xg)
         assert (np.abs(out - xd @ w.T.astype(np.float64)) <= fp32_bound(w, xd)).all()
-        out = N.kernel_matmul_f32(isa, "int4", q, s, n, k, x)
+        out = NT.kernel_matmul_f32(isa, "int4", q, s, n, k, x)
         assert (np.abs(out - x.astype(np.float64) @ w.T.astype(np.float64)) <= fp32_bound(w, x)).all()
 
 
@@ -135,5 +136,5 @@ def test_dispatch_facts():
         assert (reason == "") == (name in info["available"])
     assert "unknown ISA" in N.isa_unavailable_reason("sse9")
     with pytest.raises(ValueError, match="cannot run here"):
-        N.kernel_matmul_f32("sse9", "bf16", np.zeros(16 * 32 * 2, np.uint8), None, 16, 32,
+        NT.kernel_matmul_f32("sse9", "bf16", np.zeros(16 * 32 * 2, np.uint8), None, 16, 32,
                             np.zeros((1, 32), np.float32))

@@ -1,5 +1,5 @@
 // bandwidth.cpp: see bandwidth.h.
-#include "bandwidth.h"
+#include "core/bandwidth.h"
 
 #include <sys/mman.h>
 
@@ -13,8 +13,8 @@
 
 #include <immintrin.h>
 
-#include "dispatch.h"
-#include "thread_pool.h"
+#include "core/dispatch.h"
+#include "core/thread_pool.h"
 
 namespace hybrid {
 namespace {

@@ -1,5 +1,5 @@
 // dense.cpp: see dense.h.
-#include "dense.h"
+#include "core/dense.h"
 
 #include <algorithm>
 

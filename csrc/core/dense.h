@@ -8,8 +8,8 @@
 #pragma once
 #include <cstdint>
 
-#include "kernels.h"
-#include "thread_pool.h"
+#include "core/kernels.h"
+#include "core/thread_pool.h"
 
 namespace hybrid {
 

@@ -1,6 +1,6 @@
 // dispatch.cpp: CPU feature detection (cpuid + xgetbv + the AMX arch_prctl permission) and the
 // choice of KernelTable. Everything is computed lazily on first use and then cached.
-#include "dispatch.h"
+#include "core/dispatch.h"
 
 #include <cpuid.h>
 #include <sys/syscall.h>

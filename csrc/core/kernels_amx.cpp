@@ -19,7 +19,7 @@
 // the VNNI path (simd_vnni.h) is used: the round trip then costs more than it saves.
 //
 // Legend: M tokens in a tile (<= 16), RB = 16 rows per block, G = 32, NG = K / 32.
-#include "simd_vnni.h"
+#include "core/simd_vnni.h"
 
 namespace hybrid {
 namespace {

@@ -3,7 +3,7 @@
 // vpmaddwd, gemv_bf16 (bf16 widened to fp32 by shift / mask, FMA) and gemv_t_bf16 (the transposed
 // axpy form, columns in zmm). The bodies live in simd_avx512.h so the VNNI and AMX units can reuse the helpers.
 // Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
-#include "simd_avx512.h"
+#include "core/simd_avx512.h"
 
 namespace hybrid {
 namespace {

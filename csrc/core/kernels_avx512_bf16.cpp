@@ -7,7 +7,7 @@
 // avx512_vnni / avx512 tables. Compiled with the avx512 flags + -mavx512vnni -mavx512bf16 only.
 //
 // Legend: RB = 16 rows per block, P = K / 2 input pairs, TT tokens per tile, PC pairs per chunk.
-#include "simd_avx512.h"
+#include "core/simd_avx512.h"
 
 namespace hybrid {
 namespace {

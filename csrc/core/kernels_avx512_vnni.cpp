@@ -2,7 +2,7 @@
 // decode (GEMV) and small-batch workhorse for INT4/INT8 weights; body in simd_vnni.h.
 // quantize_row_a8 and matmul_f32 gain nothing from VNNI and are left null: dispatch.cpp fills
 // them from the avx512 table. Compiled with the avx512 flags + -mavx512vnni only.
-#include "simd_vnni.h"
+#include "core/simd_vnni.h"
 
 namespace hybrid {
 namespace {

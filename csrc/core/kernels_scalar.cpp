@@ -6,8 +6,8 @@
 #include <cmath>
 #include <vector>
 
-#include "kernels.h"
-#include "kernels_scalar.h"
+#include "core/kernels.h"
+#include "core/kernels_scalar.h"
 
 namespace hybrid {
 namespace {

@@ -1,6 +1,6 @@
 // kernels_scalar.h: scalar reference entries that are not part of the scalar KernelTable.
 #pragma once
-#include "kernels.h"
+#include "core/kernels.h"
 
 namespace hybrid {
 

@@ -1,13 +1,13 @@
 // moe.cpp: see moe.h.
-#include "moe.h"
+#include "core/moe.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 
-#include "dispatch.h"
-#include "pack.h"
+#include "core/dispatch.h"
+#include "core/pack.h"
 
 namespace hybrid {
 namespace {

@@ -29,9 +29,9 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
-#include "packed_layer.h"
-#include "thread_pool.h"
+#include "core/kernels.h"
+#include "core/packed_layer.h"
+#include "core/thread_pool.h"
 
 namespace hybrid {
 

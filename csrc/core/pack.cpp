@@ -1,6 +1,6 @@
 // pack.cpp: see pack.h. Plain loops over one row block at a time; the inner loops run over
 // contiguous inputs so the compiler vectorises them.
-#include "pack.h"
+#include "core/pack.h"
 
 #include <cmath>
 #include <cstring>

@@ -8,7 +8,7 @@
 #pragma once
 #include <cstdint>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 namespace hybrid {
 

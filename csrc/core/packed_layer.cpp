@@ -1,5 +1,5 @@
 // packed_layer.cpp: see packed_layer.h.
-#include "packed_layer.h"
+#include "core/packed_layer.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -11,8 +11,8 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "pack.h"
-#include "thread_pool.h"
+#include "core/pack.h"
+#include "core/thread_pool.h"
 
 namespace hybrid {
 namespace {

@@ -21,7 +21,7 @@
 #include <memory>
 #include <string>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 namespace hybrid {
 

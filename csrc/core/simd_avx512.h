@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels.h"
+#include "core/kernels.h"
 
 #define HY_ALWAYS_INLINE inline __attribute__((always_inline))
 

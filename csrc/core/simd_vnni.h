@@ -11,7 +11,7 @@
 //
 // Legend: RB = 16 rows per packed block, G = 32 inputs per group, NG = K / 32, TT tokens per tile.
 #pragma once
-#include "simd_avx512.h"
+#include "core/simd_avx512.h"
 
 namespace hybrid {
 namespace {

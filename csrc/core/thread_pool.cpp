@@ -1,5 +1,5 @@
 // thread_pool.cpp: see thread_pool.h.
-#include "thread_pool.h"
+#include "core/thread_pool.h"
 
 #include <linux/futex.h>
 #include <pthread.h>

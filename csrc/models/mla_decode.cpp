@@ -1,6 +1,6 @@
 // mla_decode.cpp: see mla_decode.h. Compiled with the default flags: the ISA-specific work is the
 // KernelTable's gemv_bf16 / gemv_t_bf16; the rest is short fp32 loops (norm, RoPE, softmax).
-#include "mla_decode.h"
+#include "models/mla_decode.h"
 
 #include <algorithm>
 #include <cmath>

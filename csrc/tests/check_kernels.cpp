@@ -1,6 +1,10 @@
 // check_kernels.cpp: standalone check of every per-ISA kernel table against a plain scalar
 // reference written here from the layouts in kernels.h (independent of kernels_scalar.cpp).
-// Not part of the extension; build and run by hand with csrc/tests/run_check.sh.
+// Not part of the extension: CMake builds it as the executable check_kernels from the same kernel
+// objects (hybrid_kernels); tests/test_native_check_kernels.py builds and runs it. By hand:
+//   cmake -S . -B build/check -G Ninja -DHYBRID_PYTHON=OFF && ninja -C build/check check_kernels
+//   build/check/check_kernels [isa-name]
+// Tables this CPU / OS cannot run are skipped with the reason dispatch.h gives.
 //
 // Tolerances: matmul_f32 / matmul_a8 differ from the reference only in fp32 summation order, so
 // |out - ref| <= 1e-5 * sum_k |w_k * x_k| (+ tiny absolute); matmul_a16 rounds x to bf16, so
@@ -14,10 +18,8 @@
 #include <random>
 #include <vector>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include "../kernels.h"
+#include "core/dispatch.h"
+#include "core/kernels.h"
 
 using namespace hybrid;
 
@@ -284,18 +286,22 @@ void check_gemv_t(const KernelTable* kt) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // AMX tile data needs the OS's permission (dispatch.cpp asks for it in the extension).
-  const long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  bool amx_ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  if (!amx_ok) std::printf("AMX tile permission refused: amx table not checked\n");
-  const KernelTable* tables[] = {kernels_avx2(), kernels_avx512(), kernels_avx512_vnni(),
-                                 kernels_avx512_bf16(), amx_ok ? kernels_amx() : nullptr};
+  const KernelTable* tables[] = {kernels_avx2(), kernels_avx512(), kernels_avx512_vnni(), kernels_avx512_bf16(),
+                                 kernels_amx()};
+  int checked = 0;
   for (const KernelTable* kt : tables) {
-    if (argc > 1 && kt && std::strcmp(argv[1], kt->name) != 0) continue;
+    if (kt == nullptr || (argc > 1 && std::strcmp(argv[1], kt->name) != 0)) continue;
+    const std::string why = isa_unavailable_reason(kt->name);
+    if (!why.empty()) {
+      std::printf("%s: not checked (%s)\n", kt->name, why.c_str());
+      continue;
+    }
     check_table(kt);
     check_gemv(kt);
     check_gemv_t(kt);
+    std::printf("%s: checked\n", kt->name);
+    ++checked;
   }
-  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
+  std::printf("%s: %d table(s) checked, %d failure(s)\n", failures ? "FAILED" : "PASSED", checked, failures);
   return failures ? 1 : 0;
 }
