@@ -1,4 +1,6 @@
 """The one importer of the C++ extension hybrid._native (built from csrc/ by `pip install -e .`).
+Its test-only sibling hybrid._native_testing (kernel probes, pool test jobs, fault injection) is
+imported by tests alone, never from hybrid/.
 
 Everything here is lazy: importing this module does nothing; the extension is imported, the CPU
 inspected and the thread pool started on first use.
@@ -11,8 +13,8 @@ slow down. Callers should therefore:
     torch's work and the CPU MoE runs concurrently with it (submit / sync);
   * without a GPU (torch on the CPU): CPU MoE and torch ops alternate (forward(), or sync() before
     the next torch op), so each may use all cores; avoid running torch compute between submit()
-    and sync(), or give torch and the pool disjoint thread budgets.
-`recommended_torch_threads(gpu)` returns the number to pass to torch.set_num_threads.
+    and sync(), or give torch and the pool disjoint thread budgets (hybrid/runtime/threads.py
+    sets both).
 
 Data. Arrays cross the boundary without copies: torch CPU tensors become numpy views
 (`as_numpy`); bf16 travels as uint16 bit patterns since numpy has no bf16.
@@ -83,12 +85,6 @@ def set_num_threads(threads: int | None) -> None:
     lib().set_num_threads(int(threads or 0))
 
 
-def recommended_torch_threads(gpu: bool) -> int:
-    """torch.set_num_threads value that does not fight the MoE pool (see module doc)."""
-    cores = int(lib().default_threads())
-    return min(2, cores) if gpu else cores
-
-
 def as_numpy(t, name: str, *, writable: bool = False):
     """numpy view of a CPU torch tensor or a numpy array, no copy; bf16 -> uint16 bit patterns.
     TypeError naming `name` for anything else (GPU tensors included)."""
@@ -113,9 +109,6 @@ def as_numpy(t, name: str, *, writable: bool = False):
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(t).__name__}")
 
 
-_dense_gemv_torch = None  # hybrid._native.dense_gemv_torch, looked up on the first gemv_bf16 call
-
-
 def gemv_bf16(weight, x, out=None, *, isa: str | None = None, threads: bool = True):
     """y [T, N] = x [T, K] @ weight [N, K]^T with the native bf16 GEMV (csrc/dense.h): the device
     Linear's path on CPU for a few tokens, where torch's bf16 F.linear pays a fixed ~30 us and
@@ -138,8 +131,4 @@ def gemv_bf16(weight, x, out=None, *, isa: str | None = None, threads: bool = Tr
     is 1.3 us of it). The binding reads dtype / device / shape / strides / data_ptr off each tensor
     through the C API, ~0.55 us per tensor; as_numpy's view would cost ~4 us per tensor.
     """
-    global _dense_gemv_torch
-    fn = _dense_gemv_torch
-    if fn is None:
-        fn = _dense_gemv_torch = lib().dense_gemv_torch
-    return fn(weight, x, out, isa or "", threads)
+    return lib().dense_gemv_torch(weight, x, out, isa or "", threads)

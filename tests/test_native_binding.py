@@ -178,3 +178,22 @@ def test_layer_checks(moe):
         N.Layer.create("fp8", 2, 64, 64)
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
         N.Layer.create("int4", 0, 64, 64)
+
+
+def test_test_entry_points_only_in_the_testing_module():
+    """hybrid._native (what users load) has none of the test-only entry points; they are in
+    hybrid._native_testing, which shares its core library (one thread pool: a pool test job runs
+    on the pool N.set_num_threads sizes)."""
+    test_only = {"kernel_entries", "kernel_quantize_row_a8", "kernel_matmul_a8", "kernel_matmul_f32",
+                 "kernel_matmul_a16", "reference_matmul_a16", "kernel_gemv_t_bf16", "pool_test_job", "PoolTestJob",
+                 "inject_fault"}
+    assert not test_only & set(dir(N)) and not hasattr(N.MoE, "inject_fault")
+    assert test_only <= set(dir(NT))
+    before = N.num_threads()
+    N.set_num_threads(1)
+    try:
+        job = NT.pool_test_job(2)
+        job.wait()
+        assert job.phase_counts == [1, 1]
+    finally:
+        N.set_num_threads(before)
