@@ -19,6 +19,7 @@ import base64
 import codecs
 import json
 import os
+import re
 from pathlib import Path
 
 from hybrid.chat_template import KIMI_TEMPLATE, ChatTemplateError, render
@@ -41,6 +42,18 @@ MAX_RUN_CHARS = 25_000
 # Tokens that end an assistant turn in common chat formats; each one present in the vocabulary
 # is a stop token in addition to eos and generation_config.json's eos_token_id.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text: str) -> str:
+    """text with each unpaired UTF-16 surrogate (U+D800..U+DFFF, what JSON's "\\ud83d" escape gives
+    when a client cuts a string inside an emoji) replaced by U+FFFD; such a str cannot be encoded
+    as UTF-8. tiktoken does the same inside encode; the tokenizers back end would raise."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class TokenizerError(ValueError):
@@ -216,6 +229,7 @@ class Tokenizer:
         allow_special is False, in which case it is encoded as ordinary text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        text = replace_lone_surrogates(text)
         if self.backend == "tiktoken":
             ids = []
             for piece in _cut_long_runs(text):
@@ -438,4 +452,4 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "TokenizerError", "ChatTemplateError",
-           "load_tokenizer", "read_tiktoken_ranks", "write_tiktoken_ranks", "KIMI_PAT_STR"]
+           "load_tokenizer", "read_tiktoken_ranks", "replace_lone_surrogates", "write_tiktoken_ranks", "KIMI_PAT_STR"]

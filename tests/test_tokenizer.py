@@ -136,6 +136,16 @@ def test_hf_incremental_decoder_never_splits_characters(hf_dir):
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_lone_surrogates_become_replacement_characters_in_both_back_ends(hf_dir, tmp_path):
+    # "a\ud800b" is what a client sends when it cuts a string inside an emoji: not encodable as
+    # UTF-8. Both back ends encode it as "a\ufffdb"; a real pair (an emoji) is kept.
+    kimi_dir(tmp_path)
+    for tok in (load_tokenizer(hf_dir), load_tokenizer(tmp_path)):
+        assert tok.encode("a\ud800b") == tok.encode("a\ufffdb"), tok.backend
+        assert tok.decode(tok.encode("x\udc00\U0001F642\ud83d")) == "x\ufffd\U0001F642\ufffd"
+        assert tok.encode_chat("<|im_end|>a\ud800", ["a\ud800"]) == tok.encode("<|im_end|>a\ufffd")
+
+
 def test_checkpoint_chat_template_wins(hf_dir, tmp_path):
     tok = load_tokenizer(hf_dir)
     msgs = [{"role": "user", "content": "hi"}]

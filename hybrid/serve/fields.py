@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from hybrid.serve.errors import ApiError, bad_request
+from hybrid.tokenizer import replace_lone_surrogates
 
 _MISSING = object()
+# A lone surrogate reaches a str through a JSON escape (\ud800) or, since json.loads decodes
+# bytes with surrogatepass, as its 3-byte UTF-8 form (ED A0..BF ..).
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def parse_json_body(raw: bytes) -> dict:
+    """The body as a JSON object. Every lone UTF-16 surrogate in it (a client that cut a string
+    inside an emoji), in any string or key, becomes U+FFFD, as undecodable bytes do in output:
+    the same rule for every field of every route, so no text can fail later in the tokenizer."""
     if not raw:
         raise bad_request("request body is empty; expected a JSON object")
     try:
@@ -26,7 +34,22 @@ def parse_json_body(raw: bytes) -> dict:
         raise bad_request("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got {_kind(body)}")
+    if _MAYBE_SURROGATE.search(raw):
+        try:
+            body = _without_surrogates(body)
+        except RecursionError:
+            raise bad_request("request body is nested too deeply") from None
     return body
+
+
+def _without_surrogates(v):
+    if isinstance(v, str):
+        return replace_lone_surrogates(v)
+    if isinstance(v, list):
+        return [_without_surrogates(x) for x in v]
+    if isinstance(v, dict):
+        return {replace_lone_surrogates(k): _without_surrogates(x) for k, x in v.items()}
+    return v
 
 
 def _kind(v) -> str:

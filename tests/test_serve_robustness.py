@@ -1,0 +1,106 @@
+"""What real clients send that the server must survive, against a live `hybrid serve` on the
+embedded demo model: broken text, empty content, clients that leave mid-body; and what it must
+never send back (repeated tool-call ids, special-token text in content). Every request is
+bounded (a few tokens, a timeout), loopback only.
+"""
+
+import json
+import logging
+import socket
+import time
+
+import httpx
+import pytest
+
+from test_serve_support import LiveServer, metric
+
+CUT = "a\ud800b"  # a string cut inside an emoji: a lone UTF-16 surrogate
+TOOL = {"type": "function", "function": {
+    "name": "python_help", "description": "Look up the documentation of a Python name",
+    "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+ANTHROPIC_TOOL = {"name": "python_help", "description": TOOL["function"]["description"],
+                  "input_schema": TOOL["function"]["parameters"]}
+QUESTION = [{"role": "user", "content": "What does len do?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from hybrid.api import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").is_file():
+        pytest.skip("no embedded demo model in this tree")
+    import torch
+
+    import hybrid
+
+    loaded = hybrid.load(None, dtype=torch.float32, progress=False)
+    s = LiveServer({"model_name": "demo"}, max_seqs=4, loaded=loaded, context=1024)
+    yield s
+    s.stop()
+
+
+def post(server, path, body) -> httpx.Response:
+    # json.dumps writes a lone surrogate as the escape "\ud800", as JavaScript clients do.
+    return httpx.post(server.url + path, content=json.dumps(body), timeout=60,
+                      headers={"Content-Type": "application/json"})
+
+
+def requests_by_status(server) -> dict[int, int]:
+    out = {}
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("hybrid_requests_total{"):
+            status = int(line.split('status="')[1].split('"')[0])
+            out[status] = out.get(status, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+# ---- 1. lone surrogates are replaced by U+FFFD in every text field of every route -----------
+
+OPENAI_CHAT = {"model": "demo", "max_tokens": 2, "temperature": 0}
+SURROGATE_CASES = [
+    ("/v1/chat/completions", dict(OPENAI_CHAT, messages=[{"role": "user", "content": CUT}])),
+    ("/v1/chat/completions", dict(OPENAI_CHAT, messages=[{"role": "system", "content": CUT}] + QUESTION)),
+    ("/v1/chat/completions", dict(OPENAI_CHAT, messages=[{"role": "user", "content": [{"type": "text", "text": CUT}]}])),
+    ("/v1/chat/completions", dict(OPENAI_CHAT, messages=QUESTION, tools=[
+        {"type": "function", "function": dict(TOOL["function"], description=CUT)}])),
+    ("/v1/chat/completions", dict(OPENAI_CHAT, messages=QUESTION, stop=[CUT])),
+    ("/v1/completions", {"model": "demo", "prompt": CUT, "max_tokens": 2, "temperature": 0}),
+    ("/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": 2, "stop": "\udc00"}),
+    ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": CUT}]}),
+    ("/v1/messages", {"model": "demo", "max_tokens": 2, "system": CUT, "messages": QUESTION}),
+    ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": QUESTION, "stop_sequences": [CUT],
+                      "tools": [dict(ANTHROPIC_TOOL, description=CUT)]}),
+    ("/v1/messages", {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": CUT}]}]}),
+    ("/v1/messages/count_tokens", {"model": "demo", "messages": [{"role": "user", "content": CUT}]}),
+]
+
+
+@pytest.mark.parametrize("path, body", SURROGATE_CASES)
+def test_lone_surrogate_in_any_text_field_is_replaced_not_a_500(server, path, body):
+    r = post(server, path, body)
+    assert r.status_code == 200, r.text
+
+
+def test_a_surrogate_in_a_name_that_is_echoed_back_comes_back_replaced(server):
+    # A forced call to a tool whose name holds the surrogate: the name is in the response.
+    fn = dict(TOOL["function"], name="help" + CUT)
+    for stream in (False, True):
+        r = post(server, "/v1/chat/completions", dict(OPENAI_CHAT, messages=QUESTION, stream=stream, tools=[
+            {"type": "function", "function": fn}], tool_choice={"type": "function", "function": {"name": fn["name"]}}))
+        assert r.status_code == 200 and "help" + "a\ufffdb" in r.content.decode(), r.text
+        assert "data: [DONE]" in r.text if stream else r.json()["choices"][0]["message"]["tool_calls"]
+
+
+def test_a_replaced_surrogate_is_the_replacement_character(server):
+    # The prompt holds exactly what "a\ufffdb" gives, on both dialects.
+    def prompt_tokens(path, text):
+        body = {"model": "demo", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": text}]}
+        usage = post(server, path, body).json()["usage"]
+        return usage.get("prompt_tokens", usage.get("input_tokens"))
+
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        assert prompt_tokens(path, CUT) == prompt_tokens(path, "a\ufffdb")
+    r = post(server, "/v1/completions", {"model": "demo", "prompt": CUT, "max_tokens": 1})
+    assert r.json()["usage"]["prompt_tokens"] == post(
+        server, "/v1/completions", {"model": "demo", "prompt": "a\ufffdb", "max_tokens": 1}).json()["usage"]["prompt_tokens"]
