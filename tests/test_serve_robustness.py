@@ -104,3 +104,40 @@ def test_a_replaced_surrogate_is_the_replacement_character(server):
     r = post(server, "/v1/completions", {"model": "demo", "prompt": CUT, "max_tokens": 1})
     assert r.json()["usage"]["prompt_tokens"] == post(
         server, "/v1/completions", {"model": "demo", "prompt": "a\ufffdb", "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+
+
+# ---- 2. empty content arrays are a 400 naming the field ---------------------------------------
+
+@pytest.mark.parametrize("path, messages, field", [
+    ("/v1/messages", [{"role": "user", "content": []}], "messages[0].content"),
+    ("/v1/messages", QUESTION + [{"role": "assistant", "content": []}, {"role": "user", "content": "and?"}],
+     "messages[1].content"),
+    ("/v1/chat/completions", [{"role": "user", "content": []}], "messages[0].content"),
+    ("/v1/chat/completions", [{"role": "system", "content": []}] + QUESTION, "messages[0].content"),
+    ("/v1/chat/completions", QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "python_help", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": []}], "messages[2].content"),
+])
+def test_empty_content_array_is_a_400_naming_the_field(server, path, messages, field):
+    r = post(server, path, {"model": "demo", "max_tokens": 2, "messages": messages})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    message = body["error"]["message"]
+    assert f"'{field}' is an empty array" in message
+    if path == "/v1/chat/completions":
+        assert body["error"]["param"] == field
+    else:
+        assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_empty_content_where_it_is_allowed(server):
+    # A final assistant turn (Anthropic prefill) and an assistant turn of only tool calls.
+    r = post(server, "/v1/messages", {"model": "demo", "max_tokens": 2, "temperature": 0,
+                                      "messages": QUESTION + [{"role": "assistant", "content": []}]})
+    assert r.status_code == 200, r.text
+    r = post(server, "/v1/chat/completions", dict(OPENAI_CHAT, tools=[TOOL], messages=QUESTION + [
+        {"role": "assistant", "content": [], "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "python_help", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "len(obj, /)"}]))
+    assert r.status_code == 200, r.text

@@ -100,6 +100,11 @@ def parse_messages(raw) -> list[dict]:
     for where, m, role in iter_messages(raw):
         content = m.get("content")
         check(content is not None, f"'{where}.content' is required", f"{where}.content")
+        # As Anthropic's API: only the final assistant turn (a prefill) may be empty.
+        final_assistant = role == "assistant" and where == f"messages[{len(raw) - 1}]"
+        check(content != [] or final_assistant,
+              f"'{where}.content' is an empty array; every turn but a final assistant one needs at least one block",
+              f"{where}.content")
         if role == "user":
             out += _user_message(content, f"{where}.content")
         elif role == "assistant":

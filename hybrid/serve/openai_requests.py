@@ -31,14 +31,16 @@ class Options:
     logprobs: bool = False
 
 
-def _text_content(content, where: str, allow_none: bool) -> str | None:
-    """OpenAI content: a string or a list of parts; only text parts are supported."""
+def _text_content(content, where: str, optional: bool) -> str | None:
+    """OpenAI content: a string or a list of parts; only text parts are supported. `optional`: an
+    assistant turn, whose content may be null or an empty array (a turn of only tool calls)."""
     if content is None:
-        check(allow_none, f"'{where}' is required", where)
+        check(optional, f"'{where}' is required", where)
         return None
     if isinstance(content, str):
         return content
     check(isinstance(content, list), f"'{where}' must be a string or an array of content parts", where)
+    check(bool(content) or optional, f"'{where}' is an empty array; it needs at least one content part", where)
     texts = []
     for j, part in enumerate(content):
         pw = f"{where}[{j}]"
@@ -73,7 +75,7 @@ def parse_messages(raw) -> list[dict]:
             raise bad_request(f"'{where}.role' must be one of {', '.join(_ROLES)}; got '{role}'", f"{where}.role")
         msg: dict = {"role": "system" if role == "developer" else role}
         if role == "assistant":
-            msg["content"] = _text_content(m.get("content"), f"{where}.content", allow_none=True) or ""
+            msg["content"] = _text_content(m.get("content"), f"{where}.content", optional=True) or ""
             if m.get("tool_calls"):
                 msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
             reasoning = m.get("reasoning_content", m.get("reasoning"))
@@ -82,7 +84,7 @@ def parse_messages(raw) -> list[dict]:
                       f"{where}.reasoning_content")
                 msg["reasoning_content"] = reasoning
         else:
-            msg["content"] = _text_content(m.get("content"), f"{where}.content", allow_none=False)
+            msg["content"] = _text_content(m.get("content"), f"{where}.content", optional=False)
         if role == "tool":
             msg["tool_call_id"] = get(m, "tool_call_id", where, str)
         messages.append(msg)
