@@ -141,3 +141,42 @@ def test_empty_content_where_it_is_allowed(server):
             {"id": "c1", "type": "function", "function": {"name": "python_help", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "len(obj, /)"}]))
     assert r.status_code == 200, r.text
+
+
+# ---- 3. a client that leaves while sending its body is not a server error ----------------------
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                  "/v1/messages/count_tokens"])
+def test_client_leaving_mid_body_is_counted_499_and_not_logged_as_an_error(server, path):
+    records = _Records()
+    loggers = [logging.getLogger(n) for n in ("hybrid.serve", "uvicorn.error", "uvicorn")]
+    for lg in loggers:
+        lg.addHandler(records)
+    try:
+        before = requests_by_status(server)
+        host, port = server.url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 1000\r\n\r\n".encode() + b'{"model": "demo", "messa')
+            time.sleep(0.2)  # the route is reading the body now
+        deadline = time.monotonic() + 10
+        while requests_by_status(server).get(499, 0) == before.get(499, 0):
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.05)
+        after = requests_by_status(server)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(records)
+    assert after.get(500, 0) == before.get(500, 0)
+    assert after.get(499, 0) == before.get(499, 0) + 1
+    assert [r for r in records.records if r.levelno >= logging.WARNING or r.exc_info] == []
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200

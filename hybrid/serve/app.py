@@ -4,7 +4,8 @@ Routes read the raw body themselves (bounded by max_body_bytes) and validate it 
 request always gets a 4xx in the error shape of the route's dialect, never FastAPI's generic 422
 or a 500. A streaming response that loses its client is cancelled by Starlette; the generator's
 cleanup cancels the engine request, freeing its sequence slot. A non-streaming request watches
-for the disconnect itself for the same reason.
+for the disconnect itself for the same reason. A client that leaves while still sending its body
+is no error either: each of these is counted as a 499 (nginx's "client closed request").
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hybrid.serve import anthropic_requests, anthropic_responses, openai_requests, openai_responses
 from hybrid.serve.backend import Backend
@@ -97,6 +99,11 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
         metrics.count_request(route, err.status)
         return JSONResponse(error_body(err, dialect), status_code=err.status)
 
+    def client_gone(route: str) -> Response:
+        metrics.cancelled += 1
+        metrics.count_request(route, 499)  # nginx's "client closed request"; nobody reads it
+        return Response(status_code=499)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         # Unknown routes and wrong methods, in the caller's dialect.
@@ -119,6 +126,8 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             run = await asyncio.to_thread(backend.start, job)
         except ApiError as err:
             return error_response(err, dialect, route)
+        except ClientDisconnect:  # left while sending the body
+            return client_gone(route)
         metrics.prompt_tokens += run.prompt_tokens  # here, on the event loop, like every counter
         run.request_id = openai_responses.new_id(id_prefix)
         if config.log_requests:
@@ -133,9 +142,7 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             if not run.done:
                 run.cancel()
         if gone:
-            metrics.cancelled += 1
-            metrics.count_request(route, 499)  # nginx's "client closed request"
-            return JSONResponse({}, status_code=499)
+            return client_gone(route)
         metrics.count_request(route, 200)
         return JSONResponse(result)
 
@@ -163,6 +170,8 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             ids, _ = await asyncio.to_thread(backend.render_prompt, job)
         except ApiError as err:
             return error_response(err, "anthropic", "count_tokens")
+        except ClientDisconnect:
+            return client_gone("count_tokens")
         metrics.count_request("count_tokens", 200)
         return {"input_tokens": len(ids)}
 
