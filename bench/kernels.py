@@ -9,7 +9,7 @@ Columns: Gop/s (2 per multiply-add) and, for T = 1, the GB/s of packed weight re
 matrix, 16 MB for INT4, is larger than L2, so T = 1 streams it from L3/RAM like decode does).
 Medians of --runs calls after a warm-up call.
 
---gemv: the dense bf16 GEMV of the device Linear on CPU (hybrid.native.gemv_bf16, csrc/dense.h)
+--gemv: the dense bf16 GEMV of the device Linear on CPU (hybrid.native.gemv_bf16, csrc/core/dense.h)
 against torch's bf16 F.linear, on the demo model's and Kimi K2.5's non-expert shapes, T = 1 and
 4, bf16 out, once on one thread (native threads=False, torch.set_num_threads(1)) and once with
 the native pool (threads=True) against torch with its default threads. Columns: microseconds,

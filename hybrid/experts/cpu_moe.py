@@ -66,7 +66,7 @@ def _fact(path: str, doc: str | None = None) -> property:
 
 
 class PackedLayer:
-    """One MoE layer's routed experts in the packed layout (csrc/packed_layer.h). The buffer is
+    """One MoE layer's routed experts in the packed layout (csrc/core/packed_layer.h). The buffer is
     anonymous memory (from_*) or a read-only mmap of a packed layer file (load)."""
 
     def __init__(self, handle):
@@ -168,7 +168,7 @@ class PackedLayer:
 
 
 class CpuMoE:
-    """Fused routed-expert MoE of one layer on the CPU (csrc/moe.h).
+    """Fused routed-expert MoE of one layer on the CPU (csrc/core/moe.h).
 
     y[b] = sum_k weights[b, k] * down_e(SiLU(gate_e x[b]) * up_e x[b]),  e = ids[b, k],
     skipping experts with skip_mask[e] set (they run elsewhere, e.g. cached on the GPU).

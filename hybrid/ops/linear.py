@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
 # Up to this many tokens a dense bf16 weight on the CPU goes through the native GEMV
-# (csrc/dense.h): torch's CPU bf16 F.linear costs ~30 us per call on small shapes and reorders
+# (csrc/core/dense.h): torch's CPU bf16 F.linear costs ~30 us per call on small shapes and reorders
 # the weight each call (12 GB/s on a 7168x1536 matrix), which made it most of a decode step.
 # Beyond a few tokens torch's blocked GEMM (AMX / AVX-512 BF16) is the faster one.
 NATIVE_MAX_TOKENS = 4

@@ -5,7 +5,7 @@ Two forms, chosen once at load by the op set:
   MLAAttention        torch (what a CUDA device runs): latent norm, RoPE, cache write, then the
                       expanded or the absorbed form over the padded slot groups;
   NativeMLAAttention  a bf16 CPU device: a decode batch (one token per slot) runs in one native
-                      call (csrc/mla_decode.h: ~45 torch ops per layer become one); anything
+                      call (csrc/models/mla_decode.h: ~45 torch ops per layer become one); anything
                       else takes the torch form.
 
 Legend: T tokens, U distinct slots, Q queries per slot (padded), L keys per slot,

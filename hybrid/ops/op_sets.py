@@ -63,7 +63,7 @@ class NativeCpuOps(TorchOps):
                 and x.numel() <= NATIVE_NORM_ELEMENTS and x.is_contiguous())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # A few bf16 tokens: one native call (csrc/router.h, same rounding) instead of 7 torch
+        # A few bf16 tokens: one native call (csrc/core/norm.h, same rounding) instead of 7 torch
         # ops of dispatch each; prefill-sized inputs stay with torch's threaded kernels.
         if self._norm_fits(x, weight):
             return self._lib.rms_norm(x, weight, eps, torch.empty_like(x))

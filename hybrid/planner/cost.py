@@ -212,7 +212,7 @@ def local_machine(measure: bool = True, info: dict | None = None) -> MachineSpec
         src["cpu_kernel_efficiency"] = "measured: expert kernel GB/s / RAM read GB/s"
     cores = int(info.get("physical_cores") or info.get("logical_cores") or 1)
     if not gpus:
-        # Decode reads the device weights with the native bf16 GEMV (csrc/dense.h), which streams
+        # Decode reads the device weights with the native bf16 GEMV (csrc/core/dense.h), which streams
         # like the expert kernel (measured 17-32 GB/s on a 23.7 GB/s machine), and a decode layer
         # costs ~150 us of calls and small ops on top (demo model, 2-vCPU dev box: 1.25 ms per
         # 5-layer step, ~0.25 ms of it weight reads).

@@ -22,7 +22,7 @@ GROUP = 32  # INT4/INT8 quantisation group (Kimi ships group 32)
 
 
 def expert_format_bytes(fmt: str, n: int, k: int) -> int:
-    """Exact bytes of one [N, K] matrix in a weight format (matches csrc/kernels.h packing).
+    """Exact bytes of one [N, K] matrix in a weight format (matches csrc/core/kernels.h packing).
 
     int4_g32: N*K/2 nibbles + N*K/32 bf16 scales; int8_g32: N*K + N*K/32*2; bf16: N*K*2;
     fp32: N*K*4 (the GPU cache's precise mode).

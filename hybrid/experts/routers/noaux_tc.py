@@ -3,7 +3,7 @@
 Sigmoid scores; e_score_correction_bias is added for choosing only; with n_group > 1 only the
 topk_group groups with the best sum-of-top-2 biased scores are eligible; weights are the unbiased
 scores of the picked experts, renormalised when norm_topk_prob, times routed_scaling_factor.
-Native body: csrc/router.h `route`, same picks and weights within 1e-5.
+Native body: csrc/models/router.h `route`, same picks and weights within 1e-5.
 
 Legend: T tokens, E experts, G groups, K picked, H hidden.
 """
@@ -52,7 +52,7 @@ class NoAuxTC:
 
     @staticmethod
     def native_in(lib) -> bool:
-        return True  # csrc/router.h route: in every build
+        return True  # csrc/models/router.h route: in every build
 
     def native_body(self, lib, x: torch.Tensor, t: dict, ids: torch.Tensor, w: torch.Tensor) -> None:
         """x [T, H] bf16 CPU -> ids [T, K] int32, w [T, K] fp32, written in place."""

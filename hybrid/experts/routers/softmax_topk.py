@@ -1,6 +1,6 @@
 """Softmax top-k routing (Qwen3-MoE, Mixtral): softmax over the E router logits, the K most
 probable experts, their probabilities as weights, renormalised to sum 1 when norm_topk_prob.
-Native body: csrc router `route_softmax` (ties go to the lower expert index, as torch.topk's
+Native body: csrc/models/router.h `route_softmax` (ties go to the lower expert index, as torch.topk's
 do on the CPU for these sizes).
 
 Legend: T tokens, E experts, K picked, H hidden.
@@ -34,8 +34,7 @@ class SoftmaxTopK:
 
     @staticmethod
     def native_in(lib) -> bool:
-        """Whether this build of the extension has the kernel (an older build routes in torch)."""
-        return hasattr(lib, "route_softmax")
+        return True  # csrc/models/router.h route_softmax: in every build
 
     def native_body(self, lib, x: torch.Tensor, t: dict, ids: torch.Tensor, w: torch.Tensor) -> None:
         lib.route_softmax(x, t["weight"], self.top_k, self.norm_topk_prob, ids, w)
