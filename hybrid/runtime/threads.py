@@ -9,8 +9,7 @@ def split_threads(device: torch.device, threads: int | None) -> None:
     """With no GPU the "device" work (attention, router, shared expert, dense MLP, LM head) runs
     on the same cores as the expert engine, one part after the other. Decode steps do it in
     native calls (csrc/models/mla_decode.h, models/router.h, core/norm.h, core/dense.h: the bf16
-    GEMV up to a few tokens) on the
-    engine's threads: the Python thread plus `threads - 1` pool workers (caller jobs,
+    GEMV up to a few tokens) on the engine's threads: the Python thread plus `threads - 1` pool workers (caller jobs,
     thread_pool.h), so each core runs one thread and nothing spins on a core another needs.
     Measured on the 2-vCPU dev box: a pool of one worker per core plus a waiting Python thread
     paid ~110 us per pool round trip, one worker fewer ~6 us; demo-model decode went from
