@@ -10,8 +10,9 @@ What a Kimi K2 / K2.5 model writes after `<|im_assistant|>assistant<|im_middle|>
 
 (no spaces or newlines between the markers in practice; whitespace there is tolerated). The call
 id is the text between <|tool_call_begin|> and <|tool_call_argument_begin|>; Kimi numbers calls
-across the conversation and expects the same id back in the tool result, so we hand it to
-clients as the call id unchanged.
+across the conversation and expects the same id back in the tool result. Since every
+conversation's first call is :0, the server hands clients that id with a unique suffix and maps
+the history back to Kimi's numbering (hybrid.serve.output.client_call_id, kimi_call_ids).
 
 This module has two parsers over the decoded text (special tokens kept):
   - parse_output(text): the whole answer at once -> reasoning, content, tool calls;

@@ -9,6 +9,7 @@ the SDKs' response models and accumulate (Anthropic's own stream accumulator) to
 import asyncio
 import json
 import random
+import re
 
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
@@ -23,6 +24,20 @@ from hybrid.toolcalls import ToolCall, render_tool_calls
 CALLS = [ToolCall("functions.get_weather:0", "get_weather", '{"city": "Paris"}'),
          ToolCall("functions.get_time:1", "get_time", '{"tz": "Europe/Paris"}')]
 ANSWER = "<think>The user wants weather and time.</think>Checking both." + render_tool_calls(CALLS)
+
+
+def model_id(client_id: str) -> str:
+    """The model's own call id inside the one a client gets (unique: a random suffix)."""
+    kimi, suffix = client_id.rsplit("-", 1)
+    assert re.fullmatch("[0-9a-f]{12}", suffix), client_id
+    return kimi
+
+
+def same_blocks(a: list, b: list) -> bool:
+    """Anthropic content blocks equal but for the tool_use ids (each run draws its own)."""
+    def strip(blocks):
+        return [b.model_copy(update={"id": model_id(b.id)}) if b.type == "tool_use" else b for b in blocks]
+    return strip(a) == strip(b)
 
 
 class CraftedRun:
@@ -69,7 +84,7 @@ def test_openai_tool_calls_whole_and_streamed(seed):
     assert c.choices[0].finish_reason == "tool_calls"
     assert msg.content == "Checking both."
     assert resp["choices"][0]["message"]["reasoning_content"] == "The user wants weather and time."
-    assert [(t.id, t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == [
+    assert [(model_id(t.id), t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls] == [
         ("functions.get_weather:0", "get_weather", {"city": "Paris"}),
         ("functions.get_time:1", "get_time", {"tz": "Europe/Paris"})]
 
@@ -85,8 +100,8 @@ def test_openai_tool_calls_whole_and_streamed(seed):
             entry = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "args": ""})
             entry["args"] += tc.function.arguments or ""
     assert content == "Checking both."
-    assert [(v["id"], v["name"], json.loads(v["args"])) for _, v in sorted(calls.items())] == [
-        (t.id, t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls]
+    assert [(model_id(v["id"]), v["name"], json.loads(v["args"])) for _, v in sorted(calls.items())] == [
+        (model_id(t.id), t.function.name, json.loads(t.function.arguments)) for t in msg.tool_calls]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -104,7 +119,7 @@ def test_forced_tool_prefix_is_parsed_as_the_calls_start():
     generated = '{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|>'
     resp = run_async(openai_responses.chat_response(CraftedRun(generated), job, openai_requests.Options(model="m")))
     call = resp["choices"][0]["message"]["tool_calls"][0]
-    assert call["id"] == "functions.get_weather:0" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    assert model_id(call["id"]) == "functions.get_weather:0" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
     # Kimi numbers calls across the conversation: the next forced call after one is :1.
     job2 = Job(messages=[{"role": "assistant", "tool_calls": [{"id": "functions.f:0"}]}])
     assert forced_tool_prefix(job2, "f").endswith("functions.f:1<|tool_call_argument_begin|>")
@@ -129,14 +144,14 @@ def test_anthropic_tool_use_whole_and_streamed(seed):
     assert [b.type for b in whole.content] == ["thinking", "text", "tool_use", "tool_use"]
     assert whole.content[0].thinking == "The user wants weather and time."
     assert whole.content[1].text == "Checking both."
-    assert (whole.content[2].id, whole.content[2].name, whole.content[2].input) == (
+    assert (model_id(whole.content[2].id), whole.content[2].name, whole.content[2].input) == (
         "functions.get_weather:0", "get_weather", {"city": "Paris"})
     assert whole.stop_reason == "tool_use"
     names, streamed = anthropic_stream_to_message(
         run_async(anthropic_responses.message_stream(CraftedRun(ANSWER, seed=seed), tools_job(), opts)))
     assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
     assert names.count("content_block_start") == names.count("content_block_stop") == 4
-    assert streamed.content == whole.content
+    assert same_blocks(streamed.content, whole.content)
     assert streamed.stop_reason == "tool_use" and streamed.usage.output_tokens == whole.usage.output_tokens
 
 

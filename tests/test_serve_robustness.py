@@ -180,3 +180,64 @@ def test_client_leaving_mid_body_is_counted_499_and_not_logged_as_an_error(serve
     assert after.get(499, 0) == before.get(499, 0) + 1
     assert [r for r in records.records if r.levelno >= logging.WARNING or r.exc_info] == []
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+# ---- 5. tool-call ids are unique per call, and a result sent back maps to its call -------------
+
+def test_tool_call_ids_are_unique_across_requests_and_keep_kimis_form(server):
+    ids = []
+    for _ in range(3):
+        r = post(server, "/v1/chat/completions", dict(OPENAI_CHAT, max_tokens=30, messages=QUESTION, tools=[TOOL],
+                                                      tool_choice="required"))
+        ids += [c["id"] for c in r.json()["choices"][0]["message"]["tool_calls"]]
+        r = post(server, "/v1/messages", {"model": "demo", "max_tokens": 30, "temperature": 0, "messages": QUESTION,
+                                          "tools": [ANTHROPIC_TOOL], "tool_choice": {"type": "any"}})
+        ids += [b["id"] for b in r.json()["content"] if b["type"] == "tool_use"]
+    assert len(ids) >= 6 and len(set(ids)) == len(ids), ids
+    assert all(i.startswith("functions.python_help:0-") for i in ids), ids
+
+
+def _rendered(server, path, body) -> str:
+    from hybrid.serve import anthropic_requests, openai_requests
+
+    parse = anthropic_requests.parse_request if path == "/v1/messages" else openai_requests.parse_chat_request
+    job, _ = parse(body, "demo", 512)
+    ids, _ = server.backend.render_prompt(job)
+    return server.backend.tokenizer.decode(ids)
+
+
+def test_tool_results_sent_back_with_client_ids_map_to_their_calls(server):
+    # Two turns whose calls the model both wrote as functions.python_help:0 (each came back with
+    # its own suffix), plus a call id from another server: the prompt numbers the calls 0, 1, 2
+    # across the conversation and each result follows its own call.
+    first, second, other = "functions.python_help:0-aaaaaaaaaaaa", "functions.python_help:0-bbbbbbbbbbbb", "call_X"
+
+    def call(i, name):
+        return {"id": i, "type": "function", "function": {"name": "python_help", "arguments": json.dumps({"name": name})}}
+
+    history = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call(first, "len")]},
+        {"role": "tool", "tool_call_id": first, "content": "RESULT-len"},
+        {"role": "user", "content": "And str and int?"},
+        {"role": "assistant", "content": None, "tool_calls": [call(second, "str"), call(other, "int")]},
+        {"role": "tool", "tool_call_id": other, "content": "RESULT-int"},
+        {"role": "tool", "tool_call_id": second, "content": "RESULT-str"}]
+    text = _rendered(server, "/v1/chat/completions", {"model": "demo", "messages": history, "tools": [TOOL]})
+    for idx, name in enumerate(("len", "str", "int")):
+        call_text = f"functions.python_help:{idx}<|tool_call_argument_begin|>{{\"name\": \"{name}\"}}"
+        assert call_text in text and f"## Return of functions.python_help:{idx}\nRESULT-{name}" in text
+    assert "aaaa" not in text and "bbbb" not in text and "call_X" not in text
+
+    anthropic_history = QUESTION + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": first, "name": "python_help", "input": {"name": "len"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first, "content": "RESULT-len"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": second, "name": "python_help", "input": {"name": "str"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": second, "content": "RESULT-str"}]}]
+    text = _rendered(server, "/v1/messages", {"model": "demo", "max_tokens": 4, "messages": anthropic_history,
+                                              "tools": [ANTHROPIC_TOOL]})
+    assert "## Return of functions.python_help:0\nRESULT-len" in text
+    assert "## Return of functions.python_help:1\nRESULT-str" in text
+    # And the server answers that history.
+    r = post(server, "/v1/messages", {"model": "demo", "max_tokens": 4, "messages": anthropic_history,
+                                      "tools": [ANTHROPIC_TOOL]})
+    assert r.status_code == 200, r.text

@@ -69,14 +69,14 @@ class _Blocks:
             self.pending_ws = ""
             return [("text", text)]
         if kind == "tool_start":
-            self.calls[ev[1]] = {"id": ev[2], "name": ev[3], "args": ""}
+            self.calls[ev[1]] = {"id": ev[2], "name": ev[3], "model_id": ev[4], "args": ""}
         elif kind == "tool_args":
             self.calls[ev[1]]["args"] += ev[2]
         elif kind == "tool_end":
             call = self.calls.pop(ev[1])
             value = _tool_input(call["args"])
             if value is None:
-                raw = render_tool_calls([ToolCall(call["id"], call["name"], call["args"])])
+                raw = render_tool_calls([ToolCall(call["model_id"], call["name"], call["args"])])
                 return [("text", raw)]
             self.n_tool_use += 1
             return [("tool_use", {"type": "tool_use", "id": call["id"], "name": call["name"], "input": value})]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from hybrid.serve.errors import ApiError, bad_request
 from hybrid.serve.job import Finish, Job, Piece, TokenLogprob
 from hybrid.serve.metrics import Metrics
+from hybrid.serve.output import kimi_call_ids
 
 
 class Run:
@@ -100,8 +101,8 @@ class Backend:
                                   "prompt")
             return list(job.prompt), False
         try:
-            text = tok.apply_chat_template(job.messages, tools=job.tools, add_generation_prompt=True,
-                                           thinking=job.thinking)
+            text = tok.apply_chat_template(kimi_call_ids(job.messages), tools=job.tools,
+                                           add_generation_prompt=True, thinking=job.thinking)
         except ChatTemplateError as e:
             raise bad_request(str(e), "messages") from None
         in_reasoning = text.rstrip().endswith("<think>")
