@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 THINK_BEGIN = "<think>"
 THINK_END = "</think>"
@@ -78,9 +79,11 @@ def render_tool_calls(calls: list[ToolCall]) -> str:
     return "".join(parts)
 
 
-def parse_output(text: str, start_in_reasoning: bool = False, parse_tools: bool = True) -> ParsedOutput:
-    """Split a complete decoded answer. `start_in_reasoning`: the prompt already opened <think>."""
-    parser = StreamParser(start_in_reasoning=start_in_reasoning, parse_tools=parse_tools)
+def parse_output(text: str, start_in_reasoning: bool = False, parse_tools: bool = True,
+                 special=()) -> ParsedOutput:
+    """Split a complete decoded answer. `start_in_reasoning`: the prompt already opened <think>;
+    `special`: the tokenizer's special-token texts (see StreamParser)."""
+    parser = StreamParser(start_in_reasoning=start_in_reasoning, parse_tools=parse_tools, special=special)
     events = parser.feed(text) + parser.finish()
     return collect(events)
 
@@ -106,8 +109,21 @@ def collect(events: list[tuple]) -> ParsedOutput:
     return out
 
 
-# Parser states.
-_REASONING, _CONTENT, _SECTION, _CALL_ID_TEXT, _CALL_ARGS_TEXT, _DONE = range(6)
+# Parser states; _DROP: a marker that changes no state and is removed from the text.
+_REASONING, _CONTENT, _SECTION, _CALL_ID_TEXT, _CALL_ARGS_TEXT, _DONE, _DROP = range(7)
+GRAMMAR_MARKERS = (THINK_BEGIN, THINK_END, SECTION_BEGIN, SECTION_BEGIN_ALT, SECTION_END, SECTION_END_ALT,
+                   CALL_BEGIN, CALL_ARGS, CALL_END)
+
+
+@lru_cache(maxsize=64)
+def _scanner(transitions: tuple[tuple[str, int], ...], dropped: tuple[str, ...]):
+    """-> (regex finding the earliest marker, longest first at one position; {marker: next
+    state}; the set of markers' proper prefixes; the longest marker's length)."""
+    nxt = dict.fromkeys(dropped, _DROP)
+    nxt.update(transitions)
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(nxt, key=len, reverse=True)))
+    prefixes = frozenset(m[:k] for m in nxt for k in range(1, len(m)))
+    return pattern, nxt, prefixes, max(map(len, nxt))
 
 
 class StreamParser:
@@ -121,67 +137,71 @@ class StreamParser:
       ("tool_end", i)                  call i complete
     Text is emitted as soon as it cannot be part of a marker, so streaming stays smooth; at most
     len(longest marker) - 1 characters are held back.
+
+    No marker text is ever emitted as reasoning or content: a marker out of place there (a
+    <think> after the answer began, a </think> outside reasoning, a call marker outside a
+    section) is dropped, and so is every string in `special` (the tokenizer's other special
+    tokens: a model that writes <|im_middle|> or [BOS] mid-answer must not show it). In a call's
+    id and arguments only the `special` strings are dropped; the format's markers are data there.
     """
 
-    def __init__(self, start_in_reasoning: bool = False, parse_tools: bool = True):
-        # parse_tools=False: no tools were offered, so a tool-call section is kept as content
-        # (what the model wrote, visible) rather than turned into calls the client never allowed.
+    def __init__(self, start_in_reasoning: bool = False, parse_tools: bool = True, special=()):
+        # parse_tools=False: no tools were offered, so a tool-call section is a call the client
+        # never allowed: it is parsed (so its markers and arguments are not shown) and dropped.
         self.parse_tools = parse_tools
         self.state = _REASONING if start_in_reasoning else _CONTENT
         self.buf = ""
         self.n_calls = 0
         self.seen_text = False  # any content emitted yet (a <think> is only honoured at the start)
         self._id_text = ""
+        self._special = tuple(sorted(set(special) - set(GRAMMAR_MARKERS)))
+        self._dropped = self._special + GRAMMAR_MARKERS
+        self._scanners: dict = {}
 
     # Markers that end the current state, with the state they lead to.
-    def _markers(self) -> list[tuple[str, int]]:
-        opens = [(SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION)] if self.parse_tools else []
+    def _transitions(self) -> tuple[tuple[str, int], ...]:
+        opens = ((SECTION_BEGIN, _SECTION), (SECTION_BEGIN_ALT, _SECTION))
         if self.state == _REASONING:
-            return [(THINK_END, _CONTENT)] + opens
+            return ((THINK_END, _CONTENT),) + opens
         if self.state == _CONTENT:
-            m = list(opens)
-            if not self.seen_text:
-                m.append((THINK_BEGIN, _REASONING))
-            return m
+            return opens + (() if self.seen_text else ((THINK_BEGIN, _REASONING),))
         if self.state == _SECTION:
-            return [(CALL_BEGIN, _CALL_ID_TEXT), (SECTION_END, _DONE), (SECTION_END_ALT, _DONE)]
+            return ((CALL_BEGIN, _CALL_ID_TEXT), (SECTION_END, _DONE), (SECTION_END_ALT, _DONE))
         if self.state == _CALL_ID_TEXT:
-            return [(CALL_ARGS, _CALL_ARGS_TEXT)]
+            return ((CALL_ARGS, _CALL_ARGS_TEXT),)
         if self.state == _CALL_ARGS_TEXT:
-            return [(CALL_END, _SECTION)]
+            return ((CALL_END, _SECTION),)
         # After the section: anything further is content (rare; some models add a closing line).
         return opens
+
+    def _scan(self):
+        key = (self.state, self.seen_text)
+        if key not in self._scanners:
+            # A call's id and JSON arguments are data: the format's markers there are kept as
+            # written, only the tokenizer's other special tokens go.
+            shown = self.state in (_REASONING, _CONTENT, _DONE)
+            self._scanners[key] = _scanner(self._transitions(), self._dropped if shown else self._special)
+        return self._scanners[key]
 
     def feed(self, delta: str) -> list[tuple]:
         self.buf += delta
         events: list[tuple] = []
         while True:
-            markers = self._markers()
-            hit = None
-            for marker, nxt in markers:
-                pos = self.buf.find(marker)
-                if pos >= 0 and (hit is None or pos < hit[0]):
-                    hit = (pos, marker, nxt)
+            pattern, nxt, prefixes, longest = self._scan()
+            hit = pattern.search(self.buf)
             if hit is None:
                 # Keep back the longest tail that is a prefix of some marker.
-                keep = 0
-                for marker, _ in markers:
-                    for k in range(min(len(marker) - 1, len(self.buf)), 0, -1):
-                        if self.buf.endswith(marker[:k]):
-                            keep = max(keep, k)
-                            break
+                keep = next((k for k in range(min(longest - 1, len(self.buf)), 0, -1)
+                             if self.buf[-k:] in prefixes), 0)
                 emit, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
                 self._emit_text(emit, events)
                 return events
-            pos, marker, nxt = hit
-            if marker == THINK_BEGIN and self.buf[:pos].strip():
-                # Text came first, so this <think> is content; emitting the text says so.
-                self._emit_text(self.buf[:pos], events)
-                self.buf = self.buf[pos:]
-                continue
-            self._emit_text(self.buf[:pos], events)
-            self.buf = self.buf[pos + len(marker) :]
-            self._transition(nxt, events)
+            marker = hit.group()
+            self._emit_text(self.buf[: hit.start()], events)
+            self.buf = self.buf[hit.end() :]
+            if nxt[marker] == _DROP or (marker == THINK_BEGIN and self.seen_text):
+                continue  # (text came just before this <think>: it is out of place too)
+            self._transition(nxt[marker], events)
 
     def finish(self) -> list[tuple]:
         """Flush at the end of generation. An unterminated call is closed with what it has."""
@@ -192,9 +212,13 @@ class StreamParser:
             self._start_call(events)
             self.state = _CALL_ARGS_TEXT
         if self.state == _CALL_ARGS_TEXT:
-            events.append(("tool_end", self.n_calls - 1))
+            self._tool_event(events, ("tool_end", self.n_calls - 1))
         self.state = _DONE
         return events
+
+    def _tool_event(self, events: list[tuple], ev: tuple) -> None:
+        if self.parse_tools:
+            events.append(ev)
 
     def _emit_text(self, text: str, events: list[tuple]) -> None:
         if not text:
@@ -209,7 +233,7 @@ class StreamParser:
         elif self.state == _CALL_ID_TEXT:
             self._id_text += text
         elif self.state == _CALL_ARGS_TEXT:
-            events.append(("tool_args", self.n_calls - 1, text))
+            self._tool_event(events, ("tool_args", self.n_calls - 1, text))
         # _SECTION: whitespace between calls is dropped.
 
     def _start_call(self, events: list[tuple]) -> None:
@@ -219,14 +243,14 @@ class StreamParser:
             name, _ = split_call_id(call_id)
         except ValueError:
             name = call_id
-        events.append(("tool_start", self.n_calls, call_id, name))
+        self._tool_event(events, ("tool_start", self.n_calls, call_id, name))
         self.n_calls += 1
 
     def _transition(self, nxt: int, events: list[tuple]) -> None:
         if self.state == _CALL_ID_TEXT and nxt == _CALL_ARGS_TEXT:
             self._start_call(events)
         elif self.state == _CALL_ARGS_TEXT and nxt == _SECTION:
-            events.append(("tool_end", self.n_calls - 1))
+            self._tool_event(events, ("tool_end", self.n_calls - 1))
         elif nxt == _CALL_ID_TEXT:
             self._id_text = ""
         self.state = nxt

@@ -51,6 +51,7 @@ class CraftedRun:
             self.chunks.append(text[i:i + n])
             i += n
         self.request_id = "id-1"
+        self.special_texts = ("<|im_end|>", "<|im_middle|>", "<|im_assistant|>")
         self.prompt_tokens = 50
         self.start_in_reasoning = start_in_reasoning
         self.finish = None
@@ -105,12 +106,27 @@ def test_openai_tool_calls_whole_and_streamed(seed):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_openai_without_tools_keeps_section_as_text_and_length_wins():
+def test_openai_without_tools_drops_the_section_and_length_wins():
+    # No tools offered: the call is not the client's to run and its markers are no text.
     job = Job(messages=[{"role": "user", "content": "x"}], parse_tools=False)
     resp = run_async(openai_responses.chat_response(CraftedRun(ANSWER, reason="length"), job, openai_requests.Options(model="m")))
     c = ChatCompletion.model_validate(resp)
     assert c.choices[0].finish_reason == "length" and c.choices[0].message.tool_calls is None
-    assert c.choices[0].message.content == "Checking both." + render_tool_calls(CALLS)
+    assert c.choices[0].message.content == "Checking both."
+
+
+def test_no_special_token_text_in_content_whole_or_streamed():
+    # The turn header a model once wrote inside its answer: the markers go, the words stay.
+    text = "<think>The user asks abouttool_declare<|im_middle|><think></think>Hi<|im_assistant|>assistant<|im_middle|>"
+    opts = openai_requests.Options(model="m")
+    resp = run_async(openai_responses.chat_response(CraftedRun(text), Job(messages=[]), opts))
+    msg = resp["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("The user asks abouttool_declare", "Hiassistant")
+    sse = "".join(run_async(openai_responses.chat_stream(CraftedRun(text), Job(messages=[]), opts)))
+    m = Message.model_validate(run_async(anthropic_responses.message_response(
+        CraftedRun(text), Job(messages=[]), anthropic_requests.Options(model="m"))))
+    for shown in (sse, m.model_dump_json()):
+        assert "<|" not in shown and "<think>" not in shown and "</think>" not in shown
 
 
 def test_forced_tool_prefix_is_parsed_as_the_calls_start():
@@ -159,7 +175,7 @@ def test_anthropic_invalid_tool_json_becomes_visible_text():
     bad = render_tool_calls([ToolCall("functions.f:0", "f", '{"a": ')])
     opts = anthropic_requests.Options(model="m")
     whole = Message.model_validate(run_async(anthropic_responses.message_response(CraftedRun("ok " + bad), tools_job(), opts)))
-    assert [b.type for b in whole.content] == ["text"] and whole.content[0].text == "ok " + bad
+    assert [b.type for b in whole.content] == ["text"] and whole.content[0].text == 'ok f({"a":)'
     assert whole.stop_reason == "end_turn"
     _, streamed = anthropic_stream_to_message(
         run_async(anthropic_responses.message_stream(CraftedRun("ok " + bad), tools_job(), opts)))

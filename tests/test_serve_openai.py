@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from test_serve_support import LiveServer, metric
+from test_serve_support import LiveServer, metric, raw_answer, stop_string_for
 
 KEY = "sk-test-key"
 HELLO = [{"role": "user", "content": "Hello there, who are you?"}]
@@ -86,10 +86,10 @@ def test_thinking_on_and_off(client):
     assert reasoning == msg_on["reasoning_content"]
 
 
-def test_stop_sequence_cuts_the_answer(client):
+def test_stop_sequence_cuts_the_answer(server, client):
     full = chat(client, max_tokens=40, extra_body={"thinking": False, "ignore_eos": True}).choices[0].message.content
     assert len(full) > 12
-    stop = full[8:11]
+    stop = stop_string_for(full, raw_answer(server, HELLO, 40, KEY))
     cut = full[: full.find(stop)]
     r = chat(client, max_tokens=40, stop=[stop, "never-appears"], extra_body={"thinking": False, "ignore_eos": True})
     assert r.choices[0].message.content == cut

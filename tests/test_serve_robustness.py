@@ -241,3 +241,34 @@ def test_tool_results_sent_back_with_client_ids_map_to_their_calls(server):
     r = post(server, "/v1/messages", {"model": "demo", "max_tokens": 4, "messages": anthropic_history,
                                       "tools": [ANTHROPIC_TOOL]})
     assert r.status_code == 200, r.text
+
+
+# ---- 6. no special-token text in what is shown ---------------------------------------------
+
+def test_no_special_token_text_in_any_answer(server):
+    # Sampled answers (temperature 1, fixed seeds) with and without thinking and tools; the demo
+    # model sometimes writes turn headers (tool_declare<|im_middle|><think>) or a call when no
+    # tool was offered. Nothing of that may reach reasoning or content.
+    specials = list(server.backend.tokenizer.special_tokens)
+    questions = ["What does len do?", "Explain the with statement.", "What is the json module for?"]
+    shown = []
+    for i in range(12):
+        body = {"model": "demo", "max_tokens": 48, "temperature": 1, "seed": i,
+                "messages": [{"role": "user", "content": questions[i % 3]}]}
+        if i % 4 == 1:
+            body["thinking"] = False
+        if i % 2:
+            body["tools"] = [TOOL]
+        r = post(server, "/v1/chat/completions", body)
+        m = r.json()["choices"][0]["message"]
+        shown += [m.get("content") or "", m.get("reasoning_content") or ""]
+        anthropic_body = {k: v for k, v in body.items() if k not in ("thinking", "seed", "tools")}
+        if "thinking" in body:
+            anthropic_body["thinking"] = {"type": "disabled"}
+        if "tools" in body:
+            anthropic_body["tools"] = [ANTHROPIC_TOOL]
+        a = post(server, "/v1/messages", anthropic_body)
+        assert a.status_code == 200, a.text
+        shown += [b.get("text", b.get("thinking", "")) for b in a.json()["content"]]
+    leaks = [(s, t) for t in shown for s in specials if s in t]
+    assert leaks == []

@@ -126,6 +126,37 @@ class LiveServer:
         self.engine.close()
 
 
+def stop_string_for(shown: str, raw: str, start: int = 8) -> str:
+    """A short stop string (3 characters if it can) from an answer's `shown` text, not at its
+    start, that first occurs at the same place
+    in its `raw` text (special tokens included: the engine matches stops there, while a random
+    model's special tokens are dropped from what is shown)."""
+    import re
+
+    specials = re.compile("|".join(re.escape(t) for t in SPECIALS) + r"|<\|reserved_token_\d+\|>")
+    for n in (3, 2, 1):
+        for i in list(range(start, len(shown) - n)) + list(range(1, start)):
+            w = shown[i:i + n]
+            j, k = raw.find(w), shown.find(w)
+            if j >= 0 and specials.sub("", raw[:j]) == shown[:k]:
+                return w
+    raise AssertionError(f"no usable stop string in {shown!r}")
+
+
+def raw_answer(server: "LiveServer", messages: list[dict], max_tokens: int, key: str) -> str:
+    """The greedy instant-mode answer to `messages` as the engine decoded it, special tokens
+    included: the chat prompt's token ids sent to /v1/completions, which shows text unparsed."""
+    import httpx
+
+    from hybrid.serve.job import Job
+
+    ids, _ = server.backend.render_prompt(Job(messages=messages, thinking=False))
+    r = httpx.post(server.url + "/v1/completions", headers={"x-api-key": key}, timeout=60, json={
+        "model": server.config.model_name, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True})
+    return r.json()["choices"][0]["text"]
+
+
 def metric(text: str, name: str) -> float:
     """A sample's value from Prometheus text."""
     for line in text.splitlines():

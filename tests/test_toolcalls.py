@@ -6,6 +6,13 @@ import random
 import pytest
 
 from hybrid.toolcalls import (
+    CALL_ARGS,
+    CALL_BEGIN,
+    CALL_END,
+    GRAMMAR_MARKERS,
+    SECTION_BEGIN,
+    THINK_BEGIN,
+    THINK_END,
     StreamParser,
     ToolCall,
     collect,
@@ -88,7 +95,8 @@ def test_no_marker_text_is_held_back_longer_than_needed():
 
 
 def test_think_only_at_start_and_prompt_opened_reasoning():
-    assert parse_output("hi <think>x</think>").content == "hi <think>x</think>"
+    # A <think> after the answer began opens nothing, and no marker is shown as content.
+    assert parse_output("hi <think>x</think>").content == "hi x"
     out = parse_output("still thinking</think>done", start_in_reasoning=True)
     assert (out.reasoning, out.content) == ("still thinking", "done")
     # Leading whitespace does not stop a <think> from opening reasoning.
@@ -119,8 +127,34 @@ def test_call_ids():
         split_call_id("  ")
 
 
-def test_without_tools_a_section_stays_visible_content():
-    text = "<think>r</think>x" + render_tool_calls(CALLS[:1])
+def test_without_tools_a_section_is_dropped_not_shown():
+    # No tools were offered: the call is not the client's to run, and its markers are no text.
+    text = "<think>r</think>x" + render_tool_calls(CALLS[:1]) + " y"
     out = parse_output(text, parse_tools=False)
-    assert out.reasoning == "r" and out.tool_calls == []
-    assert out.content == "x" + render_tool_calls(CALLS[:1])
+    assert (out.reasoning, out.content, out.tool_calls) == ("r", "x y", [])
+
+
+SPECIAL = ["[BOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>",
+           "<|reserved_token_300|>", THINK_BEGIN, THINK_END, SECTION_BEGIN, CALL_BEGIN, CALL_ARGS, CALL_END]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_special_token_text_in_reasoning_or_content(seed):
+    # What the demo model once wrote (a turn header inside its reasoning), stray markers out of
+    # place, and a call whose arguments hold marker text (data: kept).
+    text = ("<think>The user asks abouttool_declare<|im_middle|><think> more</think>"
+            "Answer<|im_assistant|>assistant<|im_middle|><think>x</think> [BOS]end<|tool_call_end|>"
+            "<|reserved_token_300|>" + render_tool_calls(CALLS) + "<|im_user|>tail")
+    events = stream(text, random_chunks(text, random.Random(seed)))
+    events_with_special = []
+    p = StreamParser(special=SPECIAL)
+    for c in random_chunks(text, random.Random(seed)):
+        events_with_special += p.feed(c)
+    events_with_special += p.finish()
+    out = collect(events_with_special)
+    assert out.reasoning == "The user asks abouttool_declare more"
+    assert out.content == "Answerassistantx endtail"
+    assert out.tool_calls == CALLS
+    # Without the tokenizer's list, the format's own markers are still never shown.
+    plain = collect(events)
+    assert not any(m in plain.content + plain.reasoning for m in GRAMMAR_MARKERS)

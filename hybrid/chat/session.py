@@ -73,7 +73,8 @@ class Reply:
         self.session = session
         self.handle = handle
         self.stats = TurnStats(prompt_tokens=prompt_tokens)
-        self.parser = StreamParser(start_in_reasoning=in_reasoning, parse_tools=False)
+        self.parser = StreamParser(start_in_reasoning=in_reasoning, parse_tools=False,
+                                   special=tuple(session.tokenizer.special_tokens))
         self.reasoning = ""
         self.content = ""
         self.cancelled = False

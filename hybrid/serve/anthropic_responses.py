@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from hybrid.serve.anthropic_requests import Options
 from hybrid.serve.job import Finish, Job
 from hybrid.serve.output import output_events
-from hybrid.toolcalls import ToolCall, render_tool_calls
+from hybrid.toolcalls import GRAMMAR_MARKERS
 
 
 def stop_reason(fin: Finish, has_calls: bool) -> tuple[str, str | None]:
@@ -37,7 +37,8 @@ class _Blocks:
     """Folds output events into Anthropic content blocks, in order.
 
     Tool calls are held until complete, because tool_use.input must be a JSON object: a call
-    whose arguments do not parse is handed over as text (what the model wrote), not dropped.
+    whose arguments do not parse is handed over as text, NAME(ARGUMENTS as the model wrote
+    them), not dropped.
     Whitespace that would open a text block is held until real text follows, so a newline before
     a tool call does not make an empty-looking text block.
     """
@@ -69,15 +70,17 @@ class _Blocks:
             self.pending_ws = ""
             return [("text", text)]
         if kind == "tool_start":
-            self.calls[ev[1]] = {"id": ev[2], "name": ev[3], "model_id": ev[4], "args": ""}
+            self.calls[ev[1]] = {"id": ev[2], "name": ev[3], "args": ""}
         elif kind == "tool_args":
             self.calls[ev[1]]["args"] += ev[2]
         elif kind == "tool_end":
             call = self.calls.pop(ev[1])
             value = _tool_input(call["args"])
-            if value is None:
-                raw = render_tool_calls([ToolCall(call["model_id"], call["name"], call["args"])])
-                return [("text", raw)]
+            if value is None:  # shown as a call in words: no marker text in a text block
+                args = call["args"].strip()
+                for marker in GRAMMAR_MARKERS:
+                    args = args.replace(marker, "")
+                return [("text", f"{call['name']}({args})")]
             self.n_tool_use += 1
             return [("tool_use", {"type": "tool_use", "id": call["id"], "name": call["name"], "input": value})]
         return []

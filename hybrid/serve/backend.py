@@ -18,13 +18,14 @@ class Run:
     """One submitted generation as seen by a route."""
 
     def __init__(self, handle, tokenizer, job: Job, prompt_tokens: int, start_in_reasoning: bool,
-                 metrics: Metrics):
+                 metrics: Metrics, special_texts: tuple[str, ...] = ()):
         self.handle = handle
         self.tokenizer = tokenizer
         self.job = job
         self.prompt_tokens = prompt_tokens
         self.start_in_reasoning = start_in_reasoning
         self.metrics = metrics
+        self.special_texts = special_texts  # the tokenizer's special tokens: never shown as text
         self.request_id = ""  # set by the route, in its dialect's id format
         self.finish: Finish | None = None
         self._shown_ids: list[int] = []
@@ -79,6 +80,7 @@ class Backend:
         self.max_queued = max_queued
         self.metrics = metrics
         self.model = model  # hybrid.load()'s Model, when the server loaded one (for cache stats)
+        self._special_texts = tuple(tokenizer.special_tokens)
         from hybrid.chat.cache_stats import attach_hit_counter
 
         self._hits = attach_hit_counter(model) if model is not None else None
@@ -141,7 +143,7 @@ class Backend:
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None
-        return Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics)
+        return Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics, self._special_texts)
 
     def gauges(self) -> dict[str, float]:
         s = self.engine.stats()

@@ -68,9 +68,9 @@ def force_tool_call(job: Job, name: str | None) -> None:
 
 
 async def output_events(run, job: Job) -> AsyncIterator[tuple]:
-    """Parser events for a run (see StreamParser; a tool_start carries the id for the client,
-    then the model's own), plus ("logprobs", [TokenLogprob]) and, last, ("finish", Finish)."""
-    parser = StreamParser(start_in_reasoning=run.start_in_reasoning, parse_tools=job.parse_tools)
+    """Parser events for a run (see StreamParser; a tool_start carries the client's id), plus ("logprobs", [TokenLogprob]) and, last, ("finish", Finish)."""
+    parser = StreamParser(start_in_reasoning=run.start_in_reasoning, parse_tools=job.parse_tools,
+                          special=run.special_texts)
     for ev in parser.feed(job.assistant_prefix):
         if job.prefix_is_output:
             yield _with_client_id(ev)
@@ -85,7 +85,7 @@ async def output_events(run, job: Job) -> AsyncIterator[tuple]:
 
 
 def _with_client_id(ev: tuple) -> tuple:
-    """("tool_start", i, id, name) -> ("tool_start", i, client id, name, the model's id)."""
+    """("tool_start", i, the model's id, name) -> ("tool_start", i, the client's id, name)."""
     if ev[0] != "tool_start":
         return ev
-    return ev[:2] + (client_call_id(ev[2]), ev[3], ev[2])
+    return ev[:2] + (client_call_id(ev[2]),) + ev[3:]
