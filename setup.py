@@ -81,6 +81,18 @@ class CMakeBuild(build_ext):
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
 
+    def copy_extensions_to_source(self) -> None:
+        """Editable installs copy each declared extension into the source tree; CMake also built
+        the shared core library and the test-only module beside hybrid._native, which its RPATH
+        ($ORIGIN) and the tests need there too."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            built = Path(self.build_lib) / self.get_ext_filename(self.get_ext_fullname(ext.name))
+            dest = Path(build_py.get_package_dir(ext.name.rpartition(".")[0]))
+            for extra in [*built.parent.glob("libhybrid_core*.so"), *built.parent.glob("_native_testing*.so")]:
+                shutil.copyfile(extra, dest / extra.name)
+
 
 setup(
     ext_modules=[CMakeExtension("hybrid._native", ROOT)],
