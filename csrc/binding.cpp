@@ -429,7 +429,6 @@ struct PyLayer {
   }
 };
 
-
 std::string mode_name(ActMode m) { return m == ActMode::Fast ? "fast" : "precise"; }
 
 py::dict cpu_info_dict() {

@@ -58,20 +58,16 @@ static void amx_configure(int m) {
   _tile_loadconfig(&cfg);
 }
 
-// INT4 group -> B tile buffer of 8 x 64 signed bytes (nibble - 8).
+// INT4 group -> B tile buffer of 8 x 64 signed bytes (nibble - 8), rows in operand order
+// (z_q4g32_operands: inputs 0-3, 4-7, 8-11, ...).
 static HY_ALWAYS_INLINE void amx_unpack_i4(const uint8_t* p, int8_t* dst, int64_t block_bytes) {
   z_prefetch_bytes(p, 256);
   z_prefetch_next_block(p, 256, block_bytes);
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i eight = _mm512_set1_epi8(8);
+  __m512i wv[8];
+  z_q4g32_operands(p, wv);
 #pragma GCC unroll 16
-  for (int c = 0; c < 4; ++c) {
-    __m512i v = _mm512_loadu_si512(p + c * 64);
-    __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, m4), eight);
-    __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), eight);
-    _mm512_store_si512(dst + (2 * c) * 64, lo);
-    _mm512_store_si512(dst + (2 * c + 1) * 64, hi);
-  }
+  for (int i = 0; i < 8; ++i) _mm512_store_si512(dst + i * 64, _mm512_sub_epi8(wv[i], eight));
 }
 
 // acc[r] += float(C[r] - offset * gsum[r][g]) * sw * sa[r][g] for the m live token rows.

@@ -6,9 +6,10 @@
 // A packed row block (16 rows) is two ymm halves of 8 lanes: bytes [0, 32) of every 64-byte chunk
 // hold rows 0-7, bytes [32, 64) rows 8-15.
 //
-// Everything is static in an anonymous namespace, no templates, no STL (see kernels.h: no
-// AVX2-compiled COMDAT copy may leak into the scalar path). Token-tile widths are folded to
-// constants by the small switch in each driver and `#pragma GCC unroll` on the fixed loops.
+// Everything has internal linkage (static, and the templates and lambdas in the anonymous
+// namespace), no STL code (see kernels.h: no AVX2-compiled COMDAT copy may leak into the scalar
+// path). Token-tile widths are folded to constants by with_tile_width (tile_width.h) in each
+// driver and `#pragma GCC unroll` on the fixed loops.
 //
 // Legend: RB = 16 rows per block (2 x 8 lanes), G = 32 inputs per group, NG = K / 32,
 // TT tokens handled together in registers.
@@ -18,8 +19,7 @@
 #include <cstring>
 
 #include "core/kernels.h"
-
-#define HY_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "core/tile_width.h"
 
 namespace hybrid {
 namespace {
@@ -100,30 +100,61 @@ static void y_quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul_f32: (nibble - 8) * scale computed exactly as fmsub(nibble, s, 8 s), fp32 FMA.
+// Tiles: one row block (16 rows, two ymm halves) x TT <= 4 tokens of fp32 accumulators; out points
+// at (token t0, block b's column). The integer formats share one scaffold per path, given the
+// format as a small traits struct (ggml's naming habit: q4g32 = INT4_G32, q8g32 = INT8_G32).
 // ---------------------------------------------------------------------------------------------
-static HY_ALWAYS_INLINE void y_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
-                                           int64_t ldx, int tt, float* out, int64_t ldo) {
-  const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 256;
-  const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m256i m4 = _mm256_set1_epi32(0x0F);
-  __m256 acc[kTileTokens][2];
+static HY_ALWAYS_INLINE void y_zero_tile(__m256 (*acc)[2], int tt) {
 #pragma GCC unroll 4
   for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+}
+
+static HY_ALWAYS_INLINE void y_store_tile(const __m256 (*acc)[2], int tt, float* out, int64_t ldo) {
+#pragma GCC unroll 4
+  for (int t = 0; t < tt; ++t) {
+    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
+    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul_f32: weight (q - offset) * scale computed exactly as fmsub(q, s, offset * s), fp32 FMA,
+// inputs of a group in increasing order. A group is kChunks chunks of 64 bytes (two halves of
+// 32); input j of a chunk is (lane >> shift(j)) & kMask.
+// ---------------------------------------------------------------------------------------------
+struct f32_q4g32 {  // chunk c: inputs 8c..8c+7, the low nibbles of bytes 0-3, then their high nibbles
+  static constexpr int kGroupBytes = 256, kChunks = 4, kPerChunk = 8, kMask = 0x0F;
+  static constexpr float kOffset = 8.0f;
+  static constexpr int shift(int j) { return j < 4 ? 8 * j : 8 * (j - 4) + 4; }
+};
+struct f32_q8g32 {  // chunk c: inputs 4c..4c+3, bytes 0-3 (u8 = q + 128)
+  static constexpr int kGroupBytes = 512, kChunks = 8, kPerChunk = 4, kMask = 0xFF;
+  static constexpr float kOffset = 128.0f;
+  static constexpr int shift(int j) { return 8 * j; }
+};
+
+template <class Q>
+static HY_ALWAYS_INLINE void y_matmul_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx,
+                                                    int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup;
+  const uint8_t* qw = w.qweight + b * ng * Q::kGroupBytes;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  const __m256i mask = _mm256_set1_epi32(Q::kMask);
+  __m256 acc[kTileTokens][2];
+  y_zero_tile(acc, tt);
   for (int64_t g = 0; g < ng; ++g) {
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
-      const __m256 s8 = _mm256_mul_ps(s, _mm256_set1_ps(8.0f));
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + g * 256 + c * 64 + 32 * h));
-        const int64_t k0 = g * kGroup + 8 * c;
+      const __m256 soff = _mm256_mul_ps(s, _mm256_set1_ps(Q::kOffset));
+      for (int c = 0; c < Q::kChunks; ++c) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + g * Q::kGroupBytes + c * 64 + 32 * h));
+        const int64_t k0 = g * kGroup + Q::kPerChunk * c;
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) {  // j < 4: low nibble of byte j; j >= 4: high nibble of j-4
-          const int sh = (j < 4) ? 8 * j : 8 * (j - 4) + 4;
-          __m256i nib = _mm256_and_si256(_mm256_srli_epi32(v, sh), m4);
-          __m256 wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(nib), s, s8);
+        for (int j = 0; j < Q::kPerChunk; ++j) {
+          const __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, Q::shift(j)), mask);
+          const __m256 wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), s, soff);
 #pragma GCC unroll 4
           for (int t = 0; t < tt; ++t)
             acc[t][h] = _mm256_fmadd_ps(wv, _mm256_set1_ps(x[t * ldx + k0 + j]), acc[t][h]);
@@ -131,56 +162,16 @@ static HY_ALWAYS_INLINE void y_f32_i4_tile(const PackedMatrix& w, int64_t b, con
       }
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) {
-    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-  }
+  y_store_tile(acc, tt, out, ldo);
 }
 
-static HY_ALWAYS_INLINE void y_f32_i8_tile(const PackedMatrix& w, int64_t b, const float* x,
-                                           int64_t ldx, int tt, float* out, int64_t ldo) {
-  const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 512;
-  const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m256i m8 = _mm256_set1_epi32(0xFF);
-  __m256 acc[kTileTokens][2];
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
-      const __m256 s128 = _mm256_mul_ps(s, _mm256_set1_ps(128.0f));
-      for (int c = 0; c < 8; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + g * 512 + c * 64 + 32 * h));
-        const int64_t k0 = g * kGroup + 4 * c;
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          __m256i byte = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), m8);
-          __m256 wv = _mm256_fmsub_ps(_mm256_cvtepi32_ps(byte), s, s128);  // (u8 - 128) * s
-#pragma GCC unroll 4
-          for (int t = 0; t < tt; ++t)
-            acc[t][h] = _mm256_fmadd_ps(wv, _mm256_set1_ps(x[t * ldx + k0 + j]), acc[t][h]);
-        }
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) {
-    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-  }
-}
-
-static HY_ALWAYS_INLINE void y_f32_bf16_tile(const PackedMatrix& w, int64_t b, const float* x,
-                                             int64_t ldx, int tt, float* out, int64_t ldo) {
+static HY_ALWAYS_INLINE void y_matmul_f32_bf16_tile16xTT(const PackedMatrix& w, int64_t b, const float* x,
+                                                         int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t kp = w.k / 2;
   const uint8_t* qw = w.qweight + b * kp * 64;
   const __m256i hi = _mm256_set1_epi32(int32_t(0xFFFF0000u));
   __m256 acc[kTileTokens][2];
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  y_zero_tile(acc, tt);
   for (int64_t p = 0; p < kp; ++p) {
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -194,122 +185,100 @@ static HY_ALWAYS_INLINE void y_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
       }
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) {
-    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-  }
+  y_store_tile(acc, tt, out, ldo);
 }
-
-#define HY_Y_DISPATCH(fn, w, b, x, ldx, tt, out, ldo) \
-  switch (tt) {                                       \
-    case 1: fn(w, b, x, ldx, 1, out, ldo); break;     \
-    case 2: fn(w, b, x, ldx, 2, out, ldo); break;     \
-    case 3: fn(w, b, x, ldx, 3, out, ldo); break;     \
-    default: fn(w, b, x, ldx, 4, out, ldo); break;    \
-  }
 
 static void y_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                          int64_t ldx, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
     for (int64_t t0 = 0; t0 < t; t0 += kTileTokens) {
-      const int tt = int(t - t0 < kTileTokens ? t - t0 : kTileTokens);
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
-      switch (w.format) {
-        case WeightFormat::INT4_G32: HY_Y_DISPATCH(y_f32_i4_tile, w, b, xt, ldx, tt, ot, ldo); break;
-        case WeightFormat::INT8_G32: HY_Y_DISPATCH(y_f32_i8_tile, w, b, xt, ldx, tt, ot, ldo); break;
-        case WeightFormat::BF16: HY_Y_DISPATCH(y_f32_bf16_tile, w, b, xt, ldx, tt, ot, ldo); break;
-      }
+      with_tile_width<kTileTokens>(int(t - t0), [&](auto tt) {
+        switch (w.format) {
+          case WeightFormat::INT4_G32: y_matmul_f32_tile16xTT<f32_q4g32>(w, b, xt, ldx, tt, ot, ldo); break;
+          case WeightFormat::INT8_G32: y_matmul_f32_tile16xTT<f32_q8g32>(w, b, xt, ldx, tt, ot, ldo); break;
+          case WeightFormat::BF16: y_matmul_f32_bf16_tile16xTT(w, b, xt, ldx, tt, ot, ldo); break;
+        }
+      });
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul_a8: vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd (-> s32).
+// matmul_a8: vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd (-> s32). Per group and half, a Dot
+// gives the exact int32 sums sum_k q_w * q_a of its 8 rows for every token of the tile; the
+// scaffold scales them by (weight scale x activation scale) into the fp32 accumulators.
 // INT4: a nibble product is at most 15 x 128, so the s16 sum of a whole group (16 products per
 // s16 lane: 4 chunks x lo/hi x 2) stays below 32767; one vpmaddwd per group and half, then the
 // +8 offset is removed with gsum. INT8: u8 x s8 pairs could reach 64770 and saturate, so the
 // weight is made signed (u8 ^ 0x80 = q) and |q| x sign(a, q) is used (pairs <= 2 x 127 x 128).
+// p: the group's half (its bytes [32h, 32h + 32) of every chunk); a(t): token t's group inputs.
 // ---------------------------------------------------------------------------------------------
-static HY_ALWAYS_INLINE void y_a8_i4_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
-                                          int64_t t0, int tt, float* out, int64_t ldo) {
-  const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 256;
-  const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[kTileTokens][2];
+struct a8_q4g32 {
+  static constexpr int kGroupBytes = 256;
+  static HY_ALWAYS_INLINE void dot(const uint8_t* p, const QuantizedActs& x, int64_t t0, int64_t g, int64_t ng,
+                                   int tt, __m256i* s32) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s16[kTileTokens];
 #pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* p = qw + g * 256;
-    y_prefetch_bytes(p, 256);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      __m256i s16[kTileTokens];
+    for (int t = 0; t < tt; ++t) s16[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-      for (int t = 0; t < tt; ++t) s16[t] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64 + 32 * h));
-        const __m256i lo = _mm256_and_si256(v, m4);                         // inputs 8c..8c+3
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);   // inputs 8c+4..8c+7
-#pragma GCC unroll 4
-        for (int t = 0; t < tt; ++t) {
-          const int8_t* a = x.q + (t0 + t) * x.ldq + g * kGroup + 8 * c;
-          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(lo, y_bcast4(a)));
-          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(hi, y_bcast4(a + 4)));
-        }
-      }
-      const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64));
+      const __m256i lo = _mm256_and_si256(v, m4);                        // inputs 8c..8c+3
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);  // inputs 8c+4..8c+7
 #pragma GCC unroll 4
       for (int t = 0; t < tt; ++t) {
-        const int64_t row = t0 + t;
-        __m256i s32 = _mm256_madd_epi16(s16[t], ones);
-        s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * x.gsum[row * ng + g]));
-        const __m256 sc2 = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[row * ng + g]));
-        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), sc2, acc[t][h]);
+        const int8_t* a = x.q + (t0 + t) * x.ldq + g * kGroup + 8 * c;
+        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(lo, y_bcast4(a)));
+        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(hi, y_bcast4(a + 4)));
+      }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t)
+      s32[t] = _mm256_sub_epi32(_mm256_madd_epi16(s16[t], ones), _mm256_set1_epi32(8 * x.gsum[(t0 + t) * ng + g]));
+  }
+};
+
+struct a8_q8g32 {
+  static constexpr int kGroupBytes = 512;
+  static HY_ALWAYS_INLINE void dot(const uint8_t* p, const QuantizedActs& x, int64_t t0, int64_t g, int64_t,
+                                   int tt, __m256i* s32) {
+    const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) s32[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64)), flip);  // q
+      const __m256i wabs = _mm256_sign_epi8(ws, ws);
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) {
+        const __m256i a = _mm256_sign_epi8(y_bcast4(x.q + (t0 + t) * x.ldq + g * kGroup + 4 * c), ws);
+        s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, a), ones));
       }
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) {
-    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-  }
-}
+};
 
-static HY_ALWAYS_INLINE void y_a8_i8_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
-                                          int64_t t0, int tt, float* out, int64_t ldo) {
+template <class Dot>
+static HY_ALWAYS_INLINE void y_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                                   int64_t t0, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 512;
+  const uint8_t* qw = w.qweight + b * ng * Dot::kGroupBytes;
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m256i flip = _mm256_set1_epi8(int8_t(0x80));
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[kTileTokens][2];
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  y_zero_tile(acc, tt);
   for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* p = qw + g * 512;
-    y_prefetch_bytes(p, 512);
+    const uint8_t* p = qw + g * Dot::kGroupBytes;
+    y_prefetch_bytes(p, Dot::kGroupBytes);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       __m256i s32[kTileTokens];
-#pragma GCC unroll 4
-      for (int t = 0; t < tt; ++t) s32[t] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const __m256i ws = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + c * 64 + 32 * h)), flip);  // q
-        const __m256i wabs = _mm256_sign_epi8(ws, ws);
-#pragma GCC unroll 4
-        for (int t = 0; t < tt; ++t) {
-          const __m256i a = _mm256_sign_epi8(y_bcast4(x.q + (t0 + t) * x.ldq + g * kGroup + 4 * c), ws);
-          s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, a), ones));
-        }
-      }
+      Dot::dot(p + 32 * h, x, t0, g, ng, tt, s32);
       const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
 #pragma GCC unroll 4
       for (int t = 0; t < tt; ++t) {
@@ -318,11 +287,7 @@ static HY_ALWAYS_INLINE void y_a8_i8_tile(const PackedMatrix& w, int64_t b, cons
       }
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < tt; ++t) {
-    _mm256_storeu_ps(out + t * ldo, acc[t][0]);
-    _mm256_storeu_ps(out + t * ldo + 8, acc[t][1]);
-  }
+  y_store_tile(acc, tt, out, ldo);
 }
 
 static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
@@ -330,13 +295,11 @@ static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const Qua
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
     for (int64_t t0 = 0; t0 < x.t; t0 += kTileTokens) {
-      const int tt = int(x.t - t0 < kTileTokens ? x.t - t0 : kTileTokens);
       float* ot = ob + t0 * ldo;
-      if (w.format == WeightFormat::INT4_G32) {
-        HY_Y_DISPATCH(y_a8_i4_tile, w, b, x, t0, tt, ot, ldo);
-      } else {
-        HY_Y_DISPATCH(y_a8_i8_tile, w, b, x, t0, tt, ot, ldo);
-      }
+      with_tile_width<kTileTokens>(int(x.t - t0), [&](auto tt) {
+        if (w.format == WeightFormat::INT4_G32) y_matmul_a8_tile16xTT<a8_q4g32>(w, b, x, t0, tt, ot, ldo);
+        else y_matmul_a8_tile16xTT<a8_q8g32>(w, b, x, t0, tt, ot, ldo);
+      });
     }
   }
 }

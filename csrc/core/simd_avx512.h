@@ -3,9 +3,10 @@
 // this header for the helpers). Include only from a TU compiled with at least
 // -mavx512f -mavx512bw -mavx512vl -mavx512dq.
 //
-// Everything here is `static` (internal linkage) on purpose: no COMDAT copy of an AVX-512 function
-// may be shared with a TU compiled for a lower ISA. No templates, no STL: token-tile widths are
-// constants folded into always-inline bodies by the small switch in each driver.
+// Everything here has internal linkage on purpose (`static`, and the templates and lambdas inside
+// this anonymous namespace): no COMDAT copy of an AVX-512 function may be shared with a TU
+// compiled for a lower ISA. No STL code: token-tile widths are constants folded into always-inline
+// bodies by with_tile_width (tile_width.h) in each driver.
 //
 // Legend: RB = 16 rows per packed block (one zmm of fp32/int32 lanes), G = 32 inputs per group,
 // NG = K / 32 groups, T tokens, TT tokens handled together in registers (a "token tile").
@@ -16,8 +17,7 @@
 #include <cstring>
 
 #include "core/kernels.h"
-
-#define HY_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "core/tile_width.h"
 
 // GCC 12 reports "__Y may be used uninitialized" inside avx512fintrin.h for every accumulator
 // array whose tail lanes a constant token-tile width leaves unused (GCC PR105593, a false
@@ -193,113 +193,118 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
-// One (block, token-tile) call of a tile body with the tile width folded to a constant.
-#define HY_Z_DISPATCH_F32(fn, w, b, x, ldx, tt, out, ldo) \
-  switch (tt) {                                           \
-    case 1: fn(w, b, x, ldx, 1, out, ldo); break;         \
-    case 2: fn(w, b, x, ldx, 2, out, ldo); break;         \
-    case 3: fn(w, b, x, ldx, 3, out, ldo); break;         \
-    default: fn(w, b, x, ldx, 4, out, ldo); break;        \
-  }
-
 [[maybe_unused]] static void z_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                          int64_t ldx, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
     for (int64_t t0 = 0; t0 < t; t0 += HY_Z_F32_TT_MAX) {
-      const int tt = int(t - t0 < HY_Z_F32_TT_MAX ? t - t0 : HY_Z_F32_TT_MAX);
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
-      switch (w.format) {
-        case WeightFormat::INT4_G32: HY_Z_DISPATCH_F32(z_f32_i4_tile, w, b, xt, ldx, tt, ot, ldo); break;
-        case WeightFormat::INT8_G32: HY_Z_DISPATCH_F32(z_f32_i8_tile, w, b, xt, ldx, tt, ot, ldo); break;
-        case WeightFormat::BF16: HY_Z_DISPATCH_F32(z_f32_bf16_tile, w, b, xt, ldx, tt, ot, ldo); break;
-      }
+      with_tile_width<HY_Z_F32_TT_MAX>(int(t - t0), [&](auto tt) {
+        switch (w.format) {
+          case WeightFormat::INT4_G32: z_f32_i4_tile(w, b, xt, ldx, tt, ot, ldo); break;
+          case WeightFormat::INT8_G32: z_f32_i8_tile(w, b, xt, ldx, tt, ot, ldo); break;
+          case WeightFormat::BF16: z_f32_bf16_tile(w, b, xt, ldx, tt, ot, ldo); break;
+        }
+      });
     }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// matmul_a8 without VNNI: vpmaddubsw (u8 weight x s8 activation -> s16 pairs) + vpmaddwd.
-// INT4: |nibble * a| <= 15 * 128, so the s16 sums of all 8 (chunk, half) products of a group
+// matmul_a8: one scaffold, z_matmul_a8_tile16xTT<Dot>, for every int8-activation kernel of the
+// AVX-512 units: a tile is one row block (16 rows, one zmm) x TT <= 8 tokens of fp32
+// accumulators; per group of 32 inputs Dot::load prepares the group's weight operands once, and
+// per token Dot::dot gives the exact int32 sums sum_k q_w * q_a of the 16 rows, scaled by
+// (weight scale x activation scale) into the accumulator with one FMA. The int32 sums are exact
+// whatever the instruction sequence, so every Dot gives the same output bits for the same input.
+// Dots (one per format and instruction set, ggml's naming habit):
+//   bw_q4g32, bw_q8g32      this header, AVX-512 BW: vpmaddubsw (u8 weight x s8 activation ->
+//                           s16 pairs) + vpmaddwd;
+//   vnni_q4g32, vnni_q8g32  simd_vnni.h: vpdpbusd.
+// INT4 (bw): |nibble * a| <= 15 * 128, so the s16 sums of all 8 (chunk, half) products of a group
 // (16 products per s16 lane) stay below 32767: one vpmaddwd per group, then the +8 offset is
-// removed with gsum. INT8: u8 * s8 pairs can reach 64770 and would saturate, so the weight is made
-// signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
+// removed with gsum. INT8 (bw): u8 * s8 pairs can reach 64770 and would saturate, so the weight is
+// made signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
 // ---------------------------------------------------------------------------------------------
 #define HY_Z_A8_TT_MAX 8
 
-static HY_ALWAYS_INLINE void z_a8bw_i4_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
-                                            int64_t t0, int tt, float* out, int64_t ldo) {
-  const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 256;
-  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+// The 8 [16 lanes x 4 inputs] u8 operands of one INT4 group (kernels.h layout): operand i covers
+// inputs 4i..4i+3, so chunk c gives operands 2c (its low nibbles) and 2c + 1 (its high nibbles).
+static HY_ALWAYS_INLINE void z_q4g32_operands(const uint8_t* p, __m512i* wv) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i ones = _mm512_set1_epi16(1);
-  __m512 acc[HY_Z_A8_TT_MAX];
 #pragma GCC unroll 16
-  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* p = qw + g * 256;
-    z_prefetch_bytes(p, 256);
-    __m512i wv[8];  // [chunk c lo, chunk c hi] for c = 0..3: inputs 8c..8c+3, 8c+4..8c+7
-#pragma GCC unroll 16
-    for (int c = 0; c < 4; ++c) {
-      __m512i v = _mm512_loadu_si512(p + c * 64);
-      wv[2 * c] = _mm512_and_si512(v, m4);
-      wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    }
-    const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
-#pragma GCC unroll 16
-    for (int t = 0; t < tt; ++t) {
-      const int64_t row = t0 + t;
-      const int8_t* a = x.q + row * x.ldq + g * kGroup;
-      __m512i s16 = _mm512_maddubs_epi16(wv[0], z_bcast4(a));
-#pragma GCC unroll 16
-      for (int i = 1; i < 8; ++i)
-        s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(wv[i], z_bcast4(a + 4 * i)));
-      __m512i s32 = _mm512_madd_epi16(s16, ones);
-      s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(8 * x.gsum[row * ng + g]));
-      const __m512 sc2 = _mm512_mul_ps(sw, _mm512_set1_ps(x.scale[row * ng + g]));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
-    }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v = _mm512_loadu_si512(p + c * 64);
+    wv[2 * c] = _mm512_and_si512(v, m4);
+    wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
-static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
-                                            int64_t t0, int tt, float* out, int64_t ldo) {
-  const int64_t ng = w.k / kGroup;
-  const uint8_t* qw = w.qweight + b * ng * 512;
-  const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
-  const __m512i ones = _mm512_set1_epi16(1);
-  __m512 acc[HY_Z_A8_TT_MAX];
+struct bw_q4g32 {
+  static constexpr int kGroupBytes = 256;
+  static constexpr bool kPrefetchNextBlock = false;
+  struct Operands { __m512i wv[8]; };
+  static HY_ALWAYS_INLINE void load(const uint8_t* p, Operands& o) { z_q4g32_operands(p, o.wv); }
+  static HY_ALWAYS_INLINE __m512i dot(const Operands& o, const int8_t* a, int32_t gsum) {
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512i s16 = _mm512_maddubs_epi16(o.wv[0], z_bcast4(a));
 #pragma GCC unroll 16
-  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* p = qw + g * 512;
-    z_prefetch_bytes(p, 512);
+    for (int i = 1; i < 8; ++i) s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(o.wv[i], z_bcast4(a + 4 * i)));
+    return _mm512_sub_epi32(_mm512_madd_epi16(s16, ones), _mm512_set1_epi32(8 * gsum));
+  }
+};
+
+struct bw_q8g32 {
+  static constexpr int kGroupBytes = 512;
+  static constexpr bool kPrefetchNextBlock = false;
+  struct Operands {
     __m512i wabs[8];
     __mmask64 neg[8];
+  };
+  static HY_ALWAYS_INLINE void load(const uint8_t* p, Operands& o) {
+    const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
 #pragma GCC unroll 16
     for (int c = 0; c < 8; ++c) {
-      __m512i ws = _mm512_xor_si512(_mm512_loadu_si512(p + c * 64), flip);  // q as s8
-      neg[c] = _mm512_movepi8_mask(ws);
-      wabs[c] = _mm512_abs_epi8(ws);
+      const __m512i ws = _mm512_xor_si512(_mm512_loadu_si512(p + c * 64), flip);  // q as s8
+      o.neg[c] = _mm512_movepi8_mask(ws);
+      o.wabs[c] = _mm512_abs_epi8(ws);
     }
+  }
+  static HY_ALWAYS_INLINE __m512i dot(const Operands& o, const int8_t* a, int32_t) {
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512i s32 = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int c = 0; c < 8; ++c) {
+      const __m512i ab = z_bcast4(a + 4 * c);
+      const __m512i as = _mm512_mask_sub_epi8(ab, o.neg[c], _mm512_setzero_si512(), ab);  // sign(a, q)
+      s32 = _mm512_add_epi32(s32, _mm512_madd_epi16(_mm512_maddubs_epi16(o.wabs[c], as), ones));
+    }
+    return s32;
+  }
+};
+
+// Row block b x tokens [t0, t0 + tt); out points at (token t0, block b's column).
+template <class Dot>
+static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                                   int64_t t0, int tt, float* out, int64_t ldo) {
+  const int64_t ng = w.k / kGroup, gbytes = Dot::kGroupBytes;
+  const uint8_t* qw = w.qweight + b * ng * gbytes;
+  const uint16_t* sc = w.scales + b * ng * kRowBlock;
+  __m512 acc[HY_Z_A8_TT_MAX];
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    const uint8_t* p = qw + g * gbytes;
+    z_prefetch_bytes(p, int(gbytes));  // see kPrefetchBytes
+    if (Dot::kPrefetchNextBlock && tt > 1) z_prefetch_next_block(p, int(gbytes), ng * gbytes);
+    typename Dot::Operands ops;
+    Dot::load(p, ops);
     const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
-      const int8_t* a = x.q + row * x.ldq + g * kGroup;
-      __m512i s32 = _mm512_setzero_si512();
-#pragma GCC unroll 16
-      for (int c = 0; c < 8; ++c) {
-        __m512i ab = z_bcast4(a + 4 * c);
-        __m512i as = _mm512_mask_sub_epi8(ab, neg[c], _mm512_setzero_si512(), ab);  // sign(a, q)
-        s32 = _mm512_add_epi32(s32, _mm512_madd_epi16(_mm512_maddubs_epi16(wabs[c], as), ones));
-      }
+      const __m512i s32 = Dot::dot(ops, x.q + row * x.ldq + g * kGroup, x.gsum[row * ng + g]);
       const __m512 sc2 = _mm512_mul_ps(sw, _mm512_set1_ps(x.scale[row * ng + g]));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sc2, acc[t]);
     }
@@ -308,34 +313,26 @@ static HY_ALWAYS_INLINE void z_a8bw_i8_tile(const PackedMatrix& w, int64_t b, co
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
-// Token tiles of up to 8, the width folded to a constant (registers: 8 weight operands, 8 fp32
-// accumulators, a few temporaries out of 32 zmm).
-#define HY_Z_DISPATCH_A8(fn, w, b, x, t0, tt, out, ldo) \
-  switch (tt) {                                         \
-    case 1: fn(w, b, x, t0, 1, out, ldo); break;        \
-    case 2: fn(w, b, x, t0, 2, out, ldo); break;        \
-    case 3: fn(w, b, x, t0, 3, out, ldo); break;        \
-    case 4: fn(w, b, x, t0, 4, out, ldo); break;        \
-    case 5: fn(w, b, x, t0, 5, out, ldo); break;        \
-    case 6: fn(w, b, x, t0, 6, out, ldo); break;        \
-    case 7: fn(w, b, x, t0, 7, out, ldo); break;        \
-    default: fn(w, b, x, t0, 8, out, ldo); break;       \
-  }
-
-[[maybe_unused]] static void z_matmul_a8_bw(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
-                           float* out, int64_t ldo) {
+// Tokens [t_begin, t_end) of x for blocks [b0, b1) with the Dots of one instruction set;
+// out points at block b0's column of token 0.
+template <class DotQ4, class DotQ8>
+static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                                               int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
-    for (int64_t t0 = 0; t0 < x.t; t0 += HY_Z_A8_TT_MAX) {
-      const int tt = int(x.t - t0 < HY_Z_A8_TT_MAX ? x.t - t0 : HY_Z_A8_TT_MAX);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += HY_Z_A8_TT_MAX) {
       float* ot = ob + t0 * ldo;
-      if (w.format == WeightFormat::INT4_G32) {
-        HY_Z_DISPATCH_A8(z_a8bw_i4_tile, w, b, x, t0, tt, ot, ldo);
-      } else {
-        HY_Z_DISPATCH_A8(z_a8bw_i8_tile, w, b, x, t0, tt, ot, ldo);
-      }
+      with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
+        if (w.format == WeightFormat::INT4_G32) z_matmul_a8_tile16xTT<DotQ4>(w, b, x, t0, tt, ot, ldo);
+        else z_matmul_a8_tile16xTT<DotQ8>(w, b, x, t0, tt, ot, ldo);
+      });
     }
   }
+}
+
+[[maybe_unused]] static void z_matmul_a8_bw(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
+                                            float* out, int64_t ldo) {
+  z_matmul_a8_range<bw_q4g32, bw_q8g32>(w, b0, b1, x, 0, x.t, out, ldo);
 }
 
 // ---------------------------------------------------------------------------------------------
