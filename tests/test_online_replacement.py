@@ -185,10 +185,11 @@ def test_metrics_count_the_swaps(ckpt):
         model.logits(prompt)
     class NoText:  # the engine needs a tokenizer only to decode text; none is asked for here
         vocab_size = model.config.vocab_size
+        special_tokens: dict = {}
 
     engine = Engine(model, tokenizer=NoText(), max_seqs=2, max_context=64)
     try:
-        gauges = Backend(engine, None, 16, 4, Metrics(), model=model).gauges()
+        gauges = Backend(engine, engine.tokenizer, 16, 4, Metrics(), model=model).gauges()
         assert gauges["expert_swaps_total"] == model.online_stats()["swaps"] > 0
         text = Metrics().render(gauges)
         assert "# TYPE hybrid_expert_swaps_total counter" in text
