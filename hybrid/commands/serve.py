@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                         "here since the KV cache is sized from it)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default 4)")
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, stop accepting requests and let running ones go on "
+                        "this long, then end each with a final error event (default 30)")
     from hybrid.chat.loading import add_load_arguments
 
     add_load_arguments(p)
@@ -52,7 +55,8 @@ def build_config(args):
                       api_key=args.api_key if args.api_key is not None else os.environ.get("HYBRID_API_KEY") or None,
                       model_name=name, max_running=args.max_running, max_queued=args.max_queued,
                       max_tokens=args.max_tokens, context_length=args.context_length,
-                      max_body_bytes=int(args.max_body_mb * 1024 * 1024), log_requests=args.log_requests)
+                      max_body_bytes=int(args.max_body_mb * 1024 * 1024), log_requests=args.log_requests,
+                      shutdown_grace=args.shutdown_grace)
     cfg.validate()
     return cfg
 
@@ -116,9 +120,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"hybrid serve: serving '{cfg.model_name}' at http://{cfg.host}:{cfg.port}/v1 "
           f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
           f"{', API key required' if cfg.api_key else ''})", file=sys.stderr)
+    from hybrid.serve.server import GracefulServer
+
+    server = GracefulServer(uvicorn.Config(create_app(backend, cfg), host=cfg.host, port=cfg.port,
+                                           log_level="warning"), backend, cfg.shutdown_grace)
     try:
-        uvicorn.run(create_app(backend, cfg), host=cfg.host, port=cfg.port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        pass
     finally:
         backend.engine.close()
     return 0

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hybrid.serve import anthropic_requests, anthropic_responses, openai_requests, openai_responses
-from hybrid.serve.backend import Backend
+from hybrid.serve.backend import Backend, RunEnded
 from hybrid.serve.config import ServeConfig
 from hybrid.serve.errors import ApiError, dialect_of, error_body
 from hybrid.serve.fields import parse_json_body
@@ -138,6 +138,8 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         try:
             gone, result = await until_disconnect(request, respond(run, job, opts))
+        except RunEnded as e:  # the server is shutting down and its grace period is over
+            return error_response(ApiError(503, str(e)), dialect, route)
         finally:
             if not run.done:
                 run.cancel()
@@ -220,23 +222,27 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
 
 
 async def _guard(chunks, run, dialect: str, metrics):
-    """Wrap a streaming body: a failure mid-stream becomes an error event (headers are already
-    sent, so no status code can say it), and leaving early cancels the engine request."""
+    """Wrap a streaming body: a failure mid-stream, or the end of a shutdown's grace period,
+    becomes a final error event (headers are already sent, so no status code can say it), and
+    leaving early cancels the engine request."""
     from hybrid.engine.request import GenerationError
 
     failed = False
     try:
         async for chunk in chunks:
             yield chunk
-    except GenerationError as e:
+    except (GenerationError, RunEnded) as e:
         failed = True
-        log.error("generation failed for %s: %s", run.request_id, e)
-        err = ApiError(500, f"generation failed: {e}")
+        if isinstance(e, RunEnded):  # shutting down, after the grace period
+            err = ApiError(503, str(e))
+        else:
+            log.error("generation failed for %s: %s", run.request_id, e)
+            err = ApiError(500, f"generation failed: {e}")
         body = error_body(err, dialect)
         if dialect == "anthropic":
             yield anthropic_responses.error_event(body)
-        else:
-            yield f"data: {json.dumps(body)}\n\n"
+        else:  # an error chunk, then the end every OpenAI stream has
+            yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
     finally:
         if not run.done and not failed:  # the client left before the end
             metrics.cancelled += 1

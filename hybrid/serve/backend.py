@@ -4,14 +4,25 @@ Backend.start(job) renders the chat template (or takes the raw prompt), checks t
 queue limits (each a 4xx with the numbers), submits to the continuous-batching Engine and
 returns a Run. A Run is read with `async for piece in run` and then has `run.finish`; leaving it
 early (the client went away) cancels the engine request, which frees its slot at the next step.
+
+Shutting down: stop_accepting() makes every new request a 503; end_running(message) cancels the
+runs still going, and each then raises RunEnded(message) where it is read, so its route can end
+it with a final error event instead of a cut connection.
 """
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 from hybrid.serve.errors import ApiError, bad_request
 from hybrid.serve.job import Finish, Job, Piece, TokenLogprob
 from hybrid.serve.metrics import Metrics
 from hybrid.serve.output import kimi_call_ids
+
+
+class RunEnded(Exception):
+    """The server ended this run before it finished (it is shutting down); the message says so."""
 
 
 class Run:
@@ -29,6 +40,7 @@ class Run:
         self.request_id = ""  # set by the route, in its dialect's id format
         self.finish: Finish | None = None
         self._shown_ids: list[int] = []
+        self._ended: str | None = None  # why the server ended it (end())
 
     async def __aiter__(self):
         tok = self.tokenizer
@@ -42,6 +54,8 @@ class Run:
                                          [(tok.decode([i]), v) for i, v in lp.top]) for lp in ev.logprobs]
             if ev.finish_reason is not None:
                 self.finish = self._finish(ev)
+                if ev.finish_reason == "cancelled" and self._ended is not None:
+                    raise RunEnded(self._ended)
             if ev.text or ev.token_ids or logprobs:
                 yield Piece(text=ev.text, n_tokens=len(ev.token_ids), logprobs=logprobs)
 
@@ -64,6 +78,11 @@ class Run:
     def cancel(self) -> None:
         self.handle.cancel()
 
+    def end(self, message: str) -> None:
+        """Cancel it for the server's own reason: reading it then raises RunEnded(message)."""
+        self._ended = message
+        self.handle.cancel()
+
     @property
     def done(self) -> bool:
         return self.finish is not None
@@ -81,6 +100,9 @@ class Backend:
         self.metrics = metrics
         self.model = model  # hybrid.load()'s Model, when the server loaded one (for cache stats)
         self._special_texts = tuple(tokenizer.special_tokens)
+        self._accepting = True
+        self._runs = weakref.WeakSet()  # every Run started (a finished one drops out when freed)
+        self._runs_lock = threading.Lock()  # start() runs in worker threads
         from hybrid.chat.cache_stats import attach_hit_counter
 
         self._hits = attach_hit_counter(model) if model is not None else None
@@ -114,9 +136,26 @@ class Backend:
             raise bad_request(str(e), "messages") from None
         return ids, in_reasoning
 
+    def stop_accepting(self) -> None:
+        with self._runs_lock:
+            self._accepting = False
+
+    def end_running(self, message: str) -> int:
+        """End every run still going (see Run.end); -> how many."""
+        with self._runs_lock:
+            running = [r for r in self._runs if not r.done]
+        for r in running:
+            r.end(message)
+        return len(running)
+
+    def _refuse_if_stopping(self) -> None:
+        if not self._accepting:
+            raise ApiError(503, "The server is shutting down and accepts no new requests.")
+
     def start(self, job: Job) -> Run:
         from hybrid.engine.sampling import SamplingParams
 
+        self._refuse_if_stopping()
         ids, in_reasoning = self.render_prompt(job)
         n, ctx = len(ids), self.context_length
         if n >= ctx:
@@ -143,7 +182,13 @@ class Backend:
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None
-        return Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics, self._special_texts)
+        run = Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics, self._special_texts)
+        with self._runs_lock:
+            if self._accepting:
+                self._runs.add(run)
+                return run
+        handle.cancel()  # the shutdown began while this one was being set up
+        self._refuse_if_stopping()
 
     def gauges(self) -> dict[str, float]:
         s = self.engine.stats()

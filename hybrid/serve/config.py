@@ -17,6 +17,8 @@ class ServeConfig:
     context_length: int | None = None  # None: the model's own (config.max_position_embeddings)
     max_body_bytes: int = 4 * 1024 * 1024  # request bodies larger than this -> 413
     log_requests: bool = False
+    shutdown_grace: float = 30.0  # seconds running requests may go on after SIGTERM; then each
+    #                               ends with a final error event (hybrid.serve.server)
 
     def validate(self) -> None:
         def bad(field, value, why):
@@ -27,6 +29,8 @@ class ServeConfig:
         for field in ("max_running", "max_tokens", "max_body_bytes"):
             if getattr(self, field) < 1:
                 bad(field, getattr(self, field), "must be >= 1")
+        if not 0 <= self.shutdown_grace <= 24 * 3600:
+            bad("shutdown_grace", self.shutdown_grace, "must be between 0 and 86400 seconds")
         if self.max_queued < 0:
             bad("max_queued", self.max_queued, "must be >= 0")
         if self.context_length is not None and self.context_length < 2:
