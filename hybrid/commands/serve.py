@@ -126,8 +126,6 @@ def main(args: argparse.Namespace) -> int:
                                            log_level="warning"), backend, cfg.shutdown_grace)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
-        pass
     finally:
         backend.engine.close()
     return 0

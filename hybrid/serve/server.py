@@ -10,6 +10,7 @@ cut connection. uvicorn's own deadline is set past the grace period so it never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import uvicorn
@@ -26,6 +27,15 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.backend = backend
         self.grace = grace
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signals it caught once it has stopped, so that their default
+            # action (death by SIGTERM, KeyboardInterrupt) follows; the shutdown here is complete
+            # and orderly, so `hybrid serve` exits with status 0 instead.
+            self._captured_signals.clear()
 
     async def shutdown(self, sockets=None) -> None:
         self.backend.stop_accepting()
