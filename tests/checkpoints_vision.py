@@ -33,14 +33,14 @@ MEDIA = dict(in_patch_limit=160, patch_limit_on_one_side=16, patch_size=4, merge
              image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
 
 
-def hf_config(**text_overrides):
+def hf_config(placeholder: int = PLACEHOLDER, **text_overrides):
     from transformers import Kimi_K25Config
 
     text = dict(TINY, model_type="deepseek_v3", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     text.update(text_overrides)
     vision = dict(VISION, rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
     cfg = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=VISION["hidden_size"],
-                         image_token_id=PLACEHOLDER, tie_word_embeddings=False)
+                         image_token_id=placeholder, tie_word_embeddings=False)
     cfg._attn_implementation = "eager"
     cfg.text_config._attn_implementation = "eager"
     cfg.vision_config._attn_implementation = "eager"
@@ -63,12 +63,13 @@ def _randomise_vision(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
 
 
-def build(tmp_path, seed: int = 0, naming: str = "release", shards: int = 2, **text_overrides):
+def build(tmp_path, seed: int = 0, naming: str = "release", shards: int = 2, placeholder: int = PLACEHOLDER,
+          **text_overrides):
     """-> (checkpoint dir, transformers reference model in fp32 eval mode)."""
     from transformers import Kimi_K25ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Kimi_K25ForConditionalGeneration(hf_config(**text_overrides)).eval()
+    model = Kimi_K25ForConditionalGeneration(hf_config(placeholder, **text_overrides)).eval()
     randomise(model.model.language_model, seed)
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))
@@ -91,7 +92,7 @@ def build(tmp_path, seed: int = 0, naming: str = "release", shards: int = 2, **t
         vc = cfg_json["vision_config"]
         cfg_json = {
             "model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
-            "text_config": text, "media_placeholder_token_id": PLACEHOLDER, "pad_token_id": 0,
+            "text_config": text, "media_placeholder_token_id": placeholder, "pad_token_id": 0,
             "vision_config": {
                 "patch_size": vc["patch_size"], "init_pos_emb_height": vc["pos_emb_height"],
                 "init_pos_emb_width": vc["pos_emb_width"], "init_pos_emb_time": vc["pos_emb_time"],
