@@ -132,7 +132,8 @@ class LiveServer:
         cfg.validate()
         self.config = cfg
         self.engine = Engine(m, tokenizer=m.tokenizer, max_seqs=max_seqs, max_context=context)
-        self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m)
+        self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m,
+                               images=cfg.image_policy())
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.backend, cfg), host="127.0.0.1",
                                                     port=cfg.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

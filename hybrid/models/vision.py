@@ -55,17 +55,17 @@ class Vision:
         lim = limits or ImageLimits()
         if lim.max_images is not None and len(items) > lim.max_images:
             raise ImageError(f"{name}: {len(items)} images; at most {lim.max_images} per request")
-        out = []
-        for i, item in enumerate(items):
-            where = f"{name}[{i}]"
-            if lim.max_bytes is not None and isinstance(item, (bytes, bytearray)) and len(item) > lim.max_bytes:
-                raise ImageError(f"{where}: {len(item)} bytes; at most {lim.max_bytes} per image")
-            img = open_image(item, where, allowed_formats)
-            if lim.max_pixels is not None and img.width * img.height > lim.max_pixels:
-                raise ImageError(f"{where}: {img.width}x{img.height} = {img.width * img.height} pixels; "
-                                 f"at most {lim.max_pixels} per image")
-            out.append(prepare(img, self.rule))
-        return out
+        return [self.prepare_one(item, f"{name}[{i}]", lim, allowed_formats) for i, item in enumerate(items)]
+
+    def prepare_one(self, item, where: str, limits: ImageLimits | None = None, allowed_formats=None) -> PreparedImage:
+        lim = limits or ImageLimits()
+        if lim.max_bytes is not None and isinstance(item, (bytes, bytearray)) and len(item) > lim.max_bytes:
+            raise ImageError(f"{where}: {len(item)} bytes; at most {lim.max_bytes} per image")
+        img = open_image(item, where, allowed_formats)
+        if lim.max_pixels is not None and img.width * img.height > lim.max_pixels:
+            raise ImageError(f"{where}: {img.width}x{img.height} = {img.width * img.height} pixels; "
+                             f"at most {lim.max_pixels} per image")
+        return prepare(img, self.rule)
 
     def expand(self, token_ids, images: list[PreparedImage]) -> tuple[list[int], list[ImageSpan]]:
         return expand(token_ids, self.placeholder_id, images)
