@@ -243,3 +243,24 @@ def test_vision_config_keys_checked(tmp_path):
     with pytest.raises(ConfigError, match="merge_kernel_size"):
         VisionConfig.from_dict({"vision_config": {"merge_kernel_size": [2]}}, 64)
     assert VisionConfig.from_dict({}, 64) is None
+
+
+def test_bf16_tower_within_what_bf16_costs_transformers(loaded):
+    """bf16 tower + projector against the fp32 reference: mean error at most twice what
+    transformers' own model costs in bf16 on the same pixels."""
+    import copy
+
+    import hybrid
+
+    _, seed, path, ref, _ = loaded
+    m16 = hybrid.load(path, dtype=torch.bfloat16, progress=False, experts_backend="torch", device_ops="torch")
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    [im] = m16.vision.prepare([_image(90, 75, seed)])
+    pv, grid = cv.reference_inputs([im])
+    with torch.no_grad():
+        want = ref.model.get_image_features(pv, grid).pooler_output[0]
+        theirs = ref16.model.get_image_features(pv.to(torch.bfloat16), grid).pooler_output[0].float()
+    ours = m16.vision.encode(im).float()
+    e_ours, e_theirs = (ours - want).abs().mean().item(), (theirs - want).abs().mean().item()
+    print(f"bf16 tower mean |error|: ours {e_ours:.4f}, transformers-bf16 {e_theirs:.4f}")
+    assert e_ours <= 2 * e_theirs + 1e-3

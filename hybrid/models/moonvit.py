@@ -156,7 +156,10 @@ class Block:
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         outs = []
         for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths)):  # one image each
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+            # [1, nh, n, hd]: the 4-D form takes torch's fused kernel on the CPU too (the 3-D one
+            # materialises the n x n scores: 2 GB per head group for a 1024 x 1024 image)
+            qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))
+            o = F.scaled_dot_product_attention(qi, ki, vi)[0]  # [nh, n, hd]
             outs.append(o.transpose(0, 1).reshape(-1, self.nh * self.hd))  # [n, D]
         return self.out(torch.cat(outs))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from hybrid.serve.errors import ApiError, bad_request
+from hybrid.serve.fields import get
 
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF"})  # Pillow's names of what clients may send
 MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
@@ -63,8 +64,6 @@ def _from_url(url: str, where: str) -> ImageRef:
 
 def openai_image(part: dict, where: str) -> ImageRef:
     """An OpenAI image_url content part."""
-    from hybrid.serve.fields import get
-
     iu = part.get("image_url")
     url = iu if isinstance(iu, str) else get(get(part, "image_url", where, dict), "url", f"{where}.image_url", str)
     return _from_url(url, f"{where}.image_url")
@@ -72,8 +71,6 @@ def openai_image(part: dict, where: str) -> ImageRef:
 
 def anthropic_image(block: dict, where: str) -> ImageRef:
     """An Anthropic image block."""
-    from hybrid.serve.fields import get
-
     src = get(block, "source", where, dict)
     sw = f"{where}.source"
     kind = get(src, "type", sw, str)
