@@ -264,3 +264,13 @@ def test_bf16_tower_within_what_bf16_costs_transformers(loaded):
     e_ours, e_theirs = (ours - want).abs().mean().item(), (theirs - want).abs().mean().item()
     print(f"bf16 tower mean |error|: ours {e_ours:.4f}, transformers-bf16 {e_theirs:.4f}")
     assert e_ours <= 2 * e_theirs + 1e-3
+
+
+def test_parameter_count_is_the_models(loaded):
+    """The memory plan's count of the tower + projector equals transformers' module sizes."""
+    from hybrid.models.moonvit import MoonViT
+
+    _, _, _, ref, model = loaded
+    want = sum(p.numel() for m in (ref.model.vision_tower, ref.model.mm_projector) for p in m.parameters())
+    assert MoonViT.parameter_count(model.vision.config) == want
+    assert model.vision.nbytes() == want * 4  # fp32
