@@ -110,7 +110,8 @@ class Engine:
     """Continuous-batching generation over a model that follows the flat ragged contract.
 
     model: the Model from hybrid.load(), or anything with its engine-facing part: forward(input_ids,
-    positions, slots, cache, logits_index), .config (vocab_size, max_position_embeddings),
+    positions, slots, cache, logits_index, embeds=) (embeds only with images, and then
+    encode_image(image)), .config (vocab_size, max_position_embeddings),
     online_stats() (None when off), and, when no cache is given, make_cache(num_slots, max_len),
     kv_bytes_per_token() and .max_len (None: the config's limit); .tokenizer when none is given.
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
@@ -281,8 +282,6 @@ class Engine:
 
     def _check_images(self, images, n: int) -> list:
         spans = sorted(images or (), key=lambda s: s.start)
-        if spans and not callable(getattr(self.module, "encode_image", None)):
-            raise ValueError("submit: images were given but the model takes no images")
         prev = 0
         for s in spans:
             if s.start < prev or s.end > n:
