@@ -6,7 +6,6 @@ next turn about the same image reuses its KV; another image with the same placeh
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hybrid.engine.engine import Engine
