@@ -2,7 +2,7 @@
 (hybrid/models/moonvit_images.py) and the placeholder token, behind one object that the API, the
 engine and the server ask.
 
-    vision = Vision.load(path, files, config, device, dtype)      # None: a text-only checkpoint
+    vision = Vision.load(path, files, vc, device, dtype)          # vc: its VisionConfig (runtime/build.py)
     images = vision.prepare([pil_image, "cat.png", png_bytes])      # decode + patches (caller's thread)
     ids, spans = vision.expand(token_ids, images)                   # one placeholder per image
     rows = vision.encode(images[0])                                  # [tokens, H] on the device
