@@ -52,6 +52,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       device_ops       "auto" (default) | "torch" | "native": the device ops' forms (hybrid/ops);
                        "torch" on a CPU runs exactly what a CUDA device runs (also HYBRID_DEVICE_OPS)
       progress         show progress bars (default True)
+      images_enabled   load the vision tower of a checkpoint that has one (default True); False
+                       saves its memory and refuses images
     """
     from hybrid.models import config_from_dir
     from hybrid.runtime.build import build_model
@@ -93,7 +95,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
               device_formats=device_formats_option(opts.pop("device_weights", None)),
               packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
               progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
-              device_ops=opts.pop("device_ops", None))
+              device_ops=opts.pop("device_ops", None),
+              images_enabled=bool(opts.pop("images_enabled", True)))
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
     built = build_model(path, device, dtype, experts_backend=backend, max_len=max_len, profile=profile,
@@ -117,7 +120,12 @@ def _tokenizer(path: Path):
 
 
 class Model:
-    """A loaded model: .config, .tokenizer, .network, .logits(), .generate(), .stream()."""
+    """A loaded model: .config, .tokenizer, .network, .vision, .logits(), .generate(), .stream().
+
+    Images (a checkpoint with a vision tower, hybrid/models/vision.py): logits/generate/stream take
+    images=[...], each a PIL.Image, a path or encoded bytes, in prompt order; token_ids then hold
+    one image placeholder (model.vision.placeholder_id, <|media_pad|>) where each image goes, and
+    each is expanded to the image's token count (logits come back for the expanded sequence)."""
 
     def __init__(self, built, path: Path, max_len: int, tokenizer=None):
         self.config, self.network, self.path = built.config, built.network, path
@@ -125,6 +133,7 @@ class Model:
         self.max_len, self.tokenizer = max_len, tokenizer
         # planner/online.py LiveReplacement, or None: its end_step runs after every forward.
         self.online = built.online
+        self.vision = built.vision  # hybrid/models/vision.py Vision, or None (no image input)
         self.device, self.dtype = self.network.device, self.network.dtype
         self._built = built
         self._engine = None
@@ -144,10 +153,14 @@ class Model:
         quantised, from_cache)."""
         return self._built.stats()
 
-    def forward(self, input_ids, positions, slots, cache, logits_index=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, slots, cache, logits_index=None, embeds=None) -> torch.Tensor:
         """One step (the engine calls this once per step). With online re-placement, the swaps
-        the step's routing asks for happen after the whole forward, never inside it."""
-        out = self.network.forward(input_ids, positions, slots, cache, logits_index)
+        the step's routing asks for happen after the whole forward, never inside it. embeds:
+        (rows, values) replacing those rows' input embeddings (image tokens)."""
+        if embeds is None:
+            out = self.network.forward(input_ids, positions, slots, cache, logits_index)
+        else:
+            out = self.network.forward(input_ids, positions, slots, cache, logits_index, embeds=embeds)
         if self.online is not None:
             self.online.end_step()
         return out
@@ -155,6 +168,24 @@ class Model:
     def online_stats(self) -> dict | None:
         """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""
         return self.online.stats() if self.online is not None else None
+
+    def encode_image(self, image) -> torch.Tensor:
+        """A PreparedImage (hybrid/models/moonvit_images.py) -> [tokens, H] input embeddings."""
+        return self._vision().encode(image)
+
+    def _vision(self):
+        if self.vision is None:
+            why = ("it was loaded with images_enabled=False" if self._built.config.model_type == "kimi_k25"
+                   else "it has no vision tower")
+            raise ValueError(f"this model takes no images: {why}")
+        return self.vision
+
+    def _with_images(self, token_ids, images):
+        """(expanded ids, ImageSpans) for images given to logits/generate/stream."""
+        if images is None or len(images) == 0:
+            return list(token_ids), []
+        v = self._vision()
+        return v.expand(token_ids, v.prepare(images))
 
     def _check_prompt(self, token_ids, extra: int = 0) -> torch.Tensor:
         ids = torch.as_tensor(list(token_ids), dtype=torch.long)
@@ -165,24 +196,28 @@ class Model:
                              "(pass max_len= to hybrid.load)")
         return ids
 
-    def logits(self, token_ids) -> torch.Tensor:
-        """Logits for every position of a prompt: [len, vocab] fp32."""
+    def logits(self, token_ids, images=None) -> torch.Tensor:
+        """Logits for every position of a prompt: [len, vocab] fp32 (len after image expansion)."""
+        token_ids, spans = self._with_images(token_ids, images)
         ids = self._check_prompt(token_ids)
         cache = self.make_cache(1, ids.numel())
         pos = torch.arange(ids.numel())
-        return self.forward(ids, pos, torch.zeros_like(pos), cache)
+        embeds = self.vision.span_rows(spans) if spans else None
+        return self.forward(ids, pos, torch.zeros_like(pos), cache, embeds=embeds)
 
     def generate(self, token_ids, max_new_tokens: int, temperature: float = 0.0, **sampling) -> list[int]:
         """New token ids (prompt not included, a final end-of-sequence token not included)."""
         return list(self.stream(token_ids, max_new_tokens, temperature, **sampling))
 
     def stream(self, token_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True, **sampling) -> Iterator[int]:
+               top_k: int = 0, seed: int | None = None, stop_at_eos: bool = True, images=None,
+               **sampling) -> Iterator[int]:
         """Yield new token ids as they are made. With a tokenizer this runs on the engine
         (hybrid.engine: batching, every sampling option); without one (bare test checkpoints)
         a plain prefill + decode loop over forward() with the latent cache."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        token_ids, spans = self._with_images(token_ids, images)
         ids = self._check_prompt(token_ids, max_new_tokens)
         if max_new_tokens == 0:
             return
@@ -191,13 +226,13 @@ class Model:
 
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                     ignore_eos=not stop_at_eos, **sampling)
-            for ev in self.engine().submit(ids.tolist(), params, max_tokens=max_new_tokens):
+            for ev in self.engine().submit(ids.tolist(), params, max_tokens=max_new_tokens, images=spans):
                 yield from ev.token_ids
             return
         if sampling:
             raise TypeError(f"sampling option(s) {', '.join(sorted(sampling))} need the engine "
                             "(a checkpoint with a tokenizer)")
-        yield from self._plain_loop(ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos)
+        yield from self._plain_loop(ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, spans)
 
     def engine(self):
         """The generation engine for this model (created on first use; needs a tokenizer)."""
@@ -214,7 +249,7 @@ class Model:
             self._engine.close()
             self._engine = None
 
-    def _plain_loop(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos):
+    def _plain_loop(self, ids, max_new_tokens, temperature, top_p, top_k, seed, stop_at_eos, spans=()):
         from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
 
         row = RowState(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
@@ -223,7 +258,8 @@ class Model:
         eos = set(self.config.eos_token_ids) if stop_at_eos else set()
         pos = torch.arange(ids.numel())
         last = torch.tensor([ids.numel() - 1])
-        logits = self.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last)
+        embeds = self.vision.span_rows(spans) if spans else None
+        logits = self.forward(ids, pos, torch.zeros_like(pos), cache, logits_index=last, embeds=embeds)
         n = ids.numel()
         for i in range(max_new_tokens):
             tok = sample(logits[:1], [row])[0].token_id  # the engine's sampler, one row

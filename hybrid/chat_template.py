@@ -14,7 +14,9 @@ format:
     <|im_assistant|>assistant<|im_middle|><think>        (generation prompt, thinking mode)
     <|im_assistant|>assistant<|im_middle|><think></think>   (instant mode)
 
-Reasoning of earlier turns (before the last user message) is dropped, as K2.5 does.
+Reasoning of earlier turns (before the last user message) is dropped, as K2.5 does. An image part
+({"type": "image"} or "image_url") is <|media_begin|>image<|media_content|><|media_pad|><|media_end|>,
+as K2.5's own template writes it; <|media_pad|> is expanded to the image's tokens later.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ KIMI_TEMPLATE = r"""
     {%- for part in content -%}
       {%- if part is string -%}{{ part }}
       {%- elif part.type == 'text' -%}{{ part.text }}
+      {%- elif part.type in ('image', 'image_url') -%}<|media_begin|>image<|media_content|><|media_pad|><|media_end|>
       {%- else -%}{{ raise_exception('message content part of type ' ~ part.type ~ ' is not supported by this model') }}
       {%- endif -%}
     {%- endfor -%}

@@ -240,11 +240,11 @@ def _set_reference(model, params: dict, ckpt_name: str, value: torch.Tensor) -> 
     params[ckpt_name].copy_(value)
 
 
-def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
+def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3, **inputs):
     """transformers logits [T, Vocab] for one sequence, and near_tie [T] bool: positions where,
     in any MoE layer, the K-th and (K+1)-th biased router scores (or, with groups, the last
     chosen and first rejected group scores) are within tie_eps. There the runtimes may
-    legitimately route differently."""
+    legitimately route differently. inputs: more model inputs (pixel_values, image_grid_thw)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     ties = torch.zeros(ids.shape[-1], dtype=torch.bool)
@@ -262,16 +262,16 @@ def reference_logits(model, ids: torch.Tensor, tie_eps: float = 1e-3):
         top = s.sort(-1, descending=True)[0]
         ties.logical_or_(top[:, router.top_k - 1] - top[:, router.top_k] < tie_eps)
 
-    return logits_hooking(model, ids, DeepseekV3TopkRouter, hook), ties
+    return logits_hooking(model, ids, DeepseekV3TopkRouter, hook, **inputs), ties
 
 
-def logits_hooking(model, ids: torch.Tensor, module_class, hook) -> torch.Tensor:
+def logits_hooking(model, ids: torch.Tensor, module_class, hook, **inputs) -> torch.Tensor:
     """transformers logits [T, Vocab] for one sequence, with `hook` as a forward hook on every
     `module_class` module during the run."""
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, module_class)]
     try:
         with torch.no_grad():
-            return model(ids[None]).logits[0].float()
+            return model(ids[None], **inputs).logits[0].float()
     finally:
         for h in handles:
             h.remove()

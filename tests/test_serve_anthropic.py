@@ -128,7 +128,7 @@ def test_prefill_continues_and_is_not_repeated(client):
     ({"messages": [{"role": "system", "content": "x"}]}, 400, "messages[0].role"),
     ({"extra_body": {"temperature": 1.5}}, 400, "temperature"),
     ({"tool_choice": {"type": "any"}}, 400, "no tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "image"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "source.type' is required"),
 ])
 def test_bad_requests_in_anthropic_error_shape(client, kw, status, needle):
     with pytest.raises(anthropic.APIStatusError) as e:

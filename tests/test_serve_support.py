@@ -23,7 +23,8 @@ N_BASE = 256  # byte tokens
 SPECIALS = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
             "<|im_middle|>", "<think>", "</think>", "<|tool_calls_section_begin|>",
             "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>",
-            "<|tool_call_end|>"]
+            "<|tool_call_end|>", "<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>"]
+MEDIA_PAD = N_BASE + SPECIALS.index("<|media_pad|>")  # the image placeholder of vision_checkpoint_dir()
 VOCAB = N_BASE + 256  # Kimi reserves 256 special ids after the BPE vocabulary
 CONTEXT = 1024
 
@@ -49,6 +50,29 @@ def checkpoint_dir() -> Path:
                     bos_token_id=N_BASE, eos_token_id=N_BASE + 1)
     write_tokenizer(path)
     return path
+
+
+@functools.cache
+def vision_checkpoint_dir() -> Path:
+    """A tiny Kimi K2.5 with a vision tower (tests/checkpoints_vision.py, release naming) and the
+    same tokenizer; <|media_pad|> is its image placeholder."""
+    from checkpoints_vision import build
+
+    base = Path(tempfile.mkdtemp(prefix="hybrid-serve-vision-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    path, _ = build(base, placeholder=MEDIA_PAD, vocab_size=VOCAB, max_position_embeddings=CONTEXT, shards=1,
+                    bos_token_id=N_BASE, eos_token_id=N_BASE + 1)
+    write_tokenizer(path)
+    return path
+
+
+@functools.cache
+def vision_model():
+    import torch
+
+    import hybrid
+
+    return hybrid.load(vision_checkpoint_dir(), dtype=torch.float32, progress=False)
 
 
 @functools.cache
@@ -108,7 +132,8 @@ class LiveServer:
         cfg.validate()
         self.config = cfg
         self.engine = Engine(m, tokenizer=m.tokenizer, max_seqs=max_seqs, max_context=context)
-        self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m)
+        self.backend = Backend(self.engine, m.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=m,
+                               images=cfg.image_policy())
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.backend, cfg), host="127.0.0.1",
                                                     port=cfg.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

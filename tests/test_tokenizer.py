@@ -209,9 +209,18 @@ def test_kimi_fallback_tools_and_tool_calls(tmp_path):
     ([{"content": "x"}], r"messages\[0\] has no 'role'"),
     ([{"role": "user", "content": 5}], r"messages\[0\].content"),
     ([{"role": "tool", "content": "x"}], "tool_call_id"),
-    ([{"role": "user", "content": [{"type": "image_url"}]}], "image_url"),
+    ([{"role": "user", "content": [{"type": "input_audio"}]}], "input_audio"),
 ])
 def test_bad_messages_name_the_problem(tmp_path, messages, match):
     kimi_dir(tmp_path)
     with pytest.raises(ChatTemplateError, match=match):
         load_tokenizer(tmp_path).apply_chat_template(messages)
+
+
+def test_image_parts_are_kimis_placeholder(tmp_path):
+    """K2.5's own template writes each image as one <|media_pad|> between media markers."""
+    kimi_dir(tmp_path)
+    parts = [{"type": "text", "text": "see "}, {"type": "image"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    text = load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": parts}])
+    image = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+    assert f"<|im_middle|>see {image}{image}<|im_end|>" in text

@@ -59,6 +59,8 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--device-weights", choices=("bf16", "fp32", "int8", "fp8"), default=None,
                         help="format of the weights on the device (default: the dtype; int8/fp8 to fit 24 GB)")
     parser.add_argument("--threads", type=int, default=None, help="CPU expert engine threads (default: physical cores)")
+    parser.add_argument("--no-images", action="store_true",
+                        help="do not load a checkpoint's vision tower (saves its memory; images are refused)")
     parser.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
                         help="with --profile: swap experts into the GPU cache as routing drifts, a few "
                              "per layer per step when the cost model says a swap pays (default: the "
@@ -84,6 +86,8 @@ def load_options(args, context_length: int | None = None) -> dict:
         options["device_weights"] = args.device_weights
     if args.threads is not None:
         options["threads"] = args.threads
+    if getattr(args, "no_images", False):
+        options["images_enabled"] = False
     online = getattr(args, "online", None)
     if online is not None:  # without --profile hybrid.load says why (load_model_or_explain)
         options["online"] = online

@@ -19,6 +19,7 @@ Commands:
   /reset                    forget the conversation (keeps mode, system prompt)
   /stats                    tokens, speed and time per phase
   /save FILE                save the conversation (.md: Markdown, else JSON)
+  /image PATH               attach an image to the next message (a model with a vision tower)
   /help                     this text
   /exit                     quit (also Ctrl-D)
 Enter sends; Alt-Enter (or Esc then Enter) adds a line; Ctrl-C stops an answer."""
@@ -117,6 +118,16 @@ class ChatApp:
             self.say("conversation cleared")
         elif name == "stats":
             self.say(self.stats_text(), style=None)
+        elif name == "image":
+            if not arg:
+                self.say("usage: /image PATH", style="red")
+            else:
+                try:
+                    im = s.attach_image(arg)
+                    w, h = im.source_size
+                    self.say(f"image {arg} ({w}x{h}, {im.tokens} tokens) goes with the next message")
+                except ValueError as e:
+                    self.say(f"error: {e}", style="red")
         elif name == "save":
             if not arg:
                 self.say("usage: /save FILE", style="red")

@@ -146,6 +146,10 @@ class ChatSession:
         self._hits = attach_hit_counter(model) if model is not None else None
         self.messages: list[dict] = []
         self.stats = SessionStats()
+        # Images: those of the conversation so far in prompt order (every turn's prompt holds
+        # them all, so prefix reuse keeps their KV), and those /image attached to the next message.
+        self.images: list = []
+        self.pending_images: list[tuple[str, object]] = []  # (path, PreparedImage)
 
     # ---- commands -------------------------------------------------------------------------
 
@@ -159,6 +163,18 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages.clear()
+        self.images.clear()
+        self.pending_images.clear()
+
+    def attach_image(self, path: str):
+        """Decode and prepare an image for the next message (ValueError: no vision tower, or
+        the file is not an image) -> its PreparedImage."""
+        vision = self.model.vision if self.model is not None else None
+        if vision is None:
+            raise ValueError("this model takes no images (it has no vision tower, or was loaded with --no-images)")
+        image = vision.prepare_one(path, path)
+        self.pending_images.append((path, image))
+        return image
 
     def transcript(self) -> list[dict]:
         """The conversation as chat messages, system prompt first."""
@@ -173,7 +189,7 @@ class ChatSession:
                 parts.append(f"## {m['role']}\n")
                 if m.get("reasoning_content"):
                     parts.append("> " + m["reasoning_content"].replace("\n", "\n> ") + "\n")
-                parts.append(m.get("content") or "")
+                parts.append(_markdown_content(m.get("content")))
                 parts.append("")
             text, kind = "\n".join(parts), "markdown"
         else:
@@ -187,15 +203,33 @@ class ChatSession:
     # ---- generation -----------------------------------------------------------------------
 
     def prompt_ids(self, user_text: str) -> tuple[list[int], bool]:
-        messages = self.transcript() + [{"role": "user", "content": user_text}]
+        ids, in_reasoning, _ = self._prompt(self._question(user_text))
+        return ids, in_reasoning
+
+    def _question(self, user_text: str) -> dict:
+        """The user's message: its text, after the images attached to it."""
+        if not self.pending_images:
+            return {"role": "user", "content": user_text}
+        parts = [{"type": "image", "path": path} for path, _ in self.pending_images]
+        return {"role": "user", "content": parts + [{"type": "text", "text": user_text}]}
+
+    def _prompt(self, question: dict) -> tuple[list[int], bool, list]:
+        """(token ids, whether the prompt ends inside <think>, the images' ImageSpans)."""
+        messages = self.transcript() + [question]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   thinking=self.settings.mode == "thinking")
-        return self.tokenizer.encode(text), text.rstrip().endswith("<think>")
+        ids = self.tokenizer.encode(text)
+        images = self.images + [im for _, im in self.pending_images]
+        spans = []
+        if images:
+            ids, spans = self.model.vision.expand(ids, images)
+        return ids, text.rstrip().endswith("<think>"), spans
 
     def ask(self, user_text: str) -> Reply:
         from hybrid.engine.sampling import SamplingParams
 
-        ids, in_reasoning = self.prompt_ids(user_text)
+        question = self._question(user_text)
+        ids, in_reasoning, spans = self._prompt(question)
         room = self.engine.max_context - len(ids)
         if room < 1:
             raise ValueError(f"the conversation is {len(ids)} tokens, the context limit is "
@@ -203,10 +237,11 @@ class ChatSession:
         s = self.settings
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         reused = self._reused_counter()
-        handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room))
-        question = {"role": "user", "content": user_text}
+        handle = self.engine.submit(ids, params, max_tokens=min(s.max_tokens, room), images=spans)
         try:
             self.messages.append(question)
+            self.images += [im for _, im in self.pending_images]
+            self.pending_images.clear()
             return Reply(self, handle, len(ids), in_reasoning, reused)
         except BaseException:  # Ctrl-C between submit and the Reply that would own the request
             handle.cancel()
@@ -230,3 +265,10 @@ class ChatSession:
         from hybrid.chat.cache_stats import hit_rate
 
         return hit_rate(self.model, self._hits)
+
+
+def _markdown_content(content) -> str:
+    if isinstance(content, list):  # a message with images: [image: PATH] where each one was
+        return "".join(p.get("text", "") if p.get("type") == "text" else f"[image: {p.get('path', '?')}]\n"
+                       for p in content)
+    return content or ""

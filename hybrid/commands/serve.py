@@ -34,7 +34,17 @@ def register(subparsers) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="prompt + completion limit per sequence (default: the model's, at most 4096 "
                         "here since the KV cache is sized from it)")
-    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default 4)")
+    p.add_argument("--max-body-mb", type=float, default=32.0,
+                   help="largest request body in MB, base64 images included (default 32)")
+    p.add_argument("--allow-local-images", default=None, metavar="DIR",
+                   help="let image parts name local files under DIR (default: off; data: URIs only)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs on a client's behalf (default: off, refused with 400)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="encoded size per image in MB (default 20)")
+    p.add_argument("--max-image-megapixels", type=float, default=64.0,
+                   help="decoded width x height per image, in millions (default 64); larger images are "
+                        "refused, smaller ones are resized as the model's preprocessing says")
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, stop accepting requests and let running ones go on "
@@ -56,7 +66,10 @@ def build_config(args):
                       model_name=name, max_running=args.max_running, max_queued=args.max_queued,
                       max_tokens=args.max_tokens, context_length=args.context_length,
                       max_body_bytes=int(args.max_body_mb * 1024 * 1024), log_requests=args.log_requests,
-                      shutdown_grace=args.shutdown_grace)
+                      shutdown_grace=args.shutdown_grace, allow_local_images=args.allow_local_images,
+                      allow_remote_images=args.allow_remote_images, max_images=args.max_images,
+                      max_image_bytes=int(args.max_image_mb * 1024 * 1024),
+                      max_image_pixels=int(args.max_image_megapixels * 1024 * 1024))
     cfg.validate()
     return cfg
 
@@ -87,7 +100,8 @@ def build_backend(model, cfg):
     from hybrid.serve.metrics import Metrics
 
     engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length)
-    return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model)
+    return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model,
+                   images=cfg.image_policy())
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,6 +12,10 @@ Each step builds one flat ragged batch (legend: T tokens in the step, V vocabula
   - each of those rows is sampled with its own parameters and random stream (sampling.py),
     then stop rules and streaming text are applied (stops.py) and one Event goes to the caller.
 
+Images (submit(images=[ImageSpan])): the prompt holds each image's expanded placeholder tokens;
+when a prompt chunk reaches an image, the model's encode_image(image) (the vision tower, on this
+thread) gives its rows, which replace those tokens' input embeddings (forward's embeds=).
+
 A request holds one cache slot from admission to its end. It is admitted the moment a slot is
 free (at submit, or when another request releases one) and joins the next step; otherwise it
 waits in a FIFO queue. Cancellation (handle.cancel(), or the reader going away) frees the slot
@@ -19,8 +23,10 @@ at the next step boundary.
 
 Prefix reuse: a freed slot keeps its KV and remembers the tokens it holds. A new request takes
 the free slot whose tokens share the longest prefix with its prompt and starts reading the prompt
-after that prefix (the next turn of a chat re-reads only what is new). Reused entries are valid:
-a token's KV depends only on the tokens before it (up to the rounding differences any batching
+after that prefix (the next turn of a chat re-reads only what is new). Prefix matching compares what the KV
+depends on: token ids, and inside an image its pixels' hash and the index (the placeholder ids
+of two different images are equal), so the next turn about the same image re-encodes nothing.
+Reused entries are valid: a token's KV depends only on the tokens before it (up to the rounding differences any batching
 brings in bf16), and positions past the prefix are rewritten before anything reads them.
 """
 
@@ -38,6 +44,7 @@ import torch
 from hybrid.engine.request import (Completion, Event, RequestHandle, TokenLogprob, Usage)
 from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
 from hybrid.engine.stops import StopState
+from hybrid.models.moonvit_images import token_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +65,16 @@ class _Request:
     computed: int = 0  # tokens (prompt + output) whose KV is in the cache
     reused: int = 0  # prompt tokens whose KV a freed slot still held at admission (prefix reuse)
     cancelled: bool = False
+    images: list = field(default_factory=list)  # ImageSpans (hybrid/models/moonvit_images.py)
+    keys: list = field(default_factory=list)  # per prompt position: what its KV depends on
+    image_rows: dict = field(default_factory=dict)  # span index -> [tokens, H], once encoded
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def computed_keys(self) -> list:
+        return (self.keys + self.output)[:self.computed]
 
 
 def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
@@ -97,7 +110,8 @@ class Engine:
     """Continuous-batching generation over a model that follows the flat ragged contract.
 
     model: the Model from hybrid.load(), or anything with its engine-facing part: forward(input_ids,
-    positions, slots, cache, logits_index), .config (vocab_size, max_position_embeddings),
+    positions, slots, cache, logits_index, embeds=) (embeds only with images, and then
+    encode_image(image)), .config (vocab_size, max_position_embeddings),
     online_stats() (None when off), and, when no cache is given, make_cache(num_slots, max_len),
     kv_bytes_per_token() and .max_len (None: the config's limit); .tokenizer when none is given.
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
@@ -166,9 +180,10 @@ class Engine:
     # ---- public API -----------------------------------------------------------------------
 
     def submit(self, prompt_ids, params: SamplingParams | None = None, stop=(),
-               max_tokens: int | None = None) -> RequestHandle:
+               max_tokens: int | None = None, images=None) -> RequestHandle:
         """Queue a request and return its handle at once. Raises ValueError for bad input
-        (empty prompt, unknown token ids, longer than max_context)."""
+        (empty prompt, unknown token ids, longer than max_context). images: ImageSpans of the
+        (already expanded) prompt, hybrid/models/moonvit_images.py."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"submit: params must be SamplingParams, got {type(params).__name__}")
@@ -194,6 +209,8 @@ class Engine:
                        stop=StopState(self.tokenizer.incremental_decoder(), stop_ids, stop, max_tokens))
         req.row = RowState(params=params, generator=make_generator(params.seed),
                            prompt_ids=req.prompt, output_ids=req.output)
+        req.images = self._check_images(images, len(prompt))
+        req.keys = token_keys(prompt, req.images)
         with self._wake:
             if self._closed:
                 raise RuntimeError("Engine is closed")
@@ -263,6 +280,16 @@ class Engine:
                                  f"[0, {self.vocab_size})")
         return prompt
 
+    def _check_images(self, images, n: int) -> list:
+        spans = sorted(images or (), key=lambda s: s.start)
+        prev = 0
+        for s in spans:
+            if s.start < prev or s.end > n:
+                raise ValueError(f"submit: image span [{s.start}, {s.end}) overlaps another or leaves "
+                                 f"the prompt of {n} tokens")
+            prev = s.end
+        return spans
+
     def _request_cancel(self, request_id: int) -> None:
         with self._wake:
             for req in self._waiting:
@@ -288,7 +315,7 @@ class Engine:
         with self._lock:
             if req.slot is not None:
                 if self.prefix_reuse and kv_valid:
-                    self._slot_tokens[req.slot] = req.tokens[:req.computed]
+                    self._slot_tokens[req.slot] = req.computed_keys()
                 else:
                     self._slot_tokens.pop(req.slot, None)
                 self._free_slots.append(req.slot)
@@ -301,7 +328,7 @@ class Engine:
         """Move waiting requests into free slots (caller holds _lock)."""
         while self._waiting and self._free_slots:
             req = self._waiting.popleft()
-            req.slot, req.computed = self._pick_slot(req.prompt)
+            req.slot, req.computed = self._pick_slot(req.keys)
             self._free_slots.remove(req.slot)
             self._slot_tokens.pop(req.slot, None)
             self._active.append(req)
@@ -332,9 +359,9 @@ class Engine:
                 self._step(active)
         self._shutdown()
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+    def _pick_slot(self, prompt: list) -> tuple[int, int]:
         """The free slot to use and how many prompt tokens of KV it already holds (caller
-        holds _lock)."""
+        holds _lock); prompt: the request's keys (token ids, image positions by pixel hash)."""
         # With no shared prefix: an empty slot, else the one freed longest ago (the recently
         # freed ones are likelier to be continued, e.g. the next turn of a chat).
         empty = [s for s in self._free_slots if s not in self._slot_tokens]
@@ -374,6 +401,32 @@ class Engine:
                 budget -= n
         return decodes, chunks
 
+    def _images_ready(self, req: _Request, start: int, n: int) -> bool:
+        """Encode the images the chunk [start, start+n) reaches (once per request, when its first
+        token is read; on this thread). A failure fails this request only: -> False."""
+        try:
+            with torch.inference_mode():
+                for k, span in enumerate(req.images):
+                    if k not in req.image_rows and span.start < start + n and span.end > start:
+                        req.image_rows[k] = self.module.encode_image(span.image)  # [tokens, H]
+            return True
+        except Exception as e:
+            log.exception("image encoding failed")
+            self._release(req, kv_valid=False)
+            with self._lock:
+                self._counters["requests_failed"] += 1
+            self._emit_end(req, "error", error=f"image encoding failed: {type(e).__name__}: {e}")
+            return False
+
+    def _image_rows(self, req: _Request, start: int, n: int):
+        """(offset in the chunk, rows [m, H]) for each image the chunk [start, start+n) reaches."""
+        for k, span in enumerate(req.images):
+            lo, hi = max(span.start, start), min(span.end, start + n)
+            if lo < hi:
+                yield lo - start, req.image_rows[k][lo - span.start:hi - span.start]
+                if hi == span.end:  # read to its end: its rows are not needed again
+                    req.image_rows[k] = None
+
     def _step(self, active: list[_Request]) -> None:
         decodes, chunks = self._plan(active)
         ids, pos, slots, sample_at, sample_reqs = [], [], [], [], []
@@ -383,7 +436,12 @@ class Engine:
             slots.append(req.slot)
             sample_at.append(len(ids) - 1)
             sample_reqs.append(req)
+        chunks = [c for c in chunks if self._images_ready(*c)]
+        rows, values = [], []  # image tokens of this step: rows of the batch, their embeddings
         for req, start, n in chunks:
+            for i, r in self._image_rows(req, start, n):
+                rows += range(len(ids) + i, len(ids) + i + r.shape[0])
+                values.append(r)
             ids += req.prompt[start:start + n]
             pos += range(start, start + n)
             slots += [req.slot] * n
@@ -394,12 +452,16 @@ class Engine:
         dev = self.device
         try:
             with torch.inference_mode():
+                extra = {}
+                if rows:  # image tokens: their embeddings come from the vision tower
+                    extra["embeds"] = (torch.tensor(rows, dtype=torch.long, device=dev), torch.cat(values))
                 logits = self.module.forward(
                     torch.tensor(ids, dtype=torch.long, device=dev),  # [T]
                     torch.tensor(pos, dtype=torch.long, device=dev),  # [T]
                     torch.tensor(slots, dtype=torch.long, device=dev),  # [T]
                     self.cache,
                     logits_index=torch.tensor(sample_at, dtype=torch.long, device=dev),  # [n]
+                    **extra,
                 )  # [n, V]
                 if sample_reqs:
                     if tuple(logits.shape[:1]) != (len(sample_at),):

@@ -81,11 +81,16 @@ class DecoderStack:
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                cache, logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions, slots [T] -> logits [len(logits_index) or T, Vocab] fp32."""
+                cache, logits_index: torch.Tensor | None = None, embeds=None) -> torch.Tensor:
+        """input_ids, positions, slots [T] -> logits [len(logits_index) or T, Vocab] fp32.
+        embeds: None, or (rows [n] long, values [n, H]): input embeddings that replace those of
+        the tokens at those rows of the batch (an image's tokens, hybrid/models/vision.py)."""
         check_inputs(input_ids, positions, slots, self.config.vocab_size)
         cache.check(slots, positions)
         h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H] (indexing: ~30 us)
+        if embeds is not None:
+            rows, values = embeds
+            h[rows.to(self.device)] = values.to(self.device, self.dtype)
         batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale)  # [T, R/2]
         for layer in self.layers:

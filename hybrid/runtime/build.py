@@ -26,6 +26,7 @@ class Built:
     ops: object
     experts: object          # the ExpertFactory that made the host executors
     online: object = None    # planner/online.py LiveReplacement, or None
+    vision: object = None    # hybrid/models/vision.py Vision (image input), or None
 
     def stats(self) -> dict:
         return {"ops": self.ops.name, "experts": dict(self.experts.stats)}
@@ -36,7 +37,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 packed_cache: bool = False, threads: int | None = None, progress: bool = True,
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
-                split_threads: bool = True) -> Built:
+                split_threads: bool = True, images_enabled: bool = True) -> Built:
     """See hybrid.api.load for what the options mean."""
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
@@ -61,12 +62,19 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         prof, spec = placement.load_checked_profile(profile, path, device, max_vram)
         placer = placement.online_placer(prof, spec, online)
         gpu_expert_bytes = prof.num_cached * facts.expert_params * itemsize(dtype)
+    files = SafetensorsFiles(path)
+    vision_cfg = _vision_config(path, config, files) if images_enabled else None
+    vision_bytes = 0
+    if vision_cfg is not None:
+        from hybrid.models.moonvit import MoonViT
+
+        vision_bytes = MoonViT.parameter_count(vision_cfg) * itemsize(dtype)
     check_fits(facts, path, device, dtype, device_formats or {}, max_len=max_len, num_slots=1,
-               max_vram=max_vram, experts_on_device=(experts_backend == "torch"), extra=gpu_expert_bytes)
+               max_vram=max_vram, experts_on_device=(experts_backend == "torch"),
+               extra=gpu_expert_bytes + vision_bytes)
     if experts_backend == "cpu" and split_threads:
         split(device, threads)
 
-    files = SafetensorsFiles(path)
     files.file_sizes_ok()
     ops = select_ops(device, dtype, device_ops)
     # With no GPU the Python thread only waits while the experts run: it computes a share
@@ -90,9 +98,35 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     finally:
         if bar is not None:
             bar.close()
+    vision = None
+    if vision_cfg is not None:
+        from hybrid.models.vision import Vision
+
+        vision = Vision.load(path, files, vision_cfg, device, dtype)
     live = None
     if prof is not None:
         placement.attach_device_experts(network, prof, device, dtype)
         if placer is not None:
             live = placement.attach_online(network, placer)
-    return Built(config, network, facts, ops, experts, live)
+    return Built(config, network, facts, ops, experts, live, vision)
+
+
+def _vision_config(path: Path, config, files):
+    """The checkpoint's VisionConfig (hybrid/models/moonvit_config.py), or None: text only (no
+    vision_config, or one whose tower was left out of the checkpoint: a warning says so)."""
+    if config.model_type != "kimi_k25":
+        return None
+    import warnings
+
+    from hybrid.config import read_config_json
+    from hybrid.models.moonvit import has_vision_tensors
+    from hybrid.models.moonvit_config import VisionConfig
+
+    raw, source = read_config_json(path)
+    if raw.get("vision_config") is None:
+        return None
+    if not has_vision_tensors(files):
+        warnings.warn(f"{path}: config.json has a vision_config but the checkpoint holds no vision tower; "
+                      "loading the text model only (no image input)")
+        return None
+    return VisionConfig.from_dict(raw, config.hidden_size, source)

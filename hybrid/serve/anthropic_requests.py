@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from hybrid.serve.errors import bad_request
 from hybrid.serve.fields import (check, check_model, get, get_number, get_stop_list, iter_messages, iter_tools,
                                  unique_name)
+from hybrid.serve.images import anthropic_image
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -45,24 +46,32 @@ def _block_text(blocks, where: str) -> str:
     return "".join(out)
 
 
-def _user_message(content, where: str) -> list[dict]:
-    """One Anthropic user turn -> tool results (role "tool") first, then the user's text."""
+def _user_message(content, where: str, images: list) -> list[dict]:
+    """One Anthropic user turn -> tool results (role "tool") first, then the user's text; image
+    blocks go to `images` and are {"type": "image"} parts of the user's content."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
-    tools, texts = [], []
+    tools, texts, parts = [], [], []
     for bw, b, kind in _iter_blocks(content, where):
         if kind == "text":
             texts.append(get(b, "text", bw, str))
+        elif kind == "image":
+            images.append(anthropic_image(b, bw))
+            parts += [{"type": "text", "text": "".join(texts)}] if texts else []
+            parts.append({"type": "image"})
+            texts = []
         elif kind == "tool_result":
             text = _block_text(b.get("content") or "", f"{bw}.content")
             if get(b, "is_error", bw, bool, default=False):
                 text = f"Error: {text}"
             tools.append({"role": "tool", "tool_call_id": get(b, "tool_use_id", bw, str), "content": text})
         else:
-            raise bad_request(f"'{bw}.type' is '{kind}'; this model accepts text and tool_result blocks "
-                              "in user turns", f"{bw}.type")
+            raise bad_request(f"'{bw}.type' is '{kind}'; this model accepts text, image and tool_result "
+                              "blocks in user turns", f"{bw}.type")
     out = tools
-    if texts:
+    if parts:
+        out.append({"role": "user", "content": parts + ([{"type": "text", "text": "".join(texts)}] if texts else [])})
+    elif texts:
         out.append({"role": "user", "content": "".join(texts)})
     return out
 
@@ -95,7 +104,8 @@ def _assistant_message(content, where: str) -> dict:
     return msg
 
 
-def parse_messages(raw) -> list[dict]:
+def parse_messages(raw, images: list) -> list[dict]:
+    """Anthropic messages -> the template's; image blocks of user turns go to `images`."""
     out = []
     for where, m, role in iter_messages(raw):
         content = m.get("content")
@@ -106,7 +116,7 @@ def parse_messages(raw) -> list[dict]:
               f"'{where}.content' is an empty array; every turn but a final assistant one needs at least one block",
               f"{where}.content")
         if role == "user":
-            out += _user_message(content, f"{where}.content")
+            out += _user_message(content, f"{where}.content", images)
         elif role == "assistant":
             out.append(_assistant_message(content, f"{where}.content"))
         else:
@@ -164,11 +174,12 @@ def parse_request(body: dict, served_model: str, max_tokens_limit: int, count_on
     opts = Options(model=check_model(body, served_model))
     if count_only and body.get("max_tokens") is None:
         body = dict(body, max_tokens=1)
-    messages = parse_messages(body.get("messages"))
+    images: list = []
+    messages = parse_messages(body.get("messages"), images)
     system = body.get("system")
     if system is not None:
         messages.insert(0, {"role": "system", "content": _block_text(system, "system")})
-    job = Job(messages=messages)
+    job = Job(messages=messages, images=images)
     last = messages[-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):
         # Prefill: the answer continues the client's text, which is not sent back.

@@ -16,6 +16,7 @@ import threading
 import weakref
 
 from hybrid.serve.errors import ApiError, bad_request
+from hybrid.serve.images import FORMATS, ImagePolicy
 from hybrid.serve.job import Finish, Job, Piece, TokenLogprob
 from hybrid.serve.metrics import Metrics
 from hybrid.serve.output import kimi_call_ids
@@ -92,13 +93,15 @@ class Backend:
     """Owns the tokenizer and the Engine; shared by every request of a server."""
 
     def __init__(self, engine, tokenizer, max_tokens: int, max_queued: int, metrics: Metrics,
-                 model=None):
+                 model=None, images: ImagePolicy | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.max_queued = max_queued
         self.metrics = metrics
         self.model = model  # hybrid.load()'s Model, when the server loaded one (for cache stats)
+        self.images = images or ImagePolicy()  # where image bytes may come from, and the limits
+        self.vision = model.vision if model is not None else None  # hybrid/models/vision.py; None: text only
         self._special_texts = tuple(tokenizer.special_tokens)
         self._accepting = True
         self._runs = weakref.WeakSet()  # every Run started (a finished one drops out when freed)
@@ -112,7 +115,47 @@ class Backend:
         return self.engine.max_context
 
     def render_prompt(self, job: Job) -> tuple[list[int], bool]:
-        """Token ids of the prompt, and whether it leaves the model inside <think>."""
+        """Token ids of the prompt (images expanded to their tokens), and whether it leaves the
+        model inside <think>."""
+        ids, in_reasoning, _ = self._prompt(job)
+        return ids, in_reasoning
+
+    def _prompt(self, job: Job) -> tuple[list[int], bool, list]:
+        """(token ids, in reasoning, the images' ImageSpans)."""
+        ids, in_reasoning = self._text_prompt(job)
+        if not job.images:
+            return ids, in_reasoning, []
+        ids, spans = self._expand(ids, job)
+        return ids, in_reasoning, spans
+
+    def _expand(self, ids: list[int], job: Job) -> tuple[list[int], list]:
+        """The images' bytes (under the server's policy), decoded and prepared; each placeholder
+        expanded to its image's tokens. Every failure is a 4xx naming the image's field."""
+        from hybrid.models.moonvit_images import ImageError
+        from hybrid.models.vision import ImageLimits
+
+        first = job.images[0].where
+        if self.vision is None:
+            raise bad_request(f"'{first}': this model accepts text only (it has no vision tower, or the server "
+                              "was started without image input)", first)
+        pol = self.images
+        if len(job.images) > pol.max_images:
+            raise bad_request(f"the request holds {len(job.images)} images; this server accepts at most "
+                              f"{pol.max_images} per request", first)
+        limits = ImageLimits(max_pixels=pol.max_pixels)
+        prepared = []
+        for ref in job.images:
+            data = pol.bytes_of(ref)
+            try:
+                prepared.append(self.vision.prepare_one(data, f"'{ref.where}'", limits, FORMATS))
+            except ImageError as e:
+                raise bad_request(str(e), ref.where) from None
+        try:
+            return self.vision.expand(ids, prepared)
+        except ValueError as e:  # a template that wrote no placeholder (or too many) for the images
+            raise bad_request(f"the chat template's prompt does not fit the images: {e}", "messages") from None
+
+    def _text_prompt(self, job: Job) -> tuple[list[int], bool]:
         from hybrid.chat_template import ChatTemplateError
 
         tok = self.tokenizer
@@ -156,7 +199,7 @@ class Backend:
         from hybrid.engine.sampling import SamplingParams
 
         self._refuse_if_stopping()
-        ids, in_reasoning = self.render_prompt(job)
+        ids, in_reasoning, spans = self._prompt(job)
         n, ctx = len(ids), self.context_length
         if n >= ctx:
             raise bad_request(f"This model's maximum context length is {ctx} tokens, and the prompt has {n} "
@@ -179,7 +222,7 @@ class Backend:
                                     seed=job.seed, logprobs=job.logprobs,
                                     presence_penalty=job.presence_penalty,
                                     frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos)
-            handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
+            handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens, images=spans)
         except ValueError as e:
             raise bad_request(str(e)) from None
         run = Run(handle, self.tokenizer, job, n, in_reasoning, self.metrics, self._special_texts)

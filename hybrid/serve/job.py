@@ -32,6 +32,9 @@ class Job:
     prefix_is_output: bool = True  # False: the client wrote the prefix (Anthropic prefill), so
     #                                it is not repeated back in the answer
     parse_tools: bool = False  # tools were offered: parse tool-call sections into calls
+    # Images of the messages in prompt order (hybrid.serve.images.ImageRef); each is a
+    # {"type": "image"} part of its message's content.
+    images: list = field(default_factory=list)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from hybrid.serve.errors import bad_request
 from hybrid.serve.fields import (check, check_model, get, get_number, get_stop_list, iter_messages, iter_tools,
                                  unique_name)
+from hybrid.serve.images import openai_image
 from hybrid.serve.job import Job
 from hybrid.serve.output import force_tool_call
 
@@ -31,9 +32,11 @@ class Options:
     logprobs: bool = False
 
 
-def _text_content(content, where: str, optional: bool) -> str | None:
-    """OpenAI content: a string or a list of parts; only text parts are supported. `optional`: an
-    assistant turn, whose content may be null or an empty array (a turn of only tool calls)."""
+def _text_content(content, where: str, optional: bool, images: list | None = None) -> str | list | None:
+    """OpenAI content: a string or a list of parts; text parts, and image_url parts where `images`
+    collects them (user turns): the content is then a list of text and {"type": "image"} parts.
+    `optional`: an assistant turn, whose content may be null or an empty array (a turn of only
+    tool calls)."""
     if content is None:
         check(optional, f"'{where}' is required", where)
         return None
@@ -41,15 +44,24 @@ def _text_content(content, where: str, optional: bool) -> str | None:
         return content
     check(isinstance(content, list), f"'{where}' must be a string or an array of content parts", where)
     check(bool(content) or optional, f"'{where}' is an empty array; it needs at least one content part", where)
-    texts = []
+    texts, parts = [], []
     for j, part in enumerate(content):
         pw = f"{where}[{j}]"
         check(isinstance(part, dict), f"'{pw}' must be an object", pw)
         kind = get(part, "type", pw, str)
+        if kind in ("image_url", "input_image") and images is not None:
+            images.append(openai_image(part, pw))
+            parts += [{"type": "text", "text": "".join(texts)}] if texts else []
+            parts.append({"type": "image"})
+            texts = []
+            continue
         if kind not in ("text", "input_text"):
-            raise bad_request(f"'{pw}.type' is '{kind}'; this model accepts text only", pw)
+            what = "text and image_url parts" if images is not None else "text only here"
+            raise bad_request(f"'{pw}.type' is '{kind}'; this model accepts {what}", pw)
         texts.append(get(part, "text", pw, str))
-    return "".join(texts)
+    if not parts:
+        return "".join(texts)
+    return parts + ([{"type": "text", "text": "".join(texts)}] if texts else [])
 
 
 def _tool_calls(calls, where: str) -> list[dict]:
@@ -68,7 +80,8 @@ def _tool_calls(calls, where: str) -> list[dict]:
     return out
 
 
-def parse_messages(raw) -> list[dict]:
+def parse_messages(raw, images: list | None = None) -> list[dict]:
+    """OpenAI messages -> the template's; image parts of user turns go to `images` (None: refused)."""
     messages = []
     for where, m, role in iter_messages(raw):
         if role not in _ROLES:
@@ -84,7 +97,8 @@ def parse_messages(raw) -> list[dict]:
                       f"{where}.reasoning_content")
                 msg["reasoning_content"] = reasoning
         else:
-            msg["content"] = _text_content(m.get("content"), f"{where}.content", optional=False)
+            msg["content"] = _text_content(m.get("content"), f"{where}.content", optional=False,
+                                           images=images if role == "user" else None)
         if role == "tool":
             msg["tool_call_id"] = get(m, "tool_call_id", where, str)
         messages.append(msg)
@@ -189,7 +203,8 @@ def _stream_options(body: dict, opts: Options) -> None:
 
 def parse_chat_request(body: dict, served_model: str, max_tokens_limit: int) -> tuple[Job, Options]:
     opts = Options(model=check_model(body, served_model))
-    job = Job(messages=parse_messages(body.get("messages")))
+    job = Job()
+    job.messages = parse_messages(body.get("messages"), job.images)
     job.tools = parse_tools(body)
     job.parse_tools = job.tools is not None
     job.thinking = parse_thinking(body)

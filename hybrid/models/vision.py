@@ -1,0 +1,87 @@
+"""A checkpoint's image input, whole: the tower (hybrid/models/moonvit.py), its preprocessing rule
+(hybrid/models/moonvit_images.py) and the placeholder token, behind one object that the API, the
+engine and the server ask.
+
+    vision = Vision.load(path, files, vc, device, dtype)          # vc: its VisionConfig (runtime/build.py)
+    images = vision.prepare([pil_image, "cat.png", png_bytes])      # decode + patches (caller's thread)
+    ids, spans = vision.expand(token_ids, images)                   # one placeholder per image
+    rows = vision.encode(images[0])                                  # [tokens, H] on the device
+
+Limits (images per request, bytes per image, pixels per image) are the caller's: a server sets
+them, the Python API has none beyond the decoder's bomb guard.
+
+Legend: H the LLM's hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hybrid.models.moonvit_images import (ImageError, ImageRule, ImageSpan, PreparedImage, expand, open_image,
+                                          prepare)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_images: int | None = None      # per request
+    max_bytes: int | None = None       # encoded bytes per image
+    max_pixels: int | None = None      # width x height per image, as decoded
+
+
+class Vision:
+    def __init__(self, vc, tower, rule: ImageRule):
+        self.config, self.tower, self.rule = vc, tower, rule
+        self.placeholder_id = vc.placeholder_id
+
+    @classmethod
+    def load(cls, path, files, vc, device, dtype, progress=None) -> "Vision":
+        """The tower of a checkpoint whose config.json has a vision_config (vc: its VisionConfig),
+        with the checkpoint's preprocessing rule."""
+        from hybrid.models.moonvit import MoonViT
+
+        if vc.merge[0] != vc.merge[1]:
+            raise ValueError(f"{path}: a {vc.merge[0]}x{vc.merge[1]} merge kernel is not square; the "
+                             "preprocessing pads both sides to one multiple")
+        rule = ImageRule.from_dir(Path(path), vc.patch_size, vc.merge[0])
+        return cls(vc, MoonViT(vc, files, device, dtype, progress=progress), rule)
+
+    def prepare(self, items, limits: ImageLimits | None = None, name: str = "images",
+                allowed_formats=None) -> list[PreparedImage]:
+        """Each item a PIL image, a path or bytes -> PreparedImage, or ImageError naming it."""
+        items = list(items)
+        lim = limits or ImageLimits()
+        if lim.max_images is not None and len(items) > lim.max_images:
+            raise ImageError(f"{name}: {len(items)} images; at most {lim.max_images} per request")
+        return [self.prepare_one(item, f"{name}[{i}]", lim, allowed_formats) for i, item in enumerate(items)]
+
+    def prepare_one(self, item, where: str, limits: ImageLimits | None = None, allowed_formats=None) -> PreparedImage:
+        lim = limits or ImageLimits()
+        if lim.max_bytes is not None and isinstance(item, (bytes, bytearray)) and len(item) > lim.max_bytes:
+            raise ImageError(f"{where}: {len(item)} bytes; at most {lim.max_bytes} per image")
+        img = open_image(item, where, allowed_formats)
+        if lim.max_pixels is not None and img.width * img.height > lim.max_pixels:
+            raise ImageError(f"{where}: {img.width}x{img.height} = {img.width * img.height} pixels; "
+                             f"at most {lim.max_pixels} per image")
+        return prepare(img, self.rule)
+
+    def expand(self, token_ids, images: list[PreparedImage]) -> tuple[list[int], list[ImageSpan]]:
+        return expand(token_ids, self.placeholder_id, images)
+
+    def encode(self, image: PreparedImage) -> torch.Tensor:
+        """[tokens, H]: what replaces the image's placeholder embeddings."""
+        return self.tower.encode(image.pixels, [image.grid])[0]
+
+    def span_rows(self, spans: list[ImageSpan]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The forward's embeds= for a whole prompt holding these spans (positions = rows)."""
+        if not spans:
+            return None
+        rows = torch.cat([torch.arange(s.start, s.end) for s in spans])
+        return rows, torch.cat([self.encode(s.image) for s in spans])
+
+    def nbytes(self) -> int:
+        from hybrid.models.moonvit import MoonViT
+
+        return MoonViT.parameter_count(self.config) * self.tower.dtype.itemsize
