@@ -60,8 +60,8 @@ def online_placer(prof, spec, online):
 
 
 def attach_device_experts(network, prof, device, dtype) -> None:
-    """Give each MoE layer the experts the profile holds on the device (from the host executor's
-    experts, dequantised once); the host executor then skips them."""
+    """Give each MoE layer the experts the profile holds on the device (the host executor's
+    experts in their own bits, compact_expert); the host executor then skips them."""
     from hybrid.experts.gpu_cache import GpuExpertCache
 
     for i, moe in network.moe_layers().items():
@@ -77,7 +77,7 @@ def attach_online(network, placer):
     for i, moe in network.moe_layers().items():
         if moe.device_experts() is not None:
             caches[i] = moe.device_experts()
-            sources[i] = moe.host_experts().unpack_expert
+            sources[i] = moe.host_experts().compact_expert
     live = LiveReplacement(placer, caches, sources)
     for moe in network.moe_layers().values():
         moe.add_observer(on_routing=live.observe)
