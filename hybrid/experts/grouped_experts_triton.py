@@ -16,9 +16,10 @@ of partial products, which the fp32 atomics add. Even and odd rows are separate 
 (device_layout.py), so no interleave is needed.
 
 The interpreter (TRITON_INTERPRET=1, how tests run this on the CPU) multiplies bf16 operands
-wrongly in tl.dot (triton 3.9: results off by ~1e10), so there the same products run on fp32
-operands: a bf16 value and an int4/int8 one are exact in fp32 and their product too, so only the
-summation order differs from the tensor cores' fp32 accumulation.
+wrongly in tl.dot and converts int32 to bf16 wrongly (triton 3.9: results off by ~1e10, NaNs),
+so there the same products run on fp32 operands: a bf16 value and an int4/int8 one are exact in
+fp32 and their product too, so only the summation order differs from the tensor cores' fp32
+accumulation. (It also rounds fp32 to bf16 by truncation, not to nearest: h's one rounding.)
 
 Legend: T tokens, H hidden, I expert width, BM pairs per tile, BP row pairs per down block.
 """
@@ -46,16 +47,20 @@ def _mm(a, b_t, F32: tl.constexpr):
 
 
 @triton.jit
-def _rows(q_ptr, off, stride_par, idx, FMT: tl.constexpr, ACT: tl.constexpr):
-    """The even- and odd-row operands at q_ptr + off + idx (idx a [R, C] offset block), in ACT:
-    int4 (one byte = two rows, nibble - 8), int8 or dense (the odd rows stride_par further)."""
+def _rows(q_ptr, off, stride_par, idx, FMT: tl.constexpr, OP: tl.constexpr):
+    """The even- and odd-row operands at q_ptr + off + idx (idx a [R, C] offset block), in OP:
+    int4 (one byte = two rows, nibble - 8), int8 or dense (the odd rows stride_par further).
+    Integers go through fp32 (exact), which the interpreter also converts right."""
     if FMT == 0:
         b = tl.load(q_ptr + off + idx)
-        even = ((b & 15).to(tl.int32) - 8).to(ACT)
-        odd = ((b >> 4).to(tl.int32) - 8).to(ACT)
+        even = ((b & 15).to(tl.float32) - 8.0).to(OP)
+        odd = ((b >> 4).to(tl.float32) - 8.0).to(OP)
+    elif FMT == 1:
+        even = tl.load(q_ptr + off + idx).to(tl.float32).to(OP)
+        odd = tl.load(q_ptr + off + stride_par + idx).to(tl.float32).to(OP)
     else:
-        even = tl.load(q_ptr + off + idx).to(ACT)
-        odd = tl.load(q_ptr + off + stride_par + idx).to(ACT)
+        even = tl.load(q_ptr + off + idx).to(OP)
+        odd = tl.load(q_ptr + off + stride_par + idx).to(OP)
     return even, odd
 
 
@@ -64,7 +69,8 @@ def _grouped_experts_kernel(
         x_ptr, y_ptr, tok_ptr, wt_ptr, tile_slot_ptr, tile_start_ptr, tile_end_ptr,
         guq_ptr, gus_ptr, dnq_ptr, dns_ptr,
         H, GH, GI, HP2, stride_x, stride_y,
-        FMT: tl.constexpr, ACT: tl.constexpr, F32: tl.constexpr, P: tl.constexpr,
+        FMT: tl.constexpr, ACT: tl.constexpr, OP: tl.constexpr, F32: tl.constexpr,
+        P: tl.constexpr,
         BM: tl.constexpr, BP: tl.constexpr):
     j = tl.program_id(0)
     rb = tl.program_id(1).to(tl.int64)
@@ -89,8 +95,8 @@ def _grouped_experts_kernel(
             xg = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :],
                          mask=rmask[:, None] & (kk < H)[None, :], other=0.0)       # [BM, 32]
             base = (blk * GH + g) * 2                                              # (.., g, w=0)
-            gev, god = _rows(guq_ptr, base * P * 512, 512, idx_mk, FMT, ACT)       # [16, 32] x2
-            uev, uod = _rows(guq_ptr, (base + 1) * P * 512, 512, idx_mk, FMT, ACT)
+            gev, god = _rows(guq_ptr, base * P * 512, 512, idx_mk, FMT, OP)       # [16, 32] x2
+            uev, uod = _rows(guq_ptr, (base + 1) * P * 512, 512, idx_mk, FMT, OP)
             pe = _mm(xg, gev, F32)                                                 # [BM, 16]
             po = _mm(xg, god, F32)
             qe = _mm(xg, uev, F32)
@@ -113,8 +119,8 @@ def _grouped_experts_kernel(
         dbase = blk * 2                                                            # (.., ip=0)
         for p0 in range(0, HP2, BP):
             # inputs 32 rb + 2m + ip; the odd rows of H (par 1) P * HP2 * 16 elements further
-            de0, do0 = _rows(dnq_ptr, (dbase * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, ACT)
-            de1, do1 = _rows(dnq_ptr, ((dbase + 1) * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, ACT)
+            de0, do0 = _rows(dnq_ptr, (dbase * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
+            de1, do1 = _rows(dnq_ptr, ((dbase + 1) * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
             ye = _mm(he, de0, F32) + _mm(ho, de1, F32)                             # [BM, BP] rows 2p
             yo = _mm(he, do0, F32) + _mm(ho, do1, F32)                             # rows 2p + 1
             if FMT != 2:
@@ -145,10 +151,11 @@ def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: tor
         return
     GI = experts.groups_i
     act = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float32
+    f32 = x.dtype == torch.float32 or _interpreting()
     _grouped_experts_kernel[(n_tiles, GI)](
         x, y, plan.token, plan.weight, plan.tile_slot, plan.tile_start, plan.tile_end,
         experts.gate_up_q, experts.gate_up_s, experts.down_q, experts.down_s,
         experts.hidden, experts.groups_h, GI, experts.groups_h * 16, x.stride(0), y.stride(0),
-        FMT=_FORMAT_CODE[experts.format], ACT=act,
-        F32=(x.dtype == torch.float32 or _interpreting()), P=experts.pairs,
+        FMT=_FORMAT_CODE[experts.format], ACT=act, OP=tl.float32 if f32 else act, F32=f32,
+        P=experts.pairs,
         BM=plan.block_m, BP=next(b for b in BLOCK_PAIRS if experts.groups_h * 16 % b == 0))
