@@ -87,6 +87,7 @@ def part_probes(model, matmul_bytes: int = 64 << 20) -> tuple[dict, dict]:
     # CACHE_PROBE_BYTES of experts (at least K) and the hits rotate through them: in a decode
     # step the cached experts were last read a whole forward ago, so a probe re-reading the
     # same small experts from the CPU's caches would make them look faster than they run.
+    item = torch.empty((), dtype=dt).element_size()
     # The cache holds int4/int8 experts in the packed layer's bytes, bf16 ones in the compute dtype.
     per = routed.layer.expert_nbytes * (2 if routed.layer.format == "bf16" and dt == torch.float32 else 1)
     C = max(1, min(E - K, max(K, CACHE_PROBE_BYTES // per)))

@@ -59,14 +59,19 @@ def online_placer(prof, spec, online):
     return OnlinePlacer(cost, prof.mask(spec.moe_layers), spec.moe_layers, policy)
 
 
-def attach_device_experts(network, prof, device, dtype) -> None:
+def attach_device_experts(network, prof, device, dtype) -> int:
     """Give each MoE layer the experts the profile holds on the device (the host executor's
-    experts in their own bits, compact_expert); the host executor then skips them."""
+    experts in their own bits, compact_expert); the host executor then skips them. Returns the
+    device bytes they take."""
     from hybrid.experts.gpu_cache import GpuExpertCache
 
+    held = 0
     for i, moe in network.moe_layers().items():
         if prof.experts_for_layer(i):
-            moe.set_device_experts(GpuExpertCache.from_profile(prof, i, moe.host_experts(), device, dtype))
+            cache = GpuExpertCache.from_profile(prof, i, moe.host_experts(), device, dtype)
+            moe.set_device_experts(cache)
+            held += cache.nbytes
+    return held
 
 
 def attach_online(network, placer):
