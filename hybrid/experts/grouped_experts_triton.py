@@ -15,42 +15,29 @@ So every weight byte a tile needs is read once, by one program; the I-split of d
 of partial products, which the fp32 atomics add. Even and odd rows are separate operands
 (device_layout.py), so no interleave is needed.
 
-The interpreter (TRITON_INTERPRET=1, how tests run this on the CPU) multiplies bf16 operands
-wrongly in tl.dot and converts int32 to bf16 wrongly (triton 3.9: results off by ~1e10, NaNs),
-so there the same products run on fp32 operands: a bf16 value and an int4/int8 one are exact in
-fp32 and their product too, so only the summation order differs from the tensor cores' fp32
-accumulation. (It also rounds fp32 to bf16 by truncation, not to nearest: h's one rounding.)
+Under the interpreter (tests) the products run on fp32 operands: see hybrid/ops/triton_util.py.
 
 Legend: T tokens, H hidden, I expert width, BM pairs per tile, BP row pairs per down block.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from hybrid.experts.device_layout import DeviceExperts
+from hybrid.ops.triton_util import interpreting, mm
 
 _FORMAT_CODE = {"int4": 0, "int8": 1, "dense": 2}
 BLOCK_PAIRS = (64, 32, 16)  # BP: row pairs of down per step, the largest dividing H/2 padded
 
 
 @triton.jit
-def _mm(a, b_t, F32: tl.constexpr):
-    """a [M, K] @ b_t[N, K]^T, fp32 result."""
-    if F32:
-        return tl.dot(a.to(tl.float32), tl.trans(b_t.to(tl.float32)), input_precision="ieee")
-    return tl.dot(a, tl.trans(b_t))
-
-
-@triton.jit
 def _rows(q_ptr, off, stride_par, idx, FMT: tl.constexpr, OP: tl.constexpr):
     """The even- and odd-row operands at q_ptr + off + idx (idx a [R, C] offset block), in OP:
     int4 (one byte = two rows, nibble - 8), int8 or dense (the odd rows stride_par further).
-    Integers go through fp32 (exact), which the interpreter also converts right."""
+    Integers go through fp32 (exact; see triton_util.py)."""
     if FMT == 0:
         b = tl.load(q_ptr + off + idx)
         even = ((b & 15).to(tl.float32) - 8.0).to(OP)
@@ -97,10 +84,10 @@ def _grouped_experts_kernel(
             base = (blk * GH + g) * 2                                              # (.., g, w=0)
             gev, god = _rows(guq_ptr, base * P * 512, 512, idx_mk, FMT, OP)       # [16, 32] x2
             uev, uod = _rows(guq_ptr, (base + 1) * P * 512, 512, idx_mk, FMT, OP)
-            pe = _mm(xg, gev, F32)                                                 # [BM, 16]
-            po = _mm(xg, god, F32)
-            qe = _mm(xg, uev, F32)
-            qo = _mm(xg, uod, F32)
+            pe = mm(xg, gev, F32)                                                  # [BM, 16]
+            po = mm(xg, god, F32)
+            qe = mm(xg, uev, F32)
+            qo = mm(xg, uod, F32)
             if FMT != 2:
                 sbase = base * 2 * 16                                              # (.., w, par, m)
                 pe = pe * tl.load(gus_ptr + sbase + m).to(tl.float32)[None, :]
@@ -121,8 +108,8 @@ def _grouped_experts_kernel(
             # inputs 32 rb + 2m + ip; the odd rows of H (par 1) P * HP2 * 16 elements further
             de0, do0 = _rows(dnq_ptr, (dbase * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
             de1, do1 = _rows(dnq_ptr, ((dbase + 1) * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
-            ye = _mm(he, de0, F32) + _mm(ho, de1, F32)                             # [BM, BP] rows 2p
-            yo = _mm(he, do0, F32) + _mm(ho, do1, F32)                             # rows 2p + 1
+            ye = mm(he, de0, F32) + mm(ho, de1, F32)                               # [BM, BP] rows 2p
+            yo = mm(he, do0, F32) + mm(ho, do1, F32)                               # rows 2p + 1
             if FMT != 2:
                 ye = ye * tl.load(dns_ptr + blk * 2 * HP2 + p0 + pp).to(tl.float32)[None, :]
                 yo = yo * tl.load(dns_ptr + (blk * 2 + 1) * HP2 + p0 + pp).to(tl.float32)[None, :]
@@ -132,10 +119,6 @@ def _grouped_experts_kernel(
                           mask=rmask[:, None] & (ne < H)[None, :])
             tl.atomic_add(y_ptr + rows + ne[None, :] + 1, yo,
                           mask=rmask[:, None] & (ne + 1 < H)[None, :])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: torch.Tensor) -> None:
@@ -151,7 +134,7 @@ def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: tor
         return
     GI = experts.groups_i
     act = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float32
-    f32 = x.dtype == torch.float32 or _interpreting()
+    f32 = x.dtype == torch.float32 or interpreting()
     _grouped_experts_kernel[(n_tiles, GI)](
         x, y, plan.token, plan.weight, plan.tile_slot, plan.tile_start, plan.tile_end,
         experts.gate_up_q, experts.gate_up_s, experts.down_q, experts.down_s,
