@@ -17,7 +17,8 @@ of partial products, which the fp32 atomics add. Even and odd rows are separate 
 
 Under the interpreter (tests) the products run on fp32 operands: see hybrid/ops/triton_util.py.
 
-Legend: T tokens, H hidden, I expert width, BM pairs per tile, BP row pairs per down block.
+Legend: T tokens, H hidden, I expert width, BM pairs per tile, BP row pairs per down block,
+GS quantisation groups of H per gate/up step.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hybrid.ops.triton_util import interpreting, mm
 
 _FORMAT_CODE = {"int4": 0, "int8": 1, "dense": 2}
 BLOCK_PAIRS = (64, 32, 16)  # BP: row pairs of down per step, the largest dividing H/2 padded
+GROUP_STEPS = (4, 2, 1)     # GS: H groups per gate/up step, the largest dividing H/32 padded
 
 
 @triton.jit
@@ -57,8 +59,7 @@ def _grouped_experts_kernel(
         guq_ptr, gus_ptr, dnq_ptr, dns_ptr,
         H, GH, GI, HP2, stride_x, stride_y,
         FMT: tl.constexpr, ACT: tl.constexpr, OP: tl.constexpr, F32: tl.constexpr,
-        P: tl.constexpr,
-        BM: tl.constexpr, BP: tl.constexpr):
+        P: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, GS: tl.constexpr):
     j = tl.program_id(0)
     rb = tl.program_id(1).to(tl.int64)
     start = tl.load(tile_start_ptr + j)
@@ -77,27 +78,29 @@ def _grouped_experts_kernel(
         ue = tl.zeros([BM, 16], dtype=tl.float32)
         uo = tl.zeros([BM, 16], dtype=tl.float32)
         blk = s * GI + rb
-        for g in range(0, GH):
-            kk = g * 32 + k
-            xg = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :],
-                         mask=rmask[:, None] & (kk < H)[None, :], other=0.0)       # [BM, 32]
-            base = (blk * GH + g) * 2                                              # (.., g, w=0)
-            gev, god = _rows(guq_ptr, base * P * 512, 512, idx_mk, FMT, OP)       # [16, 32] x2
-            uev, uod = _rows(guq_ptr, (base + 1) * P * 512, 512, idx_mk, FMT, OP)
-            pe = mm(xg, gev, F32)                                                  # [BM, 16]
-            po = mm(xg, god, F32)
-            qe = mm(xg, uev, F32)
-            qo = mm(xg, uod, F32)
-            if FMT != 2:
-                sbase = base * 2 * 16                                              # (.., w, par, m)
-                pe = pe * tl.load(gus_ptr + sbase + m).to(tl.float32)[None, :]
-                po = po * tl.load(gus_ptr + sbase + 16 + m).to(tl.float32)[None, :]
-                qe = qe * tl.load(gus_ptr + sbase + 32 + m).to(tl.float32)[None, :]
-                qo = qo * tl.load(gus_ptr + sbase + 48 + m).to(tl.float32)[None, :]
-            ge += pe
-            go += po
-            ue += qe
-            uo += qo
+        for g0 in range(0, GH, GS):  # GS groups per step: more bytes in flight per iteration
+            for gi in tl.static_range(GS):
+                g = g0 + gi
+                kk = g * 32 + k
+                xg = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :],
+                             mask=rmask[:, None] & (kk < H)[None, :], other=0.0)       # [BM, 32]
+                base = (blk * GH + g) * 2                                             # (.., g, w=0)
+                gev, god = _rows(guq_ptr, base * P * 512, 512, idx_mk, FMT, OP)       # [16, 32] x2
+                uev, uod = _rows(guq_ptr, (base + 1) * P * 512, 512, idx_mk, FMT, OP)
+                pe = mm(xg, gev, F32)                                                  # [BM, 16]
+                po = mm(xg, god, F32)
+                qe = mm(xg, uev, F32)
+                qo = mm(xg, uod, F32)
+                if FMT != 2:
+                    sbase = base * 2 * 16                                          # (.., w, par, m)
+                    pe = pe * tl.load(gus_ptr + sbase + m).to(tl.float32)[None, :]
+                    po = po * tl.load(gus_ptr + sbase + 16 + m).to(tl.float32)[None, :]
+                    qe = qe * tl.load(gus_ptr + sbase + 32 + m).to(tl.float32)[None, :]
+                    qo = qo * tl.load(gus_ptr + sbase + 48 + m).to(tl.float32)[None, :]
+                ge += pe
+                go += po
+                ue += qe
+                uo += qo
         # h for I rows 32 rb + 2m (he) and 32 rb + 2m + 1 (ho), the pair weight folded in.
         he = (ge / (1.0 + tl.exp(-ge)) * ue * wt[:, None]).to(ACT)                 # [BM, 16]
         ho = (go / (1.0 + tl.exp(-go)) * uo * wt[:, None]).to(ACT)
@@ -108,7 +111,7 @@ def _grouped_experts_kernel(
             # inputs 32 rb + 2m + ip; the odd rows of H (par 1) P * HP2 * 16 elements further
             de0, do0 = _rows(dnq_ptr, (dbase * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
             de1, do1 = _rows(dnq_ptr, ((dbase + 1) * P * HP2 + p0) * 16, HP2 * 16, idx_pm, FMT, OP)
-            ye = mm(he, de0, F32) + mm(ho, de1, F32)                               # [BM, BP] rows 2p
+            ye = mm(he, de0, F32) + mm(ho, de1, F32)                              # [BM, BP] rows 2p
             yo = mm(he, do0, F32) + mm(ho, do1, F32)                               # rows 2p + 1
             if FMT != 2:
                 ye = ye * tl.load(dns_ptr + blk * 2 * HP2 + p0 + pp).to(tl.float32)[None, :]
@@ -141,4 +144,5 @@ def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: tor
         experts.hidden, experts.groups_h, GI, experts.groups_h * 16, x.stride(0), y.stride(0),
         FMT=_FORMAT_CODE[experts.format], ACT=act, OP=tl.float32 if f32 else act, F32=f32,
         P=experts.pairs,
-        BM=plan.block_m, BP=next(b for b in BLOCK_PAIRS if experts.groups_h * 16 % b == 0))
+        BM=plan.block_m, BP=next(b for b in BLOCK_PAIRS if experts.groups_h * 16 % b == 0),
+        GS=next(g for g in GROUP_STEPS if experts.groups_h % g == 0))
