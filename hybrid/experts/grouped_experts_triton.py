@@ -138,9 +138,11 @@ def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: tor
     GI = experts.groups_i
     act = tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float32
     f32 = x.dtype == torch.float32 or interpreting()
+    scaled = experts.format != "dense"   # dense: no scales, the (empty) tensors are not passed
     _grouped_experts_kernel[(n_tiles, GI)](
         x, y, plan.token, plan.weight, plan.tile_slot, plan.tile_start, plan.tile_end,
-        experts.gate_up_q, experts.gate_up_s, experts.down_q, experts.down_s,
+        experts.gate_up_q, experts.gate_up_s if scaled else experts.gate_up_q,
+        experts.down_q, experts.down_s if scaled else experts.down_q,   # dense: never read
         experts.hidden, experts.groups_h, GI, experts.groups_h * 16, x.stride(0), y.stride(0),
         FMT=_FORMAT_CODE[experts.format], ACT=act, OP=tl.float32 if f32 else act, F32=f32,
         P=experts.pairs,
