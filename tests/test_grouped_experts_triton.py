@@ -115,12 +115,12 @@ def test_prefill_batch_and_unpicked_experts():
     x = torch.randn(T, H, generator=g).bfloat16()
     ids = torch.randint(0, 4, (T, K), generator=g)
     w = torch.rand(T, K, generator=g)
-    cache = GpuExpertCache.from_source(lambda e: experts[e], [4, 1, 0], E, "cpu",
+    cache = GpuExpertCache.from_source(lambda e, device=None: experts[e], [4, 1, 0], E, "cpu",
                                        backend="triton")
     y = cache.forward(x, ids, w)
     ref, bound = _reference(x, ids, w, experts, {4, 1, 0})
     _check(y, ref, bound, torch.bfloat16)
-    y_torch = GpuExpertCache.from_source(lambda e: experts[e], [4, 1, 0], E, "cpu",
+    y_torch = GpuExpertCache.from_source(lambda e, device=None: experts[e], [4, 1, 0], E, "cpu",
                                          backend="torch").forward(x, ids, w)
     _check(y_torch, ref, bound, torch.bfloat16)
 
@@ -128,7 +128,7 @@ def test_prefill_batch_and_unpicked_experts():
 def test_no_hits_and_accumulate_into_out():
     E, H, I = 4, 32, 32
     experts = _experts("int8", E, H, I, seed=5)
-    cache = GpuExpertCache.from_source(lambda e: experts[e], [3], E, "cpu", backend="triton")
+    cache = GpuExpertCache.from_source(lambda e, device=None: experts[e], [3], E, "cpu", backend="triton")
     x, _, w = _inputs(3, 2, E, H, seed=6, act=torch.bfloat16)
     ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
     assert torch.count_nonzero(cache.forward(x, ids, w)) == 0

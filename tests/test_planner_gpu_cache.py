@@ -21,7 +21,7 @@ def _experts(seed=0):
 
 def _src(gate, up, down):
     """compact_expert(e) of stacked dense experts."""
-    return lambda e: CompactExpert.dense(gate[e], up[e], down[e])
+    return lambda e, device=None: CompactExpert.dense(gate[e], up[e], down[e])
 
 
 def _reference(x, ids, w, gate, up, down, cached):
@@ -77,7 +77,7 @@ def test_cache_plus_rest_is_the_whole_layer():
 
 def test_empty_cache_and_no_hits():
     gate, up, down = _experts()
-    empty = GpuExpertCache.from_source(lambda e: None, [], E, "cpu")
+    empty = GpuExpertCache.from_source(lambda e, device=None: None, [], E, "cpu")
     x, ids, w = _inputs()
     assert torch.count_nonzero(empty.forward(x, ids, w)) == 0
     cache = GpuExpertCache.from_source(_src(gate, up, down), [5], E, "cpu",
@@ -106,10 +106,13 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="ids"):
         cache.forward(x, ids[:, :2], w)
     with pytest.raises(ValueError, match="expert ids must be in"):
-        GpuExpertCache.from_source(lambda e: CompactExpert.dense(gate[0], up[0], down[0]), [E], E, "cpu")
-    with pytest.raises(ValueError, match="expert 1: down has shape"):
-        GpuExpertCache.from_source(lambda e: CompactExpert.dense(gate[e], up[e], down[e][:, :3]) if e else
-                                   CompactExpert.dense(gate[e], up[e], down[e]), [0, 1], E, "cpu")
+        GpuExpertCache.from_source(_src(gate, up, down), [E], E, "cpu")
+    with pytest.raises(ValueError, match="expert 0: down has shape"):
+        GpuExpertCache.from_source(_src(gate, up, down[:, :, :3]), [0, 1], E, "cpu")
+    narrow = _src(gate[:, :16], up[:, :16], down[:, :, :16])   # I = 16, a different expert
+    with pytest.raises(ValueError, match="expert 1: a dense expert of H=64, I=16 does not fit"):
+        GpuExpertCache.from_source(lambda e, device=None: (narrow if e else _src(gate, up, down))(e),
+                                   [0, 1], E, "cpu")
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])

@@ -103,48 +103,51 @@ def _dequantise(m: CompactMatrix) -> torch.Tensor:
 
 # ---- the CPU packed layout, read back ---------------------------------------------------------
 
-def _tensor(a) -> torch.Tensor:
-    """A read-only numpy view of the packed layer as a torch tensor (never written through)."""
+def _tensor(a, device) -> torch.Tensor:
+    """A read-only numpy view of the packed layer as a torch tensor on `device` (a view when
+    that is the CPU: never written through; else one copy of the packed bytes)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns on non-writable arrays
-        return torch.from_numpy(a)
+        return torch.from_numpy(a).to(device)
 
 
-def _bf16(a) -> torch.Tensor:
-    return _tensor(a.view("int16")).view(torch.bfloat16)
+def _bf16(a, device) -> torch.Tensor:
+    return _tensor(a.view("int16"), device).view(torch.bfloat16)
 
 
-def _packed_matrix(fmt: str, qbytes, scales, n: int, k: int) -> CompactMatrix:
+def _packed_matrix(fmt: str, qbytes, scales, n: int, k: int, device) -> CompactMatrix:
     """One [N, K] matrix of the CPU layout (kernels.h) in compact form, bit for bit."""
     nb, g = n // 16, k // GROUP
     if fmt == "int4":   # [nb][g][4 chunks c][16 lanes r][4 bytes j]: k = 32g + 8c + 4*nibble + j
-        qb = _tensor(qbytes).view(nb, g, 4, 16, 4).permute(0, 3, 1, 2, 4)     # [nb, r, g, c, j]
+        qb = _tensor(qbytes, device).view(nb, g, 4, 16, 4).permute(0, 3, 1, 2, 4)  # [nb, r, g, c, j]
         nib = torch.stack((qb & 15, qb >> 4), dim=4)                            # [nb, r, g, c, 2, j]
         q = (nib.reshape(n, k).to(torch.int8) - 8)
     elif fmt == "int8":  # [nb][g][8 chunks c][16 lanes][4 bytes j], u8 = q + 128: k = 32g + 4c + j
-        qb = _tensor(qbytes).view(nb, g, 8, 16, 4).permute(0, 3, 1, 2, 4)
+        qb = _tensor(qbytes, device).view(nb, g, 8, 16, 4).permute(0, 3, 1, 2, 4)
         q = (qb.reshape(n, k).to(torch.int16) - 128).to(torch.int8)
     else:                # bf16: [nb][k/2][16 lanes][2]
-        q = _bf16(qbytes).view(nb, k // 2, 16, 2).permute(0, 2, 1, 3).reshape(n, k)
+        q = _bf16(qbytes, device).view(nb, k // 2, 16, 2).permute(0, 2, 1, 3).reshape(n, k)
         return CompactMatrix(q, None)
-    s = _bf16(scales).view(nb, g, 16).permute(0, 2, 1).reshape(n, g)          # [N, K/32]
+    s = _bf16(scales, device).view(nb, g, 16).permute(0, 2, 1).reshape(n, g)  # [N, K/32]
     return CompactMatrix(q, s)
 
 
-def compact_from_packed(fmt: str, arrays, hidden: int, intermediate: int) -> CompactExpert:
+def compact_from_packed(fmt: str, arrays, hidden: int, intermediate: int,
+                        device="cpu") -> CompactExpert:
     """fmt: the packed layer's format ("int4", "int8", "bf16"); arrays: Layer.expert_arrays(e)
     (gate_up qweight, gate_up scales, down qweight, down scales). gate_up [2I, H] interleaves
-    16-row blocks: gate block j, then up block j."""
+    16-row blocks: gate block j, then up block j. device: where the tensors are made (the
+    packed bytes are copied there first, so a GPU does the unpacking)."""
     H, I = hidden, intermediate
     gu_q, gu_s, dn_q, dn_s = arrays
-    gu = _packed_matrix(fmt, gu_q, gu_s, 2 * I, H)
+    gu = _packed_matrix(fmt, gu_q, gu_s, 2 * I, H, device)
 
     def split(t, j):  # rows of gate (j = 0) or up (j = 1) out of the interleaved gate_up
         return None if t is None else t.view(I // 16, 2, 16, -1)[:, j].reshape(I, -1)
 
     gate = CompactMatrix(split(gu.q, 0), split(gu.scale, 0))
     up = CompactMatrix(split(gu.q, 1), split(gu.scale, 1))
-    down = _packed_matrix(fmt, dn_q, dn_s, H, I)
+    down = _packed_matrix(fmt, dn_q, dn_s, H, I, device)
     return CompactExpert("dense" if fmt == "bf16" else fmt, gate, up, down)
 
 

@@ -5,8 +5,8 @@
     ex.capabilities()        # what the MoE layer may rely on (below)
     ex.num_experts           # E of the layer
     ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32, dequantised
-    ex.compact_expert(e)     # CompactExpert (device_layout.py): the expert in its own bits, to
-                             # hold a copy elsewhere (the device cache) without loss
+    ex.compact_expert(e, device)  # CompactExpert (device_layout.py): the expert in its own bits
+                             # on `device`, to hold a copy there (the device cache) without loss
 
 x [T, H], ids [T, K] int, w [T, K] fp32; skip [E] bool: experts that run elsewhere contribute
 nothing here. Executors (one file each, named in EXECUTORS):

@@ -97,8 +97,9 @@ class GpuExpertCache:
     def from_source(cls, compact_expert: Callable[[int], CompactExpert], experts, num_experts: int,
                     device, dtype=torch.bfloat16, progress: Callable | None = None,
                     backend: str | None = None) -> "GpuExpertCache":
-        """compact_expert(e) -> CompactExpert (an executor's or PackedLayer's). dtype: the
-        activations' dtype, bf16 or fp32 (also the storage of dense experts)."""
+        """compact_expert(e, device) -> CompactExpert (an executor's or PackedLayer's: the
+        expert's bits, unpacked on the device). dtype: the activations' dtype, bf16 or fp32
+        (also the storage of dense experts)."""
         if dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"GpuExpertCache: dtype must be bfloat16 or float32, got {dtype}")
         experts = [int(e) for e in experts]
@@ -106,12 +107,13 @@ class GpuExpertCache:
             return cls([], num_experts, None, backend)
         if any(not 0 <= e < num_experts for e in experts):
             raise ValueError(f"GpuExpertCache: expert ids must be in 0..{num_experts - 1}")
-        first = compact_expert(experts[0])
+        first = compact_expert(experts[0], device)
         first.check(f"GpuExpertCache: expert {experts[0]}")
         H, I = first.shape
         store = DeviceExperts(first.format, len(experts), H, I, device, dtype)
         for i, e in enumerate(experts):
-            store.write(i, first if i == 0 else compact_expert(e), f"GpuExpertCache: expert {e}")
+            ex = first if i == 0 else compact_expert(e, device)
+            store.write(i, ex, f"GpuExpertCache: expert {e}")
             if progress is not None:
                 progress(i + 1, len(experts))
         return cls(experts, num_experts, store, backend)
@@ -196,7 +198,7 @@ class GpuExpertCache:
 
     def swap(self, out_expert: int, in_expert: int, compact_expert: Callable) -> None:
         """Replace cached `out_expert` by `in_expert` in the same slot (online re-placement);
-        compact_expert(e) -> CompactExpert, the source's."""
+        compact_expert(e, device) -> CompactExpert, the source's."""
         out_expert, in_expert = int(out_expert), int(in_expert)
         if not self.mask[out_expert]:
             raise ValueError(f"GpuExpertCache.swap: expert {out_expert} is not cached")
@@ -204,7 +206,8 @@ class GpuExpertCache:
             raise ValueError(f"GpuExpertCache.swap: expert {in_expert} is cached already or "
                              f"outside 0..{self.num_experts - 1}")
         s = int(self._slot[out_expert])
-        self.store.write(s, compact_expert(in_expert), f"GpuExpertCache.swap: expert {in_expert}")
+        self.store.write(s, compact_expert(in_expert, self.device),
+                         f"GpuExpertCache.swap: expert {in_expert}")
         self.experts[s] = in_expert
         self.mask[out_expert], self.mask[in_expert] = False, True
         self._slot[out_expert], self._slot[in_expert] = -1, s

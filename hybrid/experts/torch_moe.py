@@ -65,8 +65,9 @@ class TorchMoE:
     def unpack_expert(self, e: int):
         return self.gate[e].float(), self.up[e].float(), self.down[e].float()
 
-    def compact_expert(self, e: int) -> CompactExpert:
-        return CompactExpert.dense(self.gate[e], self.up[e], self.down[e])
+    def compact_expert(self, e: int, device=None) -> CompactExpert:
+        return CompactExpert.dense(*(t[e].to(device or t[e].device)
+                                     for t in (self.gate, self.up, self.down)))
 
     def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
         y = self.forward(x, ids, weights, skip)
