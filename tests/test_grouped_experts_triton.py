@@ -158,3 +158,40 @@ def test_plan_shapes_do_not_depend_on_routing():
         want = [(t, int(slot_of[ids[t, k]])) for t in range(T) for k in range(K) if slot_of[ids[t, k]] >= 0]
         assert sorted(seen) == sorted(want)
     assert len(shapes) == 1
+
+
+def test_model_with_triton_caches_equals_cpu_only(tmp_path):
+    # The kernel behind the MoE layer (its inputs as the layer hands them): the tiny INT4
+    # checkpoint with every third expert cached, the caches switched to the Triton backend.
+    # fp32 activations and precise CPU experts: both sides exact on the same INT4 weights, so
+    # the bound of tests/test_online_replacement.py, 1e-4.
+    pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
+    import json
+
+    import yaml
+
+    import hybrid
+    from checkpoints import build
+    from hybrid.models.spec import spec_from_config
+
+    path, _ = build(tmp_path, variant="int4")
+    spec = spec_from_config(json.loads((path / "config.json").read_text()), model_id="tiny")
+    prof = {"format": "hybrid-profile/1",
+            "model": {"id": "tiny", "config_hash": spec.config_hash, "experts": spec.num_experts},
+            "budget": {"device_weights": {"bytes": 0}, "kv_cache": {"bytes": 0},
+                       "activations": {"bytes": 0}, "cuda_reserve": {"bytes": 0},
+                       "experts": {"bytes_per_expert": 1, "format": "int4_g32"}},
+            "cached": {layer: ",".join(str(e) for e in range(0, 64, 3)) for layer in spec.moe_layers}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prof))
+    kw = dict(device="cpu", dtype=torch.float32, progress=False, experts_backend="cpu")
+    base = hybrid.load(path, **kw)
+    cached = hybrid.load(path, profile=tmp_path / "p.yaml", **kw)
+    for moe in cached.moe_layers().values():
+        c = moe.device_experts()
+        assert c.format == "int4" and c.backend == "torch"   # a CPU device: the reference
+        moe.set_device_experts(GpuExpertCache(c.experts, c.num_experts, c.store, backend="triton"))
+    ids = torch.tensor([5, 17, 40, 2, 77, 9])
+    pos = torch.arange(6)
+    want = base.forward(ids, pos, torch.zeros_like(pos), base.make_cache(1, 16))
+    got = cached.forward(ids, pos, torch.zeros_like(pos), cached.make_cache(1, 16))
+    assert float((got - want).abs().max()) <= 1e-4
