@@ -134,3 +134,23 @@ def test_cache_plus_cpu_engine_with_skip_mask_equals_cpu_engine(fmt):
     rest = op.forward(x, ids32, w, skip_mask=cache.mask)
     torch.testing.assert_close(rest + cache.forward(x, ids, w), whole, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(rest, whole)   # the cache really took some pairs
+
+
+@pytest.mark.parametrize("fmt,planner_fmt", [("int4", "int4_g32"), ("int8", "int8_g32")])
+def test_cache_bytes_are_the_planners_and_the_bits_the_packed_layers(fmt, planner_fmt):
+    # What the planner budgets per expert is what the cache allocates, and the cache holds the
+    # packed layer's own weights bit for bit (not a rounding of them).
+    native = pytest.importorskip("hybrid.native")
+    if not native.available():
+        pytest.skip("hybrid._native not built")
+    from hybrid.experts.cpu_moe import PackedLayer
+    from hybrid.planner.model_spec import expert_format_bytes
+
+    gate, up, down = _experts(8)
+    layer = PackedLayer.from_float(gate, up, down, format=fmt)
+    cache = GpuExpertCache.from_packed(layer, [1, 4, 7], device="cpu")
+    per = 2 * expert_format_bytes(planner_fmt, I, H) + expert_format_bytes(planner_fmt, H, I)
+    assert cache.format == fmt and cache.nbytes == 3 * per
+    for slot, e in enumerate([1, 4, 7]):
+        for a, b in zip(cache.store.slot_weights(slot), layer.unpack_expert(e)):
+            assert torch.equal(a, b)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP = 32
+from hybrid.planner.model_spec import GROUP  # 32 inputs per quantisation group (Kimi's)
+
 FORMATS = ("int4", "int8", "dense")
 
 
