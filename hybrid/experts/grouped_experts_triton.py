@@ -31,8 +31,13 @@ from hybrid.experts.device_layout import DeviceExperts
 from hybrid.ops.triton_util import interpreting, mm
 
 _FORMAT_CODE = {"int4": 0, "int8": 1, "dense": 2}
-BLOCK_PAIRS = (64, 32, 16)  # BP: row pairs of down per step, the largest dividing H/2 padded
-GROUP_STEPS = (4, 2, 1)     # GS: H groups per gate/up step, the largest dividing H/32 padded
+# BP: row pairs of down per step, GS: H groups per gate/up step; the largest of each that
+# divides H/2 (H/32) padded, at most the cap for the tile height BM. Caps from ptxas -v for
+# sm_90 (compiled on the CPU, tests/test_triton_compile.py): BM 16 with BP 32, GS 4 takes 136
+# registers (3 programs of 4 warps per SM; BP 64 took 180: 2), BM 64 with BP 32, GS 2 takes
+# 168 and no spills (BP 64, GS 4 took 255 and spilled).
+BLOCK_PAIRS = (32, 16)
+GROUP_STEPS = {16: (4, 2, 1), 64: (2, 1)}
 
 
 @triton.jit
@@ -147,4 +152,4 @@ def grouped_experts_triton(x: torch.Tensor, plan, experts: DeviceExperts, y: tor
         FMT=_FORMAT_CODE[experts.format], ACT=act, OP=tl.float32 if f32 else act, F32=f32,
         P=experts.pairs,
         BM=plan.block_m, BP=next(b for b in BLOCK_PAIRS if experts.groups_h * 16 % b == 0),
-        GS=next(g for g in GROUP_STEPS if experts.groups_h % g == 0))
+        GS=next(g for g in GROUP_STEPS[plan.block_m] if experts.groups_h % g == 0))

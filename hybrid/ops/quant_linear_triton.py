@@ -10,7 +10,8 @@ multiplies on the tensor cores with fp32 accumulation, and scales once per outpu
 (x @ (q * s)^T = (x @ q^T) * s). Each weight byte is read once per BT tokens and no dequantised
 copy of the weight exists: decode reads 1 byte per parameter (was 1 read + 2 written + 2 read
 through the bf16 copy Linear made per call). Block sizes are fixed by the shape (decode: 16
-tokens x 32 rows, so a 1536-row projection still spreads over 48 programs), not tuned here.
+tokens x 32 rows, so a 1536-row projection still spreads over 48 programs; blocks_for), not
+autotuned: no GPU has measured them yet.
 Under the interpreter (tests) the products run on fp32 operands: hybrid/ops/triton_util.py.
 
 Legend: T tokens, N outputs, K inputs, BT/BN/BK block sizes.
@@ -51,10 +52,12 @@ def _quant_linear_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, T, N, K, stride_x, s
              y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & nmask[None, :])
 
 
-def blocks_for(tokens: int) -> tuple[int, int, int]:
-    """(BT, BN, BK) for a batch of `tokens`: decode-sized batches get narrow row blocks (more
-    programs over a memory-bound GEMV), prefill-sized ones square-ish tiles."""
-    return (16, 32, 128) if tokens <= 16 else (64, 64, 64)
+def blocks_for(tokens: int) -> tuple[int, int, int, int]:
+    """(BT, BN, BK, warps) for a batch of `tokens`: decode-sized batches get narrow row blocks
+    (more programs over a memory-bound GEMV), prefill-sized ones square-ish tiles. From ptxas -v
+    for sm_90 (tests/test_triton_compile.py): 128 registers each, no spills (64 x 64 x 64 on 4
+    warps took 255 and spilled)."""
+    return (16, 32, 128, 4) if tokens <= 16 else (64, 64, 64, 8)
 
 
 def quant_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -72,11 +75,11 @@ def quant_linear_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(T, N, dtype=x.dtype, device=x.device)
     if T == 0:
         return y.reshape(*x.shape[:-1], N)
-    BT, BN, BK = blocks_for(T)
+    BT, BN, BK, warps = blocks_for(T)
     f32 = x.dtype == torch.float32 or interpreting()
     op = tl.float32 if f32 else tl.bfloat16
     _quant_linear_kernel[(triton.cdiv(N, BN), triton.cdiv(T, BT))](
         x2, q, scale, bias if bias is not None else scale, y, T, N, K,
         x2.stride(0), q.stride(0), y.stride(0), HAS_BIAS=bias is not None, OP=op, F32=f32,
-        BT=BT, BN=BN, BK=BK)
+        BT=BT, BN=BN, BK=BK, num_warps=warps)
     return y.reshape(*x.shape[:-1], N)
