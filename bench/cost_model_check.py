@@ -8,7 +8,7 @@
    placement sees the same tokens).
 2. For each placement (--fractions of every layer's experts cached, most picked first), write
    its profile, and hold its GPU caches (GpuExpertCache.from_packed, what hybrid.load(path,
-   profile=...) builds; the largest placement's caches hold the bf16 copies once and the
+   profile=...) builds; the largest placement's caches hold the experts (INT4 as packed) once and the
    smaller ones are views of their first slots). Then decode the sequence --rounds times with
    the placements taking turns STEP BY STEP, each with its own KV cache, and the model's parts
    (engine, GPU cache, torch matmul: hybrid.planner.calibrate.part_probes) timed between the
@@ -22,7 +22,7 @@
 --tiny builds the test suite's tiny DeepSeek-V3 checkpoint (tests/checkpoints.py, INT4 experts).
 --full-width writes bench/e2e.py's synthetic K2.5-width checkpoint (H 7168, I 2048, INT4
 group 32, one dense + one MoE layer), with --experts routed experts (K2.5: 384; fewer keep the
-bf16 GPU-cache copies within this machine's RAM: each cached expert is 88 MB): per token the
+GPU-cache copies within this machine's RAM: each cached expert is 24.8 MB in INT4): per token the
 engine reads 8 full-width experts either way, so the routed bytes per token are K2.5's.
 Speeds are this machine's, under whatever else runs on it: the check is prediction vs
 measurement on the same machine at the same time, not a speed claim.

@@ -427,6 +427,32 @@ struct PyLayer {
     }  // GIL back before building the tuple
     return py::make_tuple(gate, up, down);
   }
+
+  // Expert e's packed arrays as they are, without a copy: (gate_up qweight uint8, gate_up scales
+  // uint16 or None, down qweight uint8, down scales uint16 or None), 1-D read-only views into the
+  // layer's buffer (kernels.h layout), each keeping the layer alive. For a device copy of the
+  // expert in its own bits (hybrid/experts/device_layout.py).
+  py::tuple expert_arrays(int64_t e) const {
+    check_expert(e);
+    const int64_t H = layer->hidden(), I = layer->intermediate();
+    const WeightFormat f = layer->format();
+    auto owner = py::capsule(new std::shared_ptr<PackedLayer>(layer),
+                             [](void* p) { delete static_cast<std::shared_ptr<PackedLayer>*>(p); });
+    auto view = [&](const void* ptr, size_t bytes, bool u16) -> py::object {
+      if (bytes == 0) return py::none();
+      py::array a = u16 ? py::array(py::dtype::of<uint16_t>(), {py::ssize_t(bytes / 2)},
+                                    static_cast<const uint16_t*>(ptr), owner)
+                        : py::array(py::dtype::of<uint8_t>(), {py::ssize_t(bytes)},
+                                    static_cast<const uint8_t*>(ptr), owner);
+      py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+      return std::move(a);
+    };
+    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    return py::make_tuple(view(gu.qweight, packed_qweight_bytes(f, 2 * I, H), false),
+                          view(gu.scales, packed_scale_bytes(f, 2 * I, H), true),
+                          view(dn.qweight, packed_qweight_bytes(f, H, I), false),
+                          view(dn.scales, packed_scale_bytes(f, H, I), true));
+  }
 };
 
 std::string mode_name(ActMode m) { return m == ActMode::Fast ? "fast" : "precise"; }
@@ -557,6 +583,7 @@ PYBIND11_MODULE(_native, m) {
       .def("pack_expert_ct", &PyLayer::pack_ct, py::arg("e"), py::arg("gate_packed"), py::arg("gate_scale"),
            py::arg("up_packed"), py::arg("up_scale"), py::arg("down_packed"), py::arg("down_scale"))
       .def("unpack_expert", &PyLayer::unpack_expert, py::arg("e"))
+      .def("expert_arrays", &PyLayer::expert_arrays, py::arg("e"))
       .def_property_readonly("format", [](const PyLayer& l) { return format_name(l.layer->format()); })
       .def_property_readonly("num_experts", [](const PyLayer& l) { return l.layer->num_experts(); })
       .def_property_readonly("hidden", [](const PyLayer& l) { return l.layer->hidden(); })
@@ -593,7 +620,7 @@ PYBIND11_MODULE(_native, m) {
 //   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, unpack
 //   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
-//   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert,
+//   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert, expert_arrays,
 //          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
 //   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode
 // The test-only entry points (kernel probes, pool test jobs, fault injection) are in

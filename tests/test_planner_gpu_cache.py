@@ -1,9 +1,11 @@
-"""GPU expert cache numerics against plain torch reference math (fp32 and bf16 caches)."""
+"""GPU expert cache numerics against plain torch reference math (dense fp32 and bf16 caches, and
+the packed layer's int4/int8/bf16 experts held in their own bits), on the torch reference path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hybrid.experts.device_layout import CompactExpert
 from hybrid.experts.gpu_cache import GpuExpertCache
 
 E, H, I, K, T = 12, 64, 32, 4, 9
@@ -15,6 +17,11 @@ def _experts(seed=0):
     up = torch.randn(E, I, H, generator=g) / H**0.5
     down = torch.randn(E, H, I, generator=g) / I**0.5
     return gate, up, down
+
+
+def _src(gate, up, down):
+    """compact_expert(e) of stacked dense experts."""
+    return lambda e, device=None: CompactExpert.dense(gate[e], up[e], down[e])
 
 
 def _reference(x, ids, w, gate, up, down, cached):
@@ -43,8 +50,8 @@ def _inputs(seed=1):
 def test_forward_matches_reference(dtype, tol):
     gate, up, down = _experts()
     cached = [0, 3, 4, 7, 11]
-    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), cached, E,
-                                       device="cpu", dtype=dtype)
+    cache = GpuExpertCache.from_source(_src(gate, up, down), cached, E, device="cpu",
+                                       dtype=dtype)
     x, ids, w = _inputs()
     y = cache.forward(x, ids, w)
     ref = _reference(x, ids, w, gate, up, down, set(cached))
@@ -59,7 +66,7 @@ def test_forward_matches_reference(dtype, tol):
 def test_cache_plus_rest_is_the_whole_layer():
     gate, up, down = _experts(2)
     cached = [1, 2, 9]
-    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), cached, E, "cpu",
+    cache = GpuExpertCache.from_source(_src(gate, up, down), cached, E, "cpu",
                                        torch.float32)
     x, ids, w = _inputs(3)
     rest = _reference(x, ids, w, gate, up, down, set(range(E)) - set(cached))
@@ -70,10 +77,10 @@ def test_cache_plus_rest_is_the_whole_layer():
 
 def test_empty_cache_and_no_hits():
     gate, up, down = _experts()
-    empty = GpuExpertCache.from_source(lambda e: None, [], E, "cpu")
+    empty = GpuExpertCache.from_source(lambda e, device=None: None, [], E, "cpu")
     x, ids, w = _inputs()
     assert torch.count_nonzero(empty.forward(x, ids, w)) == 0
-    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), [5], E, "cpu",
+    cache = GpuExpertCache.from_source(_src(gate, up, down), [5], E, "cpu",
                                        torch.float32)
     ids = torch.zeros(T, K, dtype=torch.long)   # only expert 0 picked
     assert torch.count_nonzero(cache.forward(x, ids, w)) == 0
@@ -81,7 +88,7 @@ def test_empty_cache_and_no_hits():
 
 def test_swap_replaces_expert():
     gate, up, down = _experts(4)
-    src = lambda e: (gate[e], up[e], down[e])  # noqa: E731
+    src = _src(gate, up, down)
     cache = GpuExpertCache.from_source(src, [0, 1], E, "cpu", torch.float32)
     cache.swap(1, 6, src)
     assert cache.mask.nonzero().flatten().tolist() == [0, 6]
@@ -94,18 +101,21 @@ def test_swap_replaces_expert():
 
 def test_bad_shapes_are_named():
     gate, up, down = _experts()
-    cache = GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e]), [0], E, "cpu")
+    cache = GpuExpertCache.from_source(_src(gate, up, down), [0], E, "cpu")
     x, ids, w = _inputs()
     with pytest.raises(ValueError, match="ids"):
         cache.forward(x, ids[:, :2], w)
     with pytest.raises(ValueError, match="expert ids must be in"):
-        GpuExpertCache.from_source(lambda e: (gate[0], up[0], down[0]), [E], E, "cpu")
-    with pytest.raises(ValueError, match="expert 1 has shapes"):
-        GpuExpertCache.from_source(lambda e: (gate[e], up[e], down[e][:, :3]) if e else
-                                   (gate[e], up[e], down[e]), [0, 1], E, "cpu")
+        GpuExpertCache.from_source(_src(gate, up, down), [E], E, "cpu")
+    with pytest.raises(ValueError, match="expert 0: down has shape"):
+        GpuExpertCache.from_source(_src(gate, up, down[:, :, :3]), [0, 1], E, "cpu")
+    narrow = _src(gate[:, :16], up[:, :16], down[:, :, :16])   # I = 16, a different expert
+    with pytest.raises(ValueError, match="expert 1: a dense expert of H=64, I=16 does not fit"):
+        GpuExpertCache.from_source(lambda e, device=None: (narrow if e else _src(gate, up, down))(e),
+                                   [0, 1], E, "cpu")
 
 
-@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16"])
 def test_cache_plus_cpu_engine_with_skip_mask_equals_cpu_engine(fmt):
     # The contract with moe_layer.py: CPU operator with skip_mask=cache.mask plus
     # cache.forward gives the whole routed output, each (token, expert) pair once.
@@ -124,3 +134,23 @@ def test_cache_plus_cpu_engine_with_skip_mask_equals_cpu_engine(fmt):
     rest = op.forward(x, ids32, w, skip_mask=cache.mask)
     torch.testing.assert_close(rest + cache.forward(x, ids, w), whole, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(rest, whole)   # the cache really took some pairs
+
+
+@pytest.mark.parametrize("fmt,planner_fmt", [("int4", "int4_g32"), ("int8", "int8_g32")])
+def test_cache_bytes_are_the_planners_and_the_bits_the_packed_layers(fmt, planner_fmt):
+    # What the planner budgets per expert is what the cache allocates, and the cache holds the
+    # packed layer's own weights bit for bit (not a rounding of them).
+    native = pytest.importorskip("hybrid.native")
+    if not native.available():
+        pytest.skip("hybrid._native not built")
+    from hybrid.experts.cpu_moe import PackedLayer
+    from hybrid.planner.model_spec import expert_format_bytes
+
+    gate, up, down = _experts(8)
+    layer = PackedLayer.from_float(gate, up, down, format=fmt)
+    cache = GpuExpertCache.from_packed(layer, [1, 4, 7], device="cpu")
+    per = 2 * expert_format_bytes(planner_fmt, I, H) + expert_format_bytes(planner_fmt, H, I)
+    assert cache.format == fmt and cache.nbytes == 3 * per
+    for slot, e in enumerate([1, 4, 7]):
+        for a, b in zip(cache.store.slot_weights(slot), layer.unpack_expert(e)):
+            assert torch.equal(a, b)

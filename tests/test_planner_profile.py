@@ -121,7 +121,7 @@ def test_shipped_k25_profiles_load_and_hold_their_budget(gib):
     assert data["trace"]["synthetic"] is True and "Zipf" in data["trace"]["source"]
     assert p.num_cached == data["budget"]["experts"]["slots"] > 0
     assert p.vram_needed_bytes <= gib * 2**30
-    assert data["budget"]["experts"]["bytes_per_expert"] == spec.expert_bytes("bf16")
+    assert data["budget"]["experts"]["bytes_per_expert"] == spec.expert_bytes("int4_g32")  # as held
     if gib == 24:
         assert data["budget"]["device_weights"]["format"] == "int8"
     pred = data["predicted"]

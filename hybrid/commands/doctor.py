@@ -207,7 +207,9 @@ def render(r: dict) -> None:
         for fmt, d in e["device_weights"].items():
             if "best_plan" in d:
                 vram, bp = "fits", d["best_plan"]
-                best, n = f"{bp['decode_tok_s']:.2f}", str(bp["cached_experts"])
+                best = f"{bp['decode_tok_s']:.2f}"
+                n = (f"{bp['cached_experts']} x {fmt_bytes(bp['bytes_per_expert'])} "
+                     f"({bp['expert_format']})")
             elif "vram_problem" in d:
                 vram = f"needs {fmt_bytes(d['vram_needed_bytes'])}"
                 best, n = "-", "-"

@@ -2,7 +2,7 @@
 
   hybrid plan --trace T --vram 24GiB [--context 32k] [--machine reference|local|FILE]
               [--model kimi-k2.5|CHECKPOINT_DIR] [--device-weights bf16|int8|fp8]
-              [--gpu-format bf16|int4_g32] [--online] --out profiles/NAME.yaml [--plot DIR]
+              [--gpu-format int4_g32|int8_g32|bf16|fp32] [--online] --out profiles/NAME.yaml [--plot DIR]
 
 Prints the budget, then none / uniform / top-N / plan (/ online) side by side.
 """
@@ -27,9 +27,9 @@ def register(subparsers) -> None:
                    help="checkpoint dir, config.json, or built-in 'kimi-k2.5' (default)")
     p.add_argument("--device-weights", default="bf16", choices=["bf16", "int8", "fp8"],
                    help="format of the non-expert weights on the GPU (bf16)")
-    p.add_argument("--gpu-format", default="bf16", choices=["bf16", "int4_g32"],
-                   help="format of cached experts in VRAM: bf16 (what hybrid's GPU cache holds) "
-                        "or int4_g32 (assumes a device INT4 kernel, not part of hybrid yet)")
+    p.add_argument("--gpu-format", default=None, choices=["int4_g32", "int8_g32", "bf16", "fp32"],
+                   help="format of cached experts in VRAM (default: the experts' storage format, "
+                        "what hybrid's GPU cache holds: int4_g32 for Kimi K2.5)")
     p.add_argument("--batch", type=int, default=1, help="decode batch to optimise for (1)")
     p.add_argument("--decode-at", default="4k",
                    help="context position at which decode speed is predicted (4k)")
@@ -165,7 +165,7 @@ def _command_line(args) -> str:
                                  ("--machine", args.machine, "reference"),
                                  ("--model", args.model, "kimi-k2.5"),
                                  ("--device-weights", args.device_weights, "bf16"),
-                                 ("--gpu-format", args.gpu_format, "bf16"),
+                                 ("--gpu-format", args.gpu_format, None),
                                  ("--batch", args.batch, 1), ("--decode-at", args.decode_at, "4k")):
         if value is not None and value != default:
             parts += [flag, str(value)]

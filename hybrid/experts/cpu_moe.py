@@ -161,6 +161,15 @@ class PackedLayer:
         g, u, d = self._h.unpack_expert(e)
         return torch.from_numpy(g), torch.from_numpy(u), torch.from_numpy(d)
 
+    def compact_expert(self, e: int, device="cpu"):
+        """Expert e in its own bits (hybrid.experts.device_layout.CompactExpert): int4/int8 q
+        and bf16 scales, or bf16 weights ("dense"), read from the packed layout without loss;
+        its tensors on `device` (the packed bytes go there once and are unpacked there)."""
+        from hybrid.experts.device_layout import compact_from_packed  # noqa: PLC0415
+
+        arrays = self._h.expert_arrays(int(e))
+        return compact_from_packed(self.format, arrays, self.hidden, self.intermediate, device)
+
     def __repr__(self) -> str:
         src = f", path={self.path!r}" if self.path else ""
         return (f"PackedLayer(format={self.format!r}, E={self.num_experts}, H={self.hidden}, "
@@ -220,6 +229,9 @@ class CpuMoE:
 
     def unpack_expert(self, e: int):
         return self.layer.unpack_expert(e)
+
+    def compact_expert(self, e: int, device="cpu"):
+        return self.layer.compact_expert(e, device)
 
     def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
         """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).

@@ -4,14 +4,17 @@
     y = ex.sync()            # [T, H] fp32 (or `out`, written or added to): the routed share
     ex.capabilities()        # what the MoE layer may rely on (below)
     ex.num_experts           # E of the layer
-    ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32: to copy an expert elsewhere
+    ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32, dequantised
+    ex.compact_expert(e, device)  # CompactExpert (device_layout.py): the expert in its own bits
+                             # on `device`, to hold a copy there (the device cache) without loss
 
 x [T, H], ids [T, K] int, w [T, K] fp32; skip [E] bool: experts that run elsewhere contribute
 nothing here. Executors (one file each, named in EXECUTORS):
   cpu     hybrid/experts/cpu_moe.py CpuMoE: the C++ engine over packed experts in RAM
   torch   hybrid/experts/torch_moe.py TorchMoE: plain torch, the reference
-  device  hybrid/experts/gpu_cache.py GpuExpertCache: experts a placement holds in VRAM;
-          also `held_mask()` [E] bool (host): the experts it runs, which the host skips
+  device  hybrid/experts/gpu_cache.py GpuExpertCache: experts a placement holds in VRAM (INT4/
+          INT8 as the host holds them, one grouped launch per layer); also `held_mask()` [E]
+          bool (host): the experts it runs, which the host skips
 """
 
 from __future__ import annotations

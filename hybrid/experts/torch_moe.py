@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybrid.experts.device_layout import CompactExpert
 from hybrid.experts.executor import Capabilities
 
 
@@ -63,6 +64,10 @@ class TorchMoE:
 
     def unpack_expert(self, e: int):
         return self.gate[e].float(), self.up[e].float(), self.down[e].float()
+
+    def compact_expert(self, e: int, device=None) -> CompactExpert:
+        return CompactExpert.dense(*(t[e].to(device or t[e].device)
+                                     for t in (self.gate, self.up, self.down)))
 
     def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
         y = self.forward(x, ids, weights, skip)

@@ -4,11 +4,13 @@ Formats (chosen per tensor group at load, see hybrid/runtime/context.py):
   dense  weight [N, K] in the compute dtype (bf16 or fp32)
   int8   weight [N, K] int8 + per-output-channel scale [N] fp32: W = q * scale[n]
   fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
-The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU; they
-dequantise on the fly (one block of rows at a time), trading compute for memory.
+The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU.
 
-Two forms, chosen once per weight by the op set (hybrid/ops/__init__.py): `Linear` (torch: what a
-CUDA device runs) and `NativeLinear` (a bf16 CPU weight: the native GEMV for a few tokens).
+Three forms, chosen once per weight by the op set (hybrid/ops/op_sets.py): `Linear` (torch; for
+quantised weights the reference, which widens DEQUANT_ROWS rows at a time), `QuantLinear` (an
+int8/fp8 weight on a CUDA device: the Triton kernel reads the quantised bytes directly, no
+dequantised copy per call; quant_linear_triton.py) and `NativeLinear` (a bf16 CPU weight: the
+native GEMV for a few tokens).
 Legend: T tokens, N outputs, K inputs.
 """
 
@@ -74,8 +76,39 @@ class Linear:
         else:
             y = torch.cat([F.linear(x, self.weight[i : i + DEQUANT_ROWS].to(x.dtype))
                            for i in range(0, N, DEQUANT_ROWS)], dim=-1)
-        y = y * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        # Scale (and bias) in fp32, one rounding to x's dtype after them.
+        y = y.float() * self.scale
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+
+class QuantLinear(Linear):
+    """An int8/fp8 weight on a CUDA device, through the Triton weight-only kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, name: str = "?"):
+        super().__init__(weight, bias, scale, name)
+        if self.format == "dense":
+            raise ValueError(f"{name}: QuantLinear needs an int8 or fp8 weight, got {weight.dtype}")
+        from hybrid.ops.quant_linear_triton import quant_linear_triton  # noqa: PLC0415
+
+        self._run = quant_linear_triton
+        self._scale = scale.float().contiguous()
+        self._weight = weight if weight.stride(1) == 1 else weight.contiguous()
+
+    @staticmethod
+    def fits(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+        """A quantised CUDA weight, and triton importable."""
+        if scale is None or weight.dtype not in (torch.int8, torch.float8_e4m3fn) \
+                or weight.device.type != "cuda" or weight.dim() != 2:
+            return False
+        try:
+            import triton  # noqa: F401, PLC0415
+        except ImportError:
+            return False
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
+        return self._run(x, self._weight, self._scale, self.bias)
 
 
 class NativeLinear(Linear):

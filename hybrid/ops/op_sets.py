@@ -1,7 +1,8 @@
 """The two op sets a model is built with, chosen once at load (hybrid.ops.select_ops).
 
-TorchOps: plain torch, the exact path a CUDA device runs (and the CPU under
-HYBRID_DEVICE_OPS=torch, which is how tests cover it here). NativeCpuOps: a bf16 CPU device
+TorchOps: plain torch, the exact path a CUDA device runs (there int8/fp8 linears go through the
+Triton kernel, QuantLinear; elsewhere through the torch reference), and the CPU's under
+HYBRID_DEVICE_OPS=torch, which is how tests cover it here. NativeCpuOps: a bf16 CPU device
 with the extension built; each op takes its native form where the shape suits it (a few tokens,
 a decode batch) and the torch form otherwise, so the model's math never branches on the device.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.linear import Linear, NativeLinear
+from hybrid.ops.linear import Linear, NativeLinear, QuantLinear
 from hybrid.ops.mla_attention import MLAAttention, MLAShape, NativeMLAAttention
 
 NATIVE_NORM_ELEMENTS = 1 << 16  # up to this many bf16 values, norms run natively
@@ -42,6 +43,8 @@ class TorchOps:
         return h, self.rms_norm(h, weight, eps)
 
     def linear(self, weight: torch.Tensor, bias=None, scale=None, name: str = "?") -> Linear:
+        if QuantLinear.fits(weight, scale):
+            return QuantLinear(weight, bias, scale, name=name)
         return Linear(weight, bias, scale, name=name)
 
     def mla_attention(self, layer: int, shape: MLAShape, kv_norm, kv_b) -> MLAAttention:

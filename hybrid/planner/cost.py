@@ -287,10 +287,16 @@ class LayerCosts:
 class CostModel:
     model: ModelSpec
     machine: MachineSpec
-    gpu_expert_format: str = "bf16"     # what the GPU cache holds (gpu_cache.py keeps bf16)
+    # What the GPU cache holds: None means the experts' storage format (gpu_cache.py keeps
+    # int4/int8 experts in their own bits; a bf16 model's in the compute dtype, bf16 or fp32).
+    gpu_expert_format: str | None = None
     device_weight_format: str = "bf16"  # attention / shared / dense / LM head on the GPU
     kv_tokens: int = 4096               # context length at which decode is predicted
     prefill_chunk: int = 2048
+
+    def __post_init__(self):
+        if self.gpu_expert_format is None:
+            self.gpu_expert_format = self.model.expert_format
 
     @property
     def cpu_expert_bytes(self) -> int:

@@ -82,6 +82,8 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
                 p = r.predictions["plan"]
                 entry["vram_fits"] = True
                 entry["best_plan"] = {"cached_experts": p["cached_experts"],
+                                      "expert_format": cm.gpu_expert_format,
+                                      "bytes_per_expert": cm.gpu_expert_bytes,
                                       "hit_rate": p["hit_rate"],
                                       "decode_tok_s": p["decode_tok_s"],
                                       "prefill_tok_s": p["prefill_tok_s"]}

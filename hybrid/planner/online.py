@@ -9,7 +9,7 @@ follows this contract; for whoever drives decoding otherwise:
     placer.observe(layer_idx, ids)
     # after the forward:
     for layer_idx, out_e, in_e in placer.end_step():
-        caches[layer_idx].swap(out_e, in_e, packed_layers[layer_idx].unpack_expert)
+        caches[layer_idx].swap(out_e, in_e, packed_layers[layer_idx].compact_expert)
 
 `observe` can sit beside a TraceRecorder on MoELayer.trace (call both from one function). The
 decision rule (decayed pick rates; swap the most picked uncached expert for the least picked
@@ -93,10 +93,10 @@ class LiveReplacement:
     hit count uses the placement that forward computes with; end_step() runs after the whole
     forward (never mid-forward: the CPU skip mask and the cache must agree for every layer of
     a step) and performs the placer's swaps with GpuExpertCache.swap, the new expert's weights
-    dequantised from the packed CPU layout (PackedLayer.unpack_expert). swap updates the skip
+    read from the packed CPU layout in their own bits (PackedLayer.compact_expert). swap updates the skip
     mask with the slot, so no (token, expert) pair is computed twice or dropped.
 
-    caches: decoder layer -> GpuExpertCache; sources: decoder layer -> unpack_expert(e).
+    caches: decoder layer -> GpuExpertCache; sources: decoder layer -> compact_expert(e).
     """
 
     def __init__(self, placer: OnlinePlacer, caches: dict, sources: dict):

@@ -4,9 +4,9 @@ Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/planner
 device_bytes, the one accounting both use): the non-expert device weights (attention, shared
 experts, dense MLP, routers, norms, LM head in `device_weight_format`), the latent KV cache for
 the requested context, and activations for one prefill chunk with the allocator/CUDA-context
-reserve. What is left, divided by the exact bytes of one expert in the GPU cache's format (bf16
-by default: 3 x H x I x 2 bytes; gpu_cache.py holds bf16, and hybrid.load counts the same), is
-the number of expert slots.
+reserve. What is left, divided by the exact bytes of one expert in the GPU cache's format (by
+default the experts' storage format, which gpu_cache.py keeps: INT4 group-32 for K2.5, 3 x H x I
+x (1/2 + 2/32) bytes = 24.8 MB; hybrid.load counts the same), is the number of expert slots.
 
 Optimisation. With the costs of cost.py, layer l with cached set S takes
     T_l(S) = serial_l + sync + max(cpu_fix_l + sum_{e not in S} c_le, gpu_fix_l + sum_{e in S} g_le)

@@ -88,10 +88,10 @@ def _notes(model, cost_model, budget) -> list:
                    f"({fmt_bytes(budget.device_weights_bytes)}; bf16 would take "
                    f"{fmt_bytes(bf16)}, which with the KV cache "
                    f"leaves little or no room for experts); load with device_weights='{fmt}'")
-    if cost_model.gpu_expert_format != "bf16":
-        out.append(f"cached experts counted as {cost_model.gpu_expert_format} in VRAM: assumes "
-                   f"a device kernel for that format, which hybrid's GPU cache (bf16) does not "
-                   f"have yet")
+    held = cost_model.model.expert_format
+    if cost_model.gpu_expert_format != held and held != "bf16":
+        out.append(f"cached experts counted as {cost_model.gpu_expert_format} in VRAM, but "
+                   f"hybrid's GPU cache holds these {held} experts as they are ({held})")
     out.append("the embedding table stays in RAM (only looked-up rows go to the GPU), so it is "
                "not in the device weights")
     out.append("device memory is counted by hybrid.load's own accounting "
@@ -143,6 +143,11 @@ class Profile:
         return int(b["device_weights"]["bytes"] + b["kv_cache"]["bytes"]
                    + b["activations"]["bytes"] + b["cuda_reserve"]["bytes"]
                    + self.num_cached * b["experts"]["bytes_per_expert"])
+
+    @property
+    def bytes_per_expert(self) -> int:
+        """Device bytes of one cached expert, as the planner counted them (gpu_expert_format)."""
+        return int(self.data["budget"]["experts"]["bytes_per_expert"])
 
     @property
     def num_cached(self) -> int:

@@ -46,7 +46,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     from hybrid.runtime import placement
     from hybrid.runtime.context import BuildContext
     from hybrid.runtime.expert_factory import ExpertLoader
-    from hybrid.runtime.memory import check_fits, itemsize
+    from hybrid.runtime.memory import check_fits
     from hybrid.runtime.threads import split_threads as split
 
     path, device = Path(path), torch.device(device)
@@ -61,7 +61,8 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                              "experts_backend='cpu'")
         prof, spec = placement.load_checked_profile(profile, path, device, max_vram)
         placer = placement.online_placer(prof, spec, online)
-        gpu_expert_bytes = prof.num_cached * facts.expert_params * itemsize(dtype)
+        # What the planner counted (its gpu_expert_format); the built caches are checked below.
+        gpu_expert_bytes = prof.num_cached * prof.bytes_per_expert
     files = SafetensorsFiles(path)
     vision_cfg = _vision_config(path, config, files) if images_enabled else None
     vision_bytes = 0
@@ -105,7 +106,12 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         vision = Vision.load(path, files, vision_cfg, device, dtype)
     live = None
     if prof is not None:
-        placement.attach_device_experts(network, prof, device, dtype)
+        held = placement.attach_device_experts(network, prof, device, dtype)
+        if held > gpu_expert_bytes and (max_vram is not None or device.type == "cuda"):
+            raise MemoryError(f"{profile}: the cached experts take {held} bytes on {device}, the "
+                              f"profile counted {gpu_expert_bytes} ({prof.num_cached} x "
+                              f"{prof.gpu_expert_format}); make the profile for these experts' "
+                              f"format (hybrid plan --gpu-format)")
         if placer is not None:
             live = placement.attach_online(network, placer)
     return Built(config, network, facts, ops, experts, live, vision)

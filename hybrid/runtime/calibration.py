@@ -88,7 +88,8 @@ def part_probes(model, matmul_bytes: int = 64 << 20) -> tuple[dict, dict]:
     # step the cached experts were last read a whole forward ago, so a probe re-reading the
     # same small experts from the CPU's caches would make them look faster than they run.
     item = torch.empty((), dtype=dt).element_size()
-    per = 3 * H * cfg.moe_intermediate_size * item
+    # The cache holds int4/int8 experts in the packed layer's bytes, bf16 ones in the compute dtype.
+    per = routed.layer.expert_nbytes * (2 if routed.layer.format == "bf16" and dt == torch.float32 else 1)
     C = max(1, min(E - K, max(K, CACHE_PROBE_BYTES // per)))
     held = list(range(C))
     cache = GpuExpertCache.from_packed(routed, held, dev, dt)
@@ -202,8 +203,8 @@ def _step(model, kv, tok: int, pos: int) -> float:
 def nested_caches(model, counts: np.ndarray, fractions) -> dict:
     """fraction -> {decoder layer: GpuExpertCache or None}: every layer's round(f x E) most
     picked experts (calibrate.fraction_mask's placement). One cache per layer holds the largest
-    placement, most picked first; the smaller ones are views of its first slots, so the bf16
-    copies exist once. The caches are GpuExpertCache.from_packed, what hybrid.load(path,
+    placement, most picked first; the smaller ones are views of its first slots
+    (GpuExpertCache.head), so the device copies exist once. The caches are GpuExpertCache.from_packed, what hybrid.load(path,
     profile=...) builds."""
     from hybrid.experts.gpu_cache import GpuExpertCache
 
@@ -217,8 +218,7 @@ def nested_caches(model, counts: np.ndarray, fractions) -> dict:
         big = (GpuExpertCache.from_packed(mlp.host_experts(), order[:top], model.device,
                                           model.dtype) if top else None)
         for f, n in sizes.items():
-            out[f][mlp.layer] = None if n == 0 else GpuExpertCache(
-                order[:n], E, big.gate[:n], big.up[:n], big.down[:n])
+            out[f][mlp.layer] = None if n == 0 else big.head(n)
     return out
 
 
@@ -287,6 +287,7 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
         moe_layers(model)[0].host_experts().layer.format]
     spec = dataclasses.replace(load_model_spec(str(path)), expert_format=fmt)
     dev_fmt = "fp32" if model.dtype == torch.float32 else "bf16"
+    cache_fmt = dev_fmt if fmt == "bf16" else fmt  # the device cache keeps int experts as they are
     P, N = len(prompt_ids), len(decode_ids)
     log(f"model {path} ({label}): {len(spec.moe_layers)} MoE layer(s) x {spec.num_experts} "
         f"experts, top-{spec.top_k}, expert {spec.expert_bytes() / 1e6:.3f} MB ({fmt}); "
@@ -294,7 +295,7 @@ def check(model, path, prompt_ids, decode_ids, fractions, fit_on: float, rounds:
     trace = record_routing(model, spec, prompt_ids, decode_ids)
     freq = trace.frequencies()
 
-    cost = CostModel(spec, local_machine(measure=False), gpu_expert_format=dev_fmt,
+    cost = CostModel(spec, local_machine(measure=False), gpu_expert_format=cache_fmt,
                      device_weight_format=dev_fmt, kv_tokens=P + N // 2, prefill_chunk=P)
     masks = {f: fraction_mask(trace.counts, f) for f in fractions}
     out_dir = profiles_dir or tempfile.mkdtemp(prefix="calibration_profiles_")

@@ -59,14 +59,19 @@ def online_placer(prof, spec, online):
     return OnlinePlacer(cost, prof.mask(spec.moe_layers), spec.moe_layers, policy)
 
 
-def attach_device_experts(network, prof, device, dtype) -> None:
-    """Give each MoE layer the experts the profile holds on the device (from the host executor's
-    experts, dequantised once); the host executor then skips them."""
+def attach_device_experts(network, prof, device, dtype) -> int:
+    """Give each MoE layer the experts the profile holds on the device (the host executor's
+    experts in their own bits, compact_expert); the host executor then skips them. Returns the
+    device bytes they take."""
     from hybrid.experts.gpu_cache import GpuExpertCache
 
+    held = 0
     for i, moe in network.moe_layers().items():
         if prof.experts_for_layer(i):
-            moe.set_device_experts(GpuExpertCache.from_profile(prof, i, moe.host_experts(), device, dtype))
+            cache = GpuExpertCache.from_profile(prof, i, moe.host_experts(), device, dtype)
+            moe.set_device_experts(cache)
+            held += cache.nbytes
+    return held
 
 
 def attach_online(network, placer):
@@ -77,7 +82,7 @@ def attach_online(network, placer):
     for i, moe in network.moe_layers().items():
         if moe.device_experts() is not None:
             caches[i] = moe.device_experts()
-            sources[i] = moe.host_experts().unpack_expert
+            sources[i] = moe.host_experts().compact_expert
     live = LiveReplacement(placer, caches, sources)
     for moe in network.moe_layers().values():
         moe.add_observer(on_routing=live.observe)
