@@ -56,6 +56,20 @@ def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character each byte is written as ->
+    the byte (printable Latin-1 bytes stand for themselves, the rest are shifted past 255)."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + shifted)] = b
+            shifted += 1
+    return out
+
+
 class TokenizerError(ValueError):
     """A tokenizer file is missing or malformed; the message names the file and the field."""
 
@@ -216,6 +230,31 @@ class Tokenizer:
         if self.backend != "tiktoken":
             return self.decode([token_id]).encode("utf-8")
         return self._impl.decode_single_token_bytes(token_id)
+
+    def vocab_bytes(self) -> list[bytes]:
+        """Every id's raw bytes, index = id (what a grammar matcher walks to mask tokens).
+        Special tokens give their text; ids no token has (padding past the vocabulary) give
+        b"". The tokenizers back end keeps byte-level BPE tokens in GPT-2's byte-to-unicode
+        alphabet, mapped back here; other models' tokens are their UTF-8 text."""
+        if self.backend == "tiktoken":
+            out = []
+            for i in range(self.vocab_size):
+                try:
+                    out.append(self._impl.decode_single_token_bytes(i))
+                except KeyError:
+                    out.append(b"")
+            return out
+        byte_of = _byte_level_alphabet()
+        out = []
+        for i in range(self.vocab_size):
+            tok = self._impl.id_to_token(i)
+            if tok is None:
+                out.append(b"")
+            elif i in self.special_ids or not all(c in byte_of for c in tok):
+                out.append(tok.encode("utf-8"))
+            else:
+                out.append(bytes(byte_of[c] for c in tok))
+        return out
 
     def _check_ids(self, ids) -> None:
         for i in ids:

@@ -12,8 +12,12 @@ Order of operations for one row (the order HF and vLLM use, written out so tests
   7. draw one token by inverse CDF with the row's own torch.Generator (seeded per request), so a
      request's samples do not depend on which other requests share its batch.
 
-Logprobs (optional, top-n) are of the penalised distribution before temperature and
-truncation: what the model believes, not what the sampler was allowed to pick.
+Before all of that, a row whose request has a grammar (SamplingParams.grammar, see grammar.py)
+has every token the grammar does not allow set to -inf; after the draw its matcher takes the
+token. Rows without a grammar are not touched.
+
+Logprobs (optional, top-n) are of the penalised (and grammar-masked) distribution before
+temperature and truncation: what the model believes, not what the sampler was allowed to pick.
 
 Legend: B rows in the batch, S rows that sample (not greedy), V vocabulary size, C candidate
 tokens kept for truncation (C <= V).
@@ -43,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token + top-n alternatives
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
     ignore_eos: bool = False  # keep going past the tokenizer's end tokens (benchmarks)
+    grammar: object = None  # hybrid.engine.grammar.Grammar: only tokens it allows are drawn
 
     def __post_init__(self):
         self.validate()
@@ -84,6 +89,10 @@ class SamplingParams:
             bad("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        from hybrid.engine.grammar import Grammar
+
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            bad("grammar", self.grammar, "must be None or a hybrid.engine.grammar.Grammar")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -101,6 +110,11 @@ class RowState:
     generator: torch.Generator
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+    matcher: object = None  # grammar.Matcher of params.grammar (made here, one per request)
+
+    def __post_init__(self):
+        if self.params.grammar is not None and self.matcher is None:
+            self.matcher = self.params.grammar.matcher()
 
 
 @dataclass
@@ -195,6 +209,9 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         raise ValueError(f"sample: logits has {B} rows but {len(rows)} row states were given")
     logits = apply_penalties(logits.float(), rows)  # [B, V] fp32
     dev = logits.device
+    constrained = [b for b, r in enumerate(rows) if r.matcher is not None]
+    if constrained:
+        logits = _mask_rows(logits, [rows[b].matcher for b in constrained], constrained)
     chosen = torch.argmax(logits, dim=-1)  # [B], greedy answer for every row
 
     sampled_rows = [b for b, r in enumerate(rows) if not r.params.greedy]
@@ -223,6 +240,8 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         chosen[idx] = pos if order is None else order.gather(1, pos[:, None])[:, 0]
 
     chosen_list = chosen.tolist()
+    for b in constrained:
+        rows[b].matcher.accept(chosen_list[b])
     results = [Sampled(token_id=t) for t in chosen_list]
     want = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
     if want:
@@ -237,3 +256,19 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
                 if n > 0 else []
             )
     return results
+
+
+def _mask_rows(logits: torch.Tensor, matchers, where: list[int]) -> torch.Tensor:
+    """logits [B, V] with rows `where` limited to what their matchers allow (R = len(where));
+    the input is not modified."""
+    from hybrid.engine.grammar import apply_masks, fill_masks, new_bitmask
+
+    B, V = logits.shape
+    bitmask = new_bitmask(len(where), V)  # [R, W]
+    fill_masks(matchers, bitmask)
+    out = logits.clone()
+    if len(where) == B:
+        return apply_masks(out, bitmask)
+    idx = torch.as_tensor(where, device=logits.device)
+    out[idx] = apply_masks(out[idx], bitmask)
+    return out
