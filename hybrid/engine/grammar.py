@@ -23,6 +23,7 @@ import functools
 import json
 import threading
 
+import numpy as np
 import torch
 
 
@@ -134,7 +135,11 @@ class Matcher:
         return self._m.is_stopped() or self._m.is_accepting()
 
     def fill(self, row: torch.Tensor) -> None:
-        """row: int32 [W], contiguous, on the CPU."""
+        """row: int32 [W], contiguous, on the CPU. After the grammar's end (a request that
+        ignores its stop tokens goes on) every token is allowed."""
+        if self._m.is_stopped():
+            row.fill_(-1)
+            return
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
 
@@ -148,21 +153,31 @@ def _executor():
 def fill_masks(matchers: list[Matcher], bitmask: torch.Tensor) -> None:
     """bitmask int32 [R, W] (CPU, contiguous) <- each matcher's allowed tokens; several rows are
     filled in parallel on llguidance's thread pool."""
-    if len(matchers) == 1:
-        matchers[0].fill(bitmask[0])
+    live = [(m._m, i) for i, m in enumerate(matchers) if not m._m.is_stopped()]
+    if len(live) < 2:
+        for m, row in zip(matchers, bitmask):
+            m.fill(row)
         return
-    _executor().unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)],
-                                        bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
+    bitmask.fill_(-1)  # the stopped ones
+    _executor().unsafe_compute_mask_ptr(live, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
 
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits [R, V] with each token whose bit is 0 in bitmask [R, W] set to -inf (in place;
-    returned). The mask moves to the logits' device and is unpacked there."""
+    returned). The bits are unpacked where the logits are (numpy's unpackbits on the CPU, shifts
+    on a device) and added as a bias of 0 / -inf: on a CPU this is 4-5x faster than masked_fill or torch.where
+    over 160K columns (bench/grammar_mask.py)."""
     R, V = logits.shape
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
-    words = bitmask.to(logits.device, non_blocking=True)  # [R, W]
-    allowed = ((words[:, :, None] >> bits) & 1).view(R, -1)[:, :V]  # [R, W*32] -> [R, V]
-    return logits.masked_fill_(allowed == 0, float("-inf"))
+    if logits.device.type == "cpu":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :V]  # [R, V]
+        allowed = torch.from_numpy(bits)
+    else:
+        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
+        words = bitmask.to(logits.device, non_blocking=True)  # [R, W]
+        allowed = ((words[:, :, None] >> shifts) & 1).view(R, -1)[:, :V]  # [R, V]
+    bias = allowed.to(logits.dtype).sub_(1.0)  # [R, V]: 0 allowed, -1 not
+    big = torch.finfo(logits.dtype).max
+    return logits.add_(bias.mul_(big).mul_(2.0))  # -1 * max * 2 overflows to -inf; 0 stays 0
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
