@@ -12,7 +12,7 @@ In sampling (sampling.py): the rows whose request has a grammar get their bitmas
 (several rows in parallel on llguidance's thread pool), disallowed tokens are set to -inf in
 those rows only, and after the draw each matcher consumes its row's token. Rows without a
 grammar are not touched and cost nothing. When the grammar is complete the mask allows only the
-tokenizer's stop tokens, so the request ends there.
+tokenizer's stop tokens, so the request ends there (with ignore_eos it goes on drawing them).
 
 Legend: R constrained rows, V vocabulary, W = ceil(V / 32) mask words.
 """
@@ -135,11 +135,7 @@ class Matcher:
         return self._m.is_stopped() or self._m.is_accepting()
 
     def fill(self, row: torch.Tensor) -> None:
-        """row: int32 [W], contiguous, on the CPU. After the grammar's end (a request that
-        ignores its stop tokens goes on) every token is allowed."""
-        if self._m.is_stopped():
-            row.fill_(-1)
-            return
+        """row: int32 [W], contiguous, on the CPU."""
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
 
@@ -153,13 +149,11 @@ def _executor():
 def fill_masks(matchers: list[Matcher], bitmask: torch.Tensor) -> None:
     """bitmask int32 [R, W] (CPU, contiguous) <- each matcher's allowed tokens; several rows are
     filled in parallel on llguidance's thread pool."""
-    live = [(m._m, i) for i, m in enumerate(matchers) if not m._m.is_stopped()]
-    if len(live) < 2:
-        for m, row in zip(matchers, bitmask):
-            m.fill(row)
+    if len(matchers) == 1:
+        matchers[0].fill(bitmask[0])
         return
-    bitmask.fill_(-1)  # the stopped ones
-    _executor().unsafe_compute_mask_ptr(live, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
+    _executor().unsafe_compute_mask_ptr([(m._m, i) for i, m in enumerate(matchers)],
+                                        bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
 
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
