@@ -12,6 +12,7 @@ it with a final error event instead of a cut connection.
 
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 
@@ -106,6 +107,10 @@ class Backend:
         from hybrid.chat.cache_stats import attach_hit_counter
 
         self._hits = attach_hit_counter(model) if model is not None else None
+        from hybrid.engine.grammar import GrammarCompiler
+
+        self.grammars = GrammarCompiler(tokenizer)
+        self._grammar_cache: dict[str, object] = {}  # grammar text -> Grammar (sub-agents share tools)
 
     @property
     def context_length(self) -> int:
@@ -135,6 +140,49 @@ class Backend:
         except ValueError as e:
             raise bad_request(str(e), "messages") from None
         return ids, in_reasoning
+
+    def grammar_for(self, job: Job, in_reasoning: bool):
+        """The grammar the answer is decoded under, or None: response_format's schema, tool calls
+        held to the offered tools and their parameters (tool_choice auto, required, named).
+        A schema the grammar library cannot enforce is a 400 naming its field."""
+        from hybrid.toolcalls import output_grammar
+
+        tools = job.tools if job.parse_tools else None
+        if job.messages is None or (job.answer_schema is None and not tools):
+            return None
+        if job.tool_choice == "named":
+            tools = [t for t in tools if t["function"]["name"] == job.forced_tool]
+        lenient = job.tool_choice == "auto"  # the client did not ask for the arguments' schema
+        for i, t in enumerate(job.tools or ()):
+            if t in tools:
+                params = t["function"]["parameters"]
+                self._compile(lambda: self.grammars.json_schema(params, lenient),
+                              f"tools[{i}].function.parameters", key=json.dumps([params, lenient]))
+        if job.answer_schema is not None:
+            self._compile(lambda: self.grammars.json_schema(job.answer_schema, job.answer_lenient),
+                          "response_format.json_schema.schema",
+                          key=json.dumps([job.answer_schema, job.answer_lenient]))
+        text = output_grammar(self.tokenizer.special_tokens, in_reasoning=in_reasoning, tools=tools,
+                              tool_choice=job.tool_choice, answer_schema=job.answer_schema,
+                              lenient_tools=lenient)
+        return self._compile(lambda: self.grammars.lark(text), "messages", key=text)
+
+    def _compile(self, build, field: str, key: str):
+        """build() once per key (a schema checked, a grammar built; the last 256 are kept)."""
+        from hybrid.engine.grammar import GrammarError
+
+        with self._runs_lock:
+            if key in self._grammar_cache:
+                return self._grammar_cache[key]
+        try:
+            grammar = build()
+        except GrammarError as e:
+            raise bad_request(f"'{field}' cannot be enforced: {e}", field) from None
+        with self._runs_lock:
+            if len(self._grammar_cache) >= 256:
+                self._grammar_cache.pop(next(iter(self._grammar_cache)))
+            self._grammar_cache[key] = grammar
+        return grammar
 
     def stop_accepting(self) -> None:
         with self._runs_lock:
@@ -178,7 +226,8 @@ class Backend:
             params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
                                     seed=job.seed, logprobs=job.logprobs,
                                     presence_penalty=job.presence_penalty,
-                                    frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos)
+                                    frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos,
+                                    grammar=self.grammar_for(job, in_reasoning))
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None

@@ -32,6 +32,12 @@ class Job:
     prefix_is_output: bool = True  # False: the client wrote the prefix (Anthropic prefill), so
     #                                it is not repeated back in the answer
     parse_tools: bool = False  # tools were offered: parse tool-call sections into calls
+    # Constrained decoding (hybrid.toolcalls.output_grammar): "auto" lets a call name only an
+    # offered tool; "required" / "named" (forced_tool) make the answer calls (force_tool_call).
+    tool_choice: str = "auto"
+    forced_tool: str | None = None
+    answer_schema: dict | None = None  # response_format: the answer is JSON valid under this
+    answer_lenient: bool = False  # not strict: schema keywords the grammar lacks are ignored
 
 
 @dataclass
