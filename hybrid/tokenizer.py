@@ -340,6 +340,15 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------
 
+    @property
+    def default_thinking(self) -> bool:
+        """The model's default mode, as its chat template says: True when a generation prompt
+        rendered without a `thinking` choice leaves the answer inside <think> (Kimi K2.5 and the
+        demo model: thinking), False when it closes it (instant). `hybrid chat` and
+        `hybrid serve` both start in it."""
+        text = self.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        return text.rstrip().endswith("<think>")
+
     def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
                             thinking: bool | None = None, tokenize: bool = False, **extra):
         """Render messages with the checkpoint's template (Kimi K2-style fallback if it has none).

@@ -1,8 +1,11 @@
 """Constrained decoding: a grammar per request, a token mask per step, applied row by row.
 
 The library is llguidance (PyPI; Rust, computes masks on the CPU). It was chosen over xgrammar by
-bench/grammar_mask.py at Kimi K2.5's 163840-token vocabulary (figures in that file's docstring);
-it also needs nothing else installed, where xgrammar requires triton and transformers.
+bench/grammar_mask.py at Kimi K2.5's 163840-token vocabulary: a mask costs 8 us per step for one
+row and 0.47 ms for 32 rows together (xgrammar: 4 us, 1.7 ms), a new JSON schema compiles in 1 ms
+(xgrammar: 44 ms; every agent's tool list is one); and it needs no other package, where xgrammar
+requires triton and transformers. Applying the masks to the logits costs more than computing
+them (0.08 ms a row at 160K on a CPU), and only the constrained rows pay it.
 
     compiler = GrammarCompiler(tokenizer)        # one per tokenizer; builds its token trie once
     grammar = compiler.json_schema(schema)       # GrammarError (a clear message) if unsupported
