@@ -165,3 +165,17 @@ def test_reasoning_then_a_json_answer(tok, compiler):
         text = reasoning + _walk(tok, grammar, seed, prefix=tok.encode(reasoning))
         out = parse_output(text, start_in_reasoning=True)
         jsonschema.validate(json.loads(out.content), SCHEMA)
+
+
+def test_answer_after_holds_the_stop_tokens_until_an_answer_began():
+    V, stop, end = 8, 0, 1
+    # The stop token is by far the likeliest; token `end` (</think>) next.
+    logits = torch.tensor([[9.0, 4.0, 0, 0, 0, 0, 0, 0]])
+    params = SamplingParams(temperature=0, answer_after=end, held_ids=[stop])
+    row = RowState(params=params, generator=make_generator(0), prompt_ids=[], output_ids=[])
+    drawn = [sample(logits, [row])[0].token_id for _ in range(3)]
+    assert drawn == [end, end, stop]  # </think>, then one answer token (here </think> again), then free
+    free = RowState(params=SamplingParams(temperature=0), generator=make_generator(0), prompt_ids=[], output_ids=[])
+    assert sample(logits, [free])[0].token_id == stop
+    with pytest.raises(ValueError, match="held_ids"):
+        SamplingParams(answer_after=end)

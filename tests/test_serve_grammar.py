@@ -223,3 +223,30 @@ def test_grammar_corpus_always_validates(oai):
         for schema, choice in pool.map(one, cases):
             assert choice.finish_reason == "stop", (schema, choice.message.content)
             jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_thinking_replies_end_with_an_answer_or_length(oai):
+    # Left alone, the demo model often stops right after its reasoning; a reply must not be a
+    # "stop" with empty content.
+    import concurrent.futures
+
+    def one(seed):
+        return oai.chat.completions.create(model="demo", messages=QUESTION, seed=seed, max_tokens=300).choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for choice in pool.map(one, range(12)):
+            if choice.finish_reason == "length":
+                assert choice.message.reasoning_content
+            else:
+                assert choice.finish_reason == "stop" and choice.message.content
+
+
+def test_thinking_switches(oai):
+    on = oai.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0,
+                                     extra_body={"chat_template_kwargs": {"thinking": True}})
+    off = oai.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0,
+                                      extra_body={"chat_template_kwargs": {"thinking": False}})
+    high = oai.chat.completions.create(model="demo", messages=QUESTION, max_tokens=8, temperature=0,
+                                       reasoning_effort="high")
+    assert on.choices[0].message.reasoning_content and high.choices[0].message.reasoning_content
+    assert off.choices[0].message.content and not getattr(off.choices[0].message, "reasoning_content", None)

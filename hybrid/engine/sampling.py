@@ -12,7 +12,10 @@ Order of operations for one row (the order HF and vLLM use, written out so tests
   7. draw one token by inverse CDF with the row's own torch.Generator (seeded per request), so a
      request's samples do not depend on which other requests share its batch.
 
-Before all of that, a row whose request has a grammar (SamplingParams.grammar, see grammar.py)
+Before all of that, a row whose answer has not begun yet (SamplingParams.answer_after: the
+preamble's end marker, </think>, was not drawn yet or was the last token) cannot draw its held
+tokens (the stop tokens): a reply never ends with reasoning and no answer; it ends by its
+length limit instead, which says so. And a row whose request has a grammar (SamplingParams.grammar, see grammar.py)
 has every token the grammar does not allow set to -inf; after the draw its matcher takes the
 token. Rows without a grammar are not touched.
 
@@ -48,6 +51,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
     ignore_eos: bool = False  # keep going past the tokenizer's end tokens (benchmarks)
     grammar: object = None  # hybrid.engine.grammar.Grammar: only tokens it allows are drawn
+    # The answer follows a preamble (reasoning) that ends with token `answer_after`: `held_ids`
+    # (the stop tokens) cannot be drawn before that token and one more after it.
+    answer_after: int | None = None
+    held_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +100,11 @@ class SamplingParams:
 
         if self.grammar is not None and not isinstance(self.grammar, Grammar):
             bad("grammar", self.grammar, "must be None or a hybrid.engine.grammar.Grammar")
+        if self.answer_after is not None and (isinstance(self.answer_after, bool) or not isinstance(
+                self.answer_after, int) or self.answer_after < 0 or not self.held_ids):
+            bad("answer_after", self.answer_after, "must be None or a token id >= 0, with held_ids given")
+        if not all(isinstance(t, int) and t >= 0 for t in self.held_ids):
+            bad("held_ids", self.held_ids, "must be a list of token ids >= 0")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -111,6 +123,7 @@ class RowState:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     matcher: object = None  # grammar.Matcher of params.grammar (made here, one per request)
+    answer_phase: int = 0  # with params.answer_after: 0 before it, 1 just drawn, 2 answer begun
 
     def __post_init__(self):
         if self.params.grammar is not None and self.matcher is None:
@@ -212,6 +225,11 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
     constrained = [b for b, r in enumerate(rows) if r.matcher is not None]
     if constrained:
         logits = _mask_rows(logits, [rows[b].matcher for b in constrained], constrained)
+    held = [b for b, r in enumerate(rows) if r.params.answer_after is not None and r.answer_phase < 2]
+    if held:
+        logits = logits.clone() if not constrained else logits
+        for b in held:
+            logits[b, rows[b].params.held_ids] = float("-inf")
     chosen = torch.argmax(logits, dim=-1)  # [B], greedy answer for every row
 
     sampled_rows = [b for b, r in enumerate(rows) if not r.params.greedy]
@@ -242,6 +260,9 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
     chosen_list = chosen.tolist()
     for b in constrained:
         rows[b].matcher.accept(chosen_list[b])
+    for b in held:
+        r = rows[b]
+        r.answer_phase = 2 if r.answer_phase == 1 else int(chosen_list[b] == r.params.answer_after)
     results = [Sampled(token_id=t) for t in chosen_list]
     want = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
     if want:

@@ -141,6 +141,17 @@ class Backend:
             raise bad_request(str(e), "messages") from None
         return ids, in_reasoning
 
+    def _answer_required(self, job: Job, in_reasoning: bool) -> dict:
+        """A reply that starts in reasoning may not end before </think> and one token of answer
+        (SamplingParams.answer_after): it ends with an answer, or with "length" and its
+        reasoning when the budget runs out, never a "stop" with empty content."""
+        from hybrid.toolcalls import THINK_END
+
+        end = self.tokenizer.special_tokens.get(THINK_END)
+        if not in_reasoning or end is None or job.ignore_eos:
+            return {}
+        return {"answer_after": end, "held_ids": list(self.tokenizer.stop_token_ids)}
+
     def grammar_for(self, job: Job, in_reasoning: bool):
         """The grammar the answer is decoded under, or None: response_format's schema, tool calls
         held to the offered tools and their parameters (tool_choice auto, required, named).
@@ -227,7 +238,8 @@ class Backend:
                                     seed=job.seed, logprobs=job.logprobs,
                                     presence_penalty=job.presence_penalty,
                                     frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos,
-                                    grammar=self.grammar_for(job, in_reasoning))
+                                    grammar=self.grammar_for(job, in_reasoning),
+                                    **self._answer_required(job, in_reasoning))
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None
