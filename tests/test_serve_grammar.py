@@ -250,3 +250,36 @@ def test_thinking_switches(oai):
                                        reasoning_effort="high")
     assert on.choices[0].message.reasoning_content and high.choices[0].message.reasoning_content
     assert off.choices[0].message.content and not getattr(off.choices[0].message, "reasoning_content", None)
+
+
+def test_pydantic_ai_agent_structured_output_and_tools(server):
+    pytest.importorskip("pydantic_ai")
+    from pydantic_ai import Agent
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel("demo", provider=OpenAIProvider(base_url=server.url + "/v1", api_key="x"))
+
+    class Doc(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=30)
+        is_builtin: bool
+
+    # output_type: pydantic-ai offers a final_result tool with tool_choice "required" and
+    # validates the call's arguments in its own parser (it retried and gave up before).
+    agent = Agent(model, output_type=Doc, model_settings={"temperature": 1.0, "max_tokens": 200})
+    for _ in range(3):
+        assert isinstance(agent.run_sync("What does len do?").output, Doc)
+    # Instant mode: the demo model's reasoning often outruns a small budget (a "length" that
+    # pydantic-ai reports as OutputTokenLimitExceeded, as it should).
+    tools = Agent(model, model_settings={"temperature": 1.0, "max_tokens": 200,
+                                         "extra_body": {"chat_template_kwargs": {"thinking": False}}})
+    called = []
+
+    @tools.tool_plain
+    def python_help(name: str) -> str:
+        """Look up the documentation of a Python name"""
+        called.append(name)
+        return f"{name}: the length of a container"
+
+    for _ in range(2):  # a call, if the model makes one, names the tool offered; the run completes
+        assert isinstance(tools.run_sync("What does len do?").output, str)
