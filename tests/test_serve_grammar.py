@@ -11,6 +11,7 @@ fields, additionalProperties false), every answer parses and validates (jsonsche
 
 import json
 import random
+import typing
 
 import anthropic
 import jsonschema
@@ -283,3 +284,22 @@ def test_pydantic_ai_agent_structured_output_and_tools(server):
 
     for _ in range(2):  # a call, if the model makes one, names the tool offered; the run completes
         assert isinstance(tools.run_sync("What does len do?").output, str)
+
+
+class Verdict(pydantic.BaseModel):
+    kind: typing.Literal["function", "class", "module"]
+    builtin: bool
+
+
+def test_anthropic_structured_output_parsed_by_the_client(ant):
+    # The anthropic client moves maxLength / minimum / maximum into descriptions (its API does
+    # not take them), so an unbounded string or integer could run to max_tokens at temperature
+    # 1: this schema is bounded by its types alone.
+    for _ in range(3):
+        m = ant.messages.parse(model="demo", max_tokens=100, messages=QUESTION, output_format=Verdict,
+                               thinking={"type": "disabled"}, extra_body={"temperature": 1.0})
+        assert m.stop_reason == "end_turn" and isinstance(m.parsed_output, Verdict)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ant.messages.create(model="demo", max_tokens=8, messages=QUESTION, output_config={
+            "format": {"type": "json_schema", "schema": {"type": "string", "format": "no-such-format"}}})
+    assert "output_config.format.schema" in str(e.value)

@@ -171,7 +171,7 @@ class Backend:
                               f"tools[{i}].function.parameters", key=json.dumps([params, lenient]))
         if job.answer_schema is not None:
             self._compile(lambda: self.grammars.json_schema(job.answer_schema, job.answer_lenient),
-                          "response_format.json_schema.schema",
+                          job.answer_field,
                           key=json.dumps([job.answer_schema, job.answer_lenient]))
         text = output_grammar(self.tokenizer.special_tokens, in_reasoning=in_reasoning, tools=tools,
                               tool_choice=job.tool_choice, answer_schema=job.answer_schema,

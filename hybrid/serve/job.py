@@ -38,6 +38,7 @@ class Job:
     forced_tool: str | None = None
     answer_schema: dict | None = None  # response_format: the answer is JSON valid under this
     answer_lenient: bool = False  # not strict: schema keywords the grammar lacks are ignored
+    answer_field: str = "response_format.json_schema.schema"  # where the schema came from (errors)
 
 
 @dataclass
