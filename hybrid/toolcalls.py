@@ -266,7 +266,7 @@ def _marker(text: str, special: dict[str, int]) -> str:
 
 def output_grammar(special: dict[str, int], *, in_reasoning: bool = False, tools: list[dict] | None = None,
                    tool_choice: str = "auto", answer_schema: dict | None = None,
-                   lenient_tools: bool = False) -> str:
+                   lenient_tools: bool = False, lenient_answer: bool = False) -> str:
     """The Lark grammar of an answer in Kimi's format, from where the prompt leaves off.
 
     special: the tokenizer's special tokens (text -> id). in_reasoning: the prompt ends inside
@@ -278,7 +278,7 @@ def output_grammar(special: dict[str, int], *, in_reasoning: bool = False, tools
     tool's parameters. answer_schema: the answer text (when it is not a tool call) is JSON valid
     under this schema. lenient_tools: keywords the library does not implement in a tool's
     parameters are ignored instead of refused (tool_choice "auto", where the schema was not asked
-    to be enforced).
+    to be enforced); lenient_answer: the same for answer_schema (a non-strict response_format).
     """
     m = lambda t: _marker(t, special)  # noqa: E731
     opts = {"whitespace_flexible": False, "lenient": lenient_tools}
@@ -303,7 +303,7 @@ def output_grammar(special: dict[str, int], *, in_reasoning: bool = False, tools
         rules.insert(1, f"start: args_0 {m(CALL_END)} {m(SECTION_END)}")
         return "\n".join(rules)
     if answer_schema is not None:
-        rules.append(f"answer: {schema(answer_schema, {'whitespace_flexible': False})}")
+        rules.append(f"answer: {schema(answer_schema, dict(opts, lenient=lenient_answer))}")
     else:
         rules.append("answer: TEXT")
         rules.append(r"TEXT: /(.|\n)*/")

@@ -158,6 +158,14 @@ def test_unsupported_schema_features_are_a_400_naming_the_field(oai):
     assert "tools[0].function.parameters" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model="demo", messages=QUESTION, response_format={"type": "xml"})
+    # Not asked to be strict (tool_choice auto, a non-strict json_schema): the keyword is ignored.
+    weird = {"type": "object", "properties": {"d": {"type": "string", "format": "no-such-format"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": weird}}]
+    r = oai.chat.completions.create(model="demo", messages=QUESTION, tools=tools, max_tokens=4)
+    assert r.choices[0].finish_reason == "length"
+    r = oai.chat.completions.create(model="demo", messages=QUESTION, max_tokens=4, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "strict": False, "schema": weird}})
+    assert r.choices[0].finish_reason == "length"
 
 
 def test_thinking_that_eats_the_budget_says_length(oai, ant):

@@ -175,8 +175,8 @@ class Backend:
                           key=json.dumps([job.answer_schema, job.answer_lenient]))
         text = output_grammar(self.tokenizer.special_tokens, in_reasoning=in_reasoning, tools=tools,
                               tool_choice=job.tool_choice, answer_schema=job.answer_schema,
-                              lenient_tools=lenient)
-        return self._compile(lambda: self.grammars.lark(text), "messages", key=text)
+                              lenient_tools=lenient, lenient_answer=job.answer_lenient)
+        return self._compile(lambda: self.grammars.lark(text), "tools" if tools else job.answer_field, key=text)
 
     def _compile(self, build, field: str, key: str):
         """build() once per key (a schema checked, a grammar built; the last 256 are kept)."""
