@@ -9,7 +9,8 @@ import jsonschema
 import pytest
 import torch
 
-from hybrid.engine.grammar import GrammarCompiler, GrammarError, apply_masks, new_bitmask
+from hybrid.engine.grammar import (GrammarCompiler, GrammarError, apply_masks, new_bitmask, unpack_bits_numpy,
+                                   unpack_bits_shifts)
 from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
 from hybrid.tokenizer import load_tokenizer
 from hybrid.toolcalls import output_grammar
@@ -45,6 +46,8 @@ def test_apply_masks_matches_a_per_bit_reference():
                 if not (int(words[r, v // 32]) >> (v % 32)) & 1:
                     want[r, v] = float("-inf")
         assert torch.equal(apply_masks(logits.clone(), words), want)
+        # the device form (shifts), run here on the CPU, unpacks the same bits
+        assert torch.equal(unpack_bits_shifts(words, V, "cpu").to(torch.uint8), unpack_bits_numpy(words, V))
 
 
 def test_vocab_bytes_spell_every_encoding(tok):
