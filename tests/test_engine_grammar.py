@@ -177,8 +177,27 @@ def test_answer_after_holds_the_stop_tokens_until_an_answer_began():
     params = SamplingParams(temperature=0, answer_after=end, held_ids=[stop])
     row = RowState(params=params, generator=make_generator(0), prompt_ids=[], output_ids=[])
     drawn = [sample(logits, [row])[0].token_id for _ in range(3)]
-    assert drawn == [end, end, stop]  # </think>, then one answer token (here </think> again), then free
+    assert drawn == [end, 2, stop]  # </think>, one answer token (not </think> again), then free
+    # Blank tokens (whitespace, dropped markers) after </think> do not begin the answer.
+    logits = torch.tensor([[9.0, 4.0, 6.0, 0, 0, 0, 0, 0]])
+    params = SamplingParams(temperature=0, answer_after=end, held_ids=[stop], blank_ids=frozenset({2}))
+    row = RowState(params=params, generator=make_generator(0), prompt_ids=[], output_ids=[])
+    assert [sample(logits, [row])[0].token_id for _ in range(4)] == [2, 2, 2, 2]  # no </think> yet: held
+    row.answer_phase = 1
+    logits[0, 3] = 5.0
+    assert [sample(l, [row])[0].token_id for l in (logits, logits.index_fill(1, torch.tensor([2]), -9))] == [2, 3]
+    assert sample(logits, [row])[0].token_id == stop
     free = RowState(params=SamplingParams(temperature=0), generator=make_generator(0), prompt_ids=[], output_ids=[])
     assert sample(logits, [free])[0].token_id == stop
     with pytest.raises(ValueError, match="held_ids"):
         SamplingParams(answer_after=end)
+
+
+def test_answer_by_ends_the_preamble_after_its_budget():
+    logits = torch.tensor([[0.0, -5.0, 9.0, 0, 0, 0, 0, 0]])  # token 2 (reasoning text) always best
+    params = SamplingParams(temperature=1.0, answer_after=1, held_ids=[0], answer_by=3)
+    out = []
+    row = RowState(params=params, generator=make_generator(0), prompt_ids=[], output_ids=out)
+    for _ in range(5):
+        out.append(sample(logits, [row])[0].token_id)
+    assert out[:4] == [2, 2, 2, 1] and out[4] == 2

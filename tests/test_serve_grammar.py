@@ -311,3 +311,16 @@ def test_anthropic_structured_output_parsed_by_the_client(ant):
         ant.messages.create(model="demo", max_tokens=8, messages=QUESTION, output_config={
             "format": {"type": "json_schema", "schema": {"type": "string", "format": "no-such-format"}}})
     assert "output_config.format.schema" in str(e.value)
+
+
+def test_anthropic_thinking_budget_ends_the_reasoning(ant):
+    def count(text):
+        return ant.messages.count_tokens(model="demo", messages=[{"role": "user", "content": "x" + text}]).input_tokens
+
+    for seed in range(3):
+        m = ant.messages.create(model="demo", max_tokens=200, messages=QUESTION,
+                                thinking={"type": "enabled", "budget_tokens": 16},
+                                extra_body={"temperature": 1.0, "seed": seed})
+        kinds = [b.type for b in m.content]
+        assert kinds[0] == "thinking" and "text" in kinds, kinds
+        assert count(m.content[0].thinking) - count("") <= 16 + 2  # re-tokenized: a little slack

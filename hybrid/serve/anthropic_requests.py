@@ -146,17 +146,19 @@ def apply_tool_choice(job: Job, body: dict, names: list[str]) -> None:
         force_tool_call(job, name)
 
 
-def parse_thinking(body: dict) -> bool | None:
+def parse_thinking(body: dict) -> tuple[bool | None, int | None]:
+    """-> (thinking on/off, None: the model's default; the reasoning budget in tokens, if given)."""
     t = get(body, "thinking", "", dict, default=None)
     if t is None:
-        return None
+        return None, None
     kind = get(t, "type", "thinking", str)
     check(kind in ("enabled", "disabled", "adaptive", "between_tools"),
           "'thinking.type' must be 'enabled', 'disabled', 'adaptive' or 'between_tools'", "thinking.type")
+    budget = None
     if kind == "enabled":
         budget = get(t, "budget_tokens", "thinking", int)
         check(budget >= 1, "'thinking.budget_tokens' must be at least 1", "thinking.budget_tokens")
-    return kind != "disabled"
+    return kind != "disabled", budget
 
 
 def parse_output_format(body: dict, job: Job) -> None:
@@ -205,7 +207,7 @@ def parse_request(body: dict, served_model: str, max_tokens_limit: int, count_on
     job.max_tokens = mt
     job.tools = parse_tools(body)
     job.parse_tools = job.tools is not None
-    thinking = parse_thinking(body)
+    thinking, job.reasoning_budget = parse_thinking(body)
     if job.thinking is None:
         job.thinking = thinking
     apply_tool_choice(job, body, [t["function"]["name"] for t in job.tools or []])

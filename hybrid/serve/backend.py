@@ -12,6 +12,7 @@ it with a final error event instead of a cut connection.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -141,16 +142,42 @@ class Backend:
             raise bad_request(str(e), "messages") from None
         return ids, in_reasoning
 
-    def _answer_required(self, job: Job, in_reasoning: bool) -> dict:
-        """A reply that starts in reasoning may not end before </think> and one token of answer
-        (SamplingParams.answer_after): it ends with an answer, or with "length" and its
-        reasoning when the budget runs out, never a "stop" with empty content."""
-        from hybrid.toolcalls import THINK_END
+    def _token_rules(self, job: Job, in_reasoning: bool) -> dict:
+        """SamplingParams' token rules for a chat reply (none for a raw completion prompt).
 
-        end = self.tokenizer.special_tokens.get(THINK_END)
-        if not in_reasoning or end is None or job.ignore_eos:
+        - A reply that starts in reasoning may not end before </think> and one token of answer
+          (answer_after, held_ids, blank_ids): it ends with an answer, or with "length" and its
+          reasoning when the budget runs out, never a "stop" with empty content; </think> is
+          not written twice. A reasoning budget (Anthropic's thinking.budget_tokens) ends the
+          reasoning after that many tokens (answer_by).
+        - Markers with no place in this reply are never drawn (banned_ids): <think> (the prompt
+          opened or closed it), </think> in instant mode, and the tool-call markers when no tools
+          were offered (the output parser would drop such a section, leaving no answer).
+        """
+        from hybrid.toolcalls import GRAMMAR_MARKERS, THINK_BEGIN, THINK_END
+
+        if job.messages is None:
             return {}
-        return {"answer_after": end, "held_ids": list(self.tokenizer.stop_token_ids)}
+        special = self.tokenizer.special_tokens
+        banned = {THINK_BEGIN} | ({THINK_END} if not in_reasoning else set())
+        if not job.parse_tools:
+            banned |= set(GRAMMAR_MARKERS) - {THINK_BEGIN, THINK_END}
+        rules = {"banned_ids": sorted(special[t] for t in banned if t in special)}
+        end = special.get(THINK_END)
+        held = [] if job.ignore_eos else list(self.tokenizer.stop_token_ids)
+        if in_reasoning and end is not None and (held or job.reasoning_budget is not None):
+            rules.update(answer_after=end, held_ids=held, answer_by=job.reasoning_budget,
+                         blank_ids=self._blank_ids)
+        return rules
+
+    @functools.cached_property
+    def _blank_ids(self) -> frozenset:
+        """Tokens after which an answer is still empty as shown: whitespace, and the special
+        tokens the output parser drops (all but the tool-call section's start)."""
+        from hybrid.toolcalls import SECTION_BEGIN
+
+        blank = {i for i, b in enumerate(self.tokenizer.vocab_bytes()) if not b.strip()}
+        return frozenset(blank | {i for t, i in self.tokenizer.special_tokens.items() if t != SECTION_BEGIN})
 
     def grammar_for(self, job: Job, in_reasoning: bool):
         """The grammar the answer is decoded under, or None: response_format's schema, tool calls
@@ -239,7 +266,7 @@ class Backend:
                                     presence_penalty=job.presence_penalty,
                                     frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos,
                                     grammar=self.grammar_for(job, in_reasoning),
-                                    **self._answer_required(job, in_reasoning))
+                                    **self._token_rules(job, in_reasoning))
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens)
         except ValueError as e:
             raise bad_request(str(e)) from None

@@ -16,6 +16,7 @@ class Job:
     prompt: str | list[int] | None = None  # completions: text or token ids, no template
     tools: list[dict] | None = None  # OpenAI tool schema [{"type": "function", "function": {...}}]
     thinking: bool | None = None  # None: the chat template's default
+    reasoning_budget: int | None = None  # reasoning tokens after which </think> is drawn (Anthropic)
     max_tokens: int | None = None  # None: up to the context length (capped by the server limit)
     temperature: float = 1.0
     top_p: float = 1.0
