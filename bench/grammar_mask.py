@@ -36,6 +36,11 @@ Measured 2026-12-03, shared 2-core dev box (AMD Zen 4, load 5 from other work), 
                                     1                         0.083    0.56
                                    32                        13.5     17.0
 
+The whole sampler (temperature 1; a later run, load 8-10, so noisier), median ms per step:
+  rows constrained   0/1: 1.19   1/1: 1.56   0/32: 64.5   16/32: 141   32/32: 180
+(at 160K on a CPU the sampler's own softmax / cumsum / argmax dominate; the constrained rows
+add the mask, its unpack and a copy of the logits; on a GPU the unpack runs there.)
+
 llguidance: 3.6x cheaper at 32 rows (its thread pool), 44x cheaper to compile a new schema (each
 agent's tool list is one), twice as slow at one row (8 us: nothing next to a decode step); and
 it needs no other package, where xgrammar requires triton and transformers.
