@@ -291,7 +291,7 @@ def output_grammar(special: dict[str, int], *, in_reasoning: bool = False, tools
     for i, t in enumerate(tools or []):
         fn = t["function"]
         rules.append(f"args_{i}: {schema(fn.get('parameters') or {'type': 'object'}, opts)}")
-        rules.append(f'call_{i}: {json.dumps(fn["name"])} ":" /[0-9]+/ {m(CALL_ARGS)} args_{i} {m(CALL_END)}')
+        rules.append(f'call_{i}: {json.dumps(fn["name"], ensure_ascii=False)} ":" /[0-9]+/ {m(CALL_ARGS)} args_{i} {m(CALL_END)}')
         calls.append(f"call_{i}")
     if calls:
         rules.append("call: " + " | ".join(calls))
