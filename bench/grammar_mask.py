@@ -2,6 +2,7 @@
 
     python bench/grammar_mask.py                    # 163840 tokens (Kimi K2.5's vocabulary size)
     python bench/grammar_mask.py --vocab 32768 --steps 60 --rows 1 8
+    python bench/grammar_mask.py --tokenizer /models/Kimi-K2.5      # a real checkpoint's vocabulary
 
 Constrained decoding computes, before each sampled token, the set of tokens the grammar allows
 (a bitmask over the vocabulary) and then advances the grammar by the token drawn. Both
@@ -226,16 +227,23 @@ def run(lib, grammar, token_lists, vocab, steps):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--vocab", type=int, default=163840)
+    ap.add_argument("--vocab", type=int, default=163840, help="size of the built vocabulary")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a checkpoint directory or tokenizer file to use instead of a built vocabulary")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--libs", nargs="+", default=["llguidance", "xgrammar"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        tok = build_vocab(args.vocab, Path(d))
-        print(f"vocabulary: {tok.vocab_size} tokens, built in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    if args.tokenizer:
+        from hybrid.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            tok = build_vocab(args.vocab, Path(d))
+    print(f"vocabulary: {tok.vocab_size} tokens ({tok.source}), ready in {time.perf_counter() - t0:.1f} s")
     libs = [{"llguidance": LLGuidance, "xgrammar": XGrammar}[n](tok) for n in args.libs]
     rnd = random.Random(1)
     docs = documents(max(args.rows), rnd)
