@@ -56,6 +56,20 @@ def replace_lone_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character each byte is written as ->
+    the byte (printable Latin-1 bytes stand for themselves, the rest are shifted past 255)."""
+    keep = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + shifted)] = b
+            shifted += 1
+    return out
+
+
 class TokenizerError(ValueError):
     """A tokenizer file is missing or malformed; the message names the file and the field."""
 
@@ -217,6 +231,31 @@ class Tokenizer:
             return self.decode([token_id]).encode("utf-8")
         return self._impl.decode_single_token_bytes(token_id)
 
+    def vocab_bytes(self) -> list[bytes]:
+        """Every id's raw bytes, index = id (what a grammar matcher walks to mask tokens).
+        Special tokens give their text; ids no token has (padding past the vocabulary) give
+        b"". The tokenizers back end keeps byte-level BPE tokens in GPT-2's byte-to-unicode
+        alphabet, mapped back here; other models' tokens are their UTF-8 text."""
+        if self.backend == "tiktoken":
+            out = []
+            for i in range(self.vocab_size):
+                try:
+                    out.append(self._impl.decode_single_token_bytes(i))
+                except KeyError:
+                    out.append(b"")
+            return out
+        byte_of = _byte_level_alphabet()
+        out = []
+        for i in range(self.vocab_size):
+            tok = self._impl.id_to_token(i)
+            if tok is None:
+                out.append(b"")
+            elif i in self.special_ids or not all(c in byte_of for c in tok):
+                out.append(tok.encode("utf-8"))
+            else:
+                out.append(bytes(byte_of[c] for c in tok))
+        return out
+
     def _check_ids(self, ids) -> None:
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < self.vocab_size:
@@ -300,6 +339,15 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
 
     # ---- chat -----------------------------------------------------------------------------
+
+    @property
+    def default_thinking(self) -> bool:
+        """The model's default mode, as its chat template says: True when a generation prompt
+        rendered without a `thinking` choice leaves the answer inside <think> (Kimi K2.5 and the
+        demo model: thinking), False when it closes it (instant). `hybrid chat` and
+        `hybrid serve` both start in it."""
+        text = self.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        return text.rstrip().endswith("<think>")
 
     def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
                             thinking: bool | None = None, tokenize: bool = False, **extra):

@@ -23,6 +23,7 @@ and the inverse, render_tool_calls(calls), which writes calls back in the model'
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -254,3 +255,65 @@ class StreamParser:
         elif nxt == _CALL_ID_TEXT:
             self._id_text = ""
         self.state = nxt
+
+
+# ---- grammars for constrained decoding (llguidance's Lark dialect, hybrid.engine.grammar) ----
+
+def _marker(text: str, special: dict[str, int]) -> str:
+    """A marker as a grammar terminal: the special token by id when it is one, else its text."""
+    return f"<[{special[text]}]>" if text in special else json.dumps(text)
+
+
+def output_grammar(special: dict[str, int], *, in_reasoning: bool = False, tools: list[dict] | None = None,
+                   tool_choice: str = "auto", answer_schema: dict | None = None,
+                   lenient_tools: bool = False, lenient_answer: bool = False) -> str:
+    """The Lark grammar of an answer in Kimi's format, from where the prompt leaves off.
+
+    special: the tokenizer's special tokens (text -> id). in_reasoning: the prompt ends inside
+    <think>, so the answer starts with reasoning (free text) up to </think>. tools: OpenAI-shaped
+    tools; tool_choice: "auto" (text, then optionally a tool-call section), "required" (the
+    prompt ends with hybrid.serve.output's forced prefix "...<|tool_call_begin|>functions.", so
+    the answer goes on with a call's NAME:IDX) or "named" (the prompt ends at the one tool's
+    <|tool_call_argument_begin|>). Every call names an offered tool and its arguments match that
+    tool's parameters. answer_schema: the answer text (when it is not a tool call) is JSON valid
+    under this schema. lenient_tools: keywords the library does not implement in a tool's
+    parameters are ignored instead of refused (tool_choice "auto", where the schema was not asked
+    to be enforced); lenient_answer: the same for answer_schema (a non-strict response_format).
+    """
+    m = lambda t: _marker(t, special)  # noqa: E731
+    opts = {"whitespace_flexible": False, "lenient": lenient_tools}
+    rules = ["%llguidance {}"]
+
+    def schema(s: dict, extra: dict | None = None) -> str:
+        return "%json " + json.dumps(dict(s, **({"x-guidance": extra} if extra else {})))
+
+    calls = []
+    for i, t in enumerate(tools or []):
+        fn = t["function"]
+        rules.append(f"args_{i}: {schema(fn.get('parameters') or {'type': 'object'}, opts)}")
+        rules.append(f'call_{i}: {json.dumps(fn["name"], ensure_ascii=False)} ":" /[0-9]+/ {m(CALL_ARGS)} args_{i} {m(CALL_END)}')
+        calls.append(f"call_{i}")
+    if calls:
+        rules.append("call: " + " | ".join(calls))
+        rules.append(f'more_calls: ({m(CALL_BEGIN)} "functions." call)* {m(SECTION_END)}')
+    if tool_choice == "required":
+        rules.insert(1, "start: call more_calls")
+        return "\n".join(rules)
+    if tool_choice == "named":
+        rules.insert(1, f"start: args_0 {m(CALL_END)} {m(SECTION_END)}")
+        return "\n".join(rules)
+    if answer_schema is not None:
+        rules.append(f"answer: {schema(answer_schema, dict(opts, lenient=lenient_answer))}")
+    else:
+        rules.append("answer: TEXT")
+        rules.append(r"TEXT: /(.|\n)*/")
+    body = "answer"
+    if calls:
+        rules.append(f'section: {m(SECTION_BEGIN)} {m(CALL_BEGIN)} "functions." call more_calls')
+        body = "answer section?" if answer_schema is None else "(answer | section)"
+    if in_reasoning:
+        rules.append(f"reasoning: REASONING {m(THINK_END)}")
+        rules.append(r"REASONING: /(.|\n)*/")
+        body = "reasoning " + body
+    rules.insert(1, f"start: {body}")
+    return "\n".join(rules)

@@ -39,13 +39,23 @@ def show_session_on_failure(tmp_path):
         print("---- pty transcript (escape codes removed) ----\n" + text[-4000:])
 
 
-def spawn(tmp_path, *args) -> pexpect.spawn:
+def spawn(tmp_path, *args, mode: str | None = "instant") -> pexpect.spawn:
+    """mode None: the model's default (its template's: thinking for the test checkpoint)."""
     argv = ["-m", "hybrid", "chat", str(no_stop_checkpoint_dir()), "--temperature", "0", *args]
+    if mode is not None:
+        argv += ["--mode", mode]
     child = pexpect.spawn(sys.executable, argv, env=env(tmp_path), encoding="utf-8", timeout=60,
                           dimensions=(40, 100))
     child.logfile_read = open(tmp_path / "pty.log", "w")  # the whole session, for a failure's report
-    child.expect(PROMPT_INSTANT)
+    child.expect(PROMPT_INSTANT if mode == "instant" else PROMPT_THINKING)
     return child
+
+
+def test_chat_starts_in_the_models_default_mode(tmp_path):
+    # The Kimi template's default is thinking, as `hybrid serve` answers by default.
+    child = spawn(tmp_path, "--max-tokens", "4", mode=None)
+    child.sendeof()
+    child.expect(pexpect.EOF)
 
 
 def test_chat_in_a_terminal(tmp_path):

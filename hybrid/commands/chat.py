@@ -16,8 +16,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--mode", choices=("instant", "thinking"), default="instant",
-                   help="start in this mode (default instant; /mode switches)")
+    p.add_argument("--mode", choices=("instant", "thinking"), default=None,
+                   help="start in this mode (default: the model's own, as its chat template says; "
+                        "the demo model's is thinking; /mode switches)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy; default 0.6)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"hybrid chat: {p}", file=sys.stderr)
         return 2
-    settings = Settings(mode=args.mode, system=args.system, temperature=args.temperature,
+    settings = Settings(mode=args.mode or "instant", system=args.system, temperature=args.temperature,
                         top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
 
     from hybrid.chat.loading import load_model_or_explain, load_options
@@ -59,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     model = load_model_or_explain(args.model, "hybrid chat", **load_options(args, args.context_length))
     if model is None:
         return 1
+    if args.mode is None:  # the model's own default, the one `hybrid serve` starts in too
+        settings.mode = "thinking" if model.tokenizer.default_thinking else "instant"
 
     from rich.console import Console
 

@@ -133,7 +133,9 @@ def main(args: argparse.Namespace) -> int:
               "this port can use the model (set --api-key or HYBRID_API_KEY)", file=sys.stderr)
     print(f"hybrid serve: serving '{cfg.model_name}' at http://{cfg.host}:{cfg.port}/v1 "
           f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
-          f"{', API key required' if cfg.api_key else ''})", file=sys.stderr)
+          f"{', API key required' if cfg.api_key else ''}; answers in "
+          f"{'thinking' if model.tokenizer.default_thinking else 'instant'} mode unless a request "
+          "switches it)", file=sys.stderr)
     from hybrid.serve.server import GracefulServer
 
     server = GracefulServer(uvicorn.Config(create_app(backend, cfg), host=cfg.host, port=cfg.port,

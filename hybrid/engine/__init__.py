@@ -10,7 +10,8 @@
     engine.close()
 
 Files: engine.py (scheduler thread), request.py (handles and events), sampling.py (per-row
-sampling), stops.py (stop tokens/strings and held-back streaming text).
+sampling), stops.py (stop tokens/strings and held-back streaming text), grammar.py (constrained
+decoding: SamplingParams(grammar=GrammarCompiler(tokenizer).json_schema(schema))).
 """
 
 from hybrid.engine.engine import Engine

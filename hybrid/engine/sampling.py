@@ -12,8 +12,16 @@ Order of operations for one row (the order HF and vLLM use, written out so tests
   7. draw one token by inverse CDF with the row's own torch.Generator (seeded per request), so a
      request's samples do not depend on which other requests share its batch.
 
-Logprobs (optional, top-n) are of the penalised distribution before temperature and
-truncation: what the model believes, not what the sampler was allowed to pick.
+Before all of that, a row whose answer has not begun yet (SamplingParams.answer_after: the
+preamble's end marker, </think>, was not drawn yet or only blank tokens followed it) cannot
+draw its held tokens (the stop tokens): a reply never ends with reasoning and no answer; it ends by its
+length limit instead, which says so. With a budget (answer_by) the marker is drawn once that
+many tokens went by without it; after it, it is not drawn again. banned_ids are never drawn. And a row whose request has a grammar (SamplingParams.grammar, see grammar.py)
+has every token the grammar does not allow set to -inf; after the draw its matcher takes the
+token. Rows without a grammar are not touched.
+
+Logprobs (optional, top-n) are of the penalised (and grammar-masked) distribution before
+temperature and truncation: what the model believes, not what the sampler was allowed to pick.
 
 Legend: B rows in the batch, S rows that sample (not greedy), V vocabulary size, C candidate
 tokens kept for truncation (C <= V).
@@ -43,6 +51,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token + top-n alternatives
     stop_token_ids: list[int] = field(default_factory=list)  # extra ids that end generation
     ignore_eos: bool = False  # keep going past the tokenizer's end tokens (benchmarks)
+    grammar: object = None  # hybrid.engine.grammar.Grammar: only tokens it allows are drawn
+    # The answer follows a preamble (reasoning) that ends with token `answer_after`: `held_ids`
+    # (the stop tokens) cannot be drawn before that token and one more after it that is not
+    # in `blank_ids`.
+    answer_after: int | None = None
+    held_ids: list[int] = field(default_factory=list)
+    answer_by: int | None = None  # a preamble budget: after this many tokens, answer_after is drawn
+    blank_ids: frozenset = frozenset()  # tokens that do not begin the answer (whitespace, markers)
+    banned_ids: list[int] = field(default_factory=list)  # never drawn (markers with no place here)
 
     def __post_init__(self):
         self.validate()
@@ -84,6 +101,19 @@ class SamplingParams:
             bad("logprobs", self.logprobs, "must be None or an integer in [0, 20]")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        from hybrid.engine.grammar import Grammar
+
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            bad("grammar", self.grammar, "must be None or a hybrid.engine.grammar.Grammar")
+        if self.answer_after is not None and (isinstance(self.answer_after, bool) or not isinstance(
+                self.answer_after, int) or self.answer_after < 0 or not (self.held_ids or self.answer_by is not None)):
+            bad("answer_after", self.answer_after, "must be None or a token id >= 0, with held_ids or answer_by given")
+        for name in ("held_ids", "blank_ids", "banned_ids"):
+            if not all(isinstance(t, int) and t >= 0 for t in getattr(self, name)):
+                bad(name, getattr(self, name), "must be token ids >= 0")
+        if self.answer_by is not None and (self.answer_after is None or isinstance(self.answer_by, bool)
+                                           or not isinstance(self.answer_by, int) or self.answer_by < 0):
+            bad("answer_by", self.answer_by, "must be None or an integer >= 0, with answer_after given")
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -101,6 +131,12 @@ class RowState:
     generator: torch.Generator
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+    matcher: object = None  # grammar.Matcher of params.grammar (made here, one per request)
+    answer_phase: int = 0  # with params.answer_after: 0 before it, 1 after it, 2 answer begun
+
+    def __post_init__(self):
+        if self.params.grammar is not None and self.matcher is None:
+            self.matcher = self.params.grammar.matcher()
 
 
 @dataclass
@@ -195,6 +231,12 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         raise ValueError(f"sample: logits has {B} rows but {len(rows)} row states were given")
     logits = apply_penalties(logits.float(), rows)  # [B, V] fp32
     dev = logits.device
+    constrained = [b for b, r in enumerate(rows) if r.matcher is not None]
+    if constrained:
+        logits = _mask_rows(logits, [rows[b].matcher for b in constrained], constrained)
+    ruled = [b for b, r in enumerate(rows) if r.params.banned_ids or r.params.answer_after is not None]
+    if ruled:
+        logits = _apply_rules(logits if constrained else logits.clone(), rows, ruled)
     chosen = torch.argmax(logits, dim=-1)  # [B], greedy answer for every row
 
     sampled_rows = [b for b, r in enumerate(rows) if not r.params.greedy]
@@ -223,6 +265,16 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
         chosen[idx] = pos if order is None else order.gather(1, pos[:, None])[:, 0]
 
     chosen_list = chosen.tolist()
+    for b in constrained:
+        rows[b].matcher.accept(chosen_list[b])
+    for b in ruled:
+        r = rows[b]
+        if r.params.answer_after is None:
+            continue
+        if r.answer_phase == 0:
+            r.answer_phase = int(chosen_list[b] == r.params.answer_after)
+        elif chosen_list[b] not in r.params.blank_ids:
+            r.answer_phase = 2
     results = [Sampled(token_id=t) for t in chosen_list]
     want = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
     if want:
@@ -237,3 +289,40 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState]) -> list[Sampled]:
                 if n > 0 else []
             )
     return results
+
+
+def _mask_rows(logits: torch.Tensor, matchers, where: list[int]) -> torch.Tensor:
+    """logits [B, V] with rows `where` limited to what their matchers allow (R = len(where));
+    the input is not modified."""
+    from hybrid.engine.grammar import apply_masks, fill_masks, new_bitmask
+
+    B, V = logits.shape
+    bitmask = new_bitmask(len(where), V)  # [R, W]
+    fill_masks(matchers, bitmask)
+    out = logits.clone()
+    if len(where) == B:
+        return apply_masks(out, bitmask)
+    idx = torch.as_tensor(where, device=logits.device)
+    out[idx] = apply_masks(out[idx], bitmask)
+    return out
+
+
+def _apply_rules(logits: torch.Tensor, rows, ruled: list[int]) -> torch.Tensor:
+    """The token rules of SamplingParams on rows `ruled` of logits [B, V] (in place): banned_ids
+    never; before the answer (answer_phase 0, 1) held_ids neither; a spent preamble budget
+    (answer_by) draws answer_after; once drawn, answer_after is not drawn again."""
+    NEG = float("-inf")
+    for b in ruled:
+        r, p = rows[b], rows[b].params
+        if p.banned_ids:
+            logits[b, p.banned_ids] = NEG
+        if p.answer_after is None:
+            continue
+        if r.answer_phase == 0 and p.answer_by is not None and len(r.output_ids) >= p.answer_by:
+            logits[b] = NEG  # the preamble's budget is spent: it ends here
+            logits[b, p.answer_after] = 0.0
+        if r.answer_phase < 2 and p.held_ids:
+            logits[b, p.held_ids] = NEG
+        if r.answer_phase > 0:
+            logits[b, p.answer_after] = NEG
+    return logits

@@ -156,17 +156,41 @@ def apply_tool_choice(job: Job, body: dict, names: list[str]) -> None:
         force_tool_call(job, name)
 
 
-def parse_thinking(body: dict) -> bool | None:
+def parse_thinking(body: dict) -> tuple[bool | None, int | None]:
+    """-> (thinking on/off, None: the model's default; the reasoning budget in tokens, if given)."""
     t = get(body, "thinking", "", dict, default=None)
     if t is None:
-        return None
+        return None, None
     kind = get(t, "type", "thinking", str)
     check(kind in ("enabled", "disabled", "adaptive", "between_tools"),
           "'thinking.type' must be 'enabled', 'disabled', 'adaptive' or 'between_tools'", "thinking.type")
+    budget = None
     if kind == "enabled":
         budget = get(t, "budget_tokens", "thinking", int)
         check(budget >= 1, "'thinking.budget_tokens' must be at least 1", "thinking.budget_tokens")
-    return kind != "disabled"
+    return kind != "disabled", budget
+
+
+def parse_output_format(body: dict, job: Job) -> None:
+    """Structured outputs: output_config.format (or the beta's top-level output_format),
+    {"type": "json_schema", "schema": {...}}: the answer is JSON valid under the schema, a
+    keyword the grammar cannot enforce is a 400 (Anthropic's structured outputs are strict)."""
+    config = get(body, "output_config", "", dict, default=None)
+    where, fmt = "output_config.format", None
+    if config is not None:
+        effort = get(config, "effort", "output_config", str, default=None)
+        levels = ("low", "medium", "high", "xhigh", "max")
+        check(effort is None or effort in levels, f"'output_config.effort' must be one of {', '.join(levels)}",
+              "output_config.effort")
+        fmt = get(config, "format", "output_config", dict, default=None)
+    if fmt is None:
+        where, fmt = "output_format", get(body, "output_format", "", dict, default=None)
+    if fmt is None:
+        return
+    kind = get(fmt, "type", where, str)
+    check(kind == "json_schema", f"'{where}.type' is '{kind}'; it must be 'json_schema'", f"{where}.type")
+    job.answer_schema = get(fmt, "schema", where, dict)
+    job.answer_field = f"{where}.schema"
 
 
 def parse_request(body: dict, served_model: str, max_tokens_limit: int, count_only: bool = False) -> tuple[Job, Options]:
@@ -194,10 +218,11 @@ def parse_request(body: dict, served_model: str, max_tokens_limit: int, count_on
     job.max_tokens = mt
     job.tools = parse_tools(body)
     job.parse_tools = job.tools is not None
-    thinking = parse_thinking(body)
+    thinking, job.reasoning_budget = parse_thinking(body)
     if job.thinking is None:
         job.thinking = thinking
     apply_tool_choice(job, body, [t["function"]["name"] for t in job.tools or []])
+    parse_output_format(body, job)
     job.temperature = get_number(body, "temperature", "", 0.0, 1.0, default=1.0)
     job.top_p = get_number(body, "top_p", "", 0.0, 1.0, default=1.0)
     check(job.top_p > 0, "'top_p' must be greater than 0", "top_p")

@@ -12,6 +12,8 @@ it with a final error event instead of a cut connection.
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 import weakref
 
@@ -109,6 +111,10 @@ class Backend:
         from hybrid.chat.cache_stats import attach_hit_counter
 
         self._hits = attach_hit_counter(model) if model is not None else None
+        from hybrid.engine.grammar import GrammarCompiler
+
+        self.grammars = GrammarCompiler(tokenizer)
+        self._grammar_cache: dict[str, object] = {}  # grammar text -> Grammar (sub-agents share tools)
 
     @property
     def context_length(self) -> int:
@@ -179,6 +185,86 @@ class Backend:
             raise bad_request(str(e), "messages") from None
         return ids, in_reasoning
 
+    def _token_rules(self, job: Job, in_reasoning: bool) -> dict:
+        """SamplingParams' token rules for a chat reply (none for a raw completion prompt).
+
+        - A reply that starts in reasoning may not end before </think> and one token of answer
+          (answer_after, held_ids, blank_ids): it ends with an answer, or with "length" and its
+          reasoning when the budget runs out, never a "stop" with empty content; </think> is
+          not written twice. A reasoning budget (Anthropic's thinking.budget_tokens) ends the
+          reasoning after that many tokens (answer_by).
+        - Markers with no place in this reply are never drawn (banned_ids): <think> (the prompt
+          opened or closed it), </think> in instant mode, and the tool-call markers when no tools
+          were offered (the output parser would drop such a section, leaving no answer).
+        """
+        from hybrid.toolcalls import GRAMMAR_MARKERS, THINK_BEGIN, THINK_END
+
+        if job.messages is None:
+            return {}
+        special = self.tokenizer.special_tokens
+        banned = {THINK_BEGIN} | ({THINK_END} if not in_reasoning else set())
+        if not job.parse_tools:
+            banned |= set(GRAMMAR_MARKERS) - {THINK_BEGIN, THINK_END}
+        rules = {"banned_ids": sorted(special[t] for t in banned if t in special)}
+        end = special.get(THINK_END)
+        held = [] if job.ignore_eos else list(self.tokenizer.stop_token_ids)
+        if in_reasoning and end is not None and (held or job.reasoning_budget is not None):
+            rules.update(answer_after=end, held_ids=held, answer_by=job.reasoning_budget,
+                         blank_ids=self._blank_ids)
+        return rules
+
+    @functools.cached_property
+    def _blank_ids(self) -> frozenset:
+        """Tokens after which an answer is still empty as shown: whitespace, and the special
+        tokens the output parser drops (all but the tool-call section's start)."""
+        from hybrid.toolcalls import SECTION_BEGIN
+
+        blank = {i for i, b in enumerate(self.tokenizer.vocab_bytes()) if not b.strip()}
+        return frozenset(blank | {i for t, i in self.tokenizer.special_tokens.items() if t != SECTION_BEGIN})
+
+    def grammar_for(self, job: Job, in_reasoning: bool):
+        """The grammar the answer is decoded under, or None: response_format's schema, tool calls
+        held to the offered tools and their parameters (tool_choice auto, required, named).
+        A schema the grammar library cannot enforce is a 400 naming its field."""
+        from hybrid.toolcalls import output_grammar
+
+        tools = job.tools if job.parse_tools else None
+        if job.messages is None or (job.answer_schema is None and not tools):
+            return None
+        if job.tool_choice == "named":
+            tools = [t for t in tools if t["function"]["name"] == job.forced_tool]
+        lenient = job.tool_choice == "auto"  # the client did not ask for the arguments' schema
+        for i, t in enumerate(job.tools or ()):
+            if t in tools:
+                params = t["function"]["parameters"]
+                self._compile(lambda: self.grammars.json_schema(params, lenient),
+                              f"tools[{i}].function.parameters", key=json.dumps([params, lenient]))
+        if job.answer_schema is not None:
+            self._compile(lambda: self.grammars.json_schema(job.answer_schema, job.answer_lenient),
+                          job.answer_field,
+                          key=json.dumps([job.answer_schema, job.answer_lenient]))
+        text = output_grammar(self.tokenizer.special_tokens, in_reasoning=in_reasoning, tools=tools,
+                              tool_choice=job.tool_choice, answer_schema=job.answer_schema,
+                              lenient_tools=lenient, lenient_answer=job.answer_lenient)
+        return self._compile(lambda: self.grammars.lark(text), "tools" if tools else job.answer_field, key=text)
+
+    def _compile(self, build, field: str, key: str):
+        """build() once per key (a schema checked, a grammar built; the last 256 are kept)."""
+        from hybrid.engine.grammar import GrammarError
+
+        with self._runs_lock:
+            if key in self._grammar_cache:
+                return self._grammar_cache[key]
+        try:
+            grammar = build()
+        except GrammarError as e:
+            raise bad_request(f"'{field}' cannot be enforced: {e}", field) from None
+        with self._runs_lock:
+            if len(self._grammar_cache) >= 256:
+                self._grammar_cache.pop(next(iter(self._grammar_cache)))
+            self._grammar_cache[key] = grammar
+        return grammar
+
     def stop_accepting(self) -> None:
         with self._runs_lock:
             self._accepting = False
@@ -221,7 +307,9 @@ class Backend:
             params = SamplingParams(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
                                     seed=job.seed, logprobs=job.logprobs,
                                     presence_penalty=job.presence_penalty,
-                                    frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos)
+                                    frequency_penalty=job.frequency_penalty, ignore_eos=job.ignore_eos,
+                                    grammar=self.grammar_for(job, in_reasoning),
+                                    **self._token_rules(job, in_reasoning))
             handle = self.engine.submit(ids, params, stop=job.stop, max_tokens=max_tokens, images=spans)
         except ValueError as e:
             raise bad_request(str(e)) from None

@@ -16,6 +16,7 @@ class Job:
     prompt: str | list[int] | None = None  # completions: text or token ids, no template
     tools: list[dict] | None = None  # OpenAI tool schema [{"type": "function", "function": {...}}]
     thinking: bool | None = None  # None: the chat template's default
+    reasoning_budget: int | None = None  # reasoning tokens after which </think> is drawn (Anthropic)
     max_tokens: int | None = None  # None: up to the context length (capped by the server limit)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -35,6 +36,13 @@ class Job:
     # Images of the messages in prompt order (hybrid.serve.images.ImageRef); each is a
     # {"type": "image"} part of its message's content.
     images: list = field(default_factory=list)
+    # Constrained decoding (hybrid.toolcalls.output_grammar): "auto" lets a call name only an
+    # offered tool; "required" / "named" (forced_tool) make the answer calls (force_tool_call).
+    tool_choice: str = "auto"
+    forced_tool: str | None = None
+    answer_schema: dict | None = None  # response_format: the answer is JSON valid under this
+    answer_lenient: bool = False  # not strict: schema keywords the grammar lacks are ignored
+    answer_field: str = "response_format.json_schema.schema"  # where the schema came from (errors)
 
 
 @dataclass

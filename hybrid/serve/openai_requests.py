@@ -10,6 +10,7 @@ uses (Kimi's `thinking`, vLLM's `chat_template_kwargs`, OpenAI's `reasoning_effo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from hybrid.serve.errors import bad_request
@@ -143,6 +144,30 @@ def apply_tool_choice(job: Job, choice, names: list[str], where: str = "tool_cho
         force_tool_call(job, None)
 
 
+def parse_response_format(body: dict, job: Job) -> None:
+    """response_format: {"type": "text"} (the default), {"type": "json_object"} (any JSON object)
+    or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; the answer is then
+    decoded under that schema (strict: a keyword the grammar cannot enforce is a 400, else it
+    is ignored)."""
+    rf = get(body, "response_format", "", dict, default=None)
+    if rf is None:
+        return
+    kind = get(rf, "type", "response_format", str)
+    check(kind in ("text", "json_object", "json_schema"),
+          f"'response_format.type' is '{kind}'; it must be 'text', 'json_object' or 'json_schema'",
+          "response_format.type")
+    if kind == "json_object":
+        job.answer_schema = {"type": "object"}
+    elif kind == "json_schema":
+        spec = get(rf, "json_schema", "response_format", dict)
+        name = get(spec, "name", "response_format.json_schema", str, default=None)
+        check(name is None or (0 < len(name) <= 64 and re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None),
+              "'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
+              "response_format.json_schema.name")
+        job.answer_schema = get(spec, "schema", "response_format.json_schema", dict, default={"type": "object"})
+        job.answer_lenient = not get(spec, "strict", "response_format.json_schema", bool, default=False)
+
+
 def parse_thinking(body: dict) -> bool | None:
     """Thinking on/off, from whichever convention the client uses (None: the model's default):
     Kimi/Moonshot `thinking: {"type": "enabled"|"disabled"}` or a boolean,
@@ -210,10 +235,7 @@ def parse_chat_request(body: dict, served_model: str, max_tokens_limit: int) -> 
     job.thinking = parse_thinking(body)
     apply_tool_choice(job, body.get("tool_choice"), tool_names(job.tools))
     parse_common(body, job, max_tokens_limit, ("max_completion_tokens", "max_tokens"))
-    rf = get(body, "response_format", "", dict, default=None)
-    if rf is not None and rf.get("type") not in (None, "text"):
-        raise bad_request(f"'response_format.type' '{rf.get('type')}' is not supported; only 'text'",
-                          "response_format.type")
+    parse_response_format(body, job)
     _stream_options(body, opts)
     opts.logprobs = get(body, "logprobs", "", bool, default=False)
     top = get_number(body, "top_logprobs", "", 0, 20, default=None, integer=True)

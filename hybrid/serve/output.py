@@ -51,8 +51,8 @@ def kimi_call_ids(messages: list[dict]) -> list[dict]:
 def forced_tool_prefix(job: Job, name: str | None) -> str:
     """The start of an answer that can only be a tool call (to `name`, or to any tool if None).
 
-    Without constrained decoding this is how a choice is enforced: the answer is begun for the
-    model, inside the tool-call section, so what it writes next is the call.
+    The answer is begun for the model, inside the tool-call section, so what it writes next is
+    the call; the grammar (Backend.grammar_for) then holds the rest to the offered tools.
     """
     prefix = SECTION_BEGIN + CALL_BEGIN
     if name is None:
@@ -65,6 +65,7 @@ def force_tool_call(job: Job, name: str | None) -> None:
     starts inside the tool-call section, after an empty <think></think>."""
     job.thinking = False
     job.assistant_prefix = forced_tool_prefix(job, name)
+    job.tool_choice, job.forced_tool = ("required", None) if name is None else ("named", name)
 
 
 async def output_events(run, job: Job) -> AsyncIterator[tuple]:
