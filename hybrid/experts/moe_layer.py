@@ -69,13 +69,10 @@ class MoELayer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         clock = _Clock(self, x) if self._on_phase else None
         ids, w = self.router(x)
-        xh, idsh, wh = self.staging.to_host(x, ids, w)
-        for fn in self._on_routing:
-            fn(self.layer, idsh)
+        xh, idsh, wh = self.staging.to_host(x, ids, w)  # asynchronous on a device
         if clock:
             clock.mark("router")
         dev = self._device
-        skip = dev.held_mask() if dev is not None else None
         caps = self.host.capabilities()
         shared = None
         if not caps.overlaps_caller:
@@ -86,10 +83,9 @@ class MoELayer:
                 clock.mark("shared")
         into_shared = (dev is None and shared is not None and caps.accumulates and shared.dtype == torch.bfloat16
                        and shared.is_contiguous() and shared.device.type == caps.device)
-        if into_shared:
-            self.host.submit(xh, idsh, wh, skip, out=shared, accumulate=True)
-        else:
-            self.host.submit(xh, idsh, wh, skip)
+        out = shared if into_shared else self.staging.host_out(x.shape[0], x.shape[1])
+        # The hand-off: the host copies are complete from here on (the one wait of the layer).
+        self.staging.on_host(self._submit_host, xh, idsh, wh, out, into_shared)
         if clock:
             clock.mark("experts_submit")
         if caps.overlaps_caller and self.shared is not None:  # the host works meanwhile
@@ -100,16 +96,23 @@ class MoELayer:
             cached = dev.sync()
         if clock:
             clock.mark("shared")
-        y = self.host.sync()
+        y = self.staging.from_host(self.host.sync, x)  # [T, H] fp32 on x's device
         if clock:
             clock.mark("experts_wait")
         if into_shared:
             return y  # shared + routed, bf16
-        y = y.to(x.device, non_blocking=True)  # [T, H] fp32
         if cached is not None:
             y = y + cached
         y = y.to(x.dtype)
         return y if shared is None else y + shared
+
+    def _submit_host(self, xh, idsh, wh, out, accumulate: bool) -> None:
+        """Host side of the hand-off: observers see the host ids, the host executor starts."""
+        for fn in self._on_routing:
+            fn(self.layer, idsh)
+        dev = self._device
+        skip = dev.held_mask() if dev is not None else None
+        self.host.submit(xh, idsh, wh, skip, out=out, accumulate=accumulate)
 
 
 class _Clock:

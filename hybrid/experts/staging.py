@@ -1,12 +1,30 @@
-"""How the MoE layer hands its device tensors to a host executor, chosen once at load.
+"""How the MoE layer hands work to a host executor and takes its result back: the only points
+where a decode step on a device waits for the host, chosen once at load (staging_for).
 
-HostStaging: the device is the CPU, the tensors already are where the engine reads them.
-PinnedStaging: a CUDA device; x, ids and weights are copied into pinned host buffers (real DMA
-that does not stall the stream) and the stream is synchronised once, so the host buffers are
-complete before the CPU reads them: the one host sync of a MoE layer.
+    xh, idsh, wh = staging.to_host(x, ids, w)      # device -> host copies (asynchronous)
+    staging.on_host(submit, xh, idsh, wh, out)      # host work once the copies are complete
+    ...                                             # device work meanwhile (shared, cached experts)
+    y = staging.from_host(sync, like=x)             # host result (waited for) -> on the device
+
+HostStaging: the device is the CPU (or the executor's tensors live on the device): nothing to
+copy, host work runs at once.
+PinnedStaging: a CUDA device. x, ids and weights are copied into pinned host buffers on a side
+stream and an event is recorded after them; on_host waits for that event only (not for the
+stream), so kernels queued meanwhile keep the GPU busy. The CPU result is written into a pinned
+buffer (host_out) and copied back on the compute stream. Buffers are allocated once per shape,
+so a step from static buffers (hybrid/engine/step_runner.py) hands the same addresses every time.
+
+While a step is captured into CUDA graphs (recording), each hand-off ends the current graph
+segment and records the host work to run between segments at replay (StepRecorder in
+hybrid/engine/graphs.py): the step becomes segment, host, segment, host, ... with the host work
+at exactly these points.
+
+Legend: T tokens, H hidden, K picked.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -15,24 +33,86 @@ class HostStaging:
     def to_host(self, x, ids, w):
         return x, ids, w
 
+    def host_out(self, rows: int, hidden: int):
+        """A buffer for the host executor's [T, H] fp32 result, or None: the executor makes it."""
+        return None
+
+    def on_host(self, fn, *args):
+        return fn(*args)
+
+    def from_host(self, fn, like: torch.Tensor) -> torch.Tensor:
+        return fn()
+
+    @contextmanager
+    def recording(self, recorder):
+        raise RuntimeError("HostStaging: a step whose device is the host is never captured")
+        yield  # pragma: no cover
+
 
 class PinnedStaging:
     def __init__(self):
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._side = None      # the copy stream (made on first use, on the current device)
+        self._copied = None    # event recorded on it after the latest to_host
+        self._recorder = None  # StepRecorder while a step is captured
 
-    def _copy(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self._buffers[name] = buf
-        buf.copy_(t, non_blocking=True)
+    def _buffer(self, name: str, shape, dtype, device=None) -> torch.Tensor:
+        key = (name, tuple(shape), dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if device is None:
+                buf = torch.empty(shape, dtype=dtype, pin_memory=True)
+            else:
+                buf = torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[key] = buf
         return buf
 
     def to_host(self, x, ids, w):
-        out = self._copy("x", x), self._copy("ids", ids), self._copy("w", w)
-        torch.cuda.current_stream().synchronize()
+        main = torch.cuda.current_stream()
+        if self._side is None:
+            self._side, self._copied = torch.cuda.Stream(), torch.cuda.Event()
+        out = (self._buffer("x", x.shape, x.dtype), self._buffer("ids", ids.shape, ids.dtype),
+               self._buffer("w", w.shape, w.dtype))
+        self._side.wait_stream(main)  # the copies start once x, ids and w are computed
+        with torch.cuda.stream(self._side):
+            for dst, src in zip(out, (x, ids, w)):
+                dst.copy_(src, non_blocking=True)
+            self._copied.record()
         return out
 
+    def host_out(self, rows: int, hidden: int):
+        return self._buffer("y", (rows, hidden), torch.float32)
 
-def staging_for(device: torch.device):
-    return PinnedStaging() if torch.device(device).type == "cuda" else HostStaging()
+    def on_host(self, fn, *args):
+        if self._recorder is not None:
+            # Join the copy stream back into the capture, end this segment there; at replay the
+            # recorder waits for the segment, then runs fn.
+            torch.cuda.current_stream().wait_event(self._copied)
+            self._recorder.cut(fn, args, wait_device=True)
+        else:
+            self._copied.synchronize()  # the copies only, not the stream
+        return fn(*args)
+
+    def from_host(self, fn, like: torch.Tensor) -> torch.Tensor:
+        if self._recorder is not None:
+            # The device work queued since on_host (shared, cached experts) is this segment;
+            # fn (the CPU sync) runs while it does, the copy back opens the next segment.
+            self._recorder.cut(fn, (), wait_device=False)
+        y = fn()  # [T, H] host (host_out's pinned buffer)
+        dev = self._buffer("y_dev", y.shape, y.dtype, like.device)
+        dev.copy_(y, non_blocking=True)
+        return dev
+
+    @contextmanager
+    def recording(self, recorder):
+        """Within: hand-offs cut the step into graph segments recorded by `recorder`."""
+        self._recorder = recorder
+        try:
+            yield
+        finally:
+            self._recorder = None
+
+
+def staging_for(device: torch.device, host_device: str = "cpu"):
+    """PinnedStaging for a CUDA device whose experts run on the host, HostStaging otherwise."""
+    return PinnedStaging() if torch.device(device).type == "cuda" and host_device == "cpu" else HostStaging()
