@@ -85,20 +85,24 @@ class PinnedStaging:
 
     def on_host(self, fn, *args):
         if self._recorder is not None:
-            # Join the copy stream back into the capture, end this segment there; at replay the
-            # recorder waits for the segment, then runs fn.
+            # Join the copy stream back into the capture and end the segment there. Nothing has
+            # run on the device yet, so fn is only recorded: at each replay the recorder waits
+            # for the segment, then runs it.
             torch.cuda.current_stream().wait_event(self._copied)
             self._recorder.cut(fn, args, wait_device=True)
-        else:
-            self._copied.synchronize()  # the copies only, not the stream
+            return None
+        self._copied.synchronize()  # the copies only, not the stream
         return fn(*args)
 
     def from_host(self, fn, like: torch.Tensor) -> torch.Tensor:
         if self._recorder is not None:
-            # The device work queued since on_host (shared, cached experts) is this segment;
-            # fn (the CPU sync) runs while it does, the copy back opens the next segment.
+            # The device work queued since on_host (shared, cached experts) is this segment; at
+            # replay fn (the CPU sync, which fills host_out's buffer) runs while it does, and the
+            # copy back opens the next segment.
             self._recorder.cut(fn, (), wait_device=False)
-        y = fn()  # [T, H] host (host_out's pinned buffer)
+            y = self.host_out(like.shape[0], like.shape[1])
+        else:
+            y = fn()  # [T, H] host: host_out's pinned buffer
         dev = self._buffer("y_dev", y.shape, y.dtype, like.device)
         dev.copy_(y, non_blocking=True)
         return dev

@@ -49,6 +49,10 @@ class LatentKVCache(SlotCache):
         """latent [T, C], rope [T, R] -> cache[layer][slot_t, position_t]."""
         self.kv[layer][slots, positions] = torch.cat([latent, rope], -1).to(self.dtype)
 
+    @staticmethod
+    def static_decode() -> bool:
+        return True
+
     @property
     def spare_row(self) -> int:
         """The flat row no slot owns: where padding rows of a static decode batch write."""
