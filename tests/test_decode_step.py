@@ -57,8 +57,9 @@ def test_device_half_has_no_host_syncs(demo_bf16, rows):
     print(f"\nstatic decode step, {rows} row(s): {check.report()}; with CUDA graphs "
           f"{2 * moe + 1} launches")
 
+    other = _prefilled(net)
     with HostSyncCheck() as eager:  # the same step through forward(): the check sees its syncs
-        _eager(net, _prefilled(net), ids, pos, slots)
+        _eager(net, other, ids, pos, slots)
     whats = {w for w, _ in eager.syncs}
     assert "Tensor.__int__()" in whats  # cache.check, SlotGroups' Q and L
     if rows > 1:
@@ -157,3 +158,33 @@ def test_refuses_a_cache_without_static_writes(tmp_path):
     m = hybrid.load(path, progress=False, device_ops="torch", experts_backend="torch")
     with pytest.raises(ValueError, match="HeadKVCache has no static decode write"):
         DecodeRunner(m.network, m.network.make_cache(2, 64), max_batch=2)
+
+
+def test_engine_runs_decode_steps_through_the_runner():
+    from hybrid.engine.engine import Engine
+    from hybrid.engine.sampling import SamplingParams
+
+    eager = hybrid.load(progress=False, device_ops="torch", dtype=torch.float32, decode_steps="eager")
+    static = hybrid.load(progress=False, device_ops="torch", dtype=torch.float32, decode_steps="static")
+    assert eager.decode_runner(eager.make_cache(2, 64), 2) is None
+    prompts = [eager.tokenizer.encode(t) for t in ("The Python tutorial", "def main():", "Hello")]
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    outs = []
+    for m in (eager, static):
+        with Engine(m, max_seqs=2, max_context=96, decode_runner=m.decode_runner) as eng:
+            handles = [eng.submit(p, params, max_tokens=12) for p in prompts]  # 3 requests, 2 slots
+            outs.append([h.result().token_ids for h in handles])
+            runner = eng._runner
+    assert outs[0] == outs[1]
+    assert runner.stats["steps"] >= 12 and runner.stats["replays"] == 0  # eager replays: no graphs
+    assert {b for b, _ in runner._inputs} <= {1, 2}
+
+
+def test_decode_steps_option():
+    assert hybrid.load(progress=False)._decode_steps == "eager"  # CPU, native ops: auto = eager
+    with pytest.raises(ValueError, match="decode_steps must be one of auto, eager, static, graphs"):
+        hybrid.load(progress=False, decode_steps="fast")
+    with pytest.raises(ValueError, match="needs the torch op set"):
+        hybrid.load(progress=False, decode_steps="static", device_ops="native")
+    with pytest.raises(ValueError, match="'graphs' needs a CUDA device"):
+        hybrid.load(progress=False, decode_steps="graphs", device_ops="torch")

@@ -85,7 +85,9 @@ class StaticInputs:
 
 
 class DecodeRunner:
-    def __init__(self, network, cache, max_batch: int, graphs: bool = False):
+    def __init__(self, network, cache, max_batch: int, graphs: bool = False, after_step=None):
+        """after_step: called after each step (the model's online re-placement, which forward()
+        runs after each forward)."""
         if network.ops.name != "torch":
             raise ValueError(f"DecodeRunner: static decode steps run the torch op set (the device "
                              f"path; device_ops='torch'), this network has {network.ops.name!r}")
@@ -104,6 +106,7 @@ class DecodeRunner:
                     raise ValueError(f"DecodeRunner: layer {i}'s host executor does not write "
                                      "out= buffers; a captured step needs its result at a fixed address")
         self.network, self.cache, self.device = network, cache, device
+        self.after_step = after_step
         self.graphs = graphs
         self.batch_sizes = bucket_sizes(max_batch)
         self.key_lengths = bucket_sizes(cache.max_len, min(MIN_KEYS, cache.max_len))
@@ -118,7 +121,8 @@ class DecodeRunner:
     def fits(self, slots: list[int], positions: list[int]) -> bool:
         """A decode step this runner takes: 1..max_batch tokens, one per distinct slot."""
         return (0 < len(slots) <= self.batch_sizes[-1] and len(set(slots)) == len(slots)
-                and max(positions) < self.cache.max_len)
+                and 0 <= min(slots) and max(slots) < self.cache.num_slots
+                and 0 <= min(positions) and max(positions) < self.cache.max_len)
 
     def bucket(self, n: int, max_position: int) -> tuple[int, int]:
         return bucket_for(self.batch_sizes, n), bucket_for(self.key_lengths, max_position + 1)
@@ -131,7 +135,10 @@ class DecodeRunner:
     def step(self, input_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """One decode step: token ids, positions, slots (host ints, len n) -> logits [n, Vocab]
         fp32 on the device (the bucket's buffer: read it before the next step)."""
-        return self.run(self.prepare(input_ids, positions, slots))[: len(input_ids)]
+        logits = self.run(self.prepare(input_ids, positions, slots))[: len(input_ids)]
+        if self.after_step is not None:
+            self.after_step()
+        return logits
 
     def prepare(self, input_ids: list[int], positions: list[int], slots: list[int]) -> tuple[int, int]:
         """The host half: embedding rows and indices into the bucket's buffers; its bucket."""
