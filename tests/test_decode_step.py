@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import hybrid
-from hybrid.engine.step_runner import DecodeRunner, bucket_for, bucket_sizes
+from hybrid.engine.step_runner import DecodeRunner, batch_buckets, bucket_for, bucket_sizes
 from hybrid.engine.sync_check import HostSyncCheck
+from hybrid.experts.staging import static_rows
 
 pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
 
@@ -128,8 +129,10 @@ def test_bf16_static_step_agrees_with_eager(demo_bf16):
 def test_buckets():
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(6) == [1, 2, 4, 6]
-    assert bucket_sizes(8) == [1, 2, 4, 8]
     assert bucket_sizes(300, 64) == [64, 128, 256, 300]
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 8] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(1000) == [1, 2, 4, 8, 16, 32, 64]  # STATIC_ROWS: more rows run eager
+    assert static_rows(8) and not static_rows(6) and not static_rows(128)
     assert [bucket_for([1, 2, 4, 6], n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
 
 
@@ -188,3 +191,33 @@ def test_decode_steps_option():
         hybrid.load(progress=False, decode_steps="static", device_ops="native")
     with pytest.raises(ValueError, match="'graphs' needs a CUDA device"):
         hybrid.load(progress=False, decode_steps="graphs", device_ops="torch")
+
+
+def test_bucket_larger_than_the_cache(demo_fp32):
+    """3 slots, 3 rows: bucket 4, whose padding row needs no slot (it writes the spare row)."""
+    net = demo_fp32.network
+    ca, cb = _prefilled(net, slots=3), _prefilled(net, slots=3)
+    runner = DecodeRunner(net, cb, max_batch=3)
+    assert runner.batch_sizes == [1, 2, 4]
+    la = _eager(net, ca, [20, 21, 22], [5, 2, 3], [0, 1, 2])
+    lb = runner.step([20, 21, 22], [5, 2, 3], [0, 1, 2])
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4 * la.abs().max().item())
+    for layer in range(len(ca.kv)):
+        torch.testing.assert_close(cb.kv[layer], ca.kv[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_staging_buffers_are_fixed_for_batch_buckets():
+    """PinnedStaging's buffer rule, on device buffers (pinned memory needs CUDA): a power-of-two
+    batch up to STATIC_ROWS keeps one buffer (a captured step reads the same address every
+    replay); other sizes share one growing buffer, so prefill chunks do not pile up pinned memory."""
+    from hybrid.experts.staging import PinnedStaging
+
+    st = PinnedStaging()
+    a = st._buffer("x", (4, 8), torch.bfloat16, "cpu")
+    assert st._buffer("x", (4, 8), torch.bfloat16, "cpu").data_ptr() == a.data_ptr()
+    st._buffer("x", (100, 8), torch.bfloat16, "cpu")
+    st._buffer("x", (300, 8), torch.bfloat16, "cpu")
+    g = st._buffer("x", (37, 8), torch.bfloat16, "cpu")
+    assert g.shape == (37, 8) and st._buffer("x", (300, 8), torch.bfloat16, "cpu").data_ptr() == g.data_ptr()
+    assert st._buffer("x", (4, 8), torch.bfloat16, "cpu").data_ptr() == a.data_ptr()
+    assert len(st._buffers) == 2

@@ -16,8 +16,9 @@ except at the MoE hand-offs. Eagerly, that is the same math as forward() on the 
 with graphs=True, the first step of a bucket runs eagerly on the capture stream (it warms cuBLAS
 and allocates every staging buffer), then the bucket is captured and later steps replay it.
 
-Buckets: B in 1, 2, 4, ... up to max_batch (max_batch itself the last); key length L in
-MIN_KEYS, 2*MIN_KEYS, ... up to the cache's max_len. A step attends to L keys per row, masked
+Buckets: B in 1, 2, 4, ... up to the power of two >= max_batch (at most STATIC_ROWS, the sizes
+the stagings keep fixed buffers for; padding rows need no slot of their own, so a bucket may
+exceed the cache's slots); key length L in MIN_KEYS, 2*MIN_KEYS, ... up to the cache's max_len. A step attends to L keys per row, masked
 by position, so L is the smallest bucket above the step's largest position.
 
 Legend: n tokens in the step, B bucket rows, L key-length bucket, H hidden, Vocab vocabulary.
@@ -29,6 +30,7 @@ import logging
 
 import torch
 
+from hybrid.experts.staging import STATIC_ROWS
 from hybrid.models.batch import DecodeBatch
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ def bucket_sizes(limit: int, start: int = 1) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [limit]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to the power of two >= max_batch, at most STATIC_ROWS."""
+    sizes = [1]
+    while sizes[-1] < min(max_batch, STATIC_ROWS):
+        sizes.append(sizes[-1] * 2)
+    return sizes
 
 
 def bucket_for(sizes: list[int], n: int) -> int:
@@ -108,7 +118,8 @@ class DecodeRunner:
         self.network, self.cache, self.device = network, cache, device
         self.after_step = after_step
         self.graphs = graphs
-        self.batch_sizes = bucket_sizes(max_batch)
+        self.batch_sizes = batch_buckets(max_batch)
+        self.max_batch = min(max_batch, STATIC_ROWS)
         self.key_lengths = bucket_sizes(cache.max_len, min(MIN_KEYS, cache.max_len))
         self._inputs: dict[tuple[int, int], StaticInputs] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -120,7 +131,7 @@ class DecodeRunner:
     # ---- what the engine asks -----------------------------------------------------------------
     def fits(self, slots: list[int], positions: list[int]) -> bool:
         """A decode step this runner takes: 1..max_batch tokens, one per distinct slot."""
-        return (0 < len(slots) <= self.batch_sizes[-1] and len(set(slots)) == len(slots)
+        return (0 < len(slots) <= self.max_batch and len(set(slots)) == len(slots)
                 and 0 <= min(slots) and max(slots) < self.cache.num_slots
                 and 0 <= min(positions) and max(positions) < self.cache.max_len)
 

@@ -11,8 +11,10 @@ copy, host work runs at once.
 PinnedStaging: a CUDA device. x, ids and weights are copied into pinned host buffers on a side
 stream and an event is recorded after them; on_host waits for that event only (not for the
 stream), so kernels queued meanwhile keep the GPU busy. The CPU result is written into a pinned
-buffer (host_out) and copied back on the compute stream. Buffers are allocated once per shape,
-so a step from static buffers (hybrid/engine/step_runner.py) hands the same addresses every time.
+buffer (host_out) and copied back on the compute stream. A batch of a power-of-two number of
+rows up to STATIC_ROWS has buffers of its own, allocated once, so a decode step from static
+buffers (hybrid/engine/step_runner.py, whose batch buckets are those sizes) hands the same
+addresses every time; other sizes (prefill chunks) share one growing buffer per tensor.
 
 While a step is captured into CUDA graphs (recording), each hand-off ends the current graph
 segment and records the host work to run between segments at replay (StepRecorder in
@@ -27,6 +29,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+STATIC_ROWS = 64  # largest batch (a power of two) with buffers of its own
+
+
+def static_rows(rows: int) -> bool:
+    """Whether a batch of `rows` gets buffers of its own (a decode step's batch bucket)."""
+    return 0 < rows <= STATIC_ROWS and rows & (rows - 1) == 0
 
 
 class HostStaging:
@@ -57,15 +66,17 @@ class PinnedStaging:
         self._recorder = None  # StepRecorder while a step is captured
 
     def _buffer(self, name: str, shape, dtype, device=None) -> torch.Tensor:
-        key = (name, tuple(shape), dtype)
+        """A [rows, ...] buffer: pinned host memory, or on `device`."""
+        rows, rest = shape[0], tuple(shape[1:])
+        key = (name, rows if static_rows(rows) else "grow", rest, dtype)
         buf = self._buffers.get(key)
-        if buf is None:
+        if buf is None or buf.shape[0] < rows:
             if device is None:
-                buf = torch.empty(shape, dtype=dtype, pin_memory=True)
+                buf = torch.empty((rows, *rest), dtype=dtype, pin_memory=True)
             else:
-                buf = torch.empty(shape, dtype=dtype, device=device)
+                buf = torch.empty((rows, *rest), dtype=dtype, device=device)
             self._buffers[key] = buf
-        return buf
+        return buf[:rows]
 
     def to_host(self, x, ids, w):
         main = torch.cuda.current_stream()
