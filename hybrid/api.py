@@ -58,6 +58,10 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
                        buffers captured as CUDA graph segments. auto: graphs on a CUDA device with
                        an architecture that has static decode and no online re-placement (whose
                        swaps move the cache's tensors), else eager. Prefill always runs eager.
+      defer_experts    expert deferral (hybrid/experts/moe_layer.py): each MoE layer's k
+                       lowest-weight CPU picks per token are added to the next MoE layer's output,
+                       so the CPU computes them during that layer's attention. Changes the math;
+                       default 0 (off): bench/deferral.py measures the accuracy cost
       progress         show progress bars (default True)
     """
     from hybrid.models import config_from_dir
@@ -100,7 +104,7 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
               device_formats=device_formats_option(opts.pop("device_weights", None)),
               packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
               progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
-              device_ops=opts.pop("device_ops", None))
+              device_ops=opts.pop("device_ops", None), defer_experts=opts.pop("defer_experts", 0))
     decode_steps = opts.pop("decode_steps", None) or "auto"
     if decode_steps not in DECODE_STEPS:
         raise ValueError(f"hybrid.load: decode_steps must be one of {', '.join(DECODE_STEPS)}, "

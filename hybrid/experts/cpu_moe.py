@@ -205,6 +205,7 @@ class CpuMoE:
             n.set_num_threads(workers)
         self.layer = layer
         self.caller = bool(caller)
+        self._args = (threads, mode, isa)
         self._op = n.MoE(layer._h, mode, threads or 0, isa or "", self.caller)
         self._lock = threading.Lock()
         self._pending: tuple[Any, bool] | None = None  # (y, return torch)
@@ -220,6 +221,12 @@ class CpuMoE:
 
     def unpack_expert(self, e: int):
         return self.layer.unpack_expert(e)
+
+    def twin(self) -> "CpuMoE":
+        """A second operator over the same packed layer (no copy of the weights): a second job
+        in flight (expert deferral)."""
+        threads, mode, isa = self._args
+        return CpuMoE(self.layer, threads=threads, mode=mode, isa=isa, caller=self.caller)
 
     def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
         """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).

@@ -5,6 +5,8 @@
     ex.capabilities()        # what the MoE layer may rely on (below)
     ex.num_experts           # E of the layer
     ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32: to copy an expert elsewhere
+    ex.twin()                # host executors: another executor over the same weights (no copy),
+                             # for a second job in flight (expert deferral, moe_layer.py)
 
 x [T, H], ids [T, K] int, w [T, K] fp32; skip [E] bool: experts that run elsewhere contribute
 nothing here. Executors (one file each, named in EXECUTORS):

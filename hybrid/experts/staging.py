@@ -42,8 +42,9 @@ class HostStaging:
     def to_host(self, x, ids, w):
         return x, ids, w
 
-    def host_out(self, rows: int, hidden: int):
-        """A buffer for the host executor's [T, H] fp32 result, or None: the executor makes it."""
+    def host_out(self, rows: int, hidden: int, name: str = "y"):
+        """A buffer for a host executor's [T, H] fp32 result (`name`: which one), or None: the
+        executor makes it."""
         return None
 
     def on_host(self, fn, *args):
@@ -91,8 +92,8 @@ class PinnedStaging:
             self._copied.record()
         return out
 
-    def host_out(self, rows: int, hidden: int):
-        return self._buffer("y", (rows, hidden), torch.float32)
+    def host_out(self, rows: int, hidden: int, name: str = "y"):
+        return self._buffer(name, (rows, hidden), torch.float32)
 
     def on_host(self, fn, *args):
         if self._recorder is not None:

@@ -64,6 +64,10 @@ class TorchMoE:
     def unpack_expert(self, e: int):
         return self.gate[e].float(), self.up[e].float(), self.down[e].float()
 
+    def twin(self) -> "TorchMoE":
+        """A second executor over the same tensors: a second job in flight (expert deferral)."""
+        return TorchMoE(self.gate, self.up, self.down)
+
     def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
         y = self.forward(x, ids, weights, skip)
         if out is not None:

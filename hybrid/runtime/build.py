@@ -36,7 +36,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 packed_cache: bool = False, threads: int | None = None, progress: bool = True,
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
-                split_threads: bool = True) -> Built:
+                split_threads: bool = True, defer_experts: int = 0) -> Built:
     """See hybrid.api.load for what the options mean."""
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
@@ -52,6 +52,9 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     config = config or config_from_dir(path)
     cls = model_class(config.model_type)
     facts = cls.facts(config)
+    if isinstance(defer_experts, bool) or not isinstance(defer_experts, int) or not 0 <= defer_experts < facts.top_k:
+        raise ValueError(f"defer_experts must be an integer in 0..{facts.top_k - 1} (the model picks "
+                         f"{facts.top_k} experts per token), got {defer_experts!r}")
     prof = placer = None
     gpu_expert_bytes = 0
     if profile is not None:
@@ -90,9 +93,26 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     finally:
         if bar is not None:
             bar.close()
+    attach_deferral(network, defer_experts)
     live = None
     if prof is not None:
         placement.attach_device_experts(network, prof, device, dtype)
         if placer is not None:
             live = placement.attach_online(network, placer)
     return Built(config, network, facts, ops, experts, live)
+
+
+def attach_deferral(network, k: int) -> None:
+    """Expert deferral (hybrid/experts/moe_layer.py): every MoE layer but the last defers its k
+    lowest-weight host picks to the next one; k = 0 turns it off."""
+    layers = list(network.moe_layers().values())
+    for moe in layers:
+        moe.set_deferral(0)  # clears any previous setting
+    if k == 0:
+        return
+    previous = None
+    for moe in layers[:-1]:
+        moe.set_deferral(k, moe.host_experts().twin(), previous)
+        previous = moe
+    if layers:
+        layers[-1].set_deferral(0, None, previous)
