@@ -73,7 +73,8 @@ class StepRecorder:
 
     def _begin(self) -> None:
         self._open = torch.cuda.CUDAGraph()
-        self._open.capture_begin(pool=self.pool)
+        # thread_local: a CUDA call from another thread (a server's) does not void the capture
+        self._open.capture_begin(pool=self.pool, capture_error_mode="thread_local")
 
     def _end(self) -> None:
         self._open.capture_end()

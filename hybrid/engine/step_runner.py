@@ -18,8 +18,9 @@ and allocates every staging buffer), then the bucket is captured and later steps
 
 Buckets: B in 1, 2, 4, ... up to the power of two >= max_batch (at most STATIC_ROWS, the sizes
 the stagings keep fixed buffers for; padding rows need no slot of their own, so a bucket may
-exceed the cache's slots); key length L in MIN_KEYS, 2*MIN_KEYS, ... up to the cache's max_len. A step attends to L keys per row, masked
-by position, so L is the smallest bucket above the step's largest position.
+exceed the cache's slots); key length L in MIN_KEYS, 2*MIN_KEYS, ... up to the cache's max_len.
+A step attends to L keys per row, masked by position, so L is the smallest bucket above the
+step's largest position (attention reads at most 2x the keys it needs).
 
 Legend: n tokens in the step, B bucket rows, L key-length bucket, H hidden, Vocab vocabulary.
 """

@@ -224,9 +224,11 @@ class CpuMoE:
 
     def twin(self) -> "CpuMoE":
         """A second operator over the same packed layer (no copy of the weights): a second job
-        in flight (expert deferral)."""
+        in flight (expert deferral). Its workers do all of its job (caller=False): the pool runs
+        jobs in submission order, so a job that waits for its caller's share until a later
+        sync() would hold up this operator's next job, whose caller waits on it first."""
         threads, mode, isa = self._args
-        return CpuMoE(self.layer, threads=threads, mode=mode, isa=isa, caller=self.caller)
+        return CpuMoE(self.layer, threads=threads, mode=mode, isa=isa, caller=False)
 
     def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
         """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).
