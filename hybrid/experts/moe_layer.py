@@ -18,10 +18,10 @@ overlap what is read from the executors' declared capabilities, never from the d
     adds its result straight into the shared expert's bf16 output (one rounding, no extra add).
 
 Expert deferral (optional, off unless asked; KTransformers reports up to 1.45x decode): the k
-lowest-weight host picks of each token in this layer go to a second job on the host executor's
-twin (same weights, a second job in flight); its result is added to the *next* MoE layer's
-output instead of this one's, so the CPU computes it while the device runs the next layer's
-attention. It changes the model's math (the next layer's attention does not see those k
+lowest-weight picks of each token in this layer go to a second job on the host executor's twin
+(same weights, a second job in flight; those of them the device holds still run there, now);
+its result is added to the *next* MoE layer's output instead of this one's, so the CPU computes
+it while the device runs the next layer's attention. It changes the model's math (the next layer's attention does not see those k
 experts): bench/deferral.py measures the cost. The last MoE layer never defers.
 
 Observers: on_routing(layer, ids [T, K] int32, host) for traces and online placement;
