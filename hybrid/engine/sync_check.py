@@ -136,13 +136,15 @@ class HostSyncCheck:
         return lambda: setattr(cls, name, original)
 
     def __enter__(self) -> "HostSyncCheck":
+        from hybrid.engine.graphs import SegmentedGraph
         from hybrid.experts.staging import HostStaging, PinnedStaging
 
         self._stack = ExitStack()
-        # The hand-offs are the step's sync points: the host work there is not device work.
-        for cls in (HostStaging, PinnedStaging):
-            for name in ("on_host", "from_host"):
-                self._stack.callback(self._paused_method(cls, name))
+        # The hand-offs are the step's sync points: the host work there is not device work
+        # (eagerly the stagings run it; a captured step's replay runs it between segments).
+        for cls, name in ((HostStaging, "on_host"), (HostStaging, "from_host"), (PinnedStaging, "on_host"),
+                          (PinnedStaging, "from_host"), (SegmentedGraph, "_host")):
+            self._stack.callback(self._paused_method(cls, name))
         self._stack.enter_context(_Function(self))
         self._stack.enter_context(_Dispatch(self))
         return self
