@@ -34,7 +34,9 @@ Per configuration:
   host_syncs         host-syncing ops on the device side of one step (HostSyncCheck, outside the
                      MoE hand-offs): 0 is the goal for static and graphs
   capture_failures   buckets whose capture failed (they ran eagerly; the warning says why)
-Per model: prefill_tok_s of a --prompt-token prompt on the device and on the CPU reference.
+Per model: prefill_tok_s of a --prompt-token prompt on the device and on the CPU reference, and
+expert deferral (hybrid.load(defer_experts=DEFER_K), no cache, bf16): decode tok/s per mode with
+and without it, and its cost against no deferral (top-1 agreement, mean KL in nats).
 
 Legend: B sequences decoded together, V vocabulary.
 """
@@ -54,6 +56,7 @@ import torch
 # dtype -> (max rel_err or None, min top1)
 TOLERANCE = {torch.float32: (1e-3, 0.95), torch.bfloat16: (None, 0.9)}
 CACHE_FRACTIONS = (0.0, 0.25)
+DEFER_K = 2  # deferred picks per token in the deferral rows
 # The K2.5-shaped checkpoint's router: logits spread (std ROUTER_STD) without saturating the
 # sigmoid, and a correction bias (std BIAS_STD) that spreads the choice further, so bf16 rounding
 # rarely flips a pick (a flipped pick moves a random model's logits far more than rounding does).
@@ -283,8 +286,30 @@ def check_model(name: str, path, args, device, modes, log) -> dict:
                 out["rows"].append(row)
                 log(f"  {name} {row['dtype']} {mode:6s} cache {fraction:.0%}: rel_err {row['rel_err']:.2e} "
                     f"top1 {row['top1']:.2f} {'ok' if row['ok'] else 'FAIL'}, {row['host_syncs']} host syncs")
+        if timed:
+            out["deferral"] = check_deferral(model, modes, prompt, follow, args)
         del model
     return out
+
+
+def check_deferral(model, modes, prompt, follow, args) -> list[dict]:
+    """Expert deferral (k = DEFER_K, no cache): decode speed per mode, and its cost against the
+    same model undeferred (top-1 agreement, mean KL of the teacher-forced logits)."""
+    from hybrid.runtime.build import attach_deferral
+
+    set_cache(model, 0.0)
+    base = teacher_forced(model, "eager", prompt, follow).log_softmax(-1)
+    rows = []
+    for k in (0, DEFER_K):
+        attach_deferral(model.network, k)
+        lp = teacher_forced(model, "eager", prompt, follow).log_softmax(-1)
+        cost = {"top1": float((lp.argmax(-1) == base.argmax(-1)).float().mean()),
+                "kl_mean": float((base.exp() * (base - lp)).sum(-1).mean())}
+        for mode in modes:
+            rows.append({"k": k, "mode": mode, **cost,
+                         "decode_tok_s_b1": time_decode(model, mode, 1, args.steps)["tok_s"]})
+    attach_deferral(model.network, 0)
+    return rows
 
 
 def table(result: dict) -> str:
@@ -301,6 +326,11 @@ def table(result: dict) -> str:
                          f"{r['rel_err']:.2e} | {r['top1']:.2f} | {'yes' if r['ok'] else 'NO'} | "
                          f"{r['host_syncs']} | {launches} | {num(r['step_ms_b1'], '.2f')} | "
                          f"{num(r['decode_tok_s_b1'], '.1f')} | {num(r['decode_tok_s_b4'], '.1f')} |")
+    lines += ["", "| model | deferred k | steps | top1 vs k=0 | KL mean | tok/s B=1 |", "|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        for r in m["deferral"]:
+            lines.append(f"| {m['model']} | {r['k']} | {r['mode']} | {r['top1']:.3f} | {r['kl_mean']:.4f} | "
+                         f"{r['decode_tok_s_b1']:.1f} |")
     lines.append("")
     for m in result["models"]:
         lines.append(f"{m['model']}: prefill {m['prefill_tok_s_device']:.0f} tok/s on the device (bf16), "

@@ -42,8 +42,12 @@ def test_dry_run_end_to_end(tmp_path, capsys):
         assert r["aten_ops"] > 0 and r["graph_launches"] is None  # no graphs on a CPU
     assert rc == (0 if result["ok"] else 1)
     assert all(m["prefill_tok_s_device"] > 0 for m in result["models"])
+    for m in result["models"]:  # deferral rows: k = 0 is the model itself
+        assert {(r["k"], r["mode"]) for r in m["deferral"]} == {(0, "eager"), (0, "static"), (2, "eager"), (2, "static")}
+        assert all(r["top1"] == 1.0 and abs(r["kl_mean"]) < 1e-6 for r in m["deferral"] if r["k"] == 0)
     table = capsys.readouterr().out
     assert "| demo | bfloat16 | static | 0% |" in table and "k25-shaped: prefill" in table
+    assert "| demo | 2 | static |" in table
 
 
 def test_without_cuda_the_real_run_refuses(capsys):
