@@ -17,6 +17,7 @@ import torch
 DEMO_DIR = Path(__file__).parent / "demo_model"
 
 
+DECODE_STEPS = ("auto", "eager", "static", "graphs")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 
 
@@ -51,6 +52,16 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
                        number of cached experts per layer never changes, so the budget holds.
       device_ops       "auto" (default) | "torch" | "native": the device ops' forms (hybrid/ops);
                        "torch" on a CPU runs exactly what a CUDA device runs (also HYBRID_DEVICE_OPS)
+      decode_steps     "auto" (default) | "eager" | "static" | "graphs": how the engine runs decode
+                       steps (hybrid/engine/step_runner.py). eager: forward() every step; static:
+                       from static buffers per batch-size bucket (torch op set); graphs: those
+                       buffers captured as CUDA graph segments. auto: graphs on a CUDA device with
+                       an architecture that has static decode and no online re-placement (whose
+                       swaps move the cache's tensors), else eager. Prefill always runs eager.
+      defer_experts    expert deferral (hybrid/experts/moe_layer.py): each MoE layer's k
+                       lowest-weight CPU picks per token are added to the next MoE layer's output,
+                       so the CPU computes them during that layer's attention. Changes the math;
+                       default 0 (off): bench/deferral.py measures the accuracy cost
       progress         show progress bars (default True)
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
@@ -95,13 +106,19 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
               device_formats=device_formats_option(opts.pop("device_weights", None)),
               packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
               progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
-              device_ops=opts.pop("device_ops", None),
+              device_ops=opts.pop("device_ops", None), defer_experts=opts.pop("defer_experts", 0),
               images_enabled=bool(opts.pop("images_enabled", True)))
+    decode_steps = opts.pop("decode_steps", None) or "auto"
+    if decode_steps not in DECODE_STEPS:
+        raise ValueError(f"hybrid.load: decode_steps must be one of {', '.join(DECODE_STEPS)}, "
+                         f"got {decode_steps!r}")
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
     built = build_model(path, device, dtype, experts_backend=backend, max_len=max_len, profile=profile,
                         online=online, config=config, **kw)
-    return Model(built, path, max_len=max_len, tokenizer=_tokenizer(path))
+    model = Model(built, path, max_len=max_len, tokenizer=_tokenizer(path))
+    model._decode_steps = model._resolve_decode_steps(decode_steps)
+    return model
 
 
 def _native_available() -> bool:
@@ -137,6 +154,32 @@ class Model:
         self.device, self.dtype = self.network.device, self.network.dtype
         self._built = built
         self._engine = None
+        self._decode_steps = "eager"  # hybrid.load sets the resolved decode_steps option
+
+    def _resolve_decode_steps(self, choice: str) -> str:
+        """decode_steps made concrete for this model (ValueError where it cannot run)."""
+        static_ok = self.network.cache_class.static_decode() and self._built.ops.name == "torch"
+        if choice == "auto":
+            return "graphs" if self.device.type == "cuda" and static_ok and self.online is None else "eager"
+        if choice in ("static", "graphs") and not static_ok:
+            raise ValueError(f"hybrid.load: decode_steps={choice!r} needs the torch op set "
+                             f"(device_ops='torch' on a CPU) and an architecture with static decode "
+                             f"({self.config.model_type} with op set {self._built.ops.name!r})")
+        if choice == "graphs" and (self.device.type != "cuda" or self.online is not None):
+            raise ValueError("hybrid.load: decode_steps='graphs' needs a CUDA device and no online "
+                             "re-placement")
+        return choice
+
+    def decode_runner(self, cache, max_seqs: int):
+        """The engine's runner for decode steps (hybrid/engine/step_runner.py), or None: forward()
+        runs them (decode_steps='eager')."""
+        if self._decode_steps == "eager":
+            return None
+        from hybrid.engine.step_runner import DecodeRunner
+
+        after = self.online.end_step if self.online is not None else None
+        return DecodeRunner(self.network, cache, max_batch=min(max_seqs, cache.num_slots),
+                            graphs=self._decode_steps == "graphs", after_step=after)
 
     def make_cache(self, num_slots: int = 1, max_len: int | None = None):
         return self.network.make_cache(num_slots, max_len or self.max_len)
@@ -241,7 +284,7 @@ class Model:
 
             # One slot: the KV cache hybrid.load checked against the device budget. Servers
             # that batch build their own Engine with more slots (and their own budget check).
-            self._engine = Engine(self, max_seqs=1, max_context=self.max_len)
+            self._engine = Engine(self, max_seqs=1, max_context=self.max_len, decode_runner=self.decode_runner)
         return self._engine
 
     def close(self) -> None:

@@ -71,7 +71,8 @@ def main(args: argparse.Namespace) -> int:
     from hybrid.engine.engine import Engine
 
     try:
-        engine = Engine(model, tokenizer=model.tokenizer, max_seqs=1, max_context=args.context_length)
+        engine = Engine(model, tokenizer=model.tokenizer, max_seqs=1, max_context=args.context_length,
+                        decode_runner=model.decode_runner)
     except (ValueError, MemoryError) as e:  # e.g. a KV cache for the context that does not fit
         print(f"hybrid chat: {e}", file=sys.stderr)
         return 2

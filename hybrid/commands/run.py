@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         ids = _prompt_ids(model.tokenizer, args, text)
     except ChatTemplateError as e:
         return _fail(str(e))
-    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=1)
+    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=1, decode_runner=model.decode_runner)
     try:
         try:
             handle = engine.submit(ids, params, stop=args.stop, max_tokens=args.max_tokens)

@@ -99,7 +99,8 @@ def build_backend(model, cfg):
     from hybrid.serve.backend import Backend
     from hybrid.serve.metrics import Metrics
 
-    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length)
+    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length,
+                    decode_runner=model.decode_runner)
     return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model,
                    images=cfg.image_policy())
 

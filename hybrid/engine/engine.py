@@ -121,10 +121,13 @@ class Engine:
     .reset(slot), .num_slots and .max_len (default: the model's make_cache, after checking that
     model.kv_bytes_per_token() x slots x context fits the memory left).
     prefix_reuse: let a new request reuse the KV a freed slot holds for a shared prompt prefix.
+    decode_runner: None, or runner(cache, max_seqs) -> a DecodeRunner (hybrid/engine/
+    step_runner.py) or None (hybrid.load's Model.decode_runner): steps of decode tokens only
+    that it fits run through it (static buffers, CUDA graphs), the rest through forward().
     """
 
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
-                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True):
+                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True, decode_runner=None):
         self.module = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
@@ -154,6 +157,7 @@ class Engine:
                 raise ValueError(f"Engine: max_context {max_context} exceeds the cache's "
                                  f"max_len {cache.max_len}")
         self.cache = cache
+        self._runner = decode_runner(cache, max_seqs) if decode_runner is not None else None
         self.max_seqs, self.max_context, self.prefill_chunk = max_seqs, max_context, prefill_chunk
         self.device = _module_device_dtype(self.module)[0]
         self.vocab_size = self.config.vocab_size
@@ -449,20 +453,12 @@ class Engine:
                 sample_at.append(len(ids) - 1)
                 sample_reqs.append(req)
         stepped = decodes + [c[0] for c in chunks]
-        dev = self.device
         try:
             with torch.inference_mode():
-                extra = {}
-                if rows:  # image tokens: their embeddings come from the vision tower
-                    extra["embeds"] = (torch.tensor(rows, dtype=torch.long, device=dev), torch.cat(values))
-                logits = self.module.forward(
-                    torch.tensor(ids, dtype=torch.long, device=dev),  # [T]
-                    torch.tensor(pos, dtype=torch.long, device=dev),  # [T]
-                    torch.tensor(slots, dtype=torch.long, device=dev),  # [T]
-                    self.cache,
-                    logits_index=torch.tensor(sample_at, dtype=torch.long, device=dev),  # [n]
-                    **extra,
-                )  # [n, V]
+                if not chunks and self._runner is not None and self._runner.fits(slots, pos):
+                    logits = self._runner.step(ids, pos, slots)  # [n, V]: static buffers / graphs
+                else:
+                    logits = self._forward(ids, pos, slots, sample_at, rows, values)
                 if sample_reqs:
                     if tuple(logits.shape[:1]) != (len(sample_at),):
                         raise RuntimeError(f"model.forward returned logits of shape "
@@ -505,6 +501,21 @@ class Engine:
             self._counters["steps"] += 1
             self._counters["generated_tokens"] += len(sample_reqs)
             self._rate.append((time.monotonic(), len(sample_reqs)))
+
+    def _forward(self, ids: list[int], pos: list[int], slots: list[int], sample_at: list[int],
+                 rows: list[int], values: list[torch.Tensor]) -> torch.Tensor:
+        dev = self.device
+        extra = {}
+        if rows:  # image tokens: their embeddings come from the vision tower
+            extra["embeds"] = (torch.tensor(rows, dtype=torch.long, device=dev), torch.cat(values))  # [m], [m, H]
+        return self.module.forward(
+            torch.tensor(ids, dtype=torch.long, device=dev),  # [T]
+            torch.tensor(pos, dtype=torch.long, device=dev),  # [T]
+            torch.tensor(slots, dtype=torch.long, device=dev),  # [T]
+            self.cache,
+            logits_index=torch.tensor(sample_at, dtype=torch.long, device=dev),  # [n]
+            **extra,
+        )  # [n, V]
 
     def _deliver(self, req: _Request, s) -> None:
         req.output.append(s.token_id)

@@ -214,6 +214,7 @@ class CpuMoE:
             n.set_num_threads(workers)
         self.layer = layer
         self.caller = bool(caller)
+        self._args = (threads, mode, isa)
         self._op = n.MoE(layer._h, mode, threads or 0, isa or "", self.caller)
         self._lock = threading.Lock()
         self._pending: tuple[Any, bool] | None = None  # (y, return torch)
@@ -232,6 +233,14 @@ class CpuMoE:
 
     def compact_expert(self, e: int, device="cpu"):
         return self.layer.compact_expert(e, device)
+
+    def twin(self) -> "CpuMoE":
+        """A second operator over the same packed layer (no copy of the weights): a second job
+        in flight (expert deferral). Its workers do all of its job (caller=False): the pool runs
+        jobs in submission order, so a job that waits for its caller's share until a later
+        sync() would hold up this operator's next job, whose caller waits on it first."""
+        threads, mode, isa = self._args
+        return CpuMoE(self.layer, threads=threads, mode=mode, isa=isa, caller=False)
 
     def forward(self, x, ids, weights, skip_mask=None, out=None, accumulate: bool = False):
         """y [B, H] float32, same kind as x (numpy in -> numpy out, torch in -> torch out).

@@ -7,6 +7,8 @@
     ex.unpack_expert(e)      # (gate [I, H], up [I, H], down [H, I]) fp32, dequantised
     ex.compact_expert(e, device)  # CompactExpert (device_layout.py): the expert in its own bits
                              # on `device`, to hold a copy there (the device cache) without loss
+    ex.twin()                # host executors: another executor over the same weights (no copy),
+                             # for a second job in flight (expert deferral, moe_layer.py)
 
 x [T, H], ids [T, K] int, w [T, K] fp32; skip [E] bool: experts that run elsewhere contribute
 nothing here. Executors (one file each, named in EXECUTORS):

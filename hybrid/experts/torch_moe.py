@@ -69,6 +69,10 @@ class TorchMoE:
         return CompactExpert.dense(*(t[e].to(device or t[e].device)
                                      for t in (self.gate, self.up, self.down)))
 
+    def twin(self) -> "TorchMoE":
+        """A second executor over the same tensors: a second job in flight (expert deferral)."""
+        return TorchMoE(self.gate, self.up, self.down)
+
     def submit(self, x, ids, weights, skip=None, out=None, accumulate: bool = False) -> None:
         y = self.forward(x, ids, weights, skip)
         if out is not None:

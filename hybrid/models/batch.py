@@ -5,7 +5,13 @@ forward and hands it to its attention; what the attention needs to know about th
 (is it a decode step, one token per slot? which tokens share a slot?) is asked here, computed
 once, and only when asked: the torch forms use `groups`, a fused decode form asks `decode`.
 
-Legend: T tokens, U distinct slots in the batch, Q queries per slot (padded), L keys per slot.
+A decode step on a device runs from static buffers instead (DecodeBatch, below): B rows, one
+token per distinct slot, padded to a batch-size bucket, keys read up to a fixed length bucket;
+every shape is known before the step starts, so the step has no host synchronisation and can be
+captured in a CUDA graph (hybrid/engine/step_runner.py).
+
+Legend: T tokens, U distinct slots in the batch, Q queries per slot (padded), L keys per slot,
+B rows of a static decode batch (bucket size).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    def write_kv(self, cache, layer: int, *parts: torch.Tensor) -> None:
+        """Write each token's cache row(s) of `layer` (parts as the cache's write() takes them)."""
+        cache.write(layer, self.slots, self.positions, *parts)
 
     @cached_property
     def decode(self) -> bool:
@@ -67,6 +77,49 @@ class SlotGroups:
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:  # [U, Q, ...] -> [T, ...]
         return x[self.inv, self.rank]
+
+
+class DecodeBatch(Batch):
+    """A static decode batch (device tensors, all [B]): positions, slots (read: the slot each
+    row attends to) and rows (write: the cache's flat row slot * max_len + position of each row;
+    padding rows point at the cache's spare row, so they never touch a real slot). Padding rows
+    repeat row 0's token, slot and position: their attention and routing equal row 0's, so they
+    pick no expert row 0 does not. `length` (host int) is the key length bucket: keys 0..length-1
+    of each slot are read and masked by position, so no shape depends on the data."""
+
+    decode = True  # one token per distinct slot, by construction
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, length: int):
+        super().__init__(positions, positions, slots)  # no token ids: the rows come embedded
+        self.rows, self.length = rows, length
+
+    @cached_property
+    def groups(self) -> "DecodeGroups":
+        return DecodeGroups(self.slots, self.positions, self.length)
+
+    def write_kv(self, cache, layer: int, *parts: torch.Tensor) -> None:
+        cache.write_rows(layer, self.rows, *parts)
+
+
+class DecodeGroups:
+    """SlotGroups' interface for a DecodeBatch: U = B slots of Q = 1 query, L = `length` keys;
+    mask[b, 0, 0, j] allows key j <= positions[b]. Nothing here reads a device value."""
+
+    Q = 1
+    one_slot = None
+
+    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, length: int):
+        self.slots, self.L = slots, length
+        keys = torch.arange(length, device=positions.device)
+        self.mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+
+    @staticmethod
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B, 1, ...]
+        return x[:, None]
+
+    @staticmethod
+    def unpad(x: torch.Tensor) -> torch.Tensor:  # [B, 1, ...] -> [B, ...]
+        return x[:, 0]
 
 
 def check_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, vocab: int) -> None:

@@ -87,17 +87,38 @@ class DecoderStack:
         the tokens at those rows of the batch (an image's tokens, hybrid/models/vision.py)."""
         check_inputs(input_ids, positions, slots, self.config.vocab_size)
         cache.check(slots, positions)
-        h = F.embedding(input_ids.cpu(), self.embed).to(self.device, self.dtype)  # [T, H] (indexing: ~30 us)
+        h = self.embed_rows(input_ids).to(self.device, self.dtype)  # [T, H]
         if embeds is not None:
             rows, values = embeds
             h[rows.to(self.device)] = values.to(self.device, self.dtype)
         batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
+        h = self._layers(h, batch, cache)
+        if logits_index is not None:
+            h = h[logits_index.to(self.device)]
+        return self._head(h)  # [len(logits_index) or T, Vocab]
+
+    __call__ = forward
+
+    def embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> their rows [T, H] of the host table (indexing: ~30 us); the caller
+        moves them to the device (a static decode step copies them into its input buffer)."""
+        return F.embedding(input_ids.cpu(), self.embed)
+
+    @torch.inference_mode()
+    def decode_static(self, h: torch.Tensor, batch, cache) -> torch.Tensor:
+        """The device part of a decode step, from embedded rows h [B, H] (device) and a
+        DecodeBatch (hybrid/models/batch.py): logits [B, Vocab] fp32. Every shape is fixed by
+        B and batch.length, and nothing reads a device value on the host except the MoE
+        layers' hand-offs to the CPU experts (hybrid/experts/staging.py), so a step replays
+        from static buffers and can be captured (hybrid/engine/step_runner.py)."""
+        return self._head(self._layers(h, batch, cache))
+
+    def _layers(self, h: torch.Tensor, batch, cache) -> torch.Tensor:  # [T, H] -> [T, H]
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, self.rope_scale)  # [T, R/2]
         for layer in self.layers:
             h = layer(h, cos, sin, batch, cache)
-        if logits_index is not None:
-            h = h[logits_index.to(self.device)]
-        h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()  # [len(logits_index) or T, Vocab]
+        return h
 
-    __call__ = forward
+    def _head(self, h: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, Vocab] fp32
+        h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
+        return self.lm_head(h).float()

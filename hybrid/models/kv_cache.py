@@ -21,13 +21,18 @@ from hybrid.models.slot_cache import SlotCache
 class LatentKVCache(SlotCache):
     """Per layer: rows [S, P, C+R] = latent (first C) and rope key (last R), on `device` in
     `dtype`. One row per token keeps both parts adjacent, so the absorbed attention uses a row
-    as its key directly (no concatenation per step). `latent` / `rope` are views of it."""
+    as its key directly (no concatenation per step). `latent` / `rope` are views of it.
+
+    Each layer's rows are one flat allocation [S*P + 1, C+R]: row slot*P + position, and one
+    spare row (`spare_row`) that padding rows of a static decode batch write to (write_rows)."""
 
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, device=None, dtype=torch.bfloat16):
         super().__init__(config, num_slots, max_len, device, dtype)
         L, C, R = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
+        S, P = num_slots, max_len
         # One allocation per layer keeps a slot's rows contiguous: attention reads [slot, :L].
-        self.kv = [torch.zeros(num_slots, max_len, C + R, device=self.device, dtype=dtype) for _ in range(L)]
+        self.flat = [torch.zeros(S * P + 1, C + R, device=self.device, dtype=dtype) for _ in range(L)]
+        self.kv = [f[: S * P].view(S, P, C + R) for f in self.flat]  # [S, P, C+R] views
         self.latent = [t[..., :C] for t in self.kv]  # [S, P, C] views
         self.rope = [t[..., C:] for t in self.kv]  # [S, P, R] views
 
@@ -43,6 +48,20 @@ class LatentKVCache(SlotCache):
               latent: torch.Tensor, rope: torch.Tensor) -> None:
         """latent [T, C], rope [T, R] -> cache[layer][slot_t, position_t]."""
         self.kv[layer][slots, positions] = torch.cat([latent, rope], -1).to(self.dtype)
+
+    @staticmethod
+    def static_decode() -> bool:
+        return True
+
+    @property
+    def spare_row(self) -> int:
+        """The flat row no slot owns: where padding rows of a static decode batch write."""
+        return self.num_slots * self.max_len
+
+    def write_rows(self, layer: int, rows: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
+        """latent [B, C], rope [B, R] -> flat rows `rows` [B] of layer (slot * P + position, or
+        spare_row); a static decode batch's write (hybrid/models/batch.py DecodeBatch)."""
+        self.flat[layer][rows] = torch.cat([latent, rope], -1).to(self.dtype)
 
     def rows(self, layer: int, slots: torch.Tensor, length: int, one_slot: int | None = None) -> torch.Tensor:
         """[U, L, C+R]: positions 0..length-1 of each slot. A single slot is a view (no copy)."""

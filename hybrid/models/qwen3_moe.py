@@ -70,7 +70,7 @@ class Attention:
         k = self.norm(self.k_proj(x).reshape(T * nkv, D), self.k_norm, self.eps).view(T, nkv, D)
         v = self.v_proj(x).view(T, nkv, D)
         q, k = apply_rope(q, cos, sin, interleave=False), apply_rope(k, cos, sin, interleave=False)
-        cache.write(self.layer, batch.slots, batch.positions, k, v)
+        batch.write_kv(cache, self.layer, k, v)
         g = batch.groups
         keys, values = cache.rows(self.layer, g.slots, g.L, g.one_slot)  # [U, nkv, L, D] each
         out = gqa_attention(q, keys, values, g, self.scale)  # [T, nh, D]

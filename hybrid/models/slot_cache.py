@@ -37,6 +37,12 @@ class SlotCache:
         """Cache elements one token costs across all layers."""
         raise NotImplementedError
 
+    @staticmethod
+    def static_decode() -> bool:
+        """Whether a static decode batch can write it (write_rows and a spare row for padding;
+        hybrid/models/batch.py DecodeBatch)."""
+        return False
+
     @classmethod
     def bytes_per_token_for(cls, config, dtype=torch.bfloat16) -> int:
         """Cache bytes one token costs across all layers (for memory planning before allocating)."""

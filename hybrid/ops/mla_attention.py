@@ -60,7 +60,7 @@ class MLAAttention:
         latent = self.norm(kv[:, : s.latent], self.kv_norm, s.eps)  # [T, C]
         k_rope = apply_rope(kv[:, None, s.latent :], cos, sin, s.interleave)[:, 0]  # [T, R]
         q_rope = apply_rope(q_rope, cos, sin, s.interleave)  # [T, nh, R]
-        cache.write(self.layer, batch.slots, batch.positions, latent, k_rope)
+        batch.write_kv(cache, self.layer, latent, k_rope)
 
         g = batch.groups
         rows = cache.rows(self.layer, g.slots, g.L, g.one_slot).to(q.dtype)  # [U, L, C+R]

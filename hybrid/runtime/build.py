@@ -37,7 +37,8 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 packed_cache: bool = False, threads: int | None = None, progress: bool = True,
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
-                split_threads: bool = True, images_enabled: bool = True) -> Built:
+                split_threads: bool = True, images_enabled: bool = True,
+                defer_experts: int = 0) -> Built:
     """See hybrid.api.load for what the options mean."""
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
@@ -46,13 +47,16 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     from hybrid.runtime import placement
     from hybrid.runtime.context import BuildContext
     from hybrid.runtime.expert_factory import ExpertLoader
-    from hybrid.runtime.memory import check_fits
+    from hybrid.runtime.memory import check_fits, itemsize
     from hybrid.runtime.threads import split_threads as split
 
     path, device = Path(path), torch.device(device)
     config = config or config_from_dir(path)
     cls = model_class(config.model_type)
     facts = cls.facts(config)
+    if isinstance(defer_experts, bool) or not isinstance(defer_experts, int) or not 0 <= defer_experts < facts.top_k:
+        raise ValueError(f"defer_experts must be an integer in 0..{facts.top_k - 1} (the model picks "
+                         f"{facts.top_k} experts per token), got {defer_experts!r}")
     prof = placer = None
     gpu_expert_bytes = 0
     if profile is not None:
@@ -104,6 +108,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         from hybrid.models.vision import Vision
 
         vision = Vision.load(path, files, vision_cfg, device, dtype)
+    attach_deferral(network, defer_experts)
     live = None
     if prof is not None:
         held = placement.attach_device_experts(network, prof, device, dtype)
@@ -136,3 +141,19 @@ def _vision_config(path: Path, config, files):
                       "loading the text model only (no image input)")
         return None
     return VisionConfig.from_dict(raw, config.hidden_size, source)
+
+
+def attach_deferral(network, k: int) -> None:
+    """Expert deferral (hybrid/experts/moe_layer.py): every MoE layer but the last defers its k
+    lowest-weight host picks to the next one; k = 0 turns it off."""
+    layers = list(network.moe_layers().values())
+    for moe in layers:
+        moe.set_deferral(0)  # clears any previous setting
+    if k == 0:
+        return
+    previous = None
+    for moe in layers[:-1]:
+        moe.set_deferral(k, moe.host_experts().twin(), previous)
+        previous = moe
+    if layers:
+        layers[-1].set_deferral(0, None, previous)

@@ -77,4 +77,4 @@ class BuildContext:
                 raise CheckpointError(f"{self.source.files.file_of(full)}: tensor {full} holds NaN or Inf")
         router = Router(rule, tensors, lib=self.ops.native_lib())
         host = self.experts.layer(self.source, layer, prefix, E, H, self.source.config.moe_intermediate_size)
-        return MoELayer(layer, router, host, shared, staging=staging_for(self.device))
+        return MoELayer(layer, router, host, shared, staging=staging_for(self.device, host.capabilities().device))
