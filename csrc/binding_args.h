@@ -77,19 +77,25 @@ inline SrcDtype float_kind(const py::array& a, const char* name) {
   bad_dtype(a, name, "float32 or bf16 (passed as uint16 bit patterns)");
 }
 
-inline WeightFormat parse_format(const std::string& s) {
-  if (s == "int4") return WeightFormat::INT4_G32;
-  if (s == "int8") return WeightFormat::INT8_G32;
-  if (s == "bf16") return WeightFormat::BF16;
-  throw py::value_error("format must be 'int4', 'int8' or 'bf16', got '" + s + "'");
-}
+// The formats' names in Python (hybrid.experts.cpu_moe.FORMATS); the GGUF ones are ggml's type
+// names in lower case.
 inline std::string format_name(WeightFormat f) {
   switch (f) {
     case WeightFormat::INT4_G32: return "int4";
     case WeightFormat::INT8_G32: return "int8";
     case WeightFormat::BF16: return "bf16";
+    case WeightFormat::Q4_0: return "q4_0";
+    case WeightFormat::Q8_0: return "q8_0";
   }
   return "?";
+}
+inline WeightFormat parse_format(const std::string& s, const char* what = "format") {
+  std::string all;
+  for (int i = 0; i < kNumWeightFormats; ++i) {
+    if (format_name(WeightFormat(i)) == s) return WeightFormat(i);
+    all += (i ? ", '" : "'") + format_name(WeightFormat(i)) + "'";
+  }
+  throw py::value_error(std::string(what) + " must be one of " + all + ", got '" + s + "'");
 }
 
 inline void check_matrix_dims(int64_t n, int64_t k, const char* what) {

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/kernels.h"
 #include "core/tile_width.h"
@@ -36,6 +37,31 @@ static HY_ALWAYS_INLINE void y_prefetch_bytes(const uint8_t* p, int bytes) {
 static HY_ALWAYS_INLINE __m256 y_load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Per-(row, group) weight scales of 8 rows as fp32: the scale policies of the integer formats
+// (kernels.h), a template argument of the integer tiles below.
+struct y_scales_bf16 {  // INT4_G32, INT8_G32
+  static HY_ALWAYS_INLINE __m256 load(const uint16_t* p) { return y_load_bf16x8(p); }
+};
+struct y_scales_f16 {  // Q4_0, Q8_0 (GGUF's fp16 block scales): vcvtph2ps (F16C), exact
+  static HY_ALWAYS_INLINE __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// fn(nibbles, scales) for an integer group-32 format: nibbles is std::true_type for the INT4_G32
+// operand layout (INT4_G32, Q4_0), std::false_type for the INT8_G32 one (INT8_G32, Q8_0); scales
+// the policy above. One place maps formats to (layout, scales) for both AVX2 drivers.
+template <class Fn>
+static HY_ALWAYS_INLINE void y_with_int_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::INT4_G32: fn(std::true_type{}, y_scales_bf16{}); break;
+    case WeightFormat::Q4_0: fn(std::true_type{}, y_scales_f16{}); break;
+    case WeightFormat::INT8_G32: fn(std::false_type{}, y_scales_bf16{}); break;
+    case WeightFormat::Q8_0: fn(std::false_type{}, y_scales_f16{}); break;
+    case WeightFormat::BF16: break;  // not an integer format: callers handle it first
+  }
 }
 
 static HY_ALWAYS_INLINE __m256i y_bcast4(const int8_t* p) {
@@ -133,7 +159,7 @@ struct f32_q8g32 {  // chunk c: inputs 4c..4c+3, bytes 0-3 (u8 = q + 128)
   static constexpr int shift(int j) { return 8 * j; }
 };
 
-template <class Q>
+template <class Q, class Sc>
 static HY_ALWAYS_INLINE void y_matmul_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx,
                                                     int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -145,7 +171,7 @@ static HY_ALWAYS_INLINE void y_matmul_f32_tile16xTT(const PackedMatrix& w, int64
   for (int64_t g = 0; g < ng; ++g) {
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 s = Sc::load(sc + g * kRowBlock + 8 * h);
       const __m256 soff = _mm256_mul_ps(s, _mm256_set1_ps(Q::kOffset));
       for (int c = 0; c < Q::kChunks; ++c) {
         const __m256i v =
@@ -196,11 +222,12 @@ static void y_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const fl
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
       with_tile_width<kTileTokens>(int(t - t0), [&](auto tt) {
-        switch (w.format) {
-          case WeightFormat::INT4_G32: y_matmul_f32_tile16xTT<f32_q4g32>(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::INT8_G32: y_matmul_f32_tile16xTT<f32_q8g32>(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::BF16: y_matmul_f32_bf16_tile16xTT(w, b, xt, ldx, tt, ot, ldo); break;
-        }
+        if (w.format == WeightFormat::BF16) return y_matmul_f32_bf16_tile16xTT(w, b, xt, ldx, tt, ot, ldo);
+        y_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) y_matmul_f32_tile16xTT<f32_q4g32, Sc>(w, b, xt, ldx, tt, ot, ldo);
+          else y_matmul_f32_tile16xTT<f32_q8g32, Sc>(w, b, xt, ldx, tt, ot, ldo);
+        });
       });
     }
   }
@@ -264,7 +291,7 @@ struct a8_q8g32 {
   }
 };
 
-template <class Dot>
+template <class Dot, class Sc>
 static HY_ALWAYS_INLINE void y_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
                                                    int64_t t0, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -279,7 +306,7 @@ static HY_ALWAYS_INLINE void y_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
     for (int h = 0; h < 2; ++h) {
       __m256i s32[kTileTokens];
       Dot::dot(p + 32 * h, x, t0, g, ng, tt, s32);
-      const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 sw = Sc::load(sc + g * kRowBlock + 8 * h);
 #pragma GCC unroll 4
       for (int t = 0; t < tt; ++t) {
         const __m256 sc2 = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[(t0 + t) * ng + g]));
@@ -297,8 +324,11 @@ static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const Qua
     for (int64_t t0 = 0; t0 < x.t; t0 += kTileTokens) {
       float* ot = ob + t0 * ldo;
       with_tile_width<kTileTokens>(int(x.t - t0), [&](auto tt) {
-        if (w.format == WeightFormat::INT4_G32) y_matmul_a8_tile16xTT<a8_q4g32>(w, b, x, t0, tt, ot, ldo);
-        else y_matmul_a8_tile16xTT<a8_q8g32>(w, b, x, t0, tt, ot, ldo);
+        y_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) y_matmul_a8_tile16xTT<a8_q4g32, Sc>(w, b, x, t0, tt, ot, ldo);
+          else y_matmul_a8_tile16xTT<a8_q8g32, Sc>(w, b, x, t0, tt, ot, ldo);
+        });
       });
     }
   }

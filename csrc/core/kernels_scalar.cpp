@@ -33,11 +33,12 @@ void quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t
   }
 }
 
-// Unpack the (block b, group g) tile of an INT4_G32 / INT8_G32 matrix into signed values
-// w[r][i] = q[16*b + r][32*g + i] (offset removed) and fp32 scales s[r].
+// Unpack the (block b, group g) tile of a group-32 integer matrix (INT4_G32 / INT8_G32 and their
+// GGUF twins Q4_0 / Q8_0) into signed values w[r][i] = q[16*b + r][32*g + i] (offset removed) and
+// fp32 scales s[r].
 void load_tile(const PackedMatrix& w, int64_t b, int64_t g, int8_t (*q)[kGroup], float* s) {
   const int64_t groups = w.k / kGroup;
-  if (w.format == WeightFormat::INT4_G32) {
+  if (nibble_layout(w.format)) {
     const uint8_t* grp = w.qweight + (b * groups + g) * 256;
     for (int c = 0; c < 4; ++c)
       for (int r = 0; r < kRowBlock; ++r)
@@ -46,13 +47,13 @@ void load_tile(const PackedMatrix& w, int64_t b, int64_t g, int8_t (*q)[kGroup],
           q[r][8 * c + j] = int8_t((byte & 0x0F) - 8);
           q[r][8 * c + 4 + j] = int8_t((byte >> 4) - 8);
         }
-  } else {  // INT8_G32
+  } else {  // INT8_G32, Q8_0
     const uint8_t* grp = w.qweight + (b * groups + g) * 512;
     for (int c = 0; c < 8; ++c)
       for (int r = 0; r < kRowBlock; ++r)
         for (int j = 0; j < 4; ++j) q[r][4 * c + j] = int8_t(int(grp[c * 64 + r * 4 + j]) - 128);
   }
-  for (int r = 0; r < kRowBlock; ++r) s[r] = bf16_to_f32(w.scales[(b * groups + g) * kRowBlock + r]);
+  for (int r = 0; r < kRowBlock; ++r) s[r] = scale_to_f32(w.format, w.scales[(b * groups + g) * kRowBlock + r]);
 }
 
 // BF16 weight W[16*b + r][k].

@@ -45,8 +45,9 @@ bool MoeOperator::pending() const {
   return job_ != nullptr;
 }
 
-bool MoeOperator::int8_acts() const {
-  return mode_ == ActMode::Fast && layer_->format() != WeightFormat::BF16;
+bool MoeOperator::int8_acts(bool hidden_side) const {
+  const WeightFormat f = hidden_side ? layer_->format() : layer_->down_format();
+  return mode_ == ActMode::Fast && f != WeightFormat::BF16;
 }
 
 void MoeOperator::inject_fault(const std::string& message) {
@@ -116,15 +117,18 @@ void MoeOperator::submit(const MoeCall& c) {
   }
 
   // Scratch.
-  if (int8_acts()) {
+  if (int8_acts(true)) {
     grow(xq_, size_t(P * H));
     grow(xs_, size_t(P * H / kGroup));
     grow(xgs_, size_t(P * H / kGroup));
+  } else {
+    grow(xf_, size_t(P * H));
+  }
+  if (int8_acts(false)) {
     grow(hq_, size_t(P * I));
     grow(hs_, size_t(P * I / kGroup));
     grow(hgs_, size_t(P * I / kGroup));
   } else {
-    grow(xf_, size_t(P * H));
     grow(hf_, size_t(P * I));
   }
   if (!(c.y_type == ElemType::F32 && !c.accumulate)) grow(yacc_, size_t(B * H));
@@ -139,9 +143,8 @@ void MoeOperator::submit(const MoeCall& c) {
   if (caller_ && int64_t(act_expert_.size()) * int64_t(layer_->expert_nbytes()) < int64_t(kChunkBytes) &&
       P * 3 * H * I < (int64_t(4) << 20))
     team_ = 1;
-  const WeightFormat f = layer_->format();
-  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
-  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));
+  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(layer_->format(), H))));
+  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(layer_->down_format(), I)));
   const size_t tmp_floats =
       size_t(std::max({kTokenTile * 4 * kRowBlock * cu, kTokenTile * kRowBlock * cd, H}));
   if (tmp_.size() < size_t(team_)) tmp_.resize(size_t(team_));
@@ -179,7 +182,7 @@ void MoeOperator::phase_prep(int tid, int team) {
       std::memcpy(row, static_cast<const float*>(call_.x) + t * H, size_t(H) * 4);
     }
     const int64_t first = tok_pairs_[size_t(q0)];
-    if (int8_acts()) {
+    if (int8_acts(true)) {
       table_.quantize_row_a8(row, H, &xq_[size_t(first * H)], &xs_[size_t(first * G)],
                              &xgs_[size_t(first * G)]);
       for (int64_t q = q0 + 1; q < q1; ++q) {
@@ -198,7 +201,7 @@ void MoeOperator::phase_prep(int tid, int team) {
 void MoeOperator::run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int64_t p0, int64_t n,
                              bool hidden_side, float* out, int64_t ldo) const {
   const int64_t K = w.k, G = K / kGroup;
-  if (int8_acts()) {
+  if (int8_acts(hidden_side)) {
     QuantizedActs a;
     a.q = (hidden_side ? xq_.data() : hq_.data()) + p0 * K;
     a.scale = (hidden_side ? xs_.data() : hs_.data()) + p0 * G;
@@ -271,7 +274,7 @@ void MoeOperator::phase_gate_up(int tid, int team) {
               for (int r = 0; r < kRowBlock; ++r)
                 hbuf[half * kRowBlock + r] =
                     silu(o[(2 * half) * kRowBlock + r]) * o[(2 * half + 1) * kRowBlock + r];
-            if (int8_acts())
+            if (int8_acts(false))
               table_.quantize_row_a8(hbuf, kGroup, &hq_[size_t(p * I + u * kGroup)],
                                      &hs_[size_t(p * GI + u)], &hgs_[size_t(p * GI + u)]);
             else
@@ -286,8 +289,7 @@ void MoeOperator::phase_gate_up(int tid, int team) {
 // Phase 3: this thread's H row blocks of y, summed over all active experts' down projections.
 void MoeOperator::phase_down(int tid, int team) {
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), B = call_.b;
-  const WeightFormat f = layer_->format();
-  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));
+  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(layer_->down_format(), I)));
   auto [d0, d1] = pool_->split(down_units(H), tid, team);
   const int64_t c0 = d0 * kRowBlock, c1 = d1 * kRowBlock;
   const bool direct = call_.y_type == ElemType::F32 && !call_.accumulate;

@@ -79,6 +79,9 @@ void pack_int4_from_ct(const int32_t* packed, const void* scale, SrcDtype scale_
 
 void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, int64_t k,
                    int64_t b0, int64_t b1, const PackDest& dst) {
+  if (gguf_block_bytes(format) != 0)
+    throw std::invalid_argument("GGUF block formats are packed from their blocks (pack_gguf), not quantised "
+                                "from floats here");
   const int64_t groups = k / kGroup;
   volatile float magic_v = 12582912.f;  // 1.5 * 2^23 (see above); volatile: never folded
   const float magic_ = magic_v;
@@ -152,6 +155,48 @@ void quantize_pack(WeightFormat format, const void* w, SrcDtype dt, int64_t n, i
   }
 }
 
+size_t gguf_block_bytes(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::Q4_0: return 2 + kGroup / 2;
+    case WeightFormat::Q8_0: return 2 + kGroup;
+    default: return 0;
+  }
+}
+
+size_t gguf_row_bytes(WeightFormat f, int64_t k) { return size_t(k / kGroup) * gguf_block_bytes(f); }
+
+void pack_gguf(WeightFormat f, const uint8_t* src, int64_t n, int64_t k, int64_t b0, int64_t b1,
+               const PackDest& dst) {
+  const int64_t groups = k / kGroup;
+  const size_t bb = gguf_block_bytes(f), rb = gguf_row_bytes(f, k);
+  if (bb == 0) throw std::invalid_argument("pack_gguf: format " + std::to_string(int(f)) + " is not a GGUF type");
+  for (int64_t b = b0; b < b1; ++b) {
+    uint8_t* q = dest_q(dst, f, k, b);
+    uint16_t* s = dest_s(dst, f, k, b);
+    for (int r = 0; r < kRowBlock; ++r) {
+      const uint8_t* row = src + size_t(b * kRowBlock + r) * rb;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* blk = row + size_t(g) * bb;
+        uint16_t d;
+        std::memcpy(&d, blk, 2);
+        s[g * kRowBlock + r] = d;
+        const uint8_t* qs = blk + 2;
+        if (f == WeightFormat::Q4_0) {
+          // nib(i): input i's stored nibble (q + 8), as GGUF orders them.
+          auto nib = [&](int i) { return i < 16 ? qs[i] & 0x0F : qs[i - 16] >> 4; };
+          uint8_t* out = q + g * 256 + r * 4;
+          for (int c = 0; c < 4; ++c)
+            for (int j = 0; j < 4; ++j) out[c * 64 + j] = uint8_t(nib(8 * c + j) | (nib(8 * c + 4 + j) << 4));
+        } else {  // Q8_0: u8 = q + 128
+          uint8_t* out = q + g * 512 + r * 4;
+          for (int c = 0; c < 8; ++c)
+            for (int j = 0; j < 4; ++j) out[c * 64 + j] = uint8_t(qs[4 * c + j] ^ 0x80);
+        }
+      }
+    }
+  }
+}
+
 void unpack(const PackedMatrix& w, int64_t b0, int64_t b1, float* out) {
   const int64_t k = w.k, groups = k / kGroup;
   for (int64_t b = b0; b < b1; ++b) {
@@ -168,9 +213,9 @@ void unpack(const PackedMatrix& w, int64_t b0, int64_t b1, float* out) {
         continue;
       }
       for (int64_t g = 0; g < groups; ++g) {
-        const float sc = bf16_to_f32(s[g * kRowBlock + r]);
+        const float sc = scale_to_f32(w.format, s[g * kRowBlock + r]);
         float* og = o + g * kGroup;
-        if (w.format == WeightFormat::INT4_G32) {
+        if (nibble_layout(w.format)) {
           const uint8_t* in = q + g * 256 + r * 4;
           for (int c = 0; c < 4; ++c)
             for (int j = 0; j < 4; ++j) {

@@ -40,9 +40,11 @@ uint8_t* reserve_aligned(size_t bytes, void** reservation, size_t* reservation_b
 
 }  // namespace
 
-LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
-  if (int(format) < 0 || int(format) > 2)
+LayerHeader layer_layout(WeightFormat format, WeightFormat down_format, int64_t e, int64_t h, int64_t i) {
+  if (int(format) < 0 || int(format) >= kNumWeightFormats)
     throw std::invalid_argument("format: unknown weight format " + std::to_string(int(format)));
+  if (int(down_format) < 0 || int(down_format) >= kNumWeightFormats)
+    throw std::invalid_argument("down_format: unknown weight format " + std::to_string(int(down_format)));
   if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
   if (h < kGroup || h % kGroup != 0)
     throw std::invalid_argument("hidden must be a positive multiple of 32, got " + std::to_string(h));
@@ -53,6 +55,7 @@ LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
   std::memcpy(hd.magic, kLayerMagic, 8);
   hd.version = kLayerVersion;
   hd.format = uint32_t(format);
+  hd.down_format = uint32_t(down_format);
   hd.num_experts = uint64_t(e);
   hd.hidden = uint64_t(h);
   hd.intermediate = uint64_t(i);
@@ -63,17 +66,17 @@ LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
   hd.gate_up_scales = off;
   off = round_up(off + packed_scale_bytes(format, 2 * i, h), kPage);
   hd.down_qweight = off;
-  off = round_up(off + packed_qweight_bytes(format, h, i), kPage);
+  off = round_up(off + packed_qweight_bytes(down_format, h, i), kPage);
   hd.down_scales = off;
-  off = round_up(off + packed_scale_bytes(format, h, i), kPage);
+  off = round_up(off + packed_scale_bytes(down_format, h, i), kPage);
   hd.expert_stride = off;
   hd.total_bytes = hd.data_offset + uint64_t(e) * off;
   return hd;
 }
 
-std::shared_ptr<PackedLayer> PackedLayer::create(WeightFormat format, int64_t e, int64_t h,
-                                                 int64_t i) {
-  LayerHeader hd = layer_layout(format, e, h, i);
+std::shared_ptr<PackedLayer> PackedLayer::create(WeightFormat format, WeightFormat down_format, int64_t e,
+                                                 int64_t h, int64_t i) {
+  LayerHeader hd = layer_layout(format, down_format, e, h, i);
   std::shared_ptr<PackedLayer> L(new PackedLayer());
   uint8_t* base = reserve_aligned(hd.total_bytes, &L->reservation_, &L->reservation_bytes_);
   void* p = mmap(base, hd.total_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
@@ -100,12 +103,16 @@ std::shared_ptr<PackedLayer> PackedLayer::open(const std::string& path) {
     throw std::invalid_argument("'" + path + "' is not a packed layer file: shorter than its header");
   if (std::memcmp(hd.magic, kLayerMagic, 8) != 0)
     throw std::invalid_argument("'" + path + "' is not a packed layer file (bad magic)");
-  if (hd.version != kLayerVersion)
+  if (hd.version != kLayerVersion && hd.version != 1)
     throw std::invalid_argument("'" + path + "': packed layer version " + std::to_string(hd.version) +
-                                ", this build reads version " + std::to_string(kLayerVersion));
+                                ", this build reads versions 1 and " + std::to_string(kLayerVersion));
+  if (hd.version == 1) {  // one format for the whole layer; the bytes past total_bytes were zero
+    hd.down_format = hd.format;
+    hd.reserved = 0;
+  }
   LayerHeader want;
   try {
-    want = layer_layout(WeightFormat(hd.format), int64_t(hd.num_experts), int64_t(hd.hidden),
+    want = layer_layout(WeightFormat(hd.format), WeightFormat(hd.down_format), int64_t(hd.num_experts), int64_t(hd.hidden),
                         int64_t(hd.intermediate));
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument("'" + path + "': header field " + e.what());
@@ -188,7 +195,7 @@ PackedMatrix PackedLayer::gate_up(int64_t e) const {
 
 PackedMatrix PackedLayer::down(int64_t e) const {
   const uint8_t* base = expert_base(e);
-  const auto f = format();
+  const auto f = down_format();
   return {f, hidden(), intermediate(), base + header_.down_qweight,
           f == WeightFormat::BF16 ? nullptr
                                   : reinterpret_cast<const uint16_t*>(base + header_.down_scales)};
@@ -196,7 +203,7 @@ PackedMatrix PackedLayer::down(int64_t e) const {
 
 void PackedLayer::place(ThreadPool& pool) const {
   const int64_t E = num_experts(), gu_units = gate_up_units(intermediate()), dn_units = down_units(hidden());
-  const WeightFormat f = format();
+  const WeightFormat f = format(), fd = down_format();
   auto touch = [](const uint8_t* p, size_t n) {
     uint8_t acc = 0;
     for (size_t o = 0; o < n; o += kPage) acc ^= *reinterpret_cast<const volatile uint8_t*>(p + o);
@@ -209,7 +216,7 @@ void PackedLayer::place(ThreadPool& pool) const {
     for (int64_t e = 0; e < E; ++e) {
       PackedMatrix gu = gate_up(e), dn = down(e);
       size_t gq = block_qweight_bytes(f, hidden()), gs = block_scale_count(f, hidden());
-      size_t dq = block_qweight_bytes(f, intermediate()), ds = block_scale_count(f, intermediate());
+      size_t dq = block_qweight_bytes(fd, intermediate()), ds = block_scale_count(fd, intermediate());
       touch(gu.qweight + 4 * g0 * gq, size_t(4 * (g1 - g0)) * gq);
       touch(dn.qweight + d0 * dq, size_t(d1 - d0) * dq);
       if (gu.scales) touch(reinterpret_cast<const uint8_t*>(gu.scales + 4 * g0 * gs), size_t(4 * (g1 - g0)) * gs * 2);

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/kernels.h"
 #include "core/tile_width.h"
@@ -52,6 +53,31 @@ static HY_ALWAYS_INLINE void z_prefetch_next_block(const uint8_t* p, int bytes, 
 static HY_ALWAYS_INLINE __m512 z_load_bf16x16(const uint16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Per-(row, group) weight scales of the 16 rows of a block, as fp32: the scale policies of the
+// integer formats (kernels.h), a template argument of every tile below.
+struct z_scales_bf16 {  // INT4_G32, INT8_G32
+  static HY_ALWAYS_INLINE __m512 load(const uint16_t* p) { return z_load_bf16x16(p); }
+};
+struct z_scales_f16 {  // Q4_0, Q8_0 (GGUF's fp16 block scales): vcvtph2ps, exact
+  static HY_ALWAYS_INLINE __m512 load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+
+// fn(nibbles, scales) for an integer group-32 format: nibbles is std::true_type for the INT4_G32
+// operand layout (INT4_G32, Q4_0) and std::false_type for the INT8_G32 one (INT8_G32, Q8_0);
+// scales the policy above. One place maps formats to (layout, scales) for every AVX-512 driver.
+template <class Fn>
+static HY_ALWAYS_INLINE void z_with_int_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::INT4_G32: fn(std::true_type{}, z_scales_bf16{}); break;
+    case WeightFormat::Q4_0: fn(std::true_type{}, z_scales_f16{}); break;
+    case WeightFormat::INT8_G32: fn(std::false_type{}, z_scales_bf16{}); break;
+    case WeightFormat::Q8_0: fn(std::false_type{}, z_scales_f16{}); break;
+    case WeightFormat::BF16: break;  // not an integer format: callers handle it first
+  }
 }
 
 // Four int8 activations (inputs k..k+3) broadcast to every 32-bit lane: the s8 operand of
@@ -104,6 +130,7 @@ static HY_ALWAYS_INLINE __m512i z_bcast4(const int8_t* p) {
 // INT4: vpermps looks up (nibble - 8) as fp32 from a 16-entry table using only the low 4 bits
 // of each lane, so a shift is the whole unpack; the group's sum is scaled once (exact products
 // (nibble - 8) * x, one fp32 rounding order among others).
+template <class Sc>
 static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
                                            int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -131,7 +158,7 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
           ag[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), ag[t]);
       }
     }
-    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s = Sc::load(sc + g * kRowBlock);
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(ag[t], s, acc[t]);
   }
@@ -139,6 +166,7 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
+template <class Sc>
 static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, const float* x,
                                            int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -149,7 +177,7 @@ static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, con
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s = Sc::load(sc + g * kRowBlock);
     const __m512 s128 = _mm512_mul_ps(s, _mm512_set1_ps(128.0f));
     z_prefetch_bytes(qw + g * 512, 512);
 #pragma GCC unroll 16
@@ -201,11 +229,12 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
       with_tile_width<HY_Z_F32_TT_MAX>(int(t - t0), [&](auto tt) {
-        switch (w.format) {
-          case WeightFormat::INT4_G32: z_f32_i4_tile(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::INT8_G32: z_f32_i8_tile(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::BF16: z_f32_bf16_tile(w, b, xt, ldx, tt, ot, ldo); break;
-        }
+        if (w.format == WeightFormat::BF16) return z_f32_bf16_tile(w, b, xt, ldx, tt, ot, ldo);
+        z_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) z_f32_i4_tile<Sc>(w, b, xt, ldx, tt, ot, ldo);
+          else z_f32_i8_tile<Sc>(w, b, xt, ldx, tt, ot, ldo);
+        });
       });
     }
   }
@@ -284,8 +313,9 @@ struct bw_q8g32 {
   }
 };
 
-// Row block b x tokens [t0, t0 + tt); out points at (token t0, block b's column).
-template <class Dot>
+// Row block b x tokens [t0, t0 + tt); out points at (token t0, block b's column). Sc: the scale
+// policy of the format (z_scales_bf16 / z_scales_f16).
+template <class Dot, class Sc>
 static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
                                                    int64_t t0, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup, gbytes = Dot::kGroupBytes;
@@ -300,7 +330,7 @@ static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
     if (Dot::kPrefetchNextBlock && tt > 1) z_prefetch_next_block(p, int(gbytes), ng * gbytes);
     typename Dot::Operands ops;
     Dot::load(p, ops);
-    const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 sw = Sc::load(sc + g * kRowBlock);
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
@@ -323,8 +353,11 @@ static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0
     for (int64_t t0 = t_begin; t0 < t_end; t0 += HY_Z_A8_TT_MAX) {
       float* ot = ob + t0 * ldo;
       with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
-        if (w.format == WeightFormat::INT4_G32) z_matmul_a8_tile16xTT<DotQ4>(w, b, x, t0, tt, ot, ldo);
-        else z_matmul_a8_tile16xTT<DotQ8>(w, b, x, t0, tt, ot, ldo);
+        z_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) z_matmul_a8_tile16xTT<DotQ4, Sc>(w, b, x, t0, tt, ot, ldo);
+          else z_matmul_a8_tile16xTT<DotQ8, Sc>(w, b, x, t0, tt, ot, ldo);
+        });
       });
     }
   }

@@ -1,0 +1,242 @@
+"""GGUF block types run by the native kernels in their own bits (csrc/core/kernels.h, pack.h):
+the lossless repack against the gguf package's own dequantiser, every kernel path this machine
+runs on decode and prefill shapes, the fused MoE operator on layers whose gate_up and down types
+differ, packed-layer files, and the binding's checks.
+
+Blocks are random valid ones (random quant bits, random finite fp16 scales over the whole fp16
+range, subnormals included) and blocks gguf.quants.quantize makes from Gaussian weights.
+
+Tolerances. The weights are exact: pack + unpack equals gguf.quants.dequantize bit for bit, and
+the kernels dequantise exactly (fp16 scale x small integer is exact in fp32). What is left is the
+activation side. The references apply the operator's own activation rounding (quant_a8: int8 per
+group of 32, fast mode; none in precise mode) in float64, so a kernel differs from them by fp32
+summation order only: |out - ref| <= gamma_K * sum_k |w_k x_k|, gamma_K = 2 K 2^-24 (as
+tests/test_kernels_isa.py). The fused operator: TOL_EMULATED / TOL_PRECISE of tests/test_native_moe.py
+(rare int8 rounding flips of h, whose fp32 value differs from the float64 one in the last bits).
+
+Legend: N rows, K inputs, T tokens, E experts, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants
+from native_ref import moe_reference, quant_a8, rel_err
+
+from hybrid import native
+from hybrid.experts import cpu_moe
+from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
+
+N = native.lib()
+from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
+
+ISAS = N.available_isas()
+TYPES = [QT.Q4_0, QT.Q8_0]
+EPS32 = 2.0**-24
+TOL_PRECISE = 1e-5
+TOL_EMULATED = 2e-3
+
+
+def fmt_of(t: QT) -> str:
+    return t.name.lower()
+
+
+def random_f16(rng, shape) -> np.ndarray:
+    """Random finite fp16 bit patterns (every exponent but Inf/NaN's, both signs) as uint16."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint32).astype(np.uint16)
+    exp = (bits >> 10) & 0x1F
+    return np.where(exp == 0x1F, bits & np.uint16(0x83FF), bits).astype(np.uint16)  # Inf/NaN -> subnormal
+
+
+def random_blocks(rng, t: QT, n: int, k: int, scale_bits=None) -> np.ndarray:
+    """uint8 [n, row bytes] of random valid blocks of type t: random quant bits, fp16 scales from
+    scale_bits(rng, shape) (default: any finite fp16)."""
+    bs, ts = GGML_QUANT_SIZES[t]
+    rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
+    d = (scale_bits or random_f16)(rng, (n, k // bs))
+    rows[:, :, 0:2] = d.view(np.uint8).reshape(n, k // bs, 2)  # Q4_0 / Q8_0: d comes first
+    return rows.reshape(n, k // bs * ts)
+
+
+def modest_f16(rng, shape):
+    """fp16 scales of Gaussian-weight size (1e-3 .. 3e-2), so MoE activations stay O(1)."""
+    return rng.uniform(1e-3, 3e-2, size=shape).astype(np.float16).view(np.uint16)
+
+
+def quantized_blocks(rng, t: QT, n: int, k: int) -> np.ndarray:
+    """Blocks gguf's own quantiser makes from Gaussian weights, uint8 [n, row bytes]."""
+    return quants.quantize((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32), t)
+
+
+def bound(w, x):
+    k = w.shape[1]
+    return 2 * k * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)) + 1e-30
+
+
+# ---- the repack ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", TYPES, ids=fmt_of)
+@pytest.mark.parametrize("source", ["random", "quantized"])
+def test_pack_unpack_is_gguf_dequantize(t, source):
+    rng = np.random.default_rng(1)
+    n, k = 48, 256
+    rows = random_blocks(rng, t, n, k) if source == "random" else quantized_blocks(rng, t, n, k)
+    q, s = N.pack_gguf(rows, fmt_of(t), n, k)
+    got = N.unpack(fmt_of(t), q, s, n, k)
+    want = quants.dequantize(rows, t)
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+def test_q8_0_minus_128_and_subnormal_scales():
+    """Q8_0's int8 may be -128 (valid bits the quantiser never writes); fp16 scales may be subnormal."""
+    n, k = 16, 32
+    rows = np.zeros((n, 34), np.uint8)
+    rows[:, 2:] = 0x80  # -128
+    rows[:, 0:2] = np.array([1], np.uint16).view(np.uint8)  # smallest subnormal, 2^-24
+    q, s = N.pack_gguf(rows, "q8_0", n, k)
+    np.testing.assert_array_equal(N.unpack("q8_0", q, s, n, k), np.full((n, k), -128 * 2.0**-24, np.float32))
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    return request.param
+
+
+@pytest.mark.parametrize("t", TYPES, ids=fmt_of)
+@pytest.mark.parametrize("k", [32, 288, 2048])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16, 33])
+def test_matmul_a8(isa, t, k, T):
+    rng = np.random.default_rng(10 * T + k)
+    n = 48
+    rows = random_blocks(rng, t, n, k)
+    q, s = N.pack_gguf(rows, fmt_of(t), n, k)
+    w = quants.dequantize(rows, t).astype(np.float64)
+    x = rng.standard_normal((T, k)).astype(np.float32)
+    xq, xs, xg = NT.kernel_quantize_row_a8("scalar", x)
+    xd = xq.astype(np.float64) * np.repeat(xs, 32, axis=1)
+    out = NT.kernel_matmul_a8(isa, fmt_of(t), q, s, n, k, xq, xs, xg, 1, 3)  # blocks 1, 2
+    ws = w[16:48]
+    err = np.abs(out - xd @ ws.T)
+    assert (err <= bound(ws, xd)).all(), f"{isa} {t.name} K={k} T={T}: max error {err.max()}"
+
+
+@pytest.mark.parametrize("t", TYPES, ids=fmt_of)
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
+def test_matmul_f32(isa, t, T):
+    rng = np.random.default_rng(200 + T)
+    n, k = 48, 288
+    rows = random_blocks(rng, t, n, k)
+    q, s = N.pack_gguf(rows, fmt_of(t), n, k)
+    w = quants.dequantize(rows, t).astype(np.float64)
+    x = rng.standard_normal((T, k)).astype(np.float32)
+    out = NT.kernel_matmul_f32(isa, fmt_of(t), q, s, n, k, x, 0, 3)
+    err = np.abs(out - x.astype(np.float64) @ w.T)
+    assert (err <= bound(w, x)).all(), f"{isa} {t.name} T={T}: max error {err.max()}"
+
+
+# ---- the fused operator -------------------------------------------------------------------------
+
+E, H, I, K = 8, 64, 96, 4
+
+
+def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks):
+    """(gate, up [E, I, row bytes], down [E, H, row bytes]) raw blocks and their float64
+    dequantised twins as per-expert (gate, up, down)."""
+    gate = np.stack([blocks(rng, gate_t, I, H) for _ in range(E)])
+    up = np.stack([blocks(rng, gate_t, I, H) for _ in range(E)])
+    down = np.stack([blocks(rng, down_t, H, I) for _ in range(E)])
+    deq = [tuple(quants.dequantize(m[e], t).astype(np.float64) for m, t in ((gate, gate_t), (up, gate_t), (down, down_t)))
+           for e in range(E)]
+    return (gate, up, down), deq
+
+
+PAIRS = [(QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0), (QT.Q8_0, QT.Q4_0)]
+
+
+@pytest.mark.parametrize("gate_t,down_t", PAIRS, ids=lambda p: fmt_of(p) if isinstance(p, QT) else str(p))
+@pytest.mark.parametrize("mode", ["fast", "precise"])
+@pytest.mark.parametrize("B", [1, 3, 40])
+def test_moe_mixed_types(isa, gate_t, down_t, mode, B):
+    rng = np.random.default_rng(B + 7 * int(gate_t) + int(down_t))
+    (g, u, d), deq = gguf_experts(rng, gate_t, down_t)
+    layer = PackedLayer.from_gguf(g, u, d, gate_t, gate_t, down_t)
+    assert (layer.format, layer.down_format) == (fmt_of(gate_t), fmt_of(down_t))
+    for e in (0, E - 1):  # the layer holds exactly the GGUF values
+        for got, want in zip(layer.unpack_expert(e), deq[e]):
+            np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+    x = rng.standard_normal((B, H)).astype(np.float32)
+    ids = np.argsort(rng.random((B, E)), axis=1)[:, :K].astype(np.int32)
+    w = rng.random((B, K)).astype(np.float32)
+    y = CpuMoE(layer, mode=mode, isa=isa).forward(x, ids, w)
+    ref = moe_reference(deq, x, ids, w, act=quant_a8 if mode == "fast" else None)
+    tol = TOL_EMULATED if mode == "fast" else TOL_PRECISE
+    assert rel_err(y, ref) <= tol, f"{isa} {gate_t.name}+{down_t.name} {mode} B={B}: {rel_err(y, ref)}"
+
+
+def test_moe_random_bit_blocks_fast():
+    """Random quant bits (modest scales) through the whole operator, per-expert sequences of rows."""
+    rng = np.random.default_rng(5)
+    (g, u, d), deq = gguf_experts(rng, QT.Q4_0, QT.Q8_0,
+                                  blocks=lambda r, t, n, k: random_blocks(r, t, n, k, modest_f16))
+    layer = PackedLayer.from_gguf(list(g), list(u), list(d), "Q4_0", int(QT.Q4_0), QT.Q8_0)
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    ids = np.argsort(rng.random((5, E)), axis=1)[:, :K].astype(np.int32)
+    w = rng.random((5, K)).astype(np.float32)
+    y = CpuMoE(layer).forward(x, ids, w)
+    assert rel_err(y, moe_reference(deq, x, ids, w, act=quant_a8)) <= TOL_EMULATED
+
+
+def test_saved_mixed_layer_reopens(tmp_path):
+    rng = np.random.default_rng(6)
+    (g, u, d), _ = gguf_experts(rng, QT.Q8_0, QT.Q4_0)
+    layer = PackedLayer.from_gguf(g, u, d, QT.Q8_0, QT.Q8_0, QT.Q4_0)
+    layer.save(tmp_path / "l.packed")
+    back = PackedLayer.load(tmp_path / "l.packed")
+    assert (back.format, back.down_format) == ("q8_0", "q4_0")
+    for a, b in zip(layer.unpack_expert(3), back.unpack_expert(3)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---- the Python API and the binding's checks ----------------------------------------------------
+
+def test_native_types_set():
+    assert cpu_moe.GGUF_NATIVE_TYPES == frozenset(TYPES)
+    assert all(isinstance(t, QT) for t in cpu_moe.GGUF_NATIVE_TYPES)
+
+
+def _blocks(t=QT.Q4_0):
+    rng = np.random.default_rng(0)
+    return gguf_experts(rng, t, t)[0]
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda g, u, d: (g, u, d, QT.Q4_K, QT.Q4_K, QT.Q4_0), ValueError, "gate: GGUF type Q4_K has no native"),
+    (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q8_0, QT.Q4_0), ValueError, "gate is Q4_0 but up is Q8_0"),
+    (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, 999), ValueError, "down: 999 is not a GGUF tensor type"),
+    (lambda g, u, d: (g, u, d[:-1], QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, "same number"),
+    (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, QT.Q8_0), ValueError,
+     "expert 0: down: a row of 96 inputs in q8_0 is 3 blocks of 34 bytes = 102 bytes, got rows of 54"),
+    (lambda g, u, d: (g, u[:, :, :-2], d, QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, "expert 0: up: a row of 64"),
+    (lambda g, u, d: (g.view(np.int8), u, d, QT.Q4_0, QT.Q4_0, QT.Q4_0), TypeError, "gate must have dtype uint8"),
+    (lambda g, u, d: (g, u[:, :-16], d, QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, r"up must have shape \[96, 36\]"),
+])
+def test_from_gguf_errors(change, err, match):
+    with pytest.raises(err, match=match):
+        PackedLayer.from_gguf(*change(*_blocks()))
+
+
+def test_pack_gguf_errors():
+    rows = random_blocks(np.random.default_rng(0), QT.Q8_0, 16, 64)
+    with pytest.raises(ValueError, match="'int4' is not a GGUF block type"):
+        N.pack_gguf(rows, "int4", 16, 64)
+    with pytest.raises(ValueError, match="rows .N. must be a positive multiple of 16"):
+        N.pack_gguf(rows[:8], "q8_0", 8, 64)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        N.pack_gguf(np.asfortranarray(rows), "q8_0", 16, 64)
+    layer = N.Layer.create("q4_0", 1, 64, 32)
+    with pytest.raises(ValueError, match="packed from their blocks"):
+        layer.pack_expert_float(0, np.zeros((32, 64), np.float32), np.zeros((32, 64), np.float32),
+                                np.zeros((64, 32), np.float32))
