@@ -99,14 +99,14 @@ void check_gguf_rows(const py::array& a, WeightFormat f, int64_t n, int64_t k, c
   const int64_t rb = int64_t(gguf_row_bytes(f, k));
   if (a.ndim() == 2 && a.shape(0) == n && a.shape(1) != rb)
     throw py::value_error(name + ": a row of " + std::to_string(k) + " inputs in " + format_name(f) + " is " +
-                          std::to_string(k / kGroup) + " blocks of " + std::to_string(bb) + " bytes = " +
+                          std::to_string(k / gguf_block_inputs(f)) + " blocks of " + std::to_string(bb) + " bytes = " +
                           std::to_string(rb) + " bytes, got rows of " + std::to_string(a.shape(1)) + " bytes");
   check_layout(a, name.c_str(), {n, rb});
 }
 
 py::tuple py_pack_gguf(const py::object& ro, const std::string& fmt, int64_t n, int64_t k) {
   WeightFormat f = parse_format(fmt);
-  check_matrix_dims(n, k, "rows");
+  check_matrix_dims(n, k, "rows", f);
   py::array rows = as_array(ro, "rows");
   check_gguf_rows(rows, f, n, k, "rows");
   py::array_t<uint8_t> q(py::ssize_t(packed_qweight_bytes(f, n, k)));
@@ -567,8 +567,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("quantize_pack", &py_quantize_pack, py::arg("w"), py::arg("format"),
         "float32/bf16 [N, K] -> packed (qweight uint8, scales uint16 or None)");
   m.def("pack_gguf", &py_pack_gguf, py::arg("rows"), py::arg("format"), py::arg("n"), py::arg("k"),
-        "raw GGUF blocks uint8 [N, row bytes] of a q4_0 / q8_0 [N, K] matrix -> packed (qweight uint8, scales "
-        "uint16 fp16 bits), lossless");
+        "raw GGUF blocks uint8 [N, row bytes] of a GGUF-typed [N, K] matrix (q4_0, q8_0, q4_k, q5_k, q6_k, q3_k, "
+        "q2_k, iq4_xs) -> packed (qweight uint8, scales uint16 fp16 bits: empty for the K types), lossless");
   m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
         py::arg("k"), "packed -> float32 [N, K]");
 

@@ -86,6 +86,12 @@ inline std::string format_name(WeightFormat f) {
     case WeightFormat::BF16: return "bf16";
     case WeightFormat::Q4_0: return "q4_0";
     case WeightFormat::Q8_0: return "q8_0";
+    case WeightFormat::Q4_K: return "q4_k";
+    case WeightFormat::Q5_K: return "q5_k";
+    case WeightFormat::Q6_K: return "q6_k";
+    case WeightFormat::Q3_K: return "q3_k";
+    case WeightFormat::Q2_K: return "q2_k";
+    case WeightFormat::IQ4_XS: return "iq4_xs";
   }
   return "?";
 }
@@ -98,21 +104,23 @@ inline WeightFormat parse_format(const std::string& s, const char* what = "forma
   throw py::value_error(std::string(what) + " must be one of " + all + ", got '" + s + "'");
 }
 
-inline void check_matrix_dims(int64_t n, int64_t k, const char* what) {
+inline void check_matrix_dims(int64_t n, int64_t k, const char* what, WeightFormat f = WeightFormat::INT4_G32) {
   if (n <= 0 || n % kRowBlock != 0)
     throw py::value_error(std::string(what) + ": rows (N) must be a positive multiple of 16, got " + std::to_string(n));
-  if (k <= 0 || k % kGroup != 0)
-    throw py::value_error(std::string(what) + ": inputs (K) must be a positive multiple of 32, got " + std::to_string(k));
+  const int64_t km = k_multiple(f);
+  if (k <= 0 || k % km != 0)
+    throw py::value_error(std::string(what) + ": inputs (K) must be a positive multiple of " + std::to_string(km) +
+                          (km == kGroup ? "" : " for " + format_name(f)) + ", got " + std::to_string(k));
 }
 
 // A packed matrix from (qweight, scales) arrays with the exact byte sizes of kernels.h.
 inline PackedMatrix packed_from_arrays(WeightFormat f, const py::object& qo, const py::object& so, int64_t n, int64_t k) {
-  check_matrix_dims(n, k, "packed matrix");
+  check_matrix_dims(n, k, "packed matrix", f);
   py::array q = as_array(qo, "qweight");
   if (!is_dtype<uint8_t>(q)) bad_dtype(q, "qweight", "uint8");
   check_layout(q, "qweight", {int64_t(packed_qweight_bytes(f, n, k))});
   PackedMatrix m{f, n, k, static_cast<const uint8_t*>(q.data()), nullptr};
-  if (f != WeightFormat::BF16) {
+  if (packed_scale_bytes(f, n, k) > 0) {
     if (so.is_none()) throw py::value_error("scales are required for format " + format_name(f));
     py::array s = as_array(so, "scales");
     if (!is_dtype<uint16_t>(s)) bad_dtype(s, "scales", "uint16 (bf16 bits)");

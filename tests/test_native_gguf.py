@@ -32,7 +32,12 @@ N = native.lib()
 from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 
 ISAS = N.available_isas()
-TYPES = [QT.Q4_0, QT.Q8_0]
+TYPES = [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.IQ4_XS]
+K_TYPES = TYPES[2:]
+QUANTISABLE = [QT.Q4_0, QT.Q8_0]  # the types gguf.quants.quantize implements
+# Byte offsets of each block's fp16 fields (d, and dmin where the type has mins): ggml's block_*.
+F16_FIELDS = {QT.Q4_0: (0,), QT.Q8_0: (0,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+              QT.Q3_K: (108,), QT.Q2_K: (80, 82), QT.IQ4_XS: (0,)}
 EPS32 = 2.0**-24
 TOL_PRECISE = 1e-5
 TOL_EMULATED = 2e-3
@@ -50,22 +55,32 @@ def random_f16(rng, shape) -> np.ndarray:
 
 
 def random_blocks(rng, t: QT, n: int, k: int, scale_bits=None) -> np.ndarray:
-    """uint8 [n, row bytes] of random valid blocks of type t: random quant bits, fp16 scales from
-    scale_bits(rng, shape) (default: any finite fp16)."""
+    """uint8 [n, row bytes] of random valid blocks of type t: random quant and sub-scale bits,
+    fp16 fields from scale_bits(rng, shape) (default: any finite fp16)."""
     bs, ts = GGML_QUANT_SIZES[t]
     rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
-    d = (scale_bits or random_f16)(rng, (n, k // bs))
-    rows[:, :, 0:2] = d.view(np.uint8).reshape(n, k // bs, 2)  # Q4_0 / Q8_0: d comes first
+    for at in F16_FIELDS[t]:
+        d = (scale_bits or random_f16)(rng, (n, k // bs))
+        rows[:, :, at:at + 2] = d.view(np.uint8).reshape(n, k // bs, 2)
     return rows.reshape(n, k // bs * ts)
 
 
-def modest_f16(rng, shape):
-    """fp16 scales of Gaussian-weight size (1e-3 .. 3e-2), so MoE activations stay O(1)."""
-    return rng.uniform(1e-3, 3e-2, size=shape).astype(np.float16).view(np.uint16)
+# Largest |sc_j x (u - off)| (or m_j) of a random block of each type: modest scales divide by it.
+SPAN = {QT.Q4_0: 8, QT.Q8_0: 128, QT.Q4_K: 63 * 15, QT.Q5_K: 63 * 31, QT.Q6_K: 128 * 32, QT.Q3_K: 32 * 4,
+        QT.Q2_K: 15 * 3, QT.IQ4_XS: 32 * 127}
+
+
+def modest_f16(t: QT):
+    """scale_bits for random_blocks: fp16 fields that make weights of Gaussian-weight size (up to
+    ~0.1), so MoE activations stay O(1)."""
+    return lambda rng, shape: (rng.uniform(0.1, 1.0, size=shape) / SPAN[t]).astype(np.float16).view(np.uint16)
 
 
 def quantized_blocks(rng, t: QT, n: int, k: int) -> np.ndarray:
-    """Blocks gguf's own quantiser makes from Gaussian weights, uint8 [n, row bytes]."""
+    """Blocks gguf's own quantiser makes from Gaussian weights, uint8 [n, row bytes]; for the
+    types it cannot quantise (the K types), random blocks with scales of Gaussian-weight size."""
+    if t not in QUANTISABLE:
+        return random_blocks(rng, t, n, k, modest_f16(t))
     return quants.quantize((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32), t)
 
 
@@ -80,7 +95,7 @@ def bound(w, x):
 @pytest.mark.parametrize("source", ["random", "quantized"])
 def test_pack_unpack_is_gguf_dequantize(t, source):
     rng = np.random.default_rng(1)
-    n, k = 48, 256
+    n, k = 48, 512
     rows = random_blocks(rng, t, n, k) if source == "random" else quantized_blocks(rng, t, n, k)
     q, s = N.pack_gguf(rows, fmt_of(t), n, k)
     got = N.unpack(fmt_of(t), q, s, n, k)
@@ -105,8 +120,11 @@ def isa(request):
     return request.param
 
 
-@pytest.mark.parametrize("t", TYPES, ids=fmt_of)
-@pytest.mark.parametrize("k", [32, 288, 2048])
+def k_sizes(t):
+    return [256, 768, 2048] if t in K_TYPES else [32, 288, 2048]
+
+
+@pytest.mark.parametrize("t,k", [(t, k) for t in TYPES for k in k_sizes(t)], ids=lambda v: fmt_of(v) if isinstance(v, QT) else str(v))
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 16, 33])
 def test_matmul_a8(isa, t, k, T):
     rng = np.random.default_rng(10 * T + k)
@@ -127,7 +145,7 @@ def test_matmul_a8(isa, t, k, T):
 @pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
 def test_matmul_f32(isa, t, T):
     rng = np.random.default_rng(200 + T)
-    n, k = 48, 288
+    n, k = 48, 768 if t in K_TYPES else 288
     rows = random_blocks(rng, t, n, k)
     q, s = N.pack_gguf(rows, fmt_of(t), n, k)
     w = quants.dequantize(rows, t).astype(np.float64)
@@ -139,10 +157,12 @@ def test_matmul_f32(isa, t, T):
 
 # ---- the fused operator -------------------------------------------------------------------------
 
-E, H, I, K = 8, 64, 96, 4
+E, K = 8, 4
+H, I = 64, 96     # layers of Q4_0 / Q8_0 only
+HK, IK = 256, 256  # layers with K types (rows of whole super-blocks)
 
 
-def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks):
+def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks, H=H, I=I):
     """(gate, up [E, I, row bytes], down [E, H, row bytes]) raw blocks and their float64
     dequantised twins as per-expert (gate, up, down)."""
     gate = np.stack([blocks(rng, gate_t, I, H) for _ in range(E)])
@@ -153,21 +173,27 @@ def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks):
     return (gate, up, down), deq
 
 
-PAIRS = [(QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0), (QT.Q8_0, QT.Q4_0)]
+# (gate/up type, down type): each type once on each side, the pairs llama.cpp's mixes use (Q4_K_M:
+# Q4_K + Q6_K down; Q2_K + Q3_K down; Q3_K + Q5_K down), and the two block-32 types together.
+PAIRS = [(QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0), (QT.Q8_0, QT.Q4_0),
+         (QT.Q4_K, QT.Q6_K), (QT.Q2_K, QT.Q3_K), (QT.Q3_K, QT.Q5_K), (QT.Q5_K, QT.Q2_K),
+         (QT.IQ4_XS, QT.Q4_K), (QT.Q6_K, QT.IQ4_XS), (QT.Q8_0, QT.Q2_K)]
 
 
 @pytest.mark.parametrize("gate_t,down_t", PAIRS, ids=lambda p: fmt_of(p) if isinstance(p, QT) else str(p))
 @pytest.mark.parametrize("mode", ["fast", "precise"])
-@pytest.mark.parametrize("B", [1, 3, 40])
+@pytest.mark.parametrize("B", [1, 40])
 def test_moe_mixed_types(isa, gate_t, down_t, mode, B):
     rng = np.random.default_rng(B + 7 * int(gate_t) + int(down_t))
-    (g, u, d), deq = gguf_experts(rng, gate_t, down_t)
+    dims = {} if gate_t in QUANTISABLE and down_t in QUANTISABLE else {"H": HK, "I": IK}
+    (g, u, d), deq = gguf_experts(rng, gate_t, down_t, **dims)
+    h = dims.get("H", H)
     layer = PackedLayer.from_gguf(g, u, d, gate_t, gate_t, down_t)
     assert (layer.format, layer.down_format) == (fmt_of(gate_t), fmt_of(down_t))
     for e in (0, E - 1):  # the layer holds exactly the GGUF values
         for got, want in zip(layer.unpack_expert(e), deq[e]):
             np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
-    x = rng.standard_normal((B, H)).astype(np.float32)
+    x = rng.standard_normal((B, h)).astype(np.float32)
     ids = np.argsort(rng.random((B, E)), axis=1)[:, :K].astype(np.int32)
     w = rng.random((B, K)).astype(np.float32)
     y = CpuMoE(layer, mode=mode, isa=isa).forward(x, ids, w)
@@ -180,7 +206,7 @@ def test_moe_random_bit_blocks_fast():
     """Random quant bits (modest scales) through the whole operator, per-expert sequences of rows."""
     rng = np.random.default_rng(5)
     (g, u, d), deq = gguf_experts(rng, QT.Q4_0, QT.Q8_0,
-                                  blocks=lambda r, t, n, k: random_blocks(r, t, n, k, modest_f16))
+                                  blocks=lambda r, t, n, k: random_blocks(r, t, n, k, modest_f16(t)))
     layer = PackedLayer.from_gguf(list(g), list(u), list(d), "Q4_0", int(QT.Q4_0), QT.Q8_0)
     x = rng.standard_normal((5, H)).astype(np.float32)
     ids = np.argsort(rng.random((5, E)), axis=1)[:, :K].astype(np.int32)
@@ -213,7 +239,8 @@ def _blocks(t=QT.Q4_0):
 
 
 @pytest.mark.parametrize("change,err,match", [
-    (lambda g, u, d: (g, u, d, QT.Q4_K, QT.Q4_K, QT.Q4_0), ValueError, "gate: GGUF type Q4_K has no native"),
+    (lambda g, u, d: (g, u, d, QT.IQ2_XXS, QT.IQ2_XXS, QT.Q4_0), ValueError, "gate: GGUF type IQ2_XXS has no native"),
+    (lambda g, u, d: (g, u, d, QT.Q4_K, QT.Q4_K, QT.Q4_0), ValueError, "hidden must be a positive multiple of 256"),
     (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q8_0, QT.Q4_0), ValueError, "gate is Q4_0 but up is Q8_0"),
     (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, 999), ValueError, "down: 999 is not a GGUF tensor type"),
     (lambda g, u, d: (g, u, d[:-1], QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, "same number"),

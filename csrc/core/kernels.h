@@ -20,8 +20,28 @@ constexpr int kGroup = 32;     // G: inputs per quantization group (Kimi K2.5 sh
 // INT4_G32 / INT8_G32 / BF16: hybrid's own formats (Kimi's shipped INT4 and what we quantise to).
 // Q4_0 / Q8_0: GGUF's block types of the same names kept in their own bits (pack_gguf, pack.h): the
 // operand layouts of INT4_G32 / INT8_G32 with GGUF's fp16 block scales in place of bf16 ones.
-enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2, Q4_0 = 3, Q8_0 = 4 };
-constexpr int kNumWeightFormats = 5;
+// Q4_K .. IQ4_XS: GGUF's super-block types, in tiles of 16 rows x 256 inputs (kquant.h).
+enum class WeightFormat : int {
+  INT4_G32 = 0, INT8_G32 = 1, BF16 = 2, Q4_0 = 3, Q8_0 = 4,
+  Q4_K = 5, Q5_K = 6, Q6_K = 7, Q3_K = 8, Q2_K = 9, IQ4_XS = 10,
+};
+constexpr int kNumWeightFormats = 11;
+
+// Bytes of one packed tile (16 rows x 256 inputs) of a K type, 0 for the other formats; kquant.h
+// derives the same numbers from its layout and checks them (static_assert).
+static inline constexpr int ktile_bytes(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::Q4_K: return 2368;
+    case WeightFormat::Q5_K: return 2880;
+    case WeightFormat::Q6_K: return 3360;
+    case WeightFormat::Q3_K: return 1824;
+    case WeightFormat::Q2_K: return 1344;
+    case WeightFormat::IQ4_XS: return 2208;
+    default: return 0;
+  }
+}
+// Inputs a matrix's K must be a multiple of: 256 for the K types, else 32.
+static inline int64_t k_multiple(WeightFormat f) { return ktile_bytes(f) ? 256 : 32; }
 
 // The weight operand of a group-32 integer format: 4-bit nibbles (INT4_G32 layout) or bytes
 // (INT8_G32 layout); and the dtype of its per-(row, group) scales.
@@ -68,20 +88,21 @@ static inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) 
     case WeightFormat::INT8_G32:
     case WeightFormat::Q8_0: return size_t(n) * size_t(k);
     case WeightFormat::BF16: return size_t(n) * size_t(k) * 2;
+    default: return size_t(n / kRowBlock) * size_t(k / 256) * size_t(ktile_bytes(f));  // K types
   }
-  return 0;
 }
-static inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {
-  return f == WeightFormat::BF16 ? 0 : size_t(n) * size_t(k / kGroup) * 2;
+static inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {  // K types: in the tiles
+  return (f == WeightFormat::BF16 || ktile_bytes(f)) ? 0 : size_t(n) * size_t(k / kGroup) * 2;
 }
 
 // One packed matrix as the kernels see it: plain pointers, no ownership.
 struct PackedMatrix {
   WeightFormat format;
   int64_t n;                // N rows (outputs), multiple of 16
-  int64_t k;                // K inputs, multiple of 32
-  const uint8_t* qweight;   // layout above
+  int64_t k;                // K inputs, multiple of 32 (k_multiple: 256 for the K types)
+  const uint8_t* qweight;   // layout above (K types: the tiles of kquant.h)
   const uint16_t* scales;   // bf16 (fp16 for Q4_0 / Q8_0) bits, [N/16][K/32][16]; nullptr for BF16
+                            // and the K types
 };
 
 // Activations quantised for the int8 paths: per token, per group of 32 inputs,
@@ -95,7 +116,19 @@ struct QuantizedActs {
   int64_t t;             // T
   int64_t k;             // K
   int64_t ldq;           // >= K
+  // [T][K/32]: the sum of q over inputs 0..15 of each group (half_sums below), which the K types
+  // with 16-input sub-blocks (Q6_K, Q3_K, Q2_K) need; may be nullptr for the other formats.
+  const int32_t* hsum = nullptr;
 };
+
+// hsum[g] = sum of q[32g .. 32g + 15] for the k / 32 groups of one quantised row.
+static inline void half_sums(const int8_t* q, int64_t k, int32_t* hsum) {
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += q[g * kGroup + i];
+    hsum[g] = s;
+  }
+}
 
 // What every ISA provides. A kernel may leave an entry null when the ISA brings nothing over a
 // lower one; dispatch.cpp then fills it from the next lower table (amx -> avx512_bf16 ->

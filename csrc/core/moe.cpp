@@ -121,6 +121,7 @@ void MoeOperator::submit(const MoeCall& c) {
     grow(xq_, size_t(P * H));
     grow(xs_, size_t(P * H / kGroup));
     grow(xgs_, size_t(P * H / kGroup));
+    grow(xhs_, size_t(P * H / kGroup));
   } else {
     grow(xf_, size_t(P * H));
   }
@@ -128,6 +129,7 @@ void MoeOperator::submit(const MoeCall& c) {
     grow(hq_, size_t(P * I));
     grow(hs_, size_t(P * I / kGroup));
     grow(hgs_, size_t(P * I / kGroup));
+    grow(hhs_, size_t(P * I / kGroup));
   } else {
     grow(hf_, size_t(P * I));
   }
@@ -185,11 +187,13 @@ void MoeOperator::phase_prep(int tid, int team) {
     if (int8_acts(true)) {
       table_.quantize_row_a8(row, H, &xq_[size_t(first * H)], &xs_[size_t(first * G)],
                              &xgs_[size_t(first * G)]);
+      half_sums(&xq_[size_t(first * H)], H, &xhs_[size_t(first * G)]);
       for (int64_t q = q0 + 1; q < q1; ++q) {
         const int64_t p = tok_pairs_[size_t(q)];
         std::memcpy(&xq_[size_t(p * H)], &xq_[size_t(first * H)], size_t(H));
         std::memcpy(&xs_[size_t(p * G)], &xs_[size_t(first * G)], size_t(G) * 4);
         std::memcpy(&xgs_[size_t(p * G)], &xgs_[size_t(first * G)], size_t(G) * 4);
+        std::memcpy(&xhs_[size_t(p * G)], &xhs_[size_t(first * G)], size_t(G) * 4);
       }
     } else {
       for (int64_t q = q0; q < q1; ++q)
@@ -206,6 +210,7 @@ void MoeOperator::run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int6
     a.q = (hidden_side ? xq_.data() : hq_.data()) + p0 * K;
     a.scale = (hidden_side ? xs_.data() : hs_.data()) + p0 * G;
     a.gsum = (hidden_side ? xgs_.data() : hgs_.data()) + p0 * G;
+    a.hsum = (hidden_side ? xhs_.data() : hhs_.data()) + p0 * G;
     a.t = n;
     a.k = K;
     a.ldq = K;
@@ -274,11 +279,13 @@ void MoeOperator::phase_gate_up(int tid, int team) {
               for (int r = 0; r < kRowBlock; ++r)
                 hbuf[half * kRowBlock + r] =
                     silu(o[(2 * half) * kRowBlock + r]) * o[(2 * half + 1) * kRowBlock + r];
-            if (int8_acts(false))
+            if (int8_acts(false)) {
               table_.quantize_row_a8(hbuf, kGroup, &hq_[size_t(p * I + u * kGroup)],
                                      &hs_[size_t(p * GI + u)], &hgs_[size_t(p * GI + u)]);
-            else
+              half_sums(&hq_[size_t(p * I + u * kGroup)], kGroup, &hhs_[size_t(p * GI + u)]);
+            } else {
               std::memcpy(&hf_[size_t(p * I + u * kGroup)], hbuf, sizeof(hbuf));
+            }
           }
         }
       }

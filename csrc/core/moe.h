@@ -116,6 +116,7 @@ class MoeOperator {
   std::vector<int8_t> xq_, hq_;         // [P, H], [P, I] int8 activations (fast, INT weights)
   std::vector<float> xs_, hs_;          // [P, H/32], [P, I/32] their scales
   std::vector<int32_t> xgs_, hgs_;      // [P, H/32], [P, I/32] their group sums
+  std::vector<int32_t> xhs_, hhs_;      // [P, H/32], [P, I/32] their half sums (kernels.h, K types)
   std::vector<float> xf_, hf_;          // [P, H], [P, I] fp32 activations (other modes)
   std::vector<float> yacc_;             // [B, H] when y is not an fp32 overwrite
   std::vector<std::vector<float>> tmp_; // per thread: kernel output tile, row buffer

@@ -46,10 +46,13 @@ LayerHeader layer_layout(WeightFormat format, WeightFormat down_format, int64_t 
   if (int(down_format) < 0 || int(down_format) >= kNumWeightFormats)
     throw std::invalid_argument("down_format: unknown weight format " + std::to_string(int(down_format)));
   if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
-  if (h < kGroup || h % kGroup != 0)
-    throw std::invalid_argument("hidden must be a positive multiple of 32, got " + std::to_string(h));
-  if (i < kGroup || i % kGroup != 0)
-    throw std::invalid_argument("intermediate must be a positive multiple of 32, got " +
+  // hidden is gate_up's K, intermediate down's: 256 for the K types (kernels.h k_multiple).
+  if (h < kGroup || h % k_multiple(format) != 0)
+    throw std::invalid_argument("hidden must be a positive multiple of " + std::to_string(k_multiple(format)) +
+                                " for this gate_up format, got " + std::to_string(h));
+  if (i < kGroup || i % k_multiple(down_format) != 0)
+    throw std::invalid_argument("intermediate must be a positive multiple of " +
+                                std::to_string(k_multiple(down_format)) + " for this down format, got " +
                                 std::to_string(i));
   LayerHeader hd{};
   std::memcpy(hd.magic, kLayerMagic, 8);
@@ -189,16 +192,18 @@ PackedMatrix PackedLayer::gate_up(int64_t e) const {
   const uint8_t* base = expert_base(e);
   const auto f = format();
   return {f, 2 * intermediate(), hidden(), base + header_.gate_up_qweight,
-          f == WeightFormat::BF16 ? nullptr
-                                  : reinterpret_cast<const uint16_t*>(base + header_.gate_up_scales)};
+          packed_scale_bytes(f, 2 * intermediate(), hidden()) == 0
+              ? nullptr
+              : reinterpret_cast<const uint16_t*>(base + header_.gate_up_scales)};
 }
 
 PackedMatrix PackedLayer::down(int64_t e) const {
   const uint8_t* base = expert_base(e);
   const auto f = down_format();
   return {f, hidden(), intermediate(), base + header_.down_qweight,
-          f == WeightFormat::BF16 ? nullptr
-                                  : reinterpret_cast<const uint16_t*>(base + header_.down_scales)};
+          packed_scale_bytes(f, hidden(), intermediate()) == 0
+              ? nullptr
+              : reinterpret_cast<const uint16_t*>(base + header_.down_scales)};
 }
 
 void PackedLayer::place(ThreadPool& pool) const {

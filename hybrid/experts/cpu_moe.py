@@ -32,7 +32,7 @@ FORMATS = ("int4", "int8", "bf16")  # from_float's formats
 # name; the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the same
 # as gguf.GGMLQuantizationType values) is built on first access, so importing this module does not
 # import gguf.
-GGUF_NATIVE = ("Q4_0", "Q8_0")
+GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")
 MODES = ("fast", "precise")
 
 
