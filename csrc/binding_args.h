@@ -35,8 +35,11 @@ inline std::string dims_str(const std::vector<int64_t>& d) {
   return s + "]";
 }
 
+// Equality, not identity: numpy dtypes equal to a builtin one need not be that object (gguf's
+// reader hands out uint8 views whose dtype went through newbyteorder('<'), equal to uint8 but not
+// the same object); a byte-swapped multi-byte dtype is not equal, so it is still refused.
 template <class T>
-inline bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
+inline bool is_dtype(const py::array& a) { return a.dtype().equal(py::dtype::of<T>()); }
 
 inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 

@@ -61,7 +61,7 @@ py::array_t<float> py_kernel_matmul_a8(const std::string& isa, const std::string
                                        const py::object& so, const py::object& go, int64_t b0, int64_t b1) {
   const KernelTable& t = resolved_table(isa);
   WeightFormat f = parse_format(fmt);
-  if (f == WeightFormat::BF16) throw py::value_error("matmul_a8 takes integer (int4, int8, GGUF) weights, not bf16");
+  if (f == WeightFormat::BF16) throw py::value_error("matmul_a8 takes int4 or int8 (or GGUF-typed) weights, not bf16");
   PackedMatrix m = packed_from_arrays(f, qw, sw, n, k);
   std::tie(b0, b1) = block_range(n, b0, b1);
   py::array q = as_array(qo, "q"), s = as_array(so, "scale"), g = as_array(go, "gsum");

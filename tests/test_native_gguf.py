@@ -267,3 +267,42 @@ def test_pack_gguf_errors():
     with pytest.raises(ValueError, match="packed from their blocks"):
         layer.pack_expert_float(0, np.zeros((32, 64), np.float32), np.zeros((32, 64), np.float32),
                                 np.zeros((64, 32), np.float32))
+
+
+def test_from_gguf_reader_tensors(tmp_path):
+    """The contract gguf-load relies on: GGUFReader's tensor data (a memmap of the file, [E, rows,
+    row bytes] uint8) goes to from_gguf as it is, types as the reader reports them."""
+    import gguf
+
+    rng = np.random.default_rng(8)
+    (g, u, d), deq = gguf_experts(rng, QT.Q4_K, QT.Q6_K, H=HK, I=IK)
+    path = tmp_path / "experts.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    for name, data, t in (("gate", g, QT.Q4_K), ("up", u, QT.Q4_K), ("down", d, QT.Q6_K)):
+        w.add_tensor(f"blk.1.ffn_{name}_exps.weight", data, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ts = {t.name.split(".")[2]: t for t in gguf.GGUFReader(str(path)).tensors}
+    layer = PackedLayer.from_gguf(ts["ffn_gate_exps"].data, ts["ffn_up_exps"].data, ts["ffn_down_exps"].data,
+                                  ts["ffn_gate_exps"].tensor_type, ts["ffn_up_exps"].tensor_type,
+                                  ts["ffn_down_exps"].tensor_type)
+    assert (layer.num_experts, layer.hidden, layer.intermediate) == (E, HK, IK)
+    for got, want in zip(layer.unpack_expert(E - 1), deq[E - 1]):
+        np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+
+
+def test_version_1_layer_file_opens(tmp_path):
+    """Packed layer files written before down_format (version 1: one format) still open."""
+    rng = np.random.default_rng(9)
+    layer = PackedLayer.from_float(*(rng.standard_normal(s).astype(np.float32) for s in ((2, 32, 64), (2, 32, 64), (2, 64, 32))))
+    layer.save(tmp_path / "v2.packed")
+    data = bytearray((tmp_path / "v2.packed").read_bytes())
+    data[8:12] = (1).to_bytes(4, "little")
+    data[112:120] = bytes(8)  # version 1 had nothing past total_bytes (header offset 104)
+    (tmp_path / "v1.packed").write_bytes(bytes(data))
+    back = PackedLayer.load(tmp_path / "v1.packed")
+    assert (back.format, back.down_format) == ("int4", "int4")
+    for a, b in zip(layer.unpack_expert(1), back.unpack_expert(1)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
