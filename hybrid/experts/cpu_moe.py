@@ -165,7 +165,9 @@ class PackedLayer:
         gate_type, up_type, down_type: each tensor's gguf.GGMLQuantizationType (or its int value or
             name), each in GGUF_NATIVE_TYPES. gate and up must have the same type (they are one
             interleaved matrix); down may differ. row_bytes(K) = K / block size x type size
-            (gguf.GGML_QUANT_SIZES), so I is gate's row count and H down's.
+            (gguf.GGML_QUANT_SIZES), so I is gate's row count and H down's. H and I must be
+            multiples of 32, and of 256 where a K type (Q2_K..Q6_K, IQ4_XS) has them as inputs
+            (H for gate/up, I for down); every row count a multiple of 16.
         ValueError names the tensor and expert (and the sizes) for a type without a native
         kernel, mismatched expert counts or shapes, or rows of the wrong byte length."""
         fmt = _gguf_format(gate_type, "gate")
