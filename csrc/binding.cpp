@@ -369,6 +369,7 @@ struct PyLayer {
     check_layout(g, "gate", {I, H});
     check_layout(u, "up", {I, H});
     check_layout(d, "down", {H, I});
+    check_not_split();
     const WeightFormat f = layer->format(), fd = layer->down_format();
     PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
     PackDest dg{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 0};
@@ -399,6 +400,7 @@ struct PyLayer {
                const py::object& dpo, const py::object& dso) {
     check_expert(e);
     check_writable();
+    check_not_split();
     if (layer->format() != WeightFormat::INT4_G32 || layer->down_format() != WeightFormat::INT4_G32)
       throw py::value_error("compressed-tensors INT4 experts need an int4 layer, this one is " +
                             format_name(layer->format()) + " (down " + format_name(layer->down_format()) + ")");
@@ -430,20 +432,35 @@ struct PyLayer {
     }});
   }
 
-  // Raw GGUF blocks of one expert (pack.h): gate, up uint8 [I, row bytes of H inputs] in the
-  // layer's gate_up format, down uint8 [H, row bytes of I inputs] in its down format.
+  // Where gate and up blocks go: interleaved into gate_up (blocks 2j, 2j + 1), or each into its
+  // own matrix when the layer splits them (packed_layer.h).
+  std::pair<PackDest, PackDest> gate_up_dests(int64_t e) const {
+    auto dest = [](const PackedMatrix& m, int64_t mult, int64_t off) {
+      return PackDest{const_cast<uint8_t*>(m.qweight), const_cast<uint16_t*>(m.scales), mult, off};
+    };
+    if (layer->split_gate_up()) return {dest(layer->gate(e), 1, 0), dest(layer->up(e), 1, 0)};
+    const PackedMatrix gu = layer->gate_up(e);
+    return {dest(gu, 2, 0), dest(gu, 2, 1)};
+  }
+  void check_not_split() const {
+    if (layer->split_gate_up())
+      throw py::value_error("this layer's gate and up have different formats (" + format_name(layer->format()) +
+                            ", " + format_name(layer->up_format()) + "): only pack_expert_gguf fills it");
+  }
+
+  // Raw GGUF blocks of one expert (pack.h): gate uint8 [I, row bytes of H inputs] in the layer's
+  // format, up the same in its up_format, down uint8 [H, row bytes of I inputs] in its down_format.
   void pack_gguf_expert(int64_t e, const py::object& go, const py::object& uo, const py::object& dobj) {
     check_expert(e);
     check_writable();
     const int64_t H = layer->hidden(), I = layer->intermediate();
-    const WeightFormat f = layer->format(), fd = layer->down_format();
+    const WeightFormat f = layer->format(), fu = layer->up_format(), fd = layer->down_format();
     py::array g = as_array(go, "gate"), u = as_array(uo, "up"), d = as_array(dobj, "down");
     check_gguf_rows(g, f, I, H, "gate");
-    check_gguf_rows(u, f, I, H, "up");
+    check_gguf_rows(u, fu, I, H, "up");
     check_gguf_rows(d, fd, H, I, "down");
-    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
-    PackDest dg{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 0};
-    PackDest du{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 1};
+    PackedMatrix dn = layer->down(e);
+    auto [dg, du] = gate_up_dests(e);
     PackDest dd{const_cast<uint8_t*>(dn.qweight), const_cast<uint16_t*>(dn.scales), 1, 0};
     const uint8_t *gp = static_cast<const uint8_t*>(g.data()), *up = static_cast<const uint8_t*>(u.data()),
                   *dp = static_cast<const uint8_t*>(d.data());
@@ -453,7 +470,7 @@ struct PyLayer {
       auto [u0, u1] = pool->split(gate_up_units(I), tid, team);
       if (u0 < u1) {
         pack_gguf(f, gp, I, H, 2 * u0, 2 * u1, dg);
-        pack_gguf(f, up, I, H, 2 * u0, 2 * u1, du);
+        pack_gguf(fu, up, I, H, 2 * u0, 2 * u1, du);
       }
       auto [d0, d1] = pool->split(down_units(H), tid, team);
       if (d0 < d1) pack_gguf(fd, dp, H, I, d0, d1, dd);
@@ -465,14 +482,19 @@ struct PyLayer {
     const int64_t H = layer->hidden(), I = layer->intermediate();
     py::array_t<float> gate({I, H}), up({I, H}), down({H, I});
     float *gp = gate.mutable_data(), *upp = up.mutable_data(), *dp = down.mutable_data();
-    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    const bool split = layer->split_gate_up();
+    PackedMatrix gu = split ? layer->gate(e) : layer->gate_up(e), um = split ? layer->up(e) : gu, dn = layer->down(e);
     {
     py::gil_scoped_release release;
     auto pool = global_pool();
     pool->run({[&](int tid, int team) {
       std::vector<float> rows(size_t(2 * kRowBlock * H));
       auto [b0, b1] = pool->split(I / kRowBlock, tid, team);  // gate/up block j = packed 2j, 2j+1
-      for (int64_t j = b0; j < b1; ++j) {
+      if (split && b0 < b1) {
+        unpack(gu, b0, b1, gp + b0 * kRowBlock * H);
+        unpack(um, b0, b1, upp + b0 * kRowBlock * H);
+      }
+      for (int64_t j = b0; j < b1 && !split; ++j) {
         unpack(gu, 2 * j, 2 * j + 2, rows.data());
         std::memcpy(gp + j * kRowBlock * H, rows.data(), size_t(kRowBlock * H) * 4);
         std::memcpy(upp + j * kRowBlock * H, rows.data() + kRowBlock * H, size_t(kRowBlock * H) * 4);
@@ -597,11 +619,14 @@ PYBIND11_MODULE(_native, m) {
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
 
   py::class_<PyLayer>(m, "Layer")
-      .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down) {
+      .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down,
+                               const std::string& up) {
         const WeightFormat f = parse_format(fmt);
-        return PyLayer{PackedLayer::create(f, down.empty() ? f : parse_format(down, "down_format"), e, h, i)};
+        return PyLayer{PackedLayer::create(f, up.empty() ? f : parse_format(up, "up_format"),
+                                           down.empty() ? f : parse_format(down, "down_format"), e, h, i)};
       }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
-         py::arg("down_format") = "", "down_format '' = format")
+         py::arg("down_format") = "", py::arg("up_format") = "",
+         "format: gate's (and up's, down's unless given); '' = format")
       .def_static("open", [](const std::string& path) {
         py::gil_scoped_release r;
         return PyLayer{PackedLayer::open(path)};
@@ -621,6 +646,7 @@ PYBIND11_MODULE(_native, m) {
       .def("unpack_expert", &PyLayer::unpack_expert, py::arg("e"))
       .def_property_readonly("format", [](const PyLayer& l) { return format_name(l.layer->format()); })
       .def_property_readonly("down_format", [](const PyLayer& l) { return format_name(l.layer->down_format()); })
+      .def_property_readonly("up_format", [](const PyLayer& l) { return format_name(l.layer->up_format()); })
       .def_property_readonly("num_experts", [](const PyLayer& l) { return l.layer->num_experts(); })
       .def_property_readonly("hidden", [](const PyLayer& l) { return l.layer->hidden(); })
       .def_property_readonly("intermediate", [](const PyLayer& l) { return l.layer->intermediate(); })
@@ -657,7 +683,7 @@ PYBIND11_MODULE(_native, m) {
 //   pack_int4_from_ct, quantize_pack, pack_gguf, unpack
 //   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, pack_expert_gguf, unpack_expert,
-//          format, down_format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
+//          format, up_format, down_format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
 //   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode
 // The test-only entry points (kernel probes, pool test jobs, fault injection) are in
 // hybrid._native_testing (binding_testing.cpp).

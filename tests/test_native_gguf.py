@@ -162,13 +162,14 @@ H, I = 64, 96     # layers of Q4_0 / Q8_0 only
 HK, IK = 256, 256  # layers with K types (rows of whole super-blocks)
 
 
-def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks, H=H, I=I):
-    """(gate, up [E, I, row bytes], down [E, H, row bytes]) raw blocks and their float64
-    dequantised twins as per-expert (gate, up, down)."""
+def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks, H=H, I=I, up_t: QT | None = None):
+    """(gate, up [E, I, row bytes], down [E, H, row bytes]) raw blocks (up in up_t, default
+    gate_t) and their float64 dequantised twins as per-expert (gate, up, down)."""
+    up_t = up_t or gate_t
     gate = np.stack([blocks(rng, gate_t, I, H) for _ in range(E)])
-    up = np.stack([blocks(rng, gate_t, I, H) for _ in range(E)])
+    up = np.stack([blocks(rng, up_t, I, H) for _ in range(E)])
     down = np.stack([blocks(rng, down_t, H, I) for _ in range(E)])
-    deq = [tuple(quants.dequantize(m[e], t).astype(np.float64) for m, t in ((gate, gate_t), (up, gate_t), (down, down_t)))
+    deq = [tuple(quants.dequantize(m[e], t).astype(np.float64) for m, t in ((gate, gate_t), (up, up_t), (down, down_t)))
            for e in range(E)]
     return (gate, up, down), deq
 
@@ -200,6 +201,49 @@ def test_moe_mixed_types(isa, gate_t, down_t, mode, B):
     ref = moe_reference(deq, x, ids, w, act=quant_a8 if mode == "fast" else None)
     tol = TOL_EMULATED if mode == "fast" else TOL_PRECISE
     assert rel_err(y, ref) <= tol, f"{isa} {gate_t.name}+{down_t.name} {mode} B={B}: {rel_err(y, ref)}"
+
+
+# (gate, up, down) types with gate != up: the split gate_up layout (two kernel calls).
+TRIPLES = [(QT.Q4_K, QT.Q5_K, QT.Q6_K), (QT.Q4_0, QT.Q8_0, QT.Q4_0), (QT.IQ4_XS, QT.Q2_K, QT.Q3_K)]
+
+
+@pytest.mark.parametrize("types", TRIPLES, ids=lambda ts: "-".join(fmt_of(t) for t in ts))
+@pytest.mark.parametrize("mode", ["fast", "precise"])
+@pytest.mark.parametrize("B", [1, 40])
+def test_moe_gate_up_types_differ(isa, types, mode, B):
+    gate_t, up_t, down_t = types
+    rng = np.random.default_rng(B + int(gate_t) + 3 * int(up_t))
+    dims = {} if all(t in QUANTISABLE for t in types) else {"H": HK, "I": IK}
+    (g, u, d), deq = gguf_experts(rng, gate_t, down_t, up_t=up_t, **dims)
+    layer = PackedLayer.from_gguf(g, u, d, gate_t, up_t, down_t)
+    assert (layer.format, layer.up_format, layer.down_format) == tuple(fmt_of(t) for t in types)
+    for got, want in zip(layer.unpack_expert(E - 1), deq[E - 1]):
+        np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))
+    h = dims.get("H", H)
+    x = rng.standard_normal((B, h)).astype(np.float32)
+    ids = np.argsort(rng.random((B, E)), axis=1)[:, :K].astype(np.int32)
+    w = rng.random((B, K)).astype(np.float32)
+    y = CpuMoE(layer, mode=mode, isa=isa).forward(x, ids, w)
+    ref = moe_reference(deq, x, ids, w, act=quant_a8 if mode == "fast" else None)
+    assert rel_err(y, ref) <= (TOL_EMULATED if mode == "fast" else TOL_PRECISE)
+
+
+def test_split_layer_file_and_checks(tmp_path):
+    rng = np.random.default_rng(10)
+    (g, u, d), _ = gguf_experts(rng, QT.Q4_K, QT.Q6_K, H=HK, I=IK, up_t=QT.Q5_K)
+    layer = PackedLayer.from_gguf(g, u, d, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+    layer.save(tmp_path / "s.packed")
+    back = PackedLayer.load(tmp_path / "s.packed")
+    assert (back.format, back.up_format, back.down_format) == ("q4_k", "q5_k", "q6_k")
+    assert "q4_k+q5_k+q6_k" in repr(back)
+    for a, b in zip(layer.unpack_expert(2), back.unpack_expert(2)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="only when both are integer formats"):
+        N.Layer.create("bf16", 1, 64, 32, "", "int4")
+    split = N.Layer.create("int4", 1, 64, 32, "", "int8")
+    with pytest.raises(ValueError, match="only pack_expert_gguf fills it"):
+        split.pack_expert_float(0, np.zeros((32, 64), np.float32), np.zeros((32, 64), np.float32),
+                                np.zeros((64, 32), np.float32))
 
 
 def test_moe_random_bit_blocks_fast():
@@ -241,7 +285,6 @@ def _blocks(t=QT.Q4_0):
 @pytest.mark.parametrize("change,err,match", [
     (lambda g, u, d: (g, u, d, QT.IQ2_XXS, QT.IQ2_XXS, QT.Q4_0), ValueError, "gate: GGUF type IQ2_XXS has no native"),
     (lambda g, u, d: (g, u, d, QT.Q4_K, QT.Q4_K, QT.Q4_0), ValueError, "hidden must be a positive multiple of 256"),
-    (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q8_0, QT.Q4_0), ValueError, "gate is Q4_0 but up is Q8_0"),
     (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, 999), ValueError, "down: 999 is not a GGUF tensor type"),
     (lambda g, u, d: (g, u, d[:-1], QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, "same number"),
     (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, QT.Q8_0), ValueError,

@@ -145,7 +145,7 @@ void MoeOperator::submit(const MoeCall& c) {
   if (caller_ && int64_t(act_expert_.size()) * int64_t(layer_->expert_nbytes()) < int64_t(kChunkBytes) &&
       P * 3 * H * I < (int64_t(4) << 20))
     team_ = 1;
-  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(layer_->format(), H))));
+  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / layer_->gate_up_unit_bytes()));
   const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(layer_->down_format(), I)));
   const size_t tmp_floats =
       size_t(std::max({kTokenTile * 4 * kRowBlock * cu, kTokenTile * kRowBlock * cd, H}));
@@ -235,8 +235,8 @@ void MoeOperator::phase_gate_up(int tid, int team) {
   if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
   constexpr int64_t kUnitBytesAsTokens = 16;  // streaming a unit's weights ~ this many tokens
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), GI = I / kGroup;
-  const WeightFormat f = layer_->format();
-  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
+  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / layer_->gate_up_unit_bytes()));
+  const bool split = layer_->split_gate_up();
   const ThreadPool::NodeShare ns = pool_->node_share(gate_up_units(I), tid, team);
   const int64_t len = ns.end - ns.begin;
   const bool by_expert = len >= ns.count;
@@ -264,21 +264,30 @@ void MoeOperator::phase_gate_up(int tid, int team) {
       before += len * c;
     }
     if (u0 >= u1) continue;
-    const PackedMatrix gu = layer_->gate_up(act_expert_[a]);
+    // Interleaved gate_up: one call, blocks 4(u-uc) .. +3 of its output are gate 2u, up 2u, gate
+    // 2u+1, up 2u+1. Split (gate and up of different formats): one call each, gate's output
+    // [nt][32 (ue - uc)] and then up's.
+    const int32_t ex = act_expert_[a];
+    const PackedMatrix gu = split ? layer_->gate(ex) : layer_->gate_up(ex), up = split ? layer_->up(ex) : gu;
+    const int64_t gate_step = split ? kRowBlock : 2 * kRowBlock;  // gate block 2u -> 2u+1 in the output
     for (int64_t uc = u0; uc < u1; uc += cu) {
-      const int64_t ue = std::min(u1, uc + cu), ldo = 4 * kRowBlock * (ue - uc);
+      const int64_t ue = std::min(u1, uc + cu), ldo = (split ? 2 : 4) * kRowBlock * (ue - uc);
       for (int64_t s0 = 0; s0 < n; s0 += kTokenTile) {
         const int64_t nt = std::min(kTokenTile, n - s0);
-        run_matmul(gu, 4 * uc, 4 * ue, p0 + s0, nt, true, tmp, ldo);
+        if (split) {
+          run_matmul(gu, 2 * uc, 2 * ue, p0 + s0, nt, true, tmp, ldo);
+          run_matmul(up, 2 * uc, 2 * ue, p0 + s0, nt, true, tmp + nt * ldo, ldo);
+        } else {
+          run_matmul(gu, 4 * uc, 4 * ue, p0 + s0, nt, true, tmp, ldo);
+        }
+        const int64_t up_at = split ? nt * ldo : kRowBlock;  // up's block beside its gate block
         for (int64_t i = 0; i < nt; ++i) {
           const int64_t p = p0 + s0 + i;
           for (int64_t u = uc; u < ue; ++u) {
-            // Packed blocks 4(u-uc) .. +3 of this call: gate 2u, up 2u, gate 2u+1, up 2u+1.
-            const float* o = tmp + i * ldo + 4 * kRowBlock * (u - uc);
+            const float* o = tmp + i * ldo + 2 * gate_step * (u - uc);  // gate block 2u
             for (int half = 0; half < 2; ++half)
               for (int r = 0; r < kRowBlock; ++r)
-                hbuf[half * kRowBlock + r] =
-                    silu(o[(2 * half) * kRowBlock + r]) * o[(2 * half + 1) * kRowBlock + r];
+                hbuf[half * kRowBlock + r] = silu(o[half * gate_step + r]) * o[half * gate_step + up_at + r];
             if (int8_acts(false)) {
               table_.quantize_row_a8(hbuf, kGroup, &hq_[size_t(p * I + u * kGroup)],
                                      &hs_[size_t(p * GI + u)], &hgs_[size_t(p * GI + u)]);

@@ -163,8 +163,8 @@ class PackedLayer:
             a sequence over experts of [I, row_bytes(H)] arrays.
         down: ffn_down_exps the same way, [E, H, row_bytes(I)].
         gate_type, up_type, down_type: each tensor's gguf.GGMLQuantizationType (or its int value or
-            name), each in GGUF_NATIVE_TYPES. gate and up must have the same type (they are one
-            interleaved matrix); down may differ. row_bytes(K) = K / block size x type size
+            name), each in GGUF_NATIVE_TYPES; any mix (gate and up of one type are interleaved into
+            one matrix, of two types kept apart and run by two kernel calls). row_bytes(K) = K / block size x type size
             (gguf.GGML_QUANT_SIZES), so I is gate's row count and H down's. H and I must be
             multiples of 32, and of 256 where a K type (Q2_K..Q6_K, IQ4_XS) has them as inputs
             (H for gate/up, I for down); every row count a multiple of 16.
@@ -172,9 +172,6 @@ class PackedLayer:
         kernel, mismatched expert counts or shapes, or rows of the wrong byte length."""
         fmt = _gguf_format(gate_type, "gate")
         up_fmt, down_fmt = _gguf_format(up_type, "up"), _gguf_format(down_type, "down")
-        if up_fmt != fmt:
-            raise ValueError(f"gate is {fmt.upper()} but up is {up_fmt.upper()}: gate and up must have one "
-                             f"type (the kernels run them as one interleaved matrix)")
         seqs = {"gate": _seq(gate, "gate"), "up": _seq(up, "up"), "down": _seq(down, "down")}
         E = len(seqs["gate"])
         if E == 0 or any(len(v) != E for v in seqs.values()):
@@ -182,7 +179,7 @@ class PackedLayer:
                              f"{', '.join(str(len(v)) for v in seqs.values())}")
         I, _ = _first_matrix(seqs["gate"], "gate", "[I, row bytes]")
         H, _ = _first_matrix(seqs["down"], "down", "[H, row bytes]")
-        h = native.lib().Layer.create(fmt, E, H, I, down_fmt)
+        h = native.lib().Layer.create(fmt, E, H, I, down_fmt, up_fmt)
         for e in range(E):
             conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in seqs]
             with _naming_expert(e):
@@ -213,7 +210,8 @@ class PackedLayer:
     num_experts = _fact("_h.num_experts", "E (int)")
     hidden = _fact("_h.hidden", "H (int)")
     intermediate = _fact("_h.intermediate", "I (int)")
-    format = _fact("_h.format", "gate_up's format: one of FORMATS, or a GGUF type in lower case (str)")
+    format = _fact("_h.format", "gate's format: one of FORMATS, or a GGUF type in lower case (str)")
+    up_format = _fact("_h.up_format", "up's format (str; from_gguf layers may differ from format)")
     down_format = _fact("_h.down_format", "down's format (str; from_gguf layers may differ from format)")
     nbytes = _fact("_h.nbytes", "Bytes of the whole layout (file size when saved).")
     expert_nbytes = _fact("_h.expert_nbytes", "Bytes of one expert (gate_up + down, weights + scales, page-padded).")
@@ -233,7 +231,8 @@ class PackedLayer:
 
     def __repr__(self) -> str:
         src = f", path={self.path!r}" if self.path else ""
-        fmt = self.format if self.down_format == self.format else f"{self.format}+{self.down_format}"
+        fmts = (self.format, self.up_format, self.down_format)
+        fmt = self.format if len(set(fmts)) == 1 else "+".join(fmts)
         return (f"PackedLayer(format={fmt!r}, E={self.num_experts}, H={self.hidden}, "
                 f"I={self.intermediate}, nbytes={self.nbytes}{src})")
 
