@@ -1,10 +1,12 @@
-"""GGUF block types run by the native kernels in their own bits (csrc/core/kernels.h, pack.h):
-the lossless repack against the gguf package's own dequantiser, every kernel path this machine
-runs on decode and prefill shapes, the fused MoE operator on layers whose gate_up and down types
-differ, packed-layer files, and the binding's checks.
+"""GGUF block types run by the native kernels in their own bits (csrc/core/kernels.h, kquant.h,
+pack.h): Q4_0, Q8_0 and the K types Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS. The lossless repack
+against the gguf package's own dequantiser, every kernel path this machine runs on decode and
+prefill shapes, the fused MoE operator on layers mixing types (gate, up and down each their own),
+packed-layer files, GGUFReader's tensors as from_gguf's input, and the binding's checks.
 
-Blocks are random valid ones (random quant bits, random finite fp16 scales over the whole fp16
-range, subnormals included) and blocks gguf.quants.quantize makes from Gaussian weights.
+Blocks are random valid ones (random quant and sub-scale bits, random finite fp16 fields over the
+whole fp16 range, subnormals included; for the operator, fp16 fields of weight size) and, for
+Q4_0 / Q8_0, blocks gguf.quants.quantize makes from Gaussian weights (it has no K quantiser).
 
 Tolerances. The weights are exact: pack + unpack equals gguf.quants.dequantize bit for bit, and
 the kernels dequantise exactly (fp16 scale x small integer is exact in fp32). What is left is the
