@@ -4,6 +4,7 @@ plain torch bf16 baseline, all measured in the same process with the same thread
     python bench/moe_layer.py                      # full size: 384 experts, ~9.5 GB of INT4
     python bench/moe_layer.py --experts 64         # smaller layer, routing still over 64
     python bench/moe_layer.py --threads 1 --isa avx512_vnni --json
+    python bench/moe_layer.py --format q4_k --down-format q6_k --experts 16   # GGUF blocks (Q4_K_M's pair)
 
 What it measures (medians of --runs runs after one warm-up run each):
   bandwidth_gbps  RAM read bandwidth: the extension's probe (same thread pool, same page policy
@@ -28,7 +29,11 @@ What it measures (medians of --runs runs after one warm-up run each):
 
 Weights are random: INT4 nibbles and bf16 scales are made directly (a bank of a few random
 experts in compressed-tensors packing, repacked into every expert slot), never quantised
-from floats. Tensors are random; the numbers say nothing about model quality.
+from floats. --format q4_0|q8_0|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_xs (and --down-format) instead
+makes random valid GGUF blocks of that type (random bits, fp16 fields of weight size) and packs
+them with Layer.pack_expert_gguf, as a GGUF file's experts load; decode_gbps then counts the
+packed bytes (gguf_expert_mb gives the file's bytes per expert: the packed K tiles are 0-4% larger).
+Tensors are random; the numbers say nothing about model quality.
 
 Legend: E experts, K picked per token (8), H hidden (7168), I expert width (2048), B tokens.
 """
@@ -67,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the extension's default)")
     p.add_argument("--isa", default="", help="kernel path (scalar, avx2, avx512, avx512_vnni, "
                    "avx512_bf16, amx); default: the best this machine runs")
+    p.add_argument("--format", default="int4", choices=("int4",) + GGUF_FORMATS,
+                   help="expert weight format: int4 (compressed-tensors) or a GGUF block type (default int4)")
+    p.add_argument("--down-format", default="", choices=("",) + GGUF_FORMATS,
+                   help="down's GGUF type when it differs from --format's (default: the same)")
     p.add_argument("--tokens", type=int, default=512, help="prefill batch B (default 512)")
     p.add_argument("--experts", type=int, default=384, help="routed experts E (default 384)")
     p.add_argument("--hidden", type=int, default=7168, help="H (default 7168)")
@@ -88,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--topk ({a.topk}) must not exceed --experts ({a.experts})")
     if a.hidden % 32 or a.intermediate % 32:
         p.error(f"--hidden ({a.hidden}) and --intermediate ({a.intermediate}) must be multiples of 32")
+    if a.down_format and a.format == "int4":
+        p.error("--down-format goes with a GGUF --format")
+    a.down_format = a.down_format or a.format
+    for fmt, k, name in ((a.format, a.hidden, "--hidden"), (a.down_format, a.intermediate, "--intermediate")):
+        if fmt in GGUF_FORMATS and k % GGUF_BLOCK[fmt][0]:
+            p.error(f"{name} ({k}) must be a multiple of {GGUF_BLOCK[fmt][0]} for {fmt}")
     return a
 
 
@@ -160,10 +175,49 @@ def peak_gops(lib: ctypes.CDLL, symbol: str, threads: int, seconds: float = 0.3)
 
 # ---- the packed layer -------------------------------------------------------------------------
 
+# GGUF block types: (inputs per block, bytes per block, byte offsets of the fp16 fields, the largest
+# |sub-scale x quant| of a random block, so fp16 fields of 0.02 / span give weights of ~0.02).
+GGUF_BLOCK = {
+    "q4_0": (32, 18, (0,), 8), "q8_0": (32, 34, (0,), 128),
+    "q4_k": (256, 144, (0, 2), 63 * 15), "q5_k": (256, 176, (0, 2), 63 * 31), "q6_k": (256, 210, (208,), 128 * 32),
+    "q3_k": (256, 110, (108,), 32 * 4), "q2_k": (256, 84, (80, 82), 15 * 3), "iq4_xs": (256, 136, (0,), 32 * 127),
+}
+GGUF_FORMATS = tuple(GGUF_BLOCK)
+
+
+def gguf_rows(rng, fmt: str, n: int, k: int):
+    """uint8 [n, row bytes] of random valid `fmt` blocks (random bits, fp16 fields of weight size)."""
+    import numpy as np
+
+    bs, ts, f16, span = GGUF_BLOCK[fmt]
+    rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
+    for at in f16:
+        d = (rng.uniform(0.002, 0.02, size=(n, k // bs)) / span).astype(np.float16)
+        rows[:, :, at:at + 2] = d.view(np.uint8).reshape(n, k // bs, 2)
+    return rows.reshape(n, -1)
+
+
+def gguf_row_bytes(fmt: str, k: int) -> int:
+    bs, ts = GGUF_BLOCK[fmt][:2]
+    return k // bs * ts
+
+
 def make_layer(args, native, rng):
     import numpy as np
 
     E, H, I = args.experts, args.hidden, args.intermediate
+    if args.format != "int4":
+        layer = native.Layer.create(args.format, E, H, I, args.down_format)
+        layer.place()
+        bank = [(gguf_rows(rng, args.format, I, H), gguf_rows(rng, args.format, I, H),
+                 gguf_rows(rng, args.down_format, H, I)) for _ in range(min(args.bank, E))]
+        t0 = time.perf_counter()
+        for e in range(E):
+            layer.pack_expert_gguf(e, *bank[e % len(bank)])
+            if (e + 1) % 32 == 0 or e + 1 == E:
+                log(args, f"  packed {e + 1}/{E} experts ({layer.expert_nbytes * (e + 1) / 1e9:.1f} GB, "
+                          f"{time.perf_counter() - t0:.0f} s)")
+        return layer
     layer = native.Layer.create("int4", E, H, I)
     layer.place()  # first touch by the pool threads that will read each part
 
@@ -304,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rng = np.random.default_rng(args.seed)
     res: dict = {"isa": isa, "threads": args.threads, "experts": args.experts, "hidden": args.hidden,
-                 "intermediate": args.intermediate, "topk": args.topk, "runs": args.runs}
+                 "intermediate": args.intermediate, "topk": args.topk, "runs": args.runs,
+                 "format": args.format, "down_format": args.down_format}
 
     log(args, f"read bandwidth probe ({args.threads} threads)")
     bw = native.read_bandwidth(BW_PROBE_BYTES, 1)
@@ -321,11 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         log(args, f"peak probe: {instr} on {args.threads} threads")
         res["peak_gops"] = peak_gops(probe, symbol, args.threads)
 
-    log(args, f"packing a random INT4 layer: E = {args.experts}, H = {args.hidden}, "
+    log(args, f"packing a random {format_label(res)} layer: E = {args.experts}, H = {args.hidden}, "
               f"I = {args.intermediate}")
     layer = make_layer(args, native, rng)
     res["layer_gb"] = layer.nbytes / 1e9
     res["expert_mb"] = layer.expert_nbytes / 1e6
+    if args.format != "int4":
+        res["gguf_expert_mb"] = (2 * args.intermediate * gguf_row_bytes(args.format, args.hidden)
+                                 + args.hidden * gguf_row_bytes(args.down_format, args.intermediate)) / 1e6
     log(args, f"hybrid kernels ({isa})")
     res.update(bench_native(args, native, layer, isa, rng, probe))
     del layer
@@ -349,12 +407,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def format_label(r: dict) -> str:
+    fmt, down = r["format"].upper(), r["down_format"].upper()
+    return fmt if fmt == down else f"{fmt} (down {down})"
+
+
 def print_table(r: dict) -> None:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    print(f"MoE layer: E={r['experts']} H={r['hidden']} I={r['intermediate']} top-{r['topk']} INT4 "
-          f"({r['layer_gb']:.2f} GB, {r['expert_mb']:.1f} MB per expert), isa={r['isa']}, "
+    gguf = f", GGUF {r['gguf_expert_mb']:.1f} MB" if "gguf_expert_mb" in r else ""
+    print(f"MoE layer: E={r['experts']} H={r['hidden']} I={r['intermediate']} top-{r['topk']} {format_label(r)} "
+          f"({r['layer_gb']:.2f} GB, {r['expert_mb']:.1f} MB per expert{gguf}), isa={r['isa']}, "
           f"threads={r['threads']}, median of {r['runs']}")
     print(f"limits: read bandwidth {r['bandwidth_gbps']:.1f} GB/s extension probe, "
           f"{f(r['bandwidth_simd_gbps'], '.1f')} GB/s SIMD-load probe "

@@ -91,6 +91,32 @@ py::tuple py_quantize_pack(const py::object& wo, const std::string& fmt) {
   return py::make_tuple(q, scales);
 }
 
+// GGUF blocks of one [N, K] matrix, uint8 [N, row bytes] as a GGUF file stores them (pack.h).
+void check_gguf_rows(const py::array& a, WeightFormat f, int64_t n, int64_t k, const std::string& name) {
+  const size_t bb = gguf_block_bytes(f);
+  if (bb == 0) throw py::value_error(name + ": format '" + format_name(f) + "' is not a GGUF block type");
+  if (!is_dtype<uint8_t>(a)) bad_dtype(a, name.c_str(), "uint8 (raw GGUF blocks)");
+  const int64_t rb = int64_t(gguf_row_bytes(f, k));
+  if (a.ndim() == 2 && a.shape(0) == n && a.shape(1) != rb)
+    throw py::value_error(name + ": a row of " + std::to_string(k) + " inputs in " + format_name(f) + " is " +
+                          std::to_string(k / gguf_block_inputs(f)) + " blocks of " + std::to_string(bb) + " bytes = " +
+                          std::to_string(rb) + " bytes, got rows of " + std::to_string(a.shape(1)) + " bytes");
+  check_layout(a, name.c_str(), {n, rb});
+}
+
+py::tuple py_pack_gguf(const py::object& ro, const std::string& fmt, int64_t n, int64_t k) {
+  WeightFormat f = parse_format(fmt);
+  check_matrix_dims(n, k, "rows", f);
+  py::array rows = as_array(ro, "rows");
+  check_gguf_rows(rows, f, n, k, "rows");
+  py::array_t<uint8_t> q(py::ssize_t(packed_qweight_bytes(f, n, k)));
+  py::array_t<uint16_t> s(py::ssize_t(packed_scale_bytes(f, n, k) / 2));
+  PackDest d{q.mutable_data(), s.mutable_data()};
+  const uint8_t* src = static_cast<const uint8_t*>(rows.data());
+  parallel_blocks(n / kRowBlock, [&](int64_t b0, int64_t b1) { pack_gguf(f, src, n, k, b0, b1, d); });
+  return py::make_tuple(q, s);
+}
+
 py::array_t<float> py_unpack(const std::string& fmt, const py::object& q, const py::object& s, int64_t n, int64_t k) {
   PackedMatrix m = packed_from_arrays(parse_format(fmt), q, s, n, k);
   py::array_t<float> out({n, k});
@@ -343,7 +369,8 @@ struct PyLayer {
     check_layout(g, "gate", {I, H});
     check_layout(u, "up", {I, H});
     check_layout(d, "down", {H, I});
-    const WeightFormat f = layer->format();
+    check_not_split();
+    const WeightFormat f = layer->format(), fd = layer->down_format();
     PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
     PackDest dg{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 0};
     PackDest du{const_cast<uint8_t*>(gu.qweight), const_cast<uint16_t*>(gu.scales), 2, 1};
@@ -365,7 +392,7 @@ struct PyLayer {
         named("up", [&] { quantize_pack(f, up, ut, I, H, 2 * u0, 2 * u1, du); });
       }
       auto [d0, d1] = pool->split(down_units(H), tid, team);
-      if (d0 < d1) named("down", [&] { quantize_pack(f, dp, dt, H, I, d0, d1, dd); });
+      if (d0 < d1) named("down", [&] { quantize_pack(fd, dp, dt, H, I, d0, d1, dd); });
     }});
   }
 
@@ -373,9 +400,10 @@ struct PyLayer {
                const py::object& dpo, const py::object& dso) {
     check_expert(e);
     check_writable();
-    if (layer->format() != WeightFormat::INT4_G32)
+    check_not_split();
+    if (layer->format() != WeightFormat::INT4_G32 || layer->down_format() != WeightFormat::INT4_G32)
       throw py::value_error("compressed-tensors INT4 experts need an int4 layer, this one is " +
-                            format_name(layer->format()));
+                            format_name(layer->format()) + " (down " + format_name(layer->down_format()) + ")");
     const int64_t H = layer->hidden(), I = layer->intermediate();
     py::array gp = as_array(gpo, "gate weight_packed"), gs = as_array(gso, "gate weight_scale");
     py::array upk = as_array(upo, "up weight_packed"), us = as_array(uso, "up weight_scale");
@@ -404,19 +432,69 @@ struct PyLayer {
     }});
   }
 
+  // Where gate and up blocks go: interleaved into gate_up (blocks 2j, 2j + 1), or each into its
+  // own matrix when the layer splits them (packed_layer.h).
+  std::pair<PackDest, PackDest> gate_up_dests(int64_t e) const {
+    auto dest = [](const PackedMatrix& m, int64_t mult, int64_t off) {
+      return PackDest{const_cast<uint8_t*>(m.qweight), const_cast<uint16_t*>(m.scales), mult, off};
+    };
+    if (layer->split_gate_up()) return {dest(layer->gate(e), 1, 0), dest(layer->up(e), 1, 0)};
+    const PackedMatrix gu = layer->gate_up(e);
+    return {dest(gu, 2, 0), dest(gu, 2, 1)};
+  }
+  void check_not_split() const {
+    if (layer->split_gate_up())
+      throw py::value_error("this layer's gate and up have different formats (" + format_name(layer->format()) +
+                            ", " + format_name(layer->up_format()) + "): only pack_expert_gguf fills it");
+  }
+
+  // Raw GGUF blocks of one expert (pack.h): gate uint8 [I, row bytes of H inputs] in the layer's
+  // format, up the same in its up_format, down uint8 [H, row bytes of I inputs] in its down_format.
+  void pack_gguf_expert(int64_t e, const py::object& go, const py::object& uo, const py::object& dobj) {
+    check_expert(e);
+    check_writable();
+    const int64_t H = layer->hidden(), I = layer->intermediate();
+    const WeightFormat f = layer->format(), fu = layer->up_format(), fd = layer->down_format();
+    py::array g = as_array(go, "gate"), u = as_array(uo, "up"), d = as_array(dobj, "down");
+    check_gguf_rows(g, f, I, H, "gate");
+    check_gguf_rows(u, fu, I, H, "up");
+    check_gguf_rows(d, fd, H, I, "down");
+    PackedMatrix dn = layer->down(e);
+    auto [dg, du] = gate_up_dests(e);
+    PackDest dd{const_cast<uint8_t*>(dn.qweight), const_cast<uint16_t*>(dn.scales), 1, 0};
+    const uint8_t *gp = static_cast<const uint8_t*>(g.data()), *up = static_cast<const uint8_t*>(u.data()),
+                  *dp = static_cast<const uint8_t*>(d.data());
+    py::gil_scoped_release release;
+    auto pool = global_pool();
+    pool->run({[&](int tid, int team) {
+      auto [u0, u1] = pool->split(gate_up_units(I), tid, team);
+      if (u0 < u1) {
+        pack_gguf(f, gp, I, H, 2 * u0, 2 * u1, dg);
+        pack_gguf(fu, up, I, H, 2 * u0, 2 * u1, du);
+      }
+      auto [d0, d1] = pool->split(down_units(H), tid, team);
+      if (d0 < d1) pack_gguf(fd, dp, H, I, d0, d1, dd);
+    }});
+  }
+
   py::tuple unpack_expert(int64_t e) const {
     check_expert(e);
     const int64_t H = layer->hidden(), I = layer->intermediate();
     py::array_t<float> gate({I, H}), up({I, H}), down({H, I});
     float *gp = gate.mutable_data(), *upp = up.mutable_data(), *dp = down.mutable_data();
-    PackedMatrix gu = layer->gate_up(e), dn = layer->down(e);
+    const bool split = layer->split_gate_up();
+    PackedMatrix gu = split ? layer->gate(e) : layer->gate_up(e), um = split ? layer->up(e) : gu, dn = layer->down(e);
     {
     py::gil_scoped_release release;
     auto pool = global_pool();
     pool->run({[&](int tid, int team) {
       std::vector<float> rows(size_t(2 * kRowBlock * H));
       auto [b0, b1] = pool->split(I / kRowBlock, tid, team);  // gate/up block j = packed 2j, 2j+1
-      for (int64_t j = b0; j < b1; ++j) {
+      if (split && b0 < b1) {
+        unpack(gu, b0, b1, gp + b0 * kRowBlock * H);
+        unpack(um, b0, b1, upp + b0 * kRowBlock * H);
+      }
+      for (int64_t j = b0; j < b1 && !split; ++j) {
         unpack(gu, 2 * j, 2 * j + 2, rows.data());
         std::memcpy(gp + j * kRowBlock * H, rows.data(), size_t(kRowBlock * H) * 4);
         std::memcpy(upp + j * kRowBlock * H, rows.data() + kRowBlock * H, size_t(kRowBlock * H) * 4);
@@ -536,6 +614,9 @@ PYBIND11_MODULE(_native, m) {
         "compressed-tensors INT4 -> INT4_G32 (qweight uint8, scales uint16), bit-exact");
   m.def("quantize_pack", &py_quantize_pack, py::arg("w"), py::arg("format"),
         "float32/bf16 [N, K] -> packed (qweight uint8, scales uint16 or None)");
+  m.def("pack_gguf", &py_pack_gguf, py::arg("rows"), py::arg("format"), py::arg("n"), py::arg("k"),
+        "raw GGUF blocks uint8 [N, row bytes] of a GGUF-typed [N, K] matrix (q4_0, q8_0, q4_k, q5_k, q6_k, q3_k, "
+        "q2_k, iq4_xs) -> packed (qweight uint8, scales uint16 fp16 bits: empty for the K types), lossless");
   m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
         py::arg("k"), "packed -> float32 [N, K]");
 
@@ -564,9 +645,14 @@ PYBIND11_MODULE(_native, m) {
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
 
   py::class_<PyLayer>(m, "Layer")
-      .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i) {
-        return PyLayer{PackedLayer::create(parse_format(fmt), e, h, i)};
-      }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"))
+      .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down,
+                               const std::string& up) {
+        const WeightFormat f = parse_format(fmt);
+        return PyLayer{PackedLayer::create(f, up.empty() ? f : parse_format(up, "up_format"),
+                                           down.empty() ? f : parse_format(down, "down_format"), e, h, i)};
+      }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
+         py::arg("down_format") = "", py::arg("up_format") = "",
+         "format: gate's (and up's, down's unless given); '' = format")
       .def_static("open", [](const std::string& path) {
         py::gil_scoped_release r;
         return PyLayer{PackedLayer::open(path)};
@@ -582,9 +668,12 @@ PYBIND11_MODULE(_native, m) {
       .def("pack_expert_float", &PyLayer::pack_float, py::arg("e"), py::arg("gate"), py::arg("up"), py::arg("down"))
       .def("pack_expert_ct", &PyLayer::pack_ct, py::arg("e"), py::arg("gate_packed"), py::arg("gate_scale"),
            py::arg("up_packed"), py::arg("up_scale"), py::arg("down_packed"), py::arg("down_scale"))
+      .def("pack_expert_gguf", &PyLayer::pack_gguf_expert, py::arg("e"), py::arg("gate"), py::arg("up"), py::arg("down"))
       .def("unpack_expert", &PyLayer::unpack_expert, py::arg("e"))
       .def("expert_arrays", &PyLayer::expert_arrays, py::arg("e"))
       .def_property_readonly("format", [](const PyLayer& l) { return format_name(l.layer->format()); })
+      .def_property_readonly("down_format", [](const PyLayer& l) { return format_name(l.layer->down_format()); })
+      .def_property_readonly("up_format", [](const PyLayer& l) { return format_name(l.layer->up_format()); })
       .def_property_readonly("num_experts", [](const PyLayer& l) { return l.layer->num_experts(); })
       .def_property_readonly("hidden", [](const PyLayer& l) { return l.layer->hidden(); })
       .def_property_readonly("intermediate", [](const PyLayer& l) { return l.layer->intermediate(); })
@@ -618,10 +707,11 @@ PYBIND11_MODULE(_native, m) {
 // Bound functions and classes (module hybrid._native):
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
 //   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
-//   pack_int4_from_ct, quantize_pack, unpack
+//   pack_int4_from_ct, quantize_pack, pack_gguf, unpack
 //   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
-//   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, unpack_expert, expert_arrays,
-//          format, num_experts, hidden, intermediate, nbytes, expert_nbytes, writable, path
+//   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, pack_expert_gguf, unpack_expert,
+//          expert_arrays, format, up_format, down_format, num_experts, hidden, intermediate, nbytes,
+//          expert_nbytes, writable, path
 //   MoE(layer, mode, threads, isa, caller): submit, sync, pending, isa, mode
 // The test-only entry points (kernel probes, pool test jobs, fault injection) are in
 // hybrid._native_testing (binding_testing.cpp).

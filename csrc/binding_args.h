@@ -35,8 +35,11 @@ inline std::string dims_str(const std::vector<int64_t>& d) {
   return s + "]";
 }
 
+// Equality, not identity: numpy dtypes equal to a builtin one need not be that object (gguf's
+// reader hands out uint8 views whose dtype went through newbyteorder('<'), equal to uint8 but not
+// the same object); a byte-swapped multi-byte dtype is not equal, so it is still refused.
 template <class T>
-inline bool is_dtype(const py::array& a) { return a.dtype().is(py::dtype::of<T>()); }
+inline bool is_dtype(const py::array& a) { return a.dtype().equal(py::dtype::of<T>()); }
 
 inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
@@ -77,36 +80,50 @@ inline SrcDtype float_kind(const py::array& a, const char* name) {
   bad_dtype(a, name, "float32 or bf16 (passed as uint16 bit patterns)");
 }
 
-inline WeightFormat parse_format(const std::string& s) {
-  if (s == "int4") return WeightFormat::INT4_G32;
-  if (s == "int8") return WeightFormat::INT8_G32;
-  if (s == "bf16") return WeightFormat::BF16;
-  throw py::value_error("format must be 'int4', 'int8' or 'bf16', got '" + s + "'");
-}
+// The formats' names in Python (hybrid.experts.cpu_moe.FORMATS); the GGUF ones are ggml's type
+// names in lower case.
 inline std::string format_name(WeightFormat f) {
   switch (f) {
     case WeightFormat::INT4_G32: return "int4";
     case WeightFormat::INT8_G32: return "int8";
     case WeightFormat::BF16: return "bf16";
+    case WeightFormat::Q4_0: return "q4_0";
+    case WeightFormat::Q8_0: return "q8_0";
+    case WeightFormat::Q4_K: return "q4_k";
+    case WeightFormat::Q5_K: return "q5_k";
+    case WeightFormat::Q6_K: return "q6_k";
+    case WeightFormat::Q3_K: return "q3_k";
+    case WeightFormat::Q2_K: return "q2_k";
+    case WeightFormat::IQ4_XS: return "iq4_xs";
   }
   return "?";
 }
+inline WeightFormat parse_format(const std::string& s, const char* what = "format") {
+  std::string all;
+  for (int i = 0; i < kNumWeightFormats; ++i) {
+    if (format_name(WeightFormat(i)) == s) return WeightFormat(i);
+    all += (i ? ", '" : "'") + format_name(WeightFormat(i)) + "'";
+  }
+  throw py::value_error(std::string(what) + " must be one of " + all + ", got '" + s + "'");
+}
 
-inline void check_matrix_dims(int64_t n, int64_t k, const char* what) {
+inline void check_matrix_dims(int64_t n, int64_t k, const char* what, WeightFormat f = WeightFormat::INT4_G32) {
   if (n <= 0 || n % kRowBlock != 0)
     throw py::value_error(std::string(what) + ": rows (N) must be a positive multiple of 16, got " + std::to_string(n));
-  if (k <= 0 || k % kGroup != 0)
-    throw py::value_error(std::string(what) + ": inputs (K) must be a positive multiple of 32, got " + std::to_string(k));
+  const int64_t km = k_multiple(f);
+  if (k <= 0 || k % km != 0)
+    throw py::value_error(std::string(what) + ": inputs (K) must be a positive multiple of " + std::to_string(km) +
+                          (km == kGroup ? "" : " for " + format_name(f)) + ", got " + std::to_string(k));
 }
 
 // A packed matrix from (qweight, scales) arrays with the exact byte sizes of kernels.h.
 inline PackedMatrix packed_from_arrays(WeightFormat f, const py::object& qo, const py::object& so, int64_t n, int64_t k) {
-  check_matrix_dims(n, k, "packed matrix");
+  check_matrix_dims(n, k, "packed matrix", f);
   py::array q = as_array(qo, "qweight");
   if (!is_dtype<uint8_t>(q)) bad_dtype(q, "qweight", "uint8");
   check_layout(q, "qweight", {int64_t(packed_qweight_bytes(f, n, k))});
   PackedMatrix m{f, n, k, static_cast<const uint8_t*>(q.data()), nullptr};
-  if (f != WeightFormat::BF16) {
+  if (packed_scale_bytes(f, n, k) > 0) {
     if (so.is_none()) throw py::value_error("scales are required for format " + format_name(f));
     py::array s = as_array(so, "scales");
     if (!is_dtype<uint16_t>(s)) bad_dtype(s, "scales", "uint16 (bf16 bits)");

@@ -61,7 +61,7 @@ py::array_t<float> py_kernel_matmul_a8(const std::string& isa, const std::string
                                        const py::object& so, const py::object& go, int64_t b0, int64_t b1) {
   const KernelTable& t = resolved_table(isa);
   WeightFormat f = parse_format(fmt);
-  if (f == WeightFormat::BF16) throw py::value_error("matmul_a8 takes int4 or int8 weights, not bf16");
+  if (f == WeightFormat::BF16) throw py::value_error("matmul_a8 takes int4 or int8 (or GGUF-typed) weights, not bf16");
   PackedMatrix m = packed_from_arrays(f, qw, sw, n, k);
   std::tie(b0, b1) = block_range(n, b0, b1);
   py::array q = as_array(qo, "q"), s = as_array(so, "scale"), g = as_array(go, "gsum");
@@ -72,8 +72,10 @@ py::array_t<float> py_kernel_matmul_a8(const std::string& isa, const std::string
   int64_t T = q.shape(0);
   check_layout(s, "scale", {T, k / kGroup});
   check_layout(g, "gsum", {T, k / kGroup});
+  std::vector<int32_t> hs(size_t(T * (k / kGroup)));  // the K types' half sums (kernels.h), as the operator makes them
+  for (int64_t i = 0; i < T; ++i) half_sums(static_cast<const int8_t*>(q.data()) + i * k, k, hs.data() + i * (k / kGroup));
   QuantizedActs a{static_cast<const int8_t*>(q.data()), static_cast<const float*>(s.data()),
-                  static_cast<const int32_t*>(g.data()), T, k, k};
+                  static_cast<const int32_t*>(g.data()), T, k, k, hs.data()};
   py::array_t<float> out({T, (b1 - b0) * kRowBlock});
   float* op = out.mutable_data();
   int64_t ldo = (b1 - b0) * kRowBlock;

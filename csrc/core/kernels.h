@@ -17,7 +17,36 @@ namespace hybrid {
 constexpr int kRowBlock = 16;  // RB: output rows per packed block (one zmm of fp32/int32 lanes)
 constexpr int kGroup = 32;     // G: inputs per quantization group (Kimi K2.5 ships group 32)
 
-enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2 };
+// INT4_G32 / INT8_G32 / BF16: hybrid's own formats (Kimi's shipped INT4 and what we quantise to).
+// Q4_0 / Q8_0: GGUF's block types of the same names kept in their own bits (pack_gguf, pack.h): the
+// operand layouts of INT4_G32 / INT8_G32 with GGUF's fp16 block scales in place of bf16 ones.
+// Q4_K .. IQ4_XS: GGUF's super-block types, in tiles of 16 rows x 256 inputs (kquant.h).
+enum class WeightFormat : int {
+  INT4_G32 = 0, INT8_G32 = 1, BF16 = 2, Q4_0 = 3, Q8_0 = 4,
+  Q4_K = 5, Q5_K = 6, Q6_K = 7, Q3_K = 8, Q2_K = 9, IQ4_XS = 10,
+};
+constexpr int kNumWeightFormats = 11;
+
+// Bytes of one packed tile (16 rows x 256 inputs) of a K type, 0 for the other formats; kquant.h
+// derives the same numbers from its layout and checks them (static_assert).
+static inline constexpr int ktile_bytes(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::Q4_K: return 2368;
+    case WeightFormat::Q5_K: return 2880;
+    case WeightFormat::Q6_K: return 3360;
+    case WeightFormat::Q3_K: return 1824;
+    case WeightFormat::Q2_K: return 1344;
+    case WeightFormat::IQ4_XS: return 2208;
+    default: return 0;
+  }
+}
+// Inputs a matrix's K must be a multiple of: 256 for the K types, else 32.
+static inline int64_t k_multiple(WeightFormat f) { return ktile_bytes(f) ? 256 : 32; }
+
+// The weight operand of a group-32 integer format: 4-bit nibbles (INT4_G32 layout) or bytes
+// (INT8_G32 layout); and the dtype of its per-(row, group) scales.
+static inline bool nibble_layout(WeightFormat f) { return f == WeightFormat::INT4_G32 || f == WeightFormat::Q4_0; }
+static inline bool f16_scales(WeightFormat f) { return f == WeightFormat::Q4_0 || f == WeightFormat::Q8_0; }
 
 // ---------------------------------------------------------------------------------------------
 // Packed layouts. A matrix W [N, K] needs N % 16 == 0 and K % 32 == 0 (K2.5: N, K in {7168,
@@ -40,6 +69,12 @@ enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2 };
 //     chunk c covers inputs k0 = 32*g + 4*c ... k0 + 3; byte j of lane r = q[row][k0 + j] + 128
 //   scales:  [N/16][K/32][16] bf16, as INT4_G32.
 //
+// Q4_0 (GGUF): qweight exactly as INT4_G32 (GGUF stores the nibble q + 8 too), scales
+//   [N/16][K/32][16] fp16 (IEEE half bits, GGUF's block scale d as stored):
+//   W[row][k] = (nibble - 8) * f16_to_f32(d[row][k / 32]).
+// Q8_0 (GGUF): qweight as INT8_G32 (u8 = q + 128, q in [-128, 127]: GGUF's int8 as stored, so
+//   -128 is legal), scales fp16 as Q4_0: W[row][k] = q * f16_to_f32(d[row][k / 32]).
+//
 // BF16:
 //   qweight: [N/16][K/2][16 lanes][2] bf16: lane r holds W[row][2k], W[row][2k + 1]
 //            (the operand order of vdpbf16ps); scales: none (nullptr).
@@ -48,23 +83,26 @@ enum class WeightFormat : int { INT4_G32 = 0, INT8_G32 = 1, BF16 = 2 };
 // Bytes of the packed qweight / scales arrays for one [N, K] matrix.
 static inline size_t packed_qweight_bytes(WeightFormat f, int64_t n, int64_t k) {
   switch (f) {
-    case WeightFormat::INT4_G32: return size_t(n) * size_t(k) / 2;
-    case WeightFormat::INT8_G32: return size_t(n) * size_t(k);
+    case WeightFormat::INT4_G32:
+    case WeightFormat::Q4_0: return size_t(n) * size_t(k) / 2;
+    case WeightFormat::INT8_G32:
+    case WeightFormat::Q8_0: return size_t(n) * size_t(k);
     case WeightFormat::BF16: return size_t(n) * size_t(k) * 2;
+    default: return size_t(n / kRowBlock) * size_t(k / 256) * size_t(ktile_bytes(f));  // K types
   }
-  return 0;
 }
-static inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {
-  return f == WeightFormat::BF16 ? 0 : size_t(n) * size_t(k / kGroup) * 2;
+static inline size_t packed_scale_bytes(WeightFormat f, int64_t n, int64_t k) {  // K types: in the tiles
+  return (f == WeightFormat::BF16 || ktile_bytes(f)) ? 0 : size_t(n) * size_t(k / kGroup) * 2;
 }
 
 // One packed matrix as the kernels see it: plain pointers, no ownership.
 struct PackedMatrix {
   WeightFormat format;
   int64_t n;                // N rows (outputs), multiple of 16
-  int64_t k;                // K inputs, multiple of 32
-  const uint8_t* qweight;   // layout above
-  const uint16_t* scales;   // bf16 bits, [N/16][K/32][16]; nullptr for BF16
+  int64_t k;                // K inputs, multiple of 32 (k_multiple: 256 for the K types)
+  const uint8_t* qweight;   // layout above (K types: the tiles of kquant.h)
+  const uint16_t* scales;   // bf16 (fp16 for Q4_0 / Q8_0) bits, [N/16][K/32][16]; nullptr for BF16
+                            // and the K types
 };
 
 // Activations quantised for the int8 paths: per token, per group of 32 inputs,
@@ -78,7 +116,19 @@ struct QuantizedActs {
   int64_t t;             // T
   int64_t k;             // K
   int64_t ldq;           // >= K
+  // [T][K/32]: the sum of q over inputs 0..15 of each group (half_sums below), which the K types
+  // with 16-input sub-blocks (Q6_K, Q3_K, Q2_K) need; may be nullptr for the other formats.
+  const int32_t* hsum = nullptr;
 };
+
+// hsum[g] = sum of q[32g .. 32g + 15] for the k / 32 groups of one quantised row.
+static inline void half_sums(const int8_t* q, int64_t k, int32_t* hsum) {
+  for (int64_t g = 0; g < k / kGroup; ++g) {
+    int32_t s = 0;
+    for (int i = 0; i < 16; ++i) s += q[g * kGroup + i];
+    hsum[g] = s;
+  }
+}
 
 // What every ISA provides. A kernel may leave an entry null when the ISA brings nothing over a
 // lower one; dispatch.cpp then fills it from the next lower table (amx -> avx512_bf16 ->
@@ -158,6 +208,30 @@ static inline float bf16_to_f32(uint16_t h) {
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
+}
+// IEEE half -> fp32, exact (subnormals, Inf and NaN included), for the scalar code and packers;
+// the SIMD paths use vcvtph2ps (F16C / AVX-512), which gives the same bits.
+static inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  uint32_t u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (man << 13);  // Inf / NaN
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: man * 2^-24, exact in fp32
+    float f = float(man) * 5.9604644775390625e-8f;
+    __builtin_memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+// The fp32 value of a stored scale of format f (bf16 or fp16 bits).
+static inline float scale_to_f32(WeightFormat f, uint16_t bits) {
+  return f16_scales(f) ? f16_to_f32(bits) : bf16_to_f32(bits);
 }
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   uint32_t u;

@@ -178,6 +178,12 @@ static void amx_tokens(const PackedMatrix& w, int64_t b0, int64_t b1, const Quan
 
 static void amx_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                           float* out, int64_t ldo) {
+  // The GGUF formats (fp16 scales) take the VNNI path: amx_scale_rows reads bf16 scales, and no
+  // machine with AMX has been at hand to measure (or test) an fp16 twin.
+  if (w.format != WeightFormat::INT4_G32 && w.format != WeightFormat::INT8_G32) {
+    v_matmul_a8(w, b0, b1, x, out, ldo);
+    return;
+  }
   const int64_t min_tokens =
       w.format == WeightFormat::INT4_G32 ? kAmxMinTokensInt4 : kAmxMinTokensInt8;
   if (x.t < min_tokens) {

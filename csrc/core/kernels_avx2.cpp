@@ -17,8 +17,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/kernels.h"
+#include "core/kquant.h"
 #include "core/tile_width.h"
 
 namespace hybrid {
@@ -36,6 +38,31 @@ static HY_ALWAYS_INLINE void y_prefetch_bytes(const uint8_t* p, int bytes) {
 static HY_ALWAYS_INLINE __m256 y_load_bf16x8(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Per-(row, group) weight scales of 8 rows as fp32: the scale policies of the integer formats
+// (kernels.h), a template argument of the integer tiles below.
+struct y_scales_bf16 {  // INT4_G32, INT8_G32
+  static HY_ALWAYS_INLINE __m256 load(const uint16_t* p) { return y_load_bf16x8(p); }
+};
+struct y_scales_f16 {  // Q4_0, Q8_0 (GGUF's fp16 block scales): vcvtph2ps (F16C), exact
+  static HY_ALWAYS_INLINE __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// fn(nibbles, scales) for an integer group-32 format: nibbles is std::true_type for the INT4_G32
+// operand layout (INT4_G32, Q4_0), std::false_type for the INT8_G32 one (INT8_G32, Q8_0); scales
+// the policy above. One place maps formats to (layout, scales) for both AVX2 drivers.
+template <class Fn>
+static HY_ALWAYS_INLINE void y_with_int_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::INT4_G32: fn(std::true_type{}, y_scales_bf16{}); break;
+    case WeightFormat::Q4_0: fn(std::true_type{}, y_scales_f16{}); break;
+    case WeightFormat::INT8_G32: fn(std::false_type{}, y_scales_bf16{}); break;
+    case WeightFormat::Q8_0: fn(std::false_type{}, y_scales_f16{}); break;
+    default: break;  // BF16 and the K types: the callers handle them first
+  }
 }
 
 static HY_ALWAYS_INLINE __m256i y_bcast4(const int8_t* p) {
@@ -133,7 +160,7 @@ struct f32_q8g32 {  // chunk c: inputs 4c..4c+3, bytes 0-3 (u8 = q + 128)
   static constexpr int shift(int j) { return 8 * j; }
 };
 
-template <class Q>
+template <class Q, class Sc>
 static HY_ALWAYS_INLINE void y_matmul_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx,
                                                     int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -145,7 +172,7 @@ static HY_ALWAYS_INLINE void y_matmul_f32_tile16xTT(const PackedMatrix& w, int64
   for (int64_t g = 0; g < ng; ++g) {
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 s = Sc::load(sc + g * kRowBlock + 8 * h);
       const __m256 soff = _mm256_mul_ps(s, _mm256_set1_ps(Q::kOffset));
       for (int c = 0; c < Q::kChunks; ++c) {
         const __m256i v =
@@ -188,6 +215,220 @@ static HY_ALWAYS_INLINE void y_matmul_f32_bf16_tile16xTT(const PackedMatrix& w, 
   y_store_tile(acc, tt, out, ldo);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The K types (kquant.h), simd_avx512.h's scheme on ymm halves: per tile, group g and half h (rows
+// 8h..8h+7: bytes [32h, 32h + 32) of every 64-byte chunk), the 8 u8 operands (y_kq_operands) and
+// the fp32 lanes D sc_j, Dm m_j of the group's sub-blocks; f32: W = fmsub(u, D sc_j, D sc_j off +
+// Dm m_j), one FMA per input and token; a8: vpmaddubsw + vpmaddwd per operand (u <= 63; IQ4_XS's
+// table value t as |t| x sign(a, t), so its off counts as 0), then (I_j - off A_j) (D sc_j xs) -
+// Dm m_j xs A_j into the accumulators.
+// ---------------------------------------------------------------------------------------------
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_operands(const uint8_t* tile, int g, int h, __m256i* wv) {
+  constexpr KQ k = kq_of(F);
+  auto ld = [&](int at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + at + 32 * h)); };
+  if constexpr (k.nib) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = ld(k.nib_at + g * 256 + c * 64);
+      wv[2 * c] = _mm256_and_si256(v, m4);
+      wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) wv[i] = _mm256_setzero_si256();
+  }
+  if constexpr (k.crumb) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+#pragma GCC unroll 2
+    for (int c = 0; c < 2; ++c) {
+      const __m256i v = ld(k.crumb_at + g * 128 + c * 64);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        __m256i cr = _mm256_and_si256(s ? _mm256_srli_epi16(v, 2 * s) : v, m3);
+        if constexpr (k.crumb_shift > 0) cr = _mm256_slli_epi16(cr, k.crumb_shift);
+        wv[4 * c + s] = _mm256_or_si256(wv[4 * c + s], cr);
+      }
+    }
+  }
+  if constexpr (k.bit) {
+    const __m256i v = ld(k.bit_at + g * 64);
+    const __m256i m1 = _mm256_set1_epi8(1 << k.bit_shift);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {  // bit i of each byte to bit bit_shift
+      const __m256i b = i > k.bit_shift ? _mm256_srli_epi16(v, i - k.bit_shift)
+                        : i < k.bit_shift ? _mm256_slli_epi16(v, k.bit_shift - i) : v;
+      wv[i] = _mm256_or_si256(wv[i], _mm256_and_si256(b, m1));
+    }
+  }
+  if constexpr (k.table) {  // nibble -> table value + 128 (u8)
+    int8_t tb[16];
+    for (int i = 0; i < 16; ++i) tb[i] = int8_t(kIq4Values[i] ^ 0x80);
+    const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) wv[i] = _mm256_shuffle_epi8(tab, wv[i]);
+  }
+}
+
+// D sc_j (dsc) and Dm m_j (dmm) of sub-block j, rows 8h..8h+7; d, dm: those rows' D, Dm.
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_scales(const uint8_t* tile, int j, int h, __m256 d, __m256 dm, __m256& dsc,
+                                         __m256& dmm) {
+  constexpr KQ k = kq_of(F);
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tile + k.sc_at + 16 * j + 8 * h));
+  if constexpr (k.scale_nibbles) {
+    const __m256i b = _mm256_cvtepu8_epi32(raw);
+    dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))));
+    dmm = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)));
+  } else {
+    dsc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
+    if constexpr (k.min) {
+      const __m128i mr = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tile + k.m_at + 16 * j + 8 * h));
+      dmm = _mm256_mul_ps(dm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mr)));
+    } else {
+      dmm = _mm256_setzero_ps();
+    }
+  }
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_prefetch(const uint8_t* tile, int g) {
+  constexpr int share = (kq_of(F).tile_bytes + 8 * 64 - 1) / (8 * 64) * 64;
+  y_prefetch_bytes(tile + g * share, share);
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
+                                                float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  const int64_t ns = w.k / kSuper;
+  const __m256i m8 = _mm256_set1_epi32(0xFF);
+  __m256 acc[kTileTokens][2];
+  y_zero_tile(acc, tt);
+  for (int64_t sb = 0; sb < ns; ++sb) {
+    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
+    for (int g = 0; g < 8; ++g) {
+      y_kq_prefetch<F>(tile, g);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 d = y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at) + 8 * h);
+        const __m256 dm = k.min ? y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at) + 8 * h)
+                                : _mm256_setzero_ps();
+        __m256i wv[8];
+        y_kq_operands<F>(tile, g, h, wv);
+        __m256 dsc[2], bias[2];
+#pragma GCC unroll 2
+        for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j) {
+          __m256 dmm;
+          y_kq_scales<F>(tile, k.sub == 16 ? 2 * g + j : g, h, d, dm, dsc[j], dmm);
+          bias[j] = k.off ? _mm256_fmadd_ps(dsc[j], _mm256_set1_ps(float(k.off)), dmm) : dmm;  // exact
+        }
+        const int64_t k0 = sb * kSuper + g * kGroup;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const int j = k.sub == 16 ? i / 4 : 0;
+#pragma GCC unroll 4
+          for (int jj = 0; jj < 4; ++jj) {
+            const __m256i u = _mm256_and_si256(jj ? _mm256_srli_epi32(wv[i], 8 * jj) : wv[i], m8);
+            const __m256 wf = _mm256_fmsub_ps(_mm256_cvtepi32_ps(u), dsc[j], bias[j]);
+#pragma GCC unroll 4
+            for (int t = 0; t < tt; ++t)
+              acc[t][h] = _mm256_fmadd_ps(wf, _mm256_set1_ps(x[t * ldx + k0 + 4 * i + jj]), acc[t][h]);
+          }
+        }
+      }
+    }
+  }
+  y_store_tile(acc, tt, out, ldo);
+}
+
+// fn(std::integral_constant<WeightFormat, F>) for a K type f; nothing for other formats.
+template <class Fn>
+static HY_ALWAYS_INLINE void y_with_kq_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::Q4_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q4_K>{}); break;
+    case WeightFormat::Q5_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q5_K>{}); break;
+    case WeightFormat::Q6_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q6_K>{}); break;
+    case WeightFormat::Q3_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q3_K>{}); break;
+    case WeightFormat::Q2_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q2_K>{}); break;
+    case WeightFormat::IQ4_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ4_XS>{}); break;
+    default: break;
+  }
+}
+
+// sum over one operand (4 inputs) of u q_a as int32 lanes: vpmaddubsw + vpmaddwd (see above).
+template <bool kTable>
+static HY_ALWAYS_INLINE __m256i y_kq_dot1(__m256i w, const int8_t* a) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ab = y_bcast4(a);
+  if constexpr (kTable) {
+    const __m256i ws = _mm256_xor_si256(w, _mm256_set1_epi8(int8_t(0x80)));  // the signed table value
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(ws, ws), _mm256_sign_epi8(ab, ws)), ones);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, ab), ones);
+  }
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x, int64_t t0,
+                                               int tt, float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  constexpr int off = k.table ? 0 : k.off;
+  const int64_t ns = w.k / kSuper, ng = w.k / kGroup;
+  __m256 acc[kTileTokens][2];
+  y_zero_tile(acc, tt);
+  for (int64_t sb = 0; sb < ns; ++sb) {
+    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
+    for (int g = 0; g < 8; ++g) {
+      y_kq_prefetch<F>(tile, g);
+      const int64_t G = sb * 8 + g;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 d = y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at) + 8 * h);
+        const __m256 dm = k.min ? y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at) + 8 * h)
+                                : _mm256_setzero_ps();
+        __m256i wv[8];
+        y_kq_operands<F>(tile, g, h, wv);
+        __m256 dsc[2], dmm[2];
+#pragma GCC unroll 2
+        for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j) y_kq_scales<F>(tile, k.sub == 16 ? 2 * g + j : g, h, d, dm, dsc[j], dmm[j]);
+#pragma GCC unroll 4
+        for (int t = 0; t < tt; ++t) {
+          const int64_t row = t0 + t;
+          const int8_t* a = x.q + row * x.ldq + G * kGroup;
+          const float xs = x.scale[row * ng + G];
+          const int32_t gs = x.gsum[row * ng + G];
+          __m256i lo = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[0], a), y_kq_dot1<k.table>(wv[1], a + 4)),
+                                        _mm256_add_epi32(y_kq_dot1<k.table>(wv[2], a + 8), y_kq_dot1<k.table>(wv[3], a + 12)));
+          __m256i hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[4], a + 16), y_kq_dot1<k.table>(wv[5], a + 20)),
+                                        _mm256_add_epi32(y_kq_dot1<k.table>(wv[6], a + 24), y_kq_dot1<k.table>(wv[7], a + 28)));
+          const __m256 xv = _mm256_set1_ps(xs);
+          if constexpr (k.sub == 32) {
+            __m256i v = _mm256_add_epi32(lo, hi);
+            if constexpr (off != 0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * gs));
+            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
+            if constexpr (k.min) acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(gs)), acc[t][h]);
+          } else {
+            const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
+            if constexpr (off != 0) {
+              lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(off * a0));
+              hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(off * a1));
+            }
+            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
+            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dsc[1], xv), acc[t][h]);
+            if constexpr (k.min) {
+              acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(a0)), acc[t][h]);
+              acc[t][h] = _mm256_fnmadd_ps(dmm[1], _mm256_set1_ps(xs * float(a1)), acc[t][h]);
+            }
+          }
+        }
+      }
+    }
+  }
+  y_store_tile(acc, tt, out, ldo);
+}
+
 static void y_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                          int64_t ldx, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -196,11 +437,13 @@ static void y_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const fl
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
       with_tile_width<kTileTokens>(int(t - t0), [&](auto tt) {
-        switch (w.format) {
-          case WeightFormat::INT4_G32: y_matmul_f32_tile16xTT<f32_q4g32>(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::INT8_G32: y_matmul_f32_tile16xTT<f32_q8g32>(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::BF16: y_matmul_f32_bf16_tile16xTT(w, b, xt, ldx, tt, ot, ldo); break;
-        }
+        if (w.format == WeightFormat::BF16) return y_matmul_f32_bf16_tile16xTT(w, b, xt, ldx, tt, ot, ldo);
+        y_with_kq_format(w.format, [&](auto f) { y_kq_f32_tile16xTT<decltype(f)::value>(w, b, xt, ldx, tt, ot, ldo); });
+        y_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) y_matmul_f32_tile16xTT<f32_q4g32, Sc>(w, b, xt, ldx, tt, ot, ldo);
+          else y_matmul_f32_tile16xTT<f32_q8g32, Sc>(w, b, xt, ldx, tt, ot, ldo);
+        });
       });
     }
   }
@@ -264,7 +507,7 @@ struct a8_q8g32 {
   }
 };
 
-template <class Dot>
+template <class Dot, class Sc>
 static HY_ALWAYS_INLINE void y_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
                                                    int64_t t0, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -279,7 +522,7 @@ static HY_ALWAYS_INLINE void y_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
     for (int h = 0; h < 2; ++h) {
       __m256i s32[kTileTokens];
       Dot::dot(p + 32 * h, x, t0, g, ng, tt, s32);
-      const __m256 sw = y_load_bf16x8(sc + g * kRowBlock + 8 * h);
+      const __m256 sw = Sc::load(sc + g * kRowBlock + 8 * h);
 #pragma GCC unroll 4
       for (int t = 0; t < tt; ++t) {
         const __m256 sc2 = _mm256_mul_ps(sw, _mm256_set1_ps(x.scale[(t0 + t) * ng + g]));
@@ -297,8 +540,12 @@ static void y_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const Qua
     for (int64_t t0 = 0; t0 < x.t; t0 += kTileTokens) {
       float* ot = ob + t0 * ldo;
       with_tile_width<kTileTokens>(int(x.t - t0), [&](auto tt) {
-        if (w.format == WeightFormat::INT4_G32) y_matmul_a8_tile16xTT<a8_q4g32>(w, b, x, t0, tt, ot, ldo);
-        else y_matmul_a8_tile16xTT<a8_q8g32>(w, b, x, t0, tt, ot, ldo);
+        y_with_kq_format(w.format, [&](auto f) { y_kq_a8_tile16xTT<decltype(f)::value>(w, b, x, t0, tt, ot, ldo); });
+        y_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) y_matmul_a8_tile16xTT<a8_q4g32, Sc>(w, b, x, t0, tt, ot, ldo);
+          else y_matmul_a8_tile16xTT<a8_q8g32, Sc>(w, b, x, t0, tt, ot, ldo);
+        });
       });
     }
   }

@@ -8,6 +8,7 @@
 
 #include "core/kernels.h"
 #include "core/kernels_scalar.h"
+#include "core/kquant.h"
 
 namespace hybrid {
 namespace {
@@ -33,11 +34,12 @@ void quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t
   }
 }
 
-// Unpack the (block b, group g) tile of an INT4_G32 / INT8_G32 matrix into signed values
-// w[r][i] = q[16*b + r][32*g + i] (offset removed) and fp32 scales s[r].
+// Unpack the (block b, group g) tile of a group-32 integer matrix (INT4_G32 / INT8_G32 and their
+// GGUF twins Q4_0 / Q8_0) into signed values w[r][i] = q[16*b + r][32*g + i] (offset removed) and
+// fp32 scales s[r].
 void load_tile(const PackedMatrix& w, int64_t b, int64_t g, int8_t (*q)[kGroup], float* s) {
   const int64_t groups = w.k / kGroup;
-  if (w.format == WeightFormat::INT4_G32) {
+  if (nibble_layout(w.format)) {
     const uint8_t* grp = w.qweight + (b * groups + g) * 256;
     for (int c = 0; c < 4; ++c)
       for (int r = 0; r < kRowBlock; ++r)
@@ -46,13 +48,13 @@ void load_tile(const PackedMatrix& w, int64_t b, int64_t g, int8_t (*q)[kGroup],
           q[r][8 * c + j] = int8_t((byte & 0x0F) - 8);
           q[r][8 * c + 4 + j] = int8_t((byte >> 4) - 8);
         }
-  } else {  // INT8_G32
+  } else {  // INT8_G32, Q8_0
     const uint8_t* grp = w.qweight + (b * groups + g) * 512;
     for (int c = 0; c < 8; ++c)
       for (int r = 0; r < kRowBlock; ++r)
         for (int j = 0; j < 4; ++j) q[r][4 * c + j] = int8_t(int(grp[c * 64 + r * 4 + j]) - 128);
   }
-  for (int r = 0; r < kRowBlock; ++r) s[r] = bf16_to_f32(w.scales[(b * groups + g) * kRowBlock + r]);
+  for (int r = 0; r < kRowBlock; ++r) s[r] = scale_to_f32(w.format, w.scales[(b * groups + g) * kRowBlock + r]);
 }
 
 // BF16 weight W[16*b + r][k].
@@ -61,11 +63,53 @@ inline float bf16_weight(const PackedMatrix& w, int64_t b, int r, int64_t k) {
   return bf16_to_f32(p[((b * (w.k / 2) + k / 2) * kRowBlock + r) * 2 + (k & 1)]);
 }
 
+// The K types (kquant.h), one decoded tile at a time. a8: per sub-block j of a group, the exact
+// integer sums I = sum u q_a and A = sum q_a, then (I - off A) * (D sc_j * xs) - (Dm m_j * xs) * A
+// into the fp32 accumulator; f32: W from kq_weight (bit-equal to ggml's) times x, input order.
+void kq_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs* xa, const float* xf,
+               int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  const KQ kq = kq_of(w.format);
+  const int64_t ns = w.k / kSuper, ng = w.k / kGroup;
+  KTile tile;
+  std::vector<float> acc(size_t(t) * kRowBlock);
+  for (int64_t b = b0; b < b1; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t sb = 0; sb < ns; ++sb) {
+      kq_decode_tile(w.format, w.qweight + (b * ns + sb) * kq.tile_bytes, tile);
+      for (int64_t tt = 0; tt < t; ++tt)
+        for (int r = 0; r < kRowBlock; ++r) {
+          float& a = acc[tt * kRowBlock + r];
+          if (xa == nullptr) {
+            const float* xr = xf + tt * ldx + sb * kSuper;
+            for (int i = 0; i < kSuper; ++i) a += kq_weight(kq, tile, r, i) * xr[i];
+            continue;
+          }
+          const float d = f16_to_f32(tile.d[r]), dm = f16_to_f32(tile.dm[r]);
+          for (int j = 0; j < kq.nsub; ++j) {
+            const int i0 = j * kq.sub;
+            const int64_t g = sb * 8 + i0 / kGroup;
+            const int8_t* q = xa->q + tt * xa->ldq + sb * kSuper + i0;
+            int32_t I = 0, A = 0;
+            for (int i = 0; i < kq.sub; ++i) {
+              I += int32_t(tile.u[r][i0 + i]) * q[i];
+              A += q[i];
+            }
+            const float xs = xa->scale[tt * ng + g];
+            a += float(I - kq.off * A) * (d * float(tile.sc[r][j]) * xs) - (dm * float(tile.m[r][j]) * xs) * float(A);
+          }
+        }
+    }
+    for (int64_t tt = 0; tt < t; ++tt)
+      for (int r = 0; r < kRowBlock; ++r) out[tt * ldo + (b - b0) * kRowBlock + r] = acc[tt * kRowBlock + r];
+  }
+}
+
 // Integer dot per group: sum_i (q_w + offset) * q_a - offset * gsum is what a SIMD kernel does
 // on the unsigned operand; with the offset already removed it is the plain sum q_w * q_a, the
 // same integer. Accumulation over groups in fp32, group order.
 void matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x, float* out,
                int64_t ldo) {
+  if (is_kquant(w.format)) return kq_matmul(w, b0, b1, &x, nullptr, x.t, 0, out, ldo);
   const int64_t groups = w.k / kGroup;
   int8_t q[kRowBlock][kGroup];
   float s[kRowBlock];
@@ -94,6 +138,7 @@ void matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedAct
 // BF16 weights: a plain fp32 dot in input order.
 void matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                 int64_t ldx, float* out, int64_t ldo) {
+  if (is_kquant(w.format)) return kq_matmul(w, b0, b1, nullptr, x, t, ldx, out, ldo);
   const int64_t groups = w.k / kGroup;
   int8_t q[kRowBlock][kGroup];
   float s[kRowBlock];

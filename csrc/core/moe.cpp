@@ -45,8 +45,9 @@ bool MoeOperator::pending() const {
   return job_ != nullptr;
 }
 
-bool MoeOperator::int8_acts() const {
-  return mode_ == ActMode::Fast && layer_->format() != WeightFormat::BF16;
+bool MoeOperator::int8_acts(bool hidden_side) const {
+  const WeightFormat f = hidden_side ? layer_->format() : layer_->down_format();
+  return mode_ == ActMode::Fast && f != WeightFormat::BF16;
 }
 
 void MoeOperator::inject_fault(const std::string& message) {
@@ -116,15 +117,20 @@ void MoeOperator::submit(const MoeCall& c) {
   }
 
   // Scratch.
-  if (int8_acts()) {
+  if (int8_acts(true)) {
     grow(xq_, size_t(P * H));
     grow(xs_, size_t(P * H / kGroup));
     grow(xgs_, size_t(P * H / kGroup));
+    grow(xhs_, size_t(P * H / kGroup));
+  } else {
+    grow(xf_, size_t(P * H));
+  }
+  if (int8_acts(false)) {
     grow(hq_, size_t(P * I));
     grow(hs_, size_t(P * I / kGroup));
     grow(hgs_, size_t(P * I / kGroup));
+    grow(hhs_, size_t(P * I / kGroup));
   } else {
-    grow(xf_, size_t(P * H));
     grow(hf_, size_t(P * I));
   }
   if (!(c.y_type == ElemType::F32 && !c.accumulate)) grow(yacc_, size_t(B * H));
@@ -139,9 +145,8 @@ void MoeOperator::submit(const MoeCall& c) {
   if (caller_ && int64_t(act_expert_.size()) * int64_t(layer_->expert_nbytes()) < int64_t(kChunkBytes) &&
       P * 3 * H * I < (int64_t(4) << 20))
     team_ = 1;
-  const WeightFormat f = layer_->format();
-  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
-  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));
+  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / layer_->gate_up_unit_bytes()));
+  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(layer_->down_format(), I)));
   const size_t tmp_floats =
       size_t(std::max({kTokenTile * 4 * kRowBlock * cu, kTokenTile * kRowBlock * cd, H}));
   if (tmp_.size() < size_t(team_)) tmp_.resize(size_t(team_));
@@ -179,14 +184,16 @@ void MoeOperator::phase_prep(int tid, int team) {
       std::memcpy(row, static_cast<const float*>(call_.x) + t * H, size_t(H) * 4);
     }
     const int64_t first = tok_pairs_[size_t(q0)];
-    if (int8_acts()) {
+    if (int8_acts(true)) {
       table_.quantize_row_a8(row, H, &xq_[size_t(first * H)], &xs_[size_t(first * G)],
                              &xgs_[size_t(first * G)]);
+      half_sums(&xq_[size_t(first * H)], H, &xhs_[size_t(first * G)]);
       for (int64_t q = q0 + 1; q < q1; ++q) {
         const int64_t p = tok_pairs_[size_t(q)];
         std::memcpy(&xq_[size_t(p * H)], &xq_[size_t(first * H)], size_t(H));
         std::memcpy(&xs_[size_t(p * G)], &xs_[size_t(first * G)], size_t(G) * 4);
         std::memcpy(&xgs_[size_t(p * G)], &xgs_[size_t(first * G)], size_t(G) * 4);
+        std::memcpy(&xhs_[size_t(p * G)], &xhs_[size_t(first * G)], size_t(G) * 4);
       }
     } else {
       for (int64_t q = q0; q < q1; ++q)
@@ -198,11 +205,12 @@ void MoeOperator::phase_prep(int tid, int team) {
 void MoeOperator::run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int64_t p0, int64_t n,
                              bool hidden_side, float* out, int64_t ldo) const {
   const int64_t K = w.k, G = K / kGroup;
-  if (int8_acts()) {
+  if (int8_acts(hidden_side)) {
     QuantizedActs a;
     a.q = (hidden_side ? xq_.data() : hq_.data()) + p0 * K;
     a.scale = (hidden_side ? xs_.data() : hs_.data()) + p0 * G;
     a.gsum = (hidden_side ? xgs_.data() : hgs_.data()) + p0 * G;
+    a.hsum = (hidden_side ? xhs_.data() : hhs_.data()) + p0 * G;
     a.t = n;
     a.k = K;
     a.ldq = K;
@@ -227,8 +235,8 @@ void MoeOperator::phase_gate_up(int tid, int team) {
   if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
   constexpr int64_t kUnitBytesAsTokens = 16;  // streaming a unit's weights ~ this many tokens
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), GI = I / kGroup;
-  const WeightFormat f = layer_->format();
-  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / (4 * block_qweight_bytes(f, H))));
+  const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / layer_->gate_up_unit_bytes()));
+  const bool split = layer_->split_gate_up();
   const ThreadPool::NodeShare ns = pool_->node_share(gate_up_units(I), tid, team);
   const int64_t len = ns.end - ns.begin;
   const bool by_expert = len >= ns.count;
@@ -256,26 +264,37 @@ void MoeOperator::phase_gate_up(int tid, int team) {
       before += len * c;
     }
     if (u0 >= u1) continue;
-    const PackedMatrix gu = layer_->gate_up(act_expert_[a]);
+    // Interleaved gate_up: one call, blocks 4(u-uc) .. +3 of its output are gate 2u, up 2u, gate
+    // 2u+1, up 2u+1. Split (gate and up of different formats): one call each, gate's output
+    // [nt][32 (ue - uc)] and then up's.
+    const int32_t ex = act_expert_[a];
+    const PackedMatrix gu = split ? layer_->gate(ex) : layer_->gate_up(ex), up = split ? layer_->up(ex) : gu;
+    const int64_t gate_step = split ? kRowBlock : 2 * kRowBlock;  // gate block 2u -> 2u+1 in the output
     for (int64_t uc = u0; uc < u1; uc += cu) {
-      const int64_t ue = std::min(u1, uc + cu), ldo = 4 * kRowBlock * (ue - uc);
+      const int64_t ue = std::min(u1, uc + cu), ldo = (split ? 2 : 4) * kRowBlock * (ue - uc);
       for (int64_t s0 = 0; s0 < n; s0 += kTokenTile) {
         const int64_t nt = std::min(kTokenTile, n - s0);
-        run_matmul(gu, 4 * uc, 4 * ue, p0 + s0, nt, true, tmp, ldo);
+        if (split) {
+          run_matmul(gu, 2 * uc, 2 * ue, p0 + s0, nt, true, tmp, ldo);
+          run_matmul(up, 2 * uc, 2 * ue, p0 + s0, nt, true, tmp + nt * ldo, ldo);
+        } else {
+          run_matmul(gu, 4 * uc, 4 * ue, p0 + s0, nt, true, tmp, ldo);
+        }
+        const int64_t up_at = split ? nt * ldo : kRowBlock;  // up's block beside its gate block
         for (int64_t i = 0; i < nt; ++i) {
           const int64_t p = p0 + s0 + i;
           for (int64_t u = uc; u < ue; ++u) {
-            // Packed blocks 4(u-uc) .. +3 of this call: gate 2u, up 2u, gate 2u+1, up 2u+1.
-            const float* o = tmp + i * ldo + 4 * kRowBlock * (u - uc);
+            const float* o = tmp + i * ldo + 2 * gate_step * (u - uc);  // gate block 2u
             for (int half = 0; half < 2; ++half)
               for (int r = 0; r < kRowBlock; ++r)
-                hbuf[half * kRowBlock + r] =
-                    silu(o[(2 * half) * kRowBlock + r]) * o[(2 * half + 1) * kRowBlock + r];
-            if (int8_acts())
+                hbuf[half * kRowBlock + r] = silu(o[half * gate_step + r]) * o[half * gate_step + up_at + r];
+            if (int8_acts(false)) {
               table_.quantize_row_a8(hbuf, kGroup, &hq_[size_t(p * I + u * kGroup)],
                                      &hs_[size_t(p * GI + u)], &hgs_[size_t(p * GI + u)]);
-            else
+              half_sums(&hq_[size_t(p * I + u * kGroup)], kGroup, &hhs_[size_t(p * GI + u)]);
+            } else {
               std::memcpy(&hf_[size_t(p * I + u * kGroup)], hbuf, sizeof(hbuf));
+            }
           }
         }
       }
@@ -286,8 +305,7 @@ void MoeOperator::phase_gate_up(int tid, int team) {
 // Phase 3: this thread's H row blocks of y, summed over all active experts' down projections.
 void MoeOperator::phase_down(int tid, int team) {
   const int64_t H = layer_->hidden(), I = layer_->intermediate(), B = call_.b;
-  const WeightFormat f = layer_->format();
-  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(f, I)));
+  const int64_t cd = std::max<int64_t>(1, int64_t(kChunkBytes / block_qweight_bytes(layer_->down_format(), I)));
   auto [d0, d1] = pool_->split(down_units(H), tid, team);
   const int64_t c0 = d0 * kRowBlock, c1 = d1 * kRowBlock;
   const bool direct = call_.y_type == ElemType::F32 && !call_.accumulate;

@@ -85,7 +85,9 @@ class MoeOperator {
   void phase_prep(int tid, int team);
   void phase_gate_up(int tid, int team);
   void phase_down(int tid, int team);
-  bool int8_acts() const;  // fast mode with INT weights: activations go through quantize_row_a8
+  // Fast mode with integer weights on that side (gate_up: x, down: h): its activations go through
+  // quantize_row_a8. The two sides may differ (a GGUF layer's down often has its own type).
+  bool int8_acts(bool hidden_side) const;
   void run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int64_t p0, int64_t n,
                   bool hidden_side, float* out, int64_t ldo) const;
 
@@ -114,6 +116,7 @@ class MoeOperator {
   std::vector<int8_t> xq_, hq_;         // [P, H], [P, I] int8 activations (fast, INT weights)
   std::vector<float> xs_, hs_;          // [P, H/32], [P, I/32] their scales
   std::vector<int32_t> xgs_, hgs_;      // [P, H/32], [P, I/32] their group sums
+  std::vector<int32_t> xhs_, hhs_;      // [P, H/32], [P, I/32] their half sums (kernels.h, K types)
   std::vector<float> xf_, hf_;          // [P, H], [P, I] fp32 activations (other modes)
   std::vector<float> yacc_;             // [B, H] when y is not an fp32 overwrite
   std::vector<std::vector<float>> tmp_; // per thread: kernel output tile, row buffer

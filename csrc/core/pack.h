@@ -37,9 +37,28 @@ void pack_int4_from_ct(const int32_t* packed, const void* scale, SrcDtype scale_
 //     the stored scale is bf16(scale) (exact for bf16 sources).
 //   INT8_G32: s = bf16(amax / 127), q = round_half_even(clamp(x / s, -127, 127)) (s = 0: q = 0).
 //   BF16:     round to nearest even.
-// INT formats throw std::invalid_argument naming the row and inputs of a group holding NaN/Inf.
+// INT formats throw std::invalid_argument naming the row and inputs of a group holding NaN/Inf;
+// GGUF formats (Q4_0, Q8_0) throw: they come from their own blocks (pack_gguf).
 void quantize_pack(WeightFormat format, const void* w, SrcDtype dtype, int64_t n, int64_t k,
                    int64_t b0, int64_t b1, const PackDest& dst);
+
+// GGUF block types kept in their own bits (kernels.h: Q4_0, Q8_0, the K types). The source is one
+// [N, K] matrix as a GGUF file stores it: row r is consecutive blocks, gguf_row_bytes(f, K) bytes,
+// rows back to back (src + r * gguf_row_bytes). Blocks (ggml's block_q4_0 / block_q8_0):
+//   Q4_0: 18 bytes: fp16 d, 16 bytes qs; input j < 16 is the low nibble of qs[j], input j + 16 its
+//         high nibble; W = (nibble - 8) * d
+//   Q8_0: 34 bytes: fp16 d, 32 int8 qs; W = qs[j] * d
+// The repack is lossless: the nibbles / int8 values and the fp16 d bits are moved, never recomputed,
+// so unpack() gives back exactly what the GGUF dequantiser does. Any bit pattern is accepted (a NaN
+// or Inf scale stays one: the loader, not the packer, decides what a valid file is).
+// The K types (Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS) have blocks of 256 inputs (ggml's block_q4_K
+// and kin, their fields listed in pack.cpp) and pack into the tiles of kquant.h, decoded to plain
+// integers and re-encoded: the same integers and fp16 bits, so again unpack() == the dequantiser.
+size_t gguf_block_bytes(WeightFormat f);   // bytes of one GGUF block; 0: not a GGUF type
+int64_t gguf_block_inputs(WeightFormat f);  // inputs of one block: 32, or 256 for the K types
+size_t gguf_row_bytes(WeightFormat f, int64_t k);
+void pack_gguf(WeightFormat f, const uint8_t* src, int64_t n, int64_t k, int64_t b0, int64_t b1,
+               const PackDest& dst);
 
 // Packed -> fp32 rows [16*b0, 16*b1) of W, written to out [(b1 - b0) * 16, K] row-major.
 void unpack(const PackedMatrix& w, int64_t b0, int64_t b1, float* out);

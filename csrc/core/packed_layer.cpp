@@ -40,40 +40,63 @@ uint8_t* reserve_aligned(size_t bytes, void** reservation, size_t* reservation_b
 
 }  // namespace
 
-LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
-  if (int(format) < 0 || int(format) > 2)
+LayerHeader layer_layout(WeightFormat format, WeightFormat up_format, WeightFormat down_format, int64_t e,
+                         int64_t h, int64_t i) {
+  if (int(format) < 0 || int(format) >= kNumWeightFormats)
     throw std::invalid_argument("format: unknown weight format " + std::to_string(int(format)));
+  if (int(up_format) < 0 || int(up_format) >= kNumWeightFormats)
+    throw std::invalid_argument("up_format: unknown weight format " + std::to_string(int(up_format)));
+  if (int(down_format) < 0 || int(down_format) >= kNumWeightFormats)
+    throw std::invalid_argument("down_format: unknown weight format " + std::to_string(int(down_format)));
+  const bool split = up_format != format;
+  if (split && (format == WeightFormat::BF16 || up_format == WeightFormat::BF16))
+    throw std::invalid_argument("up_format: gate and up may have different formats only when both are integer "
+                                "formats (gate " + std::to_string(int(format)) + ", up " +
+                                std::to_string(int(up_format)) + ")");
   if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
-  if (h < kGroup || h % kGroup != 0)
-    throw std::invalid_argument("hidden must be a positive multiple of 32, got " + std::to_string(h));
-  if (i < kGroup || i % kGroup != 0)
-    throw std::invalid_argument("intermediate must be a positive multiple of 32, got " +
+  // hidden is gate_up's K, intermediate down's: 256 for the K types (kernels.h k_multiple).
+  const int64_t hm = std::max(k_multiple(format), k_multiple(up_format));
+  if (h < kGroup || h % hm != 0)
+    throw std::invalid_argument("hidden must be a positive multiple of " + std::to_string(hm) +
+                                " for this gate_up format, got " + std::to_string(h));
+  if (i < kGroup || i % k_multiple(down_format) != 0)
+    throw std::invalid_argument("intermediate must be a positive multiple of " +
+                                std::to_string(k_multiple(down_format)) + " for this down format, got " +
                                 std::to_string(i));
   LayerHeader hd{};
   std::memcpy(hd.magic, kLayerMagic, 8);
   hd.version = kLayerVersion;
   hd.format = uint32_t(format);
+  hd.down_format = uint32_t(down_format);
+  hd.up_format = uint32_t(up_format);
   hd.num_experts = uint64_t(e);
   hd.hidden = uint64_t(h);
   hd.intermediate = uint64_t(i);
   hd.data_offset = kLayerDataOffset;
   uint64_t off = 0;
+  const int64_t gate_rows = split ? i : 2 * i;  // interleaved gate_up, or gate alone
   hd.gate_up_qweight = off;
-  off = round_up(off + packed_qweight_bytes(format, 2 * i, h), kPage);
+  off = round_up(off + packed_qweight_bytes(format, gate_rows, h), kPage);
   hd.gate_up_scales = off;
-  off = round_up(off + packed_scale_bytes(format, 2 * i, h), kPage);
+  off = round_up(off + packed_scale_bytes(format, gate_rows, h), kPage);
+  if (split) {
+    hd.up_qweight = off;
+    off = round_up(off + packed_qweight_bytes(up_format, i, h), kPage);
+    hd.up_scales = off;
+    off = round_up(off + packed_scale_bytes(up_format, i, h), kPage);
+  }
   hd.down_qweight = off;
-  off = round_up(off + packed_qweight_bytes(format, h, i), kPage);
+  off = round_up(off + packed_qweight_bytes(down_format, h, i), kPage);
   hd.down_scales = off;
-  off = round_up(off + packed_scale_bytes(format, h, i), kPage);
+  off = round_up(off + packed_scale_bytes(down_format, h, i), kPage);
   hd.expert_stride = off;
   hd.total_bytes = hd.data_offset + uint64_t(e) * off;
   return hd;
 }
 
-std::shared_ptr<PackedLayer> PackedLayer::create(WeightFormat format, int64_t e, int64_t h,
-                                                 int64_t i) {
-  LayerHeader hd = layer_layout(format, e, h, i);
+std::shared_ptr<PackedLayer> PackedLayer::create(WeightFormat format, WeightFormat up_format,
+                                                 WeightFormat down_format, int64_t e, int64_t h, int64_t i) {
+  LayerHeader hd = layer_layout(format, up_format, down_format, e, h, i);
   std::shared_ptr<PackedLayer> L(new PackedLayer());
   uint8_t* base = reserve_aligned(hd.total_bytes, &L->reservation_, &L->reservation_bytes_);
   void* p = mmap(base, hd.total_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
@@ -100,23 +123,28 @@ std::shared_ptr<PackedLayer> PackedLayer::open(const std::string& path) {
     throw std::invalid_argument("'" + path + "' is not a packed layer file: shorter than its header");
   if (std::memcmp(hd.magic, kLayerMagic, 8) != 0)
     throw std::invalid_argument("'" + path + "' is not a packed layer file (bad magic)");
-  if (hd.version != kLayerVersion)
+  if (hd.version != kLayerVersion && hd.version != 1)
     throw std::invalid_argument("'" + path + "': packed layer version " + std::to_string(hd.version) +
-                                ", this build reads version " + std::to_string(kLayerVersion));
+                                ", this build reads versions 1 and " + std::to_string(kLayerVersion));
+  if (hd.version == 1) {  // one format for the whole layer; the bytes past total_bytes were zero
+    hd.down_format = hd.up_format = hd.format;
+    hd.up_qweight = hd.up_scales = 0;
+  }
   LayerHeader want;
   try {
-    want = layer_layout(WeightFormat(hd.format), int64_t(hd.num_experts), int64_t(hd.hidden),
-                        int64_t(hd.intermediate));
+    want = layer_layout(WeightFormat(hd.format), WeightFormat(hd.up_format), WeightFormat(hd.down_format),
+                        int64_t(hd.num_experts), int64_t(hd.hidden), int64_t(hd.intermediate));
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument("'" + path + "': header field " + e.what());
   }
   const char* fields[] = {"data_offset", "expert_stride", "gate_up_qweight", "gate_up_scales",
-                          "down_qweight", "down_scales", "total_bytes"};
+                          "down_qweight", "down_scales", "total_bytes", "up_qweight", "up_scales"};
   const uint64_t have_v[] = {hd.data_offset, hd.expert_stride, hd.gate_up_qweight, hd.gate_up_scales,
-                             hd.down_qweight, hd.down_scales, hd.total_bytes};
+                             hd.down_qweight, hd.down_scales, hd.total_bytes, hd.up_qweight, hd.up_scales};
   const uint64_t want_v[] = {want.data_offset, want.expert_stride, want.gate_up_qweight,
-                             want.gate_up_scales, want.down_qweight, want.down_scales, want.total_bytes};
-  for (int f = 0; f < 7; ++f)
+                             want.gate_up_scales, want.down_qweight, want.down_scales, want.total_bytes,
+                             want.up_qweight, want.up_scales};
+  for (int f = 0; f < 9; ++f)
     if (have_v[f] != want_v[f])
       throw std::invalid_argument("'" + path + "': header field " + fields[f] + " = " +
                                   std::to_string(have_v[f]) + ", expected " + std::to_string(want_v[f]) +
@@ -178,42 +206,60 @@ void PackedLayer::save(const std::string& path) const {
   }
 }
 
+namespace {
+PackedMatrix matrix_at(WeightFormat f, int64_t n, int64_t k, const uint8_t* base, uint64_t q, uint64_t sc) {
+  return {f, n, k, base + q,
+          packed_scale_bytes(f, n, k) == 0 ? nullptr : reinterpret_cast<const uint16_t*>(base + sc)};
+}
+}  // namespace
+
 PackedMatrix PackedLayer::gate_up(int64_t e) const {
-  const uint8_t* base = expert_base(e);
-  const auto f = format();
-  return {f, 2 * intermediate(), hidden(), base + header_.gate_up_qweight,
-          f == WeightFormat::BF16 ? nullptr
-                                  : reinterpret_cast<const uint16_t*>(base + header_.gate_up_scales)};
+  if (split_gate_up()) throw std::logic_error("gate_up(): this layer's gate and up have different formats (gate(), up())");
+  return matrix_at(format(), 2 * intermediate(), hidden(), expert_base(e), header_.gate_up_qweight, header_.gate_up_scales);
+}
+
+PackedMatrix PackedLayer::gate(int64_t e) const {
+  if (!split_gate_up()) throw std::logic_error("gate(): this layer's gate and up are interleaved (gate_up())");
+  return matrix_at(format(), intermediate(), hidden(), expert_base(e), header_.gate_up_qweight, header_.gate_up_scales);
+}
+
+PackedMatrix PackedLayer::up(int64_t e) const {
+  if (!split_gate_up()) throw std::logic_error("up(): this layer's gate and up are interleaved (gate_up())");
+  return matrix_at(up_format(), intermediate(), hidden(), expert_base(e), header_.up_qweight, header_.up_scales);
+}
+
+size_t PackedLayer::gate_up_unit_bytes() const {
+  return 2 * (block_qweight_bytes(format(), hidden()) + block_qweight_bytes(up_format(), hidden()));
 }
 
 PackedMatrix PackedLayer::down(int64_t e) const {
-  const uint8_t* base = expert_base(e);
-  const auto f = format();
-  return {f, hidden(), intermediate(), base + header_.down_qweight,
-          f == WeightFormat::BF16 ? nullptr
-                                  : reinterpret_cast<const uint16_t*>(base + header_.down_scales)};
+  return matrix_at(down_format(), hidden(), intermediate(), expert_base(e), header_.down_qweight, header_.down_scales);
 }
 
 void PackedLayer::place(ThreadPool& pool) const {
   const int64_t E = num_experts(), gu_units = gate_up_units(intermediate()), dn_units = down_units(hidden());
-  const WeightFormat f = format();
   auto touch = [](const uint8_t* p, size_t n) {
     uint8_t acc = 0;
     for (size_t o = 0; o < n; o += kPage) acc ^= *reinterpret_cast<const volatile uint8_t*>(p + o);
     if (n > 0) acc ^= *reinterpret_cast<const volatile uint8_t*>(p + n - 1);
     return acc;
   };
+  auto touch_blocks = [&](const PackedMatrix& m, int64_t b0, int64_t b1) {  // row blocks [b0, b1) of m
+    const size_t q = block_qweight_bytes(m.format, m.k), sc = block_scale_count(m.format, m.k);
+    touch(m.qweight + b0 * q, size_t(b1 - b0) * q);
+    if (m.scales) touch(reinterpret_cast<const uint8_t*>(m.scales + b0 * sc), size_t(b1 - b0) * sc * 2);
+  };
   pool.run({[&, this](int tid, int team) {
     auto [g0, g1] = pool.split(gu_units, tid, team);
     auto [d0, d1] = pool.split(dn_units, tid, team);
     for (int64_t e = 0; e < E; ++e) {
-      PackedMatrix gu = gate_up(e), dn = down(e);
-      size_t gq = block_qweight_bytes(f, hidden()), gs = block_scale_count(f, hidden());
-      size_t dq = block_qweight_bytes(f, intermediate()), ds = block_scale_count(f, intermediate());
-      touch(gu.qweight + 4 * g0 * gq, size_t(4 * (g1 - g0)) * gq);
-      touch(dn.qweight + d0 * dq, size_t(d1 - d0) * dq);
-      if (gu.scales) touch(reinterpret_cast<const uint8_t*>(gu.scales + 4 * g0 * gs), size_t(4 * (g1 - g0)) * gs * 2);
-      if (dn.scales) touch(reinterpret_cast<const uint8_t*>(dn.scales + d0 * ds), size_t(d1 - d0) * ds * 2);
+      if (split_gate_up()) {
+        touch_blocks(gate(e), 2 * g0, 2 * g1);
+        touch_blocks(up(e), 2 * g0, 2 * g1);
+      } else {
+        touch_blocks(gate_up(e), 4 * g0, 4 * g1);
+      }
+      touch_blocks(down(e), d0, d1);
     }
   }});
 }

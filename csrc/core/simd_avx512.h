@@ -15,8 +15,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/kernels.h"
+#include "core/kquant.h"
 #include "core/tile_width.h"
 
 // GCC 12 reports "__Y may be used uninitialized" inside avx512fintrin.h for every accumulator
@@ -54,12 +56,49 @@ static HY_ALWAYS_INLINE __m512 z_load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Per-(row, group) weight scales of the 16 rows of a block, as fp32: the scale policies of the
+// integer formats (kernels.h), a template argument of every tile below.
+struct z_scales_bf16 {  // INT4_G32, INT8_G32
+  static HY_ALWAYS_INLINE __m512 load(const uint16_t* p) { return z_load_bf16x16(p); }
+};
+struct z_scales_f16 {  // Q4_0, Q8_0 (GGUF's fp16 block scales): vcvtph2ps, exact
+  static HY_ALWAYS_INLINE __m512 load(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+
+// fn(nibbles, scales) for an integer group-32 format: nibbles is std::true_type for the INT4_G32
+// operand layout (INT4_G32, Q4_0) and std::false_type for the INT8_G32 one (INT8_G32, Q8_0);
+// scales the policy above. One place maps formats to (layout, scales) for every AVX-512 driver.
+template <class Fn>
+static HY_ALWAYS_INLINE void z_with_int_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::INT4_G32: fn(std::true_type{}, z_scales_bf16{}); break;
+    case WeightFormat::Q4_0: fn(std::true_type{}, z_scales_f16{}); break;
+    case WeightFormat::INT8_G32: fn(std::false_type{}, z_scales_bf16{}); break;
+    case WeightFormat::Q8_0: fn(std::false_type{}, z_scales_f16{}); break;
+    default: break;  // BF16 and the K types: the callers handle them first
+  }
+}
+
 // Four int8 activations (inputs k..k+3) broadcast to every 32-bit lane: the s8 operand of
 // vpmaddubsw / vpdpbusd against one [16 lanes x 4 inputs] weight chunk.
 static HY_ALWAYS_INLINE __m512i z_bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
+}
+
+// The 8 [16 lanes x 4 inputs] u8 operands of one INT4 group (kernels.h layout): operand i covers
+// inputs 4i..4i+3, so chunk c gives operands 2c (its low nibbles) and 2c + 1 (its high nibbles).
+static HY_ALWAYS_INLINE void z_q4g32_operands(const uint8_t* p, __m512i* wv) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v = _mm512_loadu_si512(p + c * 64);
+    wv[2 * c] = _mm512_and_si512(v, m4);
+    wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,6 +143,7 @@ static HY_ALWAYS_INLINE __m512i z_bcast4(const int8_t* p) {
 // INT4: vpermps looks up (nibble - 8) as fp32 from a 16-entry table using only the low 4 bits
 // of each lane, so a shift is the whole unpack; the group's sum is scaled once (exact products
 // (nibble - 8) * x, one fp32 rounding order among others).
+template <class Sc>
 static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, const float* x,
                                            int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -131,7 +171,7 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
           ag[t] = _mm512_fmadd_ps(wv, _mm512_set1_ps(x[t * ldx + k0 + j]), ag[t]);
       }
     }
-    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s = Sc::load(sc + g * kRowBlock);
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(ag[t], s, acc[t]);
   }
@@ -139,6 +179,7 @@ static HY_ALWAYS_INLINE void z_f32_i4_tile(const PackedMatrix& w, int64_t b, con
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
+template <class Sc>
 static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, const float* x,
                                            int64_t ldx, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup;
@@ -149,7 +190,7 @@ static HY_ALWAYS_INLINE void z_f32_i8_tile(const PackedMatrix& w, int64_t b, con
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
-    const __m512 s = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 s = Sc::load(sc + g * kRowBlock);
     const __m512 s128 = _mm512_mul_ps(s, _mm512_set1_ps(128.0f));
     z_prefetch_bytes(qw + g * 512, 512);
 #pragma GCC unroll 16
@@ -193,6 +234,141 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The K types (kquant.h): per tile of 16 rows x 256 inputs, per group g of 32 inputs, the 8 u8
+// operands (z_kq_operands: a shift and a mask per bit plane, IQ4_XS's table by vpshufb) and the
+// fp32 lanes D sc_j, Dm m_j of the group's sub-blocks (one for 32-input sub-blocks, two for 16).
+//   f32: W = fmsub(u, D sc_j, D sc_j off + Dm m_j) (ggml's value: one rounding of an exact
+//        difference), one FMA per input and token.
+//   a8:  per token the exact int32 sums I_j = sum u q_a over each sub-block (a Dot policy: bw or
+//        vnni), then acc += (I_j - off A_j) * (D sc_j xs) - (Dm m_j) * (xs A_j), A_j the sub-block's
+//        activation sum (gsum, or hsum and gsum - hsum for 16-input sub-blocks).
+// Legend: S inputs per sub-block, NS = K / 256 tiles per row block.
+// ---------------------------------------------------------------------------------------------
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_kq_operands(const uint8_t* tile, int g, __m512i* wv) {
+  constexpr KQ k = kq_of(F);
+  if constexpr (k.nib) {
+    z_q4g32_operands(tile + k.nib_at + g * 256, wv);
+  } else {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) wv[i] = _mm512_setzero_si512();
+  }
+  if constexpr (k.crumb) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+#pragma GCC unroll 2
+    for (int c = 0; c < 2; ++c) {
+      const __m512i v = _mm512_loadu_si512(tile + k.crumb_at + g * 128 + c * 64);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        __m512i cr = _mm512_and_si512(s ? _mm512_srli_epi16(v, 2 * s) : v, m3);
+        if constexpr (k.crumb_shift > 0) cr = _mm512_slli_epi16(cr, k.crumb_shift);
+        wv[4 * c + s] = _mm512_or_si512(wv[4 * c + s], cr);
+      }
+    }
+  }
+  if constexpr (k.bit) {
+    const __m512i v = _mm512_loadu_si512(tile + k.bit_at + g * 64);
+    const __m512i m1 = _mm512_set1_epi8(1 << k.bit_shift);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {  // bit i of each byte to bit bit_shift
+      const __m512i b = i > k.bit_shift ? _mm512_srli_epi16(v, i - k.bit_shift)
+                        : i < k.bit_shift ? _mm512_slli_epi16(v, k.bit_shift - i) : v;
+      wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(b, m1));
+    }
+  }
+  if constexpr (k.table) {  // nibble -> table value + 128 (u8)
+    int8_t tb[16];
+    for (int i = 0; i < 16; ++i) tb[i] = int8_t(kIq4Values[i] ^ 0x80);
+    const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) wv[i] = _mm512_shuffle_epi8(tab, wv[i]);
+  }
+}
+
+// The fp32 lanes D sc_j (dsc) and Dm m_j (dmm, types with mins) of sub-block j of a tile.
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_kq_scales(const uint8_t* tile, int j, __m512 d, __m512 dm, __m512& dsc, __m512& dmm) {
+  constexpr KQ k = kq_of(F);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + k.sc_at + 16 * j));
+  if constexpr (k.scale_nibbles) {
+    const __m512i b = _mm512_cvtepu8_epi32(raw);
+    dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))));
+    dmm = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)));
+  } else {
+    dsc = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)));
+    if constexpr (k.min) {
+      const __m128i mr = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + k.m_at + 16 * j));
+      dmm = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mr)));
+    } else {
+      dmm = _mm512_setzero_ps();
+    }
+  }
+}
+
+// Prefetch of the tile kPrefetchBytes ahead, an eighth (one group's share) at a time.
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_kq_prefetch(const uint8_t* tile, int g) {
+  constexpr int share = (kq_of(F).tile_bytes + 8 * 64 - 1) / (8 * 64) * 64;
+  z_prefetch_bytes(tile + g * share, share);
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_kq_f32_tile(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
+                                           float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  const int64_t ns = w.k / kSuper;
+  const __m512i m8 = _mm512_set1_epi32(0xFF);
+  __m512 acc[HY_Z_F32_TT_MAX];
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < ns; ++sb) {
+    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
+    const __m512 d = z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at));
+    const __m512 dm = k.min ? z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at)) : _mm512_setzero_ps();
+    for (int g = 0; g < 8; ++g) {
+      z_kq_prefetch<F>(tile, g);
+      __m512i wv[8];
+      z_kq_operands<F>(tile, g, wv);
+      __m512 dsc[2], bias[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h) {
+        __m512 dmm;
+        z_kq_scales<F>(tile, k.sub == 16 ? 2 * g + h : g, d, dm, dsc[h], dmm);
+        bias[h] = k.off ? _mm512_fmadd_ps(dsc[h], _mm512_set1_ps(float(k.off)), dmm) : dmm;  // exact
+      }
+      const int64_t k0 = sb * kSuper + g * kGroup;
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const int h = k.sub == 16 ? i / 4 : 0;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m512i u = _mm512_and_si512(j ? _mm512_srli_epi32(wv[i], 8 * j) : wv[i], m8);
+          const __m512 wf = _mm512_fmsub_ps(_mm512_cvtepi32_ps(u), dsc[h], bias[h]);
+#pragma GCC unroll 16
+          for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(wf, _mm512_set1_ps(x[t * ldx + k0 + 4 * i + j]), acc[t]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+// fn(std::integral_constant<WeightFormat, F>) for a K type f; nothing for other formats.
+template <class Fn>
+static HY_ALWAYS_INLINE void z_with_kq_format(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::Q4_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q4_K>{}); break;
+    case WeightFormat::Q5_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q5_K>{}); break;
+    case WeightFormat::Q6_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q6_K>{}); break;
+    case WeightFormat::Q3_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q3_K>{}); break;
+    case WeightFormat::Q2_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q2_K>{}); break;
+    case WeightFormat::IQ4_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ4_XS>{}); break;
+    default: break;
+  }
+}
+
 [[maybe_unused]] static void z_matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, int64_t t,
                          int64_t ldx, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -201,11 +377,13 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
       const float* xt = x + t0 * ldx;
       float* ot = ob + t0 * ldo;
       with_tile_width<HY_Z_F32_TT_MAX>(int(t - t0), [&](auto tt) {
-        switch (w.format) {
-          case WeightFormat::INT4_G32: z_f32_i4_tile(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::INT8_G32: z_f32_i8_tile(w, b, xt, ldx, tt, ot, ldo); break;
-          case WeightFormat::BF16: z_f32_bf16_tile(w, b, xt, ldx, tt, ot, ldo); break;
-        }
+        if (w.format == WeightFormat::BF16) return z_f32_bf16_tile(w, b, xt, ldx, tt, ot, ldo);
+        z_with_kq_format(w.format, [&](auto f) { z_kq_f32_tile<decltype(f)::value>(w, b, xt, ldx, tt, ot, ldo); });
+        z_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) z_f32_i4_tile<Sc>(w, b, xt, ldx, tt, ot, ldo);
+          else z_f32_i8_tile<Sc>(w, b, xt, ldx, tt, ot, ldo);
+        });
       });
     }
   }
@@ -228,18 +406,6 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
 // made signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
 // ---------------------------------------------------------------------------------------------
 #define HY_Z_A8_TT_MAX 8
-
-// The 8 [16 lanes x 4 inputs] u8 operands of one INT4 group (kernels.h layout): operand i covers
-// inputs 4i..4i+3, so chunk c gives operands 2c (its low nibbles) and 2c + 1 (its high nibbles).
-static HY_ALWAYS_INLINE void z_q4g32_operands(const uint8_t* p, __m512i* wv) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-#pragma GCC unroll 16
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v = _mm512_loadu_si512(p + c * 64);
-    wv[2 * c] = _mm512_and_si512(v, m4);
-    wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-  }
-}
 
 struct bw_q4g32 {
   static constexpr int kGroupBytes = 256;
@@ -284,8 +450,9 @@ struct bw_q8g32 {
   }
 };
 
-// Row block b x tokens [t0, t0 + tt); out points at (token t0, block b's column).
-template <class Dot>
+// Row block b x tokens [t0, t0 + tt); out points at (token t0, block b's column). Sc: the scale
+// policy of the format (z_scales_bf16 / z_scales_f16).
+template <class Dot, class Sc>
 static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
                                                    int64_t t0, int tt, float* out, int64_t ldo) {
   const int64_t ng = w.k / kGroup, gbytes = Dot::kGroupBytes;
@@ -300,7 +467,7 @@ static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
     if (Dot::kPrefetchNextBlock && tt > 1) z_prefetch_next_block(p, int(gbytes), ng * gbytes);
     typename Dot::Operands ops;
     Dot::load(p, ops);
-    const __m512 sw = z_load_bf16x16(sc + g * kRowBlock);
+    const __m512 sw = Sc::load(sc + g * kRowBlock);
 #pragma GCC unroll 16
     for (int t = 0; t < tt; ++t) {
       const int64_t row = t0 + t;
@@ -313,9 +480,99 @@ static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
 
+// The K types' a8 tile (see above). DotK: dot(wv, a, lo, hi) gives the int32 sums over operands
+// 0-3 (lo) and 4-7 (hi) of sum u q_a, or of sum (u - 128) q_a for table types when
+// DotK::kSignedTable (then off counts as 0).
+template <WeightFormat F, class DotK>
+static HY_ALWAYS_INLINE void z_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x,
+                                               int64_t t0, int tt, float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  constexpr int off = (k.table && DotK::kSignedTable) ? 0 : k.off;
+  const int64_t ns = w.k / kSuper, ng = w.k / kGroup;
+  __m512 acc[HY_Z_A8_TT_MAX];
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < ns; ++sb) {
+    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
+    const __m512 d = z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at));
+    const __m512 dm = k.min ? z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at)) : _mm512_setzero_ps();
+    for (int g = 0; g < 8; ++g) {
+      z_kq_prefetch<F>(tile, g);
+      __m512i wv[8];
+      z_kq_operands<F>(tile, g, wv);
+      __m512 dsc[2], dmm[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h) z_kq_scales<F>(tile, k.sub == 16 ? 2 * g + h : g, d, dm, dsc[h], dmm[h]);
+      const int64_t G = sb * 8 + g;
+#pragma GCC unroll 16
+      for (int t = 0; t < tt; ++t) {
+        const int64_t row = t0 + t;
+        const float xs = x.scale[row * ng + G];
+        const int32_t gs = x.gsum[row * ng + G];
+        __m512i lo, hi;
+        DotK::dot(wv, x.q + row * x.ldq + G * kGroup, lo, hi);
+        if constexpr (k.sub == 32) {
+          __m512i v = _mm512_add_epi32(lo, hi);
+          if constexpr (off != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * gs));
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dsc[0], _mm512_set1_ps(xs)), acc[t]);
+          if constexpr (k.min) acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(gs)), acc[t]);
+        } else {
+          const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
+          if constexpr (off != 0) {
+            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(off * a0));
+            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(off * a1));
+          }
+          const __m512 xv = _mm512_set1_ps(xs);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dsc[0], xv), acc[t]);
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(dsc[1], xv), acc[t]);
+          if constexpr (k.min) {
+            acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(a0)), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(dmm[1], _mm512_set1_ps(xs * float(a1)), acc[t]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
+}
+
+// AVX-512 BW dot of the K types: vpmaddubsw + vpmaddwd per operand (u <= 63 x |a| <= 127: pairs
+// below 16002, no saturation); IQ4_XS's u = t + 128 would saturate, so its table value t is made
+// signed again (u ^ 0x80) and |t| x sign(a, t) is used (pairs <= 2 x 127 x 127).
+struct bw_kq {
+  static constexpr bool kSignedTable = true;
+  template <bool kTable>
+  static HY_ALWAYS_INLINE __m512i one(__m512i w, const int8_t* a) {
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m512i ab = z_bcast4(a);
+    if constexpr (kTable) {
+      const __m512i ws = _mm512_xor_si512(w, _mm512_set1_epi8(int8_t(0x80)));
+      const __m512i as = _mm512_mask_sub_epi8(ab, _mm512_movepi8_mask(ws), _mm512_setzero_si512(), ab);
+      return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(ws), as), ones);
+    } else {
+      return _mm512_madd_epi16(_mm512_maddubs_epi16(w, ab), ones);
+    }
+  }
+  template <bool kTable = false>
+  static HY_ALWAYS_INLINE void dot_t(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
+    lo = _mm512_add_epi32(_mm512_add_epi32(one<kTable>(wv[0], a), one<kTable>(wv[1], a + 4)),
+                          _mm512_add_epi32(one<kTable>(wv[2], a + 8), one<kTable>(wv[3], a + 12)));
+    hi = _mm512_add_epi32(_mm512_add_epi32(one<kTable>(wv[4], a + 16), one<kTable>(wv[5], a + 20)),
+                          _mm512_add_epi32(one<kTable>(wv[6], a + 24), one<kTable>(wv[7], a + 28)));
+  }
+};
+// The table flag is the format's: a thin wrapper per format so the scaffold's DotK::dot stays one name.
+template <WeightFormat F, class Base>
+struct kq_dot : Base {
+  static HY_ALWAYS_INLINE void dot(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
+    Base::template dot_t<kq_of(F).table>(wv, a, lo, hi);
+  }
+};
+
 // Tokens [t_begin, t_end) of x for blocks [b0, b1) with the Dots of one instruction set;
 // out points at block b0's column of token 0.
-template <class DotQ4, class DotQ8>
+template <class DotQ4, class DotQ8, class DotK>
 static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                                int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
   for (int64_t b = b0; b < b1; ++b) {
@@ -323,8 +580,15 @@ static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0
     for (int64_t t0 = t_begin; t0 < t_end; t0 += HY_Z_A8_TT_MAX) {
       float* ot = ob + t0 * ldo;
       with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
-        if (w.format == WeightFormat::INT4_G32) z_matmul_a8_tile16xTT<DotQ4>(w, b, x, t0, tt, ot, ldo);
-        else z_matmul_a8_tile16xTT<DotQ8>(w, b, x, t0, tt, ot, ldo);
+        z_with_kq_format(w.format, [&](auto f) {
+          constexpr WeightFormat F = decltype(f)::value;
+          z_kq_a8_tile16xTT<F, kq_dot<F, DotK>>(w, b, x, t0, tt, ot, ldo);
+        });
+        z_with_int_format(w.format, [&](auto nibbles, auto scales) {
+          using Sc = decltype(scales);
+          if constexpr (decltype(nibbles)::value) z_matmul_a8_tile16xTT<DotQ4, Sc>(w, b, x, t0, tt, ot, ldo);
+          else z_matmul_a8_tile16xTT<DotQ8, Sc>(w, b, x, t0, tt, ot, ldo);
+        });
       });
     }
   }
@@ -332,7 +596,7 @@ static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0
 
 [[maybe_unused]] static void z_matmul_a8_bw(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                             float* out, int64_t ldo) {
-  z_matmul_a8_range<bw_q4g32, bw_q8g32>(w, b0, b1, x, 0, x.t, out, ldo);
+  z_matmul_a8_range<bw_q4g32, bw_q8g32, bw_kq>(w, b0, b1, x, 0, x.t, out, ldo);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -49,10 +49,26 @@ struct vnni_q8g32 : vnni_qg32<512, 128> {
   }
 };
 
+// The K types' dot (simd_avx512.h, z_kq_a8_tile16xTT): the u8 operands as they are (IQ4_XS's
+// u = t + 128 included, the scaffold removes 128 A), one vpdpbusd chain per 16 inputs.
+struct vnni_kq {
+  static constexpr bool kSignedTable = false;
+  template <bool kTable = false>
+  static HY_ALWAYS_INLINE void dot_t(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
+    lo = _mm512_setzero_si512();
+    hi = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      lo = _mm512_dpbusd_epi32(lo, wv[i], z_bcast4(a + 4 * i));
+      hi = _mm512_dpbusd_epi32(hi, wv[i + 4], z_bcast4(a + 16 + 4 * i));
+    }
+  }
+};
+
 // Tokens [t_begin, t_end) of x for blocks [b0, b1); out points at block b0's column of token 0.
 [[maybe_unused]] static void v_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                                int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
-  z_matmul_a8_range<vnni_q4g32, vnni_q8g32>(w, b0, b1, x, t_begin, t_end, out, ldo);
+  z_matmul_a8_range<vnni_q4g32, vnni_q8g32, vnni_kq>(w, b0, b1, x, t_begin, t_end, out, ldo);
 }
 
 [[maybe_unused]] static void v_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,

@@ -5,6 +5,7 @@ Legend: E experts, H hidden, I expert intermediate, B tokens, K picks per token.
     layer = PackedLayer.from_compressed_int4(gate_packed, gate_scale, up_packed, up_scale,
                                              down_packed, down_scale)   # per-expert sequences
     layer = PackedLayer.from_float(gate, up, down, format="int4")       # [E, I, H], [E, H, I]
+    layer = PackedLayer.from_gguf(gate, up, down, gate_type, up_type, down_type)  # raw GGUF blocks
     layer.save(path); layer = PackedLayer.load(path)                    # file = packed layout, mmap
     moe = CpuMoE(layer, mode="fast")
     y = moe.forward(x, ids, weights, skip_mask=None)                    # [B, H] fp32
@@ -26,8 +27,39 @@ from typing import Any
 from hybrid import native
 from hybrid.experts.executor import Capabilities
 
-FORMATS = ("int4", "int8", "bf16")
+FORMATS = ("int4", "int8", "bf16")  # from_float's formats
+# The formats whose bytes the GPU expert cache (device_layout.compact_from_packed) reads bit for
+# bit; GGUF formats run on the CPU only (their scales are fp16 / sub-block tables).
+DEVICE_CACHEABLE_FORMATS = FORMATS
+# GGUF block types the native kernels run in their own bits (csrc/core/kernels.h), by ggml's type
+# name; the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the same
+# as gguf.GGMLQuantizationType values) is built on first access, so importing this module does not
+# import gguf.
+GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")
 MODES = ("fast", "precise")
+
+
+def __getattr__(name: str):
+    if name == "GGUF_NATIVE_TYPES":
+        from gguf import GGMLQuantizationType  # noqa: PLC0415
+
+        return frozenset(GGMLQuantizationType[n] for n in GGUF_NATIVE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _gguf_format(qtype, name: str) -> str:
+    """The packed format of a GGUF tensor type (gguf.GGMLQuantizationType, its int value or its
+    name); ValueError naming the tensor when the native kernels do not run that type."""
+    from gguf import GGMLQuantizationType  # noqa: PLC0415
+
+    try:
+        t = GGMLQuantizationType[qtype.upper()] if isinstance(qtype, str) else GGMLQuantizationType(int(qtype))
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{name}: {qtype!r} is not a GGUF tensor type") from None
+    if t.name not in GGUF_NATIVE:
+        raise ValueError(f"{name}: GGUF type {t.name} has no native CPU kernel (native: "
+                         f"{', '.join(GGUF_NATIVE)})")
+    return t.name.lower()
 
 Progress = Callable[[int, int], None]  # progress(experts_done, experts_total)
 
@@ -123,6 +155,43 @@ class PackedLayer:
         return cls(h)
 
     @classmethod
+    def from_gguf(cls, gate, up, down, gate_type, up_type, down_type,
+                  progress: Progress | None = None) -> "PackedLayer":
+        """Routed experts kept in their GGUF blocks, repacked losslessly (same values, the same
+        fp16 scale bits) into the kernels' layout; never dequantised.
+
+        gate, up: raw blocks of ffn_gate_exps / ffn_up_exps, uint8 (numpy or torch): stacked
+            [E, I, row_bytes(H)], which is the shape of gguf's ReaderTensor.data for a quantised
+            [H, I, E] tensor (a view of the mapped file: only the expert being packed is read), or
+            a sequence over experts of [I, row_bytes(H)] arrays.
+        down: ffn_down_exps the same way, [E, H, row_bytes(I)].
+        gate_type, up_type, down_type: each tensor's gguf.GGMLQuantizationType (or its int value or
+            name), each in GGUF_NATIVE_TYPES; any mix (gate and up of one type are interleaved into
+            one matrix, of two types kept apart and run by two kernel calls). row_bytes(K) = K / block size x type size
+            (gguf.GGML_QUANT_SIZES), so I is gate's row count and H down's. H and I must be
+            multiples of 32, and of 256 where a K type (Q2_K..Q6_K, IQ4_XS) has them as inputs
+            (H for gate/up, I for down); every row count a multiple of 16.
+        ValueError names the tensor and expert (and the sizes) for a type without a native
+        kernel, mismatched expert counts or shapes, or rows of the wrong byte length."""
+        fmt = _gguf_format(gate_type, "gate")
+        up_fmt, down_fmt = _gguf_format(up_type, "up"), _gguf_format(down_type, "down")
+        seqs = {"gate": _seq(gate, "gate"), "up": _seq(up, "up"), "down": _seq(down, "down")}
+        E = len(seqs["gate"])
+        if E == 0 or any(len(v) != E for v in seqs.values()):
+            raise ValueError(f"gate, up, down must hold the same number (>= 1) of experts, got "
+                             f"{', '.join(str(len(v)) for v in seqs.values())}")
+        I, _ = _first_matrix(seqs["gate"], "gate", "[I, row bytes]")
+        H, _ = _first_matrix(seqs["down"], "down", "[H, row bytes]")
+        h = native.lib().Layer.create(fmt, E, H, I, down_fmt, up_fmt)
+        for e in range(E):
+            conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in seqs]
+            with _naming_expert(e):
+                h.pack_expert_gguf(e, *conv)
+            if progress is not None:
+                progress(e + 1, E)
+        return cls(h)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "PackedLayer":
         """mmap a packed layer file (read-only); the header is validated against the file
         (ValueError naming the file and field when it is not a valid packed layer file)."""
@@ -144,7 +213,9 @@ class PackedLayer:
     num_experts = _fact("_h.num_experts", "E (int)")
     hidden = _fact("_h.hidden", "H (int)")
     intermediate = _fact("_h.intermediate", "I (int)")
-    format = _fact("_h.format", "one of FORMATS (str)")
+    format = _fact("_h.format", "gate's format: one of FORMATS, or a GGUF type in lower case (str)")
+    up_format = _fact("_h.up_format", "up's format (str; from_gguf layers may differ from format)")
+    down_format = _fact("_h.down_format", "down's format (str; from_gguf layers may differ from format)")
     nbytes = _fact("_h.nbytes", "Bytes of the whole layout (file size when saved).")
     expert_nbytes = _fact("_h.expert_nbytes", "Bytes of one expert (gate_up + down, weights + scales, page-padded).")
 
@@ -167,12 +238,19 @@ class PackedLayer:
         its tensors on `device` (the packed bytes go there once and are unpacked there)."""
         from hybrid.experts.device_layout import compact_from_packed  # noqa: PLC0415
 
+        fmts = {self.format, self.up_format, self.down_format}
+        if len(fmts) != 1 or self.format not in DEVICE_CACHEABLE_FORMATS:
+            raise ValueError(f"{self!r}: experts in {'+'.join(sorted(fmts))} cannot be held in the GPU "
+                             f"expert cache yet (it takes {', '.join(DEVICE_CACHEABLE_FORMATS)}); run "
+                             "them on the CPU (no --profile) or repack the layer")
         arrays = self._h.expert_arrays(int(e))
         return compact_from_packed(self.format, arrays, self.hidden, self.intermediate, device)
 
     def __repr__(self) -> str:
         src = f", path={self.path!r}" if self.path else ""
-        return (f"PackedLayer(format={self.format!r}, E={self.num_experts}, H={self.hidden}, "
+        fmts = (self.format, self.up_format, self.down_format)
+        fmt = self.format if len(set(fmts)) == 1 else "+".join(fmts)
+        return (f"PackedLayer(format={fmt!r}, E={self.num_experts}, H={self.hidden}, "
                 f"I={self.intermediate}, nbytes={self.nbytes}{src})")
 
 

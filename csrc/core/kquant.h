@@ -1,0 +1,151 @@
+// kquant.h: GGUF's super-block ("K") types as the kernels see them (kernels.h: Q4_K, Q5_K, Q6_K,
+// Q3_K, Q2_K, IQ4_XS): one table of facts per type (KQ, kq_of) that the packer (pack.cpp), the
+// scalar reference (kernels_scalar.cpp) and the SIMD scaffolds (simd_avx512.h, kernels_avx2.cpp)
+// all read, and the scalar decoder of a packed tile.
+//
+// Every K type is the same sum, written for one row, one sub-block j of S inputs (S = 16 or 32):
+//   W[k] = D * sc_j * (u_k - off) - Dm * m_j
+// u_k: a small unsigned integer (the "operand", built from bit planes, or a 4-bit index into a
+// 16-entry table for IQ4_XS), off a type constant, sc_j a signed and m_j an unsigned small integer,
+// D and Dm fp16 per 256 inputs (Dm, m only for the types with mins). ggml's dequantisers compute
+// the same values (Q3_K's "hmask bit clear: -4" is u = low2 + 4 * hbit, off = 4; Q6_K's -32 is off;
+// IQ4_XS's table value t is u = t + 128, off = 128).
+//
+// Packed layout (kernels.h's block-major rule): a matrix W [N, K] (N % 16 == 0, K % 256 == 0) is
+// N/16 x K/256 tiles, tile (b, s) = rows 16b..16b+15 x inputs 256s..256s+255, tiles of a row block
+// consecutive, each kq_of(f).tile_bytes long, fields in this order:
+//   nib    [8 groups][4 chunks][16 lanes][4 bytes]  (if nib)    the INT4_G32 nibble layout: chunk c
+//          of group g, lane r, byte j: low nibble = input 32g + 8c + j, high = input 32g + 8c + 4 + j
+//   crumb  [8 groups][2 chunks][16 lanes][4 bytes]  (if crumb)  2-bit values: chunk c, lane r,
+//          byte j, bits 2s..2s+1 = input 32g + 4 (4c + s) + j
+//   bit    [8 groups][16 lanes][4 bytes]            (if bit)    1-bit values: lane r, byte j,
+//          bit s = input 32g + 4s + j
+//   D      [16 lanes] fp16;  Dm [16 lanes] fp16 (if min)
+//   sc     [NS sub-blocks][16 lanes] int8; with scale_nibbles (Q2_K) a byte is sc | m << 4 and
+//          there is no m array;  m [NS][16 lanes] uint8 (if min and not scale_nibbles)
+// so the u of input 4i + j of a group (operand i = the [16 lanes x 4 inputs] u8 vector vpdpbusd
+// takes) is  nib(i) | crumb(i) << crumb_shift | bit(i) << bit_shift,  each part a shift and a mask
+// of one load. Sub-block j of a 16-input type covers operands 4 (j % 2) .. +3 of group j / 2.
+// Bytes per weight: Q4_K 4.625 bits (GGUF 4.5), Q5_K 5.625 (5.5), Q6_K 6.5625 (6.5625), Q3_K 3.5625
+// (3.4375), Q2_K 2.625 (2.625), IQ4_XS 4.3125 (4.25): GGUF packs some 6-bit scales tighter.
+//
+// Everything here is static / constexpr (kernels.h: no COMDAT code shared across ISA units).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "core/kernels.h"
+
+namespace hybrid {
+
+constexpr int kSuper = 256;  // inputs per super-block (ggml's QK_K)
+
+// IQ4_NL / IQ4_XS's 16 values (ggml's kvalues_iq4nl).
+constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+struct KQ {
+  bool valid = false;
+  int sub = 32;             // S: inputs per sub-block (16 or 32)
+  bool nib = false, crumb = false, bit = false;
+  int crumb_shift = 0, bit_shift = 0;
+  bool table = false;       // u = kIq4Values[nib] + 128 (the nibble is an index)
+  int off = 0;              // W = D sc (u - off) - Dm m
+  bool min = false;         // Dm and m present
+  bool scale_nibbles = false;
+  // Derived: byte offsets of the fields inside a tile and the tile size.
+  int nsub = 0, nib_at = 0, crumb_at = 0, bit_at = 0, d_at = 0, dm_at = 0, sc_at = 0, m_at = 0, tile_bytes = 0;
+};
+
+static constexpr KQ kq_layout(KQ k) {
+  k.valid = true;
+  k.nsub = kSuper / k.sub;
+  int at = 0;
+  k.nib_at = at;
+  at += k.nib ? 8 * 256 : 0;
+  k.crumb_at = at;
+  at += k.crumb ? 8 * 128 : 0;
+  k.bit_at = at;
+  at += k.bit ? 8 * 64 : 0;
+  k.d_at = at;
+  at += 32;
+  k.dm_at = at;
+  at += k.min ? 32 : 0;
+  k.sc_at = at;
+  at += k.nsub * 16;
+  k.m_at = at;
+  at += (k.min && !k.scale_nibbles) ? k.nsub * 16 : 0;
+  k.tile_bytes = at;
+  return k;
+}
+
+// The facts of each K type; valid = false for the other formats.
+static constexpr KQ kq_of(WeightFormat f) {
+  KQ k;
+  switch (f) {
+    case WeightFormat::Q4_K: k.nib = true; k.min = true; return kq_layout(k);
+    case WeightFormat::Q5_K: k.nib = k.bit = true; k.bit_shift = 4; k.min = true; return kq_layout(k);
+    case WeightFormat::Q6_K: k.sub = 16; k.nib = k.crumb = true; k.crumb_shift = 4; k.off = 32; return kq_layout(k);
+    case WeightFormat::Q3_K: k.sub = 16; k.crumb = k.bit = true; k.bit_shift = 2; k.off = 4; return kq_layout(k);
+    case WeightFormat::Q2_K:
+      k.sub = 16; k.crumb = true; k.min = true; k.scale_nibbles = true; return kq_layout(k);
+    case WeightFormat::IQ4_XS: k.nib = k.table = true; k.off = 128; return kq_layout(k);
+    default: return k;
+  }
+}
+
+static inline bool is_kquant(WeightFormat f) { return kq_of(f).valid; }
+
+static_assert(kq_of(WeightFormat::Q4_K).tile_bytes == ktile_bytes(WeightFormat::Q4_K), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::Q5_K).tile_bytes == ktile_bytes(WeightFormat::Q5_K), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::Q6_K).tile_bytes == ktile_bytes(WeightFormat::Q6_K), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::Q3_K).tile_bytes == ktile_bytes(WeightFormat::Q3_K), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::Q2_K).tile_bytes == ktile_bytes(WeightFormat::Q2_K), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ4_XS).tile_bytes == ktile_bytes(WeightFormat::IQ4_XS), "kernels.h ktile_bytes");
+
+// One packed tile in plain integers: u[r][i] (the table already applied: u is the value the
+// operand holds), sc[r][j], m[r][j], and the fp16 bits of D, Dm per row.
+struct KTile {
+  uint8_t u[kRowBlock][kSuper];
+  int8_t sc[kRowBlock][16];
+  uint8_t m[kRowBlock][16];
+  uint16_t d[kRowBlock], dm[kRowBlock];
+};
+
+static inline void kq_decode_tile(WeightFormat f, const uint8_t* t, KTile& o) {
+  const KQ k = kq_of(f);
+  for (int r = 0; r < kRowBlock; ++r) {
+    for (int g = 0; g < 8; ++g)
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const int lane = r * 4 + j;
+          int u = 0;
+          if (k.nib) {
+            const uint8_t byte = t[k.nib_at + g * 256 + (i / 2) * 64 + lane];
+            u = (i % 2) ? byte >> 4 : byte & 0x0F;
+          }
+          if (k.crumb) u |= ((t[k.crumb_at + g * 128 + (i / 4) * 64 + lane] >> (2 * (i % 4))) & 3) << k.crumb_shift;
+          if (k.bit) u |= ((t[k.bit_at + g * 64 + lane] >> i) & 1) << k.bit_shift;
+          if (k.table) u = kIq4Values[u] + 128;
+          o.u[r][32 * g + 4 * i + j] = uint8_t(u);
+        }
+    std::memcpy(&o.d[r], t + k.d_at + 2 * r, 2);
+    if (k.min) std::memcpy(&o.dm[r], t + k.dm_at + 2 * r, 2);
+    else o.dm[r] = 0;
+    for (int j = 0; j < k.nsub; ++j) {
+      const uint8_t s = t[k.sc_at + j * 16 + r];
+      o.sc[r][j] = k.scale_nibbles ? int8_t(s & 0x0F) : int8_t(s);
+      o.m[r][j] = !k.min ? 0 : k.scale_nibbles ? uint8_t(s >> 4) : t[k.m_at + j * 16 + r];
+    }
+  }
+}
+
+// W of row r, input i of a decoded tile, as ggml computes it: D sc (u - off) exact, minus Dm m
+// exact, one rounding (fp32).
+static inline float kq_weight(const KQ& k, const KTile& o, int r, int i) {
+  const int j = i / k.sub;
+  const float dsc = f16_to_f32(o.d[r]) * float(o.sc[r][j]);
+  const float dmm = f16_to_f32(o.dm[r]) * float(o.m[r][j]);
+  return dsc * float(int(o.u[r][i]) - k.off) - dmm;
+}
+
+}  // namespace hybrid
