@@ -1,0 +1,89 @@
+"""Routed experts of a GGUF file to the CPU engine, through one glue function (`pack_gguf_layer`).
+
+A layer's experts are three stacked tensors (blk.i.ffn_{gate,up,down}_exps, [E, out, in] in a
+ggml block type). When every one's type is in hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (the
+types the engine runs in their own blocks) their raw blocks, mapped from the file, go to
+cpu_moe.PackedLayer.from_gguf unchanged. Otherwise each expert is dequantised (gguf.quants) and
+quantised again into one of the engine's own formats, with a warning saying so: the default
+keeps the bits class (F32/F16/BF16 -> bf16; 5 to 8 bit types -> int8 group 32; 4 bits and
+below -> int4 group 32), expert_format= overrides it. That second quantisation is lossy except
+for float types to bf16 where the values are bf16 already.
+
+The torch backend (the reference) takes every expert dequantised to the compute dtype; that is
+ExpertLoader's own path, which reads experts through the source's float_weight.
+
+Legend: E experts, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from hybrid.runtime.expert_factory import ExpertLoader, _PerExpert
+
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+INT8_TYPES = frozenset({"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"})
+
+
+def fallback_format(type_name: str) -> str:
+    """Our format closest to a ggml type's precision class."""
+    if type_name in FLOAT_TYPES:
+        return "bf16"
+    return "int8" if type_name in INT8_TYPES else "int4"
+
+
+def native_types() -> frozenset:
+    """The ggml types the CPU engine runs in their own blocks (empty until kernels declare some)."""
+    from hybrid.experts import cpu_moe
+
+    return frozenset(getattr(cpu_moe, "GGUF_NATIVE_TYPES", frozenset()))
+
+
+def pack_gguf_layer(src, layer: int, E: int, H: int, I: int, expert_format: str | None = None,
+                    warned: set | None = None):
+    """-> (cpu_moe.PackedLayer of layer `layer`'s routed experts, how: "native" | format name)."""
+    from hybrid.experts import cpu_moe
+
+    tensors = src.expert_tensors(layer, E, H, I)  # {"gate_proj"|"up_proj"|"down_proj": GGUFTensor}
+    types = {proj: t.type_name for proj, t in tensors.items()}
+    native = native_types()
+    if expert_format is None and all(ty in native for ty in types.values()):
+        raw = {proj: src.gguf.raw(t.name) for proj, t in tensors.items()}  # [E, rows, row_bytes] mmap views
+        layer_ = cpu_moe.PackedLayer.from_gguf(raw["gate_proj"], raw["up_proj"], raw["down_proj"],
+                                               types=(types["gate_proj"], types["up_proj"], types["down_proj"]),
+                                               hidden=H, intermediate=I)
+        return layer_, "native"
+    fmt = expert_format or max((fallback_format(ty) for ty in types.values()), key=("int4", "int8", "bf16").index)
+    if expert_format is None and warned is not None:
+        names = ", ".join(f"{p.removesuffix('_proj')} {ty}" for p, ty in types.items())
+        if (names, fmt) not in warned:  # once per combination, not once per layer
+            warned.add((names, fmt))
+            warnings.warn(f"{tensors['gate_proj'].file}: routed experts ({names}, layer {layer} and others "
+                          "like it) are not in hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (no native kernel): "
+                          f"dequantised and re-quantised to the CPU engine's {fmt} format"
+                          + ("" if fmt == "bf16" else " (lossy: a second rounding on top of the GGUF's)"),
+                          stacklevel=2)
+    g = src.gguf
+
+    def expert(proj: str):
+        t = tensors[proj]
+        return _PerExpert(lambda e: g.values(t.name, e, 1)[0], E, t.shape[1:])
+
+    packed = cpu_moe.PackedLayer.from_float(expert("gate_proj"), expert("up_proj"), expert("down_proj"), format=fmt)
+    return packed, fmt
+
+
+class GGUFExpertLoader(ExpertLoader):
+    """ExpertLoader for a GGUF source: the CPU backend's layers come from pack_gguf_layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._warned: set = set()  # fallback combinations already reported
+
+    def _cpu_layer(self, src, layer: int, names: list[str], E: int, H: int, I: int):
+        from hybrid.experts import cpu_moe
+
+        packed, how = pack_gguf_layer(src, layer, E, H, I, self.expert_format, self._warned)
+        key = "gguf_native" if how == "native" else "quantised"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        return cpu_moe.CpuMoE(packed, threads=self.threads, mode=self.mode, caller=self.caller)
