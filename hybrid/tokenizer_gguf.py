@@ -80,7 +80,10 @@ def tokenizer_from_fields(g: GGUFFile) -> Tokenizer:
     else:
         raise TokenizerError(f"{src}: metadata key tokenizer.ggml.pre={pre!r} names a pre-tokenizer hybrid "
                              f"does not know (known: {', '.join(sorted([*PRE_REGEXES, *TIKTOKEN_PRES]))})")
-    return Tokenizer(backend=backend, impl=impl, special_tokens=special, vocab_size=len(tokens),
+    # Ids past the last used token are padding rows of the embedding ("[PAD{id}]", type unused):
+    # the vocabulary ends before them, so the engine never samples one (as with the original).
+    used = max((i for i, ty in enumerate(types) if ty != TOKEN_UNUSED), default=len(tokens) - 1) + 1
+    return Tokenizer(backend=backend, impl=impl, special_tokens=special, vocab_size=used,
                      bos_token=bos, eos_token=eos, add_bos=add_bos, chat_template=template,
                      extra_stop_ids=_eot_ids(g), source=src)
 
