@@ -187,3 +187,23 @@ def test_raw_blocks_are_views_of_the_mapping(tmp_path):
     assert raw.shape == (t.shape[0], t.shape[1], t.shape[2] // 32 * 34) and not raw.flags.owndata
     one = f.values(t.name, 3, 1)[0]
     assert np.array_equal(one, gguf.quants.dequantize(raw[3], T.Q8_0))
+
+
+def test_doctor_describes_the_file(tmp_path):
+    import argparse
+
+    from hybrid.commands import doctor
+
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    args = argparse.Namespace(model=str(g), json=True, no_measure=True, trace=None, context="4k", machine=None)
+    r = doctor.collect(args)
+    d = r["gguf"]
+    c = _cfg(ref)
+    E, H, I = c["n_routed_experts"], c["hidden_size"], c["moe_intermediate_size"]
+    assert d["architecture"] == "deepseek2" and d["model_type"] == "deepseek_v3"
+    assert d["routed_expert_types"] == {"Q8_0": {"tensors": 6, "bytes": 2 * E * 3 * I * H // 32 * 34}}
+    assert d["file_bytes"] == g.stat().st_size
+    held = "native" if "Q8_0" in d["native_types"] else "int8"
+    assert [x["held_as"] for x in d["expert_layers"]] == [held, held]
+    assert r["expect"]["ram"]["parts"]["routed_experts"] == d["routed_ram_bytes"]
+    assert r["expect"]["model"]["id"] == g.name

@@ -87,3 +87,77 @@ class GGUFExpertLoader(ExpertLoader):
         key = "gguf_native" if how == "native" else "quantised"
         self.stats[key] = self.stats.get(key, 0) + 1
         return cpu_moe.CpuMoE(packed, threads=self.threads, mode=self.mode, caller=self.caller)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a GGUF file is and how it would be held (hybrid doctor FILE.gguf)
+# ---------------------------------------------------------------------------------------------
+OUR_FORMAT_NAMES = {"int4": "int4_g32", "int8": "int8_g32", "bf16": "bf16"}  # planner/model_spec.py names
+
+
+def describe_gguf(path) -> dict:
+    """The file's architecture, files and sizes, tensor types (routed experts apart from the rest),
+    and per MoE layer how its experts would be held in RAM: in their own blocks (the file's bytes)
+    or re-packed into one of our formats (that format's bytes)."""
+    from hybrid.loaders.gguf_config import architecture, config_dict
+    from hybrid.loaders.gguf_file import GGUFFile
+    from hybrid.loaders.gguf_source import expert_tensor_names
+    from hybrid.models import config_from_dict, model_class
+    from hybrid.planner.model_spec import expert_format_bytes
+
+    g = GGUFFile(path)
+    try:
+        arch = architecture(g)
+        config = config_from_dict(config_dict(g), source=f"{g.path} (GGUF metadata)")
+        facts = model_class(config.model_type).facts(config)
+        E, H, I = facts.num_experts, facts.hidden, facts.expert_width
+        native = native_types()
+        expert_names: set[str] = set()
+        layers = []
+        for i in facts.moe_layers:
+            names = expert_tensor_names(i)
+            ts = {p: g.info(n) for p, n in names.items()}
+            expert_names |= set(names.values())
+            types = {p.removesuffix("_proj"): t.type_name for p, t in ts.items()}
+            file_bytes = sum(t.nbytes for t in ts.values())
+            if all(ty in native for ty in types.values()):
+                how, ram = "native", file_bytes
+            else:
+                fmt = max((fallback_format(ty) for ty in types.values()), key=("int4", "int8", "bf16").index)
+                name = OUR_FORMAT_NAMES[fmt]
+                how, ram = fmt, E * (2 * expert_format_bytes(name, I, H) + expert_format_bytes(name, H, I))
+            layers.append({"layer": i, "types": types, "file_bytes": file_bytes, "held_as": how, "ram_bytes": ram})
+
+        def histogram(names) -> dict:
+            out: dict[str, dict] = {}
+            for n in names:
+                t = g.tensors[n]
+                d = out.setdefault(t.type_name, {"tensors": 0, "bytes": 0})
+                d["tensors"] += 1
+                d["bytes"] += t.nbytes
+            return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+
+        others = [n for n in g.tensors if n not in expert_names]
+        routed_ram = sum(x["ram_bytes"] for x in layers)
+        return {
+            "path": str(g.path), "architecture": arch, "model_type": config.model_type,
+            "name": g.field("general.name", str, None),
+            "files": [{"path": str(p), "bytes": p.stat().st_size} for p in g.paths],
+            "file_bytes": g.nbytes, "tensors": len(g.tensors),
+            "routed_expert_types": histogram(expert_names), "other_types": histogram(others),
+            "other_file_bytes": sum(g.tensors[n].nbytes for n in others),
+            "native_types": sorted(native), "expert_layers": layers,
+            "routed_ram_bytes": routed_ram,
+            "bytes_per_expert": routed_ram // max(1, len(layers) * E),
+            "expert_format": _spec_format(layers),
+        }
+    finally:
+        g.close()
+
+
+def _spec_format(layers: list[dict]) -> str:
+    """The planner's expert_format for the file (its bytes are stored_expert_bytes when native)."""
+    held = {x["held_as"] for x in layers}
+    if len(held) == 1 and next(iter(held)) in OUR_FORMAT_NAMES:
+        return OUR_FORMAT_NAMES[next(iter(held))]
+    return "gguf"
