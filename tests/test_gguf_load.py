@@ -207,3 +207,55 @@ def test_doctor_describes_the_file(tmp_path):
     assert [x["held_as"] for x in d["expert_layers"]] == [held, held]
     assert r["expect"]["ram"]["parts"]["routed_experts"] == d["routed_ram_bytes"]
     assert r["expect"]["model"]["id"] == g.name
+
+
+def test_serve_a_gguf_file(tmp_path):
+    """`hybrid serve FILE.gguf` as a user starts it: model id from the file name, tokenizer and chat
+    template from the metadata."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from test_serve_support import free_port
+
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32", template=template)
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid", "serve", str(g), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny-f32"
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny-f32", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3,
+            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(gguf_files_tokens(g, "<s>hello there</s>"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+def gguf_files_tokens(g, text):
+    from hybrid.tokenizer_gguf import gguf_tokenizer
+
+    return gguf_tokenizer(g).encode(text)
