@@ -75,7 +75,9 @@ def rewrite(src: Path, dst: Path, drop=(), set_fields=None, tensors=None, split_
         items = tensors(items)
     for name, value, ty in items:
         arr = value.numpy() if isinstance(value, torch.Tensor) else value
-        if ty == gguf.GGMLQuantizationType.F32:
+        if arr.dtype == np.uint8:  # raw blocks, written as they are
+            w.add_tensor(name, arr, raw_dtype=ty)
+        elif ty == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, arr.astype(np.float32))
         elif ty == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, arr.astype(np.float16))
@@ -86,6 +88,34 @@ def rewrite(src: Path, dst: Path, drop=(), set_fields=None, tensors=None, split_
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+# Byte offsets of the fp16 super-block scales (d, dmin) in one block of each type (ggml's block
+# layouts); everything else in a block is bits any value of which is valid.
+SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+                 "IQ4_XS": (0,), "IQ4_NL": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,),
+                 "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,)}
+
+
+def random_blocks(type_name: str, shape: tuple[int, ...], std: float, seed: int) -> np.ndarray:
+    """Valid random blocks of `type_name` for a tensor of `shape` (torch order): random bits, fp16
+    scales set so the dequantised values have standard deviation about `std`. -> uint8 [..., row bytes]."""
+    import gguf
+
+    ty = gguf.GGMLQuantizationType[type_name]
+    bs, bb = gguf.GGML_QUANT_SIZES[ty]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(*shape[:-1], shape[-1] // bs * bb), dtype=np.uint8)
+    blocks = raw.reshape(-1, bb)
+
+    def set_scales(value: float):
+        for off in SCALE_OFFSETS[type_name]:
+            blocks[:, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
+
+    set_scales(1.0)
+    s = float(np.std(gguf.quants.dequantize(raw, ty)))
+    set_scales(std / s)
+    return raw
 
 
 def read_values(path: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import zlib
 
 import gguf
 import numpy as np
@@ -259,3 +260,65 @@ def gguf_files_tokens(g, text):
     from hybrid.tokenizer_gguf import gguf_tokenizer
 
     return gguf_tokenizer(g).encode(text)
+
+
+SMALL_K = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, n_routed_experts=8,
+               num_experts_per_tok=2, q_lora_rank=64, kv_lora_rank=64)  # rows of 256: K-quant blocks fit
+
+
+def _experts_as(layer_types: dict[int, tuple[str, str, str]], other: str | None = None):
+    """Routed experts as random valid blocks of the given types per layer (gate, up, down); with
+    `other`, every non-expert matrix whose rows fit its block quantised to it (llama.cpp's
+    fallback types for short rows)."""
+    def edit(items):
+        out = []
+        for n, t, ty in items:
+            layer = int(n.split(".")[1]) if n.startswith("blk.") else None
+            proj = next((p for p in ("gate", "up", "down") if f".ffn_{p}_exps." in n), None)
+            if proj is not None and layer in layer_types:
+                name = layer_types[layer][("gate", "up", "down").index(proj)]
+                fan_in = t.shape[-1]
+                t = gguf_files.random_blocks(name, tuple(t.shape), fan_in ** -0.5, seed=zlib.crc32(n.encode()))
+                ty = T[name]
+            elif other is not None and t.dim() == 2 and "_exps" not in n and "ffn_gate_inp" not in n \
+                    and t.shape[-1] % gguf.GGML_QUANT_SIZES[T[other]][0] == 0:
+                ty = T[other]
+            out.append((n, t, ty))
+        return out
+    return edit
+
+
+@pytest.mark.parametrize("types, other", [
+    ({1: ("Q4_K", "Q4_K", "Q6_K"), 2: ("Q2_K", "Q3_K", "Q5_K")}, "Q4_1"),
+    ({1: ("IQ4_XS", "IQ4_XS", "IQ4_XS"), 2: ("IQ2_XXS", "IQ2_XS", "IQ3_XXS")}, "Q5_0"),
+    ({1: ("IQ1_S", "IQ1_S", "IQ2_S"), 2: ("IQ3_S", "IQ3_S", "Q4_K")}, "Q5_1"),
+])
+def test_kquant_and_iq_experts_equal_twin(tmp_path, types, other):
+    """A file mixing K-quant / IQ types per tensor and per layer (as the "UD" files do), with
+    non-expert tensors in Q4_1 / Q5_0 / Q5_1 where their rows fit: the reference path computes
+    with exactly the blocks' values."""
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    mixed = gguf_files.rewrite(g, tmp_path / "mixed.gguf", tensors=_experts_as(types, other))
+    from hybrid.loaders.gguf_file import GGUFFile
+
+    f = GGUFFile(mixed)
+    for layer, names in types.items():
+        got_types = [f.info(f"blk.{layer}.ffn_{p}_exps.weight").type_name for p in ("gate", "up", "down")]
+        assert got_types == list(names)
+    assert f.info("blk.0.attn_q_a.weight").type_name == other
+    twin = gguf_files.twin(mixed, ref, _cfg(ref), tmp_path)
+    got, want = _logits(mixed), _logits(twin)
+    assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+
+
+def test_kquant_fallback_on_cpu_engine_equals_twin_packed_int4(tmp_path):
+    from hybrid.runtime.gguf_experts import native_types
+
+    if native_types() & {"Q4_K", "Q2_K"}:
+        pytest.skip("K-quant experts run natively; the kernel tests cover them")
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    mixed = gguf_files.rewrite(g, tmp_path / "k.gguf", tensors=_experts_as({1: ("Q4_K",) * 3, 2: ("Q2_K",) * 3}))
+    twin = gguf_files.twin(mixed, ref, _cfg(ref), tmp_path)
+    got = _logits(mixed, experts_backend="cpu")
+    want = _logits(twin, experts_backend="cpu", expert_format="int4")
+    assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
