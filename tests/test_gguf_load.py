@@ -322,3 +322,29 @@ def test_kquant_fallback_on_cpu_engine_equals_twin_packed_int4(tmp_path):
     got = _logits(mixed, experts_backend="cpu")
     want = _logits(twin, experts_backend="cpu", expert_format="int4")
     assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+
+
+def test_packed_cache_next_to_the_file(tmp_path):
+    """A re-packed layer is saved beside the GGUF and mmapped the next time; same logits."""
+    from hybrid.runtime.build import build_model
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build_model(g, "cpu", torch.float32, experts_backend="cpu", packed_cache=True, progress=False,
+                               split_threads=False)
+
+    def logits(net):
+        cache = net.make_cache(1, 32)
+        pos = torch.arange(len(IDS))
+        return net.forward(IDS, pos, torch.zeros_like(pos), cache)
+
+    first = build()
+    a = logits(first.network)
+    cached = sorted((g.parent / ".hybrid-cache").glob("tiny-q8_0.layer*.int8.*.packed"))
+    assert len(cached) == 2 and first.stats()["experts"]["quantised"] == 2
+    second = build()
+    assert second.stats()["experts"]["from_cache"] == 2
+    assert torch.equal(logits(second.network), a)

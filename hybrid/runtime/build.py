@@ -77,7 +77,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     if is_gguf_path(path):  # a .gguf file (or the first of a split set): mapped, sizes checked
         files = GGUFFile(path)
         source = GGUFSource(config, files, device, dtype)
-        experts = GGUFExpertLoader(experts_backend, expert_format, **expert_kw)
+        experts = GGUFExpertLoader(experts_backend, expert_format, packed_cache=packed_cache, **expert_kw)
     else:
         files = SafetensorsFiles(path)
         files.file_sizes_ok()

@@ -17,9 +17,11 @@ Legend: E experts, H hidden, I expert width.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 
-from hybrid.runtime.expert_factory import ExpertLoader, _PerExpert
+from hybrid.runtime.expert_factory import CACHE_DIR, ExpertLoader, _PerExpert
 
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 INT8_TYPES = frozenset({"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"})
@@ -39,42 +41,38 @@ def native_types() -> frozenset:
     return frozenset(getattr(cpu_moe, "GGUF_NATIVE_TYPES", frozenset()))
 
 
-def pack_gguf_layer(src, layer: int, E: int, H: int, I: int, expert_format: str | None = None,
-                    warned: set | None = None):
-    """-> (cpu_moe.PackedLayer of layer `layer`'s routed experts, how: "native" | format name)."""
+def held_as(types, native: frozenset, expert_format: str | None = None) -> str:
+    """How a layer whose expert tensors have ggml `types` is held: "native" (every type has a
+    kernel, no format forced) or the format it is re-packed into (the most precise one any of its
+    projections needs, or expert_format)."""
+    if expert_format is None and all(ty in native for ty in types):
+        return "native"
+    return expert_format or max((fallback_format(ty) for ty in types), key=("int4", "int8", "bf16").index)
+
+
+def pack_gguf_layer(src, layer: int, E: int, H: int, I: int, how: str):
+    """The glue: layer `layer`'s routed experts as a cpu_moe.PackedLayer, `how` = held_as(...)."""
     from hybrid.experts import cpu_moe
 
     tensors = src.expert_tensors(layer, E, H, I)  # {"gate_proj"|"up_proj"|"down_proj": GGUFTensor}
-    types = {proj: t.type_name for proj, t in tensors.items()}
-    native = native_types()
-    if expert_format is None and all(ty in native for ty in types.values()):
-        raw = {proj: src.gguf.raw(t.name) for proj, t in tensors.items()}  # [E, rows, row_bytes] mmap views
-        layer_ = cpu_moe.PackedLayer.from_gguf(raw["gate_proj"], raw["up_proj"], raw["down_proj"],
-                                               types=(types["gate_proj"], types["up_proj"], types["down_proj"]),
-                                               hidden=H, intermediate=I)
-        return layer_, "native"
-    fmt = expert_format or max((fallback_format(ty) for ty in types.values()), key=("int4", "int8", "bf16").index)
-    if expert_format is None and warned is not None:
-        names = ", ".join(f"{p.removesuffix('_proj')} {ty}" for p, ty in types.items())
-        if (names, fmt) not in warned:  # once per combination, not once per layer
-            warned.add((names, fmt))
-            warnings.warn(f"{tensors['gate_proj'].file}: routed experts ({names}, layer {layer} and others "
-                          "like it) are not in hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (no native kernel): "
-                          f"dequantised and re-quantised to the CPU engine's {fmt} format"
-                          + ("" if fmt == "bf16" else " (lossy: a second rounding on top of the GGUF's)"),
-                          stacklevel=2)
+    if how == "native":
+        raw = {p: src.gguf.raw(t.name) for p, t in tensors.items()}  # [E, rows, row_bytes] mmap views
+        types = tuple(tensors[p].type_name for p in ("gate_proj", "up_proj", "down_proj"))
+        return cpu_moe.PackedLayer.from_gguf(raw["gate_proj"], raw["up_proj"], raw["down_proj"],
+                                             types=types, hidden=H, intermediate=I)
     g = src.gguf
 
-    def expert(proj: str):
+    def expert(proj: str):  # read-on-demand: one expert dequantised at a time
         t = tensors[proj]
         return _PerExpert(lambda e: g.values(t.name, e, 1)[0], E, t.shape[1:])
 
-    packed = cpu_moe.PackedLayer.from_float(expert("gate_proj"), expert("up_proj"), expert("down_proj"), format=fmt)
-    return packed, fmt
+    return cpu_moe.PackedLayer.from_float(expert("gate_proj"), expert("up_proj"), expert("down_proj"), format=how)
 
 
 class GGUFExpertLoader(ExpertLoader):
-    """ExpertLoader for a GGUF source: the CPU backend's layers come from pack_gguf_layer."""
+    """ExpertLoader for a GGUF source: the CPU backend's layers come from pack_gguf_layer; with
+    packed_cache a re-packed layer is saved next to the file (`.hybrid-cache/`) and mmapped the
+    next time (re-packing a real file takes minutes)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -83,10 +81,44 @@ class GGUFExpertLoader(ExpertLoader):
     def _cpu_layer(self, src, layer: int, names: list[str], E: int, H: int, I: int):
         from hybrid.experts import cpu_moe
 
-        packed, how = pack_gguf_layer(src, layer, E, H, I, self.expert_format, self._warned)
-        key = "gguf_native" if how == "native" else "quantised"
-        self.stats[key] = self.stats.get(key, 0) + 1
+        tensors = src.expert_tensors(layer, E, H, I)
+        types = {p: t.type_name for p, t in tensors.items()}
+        how = held_as(types.values(), native_types(), self.expert_format)
+        if how != "native" and self.expert_format is None:
+            self._warn_fallback(tensors["gate_proj"].file, layer, types, how)
+        cache = self._gguf_cache_path(src, layer, how) if self.packed_cache and how != "native" else None
+        if cache is not None and cache.is_file():
+            self.stats["from_cache"] += 1
+            packed = cpu_moe.PackedLayer.load(str(cache))
+        else:
+            packed = pack_gguf_layer(src, layer, E, H, I, how)
+            key = "gguf_native" if how == "native" else "quantised"
+            self.stats[key] = self.stats.get(key, 0) + 1
+            if cache is not None:
+                cache.parent.mkdir(exist_ok=True)
+                packed.save(str(cache))  # atomic: temp file, fsync, rename
+                packed = cpu_moe.PackedLayer.load(str(cache))  # mmap instead of the heap copy
         return cpu_moe.CpuMoE(packed, threads=self.threads, mode=self.mode, caller=self.caller)
+
+    def _warn_fallback(self, file, layer: int, types: dict, fmt: str) -> None:
+        names = ", ".join(f"{p.removesuffix('_proj')} {ty}" for p, ty in types.items())
+        if (names, fmt) in self._warned:  # once per combination, not once per layer
+            return
+        self._warned.add((names, fmt))
+        warnings.warn(f"{file}: routed experts ({names}, layer {layer} and others like it) are not in "
+                      "hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (no native kernel): dequantised and "
+                      f"re-quantised to the CPU engine's {fmt} format"
+                      + ("" if fmt == "bf16" else " (lossy: a second rounding on top of the GGUF's)"),
+                      stacklevel=4)
+
+    @staticmethod
+    def _gguf_cache_path(src, layer: int, fmt: str):
+        # The key covers what the packed bytes depend on: the files (name, size, mtime), layer, format.
+        g = src.gguf
+        stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in g.paths]
+        key = hashlib.sha256(json.dumps([stamp, layer, fmt]).encode()).hexdigest()[:16]
+        stem = g.path.name.removesuffix(".gguf")
+        return g.path.parent / CACHE_DIR / f"{stem}.layer{layer:03d}.{fmt}.{key}.packed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,12 +152,12 @@ def describe_gguf(path) -> dict:
             expert_names |= set(names.values())
             types = {p.removesuffix("_proj"): t.type_name for p, t in ts.items()}
             file_bytes = sum(t.nbytes for t in ts.values())
-            if all(ty in native for ty in types.values()):
-                how, ram = "native", file_bytes
+            how = held_as(types.values(), native)
+            if how == "native":
+                ram = file_bytes
             else:
-                fmt = max((fallback_format(ty) for ty in types.values()), key=("int4", "int8", "bf16").index)
-                name = OUR_FORMAT_NAMES[fmt]
-                how, ram = fmt, E * (2 * expert_format_bytes(name, I, H) + expert_format_bytes(name, H, I))
+                name = OUR_FORMAT_NAMES[how]
+                ram = E * (2 * expert_format_bytes(name, I, H) + expert_format_bytes(name, H, I))
             layers.append({"layer": i, "types": types, "file_bytes": file_bytes, "held_as": how, "ram_bytes": ram})
 
         def histogram(names) -> dict:
