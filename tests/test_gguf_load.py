@@ -348,3 +348,43 @@ def test_packed_cache_next_to_the_file(tmp_path):
     second = build()
     assert second.stats()["experts"]["from_cache"] == 2
     assert torch.equal(logits(second.network), a)
+
+
+def test_embedding_read_in_row_chunks(tmp_path, monkeypatch):
+    from hybrid.loaders import gguf_source
+    from hybrid.loaders.gguf_file import GGUFFile
+    from hybrid.models import config_from_dir
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    monkeypatch.setattr(gguf_source, "EMBED_CHUNK", 64 * 7)  # 7 rows a chunk: 320 = 45 * 7 + 5
+    src = gguf_source.GGUFSource(config_from_dir(g), GGUFFile(g), "cpu", torch.float32)
+    table = src.embedding("model.embed_tokens.weight", (320, 64))
+    assert torch.equal(table, gguf_files.read_values(g)["token_embd.weight"])
+
+
+def test_kimi_tiktoken_vocabulary(tmp_path):
+    """Pre-tokenizer kimi-k2: tiktoken with Kimi's regex over the GGUF's byte tokens, ranks = ids."""
+    import json
+
+    from hybrid.convert.gguf_export import convert_to_gguf
+    from hybrid.tokenizer import load_tokenizer, write_tiktoken_ranks
+    from hybrid.tokenizer_gguf import gguf_tokenizer
+
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"ab": 256, b"abc": 257, b"  ": 258, b"\xc3\xa9": 259, b"th": 260, b"the": 261})
+    n_base = len(ranks)
+    path, _ = checkpoints.build(tmp_path, variant="plain", vocab_size=n_base + 256)
+    write_tiktoken_ranks(ranks, path / "tiktoken.model")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "[BOS]", "eos_token": "[EOS]",
+        "added_tokens_decoder": {str(n_base): {"content": "[BOS]", "special": True},
+                                 str(n_base + 1): {"content": "[EOS]", "special": True},
+                                 str(n_base + 2): {"content": "<|im_end|>", "special": True}}}))
+    g = tmp_path / "kimi.gguf"
+    convert_to_gguf(path, g, "f32", progress=False)
+    got, want = gguf_tokenizer(g), load_tokenizer(path)
+    assert got.backend == "tiktoken"
+    for text in ["abc the theme  é", "Hello 世界 123456 <|im_end|>[EOS]"]:
+        assert got.encode(text) == want.encode(text)
+        assert got.decode(got.encode(text)) == text
+    assert (got.bos_id, got.eos_id) == (n_base, n_base + 1) and n_base + 2 in got.stop_token_ids

@@ -44,6 +44,7 @@ LAYER = {
 }
 SUFFIX = {"weight": "weight", "bias": "bias", "e_score_correction_bias": None}  # None: exp_probs_b.bias
 EXPERT_PROJS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+EMBED_CHUNK = 1 << 24  # values dequantised at a time for the embedding table
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 
@@ -105,6 +106,18 @@ class GGUFSource(WeightSource):
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         gname, _ = self._resolve(name)
         return self._values(gname, shape, name)
+
+    def embedding(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """The host table in the compute dtype, dequantised in row chunks (K2.5's table is 1.2 G
+        values: one fp32 copy of it would be 4.7 GB on top of the result)."""
+        gname, _ = self._resolve(name)
+        self._info(gname, shape, name)
+        out = torch.empty(shape, dtype=self.dtype)
+        step = max(1, EMBED_CHUNK // shape[1])
+        for r in range(0, shape[0], step):
+            n = min(step, shape[0] - r)
+            out[r:r + n] = torch.from_numpy(np.array(self.gguf.values(gname, r, n), dtype=np.float32, copy=True))
+        return out
 
     def float_weight(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Linear weight `name` (a module path) as fp32 [out, in], dequantised from its GGUF type."""
