@@ -65,7 +65,7 @@ def collect(args) -> dict:
     from hybrid.planner import trace as traces
     from hybrid.planner.cost import local_machine
     from hybrid.planner.expect import expectations
-    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
     from hybrid.planner.units import parse_tokens
 
     measure = not args.no_measure
@@ -99,9 +99,7 @@ def collect(args) -> dict:
     except ImportError:
         report["torch"] = None
     try:
-        spec = load_model_spec(args.model)
-        if str(args.model).endswith(".gguf") and os.path.isfile(args.model):
-            spec = _gguf_spec(args.model, spec, report)
+        spec = model_spec_for(args.model, report)  # a GGUF's description goes in report["gguf"]
         trace = traces.load(args.trace, with_sequence=False) if args.trace else None
         context = parse_tokens(args.context, "--context")
         report["expect"] = expectations(spec, machine, trace, context)
@@ -109,18 +107,6 @@ def collect(args) -> dict:
         report["expect"] = {"error": str(e)}
     report["advice"] = advice(report)
     return report
-
-
-def _gguf_spec(path: str, spec, report: dict):
-    """The spec of a GGUF with its experts' real bytes as the CPU engine would hold them; the
-    file's description goes in report["gguf"]."""
-    import dataclasses
-
-    from hybrid.runtime.gguf_experts import describe_gguf
-
-    g = report["gguf"] = describe_gguf(path)
-    return dataclasses.replace(spec, model_id=os.path.basename(path), expert_format=g["expert_format"],
-                               stored_expert_bytes=g["bytes_per_expert"])
 
 
 def _render_gguf(con, g: dict) -> None:

@@ -78,7 +78,7 @@ def main(args) -> int:
 
     import hybrid
     from hybrid.planner import trace as traces
-    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
 
     if args.new_tokens < 0:
         print("error: --new-tokens must be >= 0", file=sys.stderr)
@@ -91,7 +91,7 @@ def main(args) -> int:
         if model.tokenizer is None:
             raise ValueError(f"{model.path}: no tokenizer found next to the checkpoint")
         prompts = read_prompts(args.prompts, model.tokenizer)
-        spec = load_model_spec(str(model.path))
+        spec = model_spec_for(str(model.path))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -193,3 +193,22 @@ def _spec_format(layers: list[dict]) -> str:
     if len(held) == 1 and next(iter(held)) in OUR_FORMAT_NAMES:
         return OUR_FORMAT_NAMES[next(iter(held))]
     return "gguf"
+
+
+def model_spec_for(model: str | None, describe: dict | None = None):
+    """The planner's ModelSpec of `model` (hybrid.models.spec.load_model_spec); for a GGUF file
+    with its routed experts' bytes as the CPU engine would hold them (describe_gguf), which
+    `describe`, when given, receives under "gguf"."""
+    import dataclasses
+    import os
+
+    from hybrid.models.spec import load_model_spec
+
+    spec = load_model_spec(model)
+    if model is None or not str(model).endswith(".gguf") or not os.path.isfile(model):
+        return spec
+    d = describe_gguf(model)
+    if describe is not None:
+        describe["gguf"] = d
+    return dataclasses.replace(spec, model_id=os.path.basename(model), expert_format=d["expert_format"],
+                               stored_expert_bytes=d["bytes_per_expert"])
