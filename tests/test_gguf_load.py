@@ -328,7 +328,7 @@ def test_packed_cache_next_to_the_file(tmp_path):
     """A re-packed layer is saved beside the GGUF and mmapped the next time; same logits."""
     from hybrid.runtime.build import build_model
 
-    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f16")  # F16 experts: re-packed as bf16
 
     def build():
         with warnings.catch_warnings():
@@ -343,7 +343,7 @@ def test_packed_cache_next_to_the_file(tmp_path):
 
     first = build()
     a = logits(first.network)
-    cached = sorted((g.parent / ".hybrid-cache").glob("tiny-q8_0.layer*.int8.*.packed"))
+    cached = sorted((g.parent / ".hybrid-cache").glob("tiny-f16.layer*.bf16.*.packed"))
     assert len(cached) == 2 and first.stats()["experts"]["quantised"] == 2
     second = build()
     assert second.stats()["experts"]["from_cache"] == 2
@@ -388,3 +388,21 @@ def test_kimi_tiktoken_vocabulary(tmp_path):
         assert got.encode(text) == want.encode(text)
         assert got.decode(got.encode(text)) == text
     assert (got.bos_id, got.eos_id) == (n_base, n_base + 1) and n_base + 2 in got.stop_token_ids
+
+
+def test_native_gguf_experts_equal_twin(tmp_path):
+    """Q8_0 experts in their own blocks on the CPU engine (when the kernels run Q8_0), fp32
+    activations (mode precise): the weights are exact, so the logits match the twin's reference
+    path to fp32 accumulation order (1e-4 on logits ~3)."""
+    from hybrid.runtime.build import build_model
+    from hybrid.runtime.gguf_experts import native_types
+
+    if "Q8_0" not in native_types():
+        pytest.skip("the CPU engine has no native Q8_0 kernel in this build")
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    twin = gguf_files.twin(g, ref, _cfg(ref), tmp_path)
+    built = build_model(g, "cpu", torch.float32, experts_backend="cpu", progress=False, split_threads=False)
+    assert built.stats()["experts"]["gguf_native"] == 2
+    got = _logits(g, experts_backend="cpu")
+    want = _logits(twin)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()

@@ -2,8 +2,9 @@
 
 A layer's experts are three stacked tensors (blk.i.ffn_{gate,up,down}_exps, [E, out, in] in a
 ggml block type). When every one's type is in hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (the
-types the engine runs in their own blocks) their raw blocks, mapped from the file, go to
-cpu_moe.PackedLayer.from_gguf unchanged. Otherwise each expert is dequantised (gguf.quants) and
+types the engine runs in their own blocks) and gate and up share one type, their raw blocks,
+mapped from the file, go to cpu_moe.PackedLayer.from_gguf(gate, up, down, gate_type, up_type,
+down_type), which repacks them losslessly. Otherwise each expert is dequantised (gguf.quants) and
 quantised again into one of the engine's own formats, with a warning saying so: the default
 keeps the bits class (F32/F16/BF16 -> bf16; 5 to 8 bit types -> int8 group 32; 4 bits and
 below -> int4 group 32), expert_format= overrides it. That second quantisation is lossy except
@@ -35,17 +36,20 @@ def fallback_format(type_name: str) -> str:
 
 
 def native_types() -> frozenset:
-    """The ggml types the CPU engine runs in their own blocks (empty until kernels declare some)."""
+    """Names of the ggml types the CPU engine runs in their own blocks (cpu_moe.GGUF_NATIVE_TYPES
+    holds gguf.GGMLQuantizationType members; empty where the kernels declare none)."""
     from hybrid.experts import cpu_moe
 
-    return frozenset(getattr(cpu_moe, "GGUF_NATIVE_TYPES", frozenset()))
+    return frozenset(getattr(t, "name", t) for t in getattr(cpu_moe, "GGUF_NATIVE_TYPES", frozenset()))
 
 
 def held_as(types, native: frozenset, expert_format: str | None = None) -> str:
-    """How a layer whose expert tensors have ggml `types` is held: "native" (every type has a
-    kernel, no format forced) or the format it is re-packed into (the most precise one any of its
+    """How a layer whose expert tensors have ggml `types` (gate, up, down) is held: "native"
+    (every type has a kernel, gate and up of one type as the kernels run them as one interleaved
+    matrix, no format forced) or the format it is re-packed into (the most precise one any of its
     projections needs, or expert_format)."""
-    if expert_format is None and all(ty in native for ty in types):
+    types = list(types)
+    if expert_format is None and all(ty in native for ty in types) and types[0] == types[1]:
         return "native"
     return expert_format or max((fallback_format(ty) for ty in types), key=("int4", "int8", "bf16").index)
 
@@ -56,10 +60,9 @@ def pack_gguf_layer(src, layer: int, E: int, H: int, I: int, how: str):
 
     tensors = src.expert_tensors(layer, E, H, I)  # {"gate_proj"|"up_proj"|"down_proj": GGUFTensor}
     if how == "native":
-        raw = {p: src.gguf.raw(t.name) for p, t in tensors.items()}  # [E, rows, row_bytes] mmap views
-        types = tuple(tensors[p].type_name for p in ("gate_proj", "up_proj", "down_proj"))
-        return cpu_moe.PackedLayer.from_gguf(raw["gate_proj"], raw["up_proj"], raw["down_proj"],
-                                             types=types, hidden=H, intermediate=I)
+        order = ("gate_proj", "up_proj", "down_proj")
+        raw = [src.gguf.raw(tensors[p].name) for p in order]  # [E, rows, row_bytes] views of the mapping
+        return cpu_moe.PackedLayer.from_gguf(*raw, *(tensors[p].type_id for p in order))
     g = src.gguf
 
     def expert(proj: str):  # read-on-demand: one expert dequantised at a time
@@ -71,8 +74,8 @@ def pack_gguf_layer(src, layer: int, E: int, H: int, I: int, how: str):
 
 class GGUFExpertLoader(ExpertLoader):
     """ExpertLoader for a GGUF source: the CPU backend's layers come from pack_gguf_layer; with
-    packed_cache a re-packed layer is saved next to the file (`.hybrid-cache/`) and mmapped the
-    next time (re-packing a real file takes minutes)."""
+    packed_cache a packed layer (blocks repacked into the kernel layout, or re-quantised) is saved
+    next to the file (`.hybrid-cache/`) and mmapped the next time (packing a real file takes minutes)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -86,7 +89,7 @@ class GGUFExpertLoader(ExpertLoader):
         how = held_as(types.values(), native_types(), self.expert_format)
         if how != "native" and self.expert_format is None:
             self._warn_fallback(tensors["gate_proj"].file, layer, types, how)
-        cache = self._gguf_cache_path(src, layer, how) if self.packed_cache and how != "native" else None
+        cache = self._gguf_cache_path(src, layer, how) if self.packed_cache else None
         if cache is not None and cache.is_file():
             self.stats["from_cache"] += 1
             packed = cpu_moe.PackedLayer.load(str(cache))
@@ -105,9 +108,10 @@ class GGUFExpertLoader(ExpertLoader):
         if (names, fmt) in self._warned:  # once per combination, not once per layer
             return
         self._warned.add((names, fmt))
-        warnings.warn(f"{file}: routed experts ({names}, layer {layer} and others like it) are not in "
-                      "hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES (no native kernel): dequantised and "
-                      f"re-quantised to the CPU engine's {fmt} format"
+        native = ", ".join(sorted(native_types())) or "none"
+        warnings.warn(f"{file}: routed experts ({names}, layer {layer} and others like it) have no native CPU "
+                      f"kernel (hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES: {native}; gate and up must share one "
+                      f"type): dequantised and re-quantised to the CPU engine's {fmt} format"
                       + ("" if fmt == "bf16" else " (lossy: a second rounding on top of the GGUF's)"),
                       stacklevel=4)
 
