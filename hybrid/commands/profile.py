@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="record a routing trace by running prompts",
                               description=__doc__.split("\n\n", 1)[0])
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+                   help="checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     p.add_argument("--out", default="trace.safetensors", help="trace file to write")
     p.add_argument("--new-tokens", type=int, default=64,
