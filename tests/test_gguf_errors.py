@@ -187,3 +187,16 @@ def test_unknown_pre_tokenizer(good, tmp_path):
 def test_not_a_file(tmp_path):
     with pytest.raises(GGUFError, match="no such GGUF file"):
         GGUFFile(tmp_path / "nothing.gguf")
+
+
+def test_type_without_a_dequantiser_names_the_tensor(good, tmp_path):
+    import numpy as np
+
+    def as_i8(items):  # a norm stored as ggml I8: a known type nothing here can turn into floats
+        return [(n, np.zeros((64,), dtype=np.uint8) if n == "blk.0.attn_norm.weight" else t,
+                 gguf.GGMLQuantizationType.I8 if n == "blk.0.attn_norm.weight" else ty) for n, t, ty in items]
+
+    bad = gguf_files.rewrite(good, tmp_path / "i8.gguf", tensors=as_i8)
+    with pytest.raises(GGUFError, match=r"tensor blk.0.attn_norm.weight is I8, which the gguf package cannot "
+                                        "dequantise"):
+        _load(bad)

@@ -406,3 +406,13 @@ def test_native_gguf_experts_equal_twin(tmp_path):
     got = _logits(g, experts_backend="cpu")
     want = _logits(twin)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_device_weights_int8_from_gguf_equal_twin(tmp_path):
+    """Non-expert GGUF tensors dequantised once, then to the device format asked for (int8 per row
+    here): the same as the twin's floats converted the same way."""
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    twin = gguf_files.twin(g, ref, _cfg(ref), tmp_path)
+    fmts = {k: "int8" for k in ("attention", "shared", "dense", "lm_head")}
+    got, want = _logits(g, device_formats=fmts), _logits(twin, device_formats=fmts)
+    assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()

@@ -299,12 +299,13 @@ class GGUFFile:
     def values(self, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
         """Tensor `name` (or entries first..first+count along dim 0) dequantised to fp32 in torch
         order, by the gguf package's own dequantiser (a new array)."""
+        from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
         t = self.info(name)
         raw = self.raw(name, first, count)
         try:
-            out = dequantize(raw, t.type_id)
+            out = dequantize(raw, GGMLQuantizationType(t.type_id))
         except NotImplementedError:
             raise GGUFError(f"{t.file}: tensor {name} is {t.type_name}, which the gguf package cannot "
                             "dequantise") from None
