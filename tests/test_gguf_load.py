@@ -58,16 +58,18 @@ def test_deepseek2_logits_equal_safetensors_twin(tmp_path, out):
 def test_config_from_metadata_equals_config_json(tmp_path):
     from hybrid.models import config_from_dir
 
-    g, ckpt, _ = gguf_files.deepseek2_gguf(tmp_path, "f32", rope_parameters=dict(checkpoints.YARN, mscale_all_dim=1.0))
+    yarn = dict(checkpoints.YARN, mscale_all_dim=1.0, beta_fast=16.0, beta_slow=2.0)  # not the defaults
+    g, ckpt, _ = gguf_files.deepseek2_gguf(tmp_path, "f32", rope_parameters=yarn)
     a, b = dataclasses.asdict(config_from_dir(g)), dataclasses.asdict(config_from_dir(ckpt))
     a.pop("extra"), b.pop("extra")
     # The converter writes no yarn attention_factor / truncate: both default the same way.
     assert a == b
-    assert a["rope"]["beta_fast"] == 32.0 and a["rope"]["beta_slow"] == 1.0  # read, not ignored
+    assert a["rope"]["beta_fast"] == 16.0 and a["rope"]["beta_slow"] == 2.0  # read, not ignored
 
 
 def test_yarn_logits(tmp_path):
-    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", rope_parameters=dict(checkpoints.YARN, mscale_all_dim=1.0))
+    yarn = dict(checkpoints.YARN, mscale_all_dim=1.0, beta_fast=16.0, beta_slow=2.0)
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", rope_parameters=yarn)
     twin = gguf_files.twin(g, ref, _cfg(ref), tmp_path)
     assert torch.allclose(_logits(g), _logits(twin), atol=ATOL, rtol=0)
 
