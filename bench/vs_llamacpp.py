@@ -3,8 +3,12 @@
     python bench/vs_llamacpp.py --demo                       # the embedded demo model
     python bench/vs_llamacpp.py --synthetic /tmp/k25-2l-32e  # 2-layer K2.5-width, 32 experts
     python bench/vs_llamacpp.py --model DIR                  # any checkpoint hybrid loads
+    python bench/vs_llamacpp.py --gguf FILE.gguf             # both runtimes read the same GGUF file
 
-For each model: the checkpoint is written as GGUF with `hybrid convert` (cached under
+With --gguf both runtimes load that one file (hybrid through its GGUF loader: non-expert tensors
+dequantised to its device format, routed experts in their blocks where the CPU engine has the
+type, else re-packed; the load prints which), so the comparison is on the very same bits.
+Otherwise, for each model: the checkpoint is written as GGUF with `hybrid convert` (cached under
 --gguf-dir, default $TMPDIR/hybrid-gguf), then each runtime in turn (one at a time: RAM) runs
   prefill  the prompt in one batch, logits for every position (both runtimes compute all)
   decode   --decode steps of one token; the tokens are hybrid's greedy choices, fed to
@@ -27,6 +31,15 @@ Measured converter check (fp32 hybrid vs f32 GGUF in llama.cpp, max |log-softmax
 0.0024; tiny INT4 test checkpoint with experts as f32 0.0017 (YaRN factor 8: 0.0023), with
 experts as Q4_0 0.35 (median 0.018) -- the Q4_0 blocks are exact (tests/test_convert_gguf.py);
 the difference is llama.cpp quantising activations to Q8_0 for its Q4_0 dot products.
+
+Measured with --gguf on this machine (2 threads, 64-token random-id prompt, 16 decode steps,
+demo model written by `hybrid convert`): f32 file with --fp32, top-1 agreement 1.0 prompt and
+decode, max |log-softmax diff| 0.0056 / 0.0103 (the loader reads the same values llama.cpp does);
+bf16 and q8_0 files in hybrid's bf16 mode: top-1 0.94 / 0.88, max diff 2.0 / 3.2, the same size
+as the safetensors --demo run in bf16 (1.3), i.e. bf16 activations, not the file. With the
+native Q4_0 / Q8_0 expert kernels (gguf-kernels, in a throwaway merge): Q4_0 experts + f32 rest
+with --fp32, top-1 1.0 / 1.0, max diff 0.098 / 0.83 (llama.cpp quantises activations to Q8_0 in
+its Q4_0 matmul); an all-Q8_0 file 0.94 / 0.69, 3.5 / 2.4 (the same, in every matmul).
 
 YaRN: llama.cpp's deepseek2 loader ignores the GGUF's beta_fast/beta_slow and uses 32/1, so the
 config's values are passed to llama.cpp explicitly.
@@ -196,7 +209,10 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
     from hybrid.models import config_from_dir
 
     cfg = config_from_dir(ckpt)
-    path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None, args.expert_type)
+    if ckpt.suffix == ".gguf":  # --gguf: hybrid reads the file itself
+        path = ckpt
+    else:
+        path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None, args.expert_type)
     if name == "demo":  # a trained model: real text, so top-1 agreement means something
         from hybrid.tokenizer import load_tokenizer
 
@@ -207,7 +223,7 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
-    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32",
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32" or args.fp32,
                    torch_threads=args.torch_threads)
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
     lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp)
@@ -241,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--demo", action="store_true", help="bench the embedded demo model (hybrid.load(None))")
     ap.add_argument("--synthetic", metavar="DIR", help="write (if absent) and bench the 2-layer K2.5-width model")
     ap.add_argument("--model", metavar="DIR", help="bench this checkpoint directory")
+    ap.add_argument("--gguf", metavar="FILE", action="append", default=[],
+                    help="bench this GGUF file (the first of a split set) in both runtimes (repeatable)")
+    ap.add_argument("--fp32", action="store_true", help="run hybrid in fp32 (the reference path)")
     ap.add_argument("--experts", type=int, default=32, help="routed experts of the synthetic model (K2.5: 384)")
     ap.add_argument("--vocab", type=int, default=32768, help="synthetic vocabulary")
     ap.add_argument("--type", choices=("f32", "f16", "bf16", "q8_0"), default="bf16",
@@ -274,8 +293,10 @@ def main(argv=None) -> int:
         todo.append((f"k25w-2L-{args.experts}e", synthetic_checkpoint(Path(args.synthetic), args.experts, args.vocab)))
     if args.model:
         todo.append((Path(args.model).name, Path(args.model)))
+    for f in args.gguf:
+        todo.append((Path(f).name.removesuffix(".gguf"), Path(f)))
     if not todo:
-        ap.error("give --demo, --synthetic DIR and/or --model DIR")
+        ap.error("give --demo, --synthetic DIR, --model DIR and/or --gguf FILE")
     rows = [bench_model(name, path, args) for name, path in todo]
     if args.json:
         for r in rows:

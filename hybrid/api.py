@@ -28,7 +28,8 @@ def _default_device() -> torch.device:
 def load(path=None, device=None, dtype=None, **options) -> "Model":
     """Load a checkpoint directory and return a Model.
 
-    path: checkpoint directory (config.json + safetensors); None = the embedded demo model.
+    path: checkpoint directory (config.json + safetensors), or a .gguf file (the first file of a
+          split set: the others are found beside it); None = the embedded demo model.
     device: where attention/router/dense/shared/LM head run (default: cuda if present, else cpu).
     dtype: device compute dtype, torch.bfloat16 (default) or torch.float32 (reference path).
     options:
@@ -75,8 +76,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
             raise FileNotFoundError(f"no embedded demo model at {DEMO_DIR}; pass a checkpoint directory")
         path = DEMO_DIR
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir() and not (path.suffix == ".gguf" and path.is_file()):
+        raise FileNotFoundError(f"checkpoint directory (or .gguf file) {path} does not exist")
     device = torch.device(device) if device is not None else _default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested, but torch sees no CUDA GPU")
@@ -128,7 +129,12 @@ def _native_available() -> bool:
 
 
 def _tokenizer(path: Path):
-    """The engine's tokenizer when the checkpoint ships one (tiktoken.model or tokenizer.json)."""
+    """The engine's tokenizer when the checkpoint ships one (tiktoken.model or tokenizer.json,
+    or a GGUF's tokenizer.ggml.* metadata)."""
+    if path.suffix == ".gguf" and path.is_file():
+        from hybrid.tokenizer_gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
     if not any((path / n).is_file() for n in ("tiktoken.model", "tokenizer.json")):
         return None
     from hybrid.tokenizer import load_tokenizer

@@ -193,8 +193,18 @@ class ModelConfig:
 
 def read_config_json(path: str | Path) -> tuple[dict, str]:
     """(config.json of a checkpoint directory, or that file itself, as a dict; its path as
-    text), or ConfigError."""
+    text), or ConfigError. A .gguf file (or the first of a split set) gives the config.json its
+    metadata describes (hybrid/loaders/gguf_config.py)."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from hybrid.loaders.gguf_config import config_dict
+        from hybrid.loaders.gguf_file import GGUFFile
+
+        g = GGUFFile(path)  # GGUFError (a ValueError) names the file and what is wrong
+        try:
+            return config_dict(g), f"{path} (GGUF metadata)"
+        finally:
+            g.close()
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ConfigError(f"{cfg_file}: no config.json in checkpoint directory {path}")

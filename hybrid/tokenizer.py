@@ -44,6 +44,20 @@ MAX_RUN_CHARS = 25_000
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>")
 
 
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible table: printable latin-1 bytes map to themselves, the other 68 bytes to
+    code points from 256 up, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

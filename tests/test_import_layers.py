@@ -20,7 +20,7 @@ LAYERS = [
     (3, {"ops"}),
     (4, {"experts"}),
     (5, {"models"}),
-    (6, {"engine", "tokenizer", "chat_template", "toolcalls"}),
+    (6, {"engine", "tokenizer", "tokenizer_gguf", "chat_template", "toolcalls"}),
     (7, {"runtime", "api"}),
     (8, {"cli", "commands", "chat", "serve", "convert", "__main__", "__init__", "demo_model"}),
 ]

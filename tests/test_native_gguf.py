@@ -353,10 +353,12 @@ def test_version_1_layer_file_opens(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_gguf_experts_are_refused_by_the_gpu_expert_cache():
+def test_gguf_experts_reach_the_gpu_expert_cache_dequantised():
     """The device cache reads int4/int8/bf16 bytes bit for bit; a Q4_0 layer shares INT4's byte
-    layout but not its scales (fp16, not bf16), so reading it there would be silently wrong."""
-    (g, u, d), _ = gguf_experts(np.random.default_rng(0), QT.Q4_0, QT.Q8_0)
+    layout but not its scales (fp16, not bf16), so it gets the exact dequantised values instead."""
+    (g, u, d), deq = gguf_experts(np.random.default_rng(0), QT.Q4_0, QT.Q8_0)
     layer = PackedLayer.from_gguf(g, u, d, QT.Q4_0, QT.Q4_0, QT.Q8_0)
-    with pytest.raises(ValueError, match="q4_0.*cannot be held in the GPU expert cache"):
-        layer.compact_expert(0)
+    c = layer.compact_expert(1)
+    assert c.format == "dense"
+    for got, want in zip((c.gate.q, c.up.q, c.down.q), deq[1]):
+        np.testing.assert_array_equal(got.numpy(), want.astype(np.float32))

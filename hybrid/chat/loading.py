@@ -21,11 +21,12 @@ def load_model_or_explain(path: str | None, prog: str, **options):
     import os
 
     what = describe(path)
-    if path is not None and not os.path.isdir(path):
+    gguf = path is not None and str(path).endswith(".gguf") and os.path.isfile(path)
+    if path is not None and not os.path.isdir(path) and not gguf:
         # Said before importing torch and the model code, which takes seconds.
         why = "not a directory" if os.path.exists(path) else "no such directory"
-        print(f"{prog}: cannot load {path}: {why} (a checkpoint is a directory with config.json)",
-              file=sys.stderr)
+        print(f"{prog}: cannot load {path}: {why} (a checkpoint is a directory with config.json, "
+              "or a .gguf file)", file=sys.stderr)
         return None
     import hybrid
 

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                     "Ctrl-C stops an answer, Ctrl-D quits.",
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+                   help="checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--mode", choices=("instant", "thinking"), default=None,
                    help="start in this mode (default: the model's own, as its chat template says; "
                         "the demo model's is thinking; /mode switches)")

@@ -2,7 +2,7 @@
 
 One screen: CPU, ISA paths (supported and chosen), cores, NUMA, RAM, transparent huge pages,
 GPUs and free VRAM, disk space where the model lives; measured RAM read bandwidth and expert
-kernel throughput (a few seconds); for MODEL (a checkpoint directory, or the built-in
+kernel throughput (a few seconds); for MODEL (a checkpoint directory, a GGUF file, or the built-in
 "kimi-k2.5"; default kimi-k2.5) whether it fits in RAM and VRAM and the expected decode and
 prefill speed with no GPU expert cache and with the best plan for the VRAM found.
 """
@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="check this machine and what speed to expect",
                               description=__doc__.split("\n\n", 1)[0])
     p.add_argument("model", nargs="?", default="kimi-k2.5",
-                   help="checkpoint directory or built-in 'kimi-k2.5' (default)")
+                   help="checkpoint directory, a .gguf file (the first of a split set), or built-in "
+                        "'kimi-k2.5' (default)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--no-measure", action="store_true",
                    help="skip the bandwidth and kernel measurements (instant)")
@@ -64,7 +65,7 @@ def collect(args) -> dict:
     from hybrid.planner import trace as traces
     from hybrid.planner.cost import local_machine
     from hybrid.planner.expect import expectations
-    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
     from hybrid.planner.units import parse_tokens
 
     measure = not args.no_measure
@@ -98,7 +99,7 @@ def collect(args) -> dict:
     except ImportError:
         report["torch"] = None
     try:
-        spec = load_model_spec(args.model)
+        spec = model_spec_for(args.model, report)  # a GGUF's description goes in report["gguf"]
         trace = traces.load(args.trace, with_sequence=False) if args.trace else None
         context = parse_tokens(args.context, "--context")
         report["expect"] = expectations(spec, machine, trace, context)
@@ -106,6 +107,31 @@ def collect(args) -> dict:
         report["expect"] = {"error": str(e)}
     report["advice"] = advice(report)
     return report
+
+
+def _render_gguf(con, g: dict) -> None:
+    from hybrid.planner.units import fmt_bytes
+
+    files = g["files"]
+    where = files[0]["path"] + (f" (+{len(files) - 1} more files of its split set)" if len(files) > 1 else "")
+    con.print(f"\n[bold]GGUF[/bold] {where}: {g['architecture']} ({g['model_type']})"
+              + (f", '{g['name']}'" if g.get("name") else "")
+              + f", {g['tensors']} tensors, {fmt_bytes(g['file_bytes'])}")
+    for label, key in (("routed experts", "routed_expert_types"), ("everything else", "other_types")):
+        parts = ", ".join(f"{t} {fmt_bytes(d['bytes'])} ({d['tensors']})" for t, d in g[key].items())
+        con.print(f"  {label}: {parts}")
+    held: dict[str, int] = {}
+    for x in g["expert_layers"]:
+        held[x["held_as"]] = held.get(x["held_as"], 0) + 1
+    how = ", ".join(f"{n} layer(s) {'in their own blocks' if h == 'native' else 're-packed as ' + h}"
+                    for h, n in held.items())
+    con.print(f"  CPU engine: {how}; routed experts in RAM {fmt_bytes(g['routed_ram_bytes'])}; "
+              f"non-expert tensors dequantised once to the device format "
+              f"(file {fmt_bytes(g['other_file_bytes'])})")
+    if any(h != "native" for h in held):
+        con.print("  [yellow]note:[/yellow] types without a native kernel "
+                  f"(native: {', '.join(g['native_types']) or 'none yet'}) are dequantised and "
+                  "re-quantised at load (lossy except float -> bf16)")
 
 
 def advice(r: dict) -> list:
@@ -188,6 +214,8 @@ def render(r: dict) -> None:
         t.add_row("measured", "skipped (--no-measure)")
     con.print(t)
 
+    if r.get("gguf"):
+        _render_gguf(con, r["gguf"])
     e = r.get("expect", {})
     if "error" in e:
         con.print(f"[red]model:[/red] {e['error']}")

@@ -61,12 +61,12 @@ def main(args) -> int:
     from hybrid.planner import simulate
     from hybrid.planner import trace as traces
     from hybrid.planner.cost import CostModel, machine_from_arg
-    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
     from hybrid.planner.units import parse_bytes, parse_tokens
 
     con = Console()
     try:
-        model = load_model_spec(args.model)
+        model = model_spec_for(args.model)
         vram = parse_bytes(args.vram, "--vram") if args.vram else None
         context = parse_tokens(args.context, "--context")
         decode_at = parse_tokens(args.decode_at, "--decode-at")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="record a routing trace by running prompts",
                               description=__doc__.split("\n\n", 1)[0])
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+                   help="checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--prompts", required=True, help="prompt file (.txt or .jsonl)")
     p.add_argument("--out", default="trace.safetensors", help="trace file to write")
     p.add_argument("--new-tokens", type=int, default=64,
@@ -78,7 +78,7 @@ def main(args) -> int:
 
     import hybrid
     from hybrid.planner import trace as traces
-    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
 
     if args.new_tokens < 0:
         print("error: --new-tokens must be >= 0", file=sys.stderr)
@@ -91,7 +91,7 @@ def main(args) -> int:
         if model.tokenizer is None:
             raise ValueError(f"{model.path}: no tokenizer found next to the checkpoint")
         prompts = read_prompts(args.prompts, model.tokenizer)
-        spec = load_model_spec(str(model.path))
+        spec = model_spec_for(str(model.path))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         description="Stream a model's continuation of --prompt to stdout (status goes to stderr).",
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+                   help="checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--prompt", "-p", default=None,
                    help="prompt text; '-' or omitted with piped input reads stdin")
     p.add_argument("-n", "--max-tokens", type=int, default=128, dest="max_tokens",

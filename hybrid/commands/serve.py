@@ -18,14 +18,14 @@ def register(subparsers) -> None:
                     "Binds 127.0.0.1 unless --host says otherwise.",
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory (default: the embedded demo model)")
+                   help="checkpoint directory or .gguf file (default: the embedded demo model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
                    help="require this key on every route but /health (default: $HYBRID_API_KEY)")
     p.add_argument("--model-name", default=None,
-                   help="the model id clients send and /v1/models lists (default: the directory name)")
+                   help="the model id clients send and /v1/models lists (default: the directory or GGUF file name)")
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-queued", type=int, default=256,
                    help="requests allowed to wait for a slot; more get 429 (default 256)")
@@ -55,12 +55,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def _model_name(path: str) -> str:
+    """The directory's name, or a GGUF file's without .gguf and a split set's -00001-of-0000N."""
+    import re
+
+    name = os.path.basename(os.path.normpath(path))
+    return re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", name)
+
+
 def build_config(args):
     from hybrid.serve.config import ServeConfig
 
     name = args.model_name
     if name is None:
-        name = os.path.basename(os.path.normpath(args.model)) if args.model else "hybrid-demo"
+        name = _model_name(args.model) if args.model else "hybrid-demo"
     cfg = ServeConfig(host=args.host, port=args.port,
                       api_key=args.api_key if args.api_key is not None else os.environ.get("HYBRID_API_KEY") or None,
                       model_name=name, max_running=args.max_running, max_queued=args.max_queued,

@@ -26,6 +26,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid.tokenizer import byte_to_unicode  # noqa: F401  (re-exported: tests import it from here)
+
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
@@ -44,20 +46,6 @@ class GGUFVocab:
     add_bos: bool = False
     chat_template: str | None = None
     special: dict[str, int] = field(default_factory=dict)
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible table: printable latin-1 bytes map to themselves, the other 68 bytes to
-    code points from 256 up, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def _spell(token: bytes, table: dict[int, str]) -> str:

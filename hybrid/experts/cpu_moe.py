@@ -29,7 +29,7 @@ from hybrid.experts.executor import Capabilities
 
 FORMATS = ("int4", "int8", "bf16")  # from_float's formats
 # The formats whose bytes the GPU expert cache (device_layout.compact_from_packed) reads bit for
-# bit; GGUF formats run on the CPU only (their scales are fp16 / sub-block tables).
+# bit; it holds GGUF formats' experts dequantised (their scales are fp16 / sub-block tables).
 DEVICE_CACHEABLE_FORMATS = FORMATS
 # GGUF block types the native kernels run in their own bits (csrc/core/kernels.h), by ggml's type
 # name; the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the same
@@ -236,13 +236,13 @@ class PackedLayer:
         """Expert e in its own bits (hybrid.experts.device_layout.CompactExpert): int4/int8 q
         and bf16 scales, or bf16 weights ("dense"), read from the packed layout without loss;
         its tensors on `device` (the packed bytes go there once and are unpacked there)."""
-        from hybrid.experts.device_layout import compact_from_packed  # noqa: PLC0415
+        from hybrid.experts.device_layout import CompactExpert, compact_from_packed  # noqa: PLC0415
 
         fmts = {self.format, self.up_format, self.down_format}
         if len(fmts) != 1 or self.format not in DEVICE_CACHEABLE_FORMATS:
-            raise ValueError(f"{self!r}: experts in {'+'.join(sorted(fmts))} cannot be held in the GPU "
-                             f"expert cache yet (it takes {', '.join(DEVICE_CACHEABLE_FORMATS)}); run "
-                             "them on the CPU (no --profile) or repack the layer")
+            # GGUF blocks (fp16 scales, sub-block tables): the cache holds their exact dequantised
+            # values as dense weights (in the compute dtype), as the planner counts them (bf16).
+            return CompactExpert.dense(*(t.to(device) for t in self.unpack_expert(e)))
         arrays = self._h.expert_arrays(int(e))
         return compact_from_packed(self.format, arrays, self.hidden, self.intermediate, device)
 

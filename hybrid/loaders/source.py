@@ -28,6 +28,14 @@ class WeightSource:
     def _name(self, name: str) -> str:
         return self.prefix + name
 
+    def file_of(self, name: str):
+        """The file holding tensor `name` (for error messages)."""
+        return self.files.file_of(self._name(name))
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float tensor stored as is (norms, router, biases, embedding), checked against `shape`."""
+        return self.files.get(self._name(name), shape, FLOAT_DTYPES)
+
     def float_weight(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """`name` (a module path, without `.weight`) as a float tensor in its stored precision
         (fp32 after undoing FP8 / INT4), checked against `shape`."""
@@ -77,19 +85,18 @@ class WeightSource:
         w = self.float_weight(name, shape)
         b = None
         if bias:
-            b = self.files.get(self._name(f"{name}.bias"), (shape[0],), FLOAT_DTYPES)
-            b = b.to(self.device, self.dtype)
+            b = self.tensor(f"{name}.bias", (shape[0],)).to(self.device, self.dtype)
         if fmt == "dense":
             return w.to(self.device, self.dtype), b, None
         qw, scale = quantize_rows(w, fmt)
         return qw.to(self.device), b, scale.to(self.device)
 
     def norm(self, name: str, size: int) -> torch.Tensor:
-        return self.files.get(self._name(name), (size,), FLOAT_DTYPES).to(self.device, self.dtype)
+        return self.tensor(name, (size,)).to(self.device, self.dtype)
 
     def fp32(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.files.get(self._name(name), shape, FLOAT_DTYPES).to(self.device, torch.float32)
+        return self.tensor(name, shape).to(self.device, torch.float32)
 
     def embedding(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
         # Host memory, compute dtype: each step gathers T rows and sends only those.
-        return self.files.get(self._name(name), shape, FLOAT_DTYPES).to(self.dtype)
+        return self.tensor(name, shape).to(self.dtype)

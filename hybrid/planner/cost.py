@@ -296,7 +296,10 @@ class CostModel:
 
     def __post_init__(self):
         if self.gpu_expert_format is None:
-            self.gpu_expert_format = self.model.expert_format
+            fmt = self.model.expert_format
+            # GGUF block types ("gguf"): the cache holds those experts dequantised, in bf16
+            # (PackedLayer.compact_expert); the formats below it holds in their own bits.
+            self.gpu_expert_format = fmt if fmt in ("int4_g32", "int8_g32", "bf16", "fp32") else "bf16"
 
     @property
     def cpu_expert_bytes(self) -> int:

@@ -58,6 +58,9 @@ class ModelSpec:
     vocab_size: int = 0
     tie_word_embeddings: bool = False
     expert_format: str = "int4_g32"   # format the CPU experts are stored in
+    # Bytes of one routed expert as the CPU holds it when that is not one of our formats (a GGUF's
+    # own block types, e.g. Q2_K, averaged over layers); 0: counted from expert_format.
+    stored_expert_bytes: int = 0
     config_hash: str = ""
     # The architecture's ModelFacts (hybrid/models/facts.py): the device-memory budget is counted
     # from them by the one accounting hybrid.load uses too (device_memory.py), so they agree.
@@ -118,6 +121,8 @@ class ModelSpec:
 
     def expert_bytes(self, fmt: str | None = None) -> int:
         """Exact bytes of one routed expert (3 matrices) in `fmt` (default: storage format)."""
+        if fmt is None and self.stored_expert_bytes:
+            return self.stored_expert_bytes
         fmt = fmt or self.expert_format
         h, i = self.hidden, self.expert_intermediate
         return 2 * expert_format_bytes(fmt, i, h) + expert_format_bytes(fmt, h, i)

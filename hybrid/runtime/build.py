@@ -1,4 +1,4 @@
-"""The one builder: a checkpoint directory -> a ready network with its expert executors,
+"""The one builder: a checkpoint directory (or a GGUF file) -> a ready network with its expert executors,
 placement and online policy (DESIGN.md "Layers of the code": runtime).
 
     built = build_model(path, device, dtype, experts_backend="cpu", ...)
@@ -40,6 +40,8 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 split_threads: bool = True, images_enabled: bool = True,
                 defer_experts: int = 0) -> Built:
     """See hybrid.api.load for what the options mean."""
+    from hybrid.loaders.gguf_file import GGUFFile, is_gguf_path
+    from hybrid.loaders.gguf_source import GGUFSource
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
     from hybrid.models import config_from_dir, model_class
@@ -47,6 +49,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     from hybrid.runtime import placement
     from hybrid.runtime.context import BuildContext
     from hybrid.runtime.expert_factory import ExpertLoader
+    from hybrid.runtime.gguf_experts import GGUFExpertLoader
     from hybrid.runtime.memory import check_fits, itemsize
     from hybrid.runtime.threads import split_threads as split
 
@@ -67,8 +70,10 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         placer = placement.online_placer(prof, spec, online)
         # What the planner counted (its gpu_expert_format); the built caches are checked below.
         gpu_expert_bytes = prof.num_cached * prof.bytes_per_expert
-    files = SafetensorsFiles(path)
-    vision_cfg = _vision_config(path, config, files) if images_enabled else None
+    gguf = is_gguf_path(path)  # a .gguf file (or the first of a split set): mapped, sizes checked
+    files = GGUFFile(path) if gguf else SafetensorsFiles(path)
+    # A GGUF holds the text model only (llama.cpp keeps a vision tower in its own mmproj file).
+    vision_cfg = _vision_config(path, config, files) if images_enabled and not gguf else None
     vision_bytes = 0
     if vision_cfg is not None:
         from hybrid.models.moonvit import MoonViT
@@ -80,14 +85,20 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     if experts_backend == "cpu" and split_threads:
         split(device, threads)
 
-    files.file_sizes_ok()
     ops = select_ops(device, dtype, device_ops)
     # With no GPU the Python thread only waits while the experts run: it computes a share
     # (CpuMoE caller=), and split_threads gives the pool one worker fewer.
-    experts = ExpertLoader(experts_backend, expert_format, threads=threads,
-                           mode=mode or ("precise" if dtype == torch.float32 else "fast"),
-                           packed_cache=packed_cache, checkpoint_dir=path, caller=device.type == "cpu")
-    ctx = BuildContext(WeightSource(config, files, device, dtype), ops, experts, device_formats)
+    expert_kw = dict(threads=threads, mode=mode or ("precise" if dtype == torch.float32 else "fast"),
+                     caller=device.type == "cpu")
+    if gguf:
+        source = GGUFSource(config, files, device, dtype)
+        experts = GGUFExpertLoader(experts_backend, expert_format, packed_cache=packed_cache, **expert_kw)
+    else:
+        files.file_sizes_ok()
+        source = WeightSource(config, files, device, dtype)
+        experts = ExpertLoader(experts_backend, expert_format, packed_cache=packed_cache, checkpoint_dir=path,
+                               **expert_kw)
+    ctx = BuildContext(source, ops, experts, device_formats)
     bar = None
     if progress:
         from tqdm import tqdm

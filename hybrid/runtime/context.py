@@ -74,7 +74,7 @@ class BuildContext:
         for role, t in tensors.items():  # a NaN here would send every token to arbitrary experts
             if not bool(torch.isfinite(t).all()):
                 full = self.source.prefix + names[role]
-                raise CheckpointError(f"{self.source.files.file_of(full)}: tensor {full} holds NaN or Inf")
+                raise CheckpointError(f"{self.source.file_of(names[role])}: tensor {full} holds NaN or Inf")
         router = Router(rule, tensors, lib=self.ops.native_lib())
         host = self.experts.layer(self.source, layer, prefix, E, H, self.source.config.moe_intermediate_size)
         return MoELayer(layer, router, host, shared, staging=staging_for(self.device, host.capabilities().device))
