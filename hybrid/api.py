@@ -129,8 +129,13 @@ class Model:
         self._built = built
         self._engine = None
 
-    def make_cache(self, num_slots: int = 1, max_len: int | None = None):
-        return self.network.make_cache(num_slots, max_len or self.max_len)
+    def make_cache(self, num_slots: int = 1, max_len: int | None = None, num_blocks: int | None = None,
+                   block_size: int | None = None):
+        """A slot cache, or with num_blocks and block_size a paged one (see kv_paged())."""
+        return self.network.make_cache(num_slots, max_len or self.max_len, num_blocks, block_size)
+
+    def kv_paged(self) -> bool:
+        return self.network.kv_paged()
 
     def kv_bytes_per_token(self) -> int:
         return self.network.kv_bytes_per_token()
