@@ -34,6 +34,12 @@ def register(subparsers) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="prompt + completion limit per sequence (default: the model's, at most 4096 "
                         "here since the KV cache is sized from it)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="size of the paged KV cache in blocks (default: --max-running whole contexts); "
+                        "requests sharing a prompt prefix share its blocks, so with shared prompts "
+                        "--max-running can be raised at the same memory")
+    p.add_argument("--kv-block-size", type=int, default=16,
+                   help="tokens per KV block (default 16; 0: one whole-context slot per sequence)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MB (default 4)")
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
@@ -56,7 +62,8 @@ def build_config(args):
                       model_name=name, max_running=args.max_running, max_queued=args.max_queued,
                       max_tokens=args.max_tokens, context_length=args.context_length,
                       max_body_bytes=int(args.max_body_mb * 1024 * 1024), log_requests=args.log_requests,
-                      shutdown_grace=args.shutdown_grace)
+                      shutdown_grace=args.shutdown_grace, kv_blocks=args.kv_blocks,
+                      kv_block_size=args.kv_block_size)
     cfg.validate()
     return cfg
 
@@ -86,7 +93,8 @@ def build_backend(model, cfg):
     from hybrid.serve.backend import Backend
     from hybrid.serve.metrics import Metrics
 
-    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length)
+    engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length,
+                    block_size=cfg.kv_block_size or None, kv_blocks=cfg.kv_blocks)
     return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model)
 
 

@@ -17,6 +17,8 @@ class ServeConfig:
     context_length: int | None = None  # None: the model's own (config.max_position_embeddings)
     max_body_bytes: int = 4 * 1024 * 1024  # request bodies larger than this -> 413
     log_requests: bool = False
+    kv_blocks: int | None = None  # paged KV cache size in blocks; None: max_running whole contexts
+    kv_block_size: int = 16  # tokens per KV block; 0: a whole-context slot per sequence
     shutdown_grace: float = 30.0  # seconds running requests may go on after SIGTERM; then each
     #                               ends with a final error event (hybrid.serve.server)
 
@@ -31,6 +33,10 @@ class ServeConfig:
                 bad(field, getattr(self, field), "must be >= 1")
         if not 0 <= self.shutdown_grace <= 24 * 3600:
             bad("shutdown_grace", self.shutdown_grace, "must be between 0 and 86400 seconds")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            bad("kv_blocks", self.kv_blocks, "must be >= 1")
+        if self.kv_block_size < 0:
+            bad("kv_block_size", self.kv_block_size, "must be >= 0 (0: no paging)")
         if self.max_queued < 0:
             bad("max_queued", self.max_queued, "must be >= 0")
         if self.context_length is not None and self.context_length < 2:
