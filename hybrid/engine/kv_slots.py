@@ -245,7 +245,7 @@ class PagedKV:
             parent = node
 
     def counts(self) -> dict:
-        return self.pool.counts()
+        return dict(self.pool.counts(), kv_bytes_per_token=self.cache.bytes_per_token)
 
 
 def _common(a, b) -> int:

@@ -104,6 +104,8 @@ class DecoderStack:
         for layer in self.layers:
             h = layer(h, cos, sin, batch, cache)
         if logits_index is not None:
+            if logits_index.numel() == 0:  # a step of prompt chunks that all go on next step
+                return torch.empty(0, self.config.vocab_size, device=self.device)
             h = h[logits_index.to(self.device)]
         h = self.ops.rms_norm(h, self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()  # [len(logits_index) or T, Vocab]

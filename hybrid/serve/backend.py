@@ -214,7 +214,7 @@ class Backend:
         return out
 
 
-_KV_BLOCK_GAUGES = ("kv_blocks_total", "kv_blocks_used", "kv_blocks_shared", "kv_blocks_cached",
+_KV_BLOCK_GAUGES = ("kv_bytes_per_token", "kv_blocks_total", "kv_blocks_used", "kv_blocks_shared", "kv_blocks_cached",
                     "kv_blocks_free", "kv_blocks_reserved", "kv_block_size")
 
 

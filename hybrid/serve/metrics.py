@@ -77,6 +77,7 @@ _GAUGE_HELP = {
     "prefix_cache_hit_rate": "Fraction of prompt tokens served from the prefix cache.",
     "prefix_hit_tokens_total": "Prompt tokens whose KV was reused from the prefix cache.",
     "prefill_tokens_computed_total": "Prompt tokens the model computed (not reused).",
+    "kv_bytes_per_token": "KV cache bytes one token takes (all layers).",
     "kv_blocks_total": "Blocks of the paged KV cache.",
     "kv_blocks_used": "KV blocks held by running sequences.",
     "kv_blocks_shared": "KV blocks held by more than one running sequence (a shared prefix).",
