@@ -156,14 +156,20 @@ async def swarm(base: str, n: int, system: str, args) -> dict:
 
         async def poll():
             while not stop.is_set():
-                m = metric_values((await client.get(base + "/metrics")).text)
+                try:
+                    m = metric_values((await client.get(base + "/metrics")).text)
+                except httpx.HTTPError:  # a kept-alive connection the server closed: next poll
+                    continue
                 peak[0] = max(peak[0], m.get("hybrid_kv_blocks_used", 0.0))
                 await asyncio.sleep(0.05)
 
         poller = asyncio.create_task(poll())
         t0 = time.perf_counter()
-        agents = await asyncio.wait_for(
-            asyncio.gather(*(agent(client, base, model, system, i, args) for i in range(n))), args.time_limit)
+        tasks = [asyncio.create_task(agent(client, base, model, system, i, args)) for i in range(n)]
+        done, late = await asyncio.wait(tasks, timeout=args.time_limit)
+        for t in late:
+            t.cancel()
+        agents = [t.result() if t in done else Agent(error="time limit") for t in tasks]
         wall = time.perf_counter() - t0
         stop.set()
         await poller
@@ -277,6 +283,7 @@ def main(argv=None) -> int:
                 server = InProcessServer(model, n, args.context, block_size)
                 try:
                     row = dict(asyncio.run(swarm(server.url, n, system, args)), mode=mode)
+                    print(f"swarm: {mode} x {n} agents: {row['wall_s']:.1f} s", file=sys.stderr)
                     if not block_size:  # whole-context slots: all of it is allocated up front
                         row["kv_peak_bytes"] = n * args.context * model.kv_bytes_per_token()
                         row["kv_unshared_bytes"] = row["kv_peak_bytes"]

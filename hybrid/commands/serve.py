@@ -125,8 +125,11 @@ def main(args: argparse.Namespace) -> int:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(f"hybrid serve: warning: listening on {cfg.host} with no API key; anyone who can reach "
               "this port can use the model (set --api-key or HYBRID_API_KEY)", file=sys.stderr)
+    stats = backend.engine.stats()
+    kv = (f", KV cache {stats['kv_blocks_total']} blocks of {stats['kv_block_size']} tokens shared by prefix"
+          if "kv_blocks_total" in stats else "")
     print(f"hybrid serve: serving '{cfg.model_name}' at http://{cfg.host}:{cfg.port}/v1 "
-          f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
+          f"(context {backend.context_length}, {cfg.max_running} concurrent sequences{kv}"
           f"{', API key required' if cfg.api_key else ''})", file=sys.stderr)
     from hybrid.serve.server import GracefulServer
 

@@ -75,14 +75,15 @@ class PagedLatentKVCache(SlotCache):
 
     def rows(self, layer: int, slots: torch.Tensor, length: int, one_slot: int | None = None) -> torch.Tensor:
         """[U, L, W]: positions 0..length-1 of each slot, gathered from its blocks."""
-        return self.paged_ops.gather(self.kv[layer], self.table, slots, length)
+        return self.paged_ops.gather(self.kv[layer], self.table, slots, length)[:, :length]
 
     def decode_view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor):
         """For a fused decode kernel that wants one contiguous [S', P', W] grid: the decode tokens'
         rows gathered into one (token t reads row t), and a commit() that scatters the row each
         token wrote back into its block."""
         T = slots.shape[0]
-        grid = self.rows(layer, slots, int(positions.max()) + 1).contiguous()  # [T, P', W]
+        # whole blocks: contiguous as gathered, and each token reads only up to its position
+        grid = self.paged_ops.gather(self.kv[layer], self.table, slots, int(positions.max()) + 1)  # [T, P', W]
         local = torch.arange(T, device=slots.device)
 
         def commit() -> None:

@@ -31,10 +31,10 @@ class TorchPagedKV:
 
     @staticmethod
     def gather(pool: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, length: int) -> torch.Tensor:
-        """[U, L, W]: positions 0..length-1 of each slot (a copy; table entries past a slot's own
-        blocks point at any valid block, and attention masks those keys)."""
+        """[U, L', W], L' = length rounded up to whole blocks: positions 0..L'-1 of each slot, in
+        one contiguous copy (table entries past a slot's own blocks point at any valid block;
+        attention masks those keys, and callers slice to the length they need)."""
         N, B, W = pool.shape
         nb = -(-length // B)
         blocks = table[slots, :nb]  # [U, nb]
-        U = blocks.shape[0]
-        return pool.index_select(0, blocks.reshape(-1)).view(U, nb * B, W)[:, :length]
+        return pool.index_select(0, blocks.reshape(-1)).view(blocks.shape[0], nb * B, W)
