@@ -139,3 +139,43 @@ def test_paged_cache_reads_what_a_slot_cache_holds():
         paged.set_blocks(0, [7])
     with pytest.raises(ValueError, match="num_blocks must be a positive integer"):
         PagedLatentKVCache(cfg, 2, P, num_blocks=0, block_size=B, paged=TorchPagedKV())
+
+
+class _Req:
+    def __init__(self, rid, prompt, max_tokens=4):
+        self.id, self.prompt, self.tokens, self.max_tokens = rid, prompt, prompt, max_tokens
+        self.computed = self.reused = 0
+        self.slot = self.kv = None
+
+
+def test_an_abandoned_prefix_goes_to_the_holder_that_waits_for_no_one():
+    from hybrid.engine.kv_slots import PagedKV
+
+    cache = PagedLatentKVCache(_Config(), 3, 32, num_blocks=24, block_size=B, paged=TorchPagedKV(),
+                               dtype=torch.float32)
+    kv = PagedKV(cache, 3, prefix_reuse=True)
+    base = list(range(12))  # three full blocks
+    a, b, c = _Req(1, base + [50]), _Req(2, base + [60] * 5), _Req(3, base + [60] * 5 + [70] * 4)
+    for r in (a, b, c):
+        assert kv.admit(r)
+        r.reused = r.computed
+    assert (a.computed, b.computed, c.computed) == (0, 12, 16)  # c shares a's and b's blocks
+    assert not kv.ready(b) and not kv.ready(c)  # both wait for a, who has written nothing
+    kv.release(a, kv_valid=True)  # a goes away: its three blocks are orphaned
+    assert not kv.ready(c)  # c still waits for b's block, so it must not take a's
+    assert kv.ready(b) and b.computed == 0 and b.reused == 0  # b recomputes them
+    assert not kv.ready(c)  # ... and c now waits for b
+    kv.prepare([(b, len(b.prompt))])
+    b.computed = len(b.prompt)
+    kv.advance(b)
+    assert kv.ready(c) and c.computed == 16  # everything it shares is written
+    kv.prepare([(c, len(c.prompt) - 16)])
+    c.computed = len(c.prompt)
+    kv.advance(c)
+    for r in (b, c):
+        kv.release(r, kv_valid=True)
+    counts = kv.counts()
+    assert counts["kv_blocks_used"] == 0 and counts["kv_blocks_reserved"] == 0
+    assert counts["kv_blocks_cached"] + counts["kv_blocks_free"] == 24
+    # the finished prompts stay matchable: the whole of c's prompt but its last token
+    assert kv.pool.match(c.prompt, len(c.prompt) - 1).tokens == len(c.prompt) - 1
