@@ -179,3 +179,22 @@ def test_an_abandoned_prefix_goes_to_the_holder_that_waits_for_no_one():
     assert counts["kv_blocks_cached"] + counts["kv_blocks_free"] == 24
     # the finished prompts stay matchable: the whole of c's prompt but its last token
     assert kv.pool.match(c.prompt, len(c.prompt) - 1).tokens == len(c.prompt) - 1
+
+
+def test_a_request_as_large_as_the_pool_skips_the_copy_it_has_no_room_for():
+    from hybrid.engine.kv_slots import PagedKV
+
+    cache = PagedLatentKVCache(_Config(), 1, 32, num_blocks=8, block_size=B, paged=TorchPagedKV(),
+                               dtype=torch.float32)
+    kv = PagedKV(cache, 1, prefix_reuse=True)
+    first = _Req(1, list(range(10)), max_tokens=1)
+    assert kv.admit(first)
+    kv.prepare([(first, 10)])
+    first.computed = 10
+    kv.advance(first)
+    kv.release(first, kv_valid=True)  # leaves two full blocks and a tail of 2 tokens
+    nxt = _Req(2, list(range(10)) + [99] * 3, max_tokens=32 - 13)  # 8 blocks: the whole pool
+    assert kv.admit(nxt)  # admitted (no copy of the tail: it would need a ninth block)
+    assert nxt.computed == 8
+    kv.prepare([(nxt, 5)])
+    assert kv.counts()["kv_blocks_used"] == 4  # the two shared blocks and two of its own

@@ -114,9 +114,12 @@ class PagedKV:
         # at least the prompt's last token is fed again: its logits pick the first output
         m = pool.match(prompt, len(prompt) - 1 if self.prefix_reuse else 0)
         need = self.blocks_for(len(prompt) + req.max_tokens) - len(m.nodes)
-        # cached blocks it takes back (the copy's source too, held until copied) leave the pool
+        # cached blocks it takes back leave what the pool can promise
         revived = sum(1 for n in m.nodes if pool.ref[n.block] == 0)
-        revived += bool(m.copy_tokens) and pool.ref[m.copy_from.block] == 0
+        if m.copy_tokens and pool.ref[m.copy_from.block] == 0 and need + revived + 1 > pool.available():
+            # the copy's source is held until copied: one block more than the request needs,
+            # which a request as large as the whole pool never gets. Recompute those tokens.
+            m.copy_from, m.copy_tokens = None, 0
         if need + revived > pool.available():
             return False
         s = _Seq()
