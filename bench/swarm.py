@@ -277,7 +277,8 @@ def main(argv=None) -> int:
 
         model = hybrid.load(args.model, progress=False)
         system = system_prompt(model.tokenizer, args.system_tokens)
-        modes = [("paged", args.kv_block_size)] + ([("slots", 0)] if args.compare else [])
+        modes = [("paged" if args.kv_block_size else "slots", args.kv_block_size)]
+        modes += [("slots", 0)] if args.compare and args.kv_block_size else []
         for mode, block_size in modes:
             for n in counts:
                 server = InProcessServer(model, n, args.context, block_size)
