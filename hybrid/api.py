@@ -181,14 +181,28 @@ class Model:
         runs them (decode_steps='eager')."""
         if self._decode_steps == "eager":
             return None
+        if not cache.static_decode():
+            # The paged KV cache (shared prefixes) has no static decode write yet: its steps run
+            # eager. A slot cache (hybrid serve --kv-block-size 0) keeps static steps / graphs.
+            import warnings
+
+            warnings.warn(f"decode_steps={self._decode_steps!r}: the {type(cache).__name__} has no static "
+                          "decode step yet, so decode steps run eager (a slot cache, e.g. hybrid serve "
+                          "--kv-block-size 0, keeps them)")
+            return None
         from hybrid.engine.step_runner import DecodeRunner
 
         after = self.online.end_step if self.online is not None else None
         return DecodeRunner(self.network, cache, max_batch=min(max_seqs, cache.num_slots),
                             graphs=self._decode_steps == "graphs", after_step=after)
 
-    def make_cache(self, num_slots: int = 1, max_len: int | None = None):
-        return self.network.make_cache(num_slots, max_len or self.max_len)
+    def make_cache(self, num_slots: int = 1, max_len: int | None = None, num_blocks: int | None = None,
+                   block_size: int | None = None):
+        """A slot cache, or with num_blocks and block_size a paged one (see kv_paged())."""
+        return self.network.make_cache(num_slots, max_len or self.max_len, num_blocks, block_size)
+
+    def kv_paged(self) -> bool:
+        return self.network.kv_paged()
 
     def kv_bytes_per_token(self) -> int:
         return self.network.kv_bytes_per_token()

@@ -178,13 +178,20 @@ def test_engine_runs_decode_steps_through_the_runner():
     params = SamplingParams(temperature=0.0, ignore_eos=True)
     outs = []
     for m in (eager, static):
-        with Engine(m, max_seqs=2, max_context=96, decode_runner=m.decode_runner) as eng:
+        # block_size=None: a slot cache (the paged one has no static decode step yet)
+        with Engine(m, max_seqs=2, max_context=96, decode_runner=m.decode_runner, block_size=None) as eng:
             handles = [eng.submit(p, params, max_tokens=12) for p in prompts]  # 3 requests, 2 slots
             outs.append([h.result().token_ids for h in handles])
             runner = eng._runner
     assert outs[0] == outs[1]
     assert runner.stats["steps"] >= 12 and runner.stats["replays"] == 0  # eager replays: no graphs
     assert {b for b, _ in runner._inputs} <= {1, 2}
+
+
+def test_a_paged_cache_runs_decode_steps_eager():
+    static = hybrid.load(progress=False, device_ops="torch", dtype=torch.float32, decode_steps="static")
+    with pytest.warns(UserWarning, match="no static decode step yet"):
+        assert static.decode_runner(static.make_cache(2, 64, num_blocks=8, block_size=16), 2) is None
 
 
 def test_decode_steps_option():

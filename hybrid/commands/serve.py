@@ -45,6 +45,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-image-megapixels", type=float, default=64.0,
                    help="decoded width x height per image, in millions (default 64); larger images are "
                         "refused, smaller ones are resized as the model's preprocessing says")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="size of the paged KV cache in blocks (default: --max-running whole contexts); "
+                        "requests sharing a prompt prefix share its blocks, so with shared prompts "
+                        "--max-running can be raised at the same memory")
+    p.add_argument("--kv-block-size", type=int, default=16,
+                   help="tokens per KV block (default 16; 0: one whole-context slot per sequence)")
     p.add_argument("--log-requests", action="store_true", help="log one line per request")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, stop accepting requests and let running ones go on "
@@ -77,7 +83,8 @@ def build_config(args):
                       shutdown_grace=args.shutdown_grace, allow_local_images=args.allow_local_images,
                       allow_remote_images=args.allow_remote_images, max_images=args.max_images,
                       max_image_bytes=int(args.max_image_mb * 1024 * 1024),
-                      max_image_pixels=int(args.max_image_megapixels * 1024 * 1024))
+                      max_image_pixels=int(args.max_image_megapixels * 1024 * 1024),
+                      kv_blocks=args.kv_blocks, kv_block_size=args.kv_block_size)
     cfg.validate()
     return cfg
 
@@ -108,7 +115,8 @@ def build_backend(model, cfg):
     from hybrid.serve.metrics import Metrics
 
     engine = Engine(model, tokenizer=model.tokenizer, max_seqs=cfg.max_running, max_context=cfg.context_length,
-                    decode_runner=model.decode_runner)
+                    decode_runner=model.decode_runner, block_size=cfg.kv_block_size or None,
+                    kv_blocks=cfg.kv_blocks)
     return Backend(engine, model.tokenizer, cfg.max_tokens, cfg.max_queued, Metrics(), model=model,
                    images=cfg.image_policy())
 
@@ -140,8 +148,11 @@ def main(args: argparse.Namespace) -> int:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         print(f"hybrid serve: warning: listening on {cfg.host} with no API key; anyone who can reach "
               "this port can use the model (set --api-key or HYBRID_API_KEY)", file=sys.stderr)
+    stats = backend.engine.stats()
+    kv = (f", KV cache {stats['kv_blocks_total']} blocks of {stats['kv_block_size']} tokens shared by prefix"
+          if "kv_blocks_total" in stats else "")
     print(f"hybrid serve: serving '{cfg.model_name}' at http://{cfg.host}:{cfg.port}/v1 "
-          f"(context {backend.context_length}, {cfg.max_running} concurrent sequences"
+          f"(context {backend.context_length}, {cfg.max_running} concurrent sequences{kv}"
           f"{', API key required' if cfg.api_key else ''}; answers in "
           f"{'thinking' if model.tokenizer.default_thinking else 'instant'} mode unless a request "
           "switches it)", file=sys.stderr)

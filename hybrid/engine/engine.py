@@ -16,18 +16,20 @@ Images (submit(images=[ImageSpan])): the prompt holds each image's expanded plac
 when a prompt chunk reaches an image, the model's encode_image(image) (the vision tower, on this
 thread) gives its rows, which replace those tokens' input embeddings (forward's embeds=).
 
-A request holds one cache slot from admission to its end. It is admitted the moment a slot is
-free (at submit, or when another request releases one) and joins the next step; otherwise it
-waits in a FIFO queue. Cancellation (handle.cancel(), or the reader going away) frees the slot
-at the next step boundary.
+A request holds a cache slot from admission to its end. It is admitted the moment there is room
+(at submit, or when another request releases some) and joins the next step; otherwise it waits
+in a FIFO queue. Cancellation (handle.cancel(), or the reader going away) frees its room at the
+next step boundary.
 
-Prefix reuse: a freed slot keeps its KV and remembers the tokens it holds. A new request takes
-the free slot whose tokens share the longest prefix with its prompt and starts reading the prompt
-after that prefix (the next turn of a chat re-reads only what is new). Prefix matching compares what the KV
-depends on: token ids, and inside an image its pixels' hash and the index (the placeholder ids
-of two different images are equal), so the next turn about the same image re-encodes nothing.
-Reused entries are valid: a token's KV depends only on the tokens before it (up to the rounding differences any batching
-brings in bf16), and positions past the prefix are rewritten before anything reads them.
+Room and prefix reuse depend on the cache (kv_slots.py, chosen once): with a paged cache (the
+default where the model has one) room is counted in blocks, enough for the prompt plus
+max_tokens, and requests whose prompts start alike share the full blocks of that prefix while
+they run: the prefix is computed once, by the first, and the others wait for it (a request
+whose shared prefix is still being computed skips steps). With a slot cache room is a whole
+slot, and a new request reuses the KV a freed slot still holds for a shared prefix.
+Prefix matching compares what the KV depends on: token ids, and inside an image its pixels' hash
+and the index (the placeholder ids of two different images are equal), so the next turn about
+the same image re-encodes nothing.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ import torch
 
 from hybrid.engine.request import (Completion, Event, RequestHandle, TokenLogprob, Usage)
 from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sample
+from hybrid.engine.kv_slots import PagedKV, SlotKV
 from hybrid.engine.stops import StopState
 from hybrid.models.moonvit_images import token_keys
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 4096  # cache length when neither max_context nor a cache is given
+DEFAULT_BLOCK_SIZE = 16  # tokens per paged-cache block
 RATE_WINDOW_S = 10.0  # tok/s in stats() is measured over this many recent seconds
 
 
@@ -61,9 +65,11 @@ class _Request:
     handle: RequestHandle
     row: RowState = None
     output: list[int] = field(default_factory=list)  # sampled ids, stop token included
+    max_tokens: int = 0
     slot: int | None = None
     computed: int = 0  # tokens (prompt + output) whose KV is in the cache
-    reused: int = 0  # prompt tokens whose KV a freed slot still held at admission (prefix reuse)
+    reused: int = 0  # prompt tokens whose KV it found in the cache (prefix reuse)
+    kv: object = None  # the KV placement's own record (kv_slots.PagedKV)
     cancelled: bool = False
     images: list = field(default_factory=list)  # ImageSpans (hybrid/models/moonvit_images.py)
     keys: list = field(default_factory=list)  # per prompt position: what its KV depends on
@@ -88,10 +94,10 @@ def _module_device_dtype(module) -> tuple[torch.device, torch.dtype]:
     return torch.device(module.device), module.dtype
 
 
-def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: torch.device) -> None:
+def _check_cache_fits(bytes_per_token: int, tokens: int, what: str, device: torch.device) -> None:
     """Refuse, with the numbers, a KV cache larger than the memory left on its device (the
     model is loaded by now, so what is free is what the cache can have)."""
-    need = bytes_per_token * slots * length
+    need = bytes_per_token * tokens
     if device.type == "cuda":
         free, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
     else:
@@ -101,9 +107,9 @@ def _check_cache_fits(bytes_per_token: int, slots: int, length: int, device: tor
     if need > free:
         gib = 1024 ** 3
         raise MemoryError(
-            f"Engine: the KV cache for {slots} sequences x {length} tokens needs "
+            f"Engine: the KV cache for {what} needs "
             f"{need / gib:.2f} GiB ({bytes_per_token} bytes per token), but only "
-            f"{free / gib:.2f} GiB is {where}; lower max_seqs or max_context")
+            f"{free / gib:.2f} GiB is {where}; lower max_seqs, max_context or kv_blocks")
 
 
 class Engine:
@@ -120,20 +126,27 @@ class Engine:
     prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
     .reset(slot), .num_slots and .max_len (default: the model's make_cache, after checking that
     model.kv_bytes_per_token() x slots x context fits the memory left).
-    prefix_reuse: let a new request reuse the KV a freed slot holds for a shared prompt prefix.
+    prefix_reuse: let a new request reuse the KV of a prompt prefix the cache holds.
+    block_size: tokens per block of a paged cache, made when the model has one (model.kv_paged());
+    None: a slot cache. kv_blocks: the paged cache's size in blocks (default: as many as
+    max_seqs whole contexts, the memory a slot cache would take); with shared prefixes, more
+    sequences than that fit, so max_seqs may be raised at the same memory.
     decode_runner: None, or runner(cache, max_seqs) -> a DecodeRunner (hybrid/engine/
     step_runner.py) or None (hybrid.load's Model.decode_runner): steps of decode tokens only
     that it fits run through it (static buffers, CUDA graphs), the rest through forward().
     """
 
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
-                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True, decode_runner=None):
+                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True,
+                 block_size: int | None = DEFAULT_BLOCK_SIZE, kv_blocks: int | None = None,
+                 decode_runner=None):
         self.module = model
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         if self.tokenizer is None:
             raise ValueError("Engine: a tokenizer is needed (pass tokenizer=, or a Model that has one)")
         self.config = model.config
-        for name, value in (("max_seqs", max_seqs), ("prefill_chunk", prefill_chunk)):
+        for name, value in (("max_seqs", max_seqs), ("prefill_chunk", prefill_chunk),
+                            ("block_size", block_size or 1), ("kv_blocks", kv_blocks or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 2):
@@ -146,9 +159,18 @@ class Engine:
             # hybrid.load's Model knows the context it was sized for (its max_len option)
             max_context = (max_context or model.max_len
                            or min(limit or DEFAULT_MAX_CONTEXT, DEFAULT_MAX_CONTEXT))
-            _check_cache_fits(model.kv_bytes_per_token(), max_seqs, max_context,
-                              _module_device_dtype(model)[0])
-            cache = model.make_cache(max_seqs, max_context)
+            device = _module_device_dtype(model)[0]
+            if block_size is not None and model.kv_paged():
+                what = f"{kv_blocks} blocks of {block_size} tokens"
+                if kv_blocks is None:
+                    kv_blocks = max_seqs * -(-max_context // block_size)
+                    what = f"{max_seqs} sequences x {max_context} tokens ({kv_blocks} blocks of {block_size})"
+                _check_cache_fits(model.kv_bytes_per_token(), kv_blocks * block_size, what, device)
+                cache = model.make_cache(max_seqs, max_context, kv_blocks, block_size)
+            else:
+                _check_cache_fits(model.kv_bytes_per_token(), max_seqs * max_context,
+                                  f"{max_seqs} sequences x {max_context} tokens", device)
+                cache = model.make_cache(max_seqs, max_context)
         else:
             if cache.num_slots < max_seqs:
                 raise ValueError(f"Engine: cache has {cache.num_slots} slots, max_seqs is {max_seqs}")
@@ -169,14 +191,16 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._cancel_ids: set[int] = set()  # guarded by _lock
         self._active: list[_Request] = []  # holding a slot, in admission order
-        self._free_slots = list(range(max_seqs))  # oldest freed first
         self.prefix_reuse = prefix_reuse
-        self._slot_tokens: dict[int, list[int]] = {}  # free slot -> tokens whose KV it holds
+        from hybrid.models.paged_kv_cache import PagedLatentKVCache
+
+        placement = PagedKV if isinstance(cache, PagedLatentKVCache) else SlotKV
+        self._kv = placement(cache, max_seqs, prefix_reuse)  # guarded by _lock
         self._ids = itertools.count(1)
         self._closed = False
         self._counters = dict(requests_submitted=0, requests_finished=0, requests_cancelled=0,
                               requests_failed=0, prompt_tokens=0, prompt_tokens_reused=0,
-                              generated_tokens=0, steps=0)
+                              prompt_tokens_computed=0, generated_tokens=0, steps=0)
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens generated that step)
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
         self._thread.start()
@@ -204,12 +228,16 @@ class Engine:
         elif max_tokens > room:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"the context limit of {self.max_context} tokens")
+        blocks = self._kv.blocks_for(len(prompt) + max_tokens)
+        if blocks > self._kv.total_blocks():
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs "
+                             f"{blocks} KV blocks; the cache has {self._kv.total_blocks()}")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.tokenizer.stop_token_ids)
         rid = next(self._ids)
         handle = RequestHandle(rid, self._request_cancel)
-        req = _Request(id=rid, prompt=prompt, params=params, handle=handle,
+        req = _Request(id=rid, prompt=prompt, params=params, handle=handle, max_tokens=max_tokens,
                        stop=StopState(self.tokenizer.incremental_decoder(), stop_ids, stop, max_tokens))
         req.row = RowState(params=params, generator=make_generator(params.seed),
                            prompt_ids=req.prompt, output_ids=req.output)
@@ -244,7 +272,7 @@ class Engine:
             tokens = sum(n for _, n in self._rate)
             out = dict(self._counters, running=len(self._active), waiting=len(self._waiting),
                        max_seqs=self.max_seqs, max_context=self.max_context,
-                       tokens_per_s=tokens / span if span > 0 else 0.0)
+                       tokens_per_s=tokens / span if span > 0 else 0.0, **self._kv.counts())
         # hybrid.load(..., online=...): experts swapped into the GPU cache and its hit rate
         # (the model's step-end callback runs inside self.module.forward, once per step).
         online = self.module.online_stats()
@@ -311,30 +339,20 @@ class Engine:
                                usage=Usage(len(req.prompt), req.stop.generated, req.reused)))
 
     def _release(self, req: _Request, kv_valid: bool = True) -> None:
-        """Give the slot back (engine thread) and admit the next waiting request into it.
-        The KV is kept for prefix reuse unless a failed step may have left it half written
-        (kv_valid=False), in which case it is reset."""
-        if req.slot is not None and not (self.prefix_reuse and kv_valid):
-            self.cache.reset(req.slot)
+        """Give its room back (engine thread) and admit waiting requests into it. The KV is kept
+        for prefix reuse unless a failed step may have left it half written (kv_valid=False)."""
         with self._lock:
             if req.slot is not None:
-                if self.prefix_reuse and kv_valid:
-                    self._slot_tokens[req.slot] = req.computed_keys()
-                else:
-                    self._slot_tokens.pop(req.slot, None)
-                self._free_slots.append(req.slot)
+                self._kv.release(req, kv_valid)
                 req.slot = None
             if req in self._active:
                 self._active.remove(req)
             self._admit_locked()
 
     def _admit_locked(self) -> None:
-        """Move waiting requests into free slots (caller holds _lock)."""
-        while self._waiting and self._free_slots:
+        """Move waiting requests, oldest first, in while there is room (caller holds _lock)."""
+        while self._waiting and self._kv.admit(self._waiting[0]):
             req = self._waiting.popleft()
-            req.slot, req.computed = self._pick_slot(req.keys)
-            self._free_slots.remove(req.slot)
-            self._slot_tokens.pop(req.slot, None)
             self._active.append(req)
             self._counters["prompt_tokens"] += len(req.prompt)
             self._counters["prompt_tokens_reused"] += req.computed
@@ -357,32 +375,16 @@ class Engine:
                 with self._lock:
                     self._counters["requests_cancelled"] += 1
                 self._emit_end(req, "cancelled")
-            with self._lock:
-                active = list(self._active)  # requests admitted from now on join the next step
+            with self._lock:  # requests admitted from now on join the next step
+                active = []
+                for r in self._active:
+                    reused = r.reused
+                    if self._kv.ready(r):  # may hand it an orphaned shared block to compute
+                        active.append(r)
+                    self._counters["prompt_tokens_reused"] -= reused - r.reused
             if active:
                 self._step(active)
         self._shutdown()
-
-    def _pick_slot(self, prompt: list) -> tuple[int, int]:
-        """The free slot to use and how many prompt tokens of KV it already holds (caller
-        holds _lock); prompt: the request's keys (token ids, image positions by pixel hash)."""
-        # With no shared prefix: an empty slot, else the one freed longest ago (the recently
-        # freed ones are likelier to be continued, e.g. the next turn of a chat).
-        empty = [s for s in self._free_slots if s not in self._slot_tokens]
-        best_slot, best = (empty or self._free_slots)[0], 0
-        if self.prefix_reuse:
-            # at least the prompt's last token is fed again: its logits pick the first output
-            limit = len(prompt) - 1
-            for slot in reversed(self._free_slots):
-                held = self._slot_tokens.get(slot, ())
-                n = 0
-                for a, b in zip(held, prompt[:limit]):
-                    if a != b:
-                        break
-                    n += 1
-                if n > best:
-                    best_slot, best = slot, n
-        return best_slot, best
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -454,6 +456,8 @@ class Engine:
                 sample_reqs.append(req)
         stepped = decodes + [c[0] for c in chunks]
         try:
+            with self._lock:
+                self._kv.prepare([(r, 1) for r in decodes] + [(r, n) for r, _, n in chunks])
             with torch.inference_mode():
                 if not chunks and self._runner is not None and self._runner.fits(slots, pos):
                     logits = self._runner.step(ids, pos, slots)  # [n, V]: static buffers / graphs
@@ -485,6 +489,10 @@ class Engine:
             req.computed += 1
         for req, start, n in chunks:
             req.computed += n
+        with self._lock:
+            for req in stepped:
+                self._kv.advance(req)
+            self._counters["prompt_tokens_computed"] += sum(n for _, _, n in chunks)
         for req, s in zip(sample_reqs, samples if sample_reqs else []):
             try:
                 if s is None:

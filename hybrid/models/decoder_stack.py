@@ -47,6 +47,7 @@ class PreNormLayer:
 
 class DecoderStack:
     cache_class = None  # the model's KV cache type: (config, num_slots, max_len, device, dtype)
+    paged_cache_class = None  # its paged form, if it has one (hybrid/models/paged_kv_cache.py)
 
     def _build(self, config, ctx, make_layer, rope_dim: int, progress=None) -> None:
         """make_layer(i) -> decoder layer i: (h, cos, sin, batch, cache) -> h."""
@@ -72,8 +73,20 @@ class DecoderStack:
         """{decoder-layer index: MoELayer} (hybrid/experts/moe_layer.py)."""
         return {i: layer.mlp for i, layer in enumerate(self.layers) if self.config.is_moe_layer(i)}
 
-    def make_cache(self, num_slots: int, max_len: int):
-        return self.cache_class(self.config, num_slots, max_len, self.device, self.dtype)
+    def kv_paged(self) -> bool:
+        """Whether make_cache can build a paged cache (blocks shared between sequences)."""
+        return self.paged_cache_class is not None
+
+    def make_cache(self, num_slots: int, max_len: int, num_blocks: int | None = None,
+                   block_size: int | None = None):
+        """A slot cache (num_slots x max_len), or with num_blocks and block_size a paged one
+        (kv_paged() must be true): num_slots table rows over a pool of num_blocks blocks."""
+        if num_blocks is None:
+            return self.cache_class(self.config, num_slots, max_len, self.device, self.dtype)
+        if not self.kv_paged():
+            raise ValueError(f"{type(self).__name__} has no paged KV cache")
+        return self.paged_cache_class(self.config, num_slots, max_len, num_blocks, block_size,
+                                      self.ops.paged_kv(), self.device, self.dtype)
 
     def kv_bytes_per_token(self) -> int:
         return self.cache_class.bytes_per_token_for(self.config, self.dtype)
@@ -94,6 +107,8 @@ class DecoderStack:
         batch = Batch(input_ids, positions.to(self.device), slots.to(self.device))
         h = self._layers(h, batch, cache)
         if logits_index is not None:
+            if logits_index.numel() == 0:  # a step of prompt chunks that all go on next step
+                return torch.empty(0, self.config.vocab_size, device=self.device)
             h = h[logits_index.to(self.device)]
         return self._head(h)  # [len(logits_index) or T, Vocab]
 

@@ -26,6 +26,7 @@ from hybrid.models.batch import Batch
 from hybrid.models.decoder_stack import DecoderStack, GatedMLP, PreNormLayer
 from hybrid.models.facts import ModelFacts
 from hybrid.models.kv_cache import LatentKVCache
+from hybrid.models.paged_kv_cache import PagedLatentKVCache
 from hybrid.ops.mla_attention import MLAShape
 
 
@@ -84,6 +85,7 @@ class DeepseekV3(DecoderStack):
 
     config_class = ModelConfig
     cache_class = LatentKVCache
+    paged_cache_class = PagedLatentKVCache
     # config.json fields that decide placement: a profile made for one checkpoint stays valid for
     # another with the same values (hybrid/models/spec.py hashes them).
     HASH_FIELDS = (

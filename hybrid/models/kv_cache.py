@@ -68,3 +68,12 @@ class LatentKVCache(SlotCache):
         if one_slot is not None:
             return self.kv[layer][one_slot : one_slot + 1, :length]
         return self.kv[layer][slots, :length]
+
+    def decode_view(self, layer: int, slots: torch.Tensor, positions: torch.Tensor):
+        """For a fused decode kernel: the layer's [S, P, C+R] grid as it stands, the tokens' own
+        slots, and a commit() with nothing to do (the kernel wrote the rows in place)."""
+        return self.kv[layer], slots, _nothing
+
+
+def _nothing() -> None:
+    pass

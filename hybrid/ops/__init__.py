@@ -3,7 +3,7 @@ a CUDA device runs) and a native CPU form, chosen once at load by device and dty
 
     ops = select_ops(device, dtype)            # TorchOps or NativeCpuOps (op_sets.py)
     ops.rms_norm(x, w, eps); ops.add_rms_norm(h, a, w, eps); ops.linear(weight, bias, scale)
-    ops.mla_attention(layer, shape, kv_norm, kv_b)
+    ops.mla_attention(layer, shape, kv_norm, kv_b); ops.paged_kv() (a paged cache's gather/scatter)
 
 HYBRID_DEVICE_OPS=torch (or hybrid.load(device_ops="torch")) forces the torch forms on the CPU:
 the exact path a CUDA device runs, so tests exercise it here.

@@ -112,6 +112,10 @@ class NativeMLAAttention(MLAAttention):
             return super().__call__(q, kv, cos, sin, batch, cache)
         s = self.s
         out = torch.empty(q.shape[0], s.heads * s.value, dtype=q.dtype)  # [T, nh*V]
-        self._lib.mla_decode(q, kv, self.kv_norm, cos, sin, cache.kv[self.layer], batch.slots, batch.positions,
+        # The kernel reads one contiguous grid per layer: a slot cache's own, or the decode
+        # tokens' blocks gathered from a paged cache (written back by commit).
+        grid, slots, commit = cache.decode_view(self.layer, batch.slots, batch.positions)
+        self._lib.mla_decode(q, kv, self.kv_norm, cos, sin, grid, slots, batch.positions,
                              self.kv_b.weight, out, s.heads, s.nope, s.value, s.eps, s.scale, s.interleave)
+        commit()
         return out

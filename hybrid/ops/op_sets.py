@@ -15,6 +15,7 @@ import torch
 
 from hybrid.ops.linear import Linear, NativeLinear, QuantLinear
 from hybrid.ops.mla_attention import MLAAttention, MLAShape, NativeMLAAttention
+from hybrid.ops.paged_kv import TorchPagedKV
 
 NATIVE_NORM_ELEMENTS = 1 << 16  # up to this many bf16 values, norms run natively
 
@@ -49,6 +50,10 @@ class TorchOps:
 
     def mla_attention(self, layer: int, shape: MLAShape, kv_norm, kv_b) -> MLAAttention:
         return MLAAttention(layer, shape, kv_norm, kv_b, self.rms_norm)
+
+    def paged_kv(self) -> TorchPagedKV:
+        """How a paged KV cache's rows are gathered and scattered (hybrid/ops/paged_kv.py)."""
+        return TorchPagedKV()
 
 
 class NativeCpuOps(TorchOps):

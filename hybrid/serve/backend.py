@@ -325,9 +325,16 @@ class Backend:
         s = self.engine.stats()
         out = {"queue_depth": s["waiting"], "running": s["running"], "max_running": s["max_seqs"],
                "engine_tokens_per_second": s.get("tokens_per_s", 0.0)}
-        if "prompt_tokens_reused" in s and s.get("prompt_tokens"):
-            # Prompt tokens whose KV a freed slot still held (the next turn of a chat).
-            out["prefix_cache_hit_rate"] = s["prompt_tokens_reused"] / s["prompt_tokens"]
+        if "prompt_tokens_reused" in s:
+            # Prompt tokens whose KV the cache held (a shared prefix, the next turn of a chat),
+            # and those the model computed.
+            out["prefix_hit_tokens_total"] = s["prompt_tokens_reused"]
+            out["prefill_tokens_computed_total"] = s.get("prompt_tokens_computed", 0)
+            if s.get("prompt_tokens"):
+                out["prefix_cache_hit_rate"] = s["prompt_tokens_reused"] / s["prompt_tokens"]
+        for name in _KV_BLOCK_GAUGES:  # a paged KV cache (hybrid/engine/block_pool.py)
+            if name in s:
+                out[name] = s[name]
         from hybrid.chat.cache_stats import hit_rate
 
         rate = hit_rate(self.model, self._hits)
@@ -336,6 +343,10 @@ class Backend:
         if "expert_swaps" in s:  # online re-placement (hybrid.load(online=...)) is on
             out["expert_swaps_total"] = s["expert_swaps"]
         return out
+
+
+_KV_BLOCK_GAUGES = ("kv_bytes_per_token", "kv_blocks_total", "kv_blocks_used", "kv_blocks_shared", "kv_blocks_cached",
+                    "kv_blocks_free", "kv_blocks_reserved", "kv_block_size")
 
 
 # Roles whose text may come from a third party (a person, a web page, a tool): their special-token

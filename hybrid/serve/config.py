@@ -17,6 +17,8 @@ class ServeConfig:
     context_length: int | None = None  # None: the model's own (config.max_position_embeddings)
     max_body_bytes: int = 32 * 1024 * 1024  # request bodies larger than this -> 413 (base64 images in them)
     log_requests: bool = False
+    kv_blocks: int | None = None  # paged KV cache size in blocks; None: max_running whole contexts
+    kv_block_size: int = 16  # tokens per KV block; 0: a whole-context slot per sequence
     shutdown_grace: float = 30.0  # seconds running requests may go on after SIGTERM; then each
     #                               ends with a final error event (hybrid.serve.server)
     # Images (a model with a vision tower): data: URIs always; local files only under this
@@ -54,6 +56,10 @@ class ServeConfig:
 
             if not os.path.isdir(self.allow_local_images):
                 bad("allow_local_images", self.allow_local_images, "is not a directory")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            bad("kv_blocks", self.kv_blocks, "must be >= 1")
+        if self.kv_block_size < 0:
+            bad("kv_block_size", self.kv_block_size, "must be >= 0 (0: no paging)")
         if self.max_queued < 0:
             bad("max_queued", self.max_queued, "must be >= 0")
         if self.context_length is not None and self.context_length < 2:

@@ -75,6 +75,16 @@ _GAUGE_HELP = {
     "cache_hit_rate": "Fraction of routed expert picks served from the GPU expert cache.",
     "expert_swaps_total": "Experts online re-placement swapped into the GPU expert cache.",
     "prefix_cache_hit_rate": "Fraction of prompt tokens served from the prefix cache.",
+    "prefix_hit_tokens_total": "Prompt tokens whose KV was reused from the prefix cache.",
+    "prefill_tokens_computed_total": "Prompt tokens the model computed (not reused).",
+    "kv_bytes_per_token": "KV cache bytes one token takes (all layers).",
+    "kv_blocks_total": "Blocks of the paged KV cache.",
+    "kv_blocks_used": "KV blocks held by running sequences.",
+    "kv_blocks_shared": "KV blocks held by more than one running sequence (a shared prefix).",
+    "kv_blocks_cached": "KV blocks nobody holds, kept for prefix reuse (evicted oldest first).",
+    "kv_blocks_free": "KV blocks holding nothing.",
+    "kv_blocks_reserved": "KV blocks promised to running sequences, not yet filled.",
+    "kv_block_size": "Tokens per KV block.",
 }
 
 
