@@ -172,6 +172,37 @@ def test_load_rejects_bad_files(tmp_path):
         PackedLayer.load(write("stride.packed", data[:48] + (4096).to_bytes(8, "little") + data[56:]))
 
 
+def test_save_writes_only_regular_files(tmp_path):
+    """save() replaces a regular file or nothing: a link (to a file or to a device), a device, a
+    folder or a FIFO at the path is refused and left as it was; a link planted at the temp file's
+    name is never written through (the temp file is created new)."""
+    layer = PackedLayer.from_float(*random_experts(np.random.default_rng(18), 2, 32, 32), format="int8")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "link.packed").symlink_to(victim)
+    (tmp_path / "devlink.packed").symlink_to("/dev/null")
+    (tmp_path / "dir.packed").mkdir()
+    os.mkfifo(tmp_path / "fifo.packed")
+    for name, kind in (("link.packed", "a symbolic link"), ("devlink.packed", "a symbolic link"),
+                       ("dir.packed", "a directory"), ("fifo.packed", "a FIFO")):
+        with pytest.raises(ValueError, match=f"{name}' is {kind}: a packed layer is saved only as"):
+            layer.save(tmp_path / name)
+    with pytest.raises(ValueError, match="/dev/null' is a device"):
+        layer.save("/dev/null")
+    with pytest.raises(ValueError, match="does not name a file"):
+        layer.save(str(tmp_path) + "/")
+    assert victim.read_bytes() == b"keep me" and (tmp_path / "link.packed").is_symlink()
+    for pid_link in (f"x.packed.tmp-{os.getpid()}-{n}" for n in range(64)):
+        (tmp_path / pid_link).symlink_to(victim)  # whatever the temp name's serial, it is not followed
+    try:
+        layer.save(tmp_path / "x.packed")
+    except RuntimeError as e:  # the serial hit a planted name: refused (EEXIST), nothing written
+        assert "cannot create" in str(e)
+    assert victim.read_bytes() == b"keep me"
+    layer.save(tmp_path / "ok.packed")
+    assert PackedLayer.load(tmp_path / "ok.packed").nbytes == layer.nbytes
+
+
 def test_from_float_and_ct_argument_errors():
     rng = np.random.default_rng(16)
     gate, up, down = random_experts(rng, 2, 64, 32)

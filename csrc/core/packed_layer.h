@@ -67,7 +67,9 @@ class PackedLayer {
   PackedLayer(const PackedLayer&) = delete;
   PackedLayer& operator=(const PackedLayer&) = delete;
 
-  // Write the file atomically: `path`.tmp-<pid>, fsync, rename.
+  // Write the file atomically: a new temp file beside `path` (O_EXCL, never through a link),
+  // fsync, rename. Replaces only a regular file: std::invalid_argument when `path` is a link, a
+  // device, a directory, a FIFO or a socket.
   void save(const std::string& path) const;
 
   // Read one byte per page of every expert, each thread the units it computes on, so pages of a
