@@ -424,6 +424,7 @@ struct PyLayer {
       auto [d0, d1] = pool->split(H / kRowBlock, tid, team);
       if (d0 < d1) unpack(dn, d0, d1, dp + d0 * kRowBlock * I);
     }});
+    layer->check_intact();
     }  // GIL back before building the tuple
     return py::make_tuple(gate, up, down);
   }

@@ -5,6 +5,9 @@ its quantisation step, and packed layer files save / load / reject bad files."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -201,6 +204,62 @@ def test_save_writes_only_regular_files(tmp_path):
     assert victim.read_bytes() == b"keep me"
     layer.save(tmp_path / "ok.packed")
     assert PackedLayer.load(tmp_path / "ok.packed").nbytes == layer.nbytes
+
+
+_TRUNCATE_WHILE_MAPPED = """
+    import faulthandler, mmap, os, sys
+    import numpy as np
+    from native_ref import random_experts
+    from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
+    path, how = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(19)
+    PackedLayer.from_float(*random_experts(rng, 4, 64, 64), format="int4").save(path)
+    layer = PackedLayer.load(path)
+    moe = CpuMoE(layer, threads=2)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ids, w = np.array([[0, 3], [1, 2], [3, 3]], np.int32), np.ones((3, 2), np.float32)
+    moe.forward(x, ids, w)
+    if how == "faulthandler-after":
+        faulthandler.enable()
+    if how == "other-file":  # a mapping nobody guards still faults as before
+        with open(path + ".other", "wb") as f:
+            f.write(bytes(65536))
+        mm = mmap.mmap(os.open(path + ".other", os.O_RDONLY), 65536, prot=mmap.PROT_READ)
+        os.truncate(path + ".other", 0)
+        print(mm[40000])
+    os.truncate(path, (2 << 20) + layer.expert_nbytes)  # experts 1..3 gone
+    for what, call in (("forward", lambda: moe.forward(x, ids, w)), ("unpack", lambda: layer.unpack_expert(3)),
+                       ("place", layer.place), ("again", lambda: moe.forward(x, ids, w))):
+        try:
+            call()
+            print(what, "no error")
+        except RuntimeError as e:
+            print(what, "RuntimeError:", e)
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "faulthandler-before", "faulthandler-after"])
+def test_file_truncated_while_mapped_is_an_error_not_sigbus(tmp_path, how):
+    """A packed layer file that shrinks under a running model: the next sync (and unpacking,
+    placing) raises RuntimeError naming the file, every time after; no SIGBUS, whether Python's
+    faulthandler was enabled before the layer was mapped or after."""
+    flags = ["-X", "faulthandler"] if how == "faulthandler-before" else []
+    r = subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(_TRUNCATE_WHILE_MAPPED),
+                        str(tmp_path / "l.packed"), how], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for what in ("forward", "unpack", "place", "again"):
+        assert f"{what} RuntimeError: packed layer file '{tmp_path / 'l.packed'}' shrank while mapped" in r.stdout, \
+            r.stdout + r.stderr
+
+
+def test_unguarded_mapping_still_faults(tmp_path):
+    """The handler repairs only packed layer mappings: another truncated mapping dies of SIGBUS
+    as it would without hybrid."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRUNCATE_WHILE_MAPPED), str(tmp_path / "l.packed"),
+                        "other-file"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == -7, r.stdout + r.stderr
 
 
 def test_from_float_and_ct_argument_errors():

@@ -135,11 +135,20 @@ std::shared_ptr<PackedLayer> PackedLayer::open(const std::string& path) {
   L->header_ = hd;
   L->writable_ = false;
   L->path_ = path;
+  L->guard_ = std::make_unique<MappingGuard>(base, hd.total_bytes);
   return L;
 }
 
 PackedLayer::~PackedLayer() {
+  guard_.reset();  // before the range goes: nothing may repair pages of a later mapping there
   if (reservation_ != nullptr) munmap(reservation_, reservation_bytes_);
+}
+
+void PackedLayer::check_intact() const {
+  if (guard_ && guard_->faulted())
+    throw std::runtime_error("packed layer file '" + path_ + "' shrank while mapped (truncated or rewritten in "
+                             "place): reads past its new end saw zeros, so this layer's results are wrong; "
+                             "restore the file and load it again");
 }
 
 namespace {
@@ -259,6 +268,7 @@ void PackedLayer::place(ThreadPool& pool) const {
       if (dn.scales) touch(reinterpret_cast<const uint8_t*>(dn.scales + d0 * ds), size_t(d1 - d0) * ds * 2);
     }
   }});
+  check_intact();
 }
 
 }  // namespace hybrid

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "core/kernels.h"
+#include "core/mapping_guard.h"
 
 namespace hybrid {
 
@@ -72,6 +73,11 @@ class PackedLayer {
   // device, a directory, a FIFO or a socket.
   void save(const std::string& path) const;
 
+  // Throws std::runtime_error naming the file when it shrank while mapped (mapping_guard.h): the
+  // reads past its new end saw zeros, so results computed since are wrong. Callers check after
+  // each job (MoeOperator::sync, place, unpacking).
+  void check_intact() const;
+
   // Read one byte per page of every expert, each thread the units it computes on, so pages of a
   // file mapping land (page cache, first touch) on the NUMA node that reads them.
   void place(ThreadPool& pool) const;
@@ -99,6 +105,7 @@ class PackedLayer {
   LayerHeader header_{};
   bool writable_ = false;
   std::string path_;
+  std::unique_ptr<MappingGuard> guard_;  // file mappings only
 };
 
 }  // namespace hybrid
