@@ -173,6 +173,13 @@ def test_load_rejects_bad_files(tmp_path):
         PackedLayer.load(write("hidden.packed", data[:24] + (33).to_bytes(8, "little") + data[32:]))
     with pytest.raises(ValueError, match="header field expert_stride"):
         PackedLayer.load(write("stride.packed", data[:48] + (4096).to_bytes(8, "little") + data[56:]))
+    # num_experts 2^50 with the total_bytes its size wraps to (2 MiB + 2^50 * stride mod 2^64): a
+    # file this short would pass the size check, and experts would be read far outside the map.
+    stride = int.from_bytes(data[48:56], "little")
+    wrapped = ((2 << 20) + 2**50 * stride) % 2**64
+    with pytest.raises(ValueError, match=r"header field num_experts must be in 1\.\.65536, got 1125899906842624"):
+        PackedLayer.load(write("wrap.packed", data[:16] + (2**50).to_bytes(8, "little") + data[24:88]
+                               + wrapped.to_bytes(8, "little") + data[96:]))
 
 
 def test_save_writes_only_regular_files(tmp_path):

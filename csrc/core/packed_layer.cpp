@@ -44,12 +44,17 @@ uint8_t* reserve_aligned(size_t bytes, void** reservation, size_t* reservation_b
 LayerHeader layer_layout(WeightFormat format, int64_t e, int64_t h, int64_t i) {
   if (int(format) < 0 || int(format) > 2)
     throw std::invalid_argument("format: unknown weight format " + std::to_string(int(format)));
-  if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
-  if (h < kGroup || h % kGroup != 0)
-    throw std::invalid_argument("hidden must be a positive multiple of 32, got " + std::to_string(h));
-  if (i < kGroup || i % kGroup != 0)
-    throw std::invalid_argument("intermediate must be a positive multiple of 32, got " +
-                                std::to_string(i));
+  // The bounds keep every size below 2^63 (a header could otherwise wrap total_bytes around to a
+  // small number that a short file satisfies, and experts would be read far outside the map).
+  if (e < 1 || e > kLayerMaxExperts)
+    throw std::invalid_argument("num_experts must be in 1.." + std::to_string(kLayerMaxExperts) + ", got " +
+                                std::to_string(e));
+  if (h < kGroup || h % kGroup != 0 || h > kLayerMaxWidth)
+    throw std::invalid_argument("hidden must be a positive multiple of 32 up to " + std::to_string(kLayerMaxWidth) +
+                                ", got " + std::to_string(h));
+  if (i < kGroup || i % kGroup != 0 || i > kLayerMaxWidth)
+    throw std::invalid_argument("intermediate must be a positive multiple of 32 up to " +
+                                std::to_string(kLayerMaxWidth) + ", got " + std::to_string(i));
   LayerHeader hd{};
   std::memcpy(hd.magic, kLayerMagic, 8);
   hd.version = kLayerVersion;

@@ -32,6 +32,10 @@ constexpr char kLayerMagic[8] = {'H', 'Y', 'B', 'M', 'O', 'E', 'L', '1'};
 constexpr uint32_t kLayerVersion = 1;
 constexpr uint64_t kLayerDataOffset = 2ull << 20;
 constexpr uint64_t kLayerHeaderBytes = 4096;
+// Shape bounds (K2.5: 384 experts, hidden 7168, intermediate 2048): with them an expert is under
+// 2^43 bytes and a layer under 2^63, so no size computed from a header can wrap around.
+constexpr int64_t kLayerMaxExperts = 1 << 16;
+constexpr int64_t kLayerMaxWidth = 1 << 20;
 
 struct LayerHeader {
   char magic[8];
