@@ -37,9 +37,10 @@ class CMakeExtension(Extension):
         self.source_dir = str(source_dir)
 
 
-def _cmake_executable() -> str:
-    # Build isolation installs the `cmake` PyPI package (pyproject's build requirements); without
-    # isolation we fall back to a cmake on PATH.
+def find_cmake() -> str | None:
+    """The CMake to build with (also what tests/test_native_check_kernels.py builds with): build
+    isolation installs the `cmake` PyPI package (pyproject's build requirements); without
+    isolation, the PyPI package if installed, else a cmake on PATH; None when there is none."""
     try:
         import cmake  # type: ignore
 
@@ -48,7 +49,11 @@ def _cmake_executable() -> str:
             return str(exe)
     except ImportError:
         pass
-    exe = shutil.which("cmake")
+    return shutil.which("cmake")
+
+
+def _cmake_executable() -> str:
+    exe = find_cmake()
     if exe is None:
         raise RuntimeError("building hybrid._native needs CMake >= 3.20: pip install cmake")
     return exe
@@ -94,7 +99,9 @@ class CMakeBuild(build_ext):
                 shutil.copyfile(extra, dest / extra.name)
 
 
-setup(
-    ext_modules=[CMakeExtension("hybrid._native", ROOT)],
-    cmdclass={"build_ext": CMakeBuild},
-)
+if __name__ == "__main__":  # pip (setuptools.build_meta runs this file as __main__), setup.py CLI;
+    # importing it (the kernel check test asks find_cmake) builds nothing
+    setup(
+        ext_modules=[CMakeExtension("hybrid._native", ROOT)],
+        cmdclass={"build_ext": CMakeBuild},
+    )

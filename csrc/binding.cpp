@@ -502,6 +502,7 @@ struct PyLayer {
       auto [d0, d1] = pool->split(H / kRowBlock, tid, team);
       if (d0 < d1) unpack(dn, d0, d1, dp + d0 * kRowBlock * I);
     }});
+    layer->check_intact();
     }  // GIL back before building the tuple
     return py::make_tuple(gate, up, down);
   }
@@ -559,6 +560,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("isa_unavailable_reason", &isa_unavailable_reason, py::arg("isa"), "why an ISA cannot run ('' if it can)");
   m.def("active_isa", []() { return active_isa(); }, "the ISA the operator uses (HYBRID_ISA or the best)");
 
+  m.attr("max_threads") = kMaxThreads;  // the most workers a pool may have
   m.def("default_threads", &default_threads);
   m.def("num_threads", []() { return global_pool()->size(); }, "threads of the global pool");
   m.def("set_sync_threads", &set_sync_threads, py::arg("threads"),
@@ -689,7 +691,9 @@ PYBIND11_MODULE(_native, m) {
         if (mode == "fast") am = ActMode::Fast;
         else if (mode == "precise") am = ActMode::Precise;
         else throw py::value_error("mode must be 'fast' or 'precise', got '" + mode + "'");
-        if (threads < 0) throw py::value_error("threads must be >= 0 (0: the whole pool), got " + std::to_string(threads));
+        if (threads < 0 || threads > kMaxThreads + 1)  // + 1: a caller job's own thread
+          throw py::value_error("threads must be in 0.." + std::to_string(kMaxThreads + 1) +
+                                " (0: the whole pool), got " + std::to_string(threads));
         auto p = std::make_unique<PyMoE>();
         p->layer = l.layer;
         p->op = std::make_unique<MoeOperator>(l.layer, am, threads, isa, caller);
@@ -706,7 +710,7 @@ PYBIND11_MODULE(_native, m) {
 
 // Bound functions and classes (module hybrid._native):
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
-//   default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
+//   max_threads, default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, pack_gguf, unpack
 //   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, pack_expert_gguf, unpack_expert,

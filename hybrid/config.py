@@ -170,7 +170,7 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         model_type = raw.get("model_type")
-        if model_type not in MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {model_type!r} is not supported "
                 f"(supported: {', '.join(MODEL_TYPES)})"
@@ -183,7 +183,7 @@ class ModelConfig:
             if not isinstance(text, dict):
                 raise ConfigError(f"{source}: model_type {model_type} needs a 'text_config' object")
             inner = text.get("model_type", "deepseek_v3")
-            if inner not in MODEL_TYPES or MODEL_TYPES[inner]:
+            if not isinstance(inner, str) or inner not in MODEL_TYPES or MODEL_TYPES[inner]:
                 raise ConfigError(f"{source}: text_config.model_type {inner!r} is not supported")
             prefix = "language_model."
             quant_raw = text.get("quantization_config", quant_raw)
@@ -255,6 +255,28 @@ def is_number(x) -> bool:
 
 LONG_CONTEXT_WARNING = 1 << 24  # max_position_embeddings beyond this is legal but unheard of
 
+# Upper bounds of a config's counts and widths: far past any real model (K2.5's largest is the
+# vocabulary, 163840), low enough that what is derived from them (per-layer lists, parameter
+# counts, the RAM check) stays cheap: a config saying 2^64 layers must be refused, not iterated.
+SIZE_LIMIT = 1 << 24
+LAYER_LIMIT = 1 << 12
+
+
+def check_sizes(v: dict, names, bad) -> None:
+    """Each field in `names` a positive integer up to its limit (bad(name, why) raises)."""
+    for k in names:
+        limit = LAYER_LIMIT if k == "num_hidden_layers" else SIZE_LIMIT
+        if not is_int(v[k]) or not 0 < v[k] <= limit:
+            bad(k, f"must be a positive integer (at most {limit})")
+
+
+def check_flags(v: dict, names, bad) -> None:
+    """Each field in `names` JSON true or false (bool("false") is True: a string or a number here
+    would silently flip or fix the meaning)."""
+    for k in names:
+        if not isinstance(v[k], bool):
+            bad(k, "must be true or false")
+
 
 def check_common_fields(v: dict, bad, source: str) -> None:
     """Checks every architecture's config needs: context length, norm eps, special token ids
@@ -288,9 +310,7 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
     v = read_fields(raw, _REQUIRED, _DEFAULTS, source)
     bad = field_checker(source, v, raw)
 
-    for k in _REQUIRED:
-        if not is_int(v[k]) or v[k] <= 0:
-            bad(k, "must be a positive integer")
+    check_sizes(v, _REQUIRED, bad)
     check_common_fields(v, bad, source)
     if not is_number(v["routed_scaling_factor"]) or v["routed_scaling_factor"] <= 0:
         bad("routed_scaling_factor", "must be a positive number")
@@ -304,8 +324,8 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
         bad("moe_layer_freq", "is not supported (only 1: every layer after the dense ones is MoE)")
     if v["num_key_value_heads"] not in (None, v["num_attention_heads"]):
         bad("num_key_value_heads", "must equal num_attention_heads for MLA")
-    if v["q_lora_rank"] is not None and (not is_int(v["q_lora_rank"]) or v["q_lora_rank"] <= 0):
-        bad("q_lora_rank", "must be a positive integer or null")
+    if v["q_lora_rank"] is not None:
+        check_sizes(v, ("q_lora_rank",), bad)
     if v["n_group"] is None:
         v["n_group"] = 1
     if v["topk_group"] is None:
@@ -321,6 +341,9 @@ def _parse_text(raw: dict, model_type: str, prefix: str, quant_raw, source: str)
         bad("num_experts_per_tok", "exceeds the experts available in topk_group groups")
     if v["n_shared_experts"] is None:
         v["n_shared_experts"] = 0
+    if not is_int(v["n_shared_experts"]) or not 0 <= v["n_shared_experts"] <= SIZE_LIMIT:
+        bad("n_shared_experts", "must be a non-negative integer or null")
+    check_flags(v, ("norm_topk_prob", "rope_interleave", "attention_bias", "tie_word_embeddings"), bad)
     if not is_int(v["first_k_dense_replace"]) or not 0 <= v["first_k_dense_replace"] <= v["num_hidden_layers"]:
         bad("first_k_dense_replace", "must be in 0..num_hidden_layers")
     if v["qk_rope_head_dim"] % 2:
@@ -385,6 +408,11 @@ def parse_rope(raw: dict, v: dict, source: str) -> RopeConfig:
                       f"original_max_position_embeddings = {factor:g}, as transformers does")
     if not is_number(factor) or factor < 1:
         raise ConfigError(f"{source}: rope factor={factor!r} must be a number >= 1 for YaRN")
+    for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        if params.get(k) is not None and not is_number(params[k]):
+            raise ConfigError(f"{source}: rope {k}={params[k]!r} must be a number or absent")
+    if not isinstance(params.get("truncate", True), bool):
+        raise ConfigError(f"{source}: rope truncate={params['truncate']!r} must be true or false")
     return RopeConfig(
         "yarn",
         theta,

@@ -122,3 +122,35 @@ def test_quantize_row_a8_bit_exact(isa, k):
     np.testing.assert_array_equal(q, q0)
     np.testing.assert_array_equal(s, s0)
     np.testing.assert_array_equal(g, g0)
+
+
+@pytest.mark.parametrize("isa_all", ["scalar", *ISAS])
+def test_quantize_row_a8_nonfinite_groups(isa_all):
+    """A group holding NaN or Inf (in any lane) gets scale NaN, q 0, gsum 0; the other groups are
+    quantised as if it were not there, and matmul_a8 turns the NaN scale into NaN outputs (it
+    was clamped to +-127: plausible numbers)."""
+    rng = np.random.default_rng(410)
+    x = rng.standard_normal((4, 32 * 34)).astype(np.float32)
+    clean = x.copy()
+    bad = {0: [], 1: [], 2: [], 3: []}
+    for lane in range(32):  # row 0: one NaN per group, in every lane
+        x[0, 32 * lane + lane] = np.nan
+        bad[0].append(lane)
+    for g, v in ((3, np.inf), (7, -np.inf), (30, np.nan)):
+        x[1, 32 * g + 17] = v
+        bad[1].append(g)
+    x[2, 64:96] = np.nan
+    bad[2].append(2)
+    q, s, gs = NT.kernel_quantize_row_a8(isa_all, x)
+    q0, s0, g0 = NT.kernel_quantize_row_a8("scalar", clean)
+    for t, groups in bad.items():
+        ok = np.setdiff1d(np.arange(34), groups)
+        assert np.isnan(s[t, groups]).all() and not np.isnan(s[t, ok]).any()
+        assert (q[t].reshape(34, 32)[groups] == 0).all() and (gs[t, groups] == 0).all()
+        np.testing.assert_array_equal(q[t].reshape(34, 32)[ok], q0[t].reshape(34, 32)[ok])
+        np.testing.assert_array_equal(s[t, ok], s0[t, ok])
+    for fmt in ("int4", "int8"):
+        wq, ws, _ = packed(rng, fmt, 32, 32 * 34)
+        out = NT.kernel_matmul_a8(isa_all, fmt, wq, ws, 32, 32 * 34, q, s, gs, 0, 2)
+        assert np.isnan(out[:3]).all(), (isa_all, fmt)
+        assert np.isfinite(out[3]).all()

@@ -192,3 +192,62 @@ def test_nan_router_bias_is_refused(ckpt, tmp_path):
     shard = _rewrite(p, name, bias)
     with pytest.raises(CheckpointError, match=f"{shard.name}: tensor {name} holds NaN or Inf"):
         _load(p)
+
+
+def _as_bf16_checkpoint(ckpt, tmp_path):
+    """The fixture checkpoint with every float tensor stored BF16 and config.json saying so."""
+    p = _copy(ckpt, tmp_path)
+    for shard in sorted(p.glob("*.safetensors")):
+        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(shard)).items()}
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    cfg = json.loads((p / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (p / "config.json").write_text(json.dumps(cfg))
+    return p
+
+
+def _relabel(shard, tensor=None):
+    """BF16 -> F16 in the safetensors header (all tensors, or one), bytes untouched."""
+    blob = bytearray(shard.read_bytes())
+    n = int.from_bytes(blob[:8], "little")
+    head = blob[8:8 + n].decode()
+    if tensor is None:
+        head = head.replace('"dtype":"BF16"', '"dtype":"F16" ')
+    else:
+        at = head.index(f'"{tensor}":')
+        head = head[:at] + head[at:].replace('"dtype":"BF16"', '"dtype":"F16" ', 1)
+    blob[8:8 + n] = head.encode()
+    shard.write_bytes(bytes(blob))
+
+
+def test_bf16_relabelled_f16_is_refused(ckpt, tmp_path):
+    p = _as_bf16_checkpoint(ckpt, tmp_path)
+    _load(p)  # the BF16 checkpoint itself loads
+    _relabel(_shard_of(p, NORM), NORM)
+    with pytest.raises(CheckpointError, match=f"tensor {NORM} is F16 but .* as BF16: .* one was relabelled"):
+        _load(p)
+    for shard in p.glob("*.safetensors"):
+        _relabel(shard)
+    with pytest.raises(CheckpointError, match=r"is F16, but config.json declares the checkpoint bfloat16"):
+        _load(p)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]},
+    {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+    {"dtype": 7, "shape": [2], "data_offsets": [0, 8]},
+    {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+    {"dtype": "F32", "shape": -1, "data_offsets": [0, 8]},
+    "F32",
+])
+def test_malformed_header_entries_name_file_and_tensor(ckpt, tmp_path, entry):
+    p = _copy(ckpt, tmp_path)
+    shard = _shard_of(p, NORM)
+    blob = shard.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    head = json.loads(blob[8:8 + n])
+    head[NORM] = entry
+    new = json.dumps(head).encode()
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + blob[8 + n:])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: corrupt safetensors header: tensor '{NORM}'"):
+        _load(p)

@@ -90,6 +90,13 @@ def test_kimi_k25_without_text_config():
     ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}},
      "rope factor=0.5 must be a number >= 1"),
     ({"rope_theta": "big"}, "rope_theta='big' must be a number > 1"),
+    # found by the fuzz corpus (tests/fuzz): each was a TypeError, or a silent flip of meaning
+    ({"model_type": ["deepseek_v3"]}, r"model_type \['deepseek_v3'\] is not supported"),
+    ({"n_shared_experts": {"value": 1}}, r"field n_shared_experts=\{'value': 1\} must be a non-negative integer"),
+    ({"tie_word_embeddings": "false"}, "field tie_word_embeddings='false' must be true or false"),
+    ({"norm_topk_prob": 1}, "field norm_topk_prob=1 must be true or false"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": "32"}},
+     "rope beta_fast='32' must be a number or absent"),
 ])
 def test_bad_values_are_refused_naming_the_field(patch, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -11,6 +11,8 @@ Bounds:
     backend on the same model with the tolerance each format costs, top-1 agreement reported.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -76,6 +78,31 @@ def test_packed_cache_roundtrip(tmp_path):
     assert stats["from_cache"] == n_moe
     ids = _ids(cfg.vocab_size)
     assert torch.equal(_prefill(net1, cfg, ids), _prefill(net2, cfg, ids))
+
+
+def test_packed_cache_holds_only_regular_files(tmp_path):
+    """A checkpoint shipping `.hybrid-cache` as a link (to a folder elsewhere) or a cached layer as
+    a link or a FIFO is refused, naming it; nothing is written through the link."""
+    from hybrid.loaders.safetensors_files import CheckpointError
+
+    path, _ = build(tmp_path / "ckpt", variant="int4")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path / ".hybrid-cache").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match=r"\.hybrid-cache: the packed cache must be a folder inside"):
+        _load(path, packed_cache=True)
+    assert list(elsewhere.iterdir()) == []
+    (path / ".hybrid-cache").unlink()
+    _load(path, packed_cache=True)
+    first = sorted((path / ".hybrid-cache").iterdir())[0]
+    first.unlink()
+    os.mkfifo(first)  # opening a FIFO would block forever
+    with pytest.raises(CheckpointError, match=f"{first.name}: not a regular file"):
+        _load(path, packed_cache=True)
+    first.unlink()
+    first.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=f"{first.name}: not a regular file"):
+        _load(path, packed_cache=True)
 
 
 def test_hybrid_load_default_backend_greedy(tmp_path):

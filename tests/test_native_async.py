@@ -186,6 +186,45 @@ def test_thread_count_override():
     assert "HYBRID_NUM_THREADS='many' is not a thread count" in r.stdout, r.stdout + r.stderr
 
 
+def test_absurd_thread_counts_are_python_errors(layer, inputs):
+    """A thread count past the pool's limit is a ValueError before any thread starts (it was
+    SIGABRT: `terminate called without an active exception`); the pool is left as it was."""
+    before = native.num_threads()
+    for n in (100000, 2**31 - 1):
+        with pytest.raises(ValueError, match=f"threads must be at most 4096, got {n}"):
+            native.set_num_threads(n)
+        with pytest.raises(ValueError, match="threads must be at most 4096"):
+            CpuMoE(layer, threads=n)
+    with pytest.raises(ValueError, match="threads must be in 0..4097"):
+        N.MoE(layer._h, "fast", 100000, "", False)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        CpuMoE(layer, threads=True)
+    with pytest.raises((TypeError, OverflowError)):
+        native.set_num_threads(10**20)
+    assert native.num_threads() == before
+    CpuMoE(layer).forward(*inputs)
+
+
+def test_thread_start_failure_is_a_python_error():
+    """Workers the OS refuses (here: 256 MiB more address space than the process has, 8 MiB stacks) are a RuntimeError
+    naming the thread; the workers already started are stopped and the old pool keeps working."""
+    r = run_python("""
+        import resource
+        from hybrid import native
+        native.set_num_threads(1)
+        vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+        try:
+            native.set_num_threads(4000)
+        except RuntimeError as e:
+            print("RuntimeError:", e)
+        print("threads", native.num_threads())
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RuntimeError: cannot start worker thread" in r.stdout and "of 4000" in r.stdout, r.stdout + r.stderr
+    assert "threads 1" in r.stdout, r.stdout
+
+
 def test_set_num_threads_with_live_operators(layer, inputs):
     moe = CpuMoE(layer)
     ref = moe.forward(*inputs)

@@ -10,6 +10,7 @@ every ISA this machine has is checked. Skips only when no CMake or C++ compiler 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,15 +23,11 @@ BUILD = ROOT / "build" / "check_kernels"
 
 
 def _cmake() -> str | None:
-    try:
-        import cmake  # type: ignore  # noqa: PLC0415  (the PyPI package, as setup.py uses it)
-
-        exe = Path(cmake.CMAKE_BIN_DIR) / "cmake"
-        if exe.exists():
-            return str(exe)
-    except ImportError:
-        pass
-    return shutil.which("cmake")
+    """The CMake setup.py builds with (its find_cmake; setup.py builds nothing when imported)."""
+    spec = importlib.util.spec_from_file_location("hybrid_setup_py", ROOT / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)
+    return setup_py.find_cmake()
 
 
 def _compiler() -> str | None:

@@ -116,6 +116,26 @@ def test_isa_paths_agree_with_scalar(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["fast", "precise"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input_gives_nonfinite_output(isa, fmt, mode, bad):
+    """NaN or Inf in a token's x comes out of every path as NaN/Inf in that token's row, never as
+    plausible numbers (the fast int8 quantiser clamped it to +-127), so the engine's "the model
+    produced NaN" check sees it; the other tokens' rows are what they are without it."""
+    layer, _ = layer_and_experts(fmt)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    ids, weights, _ = routing(rng, 5, masked=False)
+    moe = CpuMoE(layer, mode=mode, isa=isa)
+    clean = moe.forward(x, ids, weights)
+    x[3, 40] = bad
+    y = moe.forward(x, ids, weights)
+    assert not np.isfinite(y[3]).any(), y[3]
+    np.testing.assert_array_equal(np.delete(y, 3, 0), np.delete(clean, 3, 0))
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mode", ["fast", "precise"])
 def test_k25_sized_expert(isa, mode):
     """Two experts at Kimi K2.5 size (H = 7168, I = 2048), INT4, B = 3, K = 8 (repeated ids)."""

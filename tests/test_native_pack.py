@@ -5,6 +5,9 @@ its quantisation step, and packed layer files save / load / reject bad files."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -170,6 +173,100 @@ def test_load_rejects_bad_files(tmp_path):
         PackedLayer.load(write("hidden.packed", data[:24] + (33).to_bytes(8, "little") + data[32:]))
     with pytest.raises(ValueError, match="header field expert_stride"):
         PackedLayer.load(write("stride.packed", data[:48] + (4096).to_bytes(8, "little") + data[56:]))
+    # num_experts 2^50 with the total_bytes its size wraps to (2 MiB + 2^50 * stride mod 2^64): a
+    # file this short would pass the size check, and experts would be read far outside the map.
+    stride = int.from_bytes(data[48:56], "little")
+    wrapped = ((2 << 20) + 2**50 * stride) % 2**64
+    with pytest.raises(ValueError, match=r"header field num_experts must be in 1\.\.65536, got 1125899906842624"):
+        PackedLayer.load(write("wrap.packed", data[:16] + (2**50).to_bytes(8, "little") + data[24:88]
+                               + wrapped.to_bytes(8, "little") + data[96:]))
+
+
+def test_save_writes_only_regular_files(tmp_path):
+    """save() replaces a regular file or nothing: a link (to a file or to a device), a device, a
+    folder or a FIFO at the path is refused and left as it was; a link planted at the temp file's
+    name is never written through (the temp file is created new)."""
+    layer = PackedLayer.from_float(*random_experts(np.random.default_rng(18), 2, 32, 32), format="int8")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    (tmp_path / "link.packed").symlink_to(victim)
+    (tmp_path / "devlink.packed").symlink_to("/dev/null")
+    (tmp_path / "dir.packed").mkdir()
+    os.mkfifo(tmp_path / "fifo.packed")
+    for name, kind in (("link.packed", "a symbolic link"), ("devlink.packed", "a symbolic link"),
+                       ("dir.packed", "a directory"), ("fifo.packed", "a FIFO")):
+        with pytest.raises(ValueError, match=f"{name}' is {kind}: a packed layer is saved only as"):
+            layer.save(tmp_path / name)
+    with pytest.raises(ValueError, match="/dev/null' is a device"):
+        layer.save("/dev/null")
+    with pytest.raises(ValueError, match="does not name a file"):
+        layer.save(str(tmp_path) + "/")
+    assert victim.read_bytes() == b"keep me" and (tmp_path / "link.packed").is_symlink()
+    for pid_link in (f"x.packed.tmp-{os.getpid()}-{n}" for n in range(64)):
+        (tmp_path / pid_link).symlink_to(victim)  # whatever the temp name's serial, it is not followed
+    try:
+        layer.save(tmp_path / "x.packed")
+    except RuntimeError as e:  # the serial hit a planted name: refused (EEXIST), nothing written
+        assert "cannot create" in str(e)
+    assert victim.read_bytes() == b"keep me"
+    layer.save(tmp_path / "ok.packed")
+    assert PackedLayer.load(tmp_path / "ok.packed").nbytes == layer.nbytes
+
+
+_TRUNCATE_WHILE_MAPPED = """
+    import faulthandler, mmap, os, sys
+    import numpy as np
+    from native_ref import random_experts
+    from hybrid.experts.cpu_moe import CpuMoE, PackedLayer
+    path, how = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(19)
+    PackedLayer.from_float(*random_experts(rng, 4, 64, 64), format="int4").save(path)
+    layer = PackedLayer.load(path)
+    moe = CpuMoE(layer, threads=2)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ids, w = np.array([[0, 3], [1, 2], [3, 3]], np.int32), np.ones((3, 2), np.float32)
+    moe.forward(x, ids, w)
+    if how == "faulthandler-after":
+        faulthandler.enable()
+    if how == "other-file":  # a mapping nobody guards still faults as before
+        with open(path + ".other", "wb") as f:
+            f.write(bytes(65536))
+        mm = mmap.mmap(os.open(path + ".other", os.O_RDONLY), 65536, prot=mmap.PROT_READ)
+        os.truncate(path + ".other", 0)
+        print(mm[40000])
+    os.truncate(path, (2 << 20) + layer.expert_nbytes)  # experts 1..3 gone
+    for what, call in (("forward", lambda: moe.forward(x, ids, w)), ("unpack", lambda: layer.unpack_expert(3)),
+                       ("place", layer.place), ("again", lambda: moe.forward(x, ids, w))):
+        try:
+            call()
+            print(what, "no error")
+        except RuntimeError as e:
+            print(what, "RuntimeError:", e)
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "faulthandler-before", "faulthandler-after"])
+def test_file_truncated_while_mapped_is_an_error_not_sigbus(tmp_path, how):
+    """A packed layer file that shrinks under a running model: the next sync (and unpacking,
+    placing) raises RuntimeError naming the file, every time after; no SIGBUS, whether Python's
+    faulthandler was enabled before the layer was mapped or after."""
+    flags = ["-X", "faulthandler"] if how == "faulthandler-before" else []
+    r = subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(_TRUNCATE_WHILE_MAPPED),
+                        str(tmp_path / "l.packed"), how], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for what in ("forward", "unpack", "place", "again"):
+        assert f"{what} RuntimeError: packed layer file '{tmp_path / 'l.packed'}' shrank while mapped" in r.stdout, \
+            r.stdout + r.stderr
+
+
+def test_unguarded_mapping_still_faults(tmp_path):
+    """The handler repairs only packed layer mappings: another truncated mapping dies of SIGBUS
+    as it would without hybrid."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_TRUNCATE_WHILE_MAPPED), str(tmp_path / "l.packed"),
+                        "other-file"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == -7, r.stdout + r.stderr
 
 
 def test_from_float_and_ct_argument_errors():

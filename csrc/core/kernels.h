@@ -11,11 +11,15 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 namespace hybrid {
 
 constexpr int kRowBlock = 16;  // RB: output rows per packed block (one zmm of fp32/int32 lanes)
 constexpr int kGroup = 32;     // G: inputs per quantization group (Kimi K2.5 ships group 32)
+// The activation scale of a group holding NaN or Inf (quantize_row_a8): NaN, which every kernel
+// multiplies into the outputs the group feeds.
+constexpr float kNonFiniteScale = std::numeric_limits<float>::quiet_NaN();
 
 // INT4_G32 / INT8_G32 / BF16: hybrid's own formats (Kimi's shipped INT4 and what we quantise to).
 // Q4_0 / Q8_0: GGUF's block types of the same names kept in their own bits (pack_gguf, pack.h): the
@@ -140,7 +144,9 @@ struct KernelTable {
   const char* name;  // "scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx"
 
   // x [K] fp32 -> q [K] int8, scale [K/32], gsum [K/32]. Round to nearest, scale = amax / 127
-  // (scale 0 -> all-zero group).
+  // (scale 0 -> all-zero group). A group holding NaN or Inf gets q 0, gsum 0 and scale
+  // kNonFiniteScale (NaN), so every output the group feeds comes out NaN, as the fp32 and bf16
+  // paths give, never a plausible number (clamping NaN/Inf to +-127 did that).
   void (*quantize_row_a8)(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum);
 
   // out[t * ldo + (16*b - 16*b0) + r] = sum_k W[16*b + r][k] * x[t][k]

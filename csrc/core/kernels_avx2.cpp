@@ -87,20 +87,29 @@ static HY_ALWAYS_INLINE int32_t y_hsum_epi32(__m256i v) {
 
 // ---------------------------------------------------------------------------------------------
 // quantize_row_a8: scale = amax / 127, q = round-to-nearest-even(x * 127 / amax), as the scalar
-// reference computes it (bit for bit).
+// reference computes it (bit for bit); a group holding NaN or Inf gets scale NaN, q 0.
 // ---------------------------------------------------------------------------------------------
 static void y_quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
   const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const float* xg = x + g * kGroup;
     __m256 v[4];
-    __m256 a = _mm256_setzero_ps();
+    __m256 a = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
       v[i] = _mm256_loadu_ps(xg + 8 * i);
-      a = _mm256_max_ps(a, _mm256_and_ps(v[i], absmask));
+      const __m256 av = _mm256_and_ps(v[i], absmask);
+      a = _mm256_max_ps(a, av);
+      nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(av, fmax, _CMP_NLE_UQ));  // Inf or NaN
+    }
+    if (_mm256_movemask_ps(nonfinite) != 0) {
+      std::memset(q + g * kGroup, 0, kGroup);
+      scale[g] = kNonFiniteScale;
+      gsum[g] = 0;
+      continue;
     }
     const float amax = y_hmax(a);
     const float s = amax / 127.0f;

@@ -14,12 +14,22 @@ namespace hybrid {
 namespace {
 
 // x [K] -> per group of 32: scale = amax / 127, q = round_half_even(x / scale) (via x * (1/scale)),
-// gsum = sum of q. An all-zero group gets scale 0, q 0.
+// gsum = sum of q. An all-zero group gets scale 0, q 0; a group holding NaN or Inf scale NaN, q 0.
 void quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum) {
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const float* xg = x + g * kGroup;
     float amax = 0.f;
-    for (int i = 0; i < kGroup; ++i) amax = std::fmax(amax, std::fabs(xg[i]));
+    bool finite = true;
+    for (int i = 0; i < kGroup; ++i) {
+      amax = std::fmax(amax, std::fabs(xg[i]));
+      finite = finite && std::isfinite(xg[i]);
+    }
+    if (!finite) {
+      std::fill(q + g * kGroup, q + (g + 1) * kGroup, int8_t(0));
+      scale[g] = kNonFiniteScale;
+      gsum[g] = 0;
+      continue;
+    }
     float s = amax / 127.f;
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;

@@ -167,6 +167,7 @@ void MoeOperator::sync() {
   ThreadPool::Handle job = std::move(job_);
   job_.reset();
   ThreadPool::wait(job);
+  layer_->check_intact();  // a layer file that shrank under the job: an error, not a SIGBUS
 }
 
 // Phase 1: each token's activations -> fp32 -> (int8 once) -> its pair slots.

@@ -68,8 +68,9 @@ class MoeOperator {
   // Starts the job and returns. Throws std::invalid_argument for bad ids, std::logic_error when a
   // job of this operator is still pending (call sync() first).
   void submit(const MoeCall& call);
-  // Waits for the pending job; rethrows a worker exception as std::runtime_error. No-op when
-  // nothing is pending.
+  // Waits for the pending job; rethrows a worker exception as std::runtime_error, and throws one
+  // when the layer's file shrank while mapped (PackedLayer::check_intact). No-op when nothing is
+  // pending.
   void sync();
   bool pending() const;
 

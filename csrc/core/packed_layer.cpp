@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -53,16 +54,21 @@ LayerHeader layer_layout(WeightFormat format, WeightFormat up_format, WeightForm
     throw std::invalid_argument("up_format: gate and up may have different formats only when both are integer "
                                 "formats (gate " + std::to_string(int(format)) + ", up " +
                                 std::to_string(int(up_format)) + ")");
-  if (e < 1) throw std::invalid_argument("num_experts must be >= 1, got " + std::to_string(e));
+  // The bounds keep every size below 2^63 (a header could otherwise wrap total_bytes around to a
+  // small number that a short file satisfies, and experts would be read far outside the map).
+  if (e < 1 || e > kLayerMaxExperts)
+    throw std::invalid_argument("num_experts must be in 1.." + std::to_string(kLayerMaxExperts) + ", got " +
+                                std::to_string(e));
   // hidden is gate_up's K, intermediate down's: 256 for the K types (kernels.h k_multiple).
   const int64_t hm = std::max(k_multiple(format), k_multiple(up_format));
-  if (h < kGroup || h % hm != 0)
+  if (h < kGroup || h % hm != 0 || h > kLayerMaxWidth)
     throw std::invalid_argument("hidden must be a positive multiple of " + std::to_string(hm) +
-                                " for this gate_up format, got " + std::to_string(h));
-  if (i < kGroup || i % k_multiple(down_format) != 0)
+                                " for this gate_up format, up to " + std::to_string(kLayerMaxWidth) + ", got " +
+                                std::to_string(h));
+  if (i < kGroup || i % k_multiple(down_format) != 0 || i > kLayerMaxWidth)
     throw std::invalid_argument("intermediate must be a positive multiple of " +
-                                std::to_string(k_multiple(down_format)) + " for this down format, got " +
-                                std::to_string(i));
+                                std::to_string(k_multiple(down_format)) + " for this down format, up to " +
+                                std::to_string(kLayerMaxWidth) + ", got " + std::to_string(i));
   LayerHeader hd{};
   std::memcpy(hd.magic, kLayerMagic, 8);
   hd.version = kLayerVersion;
@@ -162,21 +168,65 @@ std::shared_ptr<PackedLayer> PackedLayer::open(const std::string& path) {
   L->header_ = hd;
   L->writable_ = false;
   L->path_ = path;
+  L->guard_ = std::make_unique<MappingGuard>(base, hd.total_bytes);
   return L;
 }
 
 PackedLayer::~PackedLayer() {
+  guard_.reset();  // before the range goes: nothing may repair pages of a later mapping there
   if (reservation_ != nullptr) munmap(reservation_, reservation_bytes_);
 }
 
+void PackedLayer::check_intact() const {
+  if (guard_ && guard_->faulted())
+    throw std::runtime_error("packed layer file '" + path_ + "' shrank while mapped (truncated or rewritten in "
+                             "place): reads past its new end saw zeros, so this layer's results are wrong; "
+                             "restore the file and load it again");
+}
+
+namespace {
+
+const char* file_kind(mode_t m) {
+  if (S_ISLNK(m)) return "a symbolic link";
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISCHR(m) || S_ISBLK(m)) return "a device";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+
+// Throws unless `name` in directory `dirfd` is absent or a regular file (never followed).
+void check_replaceable(int dirfd, const std::string& name, const std::string& path) {
+  struct stat st {};
+  if (fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode))
+    throw std::invalid_argument("'" + path + "' is " + file_kind(st.st_mode) +
+                                ": a packed layer is saved only as (or over) a regular file");
+}
+
+}  // namespace
+
 void PackedLayer::save(const std::string& path) const {
-  std::string tmp = path + ".tmp-" + std::to_string(getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // Everything happens relative to the directory opened once (no path is looked up twice), the
+  // temp file is created new (O_EXCL | O_NOFOLLOW: a planted link is never written through), and
+  // only a regular file or nothing is replaced.
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  if (name.empty() || name == "." || name == "..")
+    throw std::invalid_argument("'" + path + "' does not name a file to save a packed layer to");
+  int dirfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dirfd < 0) throw std::runtime_error(sys_error("cannot open the directory of", path));
+  struct FdCloser { int fd; ~FdCloser() { ::close(fd); } } dir_closer{dirfd};
+  check_replaceable(dirfd, name, path);
+  static std::atomic<uint64_t> serial{0};
+  const std::string tmp_name = name + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(serial++);
+  const std::string tmp = dir + "/" + tmp_name;
+  int fd = ::openat(dirfd, tmp_name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
   if (fd < 0) throw std::runtime_error(sys_error("cannot create", tmp));
   auto fail = [&](const std::string& what) {
     std::string msg = sys_error(what, tmp);
     ::close(fd);
-    ::unlink(tmp.c_str());
+    ::unlinkat(dirfd, tmp_name.c_str(), 0);
     throw std::runtime_error(msg);
   };
   auto write_all = [&](const uint8_t* p, uint64_t n, uint64_t off) {
@@ -196,14 +246,21 @@ void PackedLayer::save(const std::string& path) const {
   if (ftruncate(fd, off_t(header_.total_bytes)) != 0) fail("cannot size");
   if (fsync(fd) != 0) fail("cannot fsync");
   if (::close(fd) != 0) {
-    ::unlink(tmp.c_str());
+    ::unlinkat(dirfd, tmp_name.c_str(), 0);
     throw std::runtime_error(sys_error("cannot close", tmp));
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+  try {
+    check_replaceable(dirfd, name, path);  // again: something may have appeared meanwhile
+  } catch (...) {
+    ::unlinkat(dirfd, tmp_name.c_str(), 0);
+    throw;
+  }
+  if (::renameat(dirfd, tmp_name.c_str(), dirfd, name.c_str()) != 0) {
     std::string msg = sys_error("cannot rename to '" + path + "' from", tmp);
-    ::unlink(tmp.c_str());
+    ::unlinkat(dirfd, tmp_name.c_str(), 0);
     throw std::runtime_error(msg);
   }
+  fsync(dirfd);  // best effort: the rename itself durable
 }
 
 namespace {
@@ -262,6 +319,7 @@ void PackedLayer::place(ThreadPool& pool) const {
       touch_blocks(down(e), d0, d1);
     }
   }});
+  check_intact();
 }
 
 }  // namespace hybrid

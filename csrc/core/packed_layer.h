@@ -25,6 +25,7 @@
 #include <string>
 
 #include "core/kernels.h"
+#include "core/mapping_guard.h"
 
 namespace hybrid {
 
@@ -34,6 +35,10 @@ constexpr char kLayerMagic[8] = {'H', 'Y', 'B', 'M', 'O', 'E', 'L', '1'};
 constexpr uint32_t kLayerVersion = 2;  // 2: up_format, down_format; version 1 files (one format) still open
 constexpr uint64_t kLayerDataOffset = 2ull << 20;
 constexpr uint64_t kLayerHeaderBytes = 4096;
+// Shape bounds (K2.5: 384 experts, hidden 7168, intermediate 2048): with them an expert is under
+// 2^43 bytes and a layer under 2^63, so no size computed from a header can wrap around.
+constexpr int64_t kLayerMaxExperts = 1 << 16;
+constexpr int64_t kLayerMaxWidth = 1 << 20;
 
 struct LayerHeader {
   char magic[8];
@@ -78,8 +83,15 @@ class PackedLayer {
   PackedLayer(const PackedLayer&) = delete;
   PackedLayer& operator=(const PackedLayer&) = delete;
 
-  // Write the file atomically: `path`.tmp-<pid>, fsync, rename.
+  // Write the file atomically: a new temp file beside `path` (O_EXCL, never through a link),
+  // fsync, rename. Replaces only a regular file: std::invalid_argument when `path` is a link, a
+  // device, a directory, a FIFO or a socket.
   void save(const std::string& path) const;
+
+  // Throws std::runtime_error naming the file when it shrank while mapped (mapping_guard.h): the
+  // reads past its new end saw zeros, so results computed since are wrong. Callers check after
+  // each job (MoeOperator::sync, place, unpacking).
+  void check_intact() const;
 
   // Read one byte per page of every expert, each thread the units it computes on, so pages of a
   // file mapping land (page cache, first touch) on the NUMA node that reads them.
@@ -115,6 +127,7 @@ class PackedLayer {
   LayerHeader header_{};
   bool writable_ = false;
   std::string path_;
+  std::unique_ptr<MappingGuard> guard_;  // file mappings only
 };
 
 }  // namespace hybrid

@@ -102,18 +102,27 @@ static HY_ALWAYS_INLINE void z_q4g32_operands(const uint8_t* p, __m512i* wv) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantize_row_a8: per group of 32, scale = amax / 127, q = round-to-nearest-even(x * 127 / amax).
+// quantize_row_a8: per group of 32, scale = amax / 127, q = round-to-nearest-even(x * 127 / amax);
+// a group holding NaN or Inf gets scale NaN, q 0.
 // ---------------------------------------------------------------------------------------------
 [[maybe_unused]] static void z_quantize_row_a8(const float* x, int64_t k, int8_t* q, float* scale, int32_t* gsum) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
   for (int64_t g = 0; g < k / kGroup; ++g) {
     const float* xg = x + g * kGroup;
     __m512 v0 = _mm512_loadu_ps(xg);
     __m512 v1 = _mm512_loadu_ps(xg + 16);
-    __m512 a = _mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask));
+    const __m512 a0 = _mm512_and_ps(v0, absmask), a1 = _mm512_and_ps(v1, absmask);
+    if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, fmax, _CMP_NLE_UQ)) != 0) {
+      std::memset(q + g * kGroup, 0, kGroup);  // Inf or NaN in the group: zeros, scale NaN
+      scale[g] = kNonFiniteScale;
+      gsum[g] = 0;
+      continue;
+    }
+    __m512 a = _mm512_max_ps(a0, a1);
     float amax = _mm512_reduce_max_ps(a);
     float s = amax / 127.0f;
-    if (!(s > 0.0f)) {  // all-zero group (or NaN input): zeros, scale 0
+    if (!(s > 0.0f)) {  // all-zero group: zeros, scale 0
       std::memset(q + g * kGroup, 0, kGroup);
       scale[g] = 0.0f;
       gsum[g] = 0;

@@ -17,6 +17,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <system_error>
 
 namespace hybrid {
 namespace {
@@ -139,24 +140,39 @@ int default_threads() {
   if (const char* env = std::getenv("HYBRID_NUM_THREADS")) {
     char* end = nullptr;
     long v = std::strtol(env, &end, 10);
-    if (end != env && *end == '\0' && v > 0 && v <= 4096) return int(v);
+    if (end != env && *end == '\0' && v > 0 && v <= kMaxThreads) return int(v);
     throw std::invalid_argument(std::string("HYBRID_NUM_THREADS='") + env +
-                                "' is not a thread count (a positive integer)");
+                                "' is not a thread count (an integer in 1.." + std::to_string(kMaxThreads) + ")");
   }
   return std::max(1, detect_topology().physical_cores);
 }
 
 ThreadPool::ThreadPool(int threads) : topo_(detect_topology()) {
+  if (threads > kMaxThreads)
+    throw std::invalid_argument("threads must be at most " + std::to_string(kMaxThreads) + ", got " +
+                                std::to_string(threads));
   if (threads <= 0) threads = std::max(1, topo_.physical_cores);
   for (int i = 0; i < threads; ++i) {
     size_t slot = size_t(i) % topo_.cpus.size();
     worker_cpu_.push_back(topo_.cpus[slot]);
     worker_node_.push_back(topo_.node_of[slot]);
   }
-  for (int i = 0; i < threads; ++i) workers_.emplace_back([this, i] { worker_main(i); });
+  workers_.reserve(size_t(threads));
+  for (int i = 0; i < threads; ++i) {
+    try {
+      workers_.emplace_back([this, i] { worker_main(i); });
+    } catch (const std::system_error& e) {  // the destructor does not run for a throwing ctor
+      stop_workers();
+      throw std::runtime_error("cannot start worker thread " + std::to_string(i + 1) + " of " +
+                               std::to_string(threads) + ": " + e.what() +
+                               " (ask for fewer threads, or raise the process's thread or memory limit)");
+    }
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   stop_.store(true);
   epoch_.fetch_add(1);
   futex_wake_all(&epoch_);

@@ -60,7 +60,9 @@ class ThreadPool {
   };
   using Handle = std::shared_ptr<Job>;
 
-  explicit ThreadPool(int threads);  // threads <= 0: one per physical core
+  // threads <= 0: one per physical core; more than kMaxThreads: std::invalid_argument. A worker
+  // the OS refuses to start (thread limit, memory) is std::runtime_error, the others stopped.
+  explicit ThreadPool(int threads);
   ~ThreadPool();                     // finishes queued jobs, then joins
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -108,6 +110,7 @@ class ThreadPool {
   void worker_main(int tid);
   void run_job(Job& job, int tid);
   void finish(const Handle& job);        // last thread out: drop finished jobs, mark done
+  void stop_workers();                   // let the started workers finish the queue, join them
   std::vector<int> team_nodes(int team) const;
   static void barrier(Job& job);
 
@@ -137,6 +140,9 @@ std::shared_ptr<ThreadPool> global_pool();
 // keeps a worker (a pool has at least one).
 void set_sync_threads(int threads);
 int sync_team(const ThreadPool& pool);
+
+// The most workers a pool may have (HYBRID_NUM_THREADS, set_global_threads, ThreadPool).
+constexpr int kMaxThreads = 4096;
 
 // Replace the global pool by one with `threads` workers (<= 0: default). Waits for queued jobs.
 void set_global_threads(int threads);

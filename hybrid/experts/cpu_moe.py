@@ -284,9 +284,11 @@ class CpuMoE:
             raise TypeError(f"layer must be a PackedLayer, got {type(layer).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'fast' or 'precise', got {mode!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         n = native.lib()
+        if threads is not None and threads > n.max_threads:
+            raise ValueError(f"threads must be at most {n.max_threads}, got {threads}")
         workers = None if threads is None else threads - (1 if caller else 0)
         if workers and workers > n.num_threads():
             n.set_num_threads(workers)

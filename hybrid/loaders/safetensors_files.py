@@ -129,41 +129,95 @@ class SafetensorsFiles:
         return t
 
     def file_sizes_ok(self) -> None:
-        """Check every file is at least as long as its header says (catches truncated downloads
-        before minutes of loading), and that every tensor the index puts in a file is in it."""
-        import struct
-
+        """Check every file's header before minutes of loading: it is whole (each file at least as
+        long as its header says: catches truncated downloads), every tensor the index puts in a
+        file is in it, and the 16-bit float tensors are all of one type, the one config.json
+        declares (BF16 data relabelled F16 in a header reads as plausible-looking garbage)."""
         listed: dict[str, list[str]] = {}
         for name, fname in self.where.items():
             listed.setdefault(fname, []).append(name)
+        halves: dict[str, tuple[Path, str]] = {}  # "BF16" / "F16" -> (file, a tensor of that type)
         for fname in sorted(listed):
             full = self.path / fname
-            size = os.path.getsize(full)
-            with open(full, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CheckpointError(f"{full}: truncated (no safetensors header)")
-                (hlen,) = struct.unpack("<Q", head)
-                if 8 + hlen > size:
-                    raise CheckpointError(f"{full}: truncated (header says {hlen} bytes, file has {size - 8})")
-                try:
-                    header = json.loads(f.read(hlen))
-                except json.JSONDecodeError as e:
-                    raise CheckpointError(f"{full}: corrupt safetensors header ({e})") from None
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{full}: corrupt safetensors header (not an object)")
-            try:
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (KeyError, TypeError, IndexError) as e:
-                raise CheckpointError(f"{full}: corrupt safetensors header (tensor entry without "
-                                      f"data_offsets: {e})") from None
-            if 8 + hlen + end > size:
-                raise CheckpointError(f"{full}: truncated: tensors need {8 + hlen + end} bytes, file has {size}")
+            header = _read_header(full)
             absent = sorted(n for n in listed[fname] if n not in header)
             if absent:
                 more = f" (and {len(absent) - 3} more)" if len(absent) > 3 else ""
                 raise CheckpointError(f"{full}: does not hold tensor(s) {', '.join(absent[:3])}{more} that "
                                       f"{INDEX_NAME} lists in it")
+            for name in listed[fname]:
+                if header[name]["dtype"] in ("BF16", "F16"):
+                    halves.setdefault(header[name]["dtype"], (full, name))
+        if len(halves) == 2:
+            (fb, nb), (ff, nf) = halves["BF16"], halves["F16"]
+            raise CheckpointError(f"{ff}: tensor {nf} is F16 but {fb.name} holds tensor {nb} as BF16: a "
+                                  f"checkpoint keeps its 16-bit weights in one type, so one was relabelled")
+        declared = _declared_half(self.path)
+        if declared and halves and declared not in halves:
+            (got, (full, name)), = halves.items()
+            raise CheckpointError(f"{full}: tensor {name} is {got}, but config.json declares the checkpoint "
+                                  f"{_HALF_NAMES[declared]}: the header's dtype does not match the data's")
+
+
+_HALF_NAMES = {"BF16": "bfloat16", "F16": "float16"}
+
+
+def _declared_half(path: Path) -> str | None:
+    """"BF16" / "F16" when the checkpoint's config.json declares that dtype (torch_dtype, or
+    dtype as newer transformers write it; a multimodal wrapper's text_config first)."""
+    from hybrid.config import ConfigError, read_config_json
+
+    try:
+        raw, _ = read_config_json(path)
+    except ConfigError:
+        return None  # no config.json here: nothing declared (its absence is reported elsewhere)
+    for cfg in (raw.get("text_config"), raw):
+        if isinstance(cfg, dict):
+            for key in ("torch_dtype", "dtype"):
+                for code, name in _HALF_NAMES.items():
+                    if cfg.get(key) == name:
+                        return code
+    return None
+
+
+def _read_header(full: Path) -> dict:
+    """The safetensors header of `full` as {tensor: {"dtype", "shape", "data_offsets"}}, checked
+    for shape (types, ranges) and against the file's size; CheckpointError naming the file."""
+    import struct
+
+    size = os.path.getsize(full)
+    with open(full, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{full}: truncated (no safetensors header)")
+        (hlen,) = struct.unpack("<Q", head)
+        if 8 + hlen > size:
+            raise CheckpointError(f"{full}: truncated (header says {hlen} bytes, file has {size - 8})")
+        try:
+            header = json.loads(f.read(hlen))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{full}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{full}: corrupt safetensors header (not an object)")
+    end = 0
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str)
+              and isinstance(v.get("shape"), list) and all(_is_size(d) for d in v["shape"])
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(_is_size(o) for o in v["data_offsets"]) and v["data_offsets"][0] <= v["data_offsets"][1])
+        if not ok:
+            raise CheckpointError(f"{full}: corrupt safetensors header: tensor {name!r} needs dtype (text), "
+                                  f"shape (sizes) and data_offsets [begin, end], got {v!r:.200}")
+        end = max(end, v["data_offsets"][1])
+    if 8 + hlen + end > size:
+        raise CheckpointError(f"{full}: truncated: tensors need {8 + hlen + end} bytes, file has {size}")
+    return header
+
+
+def _is_size(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

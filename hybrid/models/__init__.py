@@ -41,7 +41,7 @@ def config_from_dict(raw: dict, source: str = "config.json"):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object")
     model_type = raw.get("model_type")
-    if model_type not in REGISTRY:
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(REGISTRY)})")
     return model_class(model_type).config_class.from_dict(raw, source=source)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid.config import (ConfigError, QuantConfig, RopeConfig, check_common_fields, field_checker, is_int,
-                           parse_quant, parse_rope, read_fields, unknown_fields)
+from hybrid.config import (SIZE_LIMIT, ConfigError, QuantConfig, RopeConfig, check_common_fields, check_flags,
+                           check_sizes, field_checker, is_int, parse_quant, parse_rope, read_fields, unknown_fields)
 
 MODEL_TYPE = "qwen3_moe"
 
@@ -123,15 +123,13 @@ class Qwen3MoeConfig:
         v = read_fields(raw, _REQUIRED, _DEFAULTS, source, given={"num_experts": _num_experts(raw, source)})
         bad = field_checker(source, v, raw)
 
-        for k in (*_REQUIRED, "num_experts"):
-            if not is_int(v[k]) or v[k] <= 0:
-                bad(k, "must be a positive integer")
+        check_sizes(v, (*_REQUIRED, "num_experts"), bad)
         H, nh, nkv = v["hidden_size"], v["num_attention_heads"], v["num_key_value_heads"]
         if nh % nkv:
             bad("num_key_value_heads", f"must divide num_attention_heads={nh}")
         if v["head_dim"] is None:
             v["head_dim"] = H // nh
-        if not is_int(v["head_dim"]) or v["head_dim"] <= 0 or v["head_dim"] % 2:
+        if not is_int(v["head_dim"]) or not 0 < v["head_dim"] <= SIZE_LIMIT or v["head_dim"] % 2:
             bad("head_dim", "must be a positive even integer (RoPE rotates halves)")
         if v["num_experts_per_tok"] > v["num_experts"]:
             bad("num_experts_per_tok", f"exceeds num_experts={v['num_experts']}")
@@ -146,6 +144,7 @@ class Qwen3MoeConfig:
         if not isinstance(dense, list) or not all(is_int(i) and 0 <= i < L for i in dense):
             bad("mlp_only_layers", f"must be a list of layer indices in 0..{L - 1}")
         check_common_fields(v, bad, source)
+        check_flags(v, ("norm_topk_prob", "attention_bias", "tie_word_embeddings"), bad)
 
         rope = parse_rope(raw, v, source)
         quant = parse_quant(raw.get("quantization_config"), source)

@@ -72,7 +72,7 @@ class ExpertLoader:
         # become int8 group-32 (8 bits, finer scales than 128x128 blocks); float stays bf16.
         fmt = self.expert_format or ("int4" if int4 else "int8" if fp8 else "bf16")
         cache_path = self._cache_path(src, layer, fmt) if self.packed_cache else None
-        if cache_path is not None and cache_path.is_file():
+        if cache_path is not None and _regular_file(cache_path):
             self.stats["from_cache"] += 1
             return cpu_moe.CpuMoE(cpu_moe.PackedLayer.load(str(cache_path)), threads=self.threads, mode=self.mode, caller=self.caller)
         if int4 and fmt == "int4":
@@ -106,8 +106,8 @@ class ExpertLoader:
             packed_layer = cpu_moe.PackedLayer.from_float(gate, up, down, format=fmt)
             self.stats["quantised"] += 1
         if cache_path is not None:
-            cache_path.parent.mkdir(exist_ok=True)
-            packed_layer.save(str(cache_path))  # atomic: temp file, fsync, rename
+            _cache_folder(cache_path.parent)
+            packed_layer.save(str(cache_path))  # atomic: new temp file, fsync, rename; regular files only
             packed_layer = cpu_moe.PackedLayer.load(str(cache_path))  # mmap instead of the heap copy
         return cpu_moe.CpuMoE(packed_layer, threads=self.threads, mode=self.mode, caller=self.caller)
 
@@ -118,6 +118,28 @@ class ExpertLoader:
         stamp = [(f, os.path.getsize(src.files.path / f), int(os.path.getmtime(src.files.path / f))) for f in files]
         key = hashlib.sha256(json.dumps([stamp, layer, fmt]).encode()).hexdigest()[:16]
         return src.files.path / CACHE_DIR / f"layer{layer:03d}.{fmt}.{key}.packed"
+
+
+def _cache_folder(folder: Path) -> None:
+    """Make the packed cache folder; one that exists must be a real folder, not a link (a
+    downloaded checkpoint holding `.hybrid-cache -> /somewhere` must not make us write there)."""
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if folder.is_symlink() or not folder.is_dir():
+            raise CheckpointError(f"{folder}: the packed cache must be a folder inside the checkpoint, "
+                                  f"not a link or a file; remove it") from None
+
+
+def _regular_file(path: Path) -> bool:
+    """A cached packed layer to load: a regular file in a real cache folder. Anything else there
+    (a link, a device, a FIFO) is refused, never opened."""
+    if path.parent.is_symlink() or not os.path.lexists(path):
+        return False  # nothing cached (a linked folder: _cache_folder refuses it before a write)
+    if path.is_symlink() or not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; the packed cache holds only the files hybrid "
+                              f"wrote (remove it)")
+    return True
 
 
 class _PerExpert:
