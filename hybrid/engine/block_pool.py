@@ -145,7 +145,7 @@ class BlockPool:
             for key, child in node.children.items():
                 if child.writer is not None:
                     continue
-                n = _common(key, want)
+                n = common_prefix(key, want)
                 if n > best_n:
                     best, best_n = child, n
         return Match(nodes, len(nodes) * B, best, best_n)
@@ -180,7 +180,8 @@ class BlockPool:
                 "kv_blocks_reserved": self.reserved, "kv_block_size": self.block_size}
 
 
-def _common(a, b) -> int:
+def common_prefix(a, b) -> int:
+    """How many leading elements a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

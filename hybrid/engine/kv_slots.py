@@ -20,6 +20,8 @@ past what it reuses, into blocks nobody else reads.
 
 from __future__ import annotations
 
+from hybrid.engine.block_pool import common_prefix
+
 
 class SlotKV:
     def __init__(self, cache, max_seqs: int, prefix_reuse: bool):
@@ -50,7 +52,7 @@ class SlotKV:
             # at least the prompt's last token is fed again: its logits pick the first output
             limit = len(prompt) - 1
             for slot in reversed(self._free):
-                n = _common(self._tokens.get(slot, ()), prompt[:limit])
+                n = common_prefix(self._tokens.get(slot, ()), prompt[:limit])
                 if n > best:
                     best_slot, best = slot, n
         return best_slot, best
@@ -251,11 +253,3 @@ class PagedKV:
     def counts(self) -> dict:
         return dict(self.pool.counts(), kv_bytes_per_token=self.cache.bytes_per_token)
 
-
-def _common(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -97,6 +97,16 @@ def _fact(path: str, doc: str | None = None) -> property:
     return property(operator.attrgetter(path), doc=doc)
 
 
+def _pack_each(pack, arrays: dict, E: int, progress: Progress | None) -> None:
+    """pack(e, *arrays[k][e] in order) for every expert, naming the expert in any error."""
+    for e in range(E):
+        conv = [native.as_numpy(v[e], f"{k}[{e}]") for k, v in arrays.items()]
+        with _naming_expert(e):
+            pack(e, *conv)
+        if progress is not None:
+            progress(e + 1, E)
+
+
 class PackedLayer:
     """One MoE layer's routed experts in the packed layout (csrc/core/packed_layer.h). The buffer is
     anonymous memory (from_*) or a read-only mmap of a packed layer file (load)."""
@@ -122,12 +132,7 @@ class PackedLayer:
             raise ValueError("gate_packed: no experts")
         I, H8 = _first_matrix(seqs["gate_packed"], "gate_packed", "[I, H/8]")
         h = native.lib().Layer.create("int4", E, H8 * 8, I)
-        for e in range(E):
-            conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in args]
-            with _naming_expert(e):
-                h.pack_expert_ct(e, *conv)
-            if progress is not None:
-                progress(e + 1, E)
+        _pack_each(h.pack_expert_ct, seqs, E, progress)
         return cls(h)
 
     @classmethod
@@ -145,13 +150,7 @@ class PackedLayer:
                              f"{len(gate)}, {len(up)}, {len(down)}")
         I, H = _first_matrix(gate, "gate", "[I, H]")
         h = native.lib().Layer.create(format, E, H, I)
-        for e in range(E):
-            with _naming_expert(e):
-                h.pack_expert_float(e, native.as_numpy(gate[e], f"gate[{e}]"),
-                                    native.as_numpy(up[e], f"up[{e}]"),
-                                    native.as_numpy(down[e], f"down[{e}]"))
-            if progress is not None:
-                progress(e + 1, E)
+        _pack_each(h.pack_expert_float, {"gate": gate, "up": up, "down": down}, E, progress)
         return cls(h)
 
     @classmethod
@@ -183,12 +182,7 @@ class PackedLayer:
         I, _ = _first_matrix(seqs["gate"], "gate", "[I, row bytes]")
         H, _ = _first_matrix(seqs["down"], "down", "[H, row bytes]")
         h = native.lib().Layer.create(fmt, E, H, I, down_fmt, up_fmt)
-        for e in range(E):
-            conv = [native.as_numpy(seqs[k][e], f"{k}[{e}]") for k in seqs]
-            with _naming_expert(e):
-                h.pack_expert_gguf(e, *conv)
-            if progress is not None:
-                progress(e + 1, E)
+        _pack_each(h.pack_expert_gguf, seqs, E, progress)
         return cls(h)
 
     @classmethod
