@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fuzz_corpus_bounded_run():
-    """70 cases (10 per area), seed 0: each a correct result or a clean error naming the input."""
-    r = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "70", "--seed", "0"], cwd=ROOT,
+    """80 cases (10 per area), seed 0: each a correct result or a clean error naming the input."""
+    r = subprocess.run([sys.executable, "-m", "tests.fuzz", "--cases", "80", "--seed", "0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "70 cases in" in r.stdout, r.stdout
+    assert "80 cases in" in r.stdout, r.stdout
 
 
 @functools.lru_cache(maxsize=None)

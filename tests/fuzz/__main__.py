@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__)
-    p.add_argument("--cases", type=int, default=70, help="cases in all, spread evenly over the areas (default 70)")
+    p.add_argument("--cases", type=int, default=80, help="cases in all, spread evenly over the areas (default 80)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--area", action="append", default=None, help="only this area (repeatable)")
     p.add_argument("--index", type=int, default=None, help="only this case index (with --area)")

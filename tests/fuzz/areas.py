@@ -17,8 +17,9 @@ mutates into its own folder (the rest is linked) and runs the real entry point o
   native      hybrid._native's functions with wrong arguments (native_cases.py)
   serve       OpenAI chat / completion and Anthropic messages bodies, as JSON and as bytes ->
               the dialect's parser, then the chat template and tokenizer (Backend.render_prompt)
-
-GGUF headers and tensor tables join when the GGUF loader lands (issue 16 says so).
+  gguf        a tiny deepseek2 GGUF (Q8_0, its experts in their own blocks): bytes of its header,
+              metadata and tensor table, a count or offset word set to an edge value, the file
+              cut short -> load, then logits of 3 tokens
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Seeds:
     packed: dict[str, Path]    # format -> packed layer file
     requests: list[tuple[str, dict]]  # (dialect route, body)
     backend: object            # hybrid.serve.backend.Backend over the demo tokenizer (no engine)
+    gguf: Path                 # a tiny deepseek2 GGUF
+    gguf_data: int             # where its tensor data starts (the header before it)
 
 
 def make_seeds(root: Path) -> Seeds:
@@ -92,7 +95,15 @@ def make_seeds(root: Path) -> Seeds:
             "thinking": {"type": "enabled", "budget_tokens": 1024}}),
     ]
     backend = Backend(None, tok, max_tokens=64, max_queued=4, metrics=Metrics())
-    return Seeds(root, ckpt, [base, yarn, k25, qwen], packed, requests, backend)
+    import gguf_files
+
+    from hybrid.loaders.gguf_file import GGUFFile
+
+    g, _, _ = gguf_files.deepseek2_gguf(root / "gguf", "q8_0", num_hidden_layers=2)
+    f = GGUFFile(g)
+    data = min(t.offset for t in f.tensors.values())
+    f.close()
+    return Seeds(root, ckpt, [base, yarn, k25, qwen], packed, requests, backend, g, data)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -295,5 +306,26 @@ def serve_case(seeds: Seeds, rng: random.Random, index: int):
     return case, ("ApiError",), None
 
 
+def gguf_case(seeds: Seeds, rng: random.Random, index: int):
+    d = _case_dir(seeds, "gguf", index)
+
+    def case():
+        b = bytearray(seeds.gguf.read_bytes())
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(4)
+            if op == 0:  # the tensor / metadata counts, or a word anywhere in the header
+                at = rng.choice([8, 16, 8 * rng.randrange(3, seeds.gguf_data // 8)])
+                b[at:at + 8] = struct.pack("<Q", rng.choice(EDGE_U64))
+            elif op == 1:
+                del b[rng.choice([4, 24, seeds.gguf_data // 2, seeds.gguf_data, len(b) // 2, len(b) - 1]):]
+            else:
+                b = bytearray(mutate_bytes(rng, bytes(b), hot=(0, seeds.gguf_data)))
+        p = d / "model.gguf"
+        p.write_bytes(bytes(b))
+        return _logits(_load(p, rng.choice(["torch", "cpu"])))
+
+    return case, FILE_ERRORS + ("GGUFError",), "model.gguf"
+
+
 AREAS = {"config": config_case, "header": header_case, "data": data_case, "index": index_case,
-         "packed": packed_case, "native": native_case, "serve": serve_case}
+         "packed": packed_case, "native": native_case, "serve": serve_case, "gguf": gguf_case}
