@@ -323,4 +323,6 @@ def test_anthropic_thinking_budget_ends_the_reasoning(ant):
                                 extra_body={"temperature": 1.0, "seed": seed})
         kinds = [b.type for b in m.content]
         assert kinds[0] == "thinking" and "text" in kinds, kinds
-        assert count(m.content[0].thinking) - count("") <= 16 + 2  # re-tokenized: a little slack
+        # Re-tokenized, with a little slack; a U+FFFD (bytes of a character cut by the budget)
+        # would re-encode as 3 byte tokens, so those are left out of the count.
+        assert count(m.content[0].thinking.replace("\ufffd", "")) - count("") <= 16 + 2
