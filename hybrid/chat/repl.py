@@ -36,6 +36,13 @@ class ChatApp:
         self.console.print(text, style=style, markup=False, highlight=False)
 
     def run(self) -> int:
+        import signal
+
+        # Ctrl-C must stop an answer even when this process was started with SIGINT ignored (a
+        # shell's background job, which then passes that on to all it runs: python installs no
+        # KeyboardInterrupt handler for an ignored SIGINT).
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         s = self.session.settings
         self.say(f"hybrid chat - {s.mode} mode. /help for commands, Ctrl-D to quit.")
         while True:
