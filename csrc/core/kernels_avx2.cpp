@@ -668,7 +668,7 @@ static void y_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, 
 
 // ---------------------------------------------------------------------------------------------
 // gemv_t_bf16 (kernels.h): out[tt][j] (+)= sum_i x[tt][i] W[i][j], W bf16 [K][N] used transposed.
-// The structure of simd_avx512.h's z_gemv_t_bf16 on ymm of 8 columns: a tile is NV ymm x TT
+// The structure of simd_avx512_gemv.h's z_gemv_t_bf16 on ymm of 8 columns: a tile is NV ymm x TT
 // tokens of fp32 accumulators, W row i's tile columns widened once (zero-extend, shift left 16)
 // and one FMA per ymm and token with x[tt][i] broadcast, so each column is the ordered FMA sum
 // of kernels.h. 16 ymm allow 8 accumulators: NV = 4 (32 columns) for 1-2 tokens, so one token

@@ -4,6 +4,7 @@
 // axpy form, columns in zmm). The bodies live in simd_avx512.h so the VNNI and AMX units can reuse the helpers.
 // Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
 #include "core/simd_avx512.h"
+#include "core/simd_avx512_gemv.h"
 
 namespace hybrid {
 namespace {

@@ -3,11 +3,12 @@
 // vcvtne2ps2bf16) once per token tile and K chunk into a stack buffer, then every row block of
 // the call reuses them; the packed BF16 layout ([16 lanes][2 inputs] per 64 bytes) is the
 // vdpbf16ps operand as it is. gemv_bf16 (unpacked bf16 weights and activations) with vdpbf16ps
-// too, on the tile code of simd_avx512.h. Other entries are left null: dispatch.cpp fills them from the
-// avx512_vnni / avx512 tables. Compiled with the avx512 flags + -mavx512vnni -mavx512bf16 only.
+// too, on the tile code of simd_avx512_gemv.h. Other entries are left null: dispatch.cpp fills
+// them from the avx512_vnni / avx512 tables. Compiled with the avx512 flags + -mavx512vnni -mavx512bf16 only.
 //
 // Legend: RB = 16 rows per block, P = K / 2 input pairs, TT tokens per tile, PC pairs per chunk.
 #include "core/simd_avx512.h"
+#include "core/simd_avx512_gemv.h"
 
 namespace hybrid {
 namespace {
@@ -69,7 +70,7 @@ static void b_matmul_a16(const PackedMatrix& w, int64_t b0, int64_t b1, const fl
   }
 }
 
-// gemv_bf16: the tile code of simd_avx512.h with vdpbf16ps steps (W rows and x are bf16 pairs
+// gemv_bf16: the tile code of simd_avx512_gemv.h with vdpbf16ps steps (W rows and x are bf16 pairs
 // already, loaded as they are).
 static void b_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
                         int64_t t, int64_t ldx, float* out, int64_t ldo) {
