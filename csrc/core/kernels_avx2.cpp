@@ -307,14 +307,14 @@ static HY_ALWAYS_INLINE void y_kq_prefetch(const uint8_t* tile, int g) {
   y_prefetch_bytes(tile + g * share, share);
 }
 
-template <WeightFormat F>
-static HY_ALWAYS_INLINE void y_kq_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
-                                                float* out, int64_t ldo) {
+// The walk over one 16-row block's groups for a K type, shared by its f32 and a8 tiles: per group
+// G = 8 sb + g and ymm half h (rows 8h..8h+7), body(G, h, wv, dsc, dmm) with that half's 8
+// operands (y_kq_operands) and its sub-blocks' scales and mins (y_kq_scales; [1]: the second
+// 16-input half when k.sub == 16).
+template <WeightFormat F, class Body>
+static HY_ALWAYS_INLINE void y_kq_groups(const PackedMatrix& w, int64_t b, Body&& body) {
   constexpr KQ k = kq_of(F);
   const int64_t ns = w.k / kSuper;
-  const __m256i m8 = _mm256_set1_epi32(0xFF);
-  __m256 acc[kTileTokens][2];
-  y_zero_tile(acc, tt);
   for (int64_t sb = 0; sb < ns; ++sb) {
     const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
     for (int g = 0; g < 8; ++g) {
@@ -326,29 +326,41 @@ static HY_ALWAYS_INLINE void y_kq_f32_tile16xTT(const PackedMatrix& w, int64_t b
                                 : _mm256_setzero_ps();
         __m256i wv[8];
         y_kq_operands<F>(tile, g, h, wv);
-        __m256 dsc[2], bias[2];
+        __m256 dsc[2], dmm[2];
 #pragma GCC unroll 2
-        for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j) {
-          __m256 dmm;
-          y_kq_scales<F>(tile, k.sub == 16 ? 2 * g + j : g, h, d, dm, dsc[j], dmm);
-          bias[j] = k.off ? _mm256_fmadd_ps(dsc[j], _mm256_set1_ps(float(k.off)), dmm) : dmm;  // exact
-        }
-        const int64_t k0 = sb * kSuper + g * kGroup;
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          const int j = k.sub == 16 ? i / 4 : 0;
-#pragma GCC unroll 4
-          for (int jj = 0; jj < 4; ++jj) {
-            const __m256i u = _mm256_and_si256(jj ? _mm256_srli_epi32(wv[i], 8 * jj) : wv[i], m8);
-            const __m256 wf = _mm256_fmsub_ps(_mm256_cvtepi32_ps(u), dsc[j], bias[j]);
-#pragma GCC unroll 4
-            for (int t = 0; t < tt; ++t)
-              acc[t][h] = _mm256_fmadd_ps(wf, _mm256_set1_ps(x[t * ldx + k0 + 4 * i + jj]), acc[t][h]);
-          }
-        }
+        for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j) y_kq_scales<F>(tile, k.sub == 16 ? 2 * g + j : g, h, d, dm, dsc[j], dmm[j]);
+        body(sb * 8 + g, h, wv, dsc, dmm);
       }
     }
   }
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_f32_tile16xTT(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
+                                                float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  const __m256i m8 = _mm256_set1_epi32(0xFF);
+  __m256 acc[kTileTokens][2];
+  y_zero_tile(acc, tt);
+  y_kq_groups<F>(w, b, [&](int64_t G, int h, const __m256i* wv, const __m256* dsc, const __m256* dmm) HY_INLINE_LAMBDA {
+    __m256 bias[2];
+#pragma GCC unroll 2
+    for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j)
+      bias[j] = k.off ? _mm256_fmadd_ps(dsc[j], _mm256_set1_ps(float(k.off)), dmm[j]) : dmm[j];  // exact
+    const int64_t k0 = G * kGroup;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int j = k.sub == 16 ? i / 4 : 0;
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) {
+        const __m256i u = _mm256_and_si256(jj ? _mm256_srli_epi32(wv[i], 8 * jj) : wv[i], m8);
+        const __m256 wf = _mm256_fmsub_ps(_mm256_cvtepi32_ps(u), dsc[j], bias[j]);
+#pragma GCC unroll 4
+        for (int t = 0; t < tt; ++t)
+          acc[t][h] = _mm256_fmadd_ps(wf, _mm256_set1_ps(x[t * ldx + k0 + 4 * i + jj]), acc[t][h]);
+      }
+    }
+  });
   y_store_tile(acc, tt, out, ldo);
 }
 
@@ -384,57 +396,41 @@ static HY_ALWAYS_INLINE void y_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b,
                                                int tt, float* out, int64_t ldo) {
   constexpr KQ k = kq_of(F);
   constexpr int off = k.table ? 0 : k.off;
-  const int64_t ns = w.k / kSuper, ng = w.k / kGroup;
+  const int64_t ng = w.k / kGroup;
   __m256 acc[kTileTokens][2];
   y_zero_tile(acc, tt);
-  for (int64_t sb = 0; sb < ns; ++sb) {
-    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
-    for (int g = 0; g < 8; ++g) {
-      y_kq_prefetch<F>(tile, g);
-      const int64_t G = sb * 8 + g;
-#pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        const __m256 d = y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at) + 8 * h);
-        const __m256 dm = k.min ? y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at) + 8 * h)
-                                : _mm256_setzero_ps();
-        __m256i wv[8];
-        y_kq_operands<F>(tile, g, h, wv);
-        __m256 dsc[2], dmm[2];
-#pragma GCC unroll 2
-        for (int j = 0; j < (k.sub == 16 ? 2 : 1); ++j) y_kq_scales<F>(tile, k.sub == 16 ? 2 * g + j : g, h, d, dm, dsc[j], dmm[j]);
+  y_kq_groups<F>(w, b, [&](int64_t G, int h, const __m256i* wv, const __m256* dsc, const __m256* dmm) HY_INLINE_LAMBDA {
 #pragma GCC unroll 4
-        for (int t = 0; t < tt; ++t) {
-          const int64_t row = t0 + t;
-          const int8_t* a = x.q + row * x.ldq + G * kGroup;
-          const float xs = x.scale[row * ng + G];
-          const int32_t gs = x.gsum[row * ng + G];
-          __m256i lo = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[0], a), y_kq_dot1<k.table>(wv[1], a + 4)),
-                                        _mm256_add_epi32(y_kq_dot1<k.table>(wv[2], a + 8), y_kq_dot1<k.table>(wv[3], a + 12)));
-          __m256i hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[4], a + 16), y_kq_dot1<k.table>(wv[5], a + 20)),
-                                        _mm256_add_epi32(y_kq_dot1<k.table>(wv[6], a + 24), y_kq_dot1<k.table>(wv[7], a + 28)));
-          const __m256 xv = _mm256_set1_ps(xs);
-          if constexpr (k.sub == 32) {
-            __m256i v = _mm256_add_epi32(lo, hi);
-            if constexpr (off != 0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * gs));
-            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
-            if constexpr (k.min) acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(gs)), acc[t][h]);
-          } else {
-            const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
-            if constexpr (off != 0) {
-              lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(off * a0));
-              hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(off * a1));
-            }
-            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
-            acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dsc[1], xv), acc[t][h]);
-            if constexpr (k.min) {
-              acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(a0)), acc[t][h]);
-              acc[t][h] = _mm256_fnmadd_ps(dmm[1], _mm256_set1_ps(xs * float(a1)), acc[t][h]);
-            }
-          }
+    for (int t = 0; t < tt; ++t) {
+      const int64_t row = t0 + t;
+      const int8_t* a = x.q + row * x.ldq + G * kGroup;
+      const float xs = x.scale[row * ng + G];
+      const int32_t gs = x.gsum[row * ng + G];
+      __m256i lo = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[0], a), y_kq_dot1<k.table>(wv[1], a + 4)),
+                                    _mm256_add_epi32(y_kq_dot1<k.table>(wv[2], a + 8), y_kq_dot1<k.table>(wv[3], a + 12)));
+      __m256i hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[4], a + 16), y_kq_dot1<k.table>(wv[5], a + 20)),
+                                    _mm256_add_epi32(y_kq_dot1<k.table>(wv[6], a + 24), y_kq_dot1<k.table>(wv[7], a + 28)));
+      const __m256 xv = _mm256_set1_ps(xs);
+      if constexpr (k.sub == 32) {
+        __m256i v = _mm256_add_epi32(lo, hi);
+        if constexpr (off != 0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(off * gs));
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
+        if constexpr (k.min) acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(gs)), acc[t][h]);
+      } else {
+        const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
+        if constexpr (off != 0) {
+          lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(off * a0));
+          hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(off * a1));
+        }
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(dsc[0], xv), acc[t][h]);
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(dsc[1], xv), acc[t][h]);
+        if constexpr (k.min) {
+          acc[t][h] = _mm256_fnmadd_ps(dmm[0], _mm256_set1_ps(xs * float(a0)), acc[t][h]);
+          acc[t][h] = _mm256_fnmadd_ps(dmm[1], _mm256_set1_ps(xs * float(a1)), acc[t][h]);
         }
       }
     }
-  }
+  });
   y_store_tile(acc, tt, out, ldo);
 }
 

@@ -322,15 +322,14 @@ static HY_ALWAYS_INLINE void z_kq_prefetch(const uint8_t* tile, int g) {
   z_prefetch_bytes(tile + g * share, share);
 }
 
-template <WeightFormat F>
-static HY_ALWAYS_INLINE void z_kq_f32_tile(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
-                                           float* out, int64_t ldo) {
+// The walk over one 16-row block's groups for a K type, shared by its f32 and a8 tiles: per group
+// G = 8 sb + g (super-block sb, group g), body(G, wv, dsc, dmm) with the group's 8 operands
+// (z_kq_operands) and its sub-blocks' scales and mins (z_kq_scales; [1]: the second 16-input
+// half when k.sub == 16).
+template <WeightFormat F, class Body>
+static HY_ALWAYS_INLINE void z_kq_groups(const PackedMatrix& w, int64_t b, Body&& body) {
   constexpr KQ k = kq_of(F);
   const int64_t ns = w.k / kSuper;
-  const __m512i m8 = _mm512_set1_epi32(0xFF);
-  __m512 acc[HY_Z_F32_TT_MAX];
-#pragma GCC unroll 16
-  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t sb = 0; sb < ns; ++sb) {
     const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
     const __m512 d = z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at));
@@ -339,27 +338,40 @@ static HY_ALWAYS_INLINE void z_kq_f32_tile(const PackedMatrix& w, int64_t b, con
       z_kq_prefetch<F>(tile, g);
       __m512i wv[8];
       z_kq_operands<F>(tile, g, wv);
-      __m512 dsc[2], bias[2];
+      __m512 dsc[2], dmm[2];
 #pragma GCC unroll 2
-      for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h) {
-        __m512 dmm;
-        z_kq_scales<F>(tile, k.sub == 16 ? 2 * g + h : g, d, dm, dsc[h], dmm);
-        bias[h] = k.off ? _mm512_fmadd_ps(dsc[h], _mm512_set1_ps(float(k.off)), dmm) : dmm;  // exact
-      }
-      const int64_t k0 = sb * kSuper + g * kGroup;
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const int h = k.sub == 16 ? i / 4 : 0;
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m512i u = _mm512_and_si512(j ? _mm512_srli_epi32(wv[i], 8 * j) : wv[i], m8);
-          const __m512 wf = _mm512_fmsub_ps(_mm512_cvtepi32_ps(u), dsc[h], bias[h]);
-#pragma GCC unroll 16
-          for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(wf, _mm512_set1_ps(x[t * ldx + k0 + 4 * i + j]), acc[t]);
-        }
-      }
+      for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h) z_kq_scales<F>(tile, k.sub == 16 ? 2 * g + h : g, d, dm, dsc[h], dmm[h]);
+      body(sb * 8 + g, wv, dsc, dmm);
     }
   }
+}
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_kq_f32_tile(const PackedMatrix& w, int64_t b, const float* x, int64_t ldx, int tt,
+                                           float* out, int64_t ldo) {
+  constexpr KQ k = kq_of(F);
+  const __m512i m8 = _mm512_set1_epi32(0xFF);
+  __m512 acc[HY_Z_F32_TT_MAX];
+#pragma GCC unroll 16
+  for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
+  z_kq_groups<F>(w, b, [&](int64_t G, const __m512i* wv, const __m512* dsc, const __m512* dmm) HY_INLINE_LAMBDA {
+    __m512 bias[2];
+#pragma GCC unroll 2
+    for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h)
+      bias[h] = k.off ? _mm512_fmadd_ps(dsc[h], _mm512_set1_ps(float(k.off)), dmm[h]) : dmm[h];  // exact
+    const int64_t k0 = G * kGroup;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const int h = k.sub == 16 ? i / 4 : 0;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i u = _mm512_and_si512(j ? _mm512_srli_epi32(wv[i], 8 * j) : wv[i], m8);
+        const __m512 wf = _mm512_fmsub_ps(_mm512_cvtepi32_ps(u), dsc[h], bias[h]);
+#pragma GCC unroll 16
+        for (int t = 0; t < tt; ++t) acc[t] = _mm512_fmadd_ps(wf, _mm512_set1_ps(x[t * ldx + k0 + 4 * i + j]), acc[t]);
+      }
+    }
+  });
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }
@@ -497,51 +509,39 @@ static HY_ALWAYS_INLINE void z_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b,
                                                int64_t t0, int tt, float* out, int64_t ldo) {
   constexpr KQ k = kq_of(F);
   constexpr int off = (k.table && DotK::kSignedTable) ? 0 : k.off;
-  const int64_t ns = w.k / kSuper, ng = w.k / kGroup;
+  const int64_t ng = w.k / kGroup;
   __m512 acc[HY_Z_A8_TT_MAX];
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t sb = 0; sb < ns; ++sb) {
-    const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
-    const __m512 d = z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at));
-    const __m512 dm = k.min ? z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at)) : _mm512_setzero_ps();
-    for (int g = 0; g < 8; ++g) {
-      z_kq_prefetch<F>(tile, g);
-      __m512i wv[8];
-      z_kq_operands<F>(tile, g, wv);
-      __m512 dsc[2], dmm[2];
-#pragma GCC unroll 2
-      for (int h = 0; h < (k.sub == 16 ? 2 : 1); ++h) z_kq_scales<F>(tile, k.sub == 16 ? 2 * g + h : g, d, dm, dsc[h], dmm[h]);
-      const int64_t G = sb * 8 + g;
+  z_kq_groups<F>(w, b, [&](int64_t G, const __m512i* wv, const __m512* dsc, const __m512* dmm) HY_INLINE_LAMBDA {
 #pragma GCC unroll 16
-      for (int t = 0; t < tt; ++t) {
-        const int64_t row = t0 + t;
-        const float xs = x.scale[row * ng + G];
-        const int32_t gs = x.gsum[row * ng + G];
-        __m512i lo, hi;
-        DotK::dot(wv, x.q + row * x.ldq + G * kGroup, lo, hi);
-        if constexpr (k.sub == 32) {
-          __m512i v = _mm512_add_epi32(lo, hi);
-          if constexpr (off != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * gs));
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dsc[0], _mm512_set1_ps(xs)), acc[t]);
-          if constexpr (k.min) acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(gs)), acc[t]);
-        } else {
-          const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
-          if constexpr (off != 0) {
-            lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(off * a0));
-            hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(off * a1));
-          }
-          const __m512 xv = _mm512_set1_ps(xs);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dsc[0], xv), acc[t]);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(dsc[1], xv), acc[t]);
-          if constexpr (k.min) {
-            acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(a0)), acc[t]);
-            acc[t] = _mm512_fnmadd_ps(dmm[1], _mm512_set1_ps(xs * float(a1)), acc[t]);
-          }
+    for (int t = 0; t < tt; ++t) {
+      const int64_t row = t0 + t;
+      const float xs = x.scale[row * ng + G];
+      const int32_t gs = x.gsum[row * ng + G];
+      __m512i lo, hi;
+      DotK::dot(wv, x.q + row * x.ldq + G * kGroup, lo, hi);
+      if constexpr (k.sub == 32) {
+        __m512i v = _mm512_add_epi32(lo, hi);
+        if constexpr (off != 0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(off * gs));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dsc[0], _mm512_set1_ps(xs)), acc[t]);
+        if constexpr (k.min) acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(gs)), acc[t]);
+      } else {
+        const int32_t a0 = x.hsum[row * ng + G], a1 = gs - a0;
+        if constexpr (off != 0) {
+          lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(off * a0));
+          hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(off * a1));
+        }
+        const __m512 xv = _mm512_set1_ps(xs);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(dsc[0], xv), acc[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(dsc[1], xv), acc[t]);
+        if constexpr (k.min) {
+          acc[t] = _mm512_fnmadd_ps(dmm[0], _mm512_set1_ps(xs * float(a0)), acc[t]);
+          acc[t] = _mm512_fnmadd_ps(dmm[1], _mm512_set1_ps(xs * float(a1)), acc[t]);
         }
       }
     }
-  }
+  });
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) _mm512_storeu_ps(out + t * ldo, acc[t]);
 }

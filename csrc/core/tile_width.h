@@ -11,6 +11,8 @@
 #ifndef HY_ALWAYS_INLINE
 #define HY_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
+// The same for a lambda a walker calls per step: `[&](...) HY_INLINE_LAMBDA { ... }`.
+#define HY_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace hybrid {
 namespace {
