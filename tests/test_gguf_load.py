@@ -113,17 +113,11 @@ def test_mixed_expert_types_split_in_two_files(tmp_path):
 
 
 def test_cpu_engine_fallback_packs_as_the_twin(tmp_path):
-    """Q8_0 experts have no native kernel yet (or do: then they go in their own blocks): the
-    fallback says so and packs int8; the twin packed int8 from the same floats gives the same logits."""
-    from hybrid.runtime.gguf_experts import native_types
-
+    """expert_format="int8" re-packs even experts with a native kernel (Q8_0 here): the result
+    equals the twin packed int8 from the same floats."""
     g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
     twin = gguf_files.twin(g, ref, _cfg(ref), tmp_path)
-    if "Q8_0" in native_types():
-        pytest.skip("Q8_0 experts run natively; tests/test_native_gguf.py covers them")
-    with pytest.warns(UserWarning, match="Q8_0.*GGUF_NATIVE_TYPES.*re-quantised to the CPU engine's int8"):
-        _, net = checkpoints.load_model(g, dtype=torch.float32, experts_backend="cpu")
-    got = _logits(g, experts_backend="cpu")
+    got = _logits(g, experts_backend="cpu", expert_format="int8")
     want = _logits(twin, experts_backend="cpu", expert_format="int8")
     assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
 
