@@ -3,7 +3,6 @@ a grammar drawing only allowed tokens, rows without one unaffected by their batc
 the token bytes a grammar walks, and the Kimi output grammars (tool calls, JSON answers)."""
 
 import json
-import random
 
 import jsonschema
 import pytest
@@ -171,7 +170,7 @@ def test_reasoning_then_a_json_answer(tok, compiler):
 
 
 def test_answer_after_holds_the_stop_tokens_until_an_answer_began():
-    V, stop, end = 8, 0, 1
+    stop, end = 0, 1
     # The stop token is by far the likeliest; token `end` (</think>) next.
     logits = torch.tensor([[9.0, 4.0, 0, 0, 0, 0, 0, 0]])
     params = SamplingParams(temperature=0, answer_after=end, held_ids=[stop])
