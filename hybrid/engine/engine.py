@@ -413,7 +413,9 @@ class Engine:
         try:
             with torch.inference_mode():
                 for k, span in enumerate(req.images):
-                    if k not in req.image_rows and span.start < start + n and span.end > start:
+                    # (None: read to its end, or never encoded; a chunk recomputed after a shared
+                    # block lost its writer may reach it again)
+                    if req.image_rows.get(k) is None and span.start < start + n and span.end > start:
                         req.image_rows[k] = self.module.encode_image(span.image)  # [tokens, H]
             return True
         except Exception as e:
