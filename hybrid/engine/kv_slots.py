@@ -7,11 +7,11 @@
            slot) and blocks from the BlockPool (block_pool.py); prompts that start alike share
            full blocks through the prefix tree while they run, not only after one ends.
 
-Prompts are matched by their keys (engine _Request.keys: token ids, and (pixel hash, index) inside
-an image), not the bare ids. The engine calls both the same way, under its lock: admit(req) (False: wait), ready(req) (False:
-skip this step, its shared prefix is still being computed by another request), prepare(steps)
-before a forward (blocks for the positions about to be written), advance(req) after a
-successful one, release(req, kv_valid), counts() for stats.
+Prompts are matched by their keys (engine _Request.keys: token ids, and (pixel hash, index)
+inside an image), not the bare ids. The engine calls both the same way, under its lock:
+admit(req) (False: wait), ready(req) (False: skip this step, its shared prefix is still being
+computed by another request), prepare(steps) before a forward (blocks for the positions about to
+be written), advance(req) after a successful one, release(req, kv_valid), counts() for stats.
 
 Reused entries are valid: a token's KV depends only on the tokens before it (up to the
 rounding differences any batching brings in bf16), and a request only ever writes positions

@@ -14,11 +14,12 @@ Order of operations for one row (the order HF and vLLM use, written out so tests
 
 Before all of that, a row whose answer has not begun yet (SamplingParams.answer_after: the
 preamble's end marker, </think>, was not drawn yet or only blank tokens followed it) cannot
-draw its held tokens (the stop tokens): a reply never ends with reasoning and no answer; it ends by its
-length limit instead, which says so. With a budget (answer_by) the marker is drawn once that
-many tokens went by without it; after it, it is not drawn again. banned_ids are never drawn. And a row whose request has a grammar (SamplingParams.grammar, see grammar.py)
-has every token the grammar does not allow set to -inf; after the draw its matcher takes the
-token. Rows without a grammar are not touched.
+draw its held tokens (the stop tokens): a reply never ends with reasoning and no answer; it
+ends by its length limit instead, which says so. With a budget (answer_by) the marker is drawn
+once that many tokens went by without it; after it, it is not drawn again. banned_ids are never
+drawn. And a row whose request has a grammar (SamplingParams.grammar, see grammar.py) has every
+token the grammar does not allow set to -inf; after the draw its matcher takes the token. Rows
+without a grammar are not touched.
 
 Logprobs (optional, top-n) are of the penalised (and grammar-masked) distribution before
 temperature and truncation: what the model believes, not what the sampler was allowed to pick.
