@@ -178,17 +178,8 @@ class Model:
 
     def decode_runner(self, cache, max_seqs: int):
         """The engine's runner for decode steps (hybrid/engine/step_runner.py), or None: forward()
-        runs them (decode_steps='eager')."""
+        runs them (decode_steps='eager'). The slot cache and the paged one both take it."""
         if self._decode_steps == "eager":
-            return None
-        if not cache.static_decode():
-            # The paged KV cache (shared prefixes) has no static decode write yet: its steps run
-            # eager. A slot cache (hybrid serve --kv-block-size 0) keeps static steps / graphs.
-            import warnings
-
-            warnings.warn(f"decode_steps={self._decode_steps!r}: the {type(cache).__name__} has no static "
-                          "decode step yet, so decode steps run eager (a slot cache, e.g. hybrid serve "
-                          "--kv-block-size 0, keeps them)")
             return None
         from hybrid.engine.step_runner import DecodeRunner
 

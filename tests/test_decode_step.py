@@ -31,8 +31,14 @@ def demo_fp32():
     return hybrid.load(progress=False, device_ops="torch", dtype=torch.float32)
 
 
-def _prefilled(net, slots=4, max_len=160):
-    cache = net.make_cache(slots, max_len)
+def _prefilled(net, slots=4, max_len=160, paged=False):
+    """A slot cache, or a paged one (blocks of 16) whose slot s holds blocks s*10, s*10+1, ..."""
+    if paged:
+        cache = net.make_cache(slots, max_len, num_blocks=10 * slots, block_size=16)
+        for s in range(slots):
+            cache.set_blocks(s, list(range(10 * s, 10 * s + 10)))
+    else:
+        cache = net.make_cache(slots, max_len)
     for s, p in enumerate(PROMPTS):
         net.forward(torch.tensor(p), torch.arange(len(p)), torch.full((len(p),), s), cache)
     return cache
@@ -42,10 +48,11 @@ def _eager(net, cache, ids, pos, slots):
     return net.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), cache)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["slot", "paged"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_device_half_has_no_host_syncs(demo_bf16, rows):
+def test_device_half_has_no_host_syncs(demo_bf16, rows, paged):
     net = demo_bf16.network
-    cache = _prefilled(net)
+    cache = _prefilled(net, paged=paged)
     runner = DecodeRunner(net, cache, max_batch=4)
     ids, pos, slots = [20, 21, 22][:rows], [5, 2, 3][:rows], [0, 1, 2][:rows]
     key = runner.prepare(ids, pos, slots)  # host half: embedding rows, indices
@@ -55,10 +62,10 @@ def test_device_half_has_no_host_syncs(demo_bf16, rows):
     moe = len(net.moe_layers())
     # Measured on the demo model (5 layers, 4 MoE): 426 non-view aten ops per step.
     assert 50 * len(net.layers) < check.kernels < 150 * len(net.layers), check.report()
-    print(f"\nstatic decode step, {rows} row(s): {check.report()}; with CUDA graphs "
+    print(f"\nstatic decode step, {'paged' if paged else 'slot'} cache, {rows} row(s): {check.report()}; with CUDA graphs "
           f"{2 * moe + 1} launches")
 
-    other = _prefilled(net)
+    other = _prefilled(net, paged=paged)
     with HostSyncCheck() as eager:  # the same step through forward(): the check sees its syncs
         _eager(net, other, ids, pos, slots)
     whats = {w for w, _ in eager.syncs}
@@ -178,7 +185,7 @@ def test_engine_runs_decode_steps_through_the_runner():
     params = SamplingParams(temperature=0.0, ignore_eos=True)
     outs = []
     for m in (eager, static):
-        # block_size=None: a slot cache (the paged one has no static decode step yet)
+        # block_size=None: a slot cache (the paged one: test_decode_step_paged.py)
         with Engine(m, max_seqs=2, max_context=96, decode_runner=m.decode_runner, block_size=None) as eng:
             handles = [eng.submit(p, params, max_tokens=12) for p in prompts]  # 3 requests, 2 slots
             outs.append([h.result().token_ids for h in handles])
@@ -186,12 +193,6 @@ def test_engine_runs_decode_steps_through_the_runner():
     assert outs[0] == outs[1]
     assert runner.stats["steps"] >= 12 and runner.stats["replays"] == 0  # eager replays: no graphs
     assert {b for b, _ in runner._inputs} <= {1, 2}
-
-
-def test_a_paged_cache_runs_decode_steps_eager():
-    static = hybrid.load(progress=False, device_ops="torch", dtype=torch.float32, decode_steps="static")
-    with pytest.warns(UserWarning, match="no static decode step yet"):
-        assert static.decode_runner(static.make_cache(2, 64, num_blocks=8, block_size=16), 2) is None
 
 
 def test_decode_steps_option():

@@ -7,10 +7,12 @@ batches and anything over the largest bucket take the model's ordinary forward.
         logits = runner.step(ids, positions, slots)    # host ints -> [n, Vocab] fp32 (device)
     # = runner.run(runner.prepare(ids, positions, slots))[:n]: host half, device half
 
-A step: the n tokens' embedding rows (host table) and their positions, read slots and write
-rows (slot * max_len + position) are put in the bucket's host buffers (pinned on CUDA), padded
+A step: the n tokens' embedding rows (host table), their positions and slots, what each row
+reads and the row it writes (the cache says both, from its host-side state: a slot cache's slot
+and slot * max_len + position; a paged cache's blocks, a fixed-shape [B, L / block size] table,
+and block * block size + offset) are put in the bucket's host buffers (pinned on CUDA), padded
 to the bucket's B with copies of row 0 that write the cache's spare row, copied to the device
-buffers in one go each, then the device part runs from those buffers (DecoderStack.
+buffers in one go each (non-blocking), then the device part runs from those buffers (DecoderStack.
 decode_static): no shape depends on the data and nothing on the device waits for the host
 except at the MoE hand-offs. Eagerly, that is the same math as forward() on the same tokens;
 with graphs=True, the first step of a bucket runs eagerly on the capture stream (it warms cuBLAS
@@ -63,34 +65,43 @@ def bucket_for(sizes: list[int], n: int) -> int:
 
 class StaticInputs:
     """One bucket's buffers: host (pinned on CUDA) and device, filled in place each step.
-    h [B, H] embedded rows; index [3, B] long: positions, read slots, write rows."""
+    h [B, H] embedded rows; index [3, B] long: positions, slots, write rows; reads: what each
+    row attends to, shaped as the cache's decode_reads for (B, L) says (slots [B] long of a slot
+    cache, block table [B, M'] int32 of a paged one)."""
 
-    def __init__(self, B: int, L: int, hidden: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, B: int, L: int, hidden: int, cache, device: torch.device, dtype: torch.dtype):
         pin = device.type == "cuda"
-        self.B, self.L = B, L
+        self.B, self.L, self.cache = B, L, cache
+        like = cache.decode_reads([0] * B, L)
         self.host_h = torch.zeros(B, hidden, dtype=dtype, pin_memory=pin)
         self.host_index = torch.zeros(3, B, dtype=torch.long, pin_memory=pin)
+        self.host_reads = torch.zeros(like.shape, dtype=like.dtype, pin_memory=pin)
         self.h = torch.zeros(B, hidden, dtype=dtype, device=device)
         self.index = torch.zeros(3, B, dtype=torch.long, device=device)
+        self.reads = torch.zeros(like.shape, dtype=like.dtype, device=device)
         self._copied = torch.cuda.Event() if pin else None  # the last fill's copies
 
     def batch(self) -> DecodeBatch:
         """A fresh DecodeBatch over the device buffers (its mask is computed in the step)."""
-        return DecodeBatch(self.index[0], self.index[1], self.index[2], self.L)
+        return DecodeBatch(self.index[0], self.index[1], self.index[2], self.L, self.reads)
 
-    def fill(self, rows: torch.Tensor, positions: list[int], slots: list[int], write_rows: list[int],
-             spare_row: int) -> None:
-        n, B = len(positions), self.B
+    def fill(self, rows: torch.Tensor, positions: list[int], slots: list[int]) -> None:
+        """rows [n, H] embedded; padding rows repeat row 0 and write the cache's spare row."""
+        n, B, cache = len(positions), self.B, self.cache
+        pad = B - n
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies have left the host buffers
         self.host_h[:n].copy_(rows)
-        self.host_h[n:].copy_(rows[:1].expand(B - n, -1))
-        pad = B - n
+        self.host_h[n:].copy_(rows[:1].expand(pad, -1))
+        slots_b = slots + slots[:1] * pad
         self.host_index[0] = torch.tensor(positions + positions[:1] * pad)
-        self.host_index[1] = torch.tensor(slots + slots[:1] * pad)
-        self.host_index[2] = torch.tensor(write_rows + [spare_row] * pad)
+        self.host_index[1] = torch.tensor(slots_b)
+        self.host_index[2, :n] = cache.decode_rows(slots, positions)
+        self.host_index[2, n:] = cache.spare_row
+        self.host_reads.copy_(cache.decode_reads(slots_b, self.L))
         self.h.copy_(self.host_h, non_blocking=True)
         self.index.copy_(self.host_index, non_blocking=True)
+        self.reads.copy_(self.host_reads, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
@@ -104,7 +115,8 @@ class DecodeRunner:
                              f"path; device_ops='torch'), this network has {network.ops.name!r}")
         if not cache.static_decode():
             raise ValueError(f"DecodeRunner: {type(cache).__name__} has no static decode write "
-                             "(write_rows / spare_row); this architecture decodes eagerly")
+                             "(decode_reads / read_rows / write_rows / spare_row); this architecture "
+                             "decodes eagerly")
         if max_batch < 1 or max_batch > cache.num_slots:
             raise ValueError(f"DecodeRunner: max_batch {max_batch} must be in 1..{cache.num_slots} "
                              "(one token per cache slot)")
@@ -157,11 +169,10 @@ class DecodeRunner:
         key = self.bucket(len(input_ids), max(positions))
         inp = self._inputs.get(key)
         if inp is None:
-            inp = self._inputs[key] = StaticInputs(*key, self.network.config.hidden_size, self.device,
-                                                   self.network.dtype)
-        P = self.cache.max_len
+            inp = self._inputs[key] = StaticInputs(*key, self.network.config.hidden_size, self.cache,
+                                                   self.device, self.network.dtype)
         rows = self.network.embed_rows(torch.tensor(input_ids, dtype=torch.long))
-        inp.fill(rows, positions, slots, [s * P + p for s, p in zip(slots, positions)], self.cache.spare_row)
+        inp.fill(rows, positions, slots)
         return key
 
     @torch.inference_mode()

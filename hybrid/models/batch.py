@@ -35,6 +35,11 @@ class Batch:
         """Write each token's cache row(s) of `layer` (parts as the cache's write() takes them)."""
         cache.write(layer, self.slots, self.positions, *parts)
 
+    def read_kv(self, cache, layer: int):
+        """The keys attention reads for `layer`: each slot group's positions 0..L-1 (groups)."""
+        g = self.groups
+        return cache.rows(layer, g.slots, g.L, g.one_slot)
+
     @cached_property
     def decode(self) -> bool:
         """True when no two tokens share a slot (a decode step of several sequences): each
@@ -80,18 +85,24 @@ class SlotGroups:
 
 
 class DecodeBatch(Batch):
-    """A static decode batch (device tensors, all [B]): positions, slots (read: the slot each
-    row attends to) and rows (write: the cache's flat row slot * max_len + position of each row;
-    padding rows point at the cache's spare row, so they never touch a real slot). Padding rows
-    repeat row 0's token, slot and position: their attention and routing equal row 0's, so they
-    pick no expert row 0 does not. `length` (host int) is the key length bucket: keys 0..length-1
-    of each slot are read and masked by position, so no shape depends on the data."""
+    """A static decode batch (device tensors, all B rows): positions [B], slots [B] (the slot
+    each row belongs to), reads (what each row attends to, in the cache's own terms: the cache's
+    decode_reads, e.g. its slot [B], or its blocks [B, M'] in a paged cache) and rows [B] (write:
+    the cache's row for each row's new key, decode_rows; padding rows point at the cache's spare
+    row, so they never touch a sequence's rows). Padding rows repeat row 0's token, slot, reads
+    and position: their attention and routing equal row 0's, so they pick no expert row 0 does
+    not. `length` (host int) is the key length bucket: keys 0..length-1 of each row are read and
+    masked by position, so no shape depends on the data."""
 
     decode = True  # one token per distinct slot, by construction
 
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, length: int):
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, length: int,
+                 reads: torch.Tensor):
         super().__init__(positions, positions, slots)  # no token ids: the rows come embedded
-        self.rows, self.length = rows, length
+        self.rows, self.length, self.reads = rows, length, reads
+
+    def read_kv(self, cache, layer: int):
+        return cache.read_rows(layer, self.reads, self.length)  # [B, length, ...]
 
     @cached_property
     def groups(self) -> "DecodeGroups":

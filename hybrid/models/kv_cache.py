@@ -63,6 +63,18 @@ class LatentKVCache(SlotCache):
         spare_row); a static decode batch's write (hybrid/models/batch.py DecodeBatch)."""
         self.flat[layer][rows] = torch.cat([latent, rope], -1).to(self.dtype)
 
+    def decode_reads(self, slots: list[int], length: int) -> torch.Tensor:
+        """Host [len(slots)] long: what each row of a static decode batch reads (read_rows): its slot."""
+        return torch.tensor(slots, dtype=torch.long)
+
+    def decode_rows(self, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Host [n] long: the flat row (slot * P + position) token i writes."""
+        return torch.tensor(slots, dtype=torch.long) * self.max_len + torch.tensor(positions, dtype=torch.long)
+
+    def read_rows(self, layer: int, reads: torch.Tensor, length: int) -> torch.Tensor:
+        """reads [B] (device slots) -> [B, length, C+R]: a static decode batch's keys."""
+        return self.kv[layer][reads, :length]
+
     def rows(self, layer: int, slots: torch.Tensor, length: int, one_slot: int | None = None) -> torch.Tensor:
         """[U, L, C+R]: positions 0..length-1 of each slot. A single slot is a view (no copy)."""
         if one_slot is not None:

@@ -10,6 +10,14 @@ sequence uses, their reference counts, the prefix tree and eviction are the engi
 
 Reads and writes go through the op set's paged op (hybrid/ops/paged_kv.py), chosen at load.
 
+A static decode step (hybrid/engine/step_runner.py, hybrid/models/batch.py DecodeBatch) does not
+follow the device table: its host half asks decode_reads for the rows' blocks (a fixed-shape
+[B, M'] int32 table, from the host copy of the table kept here) and decode_rows for the physical
+row each token writes, and padding rows write the spare block (one pool block past the N the
+engine hands out), so nothing in the step reads a device value or has a data-dependent shape.
+Table entries past a sequence's own blocks point at the spare block: only masked keys are read
+through them.
+
 Legend: L layers, N blocks, B tokens per block, S slots (table rows), M blocks per slot,
 C kv_lora_rank, R qk_rope_head_dim, W = C + R, T tokens, U slots read.
 """
@@ -23,8 +31,9 @@ from hybrid.models.slot_cache import SlotCache
 
 
 class PagedLatentKVCache(SlotCache):
-    """Per layer a pool [N, B, W] on `device` in `dtype`; table [S, M] int64 (M = max_len / B
-    rounded up); `paged` (kept as paged_ops) is the op set's paged_kv() (gather / scatter)."""
+    """Per layer a pool [N + 1, B, W] on `device` in `dtype` (block N: the spare block); table
+    [S, M] int64 (M = max_len / B rounded up) and its host copy host_table [S, M] int32; `paged`
+    (kept as paged_ops) is the op set's paged_kv() (gather / scatter)."""
 
     def __init__(self, config, num_slots: int, max_len: int, num_blocks: int, block_size: int, paged,
                  device=None, dtype=torch.bfloat16):
@@ -35,9 +44,9 @@ class PagedLatentKVCache(SlotCache):
         L, W = config.num_hidden_layers, config.latent_width
         self.num_blocks, self.block_size, self.paged_ops = num_blocks, block_size, paged
         self.blocks_per_slot = -(-max_len // block_size)  # M
-        self.kv = [torch.zeros(num_blocks, block_size, W, device=self.device, dtype=dtype) for _ in range(L)]
-        # Unused entries point at block 0: only masked keys are ever read through them.
-        self.table = torch.zeros(num_slots, self.blocks_per_slot, dtype=torch.long, device=self.device)
+        self.kv = [torch.zeros(num_blocks + 1, block_size, W, device=self.device, dtype=dtype) for _ in range(L)]
+        self.host_table = torch.full((num_slots, self.blocks_per_slot), self.spare_block, dtype=torch.int32)
+        self.table = self.host_table.to(self.device, torch.long)
 
     def tensors(self) -> list[torch.Tensor]:
         return self.kv
@@ -54,9 +63,15 @@ class PagedLatentKVCache(SlotCache):
                              f"{self.blocks_per_slot} (max_len {self.max_len} / block_size {self.block_size})")
         if blocks and not (0 <= min(blocks) and max(blocks) < self.num_blocks):
             raise IndexError(f"PagedLatentKVCache.set_blocks: block ids must be in 0..{self.num_blocks - 1}")
-        row = torch.zeros(self.blocks_per_slot, dtype=torch.long)
-        row[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        self.table[slot] = row.to(self.device)
+        row = self.host_table[slot]
+        row.fill_(self.spare_block)
+        row[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.table[slot] = row.to(self.device, torch.long)
+
+    @property
+    def spare_block(self) -> int:
+        """The pool block no sequence owns: unused table entries, and padding rows' writes."""
+        return self.num_blocks
 
     def copy_block(self, src: int, dst: int) -> None:
         """Block dst := block src in every layer (copy-on-write of a shared partial block)."""
@@ -90,3 +105,32 @@ class PagedLatentKVCache(SlotCache):
             self.paged_ops.scatter(self.kv[layer], self.table, slots, positions, grid[local, positions])
 
         return grid, local, commit
+
+    # ---- a static decode batch (hybrid/models/batch.py DecodeBatch) ---------------------------
+    @staticmethod
+    def static_decode() -> bool:
+        return True
+
+    @property
+    def spare_row(self) -> int:
+        """The physical row padding rows of a static decode batch write: the spare block's first."""
+        return self.spare_block * self.block_size
+
+    def decode_reads(self, slots: list[int], length: int) -> torch.Tensor:
+        """Host [len(slots), M'] int32, M' = length / B rounded up: the blocks each row reads
+        (what read_rows takes), from the host table, so the host never waits for the device."""
+        return self.host_table[slots, : -(-length // self.block_size)]
+
+    def decode_rows(self, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Host [n] long: the physical row (block * B + offset) token i writes at positions[i]."""
+        pos = torch.tensor(positions, dtype=torch.long)
+        blocks = self.host_table[slots, pos // self.block_size].long()
+        return blocks * self.block_size + pos % self.block_size
+
+    def read_rows(self, layer: int, reads: torch.Tensor, length: int) -> torch.Tensor:
+        """reads [B, M'] (device, decode_reads' copy) -> [B, length, W]: keys 0..length-1 of each row."""
+        return self.paged_ops.gather_blocks(self.kv[layer], reads)[:, :length]
+
+    def write_rows(self, layer: int, rows: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
+        """latent [B, C], rope [B, R] -> physical rows `rows` [B] of layer (decode_rows, or spare_row)."""
+        self.paged_ops.write_rows(self.kv[layer], rows, torch.cat([latent, rope], -1))

@@ -39,8 +39,9 @@ class SlotCache:
 
     @staticmethod
     def static_decode() -> bool:
-        """Whether a static decode batch can write it (write_rows and a spare row for padding;
-        hybrid/models/batch.py DecodeBatch)."""
+        """Whether a static decode batch can use it: decode_reads / decode_rows (its host half),
+        read_rows / write_rows (its device half) and spare_row for padding rows (hybrid/models/
+        batch.py DecodeBatch)."""
         return False
 
     @classmethod

@@ -63,7 +63,7 @@ class MLAAttention:
         batch.write_kv(cache, self.layer, latent, k_rope)
 
         g = batch.groups
-        rows = cache.rows(self.layer, g.slots, g.L, g.one_slot).to(q.dtype)  # [U, L, C+R]
+        rows = batch.read_kv(cache, self.layer).to(q.dtype)  # [U, L, C+R]
         mode = self.mode
         if mode == "auto":
             # Expanding costs one kv_b matmul per key (nh*(D+V)*C); absorbing costs two per
