@@ -25,7 +25,9 @@ of its dtype:
 
 Configurations: decode steps eager (forward() each step) | static (static buffers per bucket,
 hybrid/engine/step_runner.py) | graphs (those captured as CUDA graph segments; CUDA only);
-cache 0 or 25% of each MoE layer's experts held on the device (GpuExpertCache).
+cache 0 or 25% of each MoE layer's experts held on the device (GpuExpertCache); KV cache
+slot (a whole-context grid per sequence) or paged (blocks of KV_BLOCK tokens, what chat and serve
+use; with no expert cache only): its B = 4 timing runs 4 sequences sharing the prompt's block.
 Per configuration:
   decode_tok_s       B = 1 and B = 4 sequences, --steps timed steps after warm-up
   step_ms            milliseconds per decode step at B = 1
@@ -56,6 +58,7 @@ import torch
 # dtype -> (max rel_err or None, min top1)
 TOLERANCE = {torch.float32: (1e-3, 0.95), torch.bfloat16: (None, 0.9)}
 CACHE_FRACTIONS = (0.0, 0.25)
+KV_BLOCK = 16  # tokens per block of the paged KV rows (the engine's default)
 DEFER_K = 2  # deferred picks per token in the deferral rows
 # The K2.5-shaped checkpoint's router: logits spread (std ROUTER_STD) without saturating the
 # sigmoid, and a correction bias (std BIAS_STD) that spreads the choice further, so bf16 rounding
@@ -129,6 +132,18 @@ def set_cache(model, fraction: float) -> int:
     return held
 
 
+def make_kv(model, kv: str, seqs: int, max_len: int, shared: int = 0):
+    """A slot cache, or a paged one (kv == "paged") where each sequence has its own blocks but
+    the first `shared` blocks, which all point at sequence 0's (a shared prompt prefix)."""
+    if kv == "slot":
+        return model.make_cache(seqs, max_len)
+    M = -(-max_len // KV_BLOCK)
+    cache = model.make_cache(seqs, max_len, num_blocks=seqs * M, block_size=KV_BLOCK)
+    for s in range(seqs):
+        cache.set_blocks(s, list(range(shared)) + list(range(s * M + shared, (s + 1) * M)))
+    return cache
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +177,9 @@ def sync(model):
 
 
 @torch.inference_mode()
-def teacher_forced(model, mode: str, prompt: list[int], follow: list[int]) -> torch.Tensor:
+def teacher_forced(model, mode: str, prompt: list[int], follow: list[int], kv: str = "slot") -> torch.Tensor:
     """Logits [1 + len(follow), V] fp32 (CPU): after the prompt, then after each token of `follow`."""
-    cache = model.make_cache(1, len(prompt) + len(follow) + 1)
+    cache = make_kv(model, kv, 1, len(prompt) + len(follow) + 1)
     runner = make_runner(model, cache, mode, 1)
     out = [prefill(model, cache, prompt)[0].float().cpu()]
     for i, tok in enumerate(follow):
@@ -173,11 +188,11 @@ def teacher_forced(model, mode: str, prompt: list[int], follow: list[int]) -> to
 
 
 @torch.inference_mode()
-def time_decode(model, mode: str, B: int, steps: int, warmup: int = 3) -> dict:
-    prompt = list(range(3, 19))
-    cache = model.make_cache(B, len(prompt) + steps + warmup + 2)
+def time_decode(model, mode: str, B: int, steps: int, warmup: int = 3, kv: str = "slot") -> dict:
+    prompt = list(range(3, 3 + KV_BLOCK))  # one whole block: the paged sequences share it
+    cache = make_kv(model, kv, B, len(prompt) + steps + warmup + 2, shared=1)
     runner = make_runner(model, cache, mode, B)
-    for s in range(B):
+    for s in range(B if kv == "slot" else 1):
         prefill(model, cache, prompt, s)
     pos = len(prompt)
     ids, slots = [5] * B, list(range(B))
@@ -201,12 +216,12 @@ def time_decode(model, mode: str, B: int, steps: int, warmup: int = 3) -> dict:
 
 
 @torch.inference_mode()
-def count_step(model, mode: str) -> dict:
+def count_step(model, mode: str, kv: str = "slot") -> dict:
     """aten ops and host syncs of one decode step's device side (after a warm-up step)."""
     from hybrid.engine.sync_check import HostSyncCheck
 
     prompt = list(range(3, 11))
-    cache = model.make_cache(1, 32)
+    cache = make_kv(model, kv, 1, 32)
     runner = make_runner(model, cache, mode, 1)
     prefill(model, cache, prompt)
     decode_step(model, runner, cache, [5], [len(prompt)], [0])
@@ -266,25 +281,25 @@ def check_model(name: str, path, args, device, modes, log) -> dict:
         timed = dtype == torch.bfloat16  # what runs; fp32 rows check the math only
         if timed:
             out["prefill_tok_s_device"] = time_prefill(model, args.prompt)
-        for fraction in CACHE_FRACTIONS:
+        for fraction, kv in [(f, "slot") for f in CACHE_FRACTIONS] + [(0.0, "paged")]:
             held = set_cache(model, fraction)
             for mode in modes:
                 t0 = time.perf_counter()
-                row = {"dtype": str(dtype).removeprefix("torch."), "mode": mode,
+                row = {"dtype": str(dtype).removeprefix("torch."), "mode": mode, "kv": kv,
                        "cache_fraction": fraction, "experts_held": held}
-                row.update(compare(teacher_forced(model, mode, prompt, follow), refs[dtype], dtype))
-                row.update(count_step(model, mode))
+                row.update(compare(teacher_forced(model, mode, prompt, follow, kv), refs[dtype], dtype))
+                row.update(count_step(model, mode, kv))
                 row.update({"decode_tok_s_b1": None, "step_ms_b1": None, "decode_tok_s_b4": None,
                             "graph_launches": None, "capture_failures": 0})
                 if timed:
-                    d1 = time_decode(model, mode, 1, args.steps)
-                    d4 = time_decode(model, mode, 4, max(1, args.steps // 2))
+                    d1 = time_decode(model, mode, 1, args.steps, kv=kv)
+                    d4 = time_decode(model, mode, 4, max(1, args.steps // 2), kv=kv)
                     row.update({"decode_tok_s_b1": d1["tok_s"], "step_ms_b1": d1["step_ms"],
                                 "decode_tok_s_b4": d4["tok_s"], "graph_launches": d1.get("graph_launches"),
                                 "capture_failures": d1.get("capture_failures", 0) + d4.get("capture_failures", 0)})
                 row["seconds"] = time.perf_counter() - t0
                 out["rows"].append(row)
-                log(f"  {name} {row['dtype']} {mode:6s} cache {fraction:.0%}: rel_err {row['rel_err']:.2e} "
+                log(f"  {name} {row['dtype']} {mode:6s} {kv:5s} KV, cache {fraction:.0%}: rel_err {row['rel_err']:.2e} "
                     f"top1 {row['top1']:.2f} {'ok' if row['ok'] else 'FAIL'}, {row['host_syncs']} host syncs")
         if timed:
             out["deferral"] = check_deferral(model, modes, prompt, follow, args)
@@ -316,13 +331,13 @@ def table(result: dict) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = ("| model | dtype | steps | cache | rel_err | top1 | ok | host syncs | launches/step | "
+    head = ("| model | dtype | steps | KV | cache | rel_err | top1 | ok | host syncs | launches/step | "
             "ms/step B=1 | tok/s B=1 | tok/s B=4 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in result["models"]:
         for r in m["rows"]:
             launches = r["graph_launches"] if r["graph_launches"] is not None else f"{r['aten_ops']} ops"
-            lines.append(f"| {m['model']} | {r['dtype']} | {r['mode']} | {r['cache_fraction']:.0%} | "
+            lines.append(f"| {m['model']} | {r['dtype']} | {r['mode']} | {r['kv']} | {r['cache_fraction']:.0%} | "
                          f"{r['rel_err']:.2e} | {r['top1']:.2f} | {'yes' if r['ok'] else 'NO'} | "
                          f"{r['host_syncs']} | {launches} | {num(r['step_ms_b1'], '.2f')} | "
                          f"{num(r['decode_tok_s_b1'], '.1f')} | {num(r['decode_tok_s_b4'], '.1f')} |")

@@ -1,6 +1,7 @@
 """The CUDA half of the static decode step (hybrid/engine/step_runner.py, graphs.py,
 hybrid/experts/staging.py PinnedStaging): captured graph segments replay the eager step's
-logits, with 2M + 1 launches per step and no host sync on the device side. Skipped without a
+logits, over a slot cache and a paged one with shared blocks, with 2M + 1 launches per step and
+no host sync on the device side. Skipped without a
 CUDA device (CI has none; bench/gpu_check.py runs the same on a GPU machine)."""
 
 import pytest
@@ -40,6 +41,41 @@ def test_graph_replay_matches_eager(dtype):
     assert runner.stats["captures"] == 1 and runner.stats["replays"] == 3
     assert runner.stats["capture_failures"] == 0
     assert runner.launches_per_step(runner.bucket(3, max(pos))) == 2 * len(net.moe_layers()) + 1
+
+
+def _paged_shared(net):
+    """A paged cache (blocks of 16): sequences 0 and 1 share the 16-token prompt's block 0,
+    sequence 2 has its own; each decodes into private blocks."""
+    cache = net.make_cache(4, 160, num_blocks=40, block_size=16)
+    for s, blocks in enumerate(([0, 1, 2], [0, 3, 4], [5, 6, 7])):
+        cache.set_blocks(s, blocks)
+    prompt = list(range(5, 21))
+    for s in (0, 2):
+        net.forward(torch.tensor(prompt, device="cuda"), torch.arange(16, device="cuda"),
+                    torch.full((16,), s, device="cuda"), cache)
+    return cache
+
+
+def test_paged_graph_replay_matches_eager():
+    m = hybrid.load(progress=False, device="cuda", dtype=torch.float32, decode_steps="eager")
+    net = m.network
+    ca, cb = _paged_shared(net), _paged_shared(net)
+    runner = DecodeRunner(net, cb, max_batch=4, graphs=True)
+    pos = [16, 16, 16]
+    for step in range(20):  # crosses block ends at 32; 3 rows: a padding row writes the spare block
+        ids = [20 + step, 30 + step, 40 + step]
+        t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+        la = net.forward(t(ids), t(pos), t([0, 1, 2]), ca)
+        lb = runner.step(ids, pos, [0, 1, 2])
+        assert (la - lb).abs().max() <= 1e-4 * la.abs().max()
+        pos = [p + 1 for p in pos]
+    assert runner.stats["captures"] == 1 and runner.stats["replays"] == 19
+    assert runner.stats["capture_failures"] == 0
+    key = runner.prepare([5, 6, 7], pos, [0, 1, 2])  # a captured bucket: its replay
+    with HostSyncCheck() as check:
+        runner.run(key)
+        torch.cuda.synchronize()
+    assert check.syncs == [], check.report()
 
 
 def test_static_step_on_cuda_has_no_host_syncs():

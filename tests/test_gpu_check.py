@@ -25,13 +25,14 @@ def test_dry_run_end_to_end(tmp_path, capsys):
                          "--prompt-check", "8", "--follow", "4"])
     result = json.loads(out.read_text())
     assert result["dry_run"] and result["device"] == "cpu (dry run)"
-    rows = {(m["model"], r["dtype"], r["mode"], r["cache_fraction"]): r
+    rows = {(m["model"], r["dtype"], r["mode"], r["kv"], r["cache_fraction"]): r
             for m in result["models"] for r in m["rows"]}
-    # 2 models x 2 dtypes x (eager, static) x (no cache, 25% cached)
-    assert len(rows) == 16
-    for (model, dtype, mode, frac), r in rows.items():
+    # 2 models x 2 dtypes x (eager, static) x (slot KV: no cache, 25% cached; paged KV: no cache)
+    assert len(rows) == 24
+    assert {k[3:] for k in rows} == {("slot", 0.0), ("slot", 0.25), ("paged", 0.0)}
+    for (model, dtype, mode, kv, frac), r in rows.items():
         if dtype == "float32":  # the correctness check: the same math, another order
-            assert r["ok"] and r["rel_err"] <= 1e-3, (model, mode, frac, r)
+            assert r["ok"] and r["rel_err"] <= 1e-3, (model, mode, kv, frac, r)
             assert r["decode_tok_s_b1"] is None
         else:
             assert r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b4"] > 0 and r["step_ms_b1"] > 0
@@ -46,7 +47,7 @@ def test_dry_run_end_to_end(tmp_path, capsys):
         assert {(r["k"], r["mode"]) for r in m["deferral"]} == {(0, "eager"), (0, "static"), (2, "eager"), (2, "static")}
         assert all(r["top1"] == 1.0 and abs(r["kl_mean"]) < 1e-6 for r in m["deferral"] if r["k"] == 0)
     table = capsys.readouterr().out
-    assert "| demo | bfloat16 | static | 0% |" in table and "k25-shaped: prefill" in table
+    assert "| demo | bfloat16 | static | slot | 0% |" in table and "| demo | bfloat16 | static | paged | 0% |" in table and "k25-shaped: prefill" in table
     assert "| demo | 2 | static |" in table
 
 
