@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", default="", help="the venv (default $HYBRID_KT_VENV or ~/.cache/hybrid/kt-venv)")
     p.add_argument("--package", default=KT_KERNEL, help=f"pip requirement to install (default {KT_KERNEL})")
     a = p.parse_args(argv)
-    if a.venv:
-        os.environ["HYBRID_KT_VENV"] = a.venv
-    venv = venv_dir()
+    venv = Path(a.venv) if a.venv else venv_dir()
     if a.install:
         install(venv, a.package)
     py = venv_python(venv)
