@@ -46,3 +46,31 @@ def test_status_without_venv(peers, tmp_path, capsys):
     mod = importlib.import_module("peers.kt_kernel_moe")
     assert mod.main(["--status", "--venv", str(tmp_path / "absent")]) == 1
     assert "--install" in capsys.readouterr().err
+
+
+def _wheel(dirpath: Path) -> Path:
+    """A minimal pure-python wheel (no network needed to install it) standing in for the package."""
+    import zipfile
+
+    whl = dirpath / "hybrid_kt_probe-0.1-py3-none-any.whl"
+    info = "hybrid_kt_probe-0.1.dist-info"
+    files = {"hybrid_kt_probe.py": "", f"{info}/METADATA": "Metadata-Version: 2.1\nName: hybrid-kt-probe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return whl
+
+
+def test_install_creates_the_venv_and_a_venv_without_kt_kernel_skips(peers, monkeypatch, tmp_path):
+    """install() makes a venv and pip-installs the requirement into it (a local wheel here); the
+    runner started under that venv cannot import kt_kernel (nor numpy), and the peer says so."""
+    mod = importlib.import_module("peers.kt_kernel_moe")
+    venv = tmp_path / "venv"
+    mod.install(venv, str(_wheel(tmp_path)))
+    py = mod.venv_python(venv)
+    assert py.exists() and list(venv.glob("lib/python*/site-packages/hybrid_kt_probe.py"))
+    monkeypatch.setenv("HYBRID_KT_VENV", str(venv))
+    with pytest.raises(peers.PeerSkipped, match="importing kt_kernel failed"):
+        peers.measure("kt-kernel", _spec(peers))

@@ -16,7 +16,11 @@ scale per 32 inputs, no zero point). kt-kernel picks the backend itself (KT_RAWI
 overrides it): AMXInt4_KGroup_MOE when its build has it. On a CPU without AMX, kt-kernel loads its
 avx512_bf16 (or lower) build, where that class runs AVX-512 code (a vpdpbssd emulation over
 sign-extended nibbles, no AMX tiles); KT_RAWINT4_BACKEND=avx2 picks AVX2RawInt4_MOE instead. The
-engine string says which ran.
+engine string says which ran. On the AMD Zen 4 dev box (AVX-512 VNNI/BF16, no AMX, no VEX
+AVX-VNNI) kt-kernel 0.7.2 loads its avx512_bf16 build and runs AMXInt4_KGroup_MOE (default),
+AMXInt4_KGroupBlocked_MOE (=amx_blocked) and AVX2RawInt4_MOE (=avx2) on this layer; avxvnni is
+refused (the CPU lacks avx_vnni) and the peer says so. Its LLAMAFILE method (GGUF blocks) is not
+wired: it would run other weights than the Kimi INT4 layer.
 
 decode_gbps counts kt-kernel's own bytes: at load it widens the bf16 scales to fp32, so an expert
 holds 3 x H x I x (1/2 + 4/32) bytes (hybrid's packing holds 3 x H x I x (1/2 + 2/32)).
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,7 +68,7 @@ def install(venv: Path, package: str = KT_KERNEL) -> None:
         print(f"creating {venv} ({base} -m venv)", file=sys.stderr)
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
     print(f"installing {package} into {venv} (it pulls its own torch: several GB)", file=sys.stderr)
-    subprocess.run([str(py), "-m", "pip", "install", package], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", package], check=True)
 
 
 def _probe(py: Path) -> dict:
@@ -118,9 +123,11 @@ def measure(spec: LayerSpec) -> dict:
         skip = [ln for ln in r.stderr.splitlines() if ln.startswith("SKIP: ")]
         if skip:
             raise PeerSkipped("kt-kernel: " + skip[-1][len("SKIP: "):])
+        if r.returncode == -signal.SIGILL:
+            raise PeerSkipped(f"kt-kernel: its build died of an illegal instruction on this CPU "
+                              f"(KT_KERNEL_CPU_VARIANT=avx2 forces its lowest build): {_tail(r.stdout, 2)}")
         if r.returncode != 0:
-            hint = " (killed by a signal: an illegal instruction or memory)" if r.returncode < 0 else ""
-            raise RuntimeError(f"kt-kernel runner exited with {r.returncode}{hint}: {_tail(r.stderr + r.stdout)}")
+            raise RuntimeError(f"kt-kernel runner exited with {r.returncode}: {_tail(r.stderr + r.stdout)}")
         res = json.loads((d / "result.json").read_text())
         check_y = np.load(d / "check_y.npy")
 
