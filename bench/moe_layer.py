@@ -5,6 +5,7 @@ plain torch bf16 baseline, all measured in the same process with the same thread
     python bench/moe_layer.py --experts 64         # smaller layer, routing still over 64
     python bench/moe_layer.py --threads 1 --isa avx512_vnni --json
     python bench/moe_layer.py --format q4_k --down-format q6_k --experts 16   # GGUF blocks (Q4_K_M's pair)
+    python bench/moe_layer.py --processes 5        # 5 fresh processes: medians, min/max, decode of each
 
 What it measures (medians of --runs runs after one warm-up run each):
   bandwidth_gbps  RAM read bandwidth: the extension's probe (same thread pool, same page policy
@@ -34,6 +35,13 @@ makes random valid GGUF blocks of that type (random bits, fp16 fields of weight 
 them with Layer.pack_expert_gguf, as a GGUF file's experts load; decode_gbps then counts the
 packed bytes (gguf_expert_mb gives the file's bytes per expert: the packed K tiles are 0-4% larger).
 Tensors are random; the numbers say nothing about model quality.
+
+--processes N runs the whole measurement in N fresh processes, one after another (each this script
+with --json), and reports per figure the median across them and the spread (min, max), plus every
+process's decode GB/s: a process that lands in a slow mode (page placement, thread placement)
+shows as one low value rather than vanishing in a median of runs inside one process. --json then
+prints {"processes": N, "median": {...}, "min": {...}, "max": {...}, "per_process": [...]}, where
+median, min and max have the keys of one process's object.
 
 Legend: E experts, K picked per token (8), H hidden (7168), I expert width (2048), B tokens.
 """
@@ -87,8 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the torch bf16 baseline")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--processes", type=int, default=1, help="run everything in N fresh processes, one "
+                   "after another, and report medians and min/max across them (default 1: this process)")
     a = p.parse_args(argv)
-    for name in ("tokens", "experts", "hidden", "intermediate", "topk", "runs", "bank"):
+    for name in ("tokens", "experts", "hidden", "intermediate", "topk", "runs", "bank", "processes"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.threads < 0:
@@ -344,6 +354,8 @@ def bench_torch(args, rng_seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.processes > 1:
+        return run_processes(args, sys.argv[1:] if argv is None else list(argv))
     import numpy as np
 
     hn = _import_hybrid_native()
@@ -405,6 +417,74 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_table(res)
     return 0
+
+
+# ---- several fresh processes ------------------------------------------------------------------
+
+SPREAD_KEYS = ("bandwidth_gbps", "bandwidth_simd_gbps", "decode_ms", "decode_gbps", "decode_frac_bandwidth",
+               "prefill_tok_s", "prefill_gflops", "prefill_gbps", "prefill_frac_bandwidth", "torch_decode_gbps",
+               "torch_prefill_tok_s")
+
+
+def run_processes(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run this script N times in fresh processes (argv + --processes 1 --json; argparse keeps the
+    last value of a repeated flag) and report the aggregate."""
+    results = []
+    for i in range(args.processes):
+        log(args, f"process {i + 1}/{args.processes}")
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--processes", "1", "--json"],
+                           stdout=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            print(f"process {i + 1}/{args.processes} exited with {r.returncode}", file=sys.stderr)
+            return r.returncode
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    agg = aggregate(results)
+    if args.json:
+        print(json.dumps(agg))
+    else:
+        print_spread(agg)
+    return 0
+
+
+def _spread(values: list):
+    """(median, min, max) of the numbers among values (None: absent in a process), or None."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return (statistics.median(nums), min(nums), max(nums)) if nums else None
+
+
+def aggregate(results: list[dict]) -> dict:
+    """{"processes", "median", "min", "max", "per_process"}: median / min / max hold the keys of one
+    process's object: numbers become that statistic across processes (dicts recursively), other
+    values stay when every process agrees and become the list of them when not."""
+    def fold(values: list, pick: int):
+        if all(isinstance(v, dict) for v in values):
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            return {k: fold([v.get(k) for v in values], pick) for k in keys}
+        if all(v == values[0] for v in values):  # settings (experts, isa, ...) and equal figures
+            return values[0]
+        stat = _spread(values)
+        if stat is not None and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    for v in values):
+            return stat[pick]
+        return values
+
+    return {"processes": len(results), "median": fold(results, 0), "min": fold(results, 1),
+            "max": fold(results, 2), "per_process": results}
+
+
+def print_spread(agg: dict) -> None:
+    n, med, lo, hi = agg["processes"], agg["median"], agg["min"], agg["max"]
+    print(f"{n} fresh processes; the table holds the median across them of each figure "
+          f"(each figure itself the median of {med['runs']} runs in its process)")
+    print_table(med)
+    print(f"spread across the {n} processes: median [min .. max]")
+    for k in SPREAD_KEYS:
+        if isinstance(med.get(k), (int, float)):
+            spec = ".0%" if k.endswith("_frac_bandwidth") else ".2f" if k.endswith("_ms") else ".1f"
+            print(f"  {k:24} {med[k]:{spec}} [{lo[k]:{spec}} .. {hi[k]:{spec}}]")
+    per = agg["per_process"]
+    print("  decode GB/s per process:   " + "  ".join(f"{r['decode_gbps']:.1f} ({r['decode_frac_bandwidth']:.0%})"
+                                                    for r in per) + "   (of bw in brackets)")
 
 
 def format_label(r: dict) -> str:

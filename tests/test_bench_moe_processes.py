@@ -1,0 +1,61 @@
+"""bench/moe_layer.py --processes N: N fresh processes, their figures folded into median / min / max
+(settings kept as they are), every process's own object kept; and the folding rule on its own."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "moe_layer.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("moe_layer", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_aggregate_folds_numbers_keeps_settings():
+    agg = _script().aggregate([
+        {"isa": "avx512", "experts": 16, "decode_gbps": 10.0, "ok": True, "bw": None, "note": "a",
+         "peers": {"ggml": {"decode_gbps": 1.0, "engine": "x"}}},
+        {"isa": "avx512", "experts": 16, "decode_gbps": 30.0, "ok": True, "bw": 5.0, "note": "b",
+         "peers": {"ggml": {"decode_gbps": 3.0, "engine": "x"}}},
+        {"isa": "avx512", "experts": 16, "decode_gbps": 20.0, "ok": True, "bw": 7.0, "note": "a",
+         "peers": {"ggml": {"decode_gbps": 2.0, "engine": "x"}, "kt-kernel": {"skipped": "no venv"}}},
+    ])
+    assert agg["processes"] == 3 and len(agg["per_process"]) == 3
+    med, lo, hi = agg["median"], agg["min"], agg["max"]
+    assert (med["decode_gbps"], lo["decode_gbps"], hi["decode_gbps"]) == (20.0, 10.0, 30.0)
+    assert med["isa"] == "avx512" and med["experts"] == 16 and isinstance(med["experts"], int)
+    assert med["ok"] is True                              # a bool is a setting, not a number
+    assert (med["bw"], lo["bw"], hi["bw"]) == (6.0, 5.0, 7.0)  # None: absent in that process
+    assert med["note"] == ["a", "b", "a"]                 # disagreeing non-numbers: all of them
+    assert (med["peers"]["ggml"]["decode_gbps"], hi["peers"]["ggml"]["decode_gbps"]) == (2.0, 3.0)
+    assert med["peers"]["ggml"]["engine"] == "x"
+    assert med["peers"]["kt-kernel"] == [None, None, {"skipped": "no venv"}]
+
+
+def test_two_processes_end_to_end(capsys):
+    pytest.importorskip("hybrid._native", reason="C++ extension not built (pip install -e .)")
+    rc = _script().main(["--experts", "16", "--hidden", "256", "--intermediate", "128", "--tokens", "16",
+                         "--runs", "1", "--bank", "1", "--no-torch", "--processes", "2", "--json"])
+    assert rc == 0
+    agg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert agg["processes"] == 2 and len(agg["per_process"]) == 2
+    per = agg["per_process"]
+    for p in per:  # each is one whole measurement of its own
+        assert p["experts"] == 16 and p["decode_gbps"] > 0 and p["prefill_tok_s"] > 0
+    for key in ("decode_gbps", "prefill_tok_s", "bandwidth_gbps"):
+        vals = [p[key] for p in per]
+        assert agg["median"][key] == pytest.approx(statistics.median(vals))
+        assert agg["min"][key] == min(vals) and agg["max"][key] == max(vals)
+    assert agg["median"]["experts"] == 16 and agg["median"]["runs"] == 1
+
+
+def test_processes_must_be_positive():
+    with pytest.raises(SystemExit):
+        _script().parse_args(["--processes", "0"])
