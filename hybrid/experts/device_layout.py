@@ -132,6 +132,11 @@ def _packed_matrices(fmt: str, qb: torch.Tensor, sb: torch.Tensor | None, n: int
     return CompactMatrix(q, s)
 
 
+def host_bytes(a) -> torch.Tensor:
+    """A packed array (Layer.expert_arrays) as a read-only uint8 torch view on the host."""
+    return _tensor(a.view("uint8"), "cpu")
+
+
 def _split_gate_up(t: torch.Tensor | None, I: int, j: int) -> torch.Tensor | None:
     """Rows of gate (j = 0) or up (j = 1) of a [B, 2I, X] gate_up that interleaves 16-row
     blocks (gate block b, then up block b)."""
