@@ -244,3 +244,16 @@ def test_load_option_runs_in_model_forward(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="layer buffers need"):   # the load fits, the buffers not
         hybrid.load(path, device="cpu", dtype=torch.float32, progress=False, layerwise_prefill=True,
                     max_vram=need + 1000)
+
+
+def test_doctor_says_where_layerwise_fits():
+    from hybrid.commands.doctor import _layerwise_line
+    from hybrid.planner.expect import expectations
+    from hybrid.planner.units import fmt_bytes
+
+    spec = load_model_spec("kimi-k2.5")
+    small = expectations(spec, reference_workstation("24GiB"))["layerwise_prefill"]
+    assert not small["fits"] and "off (its two layer buffers need" in _layerwise_line(small, fmt_bytes)
+    big = expectations(spec, reference_workstation("80GiB"))["layerwise_prefill"]
+    assert big["fits"] and big["threshold_tokens"] > 0
+    assert f">= {big['threshold_tokens']} tokens" in _layerwise_line(big, fmt_bytes)

@@ -117,9 +117,8 @@ class LayerStreamer:
         self.caches = [GpuExpertCache(range(E), E, DeviceExperts(fmt, E, H, I, device, dtype), backend)
                        for _ in range(2)]
         sizes = [0 if a is None else a.nbytes for a in first.expert_arrays(0)]
-        pin = self.streams.pinned
-        self._staging = [[torch.empty(E, n, dtype=torch.uint8, pin_memory=pin) if n else None
-                          for n in sizes] for _ in range(2)]               # [2][4] host [E, bytes]
+        self._sizes = sizes
+        self._staging = None          # [2][4] host [E, bytes], pinned on CUDA: made on first use
         self._landing = [torch.empty(self.group, n, dtype=torch.uint8, device=device) if n else None
                          for n in sizes]                                     # [4] device [G, bytes]
         self.held = [None, None]      # MoE layer (position) each buffer holds or is receiving
@@ -135,7 +134,13 @@ class LayerStreamer:
 
     # ---- the chunk ---------------------------------------------------------------------------
     def begin(self) -> None:
-        """A layerwise chunk starts: the first two MoE layers start copying."""
+        """A layerwise chunk starts: the first two MoE layers start copying. The host staging
+        (two layers of packed bytes, pinned on CUDA) is made on the first one, so a process
+        that never prefills a long prompt never pins it."""
+        if self._staging is None:
+            pin, E = self.streams.pinned, self.num_experts
+            self._staging = [[torch.empty(E, n, dtype=torch.uint8, pin_memory=pin) if n else None
+                              for n in self._sizes] for _ in range(2)]
         self.held = [None, None]
         for j in range(min(2, len(self.layers))):
             self._prefetch(j)

@@ -7,7 +7,8 @@ LayerStreamer that runs them (hybrid/experts/layer_stream.py).
         network.forward(...)
 
 option: "auto" (on a CUDA device with CPU-engine experts, when the two layer buffers fit the
-VRAM left after the load; else off, with a warning saying why when it was close to useful),
+VRAM left after the load; else off, with a warning saying why: the buffers do not fit, or the
+experts are in GGUF block types, which stay on the CPU path in prefill),
 True (on, or an error saying why not: the way tests run it on the CPU with HYBRID_DEVICE_OPS=
 torch), False (off).
 """
@@ -68,16 +69,17 @@ def attach_layerwise(network, option, device, dtype, machine, vram_left: int | N
     moes = list(network.moe_layers().values())
     hosts = [m.host_experts() for m in moes]
 
-    def off(why: str):
+    def off(why: str, warn: bool = True):
         if option is True:
             raise ValueError(f"layerwise_prefill=True: {why}")
-        warnings.warn(f"layerwise prefill is off: {why}")
+        if warn:
+            warnings.warn(f"layerwise prefill is off: {why}")
         return None
 
     if not moes:
         return None
     if not all(isinstance(h, CpuMoE) for h in hosts):
-        return off("it streams the CPU engine's packed experts (experts_backend='cpu')")
+        return off("it streams the CPU engine's packed experts (experts_backend='cpu')", warn=False)
     layers = [h.layer for h in hosts]
     try:
         check_streamable(layers)
