@@ -131,11 +131,11 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                               f"format (hybrid plan --gpu-format)")
         if placer is not None:
             live = placement.attach_online(network, placer)
-    layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need.total)
+    layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need)
     return Built(config, network, facts, ops, experts, live, vision, layerwise)
 
 
-def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, counted: int):
+def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need):
     """Layerwise prefill (hybrid/runtime/layerwise.py), or None."""
     from hybrid.runtime import layerwise as lw
 
@@ -152,7 +152,7 @@ def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, count
     spec = spec_from_config(raw, model_id=path.name, where=where)
     mask = prof.mask(spec.moe_layers) if prof is not None else None
     return lw.attach_layerwise(network, option, device, dtype, lw.machine_for(prof),
-                               lw.vram_left(device, max_vram, counted), mask, spec)
+                               lw.vram_left(device, max_vram, need), mask, spec)
 
 
 def _vision_config(path: Path, config, files):

@@ -101,13 +101,15 @@ def attach_layerwise(network, option, device, dtype, machine, vram_left: int | N
     return LayerwisePrefill(network, streamer, cost, freq, mask)
 
 
-def vram_left(device, max_vram: int | None, counted: int) -> int | None:
-    """Device bytes free for layerwise buffers after the load: the GPU's free memory (within
-    max_vram less what the load counted), or max_vram less that on the CPU (None: unchecked)."""
+def vram_left(device, max_vram: int | None, need) -> int | None:
+    """Device bytes free for layerwise buffers after the load (need: the load's DeviceBudget,
+    hybrid/runtime/memory.py check_fits): max_vram less everything the load counted, and on
+    CUDA the free memory less what is counted but made later (the KV cache, the activations);
+    None: unchecked (the CPU with no max_vram)."""
     device = torch.device(device)
-    left = None if max_vram is None else int(max_vram) - counted
+    left = None if max_vram is None else int(max_vram) - need.total
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0] - need.kv_cache - need.activations
         left = free if left is None else min(left, free)
     return left
 
