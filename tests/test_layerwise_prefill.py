@@ -190,7 +190,7 @@ def test_layerwise_logits_equal_cpu_prefill(tmp_path, monkeypatch, variant, back
     from hybrid.config import read_config_json
     from hybrid.experts.layer_stream import LayerStreamer
     from hybrid.models.spec import spec_from_config
-    from hybrid.runtime.layerwise import LayerwisePrefill, attach_layerwise
+    from hybrid.runtime.layerwise import attach_layerwise
 
     path, _ = build(tmp_path, variant=variant, seed=3, shards=1)
     kw = dict(experts_backend="cpu", mode="precise", layerwise_prefill=False)
@@ -203,8 +203,7 @@ def test_layerwise_logits_equal_cpu_prefill(tmp_path, monkeypatch, variant, back
     lw = attach_layerwise(net, True, "cpu", torch.float32, machine, None, spec=spec)
     if backend == "triton":   # the same rule over a streamer whose kernel is the Triton one
         layers = [m.host_experts().layer for m in net.moe_layers().values()]
-        lw = LayerwisePrefill(net, LayerStreamer(layers, "cpu", torch.float32, backend="triton"),
-                              lw.cost, lw._freq, lw._mask)
+        lw = lw.with_streamer(LayerStreamer(layers, "cpu", torch.float32, backend="triton"))
     t = lw.threshold
     assert t is not None and 4 <= t <= 40, t
     # chunks below, at and above the threshold; a 2-token chunk streams nothing (16 picks of 64

@@ -30,6 +30,10 @@ class LayerwisePrefill:
         self.cost, self._freq, self._mask = cost, freq, mask
         self.threshold = cost.layerwise_threshold(freq, mask)   # tokens, or None: never
 
+    def with_streamer(self, streamer) -> "LayerwisePrefill":
+        """The same rule over another LayerStreamer (bench and tests: another kernel backend)."""
+        return LayerwisePrefill(self.network, streamer, self.cost, self._freq, self._mask)
+
     def mode(self, tokens: int) -> str:
         """"layerwise" or "cpu": what runs a forward of `tokens` (the cost model's choice)."""
         return "layerwise" if self.threshold is not None and tokens >= self.threshold else "cpu"
