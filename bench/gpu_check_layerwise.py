@@ -94,8 +94,9 @@ def stream_layer(device, E=64, H=7168, I=2048, T=4096, layers=4, machine=None) -
     import numpy as np
 
     from hybrid.experts.layer_stream import LayerStreamer
-    from hybrid.planner.cost import CostModel, local_machine
+    from hybrid.planner.cost import CostModel
     from hybrid.planner.model_spec import ModelSpec
+    from hybrid.runtime.layerwise import machine_for
 
     packed = _int4_layer(E, H, I)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -114,7 +115,7 @@ def stream_layer(device, E=64, H=7168, I=2048, T=4096, layers=4, machine=None) -
 
     sec = _timed(chunk, device, 2) / layers
     spec = ModelSpec("stream-check", H, 4 * I, I, E, 8, 0, layers, tuple(range(layers)))
-    m = machine or local_machine(measure=False)
+    m = machine or machine_for(None, device)   # on CUDA: the measured H2D rate
     cost = CostModel(spec, m, layerwise_prefill=True)
     c = cost.costs(np.full((layers, E), 8 / E), T, prefill=True)
     nbytes = E * cost.cpu_expert_bytes
@@ -209,8 +210,8 @@ def table(r: dict) -> str:
     s = r["stream_layer"]
     lines += ["", f"stream one layer (E={s['experts']}, H={s['hidden']}, I={s['intermediate']}, "
                   f"T={s['tokens']}): {s['s_per_layer'] * 1e3:.2f} ms/layer measured, "
-                  f"{s['predicted_s_per_layer'] * 1e3:.2f} ms predicted (PCIe {s['machine_pcie_gbps']:g} GB/s "
-                  f"assumed), {s['streamed_gbps']:.1f} GB/s streamed",
+                  f"{s['predicted_s_per_layer'] * 1e3:.2f} ms predicted (PCIe {s['machine_pcie_gbps']:.1f} GB/s), "
+                  f"{s['streamed_gbps']:.1f} GB/s streamed",
               "", "| overlap: cache | B | t_layer ms | t_cpu ms | t_dev ms | efficiency | bound |",
               "|---|---|---|---|---|---|---|"]
     for o in r["overlap"]:

@@ -256,3 +256,13 @@ def test_doctor_says_where_layerwise_fits():
     big = expectations(spec, reference_workstation("80GiB"))["layerwise_prefill"]
     assert big["fits"] and big["threshold_tokens"] > 0
     assert f">= {big['threshold_tokens']} tokens" in _layerwise_line(big, fmt_bytes)
+
+
+def test_h2d_probe_needs_a_cuda_device():
+    from hybrid import hardware
+
+    if torch.cuda.is_available():
+        assert hardware.h2d_bandwidth_gbps(0, 1 << 20, 1) > 0
+    else:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            hardware.h2d_bandwidth_gbps()

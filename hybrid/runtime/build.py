@@ -151,7 +151,7 @@ def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need)
     raw, where = read_config_json(path)
     spec = spec_from_config(raw, model_id=path.name, where=where)
     mask = prof.mask(spec.moe_layers) if prof is not None else None
-    return lw.attach_layerwise(network, option, device, dtype, lw.machine_for(prof),
+    return lw.attach_layerwise(network, option, device, dtype, lw.machine_for(prof, device),
                                lw.vram_left(device, max_vram, need), mask, spec)
 
 

@@ -118,11 +118,17 @@ def vram_left(device, max_vram: int | None, need) -> int | None:
     return left
 
 
-def machine_for(prof):
-    """The cost model's machine: the profile's (what its placement was planned for), else
-    this machine's (hybrid.planner.cost.local_machine, nominal GPU and PCIe rates)."""
+def machine_for(prof, device=None):
+    """The cost model's machine: the profile's (what its placement was planned for), else this
+    machine's (hybrid.planner.cost.local_machine: nominal GPU rates) with, on a CUDA device, the
+    pinned host -> device copy rate measured (hybrid.hardware, ~256 MiB copied, once)."""
+    from hybrid import hardware
     from hybrid.planner.cost import MachineSpec, local_machine
 
     if prof is not None and isinstance(prof.data.get("machine"), dict):
         return MachineSpec.from_dict(prof.data["machine"], where=f"{prof.path}: machine")
-    return local_machine(measure=False)
+    m = local_machine(measure=False)
+    if device is not None and torch.device(device).type == "cuda":
+        m.pcie_gbps = hardware.h2d_bandwidth_gbps(torch.device(device).index or 0)
+        m.sources["pcie_gbps"] = "measured: hybrid.hardware.h2d_bandwidth_gbps (pinned, 256 MiB)"
+    return m
