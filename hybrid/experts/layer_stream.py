@@ -15,7 +15,12 @@ ends the previous copy out of that staging; the copy stream waits for `done[b]` 
 stream finished the layer b held before), copies UNPACK_GROUP experts at a time into a landing
 zone and unpacks them into b's device layout (device_layout.py), then records `ready[b]`. The
 compute stream waits for `ready[b]` before layer j's kernel and records `done[b]` after it. So
-layer j + 1's copy runs while layer j computes, with events only, never a synchronize().
+layer j + 1's copy runs while layer j computes, with events only, never a synchronize(). The
+host fill of layer j + 2 runs on the calling thread right after layer j's kernel is queued,
+while the device works through its queue: three stages (fill, PCIe + unpack, compute) each a
+layer apart, the slowest setting the pace, as the cost model counts them (cost.py
+layerwise_time). The copy stream's unpack of one group delays the next group's PCIe copy
+(one stream); the unpack is a few passes at device memory speed, small beside PCIe.
 
 The streams are an object (CudaStreams, or HostStreams on the CPU where every copy and kernel
 runs in order and the events are markers that tests read back), so the buffer logic is the same
