@@ -212,7 +212,16 @@ def test_layerwise_logits_equal_cpu_prefill(tmp_path, monkeypatch, variant, back
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, cfg.vocab_size, (sum(chunks),), generator=g)
     ref, _ = _prefill_chunks(net, cfg, ids, chunks)
+    seen = []   # the experts each chunk's tokens picked in the first MoE layer
+    first = next(iter(net.moe_layers().values()))
+    def watch(layer, i):
+        seen.append(int(i.unique().numel()))
+
+    first.add_observer(on_routing=watch)
     got, modes = _prefill_chunks(net, cfg, ids, chunks, lw)
+    first.remove_observer(watch)
+    streamed = [n for n, m in zip(seen, modes) if m == "layerwise"]
+    assert streamed and min(streamed) < cfg.n_routed_experts   # experts with no token streamed too
     want_modes = ["layerwise" if n >= t else "cpu" for n in chunks]
     assert modes == want_modes and "cpu" in modes + ["cpu"] and "layerwise" in modes
     err = (got - ref).abs().max().item()
