@@ -40,6 +40,9 @@ Per model: prefill_tok_s of a --prompt-token prompt on the device and on the CPU
 expert deferral (hybrid.load(defer_experts=DEFER_K), no cache, bf16): decode tok/s per mode with
 and without it, and its cost against no deferral (top-1 agreement, mean KL in nats).
 
+Layerwise prefill and overlap efficiency: bench/gpu_check_layerwise.py (its docstring), on the
+demo model; its table follows the others.
+
 Legend: B sequences decoded together, V vocabulary.
 """
 
@@ -383,10 +386,16 @@ def main(argv=None) -> int:
             path = None if name == "demo" else write_k25_shaped(Path(tmp) / "k25-shaped")
             log(f"{name}: checking")
             result["models"].append(check_model(name, path, args, device, modes, log))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+        import gpu_check_layerwise
+
+        log("layerwise prefill and overlap")
+        result["layerwise"] = gpu_check_layerwise.check(None, device, args.dry_run, log)
     result["seconds"] = time.perf_counter() - t0
-    result["ok"] = all(r["ok"] for m in result["models"] for r in m["rows"])
+    result["ok"] = all(r["ok"] for m in result["models"] for r in m["rows"]) and result["layerwise"]["ok"]
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))
+    print(gpu_check_layerwise.table(result["layerwise"]))
     log(f"wrote {args.out}; {'all ok' if result['ok'] else 'SOME CHECKS FAILED'}")
     return 0 if result["ok"] else 1
 

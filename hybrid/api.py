@@ -63,6 +63,10 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
                        lowest-weight CPU picks per token are added to the next MoE layer's output,
                        so the CPU computes them during that layer's attention. Changes the math;
                        default 0 (off): bench/deferral.py measures the accuracy cost
+      layerwise_prefill "auto" (default) | True | False: prefill chunks the cost model says are
+                       large enough stream every MoE layer's experts to the device, double-
+                       buffered, and run them there (hybrid/runtime/layerwise.py); auto: on a CUDA
+                       device when its two layer buffers fit; True: on or an error saying why
       progress         show progress bars (default True)
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
@@ -108,7 +112,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
               packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
               progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
               device_ops=opts.pop("device_ops", None), defer_experts=opts.pop("defer_experts", 0),
-              images_enabled=bool(opts.pop("images_enabled", True)))
+              images_enabled=bool(opts.pop("images_enabled", True)),
+              layerwise_prefill=opts.pop("layerwise_prefill", "auto"))
     decode_steps = opts.pop("decode_steps", None) or "auto"
     if decode_steps not in DECODE_STEPS:
         raise ValueError(f"hybrid.load: decode_steps must be one of {', '.join(DECODE_STEPS)}, "
@@ -211,13 +216,26 @@ class Model:
         """One step (the engine calls this once per step). With online re-placement, the swaps
         the step's routing asks for happen after the whole forward, never inside it. embeds:
         (rows, values) replacing those rows' input embeddings (image tokens)."""
-        if embeds is None:
-            out = self.network.forward(input_ids, positions, slots, cache, logits_index)
-        else:
-            out = self.network.forward(input_ids, positions, slots, cache, logits_index, embeds=embeds)
+        with self.prefill_chunk(input_ids.numel()):  # the chunk's mode (layerwise or cpu)
+            if embeds is None:
+                out = self.network.forward(input_ids, positions, slots, cache, logits_index)
+            else:
+                out = self.network.forward(input_ids, positions, slots, cache, logits_index, embeds=embeds)
         if self.online is not None:
             self.online.end_step()
         return out
+
+    def prefill_chunk(self, tokens: int):
+        """Context for a forward of `tokens`: layerwise prefill when the cost model picks it
+        (hybrid/runtime/layerwise.py), else nothing changes."""
+        from contextlib import nullcontext
+
+        lw = self._built.layerwise
+        return nullcontext("cpu") if lw is None else lw.chunk(tokens)
+
+    def layerwise(self):
+        """The LayerwisePrefill (threshold, mode(tokens), predict(tokens)), or None: off."""
+        return self._built.layerwise
 
     def online_stats(self) -> dict | None:
         """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""

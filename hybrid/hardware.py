@@ -128,6 +128,30 @@ def gpus() -> list[dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=None)
+def h2d_bandwidth_gbps(index: int = 0, nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Pinned host -> CUDA device `index` copy rate in GB/s (1e9 bytes/s): the best of `repeats`
+    copies of `nbytes`, timed with CUDA events (what layerwise prefill's stream reaches per
+    copy). Cached per process; ValueError without a CUDA device."""
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ValueError(f"h2d_bandwidth_gbps: no CUDA device {index}")
+    dev = torch.device("cuda", index)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    best = 0.0
+    with torch.cuda.device(dev):
+        for _ in range(repeats + 1):   # the first copy warms up
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            best = max(best, nbytes / (a.elapsed_time(b) * 1e-3) / 1e9)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]:
     """RAM read bandwidth with the engine's thread pool and page policy (csrc/bandwidth.h):
     {"gbps" (median), "runs", "bytes", "threads", "hugepage_advised"}. Cached per process."""

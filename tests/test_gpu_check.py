@@ -58,3 +58,20 @@ def test_without_cuda_the_real_run_refuses(capsys):
         pytest.skip("a CUDA device is present")
     assert _script().main(["--out", "/dev/null"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_dry_run_layerwise_rows(capsys):
+    """gpu_check_layerwise's rows alone (gpu_check.py runs them after its models)."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check_layerwise as lw
+
+    r = lw.check(None, "cpu", dry_run=True, log=lambda m: None)
+    assert r["ok"] and r["threshold"] is not None
+    f32 = [x for x in r["layerwise"] if x["dtype"] == "float32"]
+    assert f32 and all(x["rel_err"] <= 1e-3 for x in f32)
+    assert all(x["tok_s_layerwise"] > 0 for x in r["layerwise"] if x["dtype"] == "bfloat16")
+    assert len(r["overlap"]) == 4 and all(0 <= o["efficiency"] <= 1 for o in r["overlap"])
+    assert r["stream_layer"]["s_per_layer"] > 0
+    assert "layerwise prefill (threshold" in lw.table(r)

@@ -247,10 +247,27 @@ def render(r: dict) -> None:
                        f"{d['no_cache']['decode_tok_s']:.2f}",
                        f"{d['no_cache']['prefill_tok_s']:.0f}", best, n)
         con.print(tt)
+        lw = e.get("layerwise_prefill")
+        if lw:
+            con.print(f"  {_layerwise_line(lw, fmt_bytes)}")
     if r["advice"]:
         con.print("\n[bold]what to do[/bold]")
         for a in r["advice"]:
             con.print(f"  - {a}")
+
+
+def _layerwise_line(lw: dict, fmt_bytes) -> str:
+    """One line on layerwise prefill (hybrid/runtime/layerwise.py): its VRAM and threshold."""
+    head = (f"layerwise prefill: two layer buffers {fmt_bytes(lw['device_bytes'])} of VRAM "
+            f"(+ {fmt_bytes(lw['pinned_host_bytes'])} pinned RAM): ")
+    if not lw["fits"]:
+        return head + f"off ({lw['note']})"
+    t = lw.get("threshold_tokens")
+    if t is None:
+        return head + "fits, but no chunk size streams faster than the CPU here"
+    p = lw["at_twice_threshold"]
+    return head + (f"on for chunks of >= {t} tokens (at {2 * t}: {p['tok_s_layerwise']:.0f} tok/s "
+                   f"streamed vs {p['tok_s_cpu']:.0f} on the CPU)")
 
 
 def main(args) -> int:

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="context position at which decode speed is predicted (4k)")
     p.add_argument("--online", action="store_true",
                    help="also replay the trace with online re-placement (needs a sequence)")
+    p.add_argument("--layerwise-prefill", action="store_true",
+                   help="reserve VRAM for layerwise prefill's two layer buffers (left off, with "
+                        "the reason in the budget, when they do not fit)")
     p.add_argument("--out", default=None, help="profile YAML to write")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures to DIR")
     p.set_defaults(func=main)
@@ -84,7 +87,8 @@ def main(args) -> int:
                 loaded.append(traces.load(path, with_sequence=args.online))
         trace = loaded[0] if len(loaded) == 1 else traces.merge(loaded)
         cost = CostModel(model, machine, gpu_expert_format=args.gpu_format,
-                         device_weight_format=args.device_weights, kv_tokens=decode_at)
+                         device_weight_format=args.device_weights, kv_tokens=decode_at,
+                         layerwise_prefill=args.layerwise_prefill)
         result = planner.make_plan(cost, trace, context, batch=args.batch)
     except (ValueError, FileNotFoundError) as e:   # TraceError, PlanError are ValueErrors
         con.print(f"[red]error:[/red] {e}")

@@ -226,6 +226,11 @@ class PackedLayer:
         g, u, d = self._h.unpack_expert(e)
         return torch.from_numpy(g), torch.from_numpy(u), torch.from_numpy(d)
 
+    def expert_arrays(self, e: int):
+        """Expert e's packed bytes (gate_up qweight uint8, gate_up scales uint16 or None, down
+        qweight, down scales): read-only numpy views into the layer's buffer (kernels.h layout)."""
+        return self._h.expert_arrays(int(e))
+
     def compact_expert(self, e: int, device="cpu"):
         """Expert e in its own bits (hybrid.experts.device_layout.CompactExpert): int4/int8 q
         and bf16 scales, or bf16 weights ("dense"), read from the packed layout without loss;
@@ -237,7 +242,7 @@ class PackedLayer:
             # GGUF blocks (fp16 scales, sub-block tables): the cache holds their exact dequantised
             # values as dense weights (in the compute dtype), as the planner counts them (bf16).
             return CompactExpert.dense(*(t.to(device) for t in self.unpack_expert(e)))
-        arrays = self._h.expert_arrays(int(e))
+        arrays = self.expert_arrays(e)
         return compact_from_packed(self.format, arrays, self.hidden, self.intermediate, device)
 
     def __repr__(self) -> str:

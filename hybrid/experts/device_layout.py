@@ -112,44 +112,64 @@ def _tensor(a, device) -> torch.Tensor:
         return torch.from_numpy(a).to(device)
 
 
-def _bf16(a, device) -> torch.Tensor:
-    return _tensor(a.view("int16"), device).view(torch.bfloat16)
-
-
-def _packed_matrix(fmt: str, qbytes, scales, n: int, k: int, device) -> CompactMatrix:
-    """One [N, K] matrix of the CPU layout (kernels.h) in compact form, bit for bit."""
-    nb, g = n // 16, k // GROUP
+def _packed_matrices(fmt: str, qb: torch.Tensor, sb: torch.Tensor | None, n: int,
+                     k: int) -> CompactMatrix:
+    """B [N, K] matrices of the CPU layout (kernels.h) in compact form, bit for bit: qb [B, bytes]
+    uint8 (the packed qweight of each), sb [B, N*K/32] int16 (their bf16 scales) or None.
+    Returns q [B, N, K], scale [B, N, K/32]."""
+    B, nb, g = qb.shape[0], n // 16, k // GROUP
     if fmt == "int4":   # [nb][g][4 chunks c][16 lanes r][4 bytes j]: k = 32g + 8c + 4*nibble + j
-        qb = _tensor(qbytes, device).view(nb, g, 4, 16, 4).permute(0, 3, 1, 2, 4)  # [nb, r, g, c, j]
-        nib = torch.stack((qb & 15, qb >> 4), dim=4)                            # [nb, r, g, c, 2, j]
-        q = (nib.reshape(n, k).to(torch.int8) - 8)
+        q4 = qb.view(B, nb, g, 4, 16, 4).permute(0, 1, 4, 2, 3, 5)         # [B, nb, r, g, c, j]
+        nib = torch.stack((q4 & 15, q4 >> 4), dim=5)                        # [B, nb, r, g, c, 2, j]
+        q = nib.reshape(B, n, k).to(torch.int8) - 8
     elif fmt == "int8":  # [nb][g][8 chunks c][16 lanes][4 bytes j], u8 = q + 128: k = 32g + 4c + j
-        qb = _tensor(qbytes, device).view(nb, g, 8, 16, 4).permute(0, 3, 1, 2, 4)
-        q = (qb.reshape(n, k).to(torch.int16) - 128).to(torch.int8)
+        q8 = qb.view(B, nb, g, 8, 16, 4).permute(0, 1, 4, 2, 3, 5)
+        q = (q8.reshape(B, n, k).to(torch.int16) - 128).to(torch.int8)
     else:                # bf16: [nb][k/2][16 lanes][2]
-        q = _bf16(qbytes, device).view(nb, k // 2, 16, 2).permute(0, 2, 1, 3).reshape(n, k)
+        q = qb.view(torch.bfloat16).view(B, nb, k // 2, 16, 2).permute(0, 1, 3, 2, 4).reshape(B, n, k)
         return CompactMatrix(q, None)
-    s = _bf16(scales, device).view(nb, g, 16).permute(0, 2, 1).reshape(n, g)  # [N, K/32]
+    s = sb.view(torch.bfloat16).view(B, nb, g, 16).permute(0, 1, 3, 2).reshape(B, n, g)
     return CompactMatrix(q, s)
+
+
+def host_bytes(a) -> torch.Tensor:
+    """A packed array (Layer.expert_arrays) as a read-only uint8 torch view on the host."""
+    return _tensor(a.view("uint8"), "cpu")
+
+
+def _split_gate_up(t: torch.Tensor | None, I: int, j: int) -> torch.Tensor | None:
+    """Rows of gate (j = 0) or up (j = 1) of a [B, 2I, X] gate_up that interleaves 16-row
+    blocks (gate block b, then up block b)."""
+    return None if t is None else t.view(t.shape[0], I // 16, 2, 16, -1)[:, :, j].reshape(t.shape[0], I, -1)
+
+
+def compact_batch(fmt: str, gu_q, gu_s, dn_q, dn_s, hidden: int, intermediate: int):
+    """B experts of a packed layer in compact form at once: the four arrays of
+    Layer.expert_arrays stacked per expert ([B, bytes] uint8 qweights, [B, n] int16 scales or
+    None), already on the device that unpacks them. -> (gate, up, down) CompactMatrix with a
+    leading B dim."""
+    H, I = hidden, intermediate
+    gu = _packed_matrices(fmt, gu_q, gu_s, 2 * I, H)
+    gate = CompactMatrix(_split_gate_up(gu.q, I, 0), _split_gate_up(gu.scale, I, 0))
+    up = CompactMatrix(_split_gate_up(gu.q, I, 1), _split_gate_up(gu.scale, I, 1))
+    return gate, up, _packed_matrices(fmt, dn_q, dn_s, H, I)
+
+
+def compact_format(fmt: str) -> str:
+    """The CompactExpert format of a packed layer's format ("int4", "int8", "bf16")."""
+    return "dense" if fmt == "bf16" else fmt
 
 
 def compact_from_packed(fmt: str, arrays, hidden: int, intermediate: int,
                         device="cpu") -> CompactExpert:
     """fmt: the packed layer's format ("int4", "int8", "bf16"); arrays: Layer.expert_arrays(e)
-    (gate_up qweight, gate_up scales, down qweight, down scales). gate_up [2I, H] interleaves
-    16-row blocks: gate block j, then up block j. device: where the tensors are made (the
-    packed bytes are copied there first, so a GPU does the unpacking)."""
-    H, I = hidden, intermediate
-    gu_q, gu_s, dn_q, dn_s = arrays
-    gu = _packed_matrix(fmt, gu_q, gu_s, 2 * I, H, device)
-
-    def split(t, j):  # rows of gate (j = 0) or up (j = 1) out of the interleaved gate_up
-        return None if t is None else t.view(I // 16, 2, 16, -1)[:, j].reshape(I, -1)
-
-    gate = CompactMatrix(split(gu.q, 0), split(gu.scale, 0))
-    up = CompactMatrix(split(gu.q, 1), split(gu.scale, 1))
-    down = _packed_matrix(fmt, dn_q, dn_s, H, I, device)
-    return CompactExpert("dense" if fmt == "bf16" else fmt, gate, up, down)
+    (gate_up qweight, gate_up scales, down qweight, down scales). device: where the tensors are
+    made (the packed bytes are copied there first, so a GPU does the unpacking)."""
+    t = [None if a is None else _tensor(a.view("int16") if a.itemsize == 2 else a, device)[None]
+         for a in arrays]
+    gate, up, down = compact_batch(fmt, *t, hidden, intermediate)
+    one = [CompactMatrix(m.q[0], None if m.scale is None else m.scale[0]) for m in (gate, up, down)]
+    return CompactExpert(compact_format(fmt), *one)
 
 
 # ---- the device layout ------------------------------------------------------------------------
@@ -159,10 +179,11 @@ def _pad32(n: int) -> int:
 
 
 def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    if t.shape == (rows, cols):
+    """[B, N, K] -> [B, rows, cols], zeros beyond."""
+    if t.shape[1:] == (rows, cols):
         return t
-    out = t.new_zeros(rows, cols)
-    out[: t.shape[0], : t.shape[1]] = t
+    out = t.new_zeros(t.shape[0], rows, cols)
+    out[:, : t.shape[1], : t.shape[2]] = t
     return out
 
 
@@ -234,26 +255,36 @@ class DeviceExperts:
             raise ValueError(f"{where}: a {ex.format} expert of H={ex.shape[0]}, I={ex.shape[1]} "
                              f"does not fit a cache of {self.format} experts of H={self.hidden}, "
                              f"I={self.intermediate}")
+        one = [CompactMatrix(m.q[None], None if m.scale is None else m.scale[None])
+               for m in (ex.gate, ex.up, ex.down)]
+        self.write_batch(slot, *one)
+
+    def write_batch(self, start: int, gate: CompactMatrix, up: CompactMatrix,
+                    down: CompactMatrix) -> None:
+        """Slots [start, start + B) from B experts in compact form with a leading B dim
+        (compact_batch), in this layout's format and shape (the caller checked them)."""
         GH, GI = self.groups_h, self.groups_i
         Hp, Ip = GH * GROUP, GI * GROUP
+        B = gate.q.shape[0]
         st = self.gate_up_q.dtype
+        dense = self.format == "dense"
         gu_q, gu_s = [], []
-        for m in (ex.gate, ex.up):
-            q = _padded(m.q.to(st) if self.format == "dense" else m.q, Ip, Hp)
-            q = q.view(GI, 16, 2, GH, GROUP).permute(0, 3, 2, 1, 4)            # [GI, GH, par, m, k]
-            gu_q.append(_pair_rows(q, self.format, 2))
+        for m in (gate, up):
+            q = _padded(m.q.to(st) if dense else m.q, Ip, Hp)
+            q = q.view(B, GI, 16, 2, GH, GROUP).permute(0, 1, 4, 3, 2, 5)   # [B, GI, GH, par, m, k]
+            gu_q.append(_pair_rows(q, self.format, 3))
             if m.scale is not None:
-                s = _padded(m.scale, Ip, GH).view(GI, 16, 2, GH).permute(0, 3, 2, 1)   # [GI, GH, par, m]
+                s = _padded(m.scale, Ip, GH).view(B, GI, 16, 2, GH).permute(0, 1, 4, 3, 2)  # [B, GI, GH, par, m]
                 gu_s.append(s)
-        self.gate_up_q[slot].copy_(torch.stack(gu_q, dim=2))
-        d = ex.down
-        q = _padded(d.q.to(st) if self.format == "dense" else d.q, Hp, Ip)
-        q = q.view(Hp // 2, 2, GI, 16, 2).permute(2, 4, 1, 0, 3)                # [GI, ip, par, p, m]
-        self.down_q[slot].copy_(_pair_rows(q, self.format, 2))
+        slots = slice(start, start + B)
+        self.gate_up_q[slots].copy_(torch.stack(gu_q, dim=3))
+        q = _padded(down.q.to(st) if dense else down.q, Hp, Ip)
+        q = q.view(B, Hp // 2, 2, GI, 16, 2).permute(0, 3, 5, 2, 1, 4)      # [B, GI, ip, par, p, m]
+        self.down_q[slots].copy_(_pair_rows(q, self.format, 3))
         if gu_s:
-            self.gate_up_s[slot].copy_(torch.stack(gu_s, dim=2))
-            s = _padded(d.scale, Hp, GI).view(Hp // 2, 2, GI).permute(2, 1, 0)          # [GI, par, p]
-            self.down_s[slot].copy_(s)
+            self.gate_up_s[slots].copy_(torch.stack(gu_s, dim=3))
+            s = _padded(down.scale, Hp, GI).view(B, Hp // 2, 2, GI).permute(0, 3, 2, 1)  # [B, GI, par, p]
+            self.down_s[slots].copy_(s)
 
     def slot_weights(self, slot) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slot `slot` (an int or a 0-d device tensor) dequantised: (gate [I, H], up [I, H],

@@ -17,6 +17,8 @@ nothing here. Executors (one file each, named in EXECUTORS):
   device  hybrid/experts/gpu_cache.py GpuExpertCache: experts a placement holds in VRAM (INT4/
           INT8 as the host holds them, one grouped launch per layer); also `held_mask()` [E]
           bool (host): the experts it runs, which the host skips
+  stream  hybrid/experts/layer_stream.py StreamedLayer: one MoE layer's experts, all of them,
+          streamed to the device for a layerwise prefill chunk (MoELayer.set_whole_layer)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EXECUTORS = {
     "cpu": "hybrid.experts.cpu_moe:CpuMoE",
     "torch": "hybrid.experts.torch_moe:TorchMoE",
     "device": "hybrid.experts.gpu_cache:GpuExpertCache",
+    "stream": "hybrid.experts.layer_stream:StreamedLayer",
 }
 
 

@@ -5,6 +5,7 @@ device share and the shared expert -> sync -> combine (DESIGN.md, "Expert execut
     layer.set_device_experts(cache)            # experts a placement holds in VRAM (or None)
     layer.add_observer(on_routing=f, on_phase=g)
     layer.set_deferral(k, twin, previous)      # expert deferral (below), or k=0: off
+    layer.set_whole_layer(executor)            # a chunk's routed work all on one executor, or None
     y = layer(x)                               # [T, H] -> [T, H]
 
 The router runs where the op set put it (hybrid/experts/routers/); the host executor (the CPU
@@ -23,6 +24,11 @@ lowest-weight picks of each token in this layer go to a second job on the host e
 its result is added to the *next* MoE layer's output instead of this one's, so the CPU computes
 it while the device runs the next layer's attention. It changes the model's math (the next layer's attention does not see those k
 experts): bench/deferral.py measures the cost. The last MoE layer never defers.
+
+Whole layer (layerwise prefill, hybrid/experts/layer_stream.py): while an executor is set with
+set_whole_layer, every pick runs on it (the device holds all the layer's experts for the chunk)
+and the host executor, the cache and deferral sit out: route -> that executor and the shared
+expert -> combine, the same sum. The runtime sets it for the chunks the cost model streams.
 
 Observers: on_routing(layer, ids [T, K] int32, host) for traces and online placement;
 on_phase(layer, phase, seconds) for timing (router, shared, experts_submit, experts_wait).
@@ -53,6 +59,7 @@ class MoELayer:
         self._defer = 0           # picks per token deferred to the next MoE layer
         self._twin = None         # the host executor's twin that runs them
         self._previous = None     # the MoE layer whose deferred share this one adds
+        self._whole = None        # executor running all the routed work (layerwise), or None
 
     # ---- attach points (the runtime's builder and tools call these) -----------------------------
     def set_device_experts(self, executor) -> None:
@@ -76,6 +83,11 @@ class MoELayer:
             raise ValueError(f"layer {self.layer}: deferring experts needs the host executor's twin")
         self._defer, self._twin, self._previous = k, (twin if k else None), previous
 
+    def set_whole_layer(self, executor) -> None:
+        """Run every routed pick on `executor` (one holding all the layer's experts on the
+        device: a layerwise prefill chunk), or None: the placement's split again."""
+        self._whole = executor
+
     def add_observer(self, on_routing=None, on_phase=None) -> None:
         if on_routing is not None:
             self._on_routing.append(on_routing)
@@ -89,6 +101,8 @@ class MoELayer:
 
     # ---- the layer ---------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        if self._whole is not None:
+            return self._whole_layer(x)
         clock = _Clock(self, x) if self._on_phase else None
         ids, w = self.router(x)
         xh, idsh, wh = self.staging.to_host(x, ids, w)  # asynchronous on a device
@@ -126,6 +140,17 @@ class MoELayer:
         if cached is not None:
             y = y + cached
         y = y.to(x.dtype)
+        return y if shared is None else y + shared
+
+    def _whole_layer(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        ids, w = self.router(x)
+        if self._on_routing:
+            idsh = ids.cpu()  # observers read host ids (a sync; only while one is set)
+            for fn in self._on_routing:
+                fn(self.layer, idsh)
+        self._whole.submit(x, ids.to(x.device), w.to(x.device))
+        shared = self.shared(x) if self.shared is not None else None
+        y = self._whole.sync().to(x.dtype)
         return y if shared is None else y + shared
 
     def _submit_host(self, xh, idsh, wh, out, accumulate: bool) -> None:

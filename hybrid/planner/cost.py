@@ -28,9 +28,11 @@ matmul read rate, and the per-layer host overhead that makes a no-cache run add 
 
 Decode time = dense layers + sum_l time_l + LM head; tok/s = B / time. With B = 1, touched_e =
 p_e: the sum over CPU experts is the expected CPU bytes of a token, the quantity the placement
-moves. Prefill is the same formula with B = the prefill chunk, and per layer the runtime may
-instead stream the missing experts to the GPU over PCIe (DESIGN.md "Prefill"), whichever is
-faster.
+moves. The CPU prefill path is the same formula with B = the prefill chunk.
+Prefill: one chunk of B tokens runs either as above ("cpu") or layerwise (every MoE layer's
+routed experts streamed to the GPU over PCIe, double-buffered, and run there); prefill() names
+the faster, layerwise_threshold() the smallest chunk that streams, and the runtime runs exactly
+that (hybrid/runtime/layerwise.py).
 
 The cost is in seconds and each part is a plain sum, so the planner (plan.py) can work with the
 per-expert arrays cpu_e / gpu_e directly (LayerCosts).
@@ -293,6 +295,9 @@ class CostModel:
     device_weight_format: str = "bf16"  # attention / shared / dense / LM head on the GPU
     kv_tokens: int = 4096               # context length at which decode is predicted
     prefill_chunk: int = 2048
+    # Layerwise prefill (prefill()): whether the runtime may stream whole layers to the GPU; the
+    # planner turns it on when its two layer buffers fit the VRAM (plan.compute_budget).
+    layerwise_prefill: bool = False
 
     def __post_init__(self):
         if self.gpu_expert_format is None:
@@ -367,22 +372,65 @@ class CostModel:
         c = self.costs(freq, batch)
         return batch / c.step_time(mask)
 
-    def prefill(self, freq: np.ndarray, mask: np.ndarray) -> dict:
-        """Prefill rate for one chunk, per layer the faster of: CPU experts (GEMM path) or
-        streaming the missing experts' packed weights to the GPU over PCIe."""
-        c = self.costs(freq, self.prefill_chunk, prefill=True)
-        mc = self.machine
-        cpu_path = c.layer_times(mask)
-        p = np.clip(freq, 0.0, 1.0)
-        touched = -np.expm1(c.batch * np.log1p(-np.minimum(p, 1 - 1e-12)))
-        missing = np.where(mask, 0.0, touched).sum(axis=1)            # [L] experts to stream
-        stream_copy = missing * self.cpu_expert_bytes / (mc.pcie_gbps * GB)
-        gpu_all = c.gpu_fix + c.gpu.sum(axis=1)   # every touched expert computed on the GPU
-        stream_path = c.serial + c.sync + np.maximum(stream_copy, gpu_all)
-        best = np.minimum(cpu_path, stream_path)
-        t = c.other + best.sum()
-        return {"tok_s": c.batch / t, "chunk": c.batch,
-                "layers_streamed": int((stream_path < cpu_path).sum())}
+    def prefill(self, freq: np.ndarray, mask: np.ndarray, tokens: int | None = None) -> dict:
+        """One prefill chunk of `tokens` (default prefill_chunk) and the mode that runs it: "cpu"
+        (the CPU engine's GEMM path beside the cached experts, as in decode) or, when
+        layerwise_prefill is on and it is faster, "layerwise" (every MoE layer's routed experts
+        streamed to the GPU, double-buffered; layerwise_time). The runtime runs the mode named
+        here (hybrid/runtime/layerwise.py asks prefill_mode)."""
+        T = self.prefill_chunk if tokens is None else int(tokens)
+        c = self.costs(freq, T, prefill=True)
+        cpu = float(c.other + c.layer_times(mask).sum())
+        out = {"chunk": T, "cpu_s": cpu, "tok_s_cpu": T / cpu}
+        lw = self.layerwise_time(c) if self.layerwise_prefill else None
+        if lw is not None:
+            out.update(layerwise_s=lw, tok_s_layerwise=T / lw)
+        mode = "layerwise" if lw is not None and lw < cpu else "cpu"
+        out.update(mode=mode, tok_s=T / min(cpu, lw if lw is not None else cpu))
+        return out
+
+    def prefill_mode(self, freq: np.ndarray, mask: np.ndarray, tokens: int) -> str:
+        """"cpu" or "layerwise": what runs a chunk of `tokens` (prefill()'s choice)."""
+        return self.prefill(freq, mask, tokens)["mode"]
+
+    def layerwise_time(self, c: LayerCosts) -> float:
+        """Seconds of one chunk (LayerCosts of prefill=True) in layerwise mode, all but the
+        dense layers and the head. Per MoE layer three stages run side by side, each on the
+        next layer's experts while the one after it computes: the CPU copies the layer's packed
+        experts (all E) from the mmapped file into pinned memory (a memcpy: read + write, half
+        the RAM read rate), the PCIe copy and the device-side unpack into the kernel's layout
+        (about 4 passes over the bytes at GPU memory speed), and the layer's compute (attention,
+        the shared expert, every touched expert on the GPU). The slowest stage sets the pace;
+        the first layer's copy is not hidden."""
+        mc, E = self.machine, self.model.num_experts
+        nbytes = E * self.cpu_expert_bytes
+        fill = nbytes / (mc.cpu_read_gbps * GB / 2)
+        copy = nbytes / (mc.pcie_gbps * GB) + 4 * nbytes / (mc.gpu_mem_gbps * GB)
+        compute = c.serial + c.gpu_fix + c.gpu.sum(axis=1)                       # [L]
+        stage = np.maximum(np.maximum(fill, copy), compute)
+        return float(stage.sum() + fill + copy)
+
+    def layerwise_threshold(self, freq: np.ndarray, mask: np.ndarray,
+                            max_tokens: int = 1 << 20) -> int | None:
+        """The smallest chunk (tokens) that prefill() runs layerwise, or None when none up to
+        max_tokens does (or layerwise_prefill is off). The copy is fixed per chunk and the CPU's
+        time grows with the tokens, so the chunks above it are layerwise too."""
+        if not self.layerwise_prefill:
+            return None
+
+        def streamed(t: int) -> bool:
+            return self.prefill_mode(freq, mask, t) == "layerwise"
+
+        hi = 1
+        while not streamed(hi):
+            if hi >= max_tokens:
+                return None
+            hi = min(2 * hi, max_tokens)
+        lo = hi // 2   # not streamed (or 0)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if streamed(mid) else (mid, hi)
+        return hi
 
     def hit_rate(self, freq: np.ndarray, mask: np.ndarray) -> float:
         """Fraction of (token, expert) picks that land on a cached expert."""
@@ -395,4 +443,5 @@ class CostModel:
                 "cpu_expert_bytes": self.cpu_expert_bytes,
                 "device_weight_format": self.device_weight_format,
                 "decode_predicted_at_context": self.kv_tokens,
-                "prefill_chunk": self.prefill_chunk}
+                "prefill_chunk": self.prefill_chunk,
+                "layerwise_prefill": self.layerwise_prefill}

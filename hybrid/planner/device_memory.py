@@ -14,6 +14,15 @@ from dataclasses import dataclass
 GiB = 1024**3
 PREFILL_CHUNK = 512  # tokens per prefill chunk the activation estimate assumes
 RESERVE = 512 * 1024**2  # CUDA context, allocator fragmentation, temporaries
+UNPACK_GROUP = 16  # packed experts a layerwise copy lands and unpacks on the device at a time
+
+
+def layerwise_bytes(num_experts: int, device_expert_bytes: int, packed_expert_bytes: int) -> int:
+    """Device memory layerwise prefill adds (hybrid/experts/layer_stream.py): two layer
+    buffers, each every routed expert of a MoE layer in the device layout, plus UNPACK_GROUP
+    experts' packed bytes as they land and their unpacking temporaries (the int8 q of int4
+    nibbles and the permuted copy: about 4x the packed bytes)."""
+    return 2 * num_experts * device_expert_bytes + UNPACK_GROUP * packed_expert_bytes * 5
 
 
 @dataclass
@@ -23,10 +32,12 @@ class DeviceBudget:
     activations: int
     routed_experts: int
     gpu_experts: int = 0  # experts a placement profile caches on the device
+    layerwise: int = 0    # layerwise prefill's two layer buffers (layerwise_bytes), when on
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.routed_experts + self.gpu_experts
+        return (self.weights + self.kv_cache + self.activations + self.routed_experts + self.gpu_experts
+                + self.layerwise)
 
     def describe(self) -> str:
         parts = [f"weights {self.weights / GiB:.2f} GiB", f"KV cache {self.kv_cache / GiB:.2f} GiB",
@@ -35,6 +46,8 @@ class DeviceBudget:
             parts.append(f"routed experts {self.routed_experts / GiB:.2f} GiB")
         if self.gpu_experts:
             parts.append(f"cached experts {self.gpu_experts / GiB:.2f} GiB")
+        if self.layerwise:
+            parts.append(f"layerwise prefill buffers {self.layerwise / GiB:.2f} GiB")
         return " + ".join(parts) + f" = {self.total / GiB:.2f} GiB"
 
 

@@ -8,6 +8,7 @@ which is the worst case for caching; the result says so. Used by `hybrid doctor`
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 
@@ -98,7 +99,38 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
                                               + b.activation_bytes + b.reserve_bytes)
         results[fmt] = entry
     out["device_weights"] = results
+    out["layerwise_prefill"] = layerwise_expectation(spec, machine, freq, context_tokens, decode_at)
     if machine.gpu_present and machine.vram_bytes:
         out["profiles"] = [{"path": p, "vram_needed_bytes": n, "decode_tok_s": t}
                            for p, n, t in matching_profiles(spec, machine.vram_bytes)]
+    return out
+
+
+def layerwise_expectation(spec, machine, freq, context_tokens: int, decode_at: int = 4096) -> dict:
+    """Layerwise prefill on this machine: its device bytes (two layer buffers), whether they
+    fit beside the device weights (bf16, else int8) and KV cache, the smallest chunk the cost
+    model streams, and the prefill rates at twice that chunk."""
+    from hybrid.planner.device_memory import layerwise_bytes
+
+    none = np.zeros(freq.shape, dtype=bool)
+    cm = CostModel(spec, machine, layerwise_prefill=True, kv_tokens=decode_at)
+    out = {"device_bytes": layerwise_bytes(spec.num_experts, cm.gpu_expert_bytes, cm.cpu_expert_bytes),
+           "pinned_host_bytes": 2 * spec.num_experts * cm.cpu_expert_bytes}
+    if not (machine.gpu_present and machine.vram_bytes):
+        return dict(out, fits=False, note="no GPU")
+    note = ""
+    for fmt in ("bf16", "int8"):
+        cm.device_weight_format = fmt
+        try:
+            lw, note = planner.layerwise_budget(cm, planner.compute_budget(
+                dataclasses.replace(cm, layerwise_prefill=False), context_tokens).experts_bytes)
+        except planner.PlanError as e:
+            lw, note = 0, str(e).splitlines()[0]
+        if lw:
+            break
+    out.update(fits=bool(lw), note=note, device_weights=cm.device_weight_format)
+    t = cm.layerwise_threshold(freq, none)
+    out["threshold_tokens"] = t
+    if t is not None:
+        out["at_twice_threshold"] = cm.prefill(freq, none, 2 * t)
     return out

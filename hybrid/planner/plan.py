@@ -69,11 +69,13 @@ class Budget:
     bytes_per_expert: int
     slots: int                      # experts that fit
     max_slots: int                  # L x E (every expert cached)
+    layerwise_bytes: int = 0        # layerwise prefill's two layer buffers (0: off)
+    layerwise_note: str = ""        # why it is off when it was asked for
 
     @property
     def experts_bytes(self) -> int:
         return self.vram_bytes - self.device_weights_bytes - self.kv_cache_bytes \
-            - self.activation_bytes - self.reserve_bytes
+            - self.activation_bytes - self.reserve_bytes - self.layerwise_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -86,6 +88,9 @@ class Budget:
             "activations": {"bytes": self.activation_bytes,
                             "human": fmt_bytes(self.activation_bytes)},
             "cuda_reserve": {"bytes": self.reserve_bytes, "human": fmt_bytes(self.reserve_bytes)},
+            "layerwise_prefill": {"bytes": self.layerwise_bytes,
+                                  "human": fmt_bytes(self.layerwise_bytes),
+                                  **({"note": self.layerwise_note} if self.layerwise_note else {})},
             "experts": {"bytes_available": max(0, self.experts_bytes),
                         "human": fmt_bytes(max(0, self.experts_bytes)),
                         "format": self.gpu_expert_format,
@@ -105,6 +110,8 @@ class Budget:
             f"- activations          {fmt_bytes(self.activation_bytes):>12}  (one prefill chunk, "
             f"CUDA context and allocator reserve)",
             f"- extra reserve        {fmt_bytes(self.reserve_bytes):>12}",
+            f"- layerwise prefill    {fmt_bytes(self.layerwise_bytes):>12}  "
+            + ("(two layer buffers)" if self.layerwise_bytes else f"(off{': ' + self.layerwise_note if self.layerwise_note else ''})"),
             f"= for experts          {fmt_bytes(max(0, self.experts_bytes)):>12}  -> "
             f"{self.slots} experts x {fmt_bytes(self.bytes_per_expert)} ({self.gpu_expert_format})",
         ]
@@ -132,8 +139,13 @@ def budget_for_slots(cost: CostModel, context_tokens: int, slots: int,
     """The budget that holds exactly `slots` experts: VRAM = what that placement needs."""
     m = cost.model
     need = sum(device_needs(cost, context_tokens)) + reserve_bytes + slots * cost.gpu_expert_bytes
+    if cost.layerwise_prefill:
+        from hybrid.planner.device_memory import layerwise_bytes
+
+        need += layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes)
     c = CostModel(m, _with_vram(cost.machine, need), cost.gpu_expert_format,
-                  cost.device_weight_format, cost.kv_tokens, cost.prefill_chunk)
+                  cost.device_weight_format, cost.kv_tokens, cost.prefill_chunk,
+                  cost.layerwise_prefill)
     return compute_budget(c, context_tokens, reserve_bytes)
 
 
@@ -150,18 +162,49 @@ def compute_budget(cost: CostModel, context_tokens: int,
     dev, kv, act = device_needs(cost, context_tokens)
     per = cost.gpu_expert_bytes
     left = vram - dev - kv - act - reserve_bytes
+    lw, note = layerwise_budget(cost, left)
+    left -= lw
     max_slots = len(m.moe_layers) * m.num_experts
     b = Budget(vram_bytes=vram, device_weights_bytes=dev,
                device_weight_format=cost.device_weight_format, kv_cache_bytes=kv,
                context_tokens=context_tokens, activation_bytes=act, reserve_bytes=reserve_bytes,
                gpu_expert_format=cost.gpu_expert_format, bytes_per_expert=per,
-               slots=max(0, min(max_slots, left // per)), max_slots=max_slots)
+               slots=max(0, min(max_slots, left // per)), max_slots=max_slots,
+               layerwise_bytes=lw, layerwise_note=note)
     if left < 0:
         raise PlanError("the model does not fit this GPU before any expert is cached:\n  "
                         + "\n  ".join(b.lines())
                         + f"\n  short by {fmt_bytes(-left)}; try --device-weights int8, a "
                           f"shorter --context, or more VRAM")
     return b
+
+
+def layerwise_budget(cost: CostModel, left: int) -> tuple[int, str]:
+    """(bytes, note): the VRAM layerwise prefill's buffers take out of `left` (what remains
+    after weights, KV cache and activations), or 0 and why not when cost.layerwise_prefill is
+    off, the experts' format cannot stream (GGUF blocks), or the buffers do not fit."""
+    from hybrid.planner.device_memory import layerwise_bytes
+
+    if not cost.layerwise_prefill:
+        return 0, ""
+    m = cost.model
+    if m.expert_format not in ("int4_g32", "int8_g32", "bf16"):
+        return 0, f"experts in {m.expert_format} stay on the CPU path in prefill"
+    need = layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes)
+    if need > left:
+        return 0, (f"its two layer buffers need {fmt_bytes(need)}, {fmt_bytes(max(0, left))} is "
+                   f"left after weights, KV cache and activations")
+    return need, ""
+
+
+def without_layerwise(cost: CostModel, budget: Budget) -> CostModel:
+    """The cost model that predicts what runs under `budget`: layerwise prefill off when the
+    budget could not hold it."""
+    import dataclasses
+
+    if cost.layerwise_prefill and not budget.layerwise_bytes:
+        return dataclasses.replace(cost, layerwise_prefill=False)
+    return cost
 
 
 # ---- strategies: each returns a mask [L, E] bool of cached experts --------------------------
@@ -258,7 +301,7 @@ def predict(cost: CostModel, freq: np.ndarray, mask: np.ndarray, batch: int = 1)
             "prefill_tok_s": pre["tok_s"],
             "hit_rate": cost.hit_rate(freq, mask),
             "cached_experts": int(mask.sum()),
-            "layers_streamed_in_prefill": pre["layers_streamed"]}
+            "prefill_mode": pre["mode"]}
 
 
 def make_plan(cost: CostModel, trace, context_tokens: int, batch: int = 1) -> PlanResult:
@@ -271,6 +314,7 @@ def make_plan(cost: CostModel, trace, context_tokens: int, batch: int = 1) -> Pl
         raise PlanError(f"trace covers layers {trace.layers[:3]}..., the model's MoE layers are "
                         f"{list(m.moe_layers)[:3]}...; slice or re-record the trace")
     budget = compute_budget(cost, context_tokens)
+    cost = without_layerwise(cost, budget)
     freq = trace.frequencies()
     costs = cost.costs(freq, batch)
     masks = {name: fn(trace.counts, budget.slots) for name, fn in STRATEGIES.items()}

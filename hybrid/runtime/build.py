@@ -27,6 +27,7 @@ class Built:
     experts: object          # the ExpertFactory that made the host executors
     online: object = None    # planner/online.py LiveReplacement, or None
     vision: object = None    # hybrid/models/vision.py Vision (image input), or None
+    layerwise: object = None  # runtime/layerwise.py LayerwisePrefill, or None (off)
 
     def stats(self) -> dict:
         return {"ops": self.ops.name, "experts": dict(self.experts.stats)}
@@ -38,7 +39,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
                 split_threads: bool = True, images_enabled: bool = True,
-                defer_experts: int = 0) -> Built:
+                defer_experts: int = 0, layerwise_prefill="auto") -> Built:
     """See hybrid.api.load for what the options mean."""
     from hybrid.loaders.gguf_file import GGUFFile, is_gguf_path
     from hybrid.loaders.gguf_source import GGUFSource
@@ -79,7 +80,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         from hybrid.models.moonvit import MoonViT
 
         vision_bytes = MoonViT.parameter_count(vision_cfg) * itemsize(dtype)
-    check_fits(facts, path, device, dtype, device_formats or {}, max_len=max_len, num_slots=1,
+    need = check_fits(facts, path, device, dtype, device_formats or {}, max_len=max_len, num_slots=1,
                max_vram=max_vram, experts_on_device=(experts_backend == "torch"),
                extra=gpu_expert_bytes + vision_bytes)
     if experts_backend == "cpu" and split_threads:
@@ -130,7 +131,28 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                               f"format (hybrid plan --gpu-format)")
         if placer is not None:
             live = placement.attach_online(network, placer)
-    return Built(config, network, facts, ops, experts, live, vision)
+    layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need)
+    return Built(config, network, facts, ops, experts, live, vision, layerwise)
+
+
+def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need):
+    """Layerwise prefill (hybrid/runtime/layerwise.py), or None."""
+    from hybrid.runtime import layerwise as lw
+
+    if option is False or (option == "auto" and torch.device(device).type != "cuda"):
+        return None
+    if path.suffix == ".gguf":
+        if option is True:
+            raise ValueError("layerwise_prefill=True: a GGUF's experts stay on the CPU path in prefill")
+        return None
+    from hybrid.config import read_config_json
+    from hybrid.models.spec import spec_from_config
+
+    raw, where = read_config_json(path)
+    spec = spec_from_config(raw, model_id=path.name, where=where)
+    mask = prof.mask(spec.moe_layers) if prof is not None else None
+    return lw.attach_layerwise(network, option, device, dtype, lw.machine_for(prof, device),
+                               lw.vram_left(device, max_vram, need), mask, spec)
 
 
 def _vision_config(path: Path, config, files):
