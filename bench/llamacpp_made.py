@@ -205,6 +205,12 @@ def checkpoint(kind: str, where: Path, experts: int, vocab: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     # vocab 320: the byte tokenizer's 262 ids fit; the converter pads the rest with [PAD{id}]
     made, _ = checkpoints.build(tmp, variant="int4" if kind == "kimi" else variant, shards=1, vocab_size=320)
+    # transformers' DeepseekV3Config does not save the router's rule; DeepSeek-V3's and Kimi's own
+    # config.json do, and llama.cpp's converter writes expert_gating_func only from it (a file
+    # without the key is softmax routing to llama.cpp)
+    cfg = json.loads((made / "config.json").read_text())
+    cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
+    (made / "config.json").write_text(json.dumps(cfg, indent=1))
     if kind == "kimi":  # the INT4 experts inside the K2.5 wrapper
         _wrap_kimi(made)
     _byte_tokenizer(made)

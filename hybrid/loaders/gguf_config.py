@@ -113,6 +113,14 @@ def _deepseek2(g: GGUFFile, arch: str) -> dict:
         qk, v = req("attention.key_length"), req("attention.value_length")
     if qk <= R:
         raise GGUFError(f"{g.path}: metadata: key length {qk} must exceed {arch}.rope.dimension_count={R}")
+    if f"{arch}.expert_gating_func" not in g.fields and g.field(f"{arch}.expert_count", int, 0):
+        # llama.cpp runs such a file with softmax routing (DeepSeek V2 files predate the key), and
+        # its converter writes the key only when config.json names scoring_func (transformers'
+        # DeepseekV3Config does not save it): refuse it here, saying so, rather than guess.
+        raise GGUFError(f"{g.path}: metadata key {arch}.expert_gating_func is missing: llama.cpp reads that "
+                        "as softmax routing (DeepSeek V2), which hybrid does not run; a DeepSeek-V3 / Kimi file "
+                        "needs 2 (sigmoid) there (llama.cpp's converter writes it when config.json has "
+                        "scoring_func)")
     gating = opt("expert_gating_func", GATING_SOFTMAX)
     n_group = opt("expert_group_count", 1)
     cfg.update({
