@@ -192,7 +192,11 @@ def checkpoint(kind: str, where: Path, experts: int, vocab: int) -> Path:
     if kind == "synthetic":
         from vs_llamacpp import synthetic_checkpoint
 
-        return synthetic_checkpoint(where / f"k25w-2L-{experts}e-v{vocab}", experts, vocab)
+        path = synthetic_checkpoint(where / f"k25w-2L-{experts}e-v{vocab}", experts, vocab)
+        # model_type kimi_k2 is remote code (a real Kimi checkpoint ships it, with auto_map); the
+        # converter's AutoTokenizer reads config.json and knows only transformers' own types
+        _edit_config(path, model_type="deepseek_v3")
+        return path
     path = where / kind
     if (path / "config.json").is_file():
         return path
@@ -208,15 +212,19 @@ def checkpoint(kind: str, where: Path, experts: int, vocab: int) -> Path:
     # transformers' DeepseekV3Config does not save the router's rule; DeepSeek-V3's and Kimi's own
     # config.json do, and llama.cpp's converter writes expert_gating_func only from it (a file
     # without the key is softmax routing to llama.cpp)
-    cfg = json.loads((made / "config.json").read_text())
-    cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
-    (made / "config.json").write_text(json.dumps(cfg, indent=1))
+    _edit_config(made, scoring_func="sigmoid", topk_method="noaux_tc")
     if kind == "kimi":  # the INT4 experts inside the K2.5 wrapper
         _wrap_kimi(made)
     _byte_tokenizer(made)
     made.rename(path)
     shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _edit_config(path: Path, **fields) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    if any(cfg.get(k) != v for k, v in fields.items()):
+        (path / "config.json").write_text(json.dumps(dict(cfg, **fields), indent=1))
 
 
 def _wrap_kimi(path: Path) -> None:

@@ -92,7 +92,10 @@ def _byte_tokenizer(path: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the theme of the thesis"] * 4, trainer)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    # tokenizer_class: transformers' AutoTokenizer (llama.cpp's converter uses it) then needs no
+    # config.json model_type it knows (the synthetic one is kimi_k2, a remote-code type)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str = "auto") -> Path:
