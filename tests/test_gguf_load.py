@@ -163,6 +163,28 @@ def test_hybrid_load_and_generate(tmp_path):
     m.close(), t.close()
 
 
+def test_hybrid_load_parses_the_metadata_once(tmp_path, monkeypatch):
+    """Config, weights and tokenizer read one parsed file (K2.5's token arrays take a while)."""
+    import hybrid
+    from hybrid.loaders import gguf_file
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32")
+    opened = []
+    real = gguf_file._OneFile.__init__
+
+    def counted(self, path):
+        opened.append(path)
+        real(self, path)
+
+    monkeypatch.setattr(gguf_file._OneFile, "__init__", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hybrid.load(g, device="cpu", dtype="fp32", experts_backend="torch", progress=False, max_len=64)
+    assert opened == [g]
+    assert m.tokenizer.encode("hello") and m.config.num_hidden_layers == 3
+    m.close()
+
+
 def test_gguf_names_cover_every_tensor(tmp_path):
     """Every tensor of the converter's file is one the source maps to (nothing ignored silently)."""
     from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, TOP

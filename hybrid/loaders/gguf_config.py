@@ -42,6 +42,11 @@ def architecture(g: GGUFFile) -> str:
     return arch
 
 
+def config_json(g: GGUFFile) -> tuple[dict, str]:
+    """(config_dict(g), the source named in config errors)."""
+    return config_dict(g), f"{g.path} (GGUF metadata)"
+
+
 def config_dict(g: GGUFFile) -> dict:
     """The config.json (as a dict) the GGUF's metadata describes; GGUFError names a missing key."""
     arch = architecture(g)
