@@ -187,10 +187,10 @@ def test_hybrid_load_parses_the_metadata_once(tmp_path, monkeypatch):
 
 def test_gguf_names_cover_every_tensor(tmp_path):
     """Every tensor of the converter's file is one the source maps to (nothing ignored silently)."""
-    from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, TOP
+    from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, MLA_SPLIT, TOP
 
     g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32")
-    known = {*TOP.values(), *LAYER.values(), *EXPERT_PROJS.values(), "attn_k_b", "attn_v_b", "exp_probs_b"}
+    known = {*TOP.values(), *LAYER.values(), *EXPERT_PROJS.values(), *MLA_SPLIT, "exp_probs_b"}
     for name in gguf_files.read_values(g):
         base = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
         assert base in known, name
