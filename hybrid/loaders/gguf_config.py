@@ -78,7 +78,7 @@ def _common(g: GGUFFile, arch: str) -> dict:
         "tie_word_embeddings": "output.weight" not in g,
         "bos_token_id": g.field("tokenizer.ggml.bos_token_id", int, None),
         "eos_token_id": g.field("tokenizer.ggml.eos_token_id", int, None),
-        "pad_token_id": None,
+        "pad_token_id": g.field("tokenizer.ggml.padding_token_id", int, None),  # llama.cpp's converter writes it
     }
     out["rope_parameters"] = _rope(g, arch)
     return out
