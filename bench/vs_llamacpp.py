@@ -4,6 +4,19 @@
     python bench/vs_llamacpp.py --synthetic /tmp/k25-2l-32e  # 2-layer K2.5-width, 32 experts
     python bench/vs_llamacpp.py --model DIR                  # any checkpoint hybrid loads
     python bench/vs_llamacpp.py --gguf FILE.gguf             # both runtimes read the same GGUF file
+    python bench/vs_llamacpp.py --llamacpp-convert demo,tiny,synthetic --quant q4_k_m,q4_0
+                                # GGUFs made by llama.cpp's own converter and quantiser
+
+With --llamacpp-convert (bench/llamacpp_made.py) each named checkpoint (demo, tiny, tiny-int4, kimi,
+synthetic with --experts / --vocab) goes through llama.cpp's convert_hf_to_gguf.py (fetched at
+bench time from the installed llama-cpp-python's sdist, never committed) to bf16 (and f32 when
+--quant names it), then llama.cpp's quantiser (llama_model_quantize, no imatrix) to each --quant
+type; every file is benched as --gguf does. Steps that cannot run (a type that needs an imatrix,
+a converter or hybrid refusal) are listed at the end with the reason. The table adds the file's
+routed-expert types, how hybrid holds them (native blocks or re-quantised) and the other
+matrices' types (llama.cpp falls back to Q4_0/Q5_0/Q8_0/IQ4_NL/F16 on rows too short for 256-value
+blocks, so tiny checkpoints exercise those), and, for the demo's English prompt, whether
+hybrid's tokenizer (read from the file's metadata) gives llama.cpp's own ids.
 
 With --gguf both runtimes load that one file (hybrid through its GGUF loader: non-expert tensors
 dequantised to its device format, routed experts in their blocks where the CPU engine has the
