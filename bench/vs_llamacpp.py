@@ -4,6 +4,19 @@
     python bench/vs_llamacpp.py --synthetic /tmp/k25-2l-32e  # 2-layer K2.5-width, 32 experts
     python bench/vs_llamacpp.py --model DIR                  # any checkpoint hybrid loads
     python bench/vs_llamacpp.py --gguf FILE.gguf             # both runtimes read the same GGUF file
+    python bench/vs_llamacpp.py --llamacpp-convert demo,tiny,synthetic --quant q4_k_m,q4_0
+                                # GGUFs made by llama.cpp's own converter and quantiser
+
+With --llamacpp-convert (bench/llamacpp_made.py) each named checkpoint (demo, tiny, tiny-int4, kimi,
+synthetic with --experts / --vocab) goes through llama.cpp's convert_hf_to_gguf.py (fetched at
+bench time from the installed llama-cpp-python's sdist, never committed) to bf16 (and f32 when
+--quant names it), then llama.cpp's quantiser (llama_model_quantize, no imatrix) to each --quant
+type; every file is benched as --gguf does. Steps that cannot run (a type that needs an imatrix,
+a converter or hybrid refusal) are listed at the end with the reason. The table adds the file's
+routed-expert types, how hybrid holds them (native blocks or re-quantised) and the other
+matrices' types (llama.cpp falls back to Q4_0/Q5_0/Q8_0/IQ4_NL/F16 on rows too short for 256-value
+blocks, so tiny checkpoints exercise those), and, for the demo's English prompt, whether
+hybrid's tokenizer (read from the file's metadata) gives llama.cpp's own ids.
 
 With --gguf both runtimes load that one file (hybrid through its GGUF loader: non-expert tensors
 dequantised to its device format, routed experts in their blocks where the CPU engine has the
@@ -92,7 +105,10 @@ def _byte_tokenizer(path: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the theme of the thesis"] * 4, trainer)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    # tokenizer_class: transformers' AutoTokenizer (llama.cpp's converter uses it) then needs no
+    # config.json model_type it knows (the synthetic one is kimi_k2, a remote-code type)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str = "auto") -> Path:
@@ -155,7 +171,9 @@ def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: 
     return res
 
 
-def run_llamacpp(path: Path, cfg, prompt: list[int], fed: list[int], threads: int, n_cmp: int) -> dict:
+def run_llamacpp(path: Path, cfg, prompt: list[int], fed: list[int], threads: int, n_cmp: int,
+                 text: str | None = None) -> dict:
+    """llama.cpp on `prompt` then `fed`; with `text`, also llama.cpp's own ids for it."""
     import numpy as np
     import torch
     from llama_cpp import Llama
@@ -168,6 +186,7 @@ def run_llamacpp(path: Path, cfg, prompt: list[int], fed: list[int], threads: in
     llm = Llama(model_path=str(path), n_gpu_layers=0, n_ctx=P + len(fed) + 16, n_batch=max(P, 8),
                 n_ubatch=max(P, 8), n_threads=threads, n_threads_batch=threads, logits_all=True,
                 verbose=False, **kw)
+    own_ids = llm.tokenize(text.encode(), add_bos=False, special=False) if text is not None else None
     llm.eval(prompt[:8])  # warm-up (touches the weights it needs, like hybrid's)
     llm.reset()
     t0 = time.perf_counter()
@@ -181,7 +200,7 @@ def run_llamacpp(path: Path, cfg, prompt: list[int], fed: list[int], threads: in
         step_s.append(time.perf_counter() - t0)
         step_logits.append(torch.from_numpy(np.array(llm.scores[P + i], dtype=np.float32)))
     res = {"prefill_s": prefill_s, "decode_s": sum(step_s), "prompt_logits": prompt_logits,
-           "decode_logits": torch.stack(step_logits) if step_logits else None}
+           "decode_logits": torch.stack(step_logits) if step_logits else None, "own_ids": own_ids}
     llm.close()
     del llm
     gc.collect()
@@ -203,7 +222,9 @@ DEMO_TEXT = ("The json module provides functions to encode Python objects as JSO
              "and json.loads to parse a string. The os.path module handles file names portably.")
 
 
-def bench_model(name: str, ckpt: Path, args) -> dict:
+def bench_model(name: str, ckpt: Path, args, text: bool = False, fp32: bool = False) -> dict:
+    """One model in both runtimes; `text`: the demo model's English prompt instead of random ids;
+    `fp32`: hybrid in fp32 (as --fp32 does)."""
     import torch
 
     from hybrid.models import config_from_dir
@@ -213,24 +234,29 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         path = ckpt
     else:
         path = gguf_for(ckpt, args.type, Path(args.gguf_dir) if args.gguf_dir else None, args.expert_type)
-    if name == "demo":  # a trained model: real text, so top-1 agreement means something
-        from hybrid.tokenizer import load_tokenizer
+    text_ids = None
+    if text or name == "demo":  # a trained model: real text, so top-1 agreement means something
+        if ckpt.suffix == ".gguf":  # the tokenizer hybrid reads from the file's metadata
+            from hybrid.tokenizer_gguf import gguf_tokenizer as load_tokenizer
+        else:
+            from hybrid.tokenizer import load_tokenizer
 
-        ids = load_tokenizer(ckpt).encode(DEMO_TEXT)
+        text_ids = ids = load_tokenizer(ckpt).encode(DEMO_TEXT)
         prompt = (ids * (1 + args.prompt // len(ids)))[: args.prompt]
     else:
         g = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
-    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32" or args.fp32,
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32" or args.fp32 or fp32,
                    torch_threads=args.torch_threads)
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
-    lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp)
+    lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp, DEMO_TEXT if text or name == "demo" else None)
     p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
     d_top1, d_diff = agreement(h["decode_logits"], lc["decode_logits"]) if args.decode else (math.nan, math.nan)
     return {
-        "model": name, "checkpoint": str(ckpt), "gguf": str(path), "gguf_gb": round(path.stat().st_size / 1e9, 2),
+        "model": name, "checkpoint": str(ckpt), "gguf": str(path), "gguf_gb": round(path.stat().st_size / 1e9, 3),
+        **_gguf_types(path),
         "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size,
         "threads": args.threads, "hybrid_torch_threads": h["torch_threads"], "hybrid_dtype": h["dtype"],
         "prompt_tokens": args.prompt, "decode_tokens": args.decode,
@@ -238,18 +264,33 @@ def bench_model(name: str, ckpt: Path, args) -> dict:
         "llamacpp_prefill_tok_s": round(args.prompt / lc["prefill_s"], 2),
         "hybrid_decode_tok_s": round(args.decode / h["decode_s"], 3) if args.decode else None,
         "llamacpp_decode_tok_s": round(args.decode / lc["decode_s"], 3) if args.decode else None,
+        "same_prompt_ids": "-" if lc["own_ids"] is None else lc["own_ids"] == text_ids,
         "prompt_positions_compared": n_cmp, "prompt_top1_agree": round(p_top1, 4),
         "prompt_max_abs_logsoftmax_diff": round(p_diff, 4),
         "decode_top1_agree": round(d_top1, 4), "decode_max_abs_logsoftmax_diff": round(d_diff, 4),
     }
 
 
+def _gguf_types(path: Path) -> dict:
+    """The file's routed-expert types (first MoE layer), the other matrices' types, and how hybrid
+    holds the experts (native blocks or re-quantised)."""
+    from hybrid.runtime.gguf_experts import describe_gguf
+
+    d = describe_gguf(path)
+    first = d["expert_layers"][0] if d["expert_layers"] else {}
+    mats = {k: v["tensors"] for k, v in d["other_types"].items() if k != "F32"}
+    return {"expert_types": "/".join(first.get("types", {}).values()) or "-",
+            "hybrid_experts_as": first.get("held_as", "-"),
+            "other_types": ",".join(f"{k}x{n}" for k, n in mats.items())}
+
+
 def print_table(rows: list[dict]) -> None:
     keys = [k for k in rows[0] if k not in ("checkpoint", "gguf")]
     width = max(len(k) for k in keys)
-    print(" " * width + "".join(f"  {r['model']:>18s}" for r in rows))
+    col = max(18, *(len(str(r[k])) for r in rows for k in keys))
+    print(" " * width + "".join(f"  {r['model']:>{col}s}" for r in rows))
     for k in keys[1:]:
-        print(f"{k:{width}s}" + "".join(f"  {str(r[k]):>18s}" for r in rows))
+        print(f"{k:{width}s}" + "".join(f"  {str(r[k]):>{col}s}" for r in rows))
 
 
 def main(argv=None) -> int:
@@ -259,6 +300,15 @@ def main(argv=None) -> int:
     ap.add_argument("--model", metavar="DIR", help="bench this checkpoint directory")
     ap.add_argument("--gguf", metavar="FILE", action="append", default=[],
                     help="bench this GGUF file (the first of a split set) in both runtimes (repeatable)")
+    ap.add_argument("--llamacpp-convert", metavar="KINDS", default=None,
+                    help="comma list of checkpoints (demo, tiny, tiny-int4, kimi, synthetic) to convert with "
+                         "llama.cpp's own convert_hf_to_gguf.py (fetched from the llama-cpp-python sdist) and "
+                         "quantise with its own quantiser (--quant), then bench each file as --gguf does")
+    ap.add_argument("--quant", default="bf16,q4_k_m,q4_0,q8_0,q2_k,iq4_xs",
+                    help="with --llamacpp-convert: f32 / bf16 (the converter's output) and llama.cpp quantiser "
+                         "types (LLAMA_FTYPE_MOSTLY_<NAME>, quantised from the bf16 file)")
+    ap.add_argument("--llamacpp-cache", default=None,
+                    help="where the sdist, the converter, checkpoints and files go (default $TMPDIR/llamacpp-made)")
     ap.add_argument("--fp32", action="store_true", help="run hybrid in fp32 (the reference path)")
     ap.add_argument("--experts", type=int, default=32, help="routed experts of the synthetic model (K2.5: 384)")
     ap.add_argument("--vocab", type=int, default=32768, help="synthetic vocabulary")
@@ -284,26 +334,79 @@ def main(argv=None) -> int:
         import llama_cpp  # noqa: F401
     except ImportError:
         ap.error("llama-cpp-python is not installed (pip install -e '.[bench]'; it builds llama.cpp from source)")
-    todo = []
+    todo, skipped = [], []
     if args.demo:
         from hybrid.api import DEMO_DIR
 
         todo.append(("demo", DEMO_DIR))
+    if args.llamacpp_convert:
+        todo += _llamacpp_made(args, skipped)
     if args.synthetic:
         todo.append((f"k25w-2L-{args.experts}e", synthetic_checkpoint(Path(args.synthetic), args.experts, args.vocab)))
     if args.model:
         todo.append((Path(args.model).name, Path(args.model)))
     for f in args.gguf:
         todo.append((Path(f).name.removesuffix(".gguf"), Path(f)))
-    if not todo:
-        ap.error("give --demo, --synthetic DIR, --model DIR and/or --gguf FILE")
-    rows = [bench_model(name, path, args) for name, path in todo]
+    if not todo and not skipped:
+        ap.error("give --demo, --synthetic DIR, --model DIR, --gguf FILE and/or --llamacpp-convert KINDS")
+    rows = []
+    for name, path, *how in todo:
+        try:
+            rows.append(bench_model(name, path, args, *how))
+        except Exception as e:  # a file hybrid (or llama.cpp) refuses: say so, bench the others
+            if not args.llamacpp_convert:
+                raise
+            skipped.append((name, f"{type(e).__name__}: {e}"))
     if args.json:
         for r in rows:
             print(json.dumps(r))
-    else:
+    elif rows:
         print_table(rows)
+    for what, why in skipped:
+        print(f"skipped {what}: {why}")
     return 0
+
+
+def _llamacpp_made(args, skipped: list) -> list:
+    """(name, GGUF path, text prompt) for each --llamacpp-convert checkpoint x --quant type that
+    llama.cpp's own tools could make; what they could not goes to `skipped` with the reason."""
+    import llamacpp_made as lm
+
+    cache = Path(args.llamacpp_cache or Path(tempfile.gettempdir()) / "llamacpp-made")
+    kinds = [k.strip() for k in args.llamacpp_convert.split(",") if k.strip()]
+    quants = [q.strip().lower() for q in args.quant.split(",") if q.strip()]
+    bad = [k for k in kinds if k not in lm.CHECKPOINTS]
+    if bad:
+        raise SystemExit(f"--llamacpp-convert: unknown {', '.join(bad)} (known: {', '.join(lm.CHECKPOINTS)})")
+    try:
+        root = lm.fetch_converter(cache)
+    except lm.Skipped as e:
+        skipped.append(("--llamacpp-convert", str(e)))
+        return []
+    out = []
+    for kind in kinds:
+        tag = f"{kind}-{args.experts}e" if kind == "synthetic" else kind
+        try:
+            ckpt = lm.checkpoint(kind, cache / "checkpoints", args.experts, args.vocab)
+        except lm.Skipped as e:
+            skipped.append((kind, str(e)))
+            continue
+        base = {}
+        for outtype in {"f32" if q == "f32" else "bf16" for q in quants}:
+            try:
+                base[outtype] = lm.convert(root, ckpt, cache / "gguf" / f"{tag}-{outtype}.gguf", outtype)
+            except lm.Skipped as e:
+                skipped.append((f"{tag} convert --outtype {outtype}", str(e)))
+        for q in quants:
+            src = base.get("f32" if q == "f32" else "bf16")
+            if src is None:
+                continue
+            try:
+                path = src if q == "f32" else lm.quantize(src, q, args.threads)
+                out.append((f"{tag}-{q}", path, kind == "demo", q == "f32"))
+            except lm.Skipped as e:
+                skipped.append((f"{tag}-{q}", str(e)))
+    return out
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
     """
-    from hybrid.models import config_from_dir
+    from hybrid.models import config_from_dir, config_from_gguf
     from hybrid.runtime.build import build_model
     from hybrid.runtime.memory import device_formats_option
 
@@ -105,7 +105,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     if online is not None and online is not False and profile is None:
         raise ValueError("hybrid.load: online= re-places the experts a placement profile caches "
                          "on the device; pass profile= (hybrid plan) as well")
-    config = config_from_dir(path)
+    g = _open_gguf(path)  # parsed once: config, weights and tokenizer read this one object
+    config = config_from_gguf(g) if g is not None else config_from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
     kw = dict(expert_format=opts.pop("expert_format", None),
               device_formats=device_formats_option(opts.pop("device_weights", None)),
@@ -121,8 +122,8 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
     if opts:
         raise TypeError(f"hybrid.load: unknown option(s) {', '.join(sorted(opts))}")
     built = build_model(path, device, dtype, experts_backend=backend, max_len=max_len, profile=profile,
-                        online=online, config=config, **kw)
-    model = Model(built, path, max_len=max_len, tokenizer=_tokenizer(path))
+                        online=online, config=config, gguf_file=g, **kw)
+    model = Model(built, path, max_len=max_len, tokenizer=_tokenizer(path, g))
     model._decode_steps = model._resolve_decode_steps(decode_steps)
     return model
 
@@ -133,13 +134,20 @@ def _native_available() -> bool:
     return native.available()
 
 
-def _tokenizer(path: Path):
+def _open_gguf(path: Path):
+    """`path` opened as a GGUFFile when it is a .gguf file (or the first of a split set), else None."""
+    from hybrid.loaders.gguf_file import GGUFFile, is_gguf_path
+
+    return GGUFFile(path) if is_gguf_path(path) else None
+
+
+def _tokenizer(path: Path, g=None):
     """The engine's tokenizer when the checkpoint ships one (tiktoken.model or tokenizer.json,
-    or a GGUF's tokenizer.ggml.* metadata)."""
-    if path.suffix == ".gguf" and path.is_file():
+    or a GGUF's tokenizer.ggml.* metadata: `g`, the file already open)."""
+    if g is not None:
         from hybrid.tokenizer_gguf import gguf_tokenizer
 
-        return gguf_tokenizer(path)
+        return gguf_tokenizer(g)
     if not any((path / n).is_file() for n in ("tiktoken.model", "tokenizer.json")):
         return None
     from hybrid.tokenizer import load_tokenizer

@@ -197,12 +197,12 @@ def read_config_json(path: str | Path) -> tuple[dict, str]:
     metadata describes (hybrid/loaders/gguf_config.py)."""
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
-        from hybrid.loaders.gguf_config import config_dict
+        from hybrid.loaders.gguf_config import config_json
         from hybrid.loaders.gguf_file import GGUFFile
 
         g = GGUFFile(path)  # GGUFError (a ValueError) names the file and what is wrong
         try:
-            return config_dict(g), f"{path} (GGUF metadata)"
+            return config_json(g)
         finally:
             g.close()
     cfg_file = path / "config.json" if path.is_dir() else path

@@ -37,14 +37,16 @@ TIKTOKEN_PRES = {"kimi-k2": KIMI_PAT_STR}
 
 
 def gguf_tokenizer(path) -> Tokenizer:
-    """The Tokenizer of a GGUF file's metadata; TokenizerError naming the file and key."""
-    g = GGUFFile(path)
+    """The Tokenizer of a GGUF file's metadata (a path, or a GGUFFile already open: its metadata
+    is not parsed again); TokenizerError naming the file and key."""
+    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     try:
         return tokenizer_from_fields(g)
     except GGUFError as e:
         raise TokenizerError(str(e)) from None
     finally:
-        g.close()
+        if g is not path:
+            g.close()
 
 
 def tokenizer_from_fields(g: GGUFFile) -> Tokenizer:

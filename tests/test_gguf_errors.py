@@ -147,6 +147,17 @@ def test_softmax_gating_refused_by_the_config(good, tmp_path):
         config_from_dir(bad)
 
 
+def test_missing_gating_func_is_softmax_to_llamacpp_and_refused(good, tmp_path):
+    # llama.cpp's converter leaves the key out when config.json has no scoring_func (as
+    # transformers' DeepseekV3Config saves it); llama.cpp then routes by softmax
+    from hybrid.models import config_from_dir
+
+    bad = gguf_files.rewrite(good, tmp_path / "nogating.gguf", drop=("deepseek2.expert_gating_func",))
+    with pytest.raises(GGUFError, match=rf"{bad}: metadata key deepseek2.expert_gating_func is missing: "
+                                        "llama.cpp reads that as softmax"):
+        config_from_dir(bad)
+
+
 def test_missing_tensor_names_it(good, tmp_path):
     bad = gguf_files.rewrite(good, tmp_path / "notensor.gguf",
                              tensors=lambda items: [i for i in items if i[0] != "blk.2.attn_kv_a_norm.weight"])

@@ -67,6 +67,23 @@ def test_config_from_metadata_equals_config_json(tmp_path):
     assert a["rope"]["beta_fast"] == 16.0 and a["rope"]["beta_slow"] == 2.0  # read, not ignored
 
 
+def test_metadata_as_llamacpps_converter_writes_it(tmp_path):
+    """Keys llama.cpp's convert_hf_to_gguf.py writes beside the ones hybrid's converter does (seen
+    with gguf's reader on its output for the demo model): the padding id is read, the rest
+    (sampling defaults, size label, add_eos) does not disturb the config."""
+    from hybrid.models import config_from_dir
+
+    g, ckpt, _ = gguf_files.deepseek2_gguf(tmp_path, "f32")
+    V = gguf.GGUFValueType
+    made = gguf_files.rewrite(g, tmp_path / "llamacpp-keys.gguf", set_fields={
+        "tokenizer.ggml.padding_token_id": (2, V.UINT32), "tokenizer.ggml.add_eos_token": (False, V.BOOL),
+        "general.sampling.top_p": (0.95, V.FLOAT32), "general.sampling.temp": (0.6, V.FLOAT32),
+        "general.size_label": ("64x3.4M", V.STRING), "general.type": ("model", V.STRING)})
+    a, b = dataclasses.asdict(config_from_dir(made)), dataclasses.asdict(config_from_dir(g))
+    assert a.pop("pad_token_id") == 2 and b.pop("pad_token_id") is None
+    assert a == b
+
+
 def test_yarn_logits(tmp_path):
     yarn = dict(checkpoints.YARN, mscale_all_dim=1.0, beta_fast=16.0, beta_slow=2.0)
     g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", rope_parameters=yarn)
@@ -163,12 +180,34 @@ def test_hybrid_load_and_generate(tmp_path):
     m.close(), t.close()
 
 
-def test_gguf_names_cover_every_tensor(tmp_path):
-    """Every tensor of the converter's file is one the source maps to (nothing ignored silently)."""
-    from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, TOP
+def test_hybrid_load_parses_the_metadata_once(tmp_path, monkeypatch):
+    """Config, weights and tokenizer read one parsed file (K2.5's token arrays take a while)."""
+    import hybrid
+    from hybrid.loaders import gguf_file
 
     g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32")
-    known = {*TOP.values(), *LAYER.values(), *EXPERT_PROJS.values(), "attn_k_b", "attn_v_b", "exp_probs_b"}
+    opened = []
+    real = gguf_file._OneFile.__init__
+
+    def counted(self, path):
+        opened.append(path)
+        real(self, path)
+
+    monkeypatch.setattr(gguf_file._OneFile, "__init__", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hybrid.load(g, device="cpu", dtype="fp32", experts_backend="torch", progress=False, max_len=64)
+    assert opened == [g]
+    assert m.tokenizer.encode("hello") and m.config.num_hidden_layers == 3
+    m.close()
+
+
+def test_gguf_names_cover_every_tensor(tmp_path):
+    """Every tensor of the converter's file is one the source maps to (nothing ignored silently)."""
+    from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, MLA_SPLIT, TOP
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32")
+    known = {*TOP.values(), *LAYER.values(), *EXPERT_PROJS.values(), *MLA_SPLIT, "exp_probs_b"}
     for name in gguf_files.read_values(g):
         base = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
         assert base in known, name

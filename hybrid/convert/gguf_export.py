@@ -3,21 +3,11 @@
 The weights are read through hybrid's own loader (hybrid/loaders: config.json parsing, the
 safetensors index, FP8-block and compressed-tensors INT4 dequantisation), so the GGUF holds what
 `hybrid.load` computes with. Metadata keys and tensor names are the ones llama.cpp's
-convert_hf_to_gguf.py writes for DeepseekV2/V3 (facts from that converter):
-
-  HF module (layer i)                          GGUF tensor
-  model.embed_tokens / model.norm / lm_head     token_embd / output_norm / output (absent when tied)
-  input_layernorm / post_attention_layernorm    blk.i.attn_norm / blk.i.ffn_norm
-  self_attn.q_proj (q_lora_rank null)           blk.i.attn_q
-  self_attn.q_a_proj, q_a_layernorm, q_b_proj   blk.i.attn_q_a, attn_q_a_norm, attn_q_b
-  self_attn.kv_a_proj_with_mqa, kv_a_layernorm  blk.i.attn_kv_a_mqa, attn_kv_a_norm
-  self_attn.kv_b_proj [Nh*(Dn+Dv), C]           blk.i.attn_k_b [Nh, C, Dn] (transposed per head)
-                                                + blk.i.attn_v_b [Nh, Dv, C]  (MLA absorption)
-  self_attn.o_proj                              blk.i.attn_output
-  mlp.{gate,up,down}_proj (dense layers)        blk.i.ffn_{gate,up,down}
-  mlp.gate.weight / gate.e_score_correction_bias blk.i.ffn_gate_inp / blk.i.exp_probs_b.bias
-  mlp.experts.{e}.{gate,up,down}_proj           blk.i.ffn_{gate,up,down}_exps [E, out, in]
-  mlp.shared_experts.{gate,up,down}_proj        blk.i.ffn_{gate,up,down}_shexp
+convert_hf_to_gguf.py writes for DeepseekV2/V3 (facts from that converter); the names come from
+the loader's table (hybrid/loaders/gguf_source.py: gguf_name, expert_tensor_names,
+mla_split_names), which this module asks, so reading and writing cannot drift apart. kv_b_proj
+[Nh*(Dn+Dv), C] is written split, as that converter does: attn_k_b [Nh, C, Dn] (transposed per
+head) + attn_v_b [Nh, Dv, C] (MLA absorption); routed experts are stacked [E, out, in]
 (shapes in torch order; GGUF stores the dimensions reversed). MLA is written as llama.cpp wants
 it: head_count_kv 1, key_length C + Dr, value_length C, key_length_mla Dn + Dr,
 value_length_mla Dv.
@@ -183,6 +173,11 @@ def _rope_pairs_perm(n_rows: int, block: int, rope: int) -> torch.Tensor:
 
 def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[PlannedTensor]:
     """Every GGUF tensor of the model: name, shape, storage type and how to produce it."""
+    from hybrid.loaders.gguf_source import expert_tensor_names, gguf_name, mla_split_names
+
+    def gn(module: str, suffix: str = "weight") -> str:  # the loader's table owns the names
+        return gguf_name(f"{module}.{suffix}")
+
     c = config
     H, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
     Nh, C, Dn, Dr, Dv = c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -206,42 +201,43 @@ def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[Plann
         return fn
 
     # Stored dtype (bf16 for every supported checkpoint): encode() converts row slices.
-    add("token_embd.weight", (V, H), lambda: src.float_weight("model.embed_tokens", (V, H)))
+    add(gn("model.embed_tokens"), (V, H), lambda: src.float_weight("model.embed_tokens", (V, H)))
     for i in range(L):
-        p, b = f"model.layers.{i}", f"blk.{i}"
-        add(f"{b}.attn_norm.weight", (H,), lambda p=p: src.norm(f"{p}.input_layernorm.weight", H))
-        add(f"{b}.ffn_norm.weight", (H,), lambda p=p: src.norm(f"{p}.post_attention_layernorm.weight", H))
+        p = f"model.layers.{i}"
+        add(gn(f"{p}.input_layernorm"), (H,), lambda p=p: src.norm(f"{p}.input_layernorm.weight", H))
+        add(gn(f"{p}.post_attention_layernorm"), (H,), lambda p=p: src.norm(f"{p}.post_attention_layernorm.weight", H))
         a = f"{p}.self_attn"
         q_rows = Nh * (Dn + Dr)
         q_perm = None if c.rope_interleave else _rope_pairs_perm(q_rows, Dn + Dr, Dr)
         if c.q_lora_rank is None:
-            add(f"{b}.attn_q.weight", (q_rows, H), linear(f"{a}.q_proj", (q_rows, H), q_perm))
+            add(gn(f"{a}.q_proj"), (q_rows, H), linear(f"{a}.q_proj", (q_rows, H), q_perm))
         else:
             R = c.q_lora_rank
-            add(f"{b}.attn_q_a.weight", (R, H), linear(f"{a}.q_a_proj", (R, H)))
-            add(f"{b}.attn_q_a_norm.weight", (R,), lambda a=a, R=R: src.norm(f"{a}.q_a_layernorm.weight", R))
-            add(f"{b}.attn_q_b.weight", (q_rows, R), linear(f"{a}.q_b_proj", (q_rows, R), q_perm))
+            add(gn(f"{a}.q_a_proj"), (R, H), linear(f"{a}.q_a_proj", (R, H)))
+            add(gn(f"{a}.q_a_layernorm"), (R,), lambda a=a, R=R: src.norm(f"{a}.q_a_layernorm.weight", R))
+            add(gn(f"{a}.q_b_proj"), (q_rows, R), linear(f"{a}.q_b_proj", (q_rows, R), q_perm))
         kv_perm = None if c.rope_interleave else _rope_pairs_perm(C + Dr, C + Dr, Dr)
-        add(f"{b}.attn_kv_a_mqa.weight", (C + Dr, H), linear(f"{a}.kv_a_proj_with_mqa", (C + Dr, H), kv_perm))
-        add(f"{b}.attn_kv_a_norm.weight", (C,), lambda a=a: src.norm(f"{a}.kv_a_layernorm.weight", C))
+        add(gn(f"{a}.kv_a_proj_with_mqa"), (C + Dr, H), linear(f"{a}.kv_a_proj_with_mqa", (C + Dr, H), kv_perm))
+        add(gn(f"{a}.kv_a_layernorm"), (C,), lambda a=a: src.norm(f"{a}.kv_a_layernorm.weight", C))
 
         def kv_b(a=a):  # [Nh*(Dn+Dv), C] -> [Nh, Dn+Dv, C]
             return src.float_weight(f"{a}.kv_b_proj", (Nh * (Dn + Dv), C)).view(Nh, Dn + Dv, C)
 
-        add(f"{b}.attn_k_b.weight", (Nh, C, Dn), lambda kv_b=kv_b: kv_b()[:, :Dn, :].transpose(1, 2))
-        add(f"{b}.attn_v_b.weight", (Nh, Dv, C), lambda kv_b=kv_b: kv_b()[:, Dn:, :])
-        add(f"{b}.attn_output.weight", (H, Nh * Dv), linear(f"{a}.o_proj", (H, Nh * Dv)))
+        k_b, v_b = mla_split_names(i)
+        add(k_b, (Nh, C, Dn), lambda kv_b=kv_b: kv_b()[:, :Dn, :].transpose(1, 2))
+        add(v_b, (Nh, Dv, C), lambda kv_b=kv_b: kv_b()[:, Dn:, :])
+        add(gn(f"{a}.o_proj"), (H, Nh * Dv), linear(f"{a}.o_proj", (H, Nh * Dv)))
         m = f"{p}.mlp"
         if not c.is_moe_layer(i):
             F = c.intermediate_size
-            add(f"{b}.ffn_gate.weight", (F, H), linear(f"{m}.gate_proj", (F, H)))
-            add(f"{b}.ffn_up.weight", (F, H), linear(f"{m}.up_proj", (F, H)))
-            add(f"{b}.ffn_down.weight", (H, F), linear(f"{m}.down_proj", (H, F)))
+            add(gn(f"{m}.gate_proj"), (F, H), linear(f"{m}.gate_proj", (F, H)))
+            add(gn(f"{m}.up_proj"), (F, H), linear(f"{m}.up_proj", (F, H)))
+            add(gn(f"{m}.down_proj"), (H, F), linear(f"{m}.down_proj", (H, F)))
             continue
-        add(f"{b}.ffn_gate_inp.weight", (E, H), lambda m=m: src.fp32(f"{m}.gate.weight", (E, H)), small=True)
-        add(f"{b}.exp_probs_b.bias", (E,), lambda m=m: src.fp32(f"{m}.gate.e_score_correction_bias", (E,)))
-        projs = (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)), ("down_proj", "down", (H, I)))
-        for proj, gg, shape in projs:
+        add(gn(f"{m}.gate"), (E, H), lambda m=m: src.fp32(f"{m}.gate.weight", (E, H)), small=True)
+        add(gn(f"{m}.gate", "e_score_correction_bias"), (E,), lambda m=m: src.fp32(f"{m}.gate.e_score_correction_bias", (E,)))
+        stacked = expert_tensor_names(i)
+        for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
             def experts(m=m, proj=proj, shape=shape):
                 for e in range(E):  # one expert at a time: [1, out, in]
                     if expert_type == "q4_0":
@@ -249,16 +245,16 @@ def plan_tensors(config, src, out: str, expert_type: str = "same") -> list[Plann
                     else:
                         yield src.float_weight(f"{m}.experts.{e}.{proj}", shape)[None]
             t = "q4_0" if expert_type == "q4_0" else kind((E, *shape))
-            plan.append(PlannedTensor(f"{b}.ffn_{gg}_exps.weight", (E, *shape), t, experts))
+            plan.append(PlannedTensor(stacked[proj], (E, *shape), t, experts))
         if c.n_shared_experts:
             S = I * c.n_shared_experts
             sh = f"{m}.shared_experts"
-            add(f"{b}.ffn_gate_shexp.weight", (S, H), linear(f"{sh}.gate_proj", (S, H)))
-            add(f"{b}.ffn_up_shexp.weight", (S, H), linear(f"{sh}.up_proj", (S, H)))
-            add(f"{b}.ffn_down_shexp.weight", (H, S), linear(f"{sh}.down_proj", (H, S)))
-    add("output_norm.weight", (H,), lambda: src.norm("model.norm.weight", H))
+            add(gn(f"{sh}.gate_proj"), (S, H), linear(f"{sh}.gate_proj", (S, H)))
+            add(gn(f"{sh}.up_proj"), (S, H), linear(f"{sh}.up_proj", (S, H)))
+            add(gn(f"{sh}.down_proj"), (H, S), linear(f"{sh}.down_proj", (H, S)))
+    add(gn("model.norm"), (H,), lambda: src.norm("model.norm.weight", H))
     if not c.tie_word_embeddings:
-        add("output.weight", (V, H), linear("lm_head", (V, H)))
+        add(gn("lm_head"), (V, H), linear("lm_head", (V, H)))
     return plan
 
 

@@ -42,6 +42,11 @@ def architecture(g: GGUFFile) -> str:
     return arch
 
 
+def config_json(g: GGUFFile) -> tuple[dict, str]:
+    """(config_dict(g), the source named in config errors)."""
+    return config_dict(g), f"{g.path} (GGUF metadata)"
+
+
 def config_dict(g: GGUFFile) -> dict:
     """The config.json (as a dict) the GGUF's metadata describes; GGUFError names a missing key."""
     arch = architecture(g)
@@ -73,7 +78,7 @@ def _common(g: GGUFFile, arch: str) -> dict:
         "tie_word_embeddings": "output.weight" not in g,
         "bos_token_id": g.field("tokenizer.ggml.bos_token_id", int, None),
         "eos_token_id": g.field("tokenizer.ggml.eos_token_id", int, None),
-        "pad_token_id": None,
+        "pad_token_id": g.field("tokenizer.ggml.padding_token_id", int, None),  # llama.cpp's converter writes it
     }
     out["rope_parameters"] = _rope(g, arch)
     return out
@@ -113,6 +118,14 @@ def _deepseek2(g: GGUFFile, arch: str) -> dict:
         qk, v = req("attention.key_length"), req("attention.value_length")
     if qk <= R:
         raise GGUFError(f"{g.path}: metadata: key length {qk} must exceed {arch}.rope.dimension_count={R}")
+    if f"{arch}.expert_gating_func" not in g.fields and g.field(f"{arch}.expert_count", int, 0):
+        # llama.cpp runs such a file with softmax routing (DeepSeek V2 files predate the key), and
+        # its converter writes the key only when config.json names scoring_func (transformers'
+        # DeepseekV3Config does not save it): refuse it here, saying so, rather than guess.
+        raise GGUFError(f"{g.path}: metadata key {arch}.expert_gating_func is missing: llama.cpp reads that "
+                        "as softmax routing (DeepSeek V2), which hybrid does not run; a DeepSeek-V3 / Kimi file "
+                        "needs 2 (sigmoid) there (llama.cpp's converter writes it when config.json has "
+                        "scoring_func)")
     gating = opt("expert_gating_func", GATING_SOFTMAX)
     n_group = opt("expert_group_count", 1)
     cfg.update({

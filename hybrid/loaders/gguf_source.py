@@ -15,7 +15,9 @@
   mlp.gate.weight / gate.e_score_correction_bias    blk.i.ffn_gate_inp / blk.i.exp_probs_b.bias
   mlp.shared_experts.{gate,up,down}_proj            blk.i.ffn_{gate,up,down}_shexp
   mlp.experts.{e}.{gate,up,down}_proj               blk.i.ffn_{gate,up,down}_exps [E, out, in], entry e
-(the inverse of hybrid/convert/gguf_export.py's table; shapes in torch order).
+(shapes in torch order). This table is the one place hybrid keeps llama.cpp's names: the loader
+reads by it and hybrid/convert/gguf_export.py writes by it (gguf_name, expert_tensor_names,
+mla_split_names).
 
 Legend: E routed experts, Nh heads, C kv_lora_rank, Dn/Dv no-rope / value head dims.
 """
@@ -44,6 +46,7 @@ LAYER = {
 }
 SUFFIX = {"weight": "weight", "bias": "bias", "e_score_correction_bias": None}  # None: exp_probs_b.bias
 EXPERT_PROJS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+MLA_SPLIT = ("attn_k_b", "attn_v_b")  # kv_b_proj split for MLA absorption (llama.cpp's converter)
 EMBED_CHUNK = 1 << 24  # values dequantised at a time for the embedding table
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
@@ -67,6 +70,12 @@ def gguf_name(name: str) -> str:
 def expert_tensor_names(layer: int) -> dict[str, str]:
     """{"gate_proj"|"up_proj"|"down_proj": GGUF name} of a layer's stacked routed experts."""
     return {proj: f"blk.{layer}.{g}.weight" for proj, g in EXPERT_PROJS.items()}
+
+
+def mla_split_names(layer: int) -> tuple[str, str]:
+    """(k_b, v_b) GGUF names of a layer's split kv_b_proj: [Nh, C, Dn] and [Nh, Dv, C]."""
+    k, v = MLA_SPLIT
+    return f"blk.{layer}.{k}.weight", f"blk.{layer}.{v}.weight"
 
 
 class GGUFSource(WeightSource):
@@ -136,8 +145,7 @@ class GGUFSource(WeightSource):
         """kv_b [Nh*(Dn+Dv), C] rebuilt from the split MLA form: k_b [Nh, C, Dn] and v_b [Nh, Dv, C]."""
         c = self.config
         Nh, Dn, Dv, C = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
-        base = gname.removesuffix(".attn_kv_b.weight")
-        kb, vb = f"{base}.attn_k_b.weight", f"{base}.attn_v_b.weight"
+        kb, vb = mla_split_names(int(gname.split(".")[1]))  # gname: blk.{i}.attn_kv_b.weight
         if kb not in self.gguf or vb not in self.gguf:
             raise GGUFError(f"{self.gguf.path}: the model's {name} needs tensor {gname}, or {kb} and {vb}; "
                             "none is in the file")

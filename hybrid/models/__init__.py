@@ -54,6 +54,14 @@ def config_from_dir(path: str | Path):
     return config_from_dict(raw, source)
 
 
+def config_from_gguf(g):
+    """The config of an open GGUFFile (hybrid.load parses a file's metadata once and hands the
+    parsed file on: config, weights and tokenizer all read it)."""
+    from hybrid.loaders.gguf_config import config_json
+
+    return config_from_dict(*config_json(g))
+
+
 def facts_of(config):
     """ModelFacts of a parsed config (hybrid/models/facts.py)."""
     return model_class(config.model_type).facts(config)

@@ -39,8 +39,9 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
                 split_threads: bool = True, images_enabled: bool = True,
-                defer_experts: int = 0, layerwise_prefill="auto") -> Built:
-    """See hybrid.api.load for what the options mean."""
+                defer_experts: int = 0, layerwise_prefill="auto", gguf_file=None) -> Built:
+    """See hybrid.api.load for what the options mean. gguf_file: `path` already open as a
+    GGUFFile (its metadata parsed once by the caller), else it is opened here."""
     from hybrid.loaders.gguf_file import GGUFFile, is_gguf_path
     from hybrid.loaders.gguf_source import GGUFSource
     from hybrid.loaders.safetensors_files import SafetensorsFiles
@@ -72,7 +73,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         # What the planner counted (its gpu_expert_format); the built caches are checked below.
         gpu_expert_bytes = prof.num_cached * prof.bytes_per_expert
     gguf = is_gguf_path(path)  # a .gguf file (or the first of a split set): mapped, sizes checked
-    files = GGUFFile(path) if gguf else SafetensorsFiles(path)
+    files = (gguf_file or GGUFFile(path)) if gguf else SafetensorsFiles(path)
     # A GGUF holds the text model only (llama.cpp keeps a vision tower in its own mmproj file).
     vision_cfg = _vision_config(path, config, files) if images_enabled and not gguf else None
     vision_bytes = 0
