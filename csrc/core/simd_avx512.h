@@ -412,7 +412,7 @@ static HY_ALWAYS_INLINE void z_with_kq_format(WeightFormat f, Fn&& fn) {
 
 // ---------------------------------------------------------------------------------------------
 // matmul_a8: one scaffold, z_matmul_a8_tile16xTT<Dot>, for every int8-activation kernel of the
-// AVX-512 units: a tile is one row block (16 rows, one zmm) x TT <= 8 tokens of fp32
+// AVX-512 units: a tile is one row block (16 rows, one zmm) x TT <= 8 tokens (16 for VNNI) of fp32
 // accumulators; per group of 32 inputs Dot::load prepares the group's weight operands once, and
 // per token Dot::dot gives the exact int32 sums sum_k q_w * q_a of the 16 rows, scaled by
 // (weight scale x activation scale) into the accumulator with one FMA. The int32 sums are exact
@@ -427,6 +427,9 @@ static HY_ALWAYS_INLINE void z_with_kq_format(WeightFormat f, Fn&& fn) {
 // made signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
 // ---------------------------------------------------------------------------------------------
 #define HY_Z_A8_TT_MAX 8
+// The widest token tile a driver may ask z_matmul_a8_tile16xTT for (its accumulator array): the
+// VNNI driver runs 16 (simd_vnni.h), the others HY_Z_A8_TT_MAX.
+#define HY_Z_A8_TT_INT_MAX 16
 
 struct bw_q4g32 {
   static constexpr int kGroupBytes = 256;
@@ -479,7 +482,7 @@ static HY_ALWAYS_INLINE void z_matmul_a8_tile16xTT(const PackedMatrix& w, int64_
   const int64_t ng = w.k / kGroup, gbytes = Dot::kGroupBytes;
   const uint8_t* qw = w.qweight + b * ng * gbytes;
   const uint16_t* sc = w.scales + b * ng * kRowBlock;
-  __m512 acc[HY_Z_A8_TT_MAX];
+  __m512 acc[HY_Z_A8_TT_INT_MAX];
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; ++g) {
@@ -580,19 +583,28 @@ struct kq_dot : Base {
 };
 
 // Tokens [t_begin, t_end) of x for blocks [b0, b1) with the Dots of one instruction set;
-// out points at block b0's column of token 0.
-template <class DotQ4, class DotQ8, class DotK>
+// out points at block b0's column of token 0. kIntTile: token-tile width of the group-32 integer
+// formats (<= HY_Z_A8_TT_INT_MAX); the K types keep HY_Z_A8_TT_MAX (their tiles hold more operands).
+template <class DotQ4, class DotQ8, class DotK, int kIntTile = HY_Z_A8_TT_MAX>
 static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                                int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
+  static_assert(kIntTile >= 1 && kIntTile <= HY_Z_A8_TT_INT_MAX, "token tile wider than the accumulators");
+  const bool kq = ktile_bytes(w.format) != 0;
+  const int64_t step = kq ? HY_Z_A8_TT_MAX : kIntTile;
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += HY_Z_A8_TT_MAX) {
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += step) {
       float* ot = ob + t0 * ldo;
-      with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
-        z_with_kq_format(w.format, [&](auto f) {
-          constexpr WeightFormat F = decltype(f)::value;
-          z_kq_a8_tile16xTT<F, kq_dot<F, DotK>>(w, b, x, t0, tt, ot, ldo);
+      if (kq) {
+        with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
+          z_with_kq_format(w.format, [&](auto f) {
+            constexpr WeightFormat F = decltype(f)::value;
+            z_kq_a8_tile16xTT<F, kq_dot<F, DotK>>(w, b, x, t0, tt, ot, ldo);
+          });
         });
+        continue;
+      }
+      with_tile_width<kIntTile>(int(t_end - t0), [&](auto tt) {
         z_with_int_format(w.format, [&](auto nibbles, auto scales) {
           using Sc = decltype(scales);
           if constexpr (decltype(nibbles)::value) z_matmul_a8_tile16xTT<DotQ4, Sc>(w, b, x, t0, tt, ot, ldo);
