@@ -64,7 +64,8 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
                                         : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
     const __m512i idx = _mm512_and_si512(e, _mm512_set1_epi32(k.grid - 1));
     const __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), grid, 8);       // rows 0-7
-    const __m512i hi = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(idx, 1), grid, 8);  // rows 8-15
+    // rows 8-15 (a lane shuffle, not vextracti64x4, whose undefined-source form GCC 12 reports)
+    const __m512i hi = _mm512_i32gather_epi64(_mm512_castsi512_si256(_mm512_shuffle_i64x2(idx, idx, 0x0E)), grid, 8);
     __m512i a = _mm512_permutex2var_epi32(lo, even, hi);  // inputs 0-3 of each row
     __m512i b = _mm512_permutex2var_epi32(lo, odd, hi);   // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
