@@ -30,7 +30,8 @@ What it measures (medians of --runs runs after one warm-up run each):
 
 Weights are random: INT4 nibbles and bf16 scales are made directly (a bank of a few random
 experts in compressed-tensors packing, repacked into every expert slot), never quantised
-from floats. --format q4_0|q8_0|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_xs (and --down-format) instead
+from floats. --format q4_0|q8_0|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_xs|iq2_xxs|iq2_xs|iq3_xxs|iq1_s|iq1_m
+(and --down-format) instead
 makes random valid GGUF blocks of that type (random bits, fp16 fields of weight size) and packs
 them with Layer.pack_expert_gguf, as a GGUF file's experts load; decode_gbps then counts the
 packed bytes (gguf_expert_mb gives the file's bytes per expert: the packed K tiles are 0-4% larger).
@@ -191,6 +192,9 @@ GGUF_BLOCK = {
     "q4_0": (32, 18, (0,), 8), "q8_0": (32, 34, (0,), 128),
     "q4_k": (256, 144, (0, 2), 63 * 15), "q5_k": (256, 176, (0, 2), 63 * 31), "q6_k": (256, 210, (208,), 128 * 32),
     "q3_k": (256, 110, (108,), 32 * 4), "q2_k": (256, 84, (80, 82), 15 * 3), "iq4_xs": (256, 136, (0,), 32 * 127),
+    # the lattice types (any grid index is valid); IQ1_M's d is the top nibbles of its 4 scale words
+    "iq2_xxs": (256, 66, (0,), 31 * 43 / 8), "iq2_xs": (256, 74, (0,), 31 * 43 / 8),
+    "iq3_xxs": (256, 98, (0,), 31 * 62 / 4), "iq1_s": (256, 50, (0,), 15 * 9 / 8), "iq1_m": (256, 56, (), 15 * 9 / 8),
 }
 GGUF_FORMATS = tuple(GGUF_BLOCK)
 
@@ -204,6 +208,12 @@ def gguf_rows(rng, fmt: str, n: int, k: int):
     for at in f16:
         d = (rng.uniform(0.002, 0.02, size=(n, k // bs)) / span).astype(np.float16)
         rows[:, :, at:at + 2] = d.view(np.uint8).reshape(n, k // bs, 2)
+    if fmt == "iq1_m":  # nibble i of d's fp16 bits in the top nibble of scale word i (bytes 48..55)
+        d = (rng.uniform(0.002, 0.02, size=(n, k // bs)) / span).astype(np.float16).view(np.uint16)
+        sc = rows[:, :, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
+        for i in range(4):
+            sc[:, :, i] |= ((d >> np.uint16(4 * i)) & np.uint16(15)) << np.uint16(12)
+        rows[:, :, 48:56] = sc.view(np.uint8)
     return rows.reshape(n, -1)
 
 

@@ -95,6 +95,11 @@ inline std::string format_name(WeightFormat f) {
     case WeightFormat::Q3_K: return "q3_k";
     case WeightFormat::Q2_K: return "q2_k";
     case WeightFormat::IQ4_XS: return "iq4_xs";
+    case WeightFormat::IQ2_XXS: return "iq2_xxs";
+    case WeightFormat::IQ2_XS: return "iq2_xs";
+    case WeightFormat::IQ3_XXS: return "iq3_xxs";
+    case WeightFormat::IQ1_S: return "iq1_s";
+    case WeightFormat::IQ1_M: return "iq1_m";
   }
   return "?";
 }

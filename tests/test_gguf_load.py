@@ -349,13 +349,13 @@ def test_kquant_and_iq_experts_equal_twin(tmp_path, types, other):
 
 
 def test_fallback_on_cpu_engine_equals_twin_packed_int4(tmp_path):
-    """Types without a native kernel (IQ2_XS, IQ3_XXS) are dequantised and packed int4, as the twin
+    """Types without a native kernel (IQ2_S, IQ3_S) are dequantised and packed int4, as the twin
     packed int4 from the same floats."""
     from hybrid.runtime.gguf_experts import native_types
 
-    assert not native_types() & {"IQ2_XS", "IQ3_XXS"}
+    assert not native_types() & {"IQ2_S", "IQ3_S"}
     g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
-    mixed = gguf_files.rewrite(g, tmp_path / "k.gguf", tensors=_experts_as({1: ("IQ2_XS",) * 3, 2: ("IQ3_XXS",) * 3}))
+    mixed = gguf_files.rewrite(g, tmp_path / "k.gguf", tensors=_experts_as({1: ("IQ2_S",) * 3, 2: ("IQ3_S",) * 3}))
     twin = gguf_files.twin(mixed, ref, _cfg(ref), tmp_path)
     got = _logits(mixed, experts_backend="cpu")
     want = _logits(twin, experts_backend="cpu", expert_format="int4")

@@ -1,5 +1,6 @@
 """GGUF block types run by the native kernels in their own bits (csrc/core/kernels.h, kquant.h,
-pack.h): Q4_0, Q8_0 and the K types Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS. The lossless repack
+pack.h): Q4_0, Q8_0 and the K types Q4_K, Q5_K, Q6_K, Q3_K, Q2_K, IQ4_XS and the lattice types
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ1_M (codebook indices expanded in registers). The lossless repack
 against the gguf package's own dequantiser, every kernel path this machine runs on decode and
 prefill shapes, the fused MoE operator on layers mixing types (gate, up and down each their own),
 packed-layer files, GGUFReader's tensors as from_gguf's input, and the binding's checks.
@@ -34,12 +35,14 @@ N = native.lib()
 from hybrid import _native_testing as NT  # noqa: E402  test-only entry points (csrc/binding_testing.cpp)
 
 ISAS = N.available_isas()
-TYPES = [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.IQ4_XS]
+LATTICE = [QT.IQ2_XXS, QT.IQ2_XS, QT.IQ3_XXS, QT.IQ1_S, QT.IQ1_M]
+TYPES = [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.IQ4_XS, *LATTICE]
 K_TYPES = TYPES[2:]
 QUANTISABLE = [QT.Q4_0, QT.Q8_0]  # the types gguf.quants.quantize implements
 # Byte offsets of each block's fp16 fields (d, and dmin where the type has mins): ggml's block_*.
 F16_FIELDS = {QT.Q4_0: (0,), QT.Q8_0: (0,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
-              QT.Q3_K: (108,), QT.Q2_K: (80, 82), QT.IQ4_XS: (0,)}
+              QT.Q3_K: (108,), QT.Q2_K: (80, 82), QT.IQ4_XS: (0,), QT.IQ2_XXS: (0,), QT.IQ2_XS: (0,),
+              QT.IQ3_XXS: (0,), QT.IQ1_S: (0,), QT.IQ1_M: ()}  # IQ1_M: d in 4 nibbles (set_iq1m_d)
 EPS32 = 2.0**-24
 TOL_PRECISE = 1e-5
 TOL_EMULATED = 2e-3
@@ -64,12 +67,24 @@ def random_blocks(rng, t: QT, n: int, k: int, scale_bits=None) -> np.ndarray:
     for at in F16_FIELDS[t]:
         d = (scale_bits or random_f16)(rng, (n, k // bs))
         rows[:, :, at:at + 2] = d.view(np.uint8).reshape(n, k // bs, 2)
+    if t == QT.IQ1_M:
+        set_iq1m_d(rows, (scale_bits or random_f16)(rng, (n, k // bs)))
     return rows.reshape(n, k // bs * ts)
+
+
+def set_iq1m_d(rows: np.ndarray, d: np.ndarray) -> None:
+    """IQ1_M keeps its fp16 d in the top nibbles of its 4 uint16 scale words (bytes 48..55):
+    nibble i of d in word i. rows [n, blocks, 56] uint8 is changed in place; d [n, blocks] uint16."""
+    sc = rows[:, :, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
+    for i in range(4):
+        sc[:, :, i] |= ((d >> np.uint16(4 * i)) & np.uint16(15)) << np.uint16(12)
+    rows[:, :, 48:56] = sc.view(np.uint8)
 
 
 # Largest |sc_j x (u - off)| (or m_j) of a random block of each type: modest scales divide by it.
 SPAN = {QT.Q4_0: 8, QT.Q8_0: 128, QT.Q4_K: 63 * 15, QT.Q5_K: 63 * 31, QT.Q6_K: 128 * 32, QT.Q3_K: 32 * 4,
-        QT.Q2_K: 15 * 3, QT.IQ4_XS: 32 * 127}
+        QT.Q2_K: 15 * 3, QT.IQ4_XS: 32 * 127, QT.IQ2_XXS: 31 * 43 / 8, QT.IQ2_XS: 31 * 43 / 8,
+        QT.IQ3_XXS: 31 * 62 / 4, QT.IQ1_S: 15 * 9 / 8, QT.IQ1_M: 15 * 9 / 8}
 
 
 def modest_f16(t: QT):
@@ -180,7 +195,9 @@ def gguf_experts(rng, gate_t: QT, down_t: QT, blocks=quantized_blocks, H=H, I=I,
 # Q4_K + Q6_K down; Q2_K + Q3_K down; Q3_K + Q5_K down), and the two block-32 types together.
 PAIRS = [(QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.Q8_0), (QT.Q4_0, QT.Q8_0), (QT.Q8_0, QT.Q4_0),
          (QT.Q4_K, QT.Q6_K), (QT.Q2_K, QT.Q3_K), (QT.Q3_K, QT.Q5_K), (QT.Q5_K, QT.Q2_K),
-         (QT.IQ4_XS, QT.Q4_K), (QT.Q6_K, QT.IQ4_XS), (QT.Q8_0, QT.Q2_K)]
+         (QT.IQ4_XS, QT.Q4_K), (QT.Q6_K, QT.IQ4_XS), (QT.Q8_0, QT.Q2_K),
+         (QT.IQ2_XXS, QT.IQ3_XXS), (QT.IQ3_XXS, QT.IQ2_XXS), (QT.IQ2_XS, QT.IQ1_S), (QT.IQ1_M, QT.Q4_K),
+         (QT.IQ1_S, QT.IQ2_XS), (QT.Q2_K, QT.IQ1_M)]
 
 
 @pytest.mark.parametrize("gate_t,down_t", PAIRS, ids=lambda p: fmt_of(p) if isinstance(p, QT) else str(p))
@@ -206,7 +223,8 @@ def test_moe_mixed_types(isa, gate_t, down_t, mode, B):
 
 
 # (gate, up, down) types with gate != up: the split gate_up layout (two kernel calls).
-TRIPLES = [(QT.Q4_K, QT.Q5_K, QT.Q6_K), (QT.Q4_0, QT.Q8_0, QT.Q4_0), (QT.IQ4_XS, QT.Q2_K, QT.Q3_K)]
+TRIPLES = [(QT.Q4_K, QT.Q5_K, QT.Q6_K), (QT.Q4_0, QT.Q8_0, QT.Q4_0), (QT.IQ4_XS, QT.Q2_K, QT.Q3_K),
+           (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ3_XXS)]
 
 
 @pytest.mark.parametrize("types", TRIPLES, ids=lambda ts: "-".join(fmt_of(t) for t in ts))
@@ -285,7 +303,7 @@ def _blocks(t=QT.Q4_0):
 
 
 @pytest.mark.parametrize("change,err,match", [
-    (lambda g, u, d: (g, u, d, QT.IQ2_XXS, QT.IQ2_XXS, QT.Q4_0), ValueError, "gate: GGUF type IQ2_XXS has no native"),
+    (lambda g, u, d: (g, u, d, QT.IQ2_S, QT.IQ2_S, QT.Q4_0), ValueError, "gate: GGUF type IQ2_S has no native"),
     (lambda g, u, d: (g, u, d, QT.Q4_K, QT.Q4_K, QT.Q4_0), ValueError, "hidden must be a positive multiple of 256"),
     (lambda g, u, d: (g, u, d, QT.Q4_0, QT.Q4_0, 999), ValueError, "down: 999 is not a GGUF tensor type"),
     (lambda g, u, d: (g, u, d[:-1], QT.Q4_0, QT.Q4_0, QT.Q4_0), ValueError, "same number"),

@@ -24,12 +24,14 @@ constexpr float kNonFiniteScale = std::numeric_limits<float>::quiet_NaN();
 // INT4_G32 / INT8_G32 / BF16: hybrid's own formats (Kimi's shipped INT4 and what we quantise to).
 // Q4_0 / Q8_0: GGUF's block types of the same names kept in their own bits (pack_gguf, pack.h): the
 // operand layouts of INT4_G32 / INT8_G32 with GGUF's fp16 block scales in place of bf16 ones.
-// Q4_K .. IQ4_XS: GGUF's super-block types, in tiles of 16 rows x 256 inputs (kquant.h).
+// Q4_K .. IQ4_XS and the lattice types IQ2_XXS .. IQ1_M: GGUF's super-block types, in tiles of 16
+// rows x 256 inputs (kquant.h).
 enum class WeightFormat : int {
   INT4_G32 = 0, INT8_G32 = 1, BF16 = 2, Q4_0 = 3, Q8_0 = 4,
   Q4_K = 5, Q5_K = 6, Q6_K = 7, Q3_K = 8, Q2_K = 9, IQ4_XS = 10,
+  IQ2_XXS = 11, IQ2_XS = 12, IQ3_XXS = 13, IQ1_S = 14, IQ1_M = 15,  // lattice types (kquant.h)
 };
-constexpr int kNumWeightFormats = 11;
+constexpr int kNumWeightFormats = 16;
 
 // Bytes of one packed tile (16 rows x 256 inputs) of a K type, 0 for the other formats; kquant.h
 // derives the same numbers from its layout and checks them (static_assert).
@@ -41,6 +43,11 @@ static inline constexpr int ktile_bytes(WeightFormat f) {
     case WeightFormat::Q3_K: return 1824;
     case WeightFormat::Q2_K: return 1344;
     case WeightFormat::IQ4_XS: return 2208;
+    case WeightFormat::IQ2_XXS: return 1184;
+    case WeightFormat::IQ2_XS: return 1312;
+    case WeightFormat::IQ3_XXS: return 1696;
+    case WeightFormat::IQ1_S: return 1184;
+    case WeightFormat::IQ1_M: return 1312;
     default: return 0;
   }
 }

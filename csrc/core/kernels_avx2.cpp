@@ -21,6 +21,7 @@
 
 #include "core/kernels.h"
 #include "core/kquant.h"
+#include "core/simd_iq.h"
 #include "core/tile_width.h"
 
 namespace hybrid {
@@ -235,6 +236,10 @@ static HY_ALWAYS_INLINE void y_matmul_f32_bf16_tile16xTT(const PackedMatrix& w, 
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void y_kq_operands(const uint8_t* tile, int g, int h, __m256i* wv) {
   constexpr KQ k = kq_of(F);
+  if constexpr (k.grid) {  // the lattice types: codebook gathers (simd_iq.h)
+    y_iq_operands<F>(tile, g, h, wv);
+    return;
+  }
   auto ld = [&](int at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + at + 32 * h)); };
   if constexpr (k.nib) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -271,7 +276,7 @@ static HY_ALWAYS_INLINE void y_kq_operands(const uint8_t* tile, int g, int h, __
       wv[i] = _mm256_or_si256(wv[i], _mm256_and_si256(b, m1));
     }
   }
-  if constexpr (k.table) {  // nibble -> table value + 128 (u8)
+  if constexpr (k.table && k.nib) {  // nibble -> table value + 128 (u8)
     int8_t tb[16];
     for (int i = 0; i < 16; ++i) tb[i] = int8_t(kIq4Values[i] ^ 0x80);
     const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
@@ -321,7 +326,8 @@ static HY_ALWAYS_INLINE void y_kq_groups(const PackedMatrix& w, int64_t b, Body&
       y_kq_prefetch<F>(tile, g);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
-        const __m256 d = y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at) + 8 * h);
+        const __m256 d = _mm256_mul_ps(y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at) + 8 * h),
+                                       _mm256_set1_ps(kq_dscale(k)));  // 2^-dshift (lattice types): exact
         const __m256 dm = k.min ? y_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at) + 8 * h)
                                 : _mm256_setzero_ps();
         __m256i wv[8];
@@ -374,6 +380,11 @@ static HY_ALWAYS_INLINE void y_with_kq_format(WeightFormat f, Fn&& fn) {
     case WeightFormat::Q3_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q3_K>{}); break;
     case WeightFormat::Q2_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q2_K>{}); break;
     case WeightFormat::IQ4_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ4_XS>{}); break;
+    case WeightFormat::IQ2_XXS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ2_XXS>{}); break;
+    case WeightFormat::IQ2_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ2_XS>{}); break;
+    case WeightFormat::IQ3_XXS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ3_XXS>{}); break;
+    case WeightFormat::IQ1_S: fn(std::integral_constant<WeightFormat, WeightFormat::IQ1_S>{}); break;
+    case WeightFormat::IQ1_M: fn(std::integral_constant<WeightFormat, WeightFormat::IQ1_M>{}); break;
     default: break;
   }
 }

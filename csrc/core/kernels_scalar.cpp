@@ -94,7 +94,7 @@ void kq_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedAct
             for (int i = 0; i < kSuper; ++i) a += kq_weight(kq, tile, r, i) * xr[i];
             continue;
           }
-          const float d = f16_to_f32(tile.d[r]), dm = f16_to_f32(tile.dm[r]);
+          const float d = f16_to_f32(tile.d[r]) * kq_dscale(kq), dm = f16_to_f32(tile.dm[r]);
           for (int j = 0; j < kq.nsub; ++j) {
             const int i0 = j * kq.sub;
             const int64_t g = sb * 8 + i0 / kGroup;

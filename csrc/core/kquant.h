@@ -29,11 +29,29 @@
 // Bytes per weight: Q4_K 4.625 bits (GGUF 4.5), Q5_K 5.625 (5.5), Q6_K 6.5625 (6.5625), Q3_K 3.5625
 // (3.4375), Q2_K 2.625 (2.625), IQ4_XS 4.3125 (4.25): GGUF packs some 6-bit scales tighter.
 //
+// The lattice ("IQ") types IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ1_M are K types of the same sum
+// whose u is not bit planes but a codebook entry (iq_grids.h: 4 or 8 signed values per entry, one
+// entry per 4 or 8 inputs): u = gmul * v + delta + 128 (off = 128, the signed-table convention of
+// IQ4_XS: table = true), v the entry's value times its sign (IQ2/IQ3: a per-8-input sign mask;
+// IQ1: none, but a per-row delta of +-1 per 32 (IQ1_S) or 8 (IQ1_M) inputs, gmul = 8), sc_j = 2 s_j
+// + 1 and D scaled by 2^-dshift (ggml's d (0.5 + s) / 4 is D (2s + 1) 2^-3, exact). Their tiles
+// hold the grid indices as the file has them, not the values, so the packed bytes stay near the
+// file's size; the kernels expand entries in registers (gathers from the codebook):
+//   gidx   [8 groups][32 / gw pieces][16 lanes] gidx_bytes each: piece p covers inputs 32g + gw p
+//          .. + gw - 1. IQ2_XXS, IQ3_XXS: the 8-bit index; IQ2_XS: index | sign index << 9 (the
+//          file's uint16); IQ1_S, IQ1_M: 11-bit index | (delta < 0) << 15
+//   gsign  [8 groups][4 pieces of 8 inputs][16 lanes] the sign mask (bit j: input 8p + j negative;
+//          ksigns already applied) (if gsign: IQ2_XXS, IQ3_XXS)
+//   D, sc  as above (sc = 2 s + 1, int8)
+// Bits per weight (file): IQ2_XXS 2.3125 (2.0625), IQ2_XS 2.5625 (2.3125), IQ3_XXS 3.3125
+// (3.0625), IQ1_S 2.3125 (1.5625), IQ1_M 2.5625 (1.75).
+//
 // Everything here is static / constexpr (kernels.h: no COMDAT code shared across ISA units).
 #pragma once
 #include <cstdint>
 #include <cstring>
 
+#include "core/iq_grids.h"
 #include "core/kernels.h"
 
 namespace hybrid {
@@ -52,8 +70,13 @@ struct KQ {
   int off = 0;              // W = D sc (u - off) - Dm m
   bool min = false;         // Dm and m present
   bool scale_nibbles = false;
+  // Lattice types (grid > 0): codebook entries, values per entry, index bytes, separate sign
+  // masks, a 7-bit sign index in the index's top bits, IQ1's delta bit, value multiplier, D shift.
+  int grid = 0, gw = 8, gidx_bytes = 1;
+  bool gsign = false, gsign7 = false, gdelta = false;
+  int gmul = 1, dshift = 0;
   // Derived: byte offsets of the fields inside a tile and the tile size.
-  int nsub = 0, nib_at = 0, crumb_at = 0, bit_at = 0, d_at = 0, dm_at = 0, sc_at = 0, m_at = 0, tile_bytes = 0;
+  int nsub = 0, nib_at = 0, crumb_at = 0, bit_at = 0, gidx_at = 0, gsign_at = 0, d_at = 0, dm_at = 0, sc_at = 0, m_at = 0, tile_bytes = 0;
 };
 
 static constexpr KQ kq_layout(KQ k) {
@@ -66,6 +89,10 @@ static constexpr KQ kq_layout(KQ k) {
   at += k.crumb ? 8 * 128 : 0;
   k.bit_at = at;
   at += k.bit ? 8 * 64 : 0;
+  k.gidx_at = at;
+  at += k.grid ? 8 * (32 / k.gw) * 16 * k.gidx_bytes : 0;
+  k.gsign_at = at;
+  at += k.gsign ? 8 * 64 : 0;
   k.d_at = at;
   at += 32;
   k.dm_at = at;
@@ -79,6 +106,19 @@ static constexpr KQ kq_layout(KQ k) {
 }
 
 // The facts of each K type; valid = false for the other formats.
+// A lattice type's common facts (see the header comment).
+static constexpr KQ kq_lattice(int grid, int gw, int gidx_bytes, int sub, int dshift) {
+  KQ k;
+  k.table = true;
+  k.off = 128;
+  k.grid = grid;
+  k.gw = gw;
+  k.gidx_bytes = gidx_bytes;
+  k.sub = sub;
+  k.dshift = dshift;
+  return k;
+}
+
 static constexpr KQ kq_of(WeightFormat f) {
   KQ k;
   switch (f) {
@@ -89,6 +129,11 @@ static constexpr KQ kq_of(WeightFormat f) {
     case WeightFormat::Q2_K:
       k.sub = 16; k.crumb = true; k.min = true; k.scale_nibbles = true; return kq_layout(k);
     case WeightFormat::IQ4_XS: k.nib = k.table = true; k.off = 128; return kq_layout(k);
+    case WeightFormat::IQ2_XXS: k = kq_lattice(256, 8, 1, 32, 3); k.gsign = true; return kq_layout(k);
+    case WeightFormat::IQ2_XS: k = kq_lattice(512, 8, 2, 16, 3); k.gsign7 = true; return kq_layout(k);
+    case WeightFormat::IQ3_XXS: k = kq_lattice(256, 4, 1, 32, 2); k.gsign = true; return kq_layout(k);
+    case WeightFormat::IQ1_S: k = kq_lattice(2048, 8, 2, 32, 3); k.gdelta = true; k.gmul = 8; return kq_layout(k);
+    case WeightFormat::IQ1_M: k = kq_lattice(2048, 8, 2, 16, 3); k.gdelta = true; k.gmul = 8; return kq_layout(k);
     default: return k;
   }
 }
@@ -101,6 +146,48 @@ static_assert(kq_of(WeightFormat::Q6_K).tile_bytes == ktile_bytes(WeightFormat::
 static_assert(kq_of(WeightFormat::Q3_K).tile_bytes == ktile_bytes(WeightFormat::Q3_K), "kernels.h ktile_bytes");
 static_assert(kq_of(WeightFormat::Q2_K).tile_bytes == ktile_bytes(WeightFormat::Q2_K), "kernels.h ktile_bytes");
 static_assert(kq_of(WeightFormat::IQ4_XS).tile_bytes == ktile_bytes(WeightFormat::IQ4_XS), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ2_XXS).tile_bytes == ktile_bytes(WeightFormat::IQ2_XXS), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ2_XS).tile_bytes == ktile_bytes(WeightFormat::IQ2_XS), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ3_XXS).tile_bytes == ktile_bytes(WeightFormat::IQ3_XXS), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ1_S).tile_bytes == ktile_bytes(WeightFormat::IQ1_S), "kernels.h ktile_bytes");
+static_assert(kq_of(WeightFormat::IQ1_M).tile_bytes == ktile_bytes(WeightFormat::IQ1_M), "kernels.h ktile_bytes");
+
+// D's factor 2^-dshift (exact in fp32 for every fp16 D).
+static constexpr float kq_dscale(const KQ& k) { return 1.0f / float(1 << k.dshift); }
+
+// A lattice type's codebook words (iq_grids.h: uint32 for gw = 4, else uint64), for gathers.
+static inline const void* iq_grid_words(const KQ& k) {
+  return k.grid == 512 ? static_cast<const void*>(kIq2xsGrid)
+         : k.grid == 2048 ? static_cast<const void*>(kIq1sGrid)
+         : k.gw == 4 ? static_cast<const void*>(kIq3xxsGrid)
+                     : static_cast<const void*>(kIq2xxsGrid);
+}
+
+// Entry `idx` of a lattice type's codebook, value j (j < gw) as an int.
+static inline int iq_grid_value(const KQ& k, int idx, int j) {
+  const uint8_t* e = static_cast<const uint8_t*>(iq_grid_words(k)) + idx * k.gw;  // little-endian words
+  return int(int8_t(e[j]));
+}
+
+// u of input i (0..255) of row r of a lattice tile t (header comment).
+static inline int iq_decode_u(const KQ& k, const uint8_t* t, int r, int i) {
+  const int g = i / 32, p = (i % 32) / k.gw, j = i % k.gw;
+  const int at = k.gidx_at + ((g * (32 / k.gw) + p) * 16 + r) * k.gidx_bytes;
+  const int e = k.gidx_bytes == 2 ? int(t[at] | (t[at + 1] << 8)) : int(t[at]);
+  const int bit = i % 8;  // position inside the 8-input sign piece
+  int sign = 0, delta = 0, idx = e;
+  if (k.gsign) sign = (t[k.gsign_at + (g * 4 + (i % 32) / 8) * 16 + r] >> bit) & 1;
+  if (k.gsign7) {
+    idx = e & 511;
+    sign = (kIqSigns[e >> 9] >> bit) & 1;
+  }
+  if (k.gdelta) {
+    idx = e & 0x7FF;
+    delta = (e >> 15) ? -1 : 1;
+  }
+  const int v = iq_grid_value(k, idx, j) * k.gmul;
+  return (sign ? -v : v) + delta + 128;
+}
 
 // One packed tile in plain integers: u[r][i] (the table already applied: u is the value the
 // operand holds), sc[r][j], m[r][j], and the fp16 bits of D, Dm per row.
@@ -114,7 +201,9 @@ struct KTile {
 static inline void kq_decode_tile(WeightFormat f, const uint8_t* t, KTile& o) {
   const KQ k = kq_of(f);
   for (int r = 0; r < kRowBlock; ++r) {
-    for (int g = 0; g < 8; ++g)
+    if (k.grid)
+      for (int i = 0; i < kSuper; ++i) o.u[r][i] = uint8_t(iq_decode_u(k, t, r, i));
+    for (int g = 0; g < (k.grid ? 0 : 8); ++g)
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 4; ++j) {
           const int lane = r * 4 + j;
@@ -143,7 +232,7 @@ static inline void kq_decode_tile(WeightFormat f, const uint8_t* t, KTile& o) {
 // exact, one rounding (fp32).
 static inline float kq_weight(const KQ& k, const KTile& o, int r, int i) {
   const int j = i / k.sub;
-  const float dsc = f16_to_f32(o.d[r]) * float(o.sc[r][j]);
+  const float dsc = f16_to_f32(o.d[r]) * float(o.sc[r][j]) * kq_dscale(k);  // 2^-dshift: exact
   const float dmm = f16_to_f32(o.dm[r]) * float(o.m[r][j]);
   return dsc * float(int(o.u[r][i]) - k.off) - dmm;
 }

@@ -3,6 +3,7 @@
 #include "core/pack.h"
 
 #include "core/kquant.h"
+#include "core/pack_iq.h"
 
 #include <cmath>
 #include <cstring>
@@ -167,7 +168,7 @@ size_t gguf_block_bytes(WeightFormat f) {
     case WeightFormat::Q3_K: return 110;
     case WeightFormat::Q2_K: return 84;
     case WeightFormat::IQ4_XS: return 136;
-    default: return 0;
+    default: return iq_block_bytes(f);  // the lattice types, else 0
   }
 }
 
@@ -324,8 +325,13 @@ void pack_gguf(WeightFormat f, const uint8_t* src, int64_t n, int64_t k, int64_t
       for (int r = 0; r < kRowBlock; ++r) {
         const uint8_t* row = src + size_t(b * kRowBlock + r) * rb;
         for (int64_t sb = 0; sb < supers; ++sb) {
+          uint8_t* tile = q + size_t(sb) * size_t(kq.tile_bytes);
+          if (kq.grid) {
+            iq_pack_super(f, row + size_t(sb) * bb, r, tile);
+            continue;
+          }
           decode_gguf_super(f, row + size_t(sb) * bb, o);
-          write_tile_row(kq, o, r, q + size_t(sb) * size_t(kq.tile_bytes));
+          write_tile_row(kq, o, r, tile);
         }
       }
     }

@@ -19,6 +19,7 @@
 
 #include "core/kernels.h"
 #include "core/kquant.h"
+#include "core/simd_iq.h"
 #include "core/tile_width.h"
 
 // GCC 12 reports "__Y may be used uninitialized" inside avx512fintrin.h for every accumulator
@@ -257,6 +258,10 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void z_kq_operands(const uint8_t* tile, int g, __m512i* wv) {
   constexpr KQ k = kq_of(F);
+  if constexpr (k.grid) {  // the lattice types: codebook gathers (simd_iq.h)
+    z_iq_operands<F>(tile, g, wv);
+    return;
+  }
   if constexpr (k.nib) {
     z_q4g32_operands(tile + k.nib_at + g * 256, wv);
   } else {
@@ -286,7 +291,7 @@ static HY_ALWAYS_INLINE void z_kq_operands(const uint8_t* tile, int g, __m512i* 
       wv[i] = _mm512_or_si512(wv[i], _mm512_and_si512(b, m1));
     }
   }
-  if constexpr (k.table) {  // nibble -> table value + 128 (u8)
+  if constexpr (k.table && k.nib) {  // nibble -> table value + 128 (u8)
     int8_t tb[16];
     for (int i = 0; i < 16; ++i) tb[i] = int8_t(kIq4Values[i] ^ 0x80);
     const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb)));
@@ -332,7 +337,8 @@ static HY_ALWAYS_INLINE void z_kq_groups(const PackedMatrix& w, int64_t b, Body&
   const int64_t ns = w.k / kSuper;
   for (int64_t sb = 0; sb < ns; ++sb) {
     const uint8_t* tile = w.qweight + (b * ns + sb) * k.tile_bytes;
-    const __m512 d = z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at));
+    const __m512 d = _mm512_mul_ps(z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.d_at)),
+                                   _mm512_set1_ps(kq_dscale(k)));  // 2^-dshift (lattice types): exact
     const __m512 dm = k.min ? z_scales_f16::load(reinterpret_cast<const uint16_t*>(tile + k.dm_at)) : _mm512_setzero_ps();
     for (int g = 0; g < 8; ++g) {
       z_kq_prefetch<F>(tile, g);
@@ -386,6 +392,11 @@ static HY_ALWAYS_INLINE void z_with_kq_format(WeightFormat f, Fn&& fn) {
     case WeightFormat::Q3_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q3_K>{}); break;
     case WeightFormat::Q2_K: fn(std::integral_constant<WeightFormat, WeightFormat::Q2_K>{}); break;
     case WeightFormat::IQ4_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ4_XS>{}); break;
+    case WeightFormat::IQ2_XXS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ2_XXS>{}); break;
+    case WeightFormat::IQ2_XS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ2_XS>{}); break;
+    case WeightFormat::IQ3_XXS: fn(std::integral_constant<WeightFormat, WeightFormat::IQ3_XXS>{}); break;
+    case WeightFormat::IQ1_S: fn(std::integral_constant<WeightFormat, WeightFormat::IQ1_S>{}); break;
+    case WeightFormat::IQ1_M: fn(std::integral_constant<WeightFormat, WeightFormat::IQ1_M>{}); break;
     default: break;
   }
 }

@@ -35,7 +35,8 @@ DEVICE_CACHEABLE_FORMATS = FORMATS
 # name; the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the same
 # as gguf.GGMLQuantizationType values) is built on first access, so importing this module does not
 # import gguf.
-GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")
+GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS",
+               "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
 MODES = ("fast", "precise")
 
 
@@ -168,7 +169,7 @@ class PackedLayer:
             name), each in GGUF_NATIVE_TYPES; any mix (gate and up of one type are interleaved into
             one matrix, of two types kept apart and run by two kernel calls). row_bytes(K) = K / block size x type size
             (gguf.GGML_QUANT_SIZES), so I is gate's row count and H down's. H and I must be
-            multiples of 32, and of 256 where a K type (Q2_K..Q6_K, IQ4_XS) has them as inputs
+            multiples of 32, and of 256 where a K type (Q2_K..Q6_K, IQ4_XS, the IQ1/2/3 lattice types) has them as inputs
             (H for gate/up, I for down); every row count a multiple of 16.
         ValueError names the tensor and expert (and the sizes) for a type without a native
         kernel, mismatched expert counts or shapes, or rows of the wrong byte length."""
