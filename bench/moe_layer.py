@@ -6,6 +6,8 @@ plain torch bf16 baseline, all measured in the same process with the same thread
     python bench/moe_layer.py --threads 1 --isa avx512_vnni --json
     python bench/moe_layer.py --format q4_k --down-format q6_k --experts 16   # GGUF blocks (Q4_K_M's pair)
     python bench/moe_layer.py --processes 5        # 5 fresh processes: medians, min/max, decode of each
+    python bench/moe_layer.py --format q4_k --peers ggml     # ggml's own MoE kernel on the same blocks
+    python bench/moe_layer.py --formats all --peers all      # every type, each in a fresh process, one table
 
 What it measures (medians of --runs runs after one warm-up run each):
   bandwidth_gbps  RAM read bandwidth: the extension's probe (same thread pool, same page policy
@@ -43,6 +45,14 @@ process's decode GB/s: a process that lands in a slow mode (page placement, thre
 shows as one low value rather than vanishing in a median of runs inside one process. --json then
 prints {"processes": N, "median": {...}, "min": {...}, "max": {...}, "per_process": [...]}, where
 median, min and max have the keys of one process's object.
+
+--peers ggml,kt-kernel (or all) runs peer engines (bench/peers/) on the very same layer after
+hybrid, in the same process and threads: one LayerSpec carries the bank of experts, the decode
+tokens and experts of every run, the prefill batch and routing, and a check batch. Each peer's
+row gives its decode and prefill figures, `check` (max |y - y_hybrid| / max |y_hybrid| on the
+check batch: the activation rounding, unless the peer requantised the weights, which its weights
+column says) and `x` = hybrid / peer speed; peers that cannot run say why. ggml's barriers spin
+(OpenMP): on a loaded machine set OMP_WAIT_POLICY=passive (bench/peers/ggml_moe.py).
 
 Legend: E experts, K picked per token (8), H hidden (7168), I expert width (2048), B tokens.
 """
@@ -94,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bank", type=int, default=4, help="distinct random experts repacked into "
                    "the E slots (default 4; memory per slot is separate either way)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch bf16 baseline")
+    p.add_argument("--peers", default="", help="peer engines to run beside hybrid on the same layer, "
+                   "comma-separated (ggml, kt-kernel) or all; skipped ones say why")
+    p.add_argument("--formats", default="", help="sweep: run each of these formats (comma-separated, "
+                   "or all) in a fresh process and print one table; overrides --format")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=1, help="run everything in N fresh processes, one "
@@ -110,6 +124,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden ({a.hidden}) and --intermediate ({a.intermediate}) must be multiples of 32")
     if a.down_format and a.format == "int4":
         p.error("--down-format goes with a GGUF --format")
+    try:
+        a.peers = parse_peers(a.peers, _import_peers().PEERS) if a.peers else []
+    except ValueError as exc:
+        p.error(f"--peers: {exc}")
+    if a.formats:
+        known = ("int4",) + GGUF_FORMATS
+        a.formats = list(known) if a.formats == "all" else [f.strip() for f in a.formats.split(",") if f.strip()]
+        bad = [f for f in a.formats if f not in known]
+        if bad:
+            p.error(f"--formats: unknown {', '.join(bad)}; known: {', '.join(known)} (or all)")
+        if a.down_format:
+            p.error("--down-format does not go with --formats (each type runs with its own down)")
     a.down_format = a.down_format or a.format
     for fmt, k, name in ((a.format, a.hidden, "--hidden"), (a.down_format, a.intermediate, "--intermediate")):
         if fmt in GGUF_FORMATS and k % GGUF_BLOCK[fmt][0]:
@@ -222,24 +248,14 @@ def gguf_row_bytes(fmt: str, k: int) -> int:
     return k // bs * ts
 
 
-def make_layer(args, native, rng):
+def make_bank(args, rng) -> list:
+    """min(--bank, E) distinct random experts, each (gate, up, down) as LayerSpec.bank holds them."""
     import numpy as np
 
-    E, H, I = args.experts, args.hidden, args.intermediate
+    H, I = args.hidden, args.intermediate
     if args.format != "int4":
-        layer = native.Layer.create(args.format, E, H, I, args.down_format)
-        layer.place()
-        bank = [(gguf_rows(rng, args.format, I, H), gguf_rows(rng, args.format, I, H),
-                 gguf_rows(rng, args.down_format, H, I)) for _ in range(min(args.bank, E))]
-        t0 = time.perf_counter()
-        for e in range(E):
-            layer.pack_expert_gguf(e, *bank[e % len(bank)])
-            if (e + 1) % 32 == 0 or e + 1 == E:
-                log(args, f"  packed {e + 1}/{E} experts ({layer.expert_nbytes * (e + 1) / 1e9:.1f} GB, "
-                          f"{time.perf_counter() - t0:.0f} s)")
-        return layer
-    layer = native.Layer.create("int4", E, H, I)
-    layer.place()  # first touch by the pool threads that will read each part
+        return [(gguf_rows(rng, args.format, I, H), gguf_rows(rng, args.format, I, H),
+                 gguf_rows(rng, args.down_format, H, I)) for _ in range(min(args.bank, args.experts))]
 
     def ct(n, k):  # compressed-tensors pack-quantized: int32 [n, k/8] nibbles, scales [n, k/32]
         q = rng.integers(-(2**31), 2**31, size=(n, k // 8), dtype=np.int64).astype(np.int32)
@@ -247,15 +263,27 @@ def make_layer(args, native, rng):
         s = (s.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # bf16-exact, as shipped
         return q, s
 
-    bank = [(ct(I, H), ct(I, H), ct(H, I)) for _ in range(min(args.bank, E))]
+    return [(ct(I, H), ct(I, H), ct(H, I)) for _ in range(min(args.bank, args.experts))]
+
+
+def make_layer(args, native, bank):
+    """The packed layer of E slots, slot e holding bank[e % len(bank)] in its own memory."""
+    E, H, I = args.experts, args.hidden, args.intermediate
+    if args.format != "int4":
+        layer = native.Layer.create(args.format, E, H, I, args.down_format)
+        pack = layer.pack_expert_gguf
+    else:
+        layer = native.Layer.create("int4", E, H, I)
+
+        def pack(e, gate, up, down):  # each (qweight, scale)
+            layer.pack_expert_ct(e, *gate, *up, *down)
+    layer.place()  # first touch by the pool threads that will read each part
     t0 = time.perf_counter()
     for e in range(E):
-        (gq, gs), (uq, us), (dq, ds) = bank[e % len(bank)]
-        layer.pack_expert_ct(e, gq, gs, uq, us, dq, ds)
+        pack(e, *bank[e % len(bank)])
         if (e + 1) % 32 == 0 or e + 1 == E:
             log(args, f"  packed {e + 1}/{E} experts ({layer.expert_nbytes * (e + 1) / 1e9:.1f} GB, "
                       f"{time.perf_counter() - t0:.0f} s)")
-    del bank
     return layer
 
 
@@ -268,47 +296,75 @@ def random_routing(rng, b: int, e: int, k: int):
     return np.ascontiguousarray(ids), w / w.sum(axis=1, keepdims=True)
 
 
+CHECK_TOKENS = 16  # C: tokens of the output check every engine runs (spec.check_x)
+
+
+def make_spec(args, bank, rng):
+    """The LayerSpec every engine of this run sees: the bank, and the tokens and routing of each
+    figure. Decode run r (run 0 is the warm-up) picks K experts none of which run r - 1 used (when
+    E >= 2K), so each run reads its experts from RAM, not from the cache the last run left."""
+    import numpy as np
+
+    peers = _import_peers()
+    E, H, K, B = args.experts, args.hidden, args.topk, args.tokens
+    decode_x, decode_ids, prev = [], [], np.zeros(0, np.int64)
+    for _ in range(args.runs + 1):
+        pool = np.setdiff1d(np.arange(E), prev) if E - len(prev) >= K else np.arange(E)
+        prev = rng.choice(pool, size=K, replace=False)
+        decode_x.append(rng.standard_normal((1, H), dtype=np.float32))
+        decode_ids.append(prev.astype(np.int32).reshape(1, K))
+    prefill_ids, prefill_w = random_routing(rng, B, E, K)
+    check_ids, check_w = random_routing(rng, CHECK_TOKENS, E, K)
+    return peers.LayerSpec(
+        fmt=args.format, down_fmt=args.down_format, experts=E, hidden=H, intermediate=args.intermediate,
+        topk=K, tokens=B, threads=args.threads, runs=args.runs, bank=bank,
+        decode_x=decode_x, decode_ids=decode_ids,
+        prefill_x=rng.standard_normal((B, H), dtype=np.float32), prefill_ids=prefill_ids, prefill_w=prefill_w,
+        check_x=rng.standard_normal((CHECK_TOKENS, H), dtype=np.float32), check_ids=check_ids, check_w=check_w)
+
+
 BW_PROBE_BYTES = 1 << 30  # well beyond any last-level cache
 
 
-def bench_native(args, native, layer, isa: str, rng, probe) -> dict:
+def bench_native(args, native, layer, isa: str, spec, probe) -> tuple[dict, object]:
+    """hybrid's figures with spec's tokens and routing, and its output for spec.check_x."""
     import numpy as np
 
     E, H, K, B = args.experts, args.hidden, args.topk, args.tokens
     moe = native.MoE(layer, "fast", args.threads, isa)
     y1 = np.zeros((1, H), np.float32)
+    w1 = np.full((1, K), 1.0 / K, np.float32)
 
-    def decode():
-        x = rng.standard_normal((1, H), dtype=np.float32)
-        ids = rng.choice(E, size=(1, K), replace=False).astype(np.int32)
-        w = np.full((1, K), 1.0 / K, np.float32)
-        moe.submit(x, ids, w, None, y1)
+    def decode(r):
+        moe.submit(spec.decode_x[r], spec.decode_ids[r], w1, None, y1)
         moe.sync()
 
     # Decode runs alternate with bandwidth probes so that both see the same machine: on a shared
     # host the bandwidth left to us drifts by 2x within a minute.
     log(args, f"  decode: B = 1, {K} random experts per run, alternating with the read-bandwidth probe")
-    decode()  # warm-up
+    decode(0)  # warm-up
     decs, bws, sbws = [], [], []
-    for _ in range(args.runs):
+    for r in range(1, args.runs + 1):
         bws.append(native.read_bandwidth(BW_PROBE_BYTES, 1)["gbps"])
         if probe is not None:
             sbws.append(probe.read_bandwidth_simd(BW_PROBE_BYTES, args.threads, 1))
         t0 = time.perf_counter()
-        decode()
+        decode(r)
         decs.append(time.perf_counter() - t0)
     dec = statistics.median(decs)
 
-    xb = rng.standard_normal((B, H), dtype=np.float32)
-    ids, w = random_routing(rng, B, E, K)
+    ids = spec.prefill_ids
     yb = np.zeros((B, H), np.float32)
 
     def prefill():
-        moe.submit(xb, ids, w, None, yb)
+        moe.submit(spec.prefill_x, ids, spec.prefill_w, None, yb)
         moe.sync()
 
     log(args, f"  prefill: B = {B}, top-{K} over {E} experts ({B * K / E:.1f} tokens per expert)")
     pre = statistics.median(timed(prefill, args.runs))
+    check_y = np.zeros(spec.check_x.shape, np.float32)
+    moe.submit(spec.check_x, spec.check_ids, spec.check_w, None, check_y)
+    moe.sync()
     flops_per_token = 2.0 * 3 * H * args.intermediate * K
     return {
         "isa": moe.isa,
@@ -323,7 +379,56 @@ def bench_native(args, native, layer, isa: str, rng, probe) -> dict:
         # Weight bytes the pass reads (every expert with at least one token) per second: with
         # ~11 tokens per expert prefill is as much a weight stream as a GEMM.
         "prefill_gbps": len(np.unique(ids)) * layer.expert_nbytes / pre / 1e9,
-    }
+    }, check_y
+
+
+def _import_peers():
+    """bench.peers, with this checkout on the path (the script runs from bench/)."""
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+    from bench import peers
+    return peers
+
+
+def parse_peers(arg: str, known) -> list[str]:
+    """--peers 'ggml,kt-kernel' or 'all' -> names, in the given order; unknown names are an error."""
+    names = list(known) if arg.strip() == "all" else [n.strip() for n in arg.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown peer {', '.join(bad)}; known: {', '.join(known)} (or all)")
+    return names
+
+
+def rel_diff(y, ref) -> float:
+    """max |y - ref| / max |ref|: a peer's check output against hybrid's."""
+    import numpy as np
+
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.abs(np.asarray(y, dtype=np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def run_peers(args, names: list[str], spec, hybrid: dict, hybrid_check_y) -> tuple[list[dict], dict]:
+    """(one row per peer result, {skipped peer: reason}). A row has the peer's figures, its check
+    difference from hybrid and the ratios hybrid / peer of decode and prefill speed."""
+    peers = _import_peers()
+    rows, skipped = [], {}
+    for name in names:
+        log(args, f"peer {name} ({args.threads} threads)")
+        try:
+            results = peers.measure(name, spec)
+        except peers.PeerSkipped as exc:
+            skipped[name] = str(exc)
+            log(args, f"  skipped: {exc}")
+            continue
+        for r in results:
+            row = {"peer": name, **{k: r[k] for k in peers.RESULT_KEYS if k != "check_y"}}
+            row["check_rel_diff"] = rel_diff(r["check_y"], hybrid_check_y)
+            row["decode_x"] = (r["decode_ms"] / hybrid["decode_ms"]) if r["decode_ms"] else None
+            row["prefill_x"] = (hybrid["prefill_tok_s"] / r["prefill_tok_s"]) if r["prefill_tok_s"] else None
+            row["prefill_gflops"] = (r["prefill_tok_s"] * 2.0 * 3 * spec.hidden * spec.intermediate * spec.topk
+                                     / 1e9) if r["prefill_tok_s"] else None
+            rows.append(row)
+    return rows, skipped
 
 
 def bench_torch(args, rng_seed: int) -> dict:
@@ -364,6 +469,8 @@ def bench_torch(args, rng_seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.formats:
+        return sweep(list(sys.argv[1:] if argv is None else argv), args)
     if args.processes > 1:
         return run_processes(args, sys.argv[1:] if argv is None else list(argv))
     import numpy as np
@@ -400,15 +507,22 @@ def main(argv: list[str] | None = None) -> int:
 
     log(args, f"packing a random {format_label(res)} layer: E = {args.experts}, H = {args.hidden}, "
               f"I = {args.intermediate}")
-    layer = make_layer(args, native, rng)
+    bank = make_bank(args, rng)
+    spec = make_spec(args, bank, rng)
+    layer = make_layer(args, native, bank)
     res["layer_gb"] = layer.nbytes / 1e9
     res["expert_mb"] = layer.expert_nbytes / 1e6
     if args.format != "int4":
         res["gguf_expert_mb"] = (2 * args.intermediate * gguf_row_bytes(args.format, args.hidden)
                                  + args.hidden * gguf_row_bytes(args.down_format, args.intermediate)) / 1e6
     log(args, f"hybrid kernels ({isa})")
-    res.update(bench_native(args, native, layer, isa, rng, probe))
-    del layer
+    hybrid, hybrid_check_y = bench_native(args, native, layer, isa, spec, probe)
+    res.update(hybrid)
+    del layer  # the peers build their own copies of the layer
+
+    if args.peers:
+        res["peers"], res["peers_skipped"] = run_peers(args, args.peers, spec, hybrid, hybrid_check_y)
+    del spec, bank
 
     if not args.no_torch:
         log(args, f"torch bf16 baseline ({args.threads} threads)")
@@ -420,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     res["prefill_frac_bandwidth"] = res["prefill_gbps"] / bw_ref
     if res["peak_gops"]:
         res["prefill_frac_peak"] = res["prefill_gflops"] / res["peak_gops"]
+    for row in res.get("peers", []):
+        row["decode_frac_bandwidth"] = row["decode_gbps"] / bw_ref if row["decode_gbps"] else None
 
     tmp.cleanup()
     if args.json:
@@ -526,13 +642,87 @@ def print_table(r: dict) -> None:
                      f(r["torch_decode_gbps"] / max(r["bandwidth_gbps"], r["bandwidth_simd_gbps"] or 0), ".0%"),
                      f(r["torch_prefill_tok_s"], ".0f"), f(r["torch_prefill_gflops"], ".0f"),
                      f(r["torch_prefill_gflops"] / peak if peak else None, ".0%"), "-", "-"))
+    for p in r.get("peers", []):
+        rows.append((p["engine"], f(p["decode_ms"], ".2f"), f(p["decode_gbps"], ".1f"),
+                     f(p["decode_frac_bandwidth"], ".0%"), f(p["prefill_tok_s"], ".0f"),
+                     f(p["prefill_gflops"], ".0f"),
+                     f(p["prefill_gflops"] / peak if peak and p["prefill_gflops"] else None, ".0%"), "-", "-"))
+    print_rows(rows)
+    print(f"prefill: hybrid{' and peers' if r.get('peers') else ''} B={r['prefill_tokens']} over "
+          f"{r['experts']} experts; torch {r.get('torch_prefill_tokens', '-')} tokens through {r['topk']} "
+          f"experts (same tokens per expert).")
+    if "peers" not in r:
+        print("Peers on this class of machine (issue): llama.cpp Q4_K 261 tok/s, torch bf16 234, "
+              "KTransformers 167-195 (--peers all measures them here).")
+        return
+    print(f"peers (same layer, tokens, routing, threads; x = hybrid / peer speed; check = max |y - y_hybrid| "
+          f"/ max |y_hybrid| on {CHECK_TOKENS} tokens):")
+    for p in r["peers"]:
+        print(f"  {p['engine']}: decode {f(p['decode_x'], '.2f')}x, prefill {f(p['prefill_x'], '.2f')}x, "
+              f"check {p['check_rel_diff']:.2%}; weights: {p['weights']}")
+    for name, why in r["peers_skipped"].items():
+        print(f"  {name}: skipped: {why}")
+
+
+def print_rows(rows: list[tuple], left=(0,)) -> None:
+    """A header row and rows of strings; the columns in `left` left-aligned, the rest right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"prefill: hybrid B={r['prefill_tokens']} over {r['experts']} experts; torch "
-          f"{r.get('torch_prefill_tokens', '-')} tokens through {r['topk']} experts (same tokens per "
-          f"expert). Peers on this class of machine (issue): llama.cpp Q4_K 261 tok/s, torch bf16 234, "
-          f"KTransformers 167-195.")
+        print("  ".join(c.ljust(w) if i in left else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
+
+def sweep(argv: list[str], args) -> int:
+    """--formats: each format in a fresh process (its layer's RAM is given back in between), the
+    same other arguments, then one table of every type's engines."""
+    child, skip = [], False
+    for a in argv:  # argv less --formats and its value
+        if skip:
+            skip = False
+        elif a == "--formats":
+            skip = True
+        elif not a.startswith("--formats="):
+            child.append(a)
+    results = {}
+    for fmt in args.formats:
+        log(args, f"=== {fmt} ===")
+        cmd = [sys.executable, str(Path(__file__).resolve()), *child, "--format", fmt, "--json"]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            print(f"{fmt}: {' '.join(cmd)} exited with {r.returncode}", file=sys.stderr)
+            return r.returncode
+        results[fmt] = json.loads(r.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps({"formats": results}))
+    else:
+        print_sweep(results)
+    return 0
+
+
+def print_sweep(results: dict) -> None:
+    """One table: per type, hybrid's row and each peer's, decode against that run's bandwidth."""
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    r0 = next(iter(results.values()))
+    print(f"MoE layer per type: E={r0['experts']} H={r0['hidden']} I={r0['intermediate']} top-{r0['topk']}, "
+          f"threads={r0['threads']}, prefill B={r0['prefill_tokens']}, median of {r0['runs']}, each type "
+          f"in its own process; x = hybrid / peer speed; check = max |y - y_hybrid| / max |y_hybrid|")
+    rows = [("type", "engine", "bw GB/s", "decode ms", "decode GB/s", "of bw", "prefill tok/s", "x decode",
+             "x prefill", "check", "weights")]
+    for fmt, r in results.items():
+        bw = max(r["bandwidth_gbps"], r["bandwidth_simd_gbps"] or 0.0)
+        rows.append((format_label(r), "hybrid " + r["isa"], f"{bw:.1f}", f(r["decode_ms"], ".2f"),
+                     f(r["decode_gbps"], ".1f"), f(r["decode_frac_bandwidth"], ".0%"),
+                     f(r["prefill_tok_s"], ".0f"), "", "", "", ""))
+        for p in r.get("peers", []):
+            rows.append(("", p["engine"], "", f(p["decode_ms"], ".2f"), f(p["decode_gbps"], ".1f"),
+                         f(p["decode_frac_bandwidth"], ".0%"), f(p["prefill_tok_s"], ".0f"),
+                         f(p["decode_x"], ".2f"), f(p["prefill_x"], ".2f"), f"{p['check_rel_diff']:.2%}",
+                         p["weights"]))
+        for name, why in r.get("peers_skipped", {}).items():
+            rows.append(("", f"{name}: skipped", "", "", "", "", "", "", "", "", why))
+    print_rows(rows, left=(0, 1, 10))
 
 
 if __name__ == "__main__":

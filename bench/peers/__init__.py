@@ -3,8 +3,10 @@
 A peer is a module in this package with one function, `measure(spec: LayerSpec) -> dict`, that
 builds the layer from `spec`'s weights in the peer's own format, times it with the same threads,
 tokens and routing as hybrid, and returns the figures named in RESULT_KEYS (None where the peer
-cannot say). When the peer is not installed, or cannot run this layer on this machine, it raises
-PeerSkipped with a sentence a user can act on; moe_layer.py prints it in the table.
+cannot say). A peer that runs the weights in more than one way (ggml: INT4 as exact Q4_0 and as
+requantised Q4_K) returns a list of such dicts, one per way; `measure` below always gives a list.
+When the peer is not installed, or cannot run this layer on this machine, it raises PeerSkipped
+with a sentence a user can act on; moe_layer.py prints it in the table.
 
 Every peer also returns `check_y`: its output for spec.check_x, so the bench can tell a peer that
 runs a different layer (wrong packing, wrong scale) from one that is merely fast.
@@ -64,6 +66,7 @@ class LayerSpec:
     bank: list = field(repr=False)
     decode_x: list = field(repr=False)     # [runs + 1] of fp32 [1, H] (the first is the warm-up)
     decode_ids: list = field(repr=False)   # [runs + 1] of int32 [1, K], fresh experts each run
+    #                                        (routing weights 1/K, as hybrid's decode runs)
     prefill_x: object = field(repr=False)  # fp32 [B, H]
     prefill_ids: object = field(repr=False)  # int32 [B, K]
     prefill_w: object = field(repr=False)    # fp32 [B, K], rows sum to 1
@@ -72,8 +75,9 @@ class LayerSpec:
     check_w: object = field(repr=False)      # fp32 [C, K]
 
 
-def measure(name: str, spec: LayerSpec) -> dict:
-    """Run peer `name` on spec; raises PeerSkipped (not installed, cannot run here) or KeyError."""
+def measure(name: str, spec: LayerSpec) -> list[dict]:
+    """Run peer `name` on spec: its results, one per way it ran the weights; raises PeerSkipped
+    (not installed, cannot run here) or KeyError."""
     if name not in PEERS:
         raise KeyError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
     try:
@@ -83,7 +87,9 @@ def measure(name: str, spec: LayerSpec) -> dict:
             raise PeerSkipped(f"{name}: not built into this checkout ({exc.name})") from None
         raise
     out = mod.measure(spec)
-    missing = [k for k in RESULT_KEYS if k not in out]
-    if missing:
-        raise RuntimeError(f"peer {name} returned no {', '.join(missing)}")
+    out = [out] if isinstance(out, dict) else list(out)
+    for r in out:
+        missing = [k for k in RESULT_KEYS if k not in r]
+        if missing:
+            raise RuntimeError(f"peer {name} returned no {', '.join(missing)}")
     return out
