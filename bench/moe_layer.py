@@ -17,7 +17,10 @@ What it measures (medians of --runs runs after one warm-up run each):
                   x86-64 code; the "of bw" fractions use the higher of the two
   decode          B = 1 token, 8 random experts per run (new ones each run, so they come from
                   RAM): decode_gbps = packed bytes of the 8 experts / time, compared with
-                  bandwidth_gbps (decode is a stream of weights)
+                  bandwidth_gbps (decode is a stream of weights); decode_pages_gbps: the same
+                  experts' bytes read by the pool with no compute (Layer.read_bandwidth) just
+                  before each run, and decode_frac_pages the median of decode / that read per
+                  run: the kernel's own efficiency, apart from the memory its pages landed on
   prefill         B = --tokens tokens (default 512), random top-8 routing over all experts:
                   prefill_tok_s, prefill_gflops (2 x 3 x H x I x 8 flops per token), compared
                   with peak_gops, and prefill_gbps (packed bytes of the experts it ran / time),
@@ -343,8 +346,11 @@ def bench_native(args, native, layer, isa: str, spec, probe) -> tuple[dict, obje
     # host the bandwidth left to us drifts by 2x within a minute.
     log(args, f"  decode: B = 1, {K} random experts per run, alternating with the read-bandwidth probe")
     decode(0)  # warm-up
-    decs, bws, sbws = [], [], []
+    decs, bws, sbws, pages = [], [], [], []
     for r in range(1, args.runs + 1):
+        # The run's own experts read without compute first (their pages, not the probe's fresh
+        # buffer), then the probe, which also evicts them from the caches before the decode.
+        pages.append(layer.read_bandwidth([int(e) for e in spec.decode_ids[r].ravel()], 1)["gbps"])
         bws.append(native.read_bandwidth(BW_PROBE_BYTES, 1)["gbps"])
         if probe is not None:
             sbws.append(probe.read_bandwidth_simd(BW_PROBE_BYTES, args.threads, 1))
@@ -372,6 +378,10 @@ def bench_native(args, native, layer, isa: str, spec, probe) -> tuple[dict, obje
         "bandwidth_simd_gbps": statistics.median(sbws) if sbws and min(sbws) > 0 else None,
         "decode_ms": dec * 1e3,
         "decode_gbps": K * layer.expert_nbytes / dec / 1e9,
+        "decode_pages_gbps": statistics.median(pages),
+        # Each run against the plain read of its own experts: the kernel's efficiency, whatever
+        # memory those pages landed on (median of the per-run ratios).
+        "decode_frac_pages": statistics.median(K * layer.expert_nbytes / t / 1e9 / g for t, g in zip(decs, pages)),
         "prefill_tokens": B,
         "prefill_s": pre,
         "prefill_tok_s": B / pre,
@@ -548,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---- several fresh processes ------------------------------------------------------------------
 
 SPREAD_KEYS = ("bandwidth_gbps", "bandwidth_simd_gbps", "decode_ms", "decode_gbps", "decode_frac_bandwidth",
+               "decode_pages_gbps", "decode_frac_pages",
                "prefill_tok_s", "prefill_gflops", "prefill_gbps", "prefill_frac_bandwidth", "torch_decode_gbps",
                "torch_prefill_tok_s")
 
@@ -606,7 +617,7 @@ def print_spread(agg: dict) -> None:
     print(f"spread across the {n} processes: median [min .. max]")
     for k in SPREAD_KEYS:
         if isinstance(med.get(k), (int, float)):
-            spec = ".0%" if k.endswith("_frac_bandwidth") else ".2f" if k.endswith("_ms") else ".1f"
+            spec = ".0%" if "_frac_" in k else ".2f" if k.endswith("_ms") else ".1f"
             print(f"  {k:24} {med[k]:{spec}} [{lo[k]:{spec}} .. {hi[k]:{spec}}]")
     per = agg["per_process"]
     print("  decode GB/s per process:   " + "  ".join(f"{r['decode_gbps']:.1f} ({r['decode_frac_bandwidth']:.0%})"
@@ -648,6 +659,9 @@ def print_table(r: dict) -> None:
                      f(p["prefill_gflops"], ".0f"),
                      f(p["prefill_gflops"] / peak if peak and p["prefill_gflops"] else None, ".0%"), "-", "-"))
     print_rows(rows)
+    if r.get("decode_pages_gbps"):
+        print(f"decode: the same experts' pages read with no compute {r['decode_pages_gbps']:.1f} GB/s; "
+              f"hybrid's decode is {r['decode_frac_pages']:.0%} of that read")
     print(f"prefill: hybrid{' and peers' if r.get('peers') else ''} B={r['prefill_tokens']} over "
           f"{r['experts']} experts; torch {r.get('torch_prefill_tokens', '-')} tokens through {r['topk']} "
           f"experts (same tokens per expert).")

@@ -673,6 +673,28 @@ PYBIND11_MODULE(_native, m) {
       .def("pack_expert_gguf", &PyLayer::pack_gguf_expert, py::arg("e"), py::arg("gate"), py::arg("up"), py::arg("down"))
       .def("unpack_expert", &PyLayer::unpack_expert, py::arg("e"))
       .def("expert_arrays", &PyLayer::expert_arrays, py::arg("e"))
+      .def("read_bandwidth", [](const PyLayer& l, const std::vector<int64_t>& experts, int repeats) {
+        // The memory rate of these experts' own pages (bandwidth.h): a decode over them, timed
+        // beside it, shows the kernel's share of the loss apart from where its pages landed.
+        std::vector<ReadRegion> regions;
+        for (int64_t e : experts) {
+          l.check_expert(e);
+          regions.push_back({l.layer->expert_base(e), size_t(l.layer->expert_nbytes())});
+        }
+        BandwidthResult r;
+        {
+          py::gil_scoped_release rel;
+          r = measure_region_read_bandwidth(*global_pool(), regions, repeats);
+          l.layer->check_intact();
+        }
+        py::dict d;
+        d["gbps"] = r.gbps;
+        d["runs"] = r.runs;
+        d["bytes"] = r.bytes;
+        d["threads"] = r.threads;
+        return d;
+      }, py::arg("experts"), py::arg("repeats") = 1,
+         "read these experts' packed bytes with the pool (no compute): {gbps (median), runs, bytes, threads}")
       .def_property_readonly("format", [](const PyLayer& l) { return format_name(l.layer->format()); })
       .def_property_readonly("down_format", [](const PyLayer& l) { return format_name(l.layer->down_format()); })
       .def_property_readonly("up_format", [](const PyLayer& l) { return format_name(l.layer->up_format()); })

@@ -180,6 +180,20 @@ def test_layer_checks(moe):
         N.Layer.create("int4", 0, 64, 64)
 
 
+def test_layer_read_bandwidth():
+    """The plain read of some experts' own pages (bench/moe_layer.py's decode_pages_gbps): every
+    byte of each listed expert, once per repeat; a bad expert id or repeat count is refused."""
+    native_layer = N.Layer.create("int4", E, H, I)
+    r = native_layer.read_bandwidth([0, 3, 3], 2)
+    assert r["bytes"] == 3 * native_layer.expert_nbytes and len(r["runs"]) == 2 and r["gbps"] > 0
+    with pytest.raises(ValueError, match="expert index 16 is out of range"):
+        native_layer.read_bandwidth([16])
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        native_layer.read_bandwidth([0], 0)
+    with pytest.raises(ValueError, match="no regions"):
+        native_layer.read_bandwidth([])
+
+
 def test_test_entry_points_only_in_the_testing_module():
     """hybrid._native (what users load) has none of the test-only entry points; they are in
     hybrid._native_testing, which shares its core library (one thread pool: a pool test job runs
