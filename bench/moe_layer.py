@@ -722,21 +722,22 @@ def print_sweep(results: dict) -> None:
     print(f"MoE layer per type: E={r0['experts']} H={r0['hidden']} I={r0['intermediate']} top-{r0['topk']}, "
           f"threads={r0['threads']}, prefill B={r0['prefill_tokens']}, median of {r0['runs']}, each type "
           f"in its own process; x = hybrid / peer speed; check = max |y - y_hybrid| / max |y_hybrid|")
-    rows = [("type", "engine", "bw GB/s", "decode ms", "decode GB/s", "of bw", "prefill tok/s", "x decode",
-             "x prefill", "check", "weights")]
+    rows = [("type", "engine", "bw GB/s", "decode ms", "decode GB/s", "of bw", "of pages", "prefill tok/s",
+             "x decode", "x prefill", "check", "weights")]
     for fmt, r in results.items():
         bw = max(r["bandwidth_gbps"], r["bandwidth_simd_gbps"] or 0.0)
         rows.append((format_label(r), "hybrid " + r["isa"], f"{bw:.1f}", f(r["decode_ms"], ".2f"),
                      f(r["decode_gbps"], ".1f"), f(r["decode_frac_bandwidth"], ".0%"),
-                     f(r["prefill_tok_s"], ".0f"), "", "", "", ""))
+                     f(r.get("decode_frac_pages"), ".0%"), f(r["prefill_tok_s"], ".0f"), "", "", "", ""))
         for p in r.get("peers", []):
             rows.append(("", p["engine"], "", f(p["decode_ms"], ".2f"), f(p["decode_gbps"], ".1f"),
-                         f(p["decode_frac_bandwidth"], ".0%"), f(p["prefill_tok_s"], ".0f"),
+                         f(p["decode_frac_bandwidth"], ".0%"), "", f(p["prefill_tok_s"], ".0f"),
                          f(p["decode_x"], ".2f"), f(p["prefill_x"], ".2f"), f"{p['check_rel_diff']:.2%}",
                          p["weights"]))
         for name, why in r.get("peers_skipped", {}).items():
-            rows.append(("", f"{name}: skipped", "", "", "", "", "", "", "", "", why))
-    print_rows(rows, left=(0, 1, 10))
+            rows.append(("", f"{name}: skipped", "", "", "", "", "", "", "", "", "", why))
+    print_rows(rows, left=(0, 1, 11))
+    print("of pages: hybrid's decode over a plain read of the same experts' own pages (the kernel's share)")
 
 
 if __name__ == "__main__":
