@@ -245,6 +245,13 @@ class Model:
         """The LayerwisePrefill (threshold, mode(tokens), predict(tokens)), or None: off."""
         return self._built.layerwise
 
+    def layerwise_threshold(self) -> int | None:
+        """The fewest tokens a forward must hold to run layerwise (the cost model's threshold,
+        fixed at load), or None: layerwise prefill is off or never pays. The engine reads long
+        prompts in chunks this large (hybrid/engine/engine.py)."""
+        lw = self._built.layerwise
+        return None if lw is None else lw.threshold
+
     def online_stats(self) -> dict | None:
         """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""
         return self.online.stats() if self.online is not None else None
