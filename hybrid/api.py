@@ -211,6 +211,11 @@ class Model:
     def kv_bytes_per_token(self) -> int:
         return self.network.kv_bytes_per_token()
 
+    def kv_cache_tokens(self, num_slots: int, max_len: int | None = None, num_blocks: int | None = None,
+                        block_size: int | None = None) -> int:
+        """Token rows make_cache(same arguments) allocates per layer (spare rows included)."""
+        return self.network.kv_cache_tokens(num_slots, max_len or self.max_len, num_blocks, block_size)
+
     def moe_layers(self) -> dict:
         """{decoder-layer index: MoELayer}: attach points for traces, timing and placement."""
         return self.network.moe_layers()

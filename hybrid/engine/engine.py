@@ -123,7 +123,8 @@ class Engine:
     encode_image(image)), .config (vocab_size, max_position_embeddings),
     online_stats() (None when off), layerwise_threshold() (None: layerwise prefill is off), and,
     when no cache is given, make_cache(num_slots, max_len),
-    kv_bytes_per_token() and .max_len (None: the config's limit); .tokenizer when none is given.
+    kv_bytes_per_token(), kv_cache_tokens(same arguments as make_cache) and .max_len (None: the
+    config's limit); .tokenizer when none is given.
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
     output (default: the cache's max_len, else the Model's max_len, else
     min(max_position_embeddings, 4096)).
@@ -131,7 +132,8 @@ class Engine:
     activation estimate assumes, hybrid/planner/device_memory.py); a step with no decode may
     read more for layerwise prefill (_plan). cache: a ready cache with
     .reset(slot), .num_slots and .max_len (default: the model's make_cache, after checking that
-    model.kv_bytes_per_token() x slots x context fits the memory left).
+    model.kv_bytes_per_token() x the rows it will allocate (kv_cache_tokens: slots x context, or
+    the paged pool's blocks and its spare block) fits the memory left).
     prefix_reuse: let a new request reuse the KV of a prompt prefix the cache holds.
     block_size: tokens per block of a paged cache, made when the model has one (model.kv_paged());
     None: a slot cache. kv_blocks: the paged cache's size in blocks (default: as many as
@@ -171,10 +173,13 @@ class Engine:
                 if kv_blocks is None:
                     kv_blocks = max_seqs * -(-max_context // block_size)
                     what = f"{max_seqs} sequences x {max_context} tokens ({kv_blocks} blocks of {block_size})"
-                _check_cache_fits(model.kv_bytes_per_token(), kv_blocks * block_size, what, device)
+                # the pool's own count: the blocks handed out and the spare block that padding
+                # rows of a static decode step write (hybrid/models/paged_kv_cache.py)
+                rows = model.kv_cache_tokens(max_seqs, max_context, kv_blocks, block_size)
+                _check_cache_fits(model.kv_bytes_per_token(), rows, what + ", and a spare block", device)
                 cache = model.make_cache(max_seqs, max_context, kv_blocks, block_size)
             else:
-                _check_cache_fits(model.kv_bytes_per_token(), max_seqs * max_context,
+                _check_cache_fits(model.kv_bytes_per_token(), model.kv_cache_tokens(max_seqs, max_context),
                                   f"{max_seqs} sequences x {max_context} tokens", device)
                 cache = model.make_cache(max_seqs, max_context)
         else:
