@@ -71,10 +71,6 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
     """
-    from hybrid.models import config_from_dir, config_from_gguf
-    from hybrid.runtime.build import build_model
-    from hybrid.runtime.memory import device_formats_option
-
     if path is None:
         if not (DEMO_DIR / "config.json").is_file():
             raise FileNotFoundError(f"no embedded demo model at {DEMO_DIR}; pass a checkpoint directory")
@@ -106,6 +102,21 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
         raise ValueError("hybrid.load: online= re-places the experts a placement profile caches "
                          "on the device; pass profile= (hybrid plan) as well")
     g = _open_gguf(path)  # parsed once: config, weights and tokenizer read this one object
+    try:
+        return _load(path, device, dtype, opts, backend, online, profile, g)
+    finally:
+        # Closed here, loaded or not: what the model keeps it copied out of the mapping (arrays
+        # that still view it keep it, GGUFFile.close), so nothing holds the file once load
+        # returns, and a failed load's traceback does not keep it mapped.
+        if g is not None:
+            g.close()
+
+
+def _load(path: Path, device, dtype, opts: dict, backend: str, online, profile, g) -> "Model":
+    from hybrid.models import config_from_dir, config_from_gguf
+    from hybrid.runtime.build import build_model
+    from hybrid.runtime.memory import device_formats_option
+
     config = config_from_gguf(g) if g is not None else config_from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
     kw = dict(expert_format=opts.pop("expert_format", None),
@@ -337,6 +348,7 @@ class Model:
         return self._engine
 
     def close(self) -> None:
+        """Stop the engine. (A GGUF checkpoint's file is closed when hybrid.load returns.)"""
         if self._engine is not None:
             self._engine.close()
             self._engine = None
