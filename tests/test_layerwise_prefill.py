@@ -13,6 +13,7 @@ in-order no-ops.
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -279,9 +280,10 @@ def test_engine_reads_a_long_prompt_in_layerwise_chunks(tmp_path, monkeypatch):
     assert t == model.layerwise().threshold and 4 <= t <= 12, t
     log = model.layerwise().streamer.streams.log   # HostStreams: a streamed chunk copies layer 0
     steps = []   # (tokens, mode) of each forward
-    forward = model.forward
+    forward, go = model.forward, threading.Event()   # a step waits for go
 
     def recording(input_ids, *args, **kwargs):
+        assert go.wait(timeout=10), "test gate never opened"
         before = log.count(("record", "copy", "ready 0"))
         out = forward(input_ids, *args, **kwargs)
         streamed = log.count(("record", "copy", "ready 0")) > before
@@ -292,18 +294,21 @@ def test_engine_reads_a_long_prompt_in_layerwise_chunks(tmp_path, monkeypatch):
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     long, other = torch.randint(2, raw["vocab_size"], (2, 3 * t + 2), generator=g).tolist()
+    go.set()
     with Engine(model, max_seqs=2, prefill_chunk=4) as eng:
         # alone: t, t, then the t + 2 left (under 2t: no CPU-path tail), all layerwise
         alone = eng.generate(long, greedy, max_tokens=4)
         assert steps == [(t, "layerwise"), (t, "layerwise"), (t + 2, "layerwise")] + [(1, "cpu")] * 3
         # beside a decoding request: the budget of 4 prompt tokens per step, on the CPU path
+        # (held at the gate, the first can make no token before the second is in: it decodes
+        # for 60 steps, the second's prompt takes at most 10 of them)
         del steps[:]
-        decoding = eng.submit([5, 6, 7, 8], greedy, max_tokens=60)
-        events = iter(decoding)
-        assert next(events).token_ids   # it decodes from now on (59 more steps)
-        mixed = eng.generate(other, greedy, max_tokens=4)
-        for _ in events:
-            pass
+        go.clear()
+        decoding = eng.submit([5, 6], greedy, max_tokens=60)
+        handle = eng.submit(other, greedy, max_tokens=4)
+        go.set()
+        mixed = handle.result().token_ids
+        assert len(decoding.result().token_ids) == 60
     assert all(n <= 1 + 4 and mode == "cpu" for n, mode in steps), steps
     assert (1 + 4, "cpu") in steps
     with Engine(hybrid.load(path, layerwise_prefill=False, **kw), max_seqs=1, prefill_chunk=4) as ref:
