@@ -49,6 +49,16 @@ def _native():
     return native.lib()
 
 
+def _kernels():
+    """hybrid._native_testing: the single-kernel entry points (kernel_quantize_row_a8,
+    kernel_matmul_a8, kernel_gemv_t_bf16) are test-only, in the sibling of hybrid._native that
+    shares its core library; ISA names and reasons come from hybrid._native (_native())."""
+    _native()  # hybrid importable (the path set), the extension built (its build hint if not)
+    from hybrid import _native_testing
+
+    return _native_testing
+
+
 GEMV_SHAPES = ["256x512", "512x256", "4096x256", "1536x7168", "12288x1536", "7168x8192", "18432x7168"]
 
 
@@ -104,7 +114,7 @@ def gemv_bench(shapes: list[str], tokens: list[int], isa: str | None, runs: int)
 def gemv_t_bench(shapes: list[str], tokens: list[int], isas: list[str] | None, runs: int) -> None:
     import numpy as np
 
-    N = _native()
+    N, K = _native(), _kernels()
     isas = isas or [i for i in N.available_isas() if i in ("scalar", "avx2", "avx512")]
     if "scalar" not in isas:
         isas = ["scalar"] + isas
@@ -123,7 +133,7 @@ def gemv_t_bench(shapes: list[str], tokens: list[int], isas: list[str] | None, r
             out = np.empty((t, n), np.float32)  # [T, N]
             cells, base = [], None
             for isa in isas:
-                dt = _median_time(lambda: N.kernel_gemv_t_bf16(isa, w, x, 0, n, False, out), runs)
+                dt = _median_time(lambda: K.kernel_gemv_t_bf16(isa, w, x, 0, n, False, out), runs)
                 base = base or dt
                 cells.append(f"{dt * 1e6:9.1f} {gb / dt:5.1f}GB/s {base / dt:5.1f}x")
             print(f"{shape + f' ({ldw})':>20} {t:>2} | " + " | ".join(cells), flush=True)
@@ -183,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    N = _native()
+    N, K = _native(), _kernels()
     isas = a.isa or [i for i in N.available_isas() if i != "scalar"]
     for isa in isas:
         reason = N.isa_unavailable_reason(isa)
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     q = rng.integers(0, 256, qbytes, dtype=np.uint8)
     s = np.full(a.n * a.k // 32, 0x3C00, np.uint16)  # bf16 0.0078125
     x = rng.standard_normal((max(a.tokens), a.k)).astype(np.float32)
-    xq, xs, xg = N.kernel_quantize_row_a8("scalar", x)
+    xq, xs, xg = K.kernel_quantize_row_a8("scalar", x)
     nbytes = qbytes + s.nbytes
 
     print(f"matmul_a8 {a.format} N={a.n} K={a.k}, 1 thread, Gop/s (median of {a.runs})")
@@ -204,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for isa in isas:
             args = (isa, a.format, q, s, a.n, a.k, xq[:t], xs[:t], xg[:t])
-            N.kernel_matmul_a8(*args)
+            K.kernel_matmul_a8(*args)
             times = []
             for _ in range(a.runs):
                 t0 = time.perf_counter()
-                N.kernel_matmul_a8(*args)
+                K.kernel_matmul_a8(*args)
                 times.append(time.perf_counter() - t0)
             dt = statistics.median(times)
             cell = f"{2.0 * a.n * a.k * t / dt / 1e9:.0f}"

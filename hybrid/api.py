@@ -71,10 +71,6 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
     """
-    from hybrid.models import config_from_dir, config_from_gguf
-    from hybrid.runtime.build import build_model
-    from hybrid.runtime.memory import device_formats_option
-
     if path is None:
         if not (DEMO_DIR / "config.json").is_file():
             raise FileNotFoundError(f"no embedded demo model at {DEMO_DIR}; pass a checkpoint directory")
@@ -106,6 +102,21 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
         raise ValueError("hybrid.load: online= re-places the experts a placement profile caches "
                          "on the device; pass profile= (hybrid plan) as well")
     g = _open_gguf(path)  # parsed once: config, weights and tokenizer read this one object
+    try:
+        return _load(path, device, dtype, opts, backend, online, profile, g)
+    finally:
+        # Closed here, loaded or not: what the model keeps it copied out of the mapping (arrays
+        # that still view it keep it, GGUFFile.close), so nothing holds the file once load
+        # returns, and a failed load's traceback does not keep it mapped.
+        if g is not None:
+            g.close()
+
+
+def _load(path: Path, device, dtype, opts: dict, backend: str, online, profile, g) -> "Model":
+    from hybrid.models import config_from_dir, config_from_gguf
+    from hybrid.runtime.build import build_model
+    from hybrid.runtime.memory import device_formats_option
+
     config = config_from_gguf(g) if g is not None else config_from_dir(path)
     max_len = int(opts.pop("max_len", None) or min(config.max_position_embeddings, 4096))
     kw = dict(expert_format=opts.pop("expert_format", None),
@@ -211,6 +222,11 @@ class Model:
     def kv_bytes_per_token(self) -> int:
         return self.network.kv_bytes_per_token()
 
+    def kv_cache_tokens(self, num_slots: int, max_len: int | None = None, num_blocks: int | None = None,
+                        block_size: int | None = None) -> int:
+        """Token rows make_cache(same arguments) allocates per layer (spare rows included)."""
+        return self.network.kv_cache_tokens(num_slots, max_len or self.max_len, num_blocks, block_size)
+
     def moe_layers(self) -> dict:
         """{decoder-layer index: MoELayer}: attach points for traces, timing and placement."""
         return self.network.moe_layers()
@@ -244,6 +260,13 @@ class Model:
     def layerwise(self):
         """The LayerwisePrefill (threshold, mode(tokens), predict(tokens)), or None: off."""
         return self._built.layerwise
+
+    def layerwise_threshold(self) -> int | None:
+        """The fewest tokens a forward must hold to run layerwise (the cost model's threshold,
+        fixed at load), or None: layerwise prefill is off or never pays. The engine reads long
+        prompts in chunks this large (hybrid/engine/engine.py)."""
+        lw = self._built.layerwise
+        return None if lw is None else lw.threshold
 
     def online_stats(self) -> dict | None:
         """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""
@@ -325,6 +348,7 @@ class Model:
         return self._engine
 
     def close(self) -> None:
+        """Stop the engine. (A GGUF checkpoint's file is closed when hybrid.load returns.)"""
         if self._engine is not None:
             self._engine.close()
             self._engine = None

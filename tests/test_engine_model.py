@@ -97,6 +97,9 @@ class TinyLM(torch.nn.Module):
     def online_stats(self):
         return None  # no expert placement here
 
+    def layerwise_threshold(self):
+        return None  # no layerwise prefill here
+
     @staticmethod
     def _norm(x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)

@@ -263,7 +263,12 @@ def test_nan_logits_fail_only_that_request(model, tiny_tokenizer):
     greedy = SamplingParams(temperature=0, ignore_eos=True)
     with make_engine(model, tok, max_seqs=2) as eng:
         model.nan_on_slot = 1
+        # Held at the gate, a cannot finish before b is submitted: a finished a would leave
+        # slot 0 holding the prefix the two prompts share ("request "), b would reuse it, and
+        # no NaN would reach b (what made this test flaky on a busy machine).
+        model.gate = threading.Semaphore(0)
         a, b = (eng.submit(p, greedy, max_tokens=4) for p in prompts(tok, 2))  # slots 0 and 1
+        open_gate(model)
         assert len(a.result().token_ids) == 4
         with pytest.raises(GenerationError, match="NaN logits"):
             b.result()

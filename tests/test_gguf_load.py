@@ -202,6 +202,45 @@ def test_hybrid_load_parses_the_metadata_once(tmp_path, monkeypatch):
     m.close()
 
 
+def _held(path) -> tuple[int, int]:
+    """(mappings, open file descriptors) of `path` in this process."""
+    import os
+
+    real = os.path.realpath(path)
+    maps = sum(line.rstrip().endswith(" " + real) for line in open("/proc/self/maps"))
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.path.realpath(f"/proc/self/fd/{fd}") == real
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return maps, fds
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc")
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_closed_model_leaves_the_file_unmapped(tmp_path, backend):
+    """hybrid.load closes the GGUF it read (config, weights, tokenizer): a loaded model, a closed
+    one and a failed load (its traceback still held) keep no mapping or descriptor of it."""
+    import hybrid
+    from hybrid import native
+
+    if backend == "cpu" and not native.available():
+        pytest.skip("hybrid._native is not built")
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    kw = dict(device="cpu", dtype="fp32", experts_backend=backend, progress=False, max_len=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hybrid.load(g, **kw)
+        assert m.generate(m.tokenizer.encode("hello"), 3, stop_at_eos=False)
+        assert _held(g) == (0, 0)
+        m.close()
+        assert _held(g) == (0, 0)
+        with pytest.raises(MemoryError) as failed:
+            hybrid.load(g, max_vram=1, **kw)
+    assert failed.traceback and _held(g) == (0, 0)
+
+
 def test_gguf_names_cover_every_tensor(tmp_path):
     """Every tensor of the converter's file is one the source maps to (nothing ignored silently)."""
     from hybrid.loaders.gguf_source import EXPERT_PROJS, LAYER, MLA_SPLIT, TOP

@@ -13,6 +13,7 @@ in-order no-ops.
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -252,6 +253,67 @@ def test_load_option_runs_in_model_forward(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="layer buffers need"):   # the load fits, the buffers not
         hybrid.load(path, device="cpu", dtype=torch.float32, progress=False, layerwise_prefill=True,
                     max_vram=need + 1000)
+
+
+@needs_native
+def test_engine_reads_a_long_prompt_in_layerwise_chunks(tmp_path, monkeypatch):
+    """The engine (serve / chat / run) makes chunks that reach the model's threshold when nothing
+    decodes, and keeps its per-step budget beside a decoding request. The user's prefill_chunk
+    (4 here) stands in for the 512 default, the tiny threshold for K2.5's 15K."""
+    monkeypatch.setenv("HYBRID_DEVICE_OPS", "torch")
+    import hybrid
+    from checkpoints import add_tokenizer
+
+    from hybrid.config import read_config_json
+    from hybrid.engine import Engine, SamplingParams
+    from hybrid.models.spec import spec_from_config
+    from hybrid.runtime import layerwise as layerwise_module
+
+    path, _ = build(tmp_path, variant="int4", seed=4, shards=1)
+    raw, where = read_config_json(path)
+    add_tokenizer(path, raw["vocab_size"])
+    machine = _machine_with_threshold(spec_from_config(raw, model_id="tiny", where=where), 12)
+    monkeypatch.setattr(layerwise_module, "machine_for", lambda prof, device=None: machine)
+    kw = dict(device="cpu", dtype=torch.float32, progress=False, max_len=128)
+    model = hybrid.load(path, layerwise_prefill=True, **kw)
+    t = model.layerwise_threshold()
+    assert t == model.layerwise().threshold and 4 <= t <= 12, t
+    log = model.layerwise().streamer.streams.log   # HostStreams: a streamed chunk copies layer 0
+    steps = []   # (tokens, mode) of each forward
+    forward, go = model.forward, threading.Event()   # a step waits for go
+
+    def recording(input_ids, *args, **kwargs):
+        assert go.wait(timeout=10), "test gate never opened"
+        before = log.count(("record", "copy", "ready 0"))
+        out = forward(input_ids, *args, **kwargs)
+        streamed = log.count(("record", "copy", "ready 0")) > before
+        steps.append((input_ids.numel(), "layerwise" if streamed else "cpu"))
+        return out
+
+    monkeypatch.setattr(model, "forward", recording)
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    long, other = torch.randint(2, raw["vocab_size"], (2, 3 * t + 2), generator=g).tolist()
+    go.set()
+    with Engine(model, max_seqs=2, prefill_chunk=4) as eng:
+        # alone: t, t, then the t + 2 left (under 2t: no CPU-path tail), all layerwise
+        alone = eng.generate(long, greedy, max_tokens=4)
+        assert steps == [(t, "layerwise"), (t, "layerwise"), (t + 2, "layerwise")] + [(1, "cpu")] * 3
+        # beside a decoding request: the budget of 4 prompt tokens per step, on the CPU path
+        # (held at the gate, the first can make no token before the second is in: it decodes
+        # for 60 steps, the second's prompt takes at most 10 of them)
+        del steps[:]
+        go.clear()
+        decoding = eng.submit([5, 6], greedy, max_tokens=60)
+        handle = eng.submit(other, greedy, max_tokens=4)
+        go.set()
+        mixed = handle.result().token_ids
+        assert len(decoding.result().token_ids) == 60
+    assert all(n <= 1 + 4 and mode == "cpu" for n, mode in steps), steps
+    assert (1 + 4, "cpu") in steps
+    with Engine(hybrid.load(path, layerwise_prefill=False, **kw), max_seqs=1, prefill_chunk=4) as ref:
+        assert ref.generate(long, greedy, max_tokens=4) == alone   # layerwise changed no token
+        assert ref.generate(other, greedy, max_tokens=4) == mixed
 
 
 def test_doctor_says_where_layerwise_fits():

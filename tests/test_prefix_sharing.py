@@ -132,3 +132,24 @@ def test_native_decode_reads_the_paged_cache_as_the_slot_cache():
             handles = [eng.submit(p, GREEDY, max_tokens=8) for p in prompts]
             outs.append([h.result().token_ids for h in handles])
     assert outs[0] == outs[1]
+
+
+def test_memory_check_counts_the_spare_block(model, monkeypatch):
+    """The paged pool allocates its blocks and one spare block (padding rows of a static decode
+    step write it); the engine's check before allocating counts both."""
+    import types
+
+    import psutil
+
+    per_token = model.kv_bytes_per_token()
+    blocks = 8
+    with Engine(model, max_seqs=1, max_context=128, kv_blocks=blocks) as eng:
+        allocated = eng.cache.nbytes
+    assert allocated == (blocks + 1) * BLOCK * per_token
+    for available, fits in ((allocated - 1, False), (allocated, True)):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=available))
+        if fits:
+            Engine(model, max_seqs=1, max_context=128, kv_blocks=blocks).close()
+        else:
+            with pytest.raises(MemoryError, match=r"8 blocks of 16 tokens, and a spare block"):
+                Engine(model, max_seqs=1, max_context=128, kv_blocks=blocks)

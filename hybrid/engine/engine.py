@@ -5,7 +5,9 @@ Each step builds one flat ragged batch (legend: T tokens in the step, V vocabula
   - every running sequence contributes its newest token (decode), position = its length - 1;
   - prompts still being read in contribute chunks, oldest request first, up to prefill_chunk
     tokens in total per step, so a long prompt is read over several steps while the other
-    sequences keep decoding;
+    sequences keep decoding; with layerwise prefill on (the model's layerwise_threshold()),
+    a long prompt read while nothing decodes goes in chunks of at least that many tokens, so
+    that each runs layerwise (_plan says why only then);
   - model.forward(input_ids [T], positions [T], slots [T], cache, logits_index [n]) writes each
     token's KV into cache[slot, position] and returns logits [n, V] for the rows that sample:
     decode tokens and the last token of a finished prompt;
@@ -48,6 +50,7 @@ from hybrid.engine.sampling import RowState, SamplingParams, make_generator, sam
 from hybrid.engine.kv_slots import PagedKV, SlotKV
 from hybrid.engine.stops import StopState
 from hybrid.models.moonvit_images import token_keys
+from hybrid.planner.device_memory import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +121,19 @@ class Engine:
     model: the Model from hybrid.load(), or anything with its engine-facing part: forward(input_ids,
     positions, slots, cache, logits_index, embeds=) (embeds only with images, and then
     encode_image(image)), .config (vocab_size, max_position_embeddings),
-    online_stats() (None when off), and, when no cache is given, make_cache(num_slots, max_len),
-    kv_bytes_per_token() and .max_len (None: the config's limit); .tokenizer when none is given.
+    online_stats() (None when off), layerwise_threshold() (None: layerwise prefill is off), and,
+    when no cache is given, make_cache(num_slots, max_len),
+    kv_bytes_per_token(), kv_cache_tokens(same arguments as make_cache) and .max_len (None: the
+    config's limit); .tokenizer when none is given.
     max_seqs: concurrent sequences (cache slots). max_context: longest sequence, prompt plus
     output (default: the cache's max_len, else the Model's max_len, else
     min(max_position_embeddings, 4096)).
-    prefill_chunk: prompt tokens read per step across all prompts. cache: a ready cache with
+    prefill_chunk: prompt tokens read per step across all prompts (default: the chunk the load's
+    activation estimate assumes, hybrid/planner/device_memory.py); a step with no decode may
+    read more for layerwise prefill (_plan). cache: a ready cache with
     .reset(slot), .num_slots and .max_len (default: the model's make_cache, after checking that
-    model.kv_bytes_per_token() x slots x context fits the memory left).
+    model.kv_bytes_per_token() x the rows it will allocate (kv_cache_tokens: slots x context, or
+    the paged pool's blocks and its spare block) fits the memory left).
     prefix_reuse: let a new request reuse the KV of a prompt prefix the cache holds.
     block_size: tokens per block of a paged cache, made when the model has one (model.kv_paged());
     None: a slot cache. kv_blocks: the paged cache's size in blocks (default: as many as
@@ -137,7 +145,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_seqs: int = 16, max_context: int | None = None,
-                 prefill_chunk: int = 512, cache=None, prefix_reuse: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK, cache=None, prefix_reuse: bool = True,
                  block_size: int | None = DEFAULT_BLOCK_SIZE, kv_blocks: int | None = None,
                  decode_runner=None):
         self.module = model
@@ -165,10 +173,13 @@ class Engine:
                 if kv_blocks is None:
                     kv_blocks = max_seqs * -(-max_context // block_size)
                     what = f"{max_seqs} sequences x {max_context} tokens ({kv_blocks} blocks of {block_size})"
-                _check_cache_fits(model.kv_bytes_per_token(), kv_blocks * block_size, what, device)
+                # the pool's own count: the blocks handed out and the spare block that padding
+                # rows of a static decode step write (hybrid/models/paged_kv_cache.py)
+                rows = model.kv_cache_tokens(max_seqs, max_context, kv_blocks, block_size)
+                _check_cache_fits(model.kv_bytes_per_token(), rows, what + ", and a spare block", device)
                 cache = model.make_cache(max_seqs, max_context, kv_blocks, block_size)
             else:
-                _check_cache_fits(model.kv_bytes_per_token(), max_seqs * max_context,
+                _check_cache_fits(model.kv_bytes_per_token(), model.kv_cache_tokens(max_seqs, max_context),
                                   f"{max_seqs} sequences x {max_context} tokens", device)
                 cache = model.make_cache(max_seqs, max_context)
         else:
@@ -181,6 +192,10 @@ class Engine:
         self.cache = cache
         self._runner = decode_runner(cache, max_seqs) if decode_runner is not None else None
         self.max_seqs, self.max_context, self.prefill_chunk = max_seqs, max_context, prefill_chunk
+        # The fewest tokens a forward needs to run layerwise (the cost model's, fixed at load;
+        # None: off): the owner decides the mode per forward (Model.prefill_chunk), the engine
+        # only makes chunks that can reach it.
+        self._layerwise_threshold = model.layerwise_threshold()
         self.device = _module_device_dtype(self.module)[0]
         self.vocab_size = self.config.vocab_size
 
@@ -395,17 +410,37 @@ class Engine:
             self._emit_end(req, "cancelled")
 
     def _plan(self, active) -> tuple[list[_Request], list[tuple[_Request, int, int]]]:
-        """Pick this step's tokens: all decodes, then prompt chunks within the budget."""
-        decodes, chunks, budget = [], [], self.prefill_chunk
-        for req in active:
-            pending = len(req.tokens) - req.computed
-            if req.output:  # prompt done: exactly one new token to feed
-                decodes.append(req)
-            elif budget > 0:
-                n = min(pending, budget)
-                chunks.append((req, req.computed, n))
-                budget -= n
+        """Pick this step's tokens: all decodes, then prompt chunks within the budget; or, with
+        nothing decoding, one layerwise-sized chunk of the oldest prompt (_long_chunk)."""
+        decodes = [r for r in active if r.output]  # prompt done: exactly one new token to feed
+        prompts = [r for r in active if not r.output]
+        if not decodes and prompts:
+            n = self._long_chunk(len(prompts[0].tokens) - prompts[0].computed)
+            if n:
+                return [], [(prompts[0], prompts[0].computed, n)]
+        chunks, budget = [], self.prefill_chunk
+        for req in prompts:
+            if budget <= 0:
+                break
+            n = min(len(req.tokens) - req.computed, budget)
+            chunks.append((req, req.computed, n))
+            budget -= n
         return decodes, chunks
+
+    def _long_chunk(self, pending: int) -> int:
+        """Tokens of a prompt with `pending` left to read in one layerwise forward, or 0: the
+        usual budget. Only in a step with no decode: such a chunk takes many times as long as a
+        prefill_chunk step (K2.5 on PCIe 4: 15K tokens, tens of seconds), and a decoding request
+        must not wait that long for its next token, so beside decodes the budget holds and the
+        prompt runs on the CPU path. A request that arrives meanwhile waits for the step to
+        end, as it would for the several budget-sized steps the chunk replaces. The chunk is the
+        threshold, or all that is left when that is under twice the threshold, so no short
+        CPU-path tail is left and no forward exceeds 2 x threshold tokens (layerwise's speed
+        grows with the chunk, as the copy is paid once per chunk)."""
+        t = self._layerwise_threshold
+        if t is None or t <= self.prefill_chunk or pending < t:
+            return 0
+        return pending if pending < 2 * t else t
 
     def _images_ready(self, req: _Request, start: int, n: int) -> bool:
         """Encode the images the chunk [start, start+n) reaches (once per request, when its first

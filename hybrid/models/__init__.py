@@ -7,7 +7,7 @@ text model; qwen3_moe.py serves Qwen3-MoE) with the same small contract:
     Class(config, ctx, progress=None)           built from a hybrid.runtime.context.BuildContext
     .forward(input_ids, positions, slots, cache, logits_index=None) -> fp32 logits
     .make_cache(num_slots, max_len[, num_blocks, block_size]), .kv_paged(), .kv_bytes_per_token(),
-    .moe_layers()
+    .kv_cache_tokens(same arguments as make_cache), .moe_layers()
 The registry maps model_type -> "module:Class"; imports happen on lookup, not here.
 """
 

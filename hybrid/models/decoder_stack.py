@@ -91,6 +91,14 @@ class DecoderStack:
     def kv_bytes_per_token(self) -> int:
         return self.cache_class.bytes_per_token_for(self.config, self.dtype)
 
+    def kv_cache_tokens(self, num_slots: int, max_len: int, num_blocks: int | None = None,
+                        block_size: int | None = None) -> int:
+        """Token rows per layer make_cache(same arguments) allocates, spare rows and blocks
+        included: what a memory check counts (x kv_bytes_per_token()) before allocating."""
+        if num_blocks is None:
+            return self.cache_class.tokens_for(num_slots, max_len)
+        return self.paged_cache_class.pool_blocks(num_blocks) * block_size
+
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

@@ -31,7 +31,7 @@ class LatentKVCache(SlotCache):
         L, C, R = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
         S, P = num_slots, max_len
         # One allocation per layer keeps a slot's rows contiguous: attention reads [slot, :L].
-        self.flat = [torch.zeros(S * P + 1, C + R, device=self.device, dtype=dtype) for _ in range(L)]
+        self.flat = [torch.zeros(self.tokens_for(S, P), C + R, device=self.device, dtype=dtype) for _ in range(L)]
         self.kv = [f[: S * P].view(S, P, C + R) for f in self.flat]  # [S, P, C+R] views
         self.latent = [t[..., :C] for t in self.kv]  # [S, P, C] views
         self.rope = [t[..., C:] for t in self.kv]  # [S, P, R] views
@@ -48,6 +48,11 @@ class LatentKVCache(SlotCache):
               latent: torch.Tensor, rope: torch.Tensor) -> None:
         """latent [T, C], rope [T, R] -> cache[layer][slot_t, position_t]."""
         self.kv[layer][slots, positions] = torch.cat([latent, rope], -1).to(self.dtype)
+
+    @staticmethod
+    def tokens_for(num_slots: int, max_len: int) -> int:
+        """S * P rows and the spare row."""
+        return num_slots * max_len + 1
 
     @staticmethod
     def static_decode() -> bool:

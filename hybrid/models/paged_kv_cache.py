@@ -44,7 +44,7 @@ class PagedLatentKVCache(SlotCache):
         L, W = config.num_hidden_layers, config.latent_width
         self.num_blocks, self.block_size, self.paged_ops = num_blocks, block_size, paged
         self.blocks_per_slot = -(-max_len // block_size)  # M
-        self.kv = [torch.zeros(num_blocks + 1, block_size, W, device=self.device, dtype=dtype) for _ in range(L)]
+        self.kv = [torch.zeros(self.pool_blocks(num_blocks), block_size, W, device=self.device, dtype=dtype) for _ in range(L)]
         self.host_table = torch.full((num_slots, self.blocks_per_slot), self.spare_block, dtype=torch.int32)
         self.table = self.host_table.to(self.device, torch.long)
 
@@ -67,6 +67,11 @@ class PagedLatentKVCache(SlotCache):
         row.fill_(self.spare_block)
         row[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.table[slot] = row.to(self.device, torch.long)
+
+    @staticmethod
+    def pool_blocks(num_blocks: int) -> int:
+        """Blocks per layer a pool handing out num_blocks allocates: those and the spare block."""
+        return num_blocks + 1
 
     @property
     def spare_block(self) -> int:

@@ -44,6 +44,12 @@ class SlotCache:
         batch.py DecodeBatch)."""
         return False
 
+    @staticmethod
+    def tokens_for(num_slots: int, max_len: int) -> int:
+        """Token rows per layer a cache of num_slots x max_len allocates (spare rows included),
+        for memory planning before allocating."""
+        return num_slots * max_len
+
     @classmethod
     def bytes_per_token_for(cls, config, dtype=torch.bfloat16) -> int:
         """Cache bytes one token costs across all layers (for memory planning before allocating)."""
