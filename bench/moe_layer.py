@@ -575,6 +575,7 @@ def run_processes(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"process {i + 1}/{args.processes} exited with {r.returncode}", file=sys.stderr)
             return r.returncode
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        log(args, f"process {i + 1} result: {json.dumps(results[-1])}")  # kept should the table fail
     agg = aggregate(results)
     if args.json:
         print(json.dumps(agg))
@@ -597,6 +598,9 @@ def aggregate(results: list[dict]) -> dict:
         if all(isinstance(v, dict) for v in values):
             keys = list(dict.fromkeys(k for v in values for k in v))
             return {k: fold([v.get(k) for v in values], pick) for k in keys}
+        if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1 \
+                and all(isinstance(x, dict) for v in values for x in v):  # peers' rows, row by row
+            return [fold([v[i] for v in values], pick) for i in range(len(values[0]))]
         if all(v == values[0] for v in values):  # settings (experts, isa, ...) and equal figures
             return values[0]
         stat = _spread(values)

@@ -59,3 +59,13 @@ def test_two_processes_end_to_end(capsys):
 def test_processes_must_be_positive():
     with pytest.raises(SystemExit):
         _script().parse_args(["--processes", "0"])
+
+
+def test_aggregate_folds_peer_rows_row_by_row():
+    """--peers gives a list of rows (ggml runs the layer two ways); --processes folds each row,
+    so the spread table can print it (it once got the three lists back unfolded)."""
+    rows = lambda a, b: [{"engine": "ggml q4_0", "decode_gbps": a}, {"engine": "ggml q4_k", "decode_gbps": b}]
+    agg = _script().aggregate([{"peers": rows(1.0, 4.0)}, {"peers": rows(3.0, 6.0)}, {"peers": rows(2.0, 5.0)}])
+    med, hi = agg["median"]["peers"], agg["max"]["peers"]
+    assert [r["engine"] for r in med] == ["ggml q4_0", "ggml q4_k"]
+    assert [r["decode_gbps"] for r in med] == [2.0, 5.0] and [r["decode_gbps"] for r in hi] == [3.0, 6.0]
