@@ -299,6 +299,12 @@ def measure(spec) -> list[dict]:
         g = Ggml()
     except GgmlMissing as exc:
         raise PeerSkipped(f"ggml: {exc}") from None
+    from .ggml_lib import TYPE
+
+    missing = [f for f in {spec.fmt, spec.down_fmt} if f != "int4" and f not in TYPE]
+    if missing:  # the IQ lattice types: ggml has them, this peer's type table does not yet
+        raise PeerSkipped(f"ggml: this peer does not map {', '.join(sorted(missing))} to a ggml type "
+                          f"(bench/peers/ggml_lib.py TYPE)")
     out = []
     for label, fmt, down_fmt, bank in variants(g, spec):
         moe = GgmlMoE(g, spec, fmt, down_fmt, bank)
