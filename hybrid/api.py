@@ -261,12 +261,13 @@ class Model:
         """The LayerwisePrefill (threshold, mode(tokens), predict(tokens)), or None: off."""
         return self._built.layerwise
 
-    def layerwise_threshold(self) -> int | None:
-        """The fewest tokens a forward must hold to run layerwise (the cost model's threshold,
-        fixed at load), or None: layerwise prefill is off or never pays. The engine reads long
-        prompts in chunks this large (hybrid/engine/engine.py)."""
+    def layerwise_chunks(self) -> tuple[int, int | None] | None:
+        """(fewest, most) tokens of a layerwise forward, fixed at load, or None: layerwise
+        prefill is off or never pays. fewest: the cost model's threshold; most: what the
+        activations beside the two layer buffers allow (None: unbounded). The engine reads long
+        prompts in chunks within them (hybrid/engine/engine.py)."""
         lw = self._built.layerwise
-        return None if lw is None else lw.threshold
+        return None if lw is None or lw.threshold is None else (lw.threshold, lw.max_chunk)
 
     def online_stats(self) -> dict | None:
         """Online re-placement counters (swaps, steps, hits, picks, hit_rate), None when off."""

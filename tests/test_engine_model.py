@@ -97,7 +97,7 @@ class TinyLM(torch.nn.Module):
     def online_stats(self):
         return None  # no expert placement here
 
-    def layerwise_threshold(self):
+    def layerwise_chunks(self):
         return None  # no layerwise prefill here
 
     @staticmethod

@@ -256,6 +256,43 @@ def test_load_option_runs_in_model_forward(tmp_path, monkeypatch):
 
 
 @needs_native
+def test_long_chunks_activations_bound_the_chunk(tmp_path, monkeypatch):
+    """A layerwise chunk holds more tokens than the PREFILL_CHUNK the load counted activations
+    for: what the layer buffers leave of the device memory bounds it (Model.layerwise_chunks),
+    and layerwise is refused when not even the threshold's activations fit."""
+    import hybrid
+    from hybrid.config import read_config_json
+    from hybrid.models import config_from_dir, facts_of
+    from hybrid.models.spec import spec_from_config
+    from hybrid.planner.device_memory import PREFILL_CHUNK, activation_bytes, layerwise_bytes
+    from hybrid.runtime import layerwise as layerwise_module
+    from hybrid.runtime.memory import check_fits
+
+    path, _ = build(tmp_path, variant="int4", seed=4, shards=1)
+    raw, where = read_config_json(path)
+    machine = _machine_with_threshold(spec_from_config(raw, model_id="tiny", where=where), 900)
+    monkeypatch.setattr(layerwise_module, "machine_for", lambda prof, device=None: machine)
+    kw = dict(device="cpu", dtype=torch.float32, progress=False, max_len=4096, layerwise_prefill=True)
+    t, most = hybrid.load(path, **kw).layerwise_chunks()
+    assert PREFILL_CHUNK < t <= 900 and most is None, (t, most)   # no max_vram: unbounded
+    facts = facts_of(config_from_dir(path))
+    need = check_fits(facts, path, "cpu", torch.float32, {}, max_len=4096).total
+    layer = hybrid.load(path, **kw).layerwise().streamer.layers[0]
+    buffers = layerwise_bytes(layer.num_experts, layer.expert_nbytes, layer.expert_nbytes)
+
+    def extra(tokens):
+        return activation_bytes(facts, tokens, 4, {}) - activation_bytes(facts, PREFILL_CHUNK, 4, {})
+
+    want = t + t // 3
+    model = hybrid.load(path, max_vram=need + buffers + extra(want), **kw)
+    assert model.layerwise_chunks() == (t, want)
+    model = hybrid.load(path, max_vram=need + buffers + extra(4 * t), **kw)
+    assert model.layerwise_chunks() == (t, 2 * t - 1)   # the engine's chunks never exceed 2t - 1
+    with pytest.raises(ValueError, match=f"a chunk of {t} tokens"):
+        hybrid.load(path, max_vram=need + buffers + extra(t) - 1, **kw)
+
+
+@needs_native
 def test_engine_reads_a_long_prompt_in_layerwise_chunks(tmp_path, monkeypatch):
     """The engine (serve / chat / run) makes chunks that reach the model's threshold when nothing
     decodes, and keeps its per-step budget beside a decoding request. The user's prefill_chunk
@@ -276,8 +313,8 @@ def test_engine_reads_a_long_prompt_in_layerwise_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(layerwise_module, "machine_for", lambda prof, device=None: machine)
     kw = dict(device="cpu", dtype=torch.float32, progress=False, max_len=128)
     model = hybrid.load(path, layerwise_prefill=True, **kw)
-    t = model.layerwise_threshold()
-    assert t == model.layerwise().threshold and 4 <= t <= 12, t
+    t, most = model.layerwise_chunks()
+    assert t == model.layerwise().threshold and 4 <= t <= 12 and most is None, (t, most)
     log = model.layerwise().streamer.streams.log   # HostStreams: a streamed chunk copies layer 0
     steps = []   # (tokens, mode) of each forward
     forward, go = model.forward, threading.Event()   # a step waits for go

@@ -5,7 +5,7 @@ Each step builds one flat ragged batch (legend: T tokens in the step, V vocabula
   - every running sequence contributes its newest token (decode), position = its length - 1;
   - prompts still being read in contribute chunks, oldest request first, up to prefill_chunk
     tokens in total per step, so a long prompt is read over several steps while the other
-    sequences keep decoding; with layerwise prefill on (the model's layerwise_threshold()),
+    sequences keep decoding; with layerwise prefill on (the model's layerwise_chunks()),
     a long prompt read while nothing decodes goes in chunks of at least that many tokens, so
     that each runs layerwise (_plan says why only then);
   - model.forward(input_ids [T], positions [T], slots [T], cache, logits_index [n]) writes each
@@ -121,7 +121,7 @@ class Engine:
     model: the Model from hybrid.load(), or anything with its engine-facing part: forward(input_ids,
     positions, slots, cache, logits_index, embeds=) (embeds only with images, and then
     encode_image(image)), .config (vocab_size, max_position_embeddings),
-    online_stats() (None when off), layerwise_threshold() (None: layerwise prefill is off), and,
+    online_stats() (None when off), layerwise_chunks() (None: layerwise prefill is off), and,
     when no cache is given, make_cache(num_slots, max_len),
     kv_bytes_per_token(), kv_cache_tokens(same arguments as make_cache) and .max_len (None: the
     config's limit); .tokenizer when none is given.
@@ -192,10 +192,10 @@ class Engine:
         self.cache = cache
         self._runner = decode_runner(cache, max_seqs) if decode_runner is not None else None
         self.max_seqs, self.max_context, self.prefill_chunk = max_seqs, max_context, prefill_chunk
-        # The fewest tokens a forward needs to run layerwise (the cost model's, fixed at load;
-        # None: off): the owner decides the mode per forward (Model.prefill_chunk), the engine
-        # only makes chunks that can reach it.
-        self._layerwise_threshold = model.layerwise_threshold()
+        # (fewest, most) tokens of a layerwise forward (the cost model's threshold and what the
+        # device's memory allows, fixed at load; None: off): the owner decides the mode per
+        # forward (Model.prefill_chunk), the engine only makes chunks that can reach it.
+        self._layerwise_chunks = model.layerwise_chunks()
         self.device = _module_device_dtype(self.module)[0]
         self.vocab_size = self.config.vocab_size
 
@@ -436,11 +436,15 @@ class Engine:
         end, as it would for the several budget-sized steps the chunk replaces. The chunk is the
         threshold, or all that is left when that is under twice the threshold, so no short
         CPU-path tail is left and no forward exceeds 2 x threshold tokens (layerwise's speed
-        grows with the chunk, as the copy is paid once per chunk)."""
-        t = self._layerwise_threshold
-        if t is None or t <= self.prefill_chunk or pending < t:
+        grows with the chunk, as the copy is paid once per chunk), nor the most the device's
+        memory allows (then a tail under the threshold goes the usual way)."""
+        if self._layerwise_chunks is None:
             return 0
-        return pending if pending < 2 * t else t
+        t, most = self._layerwise_chunks
+        if t <= self.prefill_chunk or pending < t:
+            return 0
+        n = pending if pending < 2 * t else t
+        return n if most is None else min(n, most)
 
     def _images_ready(self, req: _Request, start: int, n: int) -> bool:
         """Encode the images the chunk [start, start+n) reaches (once per request, when its first

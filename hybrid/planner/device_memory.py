@@ -25,6 +25,14 @@ def layerwise_bytes(num_experts: int, device_expert_bytes: int, packed_expert_by
     return 2 * num_experts * device_expert_bytes + UNPACK_GROUP * packed_expert_bytes * 5
 
 
+def activation_bytes(facts, chunk: int, itemsize: int, formats: dict[str, str] | None = None) -> int:
+    """Device working set of one forward of `chunk` tokens (ModelFacts.activation_bytes) plus
+    the allocator reserve: what device_bytes counts for a PREFILL_CHUNK, and what layerwise
+    prefill's longer chunks are checked against (hybrid/runtime/layerwise.py)."""
+    quantised = any(f != "dense" for f in (formats or {}).values())
+    return facts.activation_bytes(chunk, itemsize, quantised) + RESERVE
+
+
 @dataclass
 class DeviceBudget:
     weights: int
@@ -61,8 +69,7 @@ def device_bytes(facts, itemsize: int = 2, formats: dict[str, str] | None = None
         weights += params * itemsize if f == "dense" else params + rows * 4  # int8/fp8 + fp32 row scale
     weights += facts.always_dense_params * itemsize + facts.router_params * 4
     kv = facts.kv_bytes_per_token(itemsize) * max_len * num_slots
-    quantised = any(f != "dense" for f in formats.values())
-    acts = facts.activation_bytes(min(PREFILL_CHUNK, max_len), itemsize, quantised) + RESERVE
+    acts = activation_bytes(facts, min(PREFILL_CHUNK, max_len), itemsize, formats)
     routed = (len(facts.moe_layers) * facts.num_experts * facts.expert_params * itemsize
               if experts_on_device else 0)
     return DeviceBudget(weights, kv, acts, routed)

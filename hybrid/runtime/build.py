@@ -48,6 +48,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     from hybrid.loaders.source import WeightSource
     from hybrid.models import config_from_dir, model_class
     from hybrid.ops import select_ops
+    from hybrid.planner.device_memory import activation_bytes
     from hybrid.runtime import placement
     from hybrid.runtime.context import BuildContext
     from hybrid.runtime.expert_factory import ExpertLoader
@@ -132,12 +133,18 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                               f"format (hybrid plan --gpu-format)")
         if placer is not None:
             live = placement.attach_online(network, placer)
-    layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need)
+
+    def extra_activations(tokens: int) -> int:   # a long layerwise chunk's, beyond those counted
+        return activation_bytes(facts, tokens, itemsize(dtype), device_formats) - need.activations
+
+    layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need,
+                           extra_activations)
     return Built(config, network, facts, ops, experts, live, vision, layerwise)
 
 
-def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need):
-    """Layerwise prefill (hybrid/runtime/layerwise.py), or None."""
+def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need, extra_activations):
+    """Layerwise prefill (hybrid/runtime/layerwise.py), or None. extra_activations(tokens): the
+    device bytes a forward of `tokens` needs beyond the activations `need` counted."""
     from hybrid.runtime import layerwise as lw
 
     if option is False or (option == "auto" and torch.device(device).type != "cuda"):
@@ -153,7 +160,7 @@ def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need)
     spec = spec_from_config(raw, model_id=path.name, where=where)
     mask = prof.mask(spec.moe_layers) if prof is not None else None
     return lw.attach_layerwise(network, option, device, dtype, lw.machine_for(prof, device),
-                               lw.vram_left(device, max_vram, need), mask, spec)
+                               lw.vram_left(device, max_vram, need), mask, spec, extra_activations)
 
 
 def _vision_config(path: Path, config, files):

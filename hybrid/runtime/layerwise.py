@@ -25,14 +25,20 @@ OPTIONS = ("auto", True, False)
 
 
 class LayerwisePrefill:
-    def __init__(self, network, streamer, cost, freq: np.ndarray, mask: np.ndarray):
+    def __init__(self, network, streamer, cost, freq: np.ndarray, mask: np.ndarray,
+                 threshold: int | None, max_chunk: int | None = None):
+        """threshold: the fewest tokens a forward runs layerwise (the cost model's
+        layerwise_threshold; None: never); max_chunk: the most tokens one layerwise forward may
+        hold, as its activations must fit beside the two layer buffers (None: unbounded, the
+        CPU). The engine's long-prompt chunks stay within both (Model.layerwise_chunks)."""
         self.network, self.streamer = network, streamer
         self.cost, self._freq, self._mask = cost, freq, mask
-        self.threshold = cost.layerwise_threshold(freq, mask)   # tokens, or None: never
+        self.threshold, self.max_chunk = threshold, max_chunk
 
     def with_streamer(self, streamer) -> "LayerwisePrefill":
         """The same rule over another LayerStreamer (bench and tests: another kernel backend)."""
-        return LayerwisePrefill(self.network, streamer, self.cost, self._freq, self._mask)
+        return LayerwisePrefill(self.network, streamer, self.cost, self._freq, self._mask,
+                                self.threshold, self.max_chunk)
 
     def mode(self, tokens: int) -> str:
         """"layerwise" or "cpu": what runs a forward of `tokens` (the cost model's choice)."""
@@ -56,10 +62,15 @@ class LayerwisePrefill:
 
 
 def attach_layerwise(network, option, device, dtype, machine, vram_left: int | None, mask=None,
-                     spec=None):
+                     spec=None, extra_activations=None):
     """The LayerwisePrefill for `network`, or None (off). machine: the planner's MachineSpec
     (a profile's, or this machine's); vram_left: device bytes free after the load (None:
-    unchecked, the CPU); mask [L, E] bool: the cached experts (None: none)."""
+    unchecked, the CPU); mask [L, E] bool: the cached experts (None: none);
+    extra_activations(tokens): device bytes a forward of `tokens` needs beyond the activations
+    the load counted (a PREFILL_CHUNK's; None: unchecked). A layerwise chunk is at least the
+    threshold and the engine makes them up to twice that, so thousands of tokens: their
+    activations (gigabytes for K2.5) must fit in what the buffers leave, which bounds the chunk
+    (max_chunk), or layerwise is off when not even the threshold fits."""
     from hybrid.experts.cpu_moe import CpuMoE
     from hybrid.experts.layer_stream import LayerStreamer, check_streamable
     from hybrid.planner.cost import CostModel
@@ -101,8 +112,29 @@ def attach_layerwise(network, option, device, dtype, machine, vram_left: int | N
     L, E, K = len(spec.moe_layers), spec.num_experts, spec.top_k
     freq = np.full((L, E), K / E)   # no trace at load: every expert equally likely
     mask = np.zeros((L, E), dtype=bool) if mask is None else mask
+    threshold = cost.layerwise_threshold(freq, mask)
+    max_chunk = None
+    if threshold is not None and vram_left is not None and extra_activations is not None:
+        room = vram_left - need   # for a long chunk's activations, beyond those counted
+        max_chunk = largest_chunk(threshold, 2 * threshold - 1, lambda t: extra_activations(t) <= room)
+        if max_chunk is None:
+            return off(f"a chunk of {threshold} tokens (the fewest that pay for the copy) needs "
+                       f"{extra_activations(threshold) / 2**30:.2f} GiB of activations on {device} "
+                       f"beyond the {need / 2**30:.2f} GiB of layer buffers, and "
+                       f"{max(0, vram_left) / 2**30:.2f} GiB is left after the load")
     streamer = LayerStreamer(layers, device, dtype)
-    return LayerwisePrefill(network, streamer, cost, freq, mask)
+    return LayerwisePrefill(network, streamer, cost, freq, mask, threshold, max_chunk)
+
+
+def largest_chunk(lo: int, hi: int, fits) -> int | None:
+    """The most tokens t in [lo, hi] with fits(t), or None when fits(lo) fails; fits must hold
+    for every t below one that fits (activations grow with the tokens)."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def vram_left(device, max_vram: int | None, need) -> int | None:
