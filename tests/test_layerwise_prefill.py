@@ -26,13 +26,17 @@ from checkpoints import build  # noqa: E402
 from hybrid import native  # noqa: E402
 from hybrid.models.spec import load_model_spec  # noqa: E402
 from hybrid.planner.cost import CostModel, reference_workstation  # noqa: E402
-from hybrid.planner.device_memory import layerwise_bytes  # noqa: E402
-from hybrid.planner.plan import compute_budget  # noqa: E402
+from hybrid.planner.device_memory import PREFILL_CHUNK, activation_bytes, layerwise_bytes  # noqa: E402
+from hybrid.planner.plan import compute_budget, layerwise_need  # noqa: E402
 
 needs_native = pytest.mark.skipif(not native.available(), reason="hybrid._native is not built")
 
 
 # ---- the rule on numbers ----------------------------------------------------------------------
+
+def spec_facts():
+    return load_model_spec("kimi-k2.5").facts
+
 
 def _k25(pcie_gbps: float, vram="24GiB"):
     spec = load_model_spec("kimi-k2.5")
@@ -65,11 +69,16 @@ def test_threshold_k25_pcie4_vs_pcie5():
 def test_budget_counts_the_two_layer_buffers():
     small, _, _ = _k25(25.0, "24GiB")
     b = compute_budget(small, 32768)
-    assert b.layerwise_bytes == 0 and "two layer buffers need" in b.layerwise_note
+    assert b.layerwise_bytes == 0 and "two layer buffers and a" in b.layerwise_note
     big, _, _ = _k25(50.0, "141GiB")
     b = compute_budget(big, 32768)
-    need = layerwise_bytes(384, big.gpu_expert_bytes, big.cpu_expert_bytes)
-    assert b.layerwise_bytes == need and need > 2 * 384 * 24e6
+    buffers = layerwise_bytes(384, big.gpu_expert_bytes, big.cpu_expert_bytes)
+    need, t = layerwise_need(big, 32768)
+    assert buffers > 2 * 384 * 24e6 and t > PREFILL_CHUNK
+    # the buffers, and a threshold-sized chunk's activations beyond the 512 tokens' counted
+    acts = [activation_bytes(spec_facts(), n, 2) for n in (t, PREFILL_CHUNK)]
+    assert b.layerwise_bytes == need == buffers + acts[0] - acts[1] and acts[0] - acts[1] > 2**30
+    assert layerwise_need(big, t - 1) == (0, None)   # a context under the threshold: nothing streams
     without = compute_budget(dataclasses.replace(big, layerwise_prefill=False), 32768)
     assert without.slots - b.slots == pytest.approx(need / big.gpu_expert_bytes, abs=1)
     assert any("layerwise prefill" in line for line in b.lines())
@@ -360,7 +369,8 @@ def test_doctor_says_where_layerwise_fits():
 
     spec = load_model_spec("kimi-k2.5")
     small = expectations(spec, reference_workstation("24GiB"))["layerwise_prefill"]
-    assert not small["fits"] and "off (its two layer buffers need" in _layerwise_line(small, fmt_bytes)
+    assert not small["fits"] and "off (its two layer buffers and a" in _layerwise_line(small, fmt_bytes)
+    assert small["chunk_activation_bytes"] > 2**30
     big = expectations(spec, reference_workstation("80GiB"))["layerwise_prefill"]
     assert big["fits"] and big["threshold_tokens"] > 0
     assert f">= {big['threshold_tokens']} tokens" in _layerwise_line(big, fmt_bytes)

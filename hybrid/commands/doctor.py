@@ -258,8 +258,10 @@ def render(r: dict) -> None:
 
 def _layerwise_line(lw: dict, fmt_bytes) -> str:
     """One line on layerwise prefill (hybrid/runtime/layerwise.py): its VRAM and threshold."""
-    head = (f"layerwise prefill: two layer buffers {fmt_bytes(lw['device_bytes'])} of VRAM "
-            f"(+ {fmt_bytes(lw['pinned_host_bytes'])} pinned RAM): ")
+    act = lw.get("chunk_activation_bytes", 0)
+    head = (f"layerwise prefill: two layer buffers {fmt_bytes(lw['device_bytes'])}"
+            + (f" + a chunk's activations {fmt_bytes(act)}" if act else "")
+            + f" of VRAM (+ {fmt_bytes(lw['pinned_host_bytes'])} pinned RAM): ")
     if not lw["fits"]:
         return head + f"off ({lw['note']})"
     t = lw.get("threshold_tokens")

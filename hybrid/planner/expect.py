@@ -107,9 +107,10 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
 
 
 def layerwise_expectation(spec, machine, freq, context_tokens: int, decode_at: int = 4096) -> dict:
-    """Layerwise prefill on this machine: its device bytes (two layer buffers), whether they
-    fit beside the device weights (bf16, else int8) and KV cache, the smallest chunk the cost
-    model streams, and the prefill rates at twice that chunk."""
+    """Layerwise prefill on this machine: its device bytes (two layer buffers, and a
+    threshold-sized chunk's activations beyond those counted), whether they fit beside the
+    device weights (bf16, else int8) and KV cache, the smallest chunk the cost model streams,
+    and the prefill rates at twice that chunk."""
     from hybrid.planner.device_memory import layerwise_bytes
 
     none = np.zeros(freq.shape, dtype=bool)
@@ -123,12 +124,15 @@ def layerwise_expectation(spec, machine, freq, context_tokens: int, decode_at: i
         cm.device_weight_format = fmt
         try:
             lw, note = planner.layerwise_budget(cm, planner.compute_budget(
-                dataclasses.replace(cm, layerwise_prefill=False), context_tokens).experts_bytes)
+                dataclasses.replace(cm, layerwise_prefill=False), context_tokens).experts_bytes,
+                context_tokens)
         except planner.PlanError as e:
             lw, note = 0, str(e).splitlines()[0]
         if lw:
             break
     out.update(fits=bool(lw), note=note, device_weights=cm.device_weight_format)
+    need, _ = planner.layerwise_need(cm, context_tokens)
+    out["chunk_activation_bytes"] = max(0, need - out["device_bytes"])
     t = cm.layerwise_threshold(freq, none)
     out["threshold_tokens"] = t
     if t is not None:

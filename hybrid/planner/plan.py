@@ -129,9 +129,16 @@ def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
     if m.facts is None:
         raise PlanError(f"cannot count device memory for model {m.model_id!r}: its spec carries no "
                         f"architecture facts (make it with hybrid.models.spec)")
-    formats = {g: fmt for g in m.facts.group_matrices} if fmt in ("int8", "fp8") else {}
-    b = device_bytes(m.facts, 4 if fmt == "fp32" else 2, formats, max_len=context_tokens, num_slots=1)
+    itemsize, formats = _device_dtype(cost)
+    b = device_bytes(m.facts, itemsize, formats, max_len=context_tokens, num_slots=1)
     return b.weights, b.kv_cache, b.activations
+
+
+def _device_dtype(cost: CostModel) -> tuple[int, dict[str, str]]:
+    """(itemsize of the compute dtype, {group: int8|fp8}) of cost.device_weight_format."""
+    fmt = cost.device_weight_format
+    formats = {g: fmt for g in cost.model.facts.group_matrices} if fmt in ("int8", "fp8") else {}
+    return (4 if fmt == "fp32" else 2), formats
 
 
 def budget_for_slots(cost: CostModel, context_tokens: int, slots: int,
@@ -140,9 +147,7 @@ def budget_for_slots(cost: CostModel, context_tokens: int, slots: int,
     m = cost.model
     need = sum(device_needs(cost, context_tokens)) + reserve_bytes + slots * cost.gpu_expert_bytes
     if cost.layerwise_prefill:
-        from hybrid.planner.device_memory import layerwise_bytes
-
-        need += layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes)
+        need += layerwise_need(cost, context_tokens)[0]
     c = CostModel(m, _with_vram(cost.machine, need), cost.gpu_expert_format,
                   cost.device_weight_format, cost.kv_tokens, cost.prefill_chunk,
                   cost.layerwise_prefill)
@@ -162,7 +167,7 @@ def compute_budget(cost: CostModel, context_tokens: int,
     dev, kv, act = device_needs(cost, context_tokens)
     per = cost.gpu_expert_bytes
     left = vram - dev - kv - act - reserve_bytes
-    lw, note = layerwise_budget(cost, left)
+    lw, note = layerwise_budget(cost, left, context_tokens)
     left -= lw
     max_slots = len(m.moe_layers) * m.num_experts
     b = Budget(vram_bytes=vram, device_weights_bytes=dev,
@@ -179,21 +184,41 @@ def compute_budget(cost: CostModel, context_tokens: int,
     return b
 
 
-def layerwise_budget(cost: CostModel, left: int) -> tuple[int, str]:
-    """(bytes, note): the VRAM layerwise prefill's buffers take out of `left` (what remains
-    after weights, KV cache and activations), or 0 and why not when cost.layerwise_prefill is
-    off, the experts' format cannot stream (GGUF blocks), or the buffers do not fit."""
-    from hybrid.planner.device_memory import layerwise_bytes
+def layerwise_need(cost: CostModel, context_tokens: int) -> tuple[int, int | None]:
+    """(bytes, threshold): the VRAM layerwise prefill takes, and the fewest tokens a chunk
+    streams (None: no chunk within the context pays, and it takes nothing). The bytes are its
+    two layer buffers and the activations of a threshold-sized chunk beyond the PREFILL_CHUNK's
+    the budget already counts (hybrid/runtime/layerwise.py bounds the chunk by the same rule):
+    K2.5's threshold is thousands of tokens, so gigabytes."""
+    from hybrid.planner.device_memory import PREFILL_CHUNK, activation_bytes, layerwise_bytes
 
+    m = cost.model
+    L, E, K = len(m.moe_layers), m.num_experts, m.top_k
+    t = cost.layerwise_threshold(np.full((L, E), K / E), np.zeros((L, E), dtype=bool), context_tokens)
+    if t is None:
+        return 0, None
+    itemsize, formats = _device_dtype(cost)
+    counted = activation_bytes(m.facts, min(PREFILL_CHUNK, context_tokens), itemsize, formats)
+    extra = max(0, activation_bytes(m.facts, t, itemsize, formats) - counted)
+    return layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes) + extra, t
+
+
+def layerwise_budget(cost: CostModel, left: int, context_tokens: int) -> tuple[int, str]:
+    """(bytes, note): the VRAM layerwise prefill takes out of `left` (what remains after
+    weights, KV cache and activations; layerwise_need), or 0 and why not when cost.layerwise_prefill
+    is off, the experts' format cannot stream (GGUF blocks), no chunk within the context pays,
+    or the buffers and a chunk's activations do not fit."""
     if not cost.layerwise_prefill:
         return 0, ""
     m = cost.model
     if m.expert_format not in ("int4_g32", "int8_g32", "bf16"):
         return 0, f"experts in {m.expert_format} stay on the CPU path in prefill"
-    need = layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes)
+    need, t = layerwise_need(cost, context_tokens)
+    if t is None:
+        return 0, f"no chunk up to the {context_tokens}-token context is faster streamed than on the CPU path"
     if need > left:
-        return 0, (f"its two layer buffers need {fmt_bytes(need)}, {fmt_bytes(max(0, left))} is "
-                   f"left after weights, KV cache and activations")
+        return 0, (f"its two layer buffers and a {t}-token chunk's activations need {fmt_bytes(need)}, "
+                   f"{fmt_bytes(max(0, left))} is left after weights, KV cache and activations")
     return need, ""
 
 

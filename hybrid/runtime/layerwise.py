@@ -113,6 +113,8 @@ def attach_layerwise(network, option, device, dtype, machine, vram_left: int | N
     freq = np.full((L, E), K / E)   # no trace at load: every expert equally likely
     mask = np.zeros((L, E), dtype=bool) if mask is None else mask
     threshold = cost.layerwise_threshold(freq, mask)
+    if threshold is None and option == "auto":
+        return None   # no chunk pays for the copy on this machine: hold no buffers for it
     max_chunk = None
     if threshold is not None and vram_left is not None and extra_activations is not None:
         room = vram_left - need   # for a long chunk's activations, beyond those counted
