@@ -16,7 +16,7 @@ from pathlib import Path
 
 # enum ggml_type (ggml.h): the values are the GGUF file format's tensor types
 TYPE = {"f32": 0, "q4_0": 2, "q8_0": 8, "q2_k": 10, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14,
-        "iq4_xs": 23, "i32": 26}
+        "iq2_xxs": 16, "iq2_xs": 17, "iq3_xxs": 18, "iq1_s": 19, "iq4_xs": 23, "i32": 26, "iq1_m": 29}
 
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
