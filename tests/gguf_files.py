@@ -94,7 +94,7 @@ def rewrite(src: Path, dst: Path, drop=(), set_fields=None, tensors=None, split_
 # layouts); everything else in a block is bits any value of which is valid.
 SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
                  "IQ4_XS": (0,), "IQ4_NL": (0,), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,),
-                 "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,)}
+                 "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,), "Q8_0": (0,), "Q4_0": (0,)}
 
 
 def random_blocks(type_name: str, shape: tuple[int, ...], std: float, seed: int) -> np.ndarray:

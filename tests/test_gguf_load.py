@@ -387,6 +387,29 @@ def test_kquant_and_iq_experts_equal_twin(tmp_path, types, other):
     assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
 
 
+def test_gate_and_up_of_two_types_run_in_their_own_bits(tmp_path):
+    """A layer whose gate and up differ in type (a per-tensor mix) stays in its blocks on the CPU
+    engine, gate and up as two kernel calls; fp32 activations: the twin's logits to fp32
+    accumulation order (1e-4 on logits ~3)."""
+    from hybrid.runtime.build import build_model
+    from hybrid.runtime.gguf_experts import held_as, native_types
+
+    types = {1: ("Q4_K", "Q5_K", "Q6_K"), 2: ("Q2_K", "IQ4_XS", "Q8_0")}
+    if not all(set(t) <= native_types() for t in types.values()):
+        pytest.skip("this build lacks a native kernel for one of the types")
+    assert all(held_as(t, native_types()) == "native" for t in types.values())
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    mixed = gguf_files.rewrite(g, tmp_path / "split.gguf", tensors=_experts_as(types))
+    built = build_model(mixed, "cpu", torch.float32, experts_backend="cpu", progress=False, split_threads=False)
+    assert built.stats()["experts"]["gguf_native"] == 2
+    layer = next(iter(built.network.moe_layers().values())).host_experts().layer
+    assert (layer.format, layer.up_format, layer.down_format) == ("q4_k", "q5_k", "q6_k")
+    twin = gguf_files.twin(mixed, ref, _cfg(ref), tmp_path)
+    got = _logits(mixed, experts_backend="cpu", mode="precise")
+    want = _logits(twin)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
 def test_fallback_on_cpu_engine_equals_twin_packed_int4(tmp_path):
     """Types without a native kernel (IQ2_S, IQ3_S) are dequantised and packed int4, as the twin
     packed int4 from the same floats."""

@@ -45,11 +45,12 @@ def native_types() -> frozenset:
 
 def held_as(types, native: frozenset, expert_format: str | None = None) -> str:
     """How a layer whose expert tensors have ggml `types` (gate, up, down) is held: "native"
-    (every type has a kernel, gate and up of one type as the kernels run them as one interleaved
-    matrix, no format forced) or the format it is re-packed into (the most precise one any of its
-    projections needs, or expert_format)."""
+    (every type has a kernel and no format is forced: any mix, as PackedLayer.from_gguf runs
+    gate and up of one type as one interleaved matrix and of two types as two calls) or the
+    format it is re-packed into (the most precise one any of its projections needs, or
+    expert_format)."""
     types = list(types)
-    if expert_format is None and all(ty in native for ty in types) and types[0] == types[1]:
+    if expert_format is None and all(ty in native for ty in types):
         return "native"
     return expert_format or max((fallback_format(ty) for ty in types), key=("int4", "int8", "bf16").index)
 
