@@ -1,4 +1,4 @@
-"""bench/kernels.py's plumbing at its smallest sizes (one 16 x 32 matrix, one run): each mode
+"""bench/kernel_speed.py's plumbing at its smallest sizes (one 16 x 32 matrix, one run): each mode
 finds its kernel entry points (hybrid._native_testing) and prints a row per token count and ISA;
 bad sizes are refused. Nothing here reads the timings."""
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_speed.py"
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Single-thread speed of each ISA's matmul_a8 kernel on one Kimi K2.5 expert matrix, by token
 count: the numbers behind the AMX/VNNI switch (kernels_amx.cpp, kAmxMinTokens) and the token
 tile widths. One call covers all row blocks of the matrix on the calling thread.
+(Not named kernels.py: bench scripts put bench/ first on sys.path, and transformers imports the
+`kernels` package of that name when it finds one.)
 
-    python bench/kernels.py                       # INT4, gate_up shape 4096 x 7168
-    python bench/kernels.py --format int8 --tokens 1 8 16 --isa avx512_vnni amx
+    python bench/kernel_speed.py                       # INT4, gate_up shape 4096 x 7168
+    python bench/kernel_speed.py --format int8 --tokens 1 8 16 --isa avx512_vnni amx
 
 Columns: Gop/s (2 per multiply-add) and, for T = 1, the GB/s of packed weight read (the
 matrix, 16 MB for INT4, is larger than L2, so T = 1 streams it from L3/RAM like decode does).
@@ -15,8 +17,8 @@ against torch's bf16 F.linear, on the demo model's and Kimi K2.5's non-expert sh
 the native pool (threads=True) against torch with its default threads. Columns: microseconds,
 GB/s of weight read (N x K x 2 bytes per call), torch's time, and torch / native.
 
-    python bench/kernels.py --gemv                          # active ISA, all shapes
-    python bench/kernels.py --gemv --isa avx512 --shapes 256x512 7168x8192 --tokens 1
+    python bench/kernel_speed.py --gemv                          # active ISA, all shapes
+    python bench/kernel_speed.py --gemv --isa avx512 --shapes 256x512 7168x8192 --tokens 1
 
 --gemv-t: the transposed bf16 GEMV (KernelTable::gemv_t_bf16: out [T, N] = x [T, K] . W [K, N],
 fp32 x; MLA decode's probabilities . latent cache rows) on one thread, each ISA against the
@@ -25,8 +27,8 @@ scalar loop. W is the first N columns of [K, N + 64] (cache rows carry 64 RoPE v
 (K x N x 2 bytes per call) and the speed-up over scalar. 4096 x 576 bf16 is 4.7 MB, so repeated
 calls read it from L3 on most servers; a long cache (e.g. 131072x512, 150 MB) reads from RAM.
 
-    python bench/kernels.py --gemv-t                        # 4096x512, T = 1 and 4
-    python bench/kernels.py --gemv-t --shapes 4096x512 131072x512 --tokens 1 4 8
+    python bench/kernel_speed.py --gemv-t                        # 4096x512, T = 1 and 4
+    python bench/kernel_speed.py --gemv-t --shapes 4096x512 131072x512 --tokens 1 4 8
 
 Legend: N rows, K inputs, T tokens (--gemv-t: W is [K, N], K summed over).
 """
