@@ -142,9 +142,10 @@ void dense_check_k(const DenseOperand& w, const DenseOperand& x) {
                           ": x [T, K] and " + w.name + " [N, K])");
 }
 
-// Shapes agree, out does not overlap the inputs; then the call, GIL released.
+// Shapes agree, out does not overlap the inputs; then the call, GIL released. scale: an int8
+// weight's per-row fp32 scale [N] (w.i8), else nullptr.
 void dense_run(const DenseOperand& w, const DenseOperand& x, const DenseOperand& out, const std::string& isa,
-               bool threads) {
+               bool threads, const float* scale = nullptr) {
   dense_check_k(w, x);
   if (out.rows != x.rows || out.cols != w.rows)
     throw py::value_error("out must have shape [T, N] = [" + std::to_string(x.rows) + ", " + std::to_string(w.rows) +
@@ -155,11 +156,15 @@ void dense_run(const DenseOperand& w, const DenseOperand& x, const DenseOperand&
     if (a0 < b1 && b0 < a1) throw py::value_error(std::string("out must not overlap ") + in->name);
   }
   const KernelTable& kt = dense_table(isa);
-  const bool big = threads && w.rows * w.cols * 2 >= kDenseParallelMinBytes;
+  const bool big = threads && w.rows * w.cols * w.esize() >= kDenseParallelMinBytes;
   py::gil_scoped_release release;
   std::shared_ptr<ThreadPool> pool = big ? global_pool() : nullptr;  // small: no pool at all
-  dense_gemv(kt, pool.get(), reinterpret_cast<const uint16_t*>(w.data), w.ld, w.rows, w.cols,
-             reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
+  if (w.i8)
+    dense_gemv_i8(kt, pool.get(), reinterpret_cast<const int8_t*>(w.data), w.ld, scale, w.rows, w.cols,
+                  reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
+  else
+    dense_gemv(kt, pool.get(), reinterpret_cast<const uint16_t*>(w.data), w.ld, w.rows, w.cols,
+               reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
 }
 
 void py_dense_gemv(const py::object& wo, const py::object& xo, const py::object& oo, const std::string& isa,
@@ -169,9 +174,32 @@ void py_dense_gemv(const py::object& wo, const py::object& xo, const py::object&
   dense_run(w, x, out, isa, threads);
 }
 
+// An output for x [T, K] . w [N, K]^T: `oo`, or a new bf16 [T, N] tensor when it is None.
+py::object dense_out_or_new(const py::object& oo, const DenseOperand& w, const DenseOperand& x);
+
 py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const py::object& oo,
                                const std::string& isa, bool threads) {
   DenseOperand w = dense_from_torch(wo, "weight", false), x = dense_from_torch(xo, "x", false);
+  py::object res = dense_out_or_new(oo, w, x);
+  DenseOperand out = dense_from_torch(res, "out", true);
+  dense_run(w, x, out, isa, threads);
+  return res;
+}
+
+// The int8 weight form: weight int8 [N, K] (unit inner stride), scale float32 [N] (contiguous).
+py::object py_dense_gemv_i8_torch(const py::object& wo, const py::object& so, const py::object& xo,
+                                  const py::object& oo, const std::string& isa, bool threads) {
+  DenseOperand w = dense_from_torch(wo, "weight", false, /*int8_weight=*/true), x = dense_from_torch(xo, "x", false);
+  const TorchRefs& tr = torch_refs();
+  TensorView s = tensor_view(so, "scale", tr.f32, "torch.float32", 1);
+  expect_shape(s, "scale", {w.rows});
+  py::object res = dense_out_or_new(oo, w, x);
+  DenseOperand out = dense_from_torch(res, "out", true);
+  dense_run(w, x, out, isa, threads, reinterpret_cast<const float*>(s.data));
+  return res;
+}
+
+py::object dense_out_or_new(const py::object& oo, const DenseOperand& w, const DenseOperand& x) {
   py::object res = oo;
   if (oo.is_none()) {
     dense_check_k(w, x);
@@ -181,8 +209,6 @@ py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const
     py::tuple size = py::make_tuple(x.rows, w.rows);
     res = checked(PyObject_Call(tr.empty, size.ptr(), kwargs));
   }
-  DenseOperand out = dense_from_torch(res, "out", true);
-  dense_run(w, x, out, isa, threads);
   return res;
 }
 
@@ -645,6 +671,10 @@ PYBIND11_MODULE(_native, m) {
   m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
         py::arg("isa") = "", py::arg("threads") = true,
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
+  m.def("dense_gemv_i8_torch", &py_dense_gemv_i8_torch, py::arg("weight"), py::arg("scale"), py::arg("x"),
+        py::arg("out") = py::none(), py::arg("isa") = "", py::arg("threads") = true,
+        "out [T, N] = (x [T, K] . weight [N, K]^T) * scale [N] on torch CPU tensors (weight int8, scale float32, "
+        "x bf16; out bf16 or float32, allocated bf16 when None; core/dense.h); returns out");
 
   py::class_<PyLayer>(m, "Layer")
       .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down,
@@ -734,7 +764,7 @@ PYBIND11_MODULE(_native, m) {
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
 //   max_threads, default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, pack_gguf, unpack
-//   dense_gemv, dense_gemv_torch, mla_decode, rms_norm, route, route_softmax
+//   dense_gemv, dense_gemv_torch, dense_gemv_i8_torch, mla_decode, rms_norm, route, route_softmax
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, pack_expert_gguf, unpack_expert,
 //          expert_arrays, format, up_format, down_format, num_experts, hidden, intermediate, nbytes,
 //          expert_nbytes, writable, path

@@ -158,13 +158,15 @@ struct TorchRefs {
   PyObject* empty = nullptr;   // torch.empty
   PyObject* i64 = nullptr;     // torch.int64
   PyObject* i32 = nullptr;     // torch.int32
+  PyObject* i8 = nullptr;      // torch.int8
 };
 inline const TorchRefs& torch_refs() {
   static TorchRefs refs;
   if (refs.empty == nullptr) {
     py::object torch = py::module_::import("torch");
     auto leak = [&](const char* attr) { return py::object(torch.attr(attr)).release().ptr(); };
-    TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty"), leak("int64"), leak("int32")};
+    TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty"), leak("int64"), leak("int32"),
+                leak("int8")};
     refs = r;
   }
   return refs;
@@ -254,10 +256,11 @@ inline void expect_shape(const TensorView& v, const char* name, const std::vecto
 struct DenseOperand {
   char* data;
   int64_t rows, cols, ld;
-  bool bf16;  // uint16 bf16 bits; else float32 (out only)
+  bool bf16;  // uint16 bf16 bits; else float32 (out only), or int8 (i8: an int8 weight)
   const char* name;
+  bool i8 = false;
   std::string shape() const { return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]"; }
-  int64_t esize() const { return bf16 ? 2 : 4; }
+  int64_t esize() const { return i8 ? 1 : bf16 ? 2 : 4; }
   // [first byte, last byte + 1)
   std::pair<uintptr_t, uintptr_t> span() const {
     uintptr_t b = reinterpret_cast<uintptr_t>(data);
@@ -300,13 +303,16 @@ inline DenseOperand dense_from_numpy(const py::object& o, const char* name, bool
   return d;
 }
 
-inline DenseOperand dense_from_torch(const py::object& o, const char* name, bool is_out) {
+// int8_weight: the operand is an int8 weight (dtype torch.int8 and nothing else).
+inline DenseOperand dense_from_torch(const py::object& o, const char* name, bool is_out, bool int8_weight = false) {
   const TorchRefs& tr = torch_refs();
   const TensorAttrNames& an = tensor_attr_names();
   PyObject* ob = o.ptr();
   py::object dt = cpu_tensor_dtype(o, name);
   const bool bf16 = dt.ptr() == tr.bf16;
-  if (!bf16 && !(is_out && dt.ptr() == tr.f32))
+  if (int8_weight && dt.ptr() != tr.i8)
+    throw py::type_error(std::string(name) + " must have dtype torch.int8, got " + py::str(dt).cast<std::string>());
+  if (!int8_weight && !bf16 && !(is_out && dt.ptr() == tr.f32))
     throw py::type_error(std::string(name) + " must have dtype torch.bfloat16" + (is_out ? " or torch.float32" : "") +
                          ", got " + py::str(dt).cast<std::string>());
   py::object shape = checked(PyObject_GetAttr(ob, an.shape));
@@ -324,7 +330,7 @@ inline DenseOperand dense_from_torch(const py::object& o, const char* name, bool
   }
   auto [rows, cols] = int_pair(shape);
   auto [s0, s1] = int_pair(st);
-  DenseOperand d{reinterpret_cast<char*>(ptr), rows, cols, 0, bf16, name};
+  DenseOperand d{reinterpret_cast<char*>(ptr), rows, cols, 0, bf16, name, int8_weight};
   d.ld = dense_ld(name, rows, cols, s0, s1, "elements");
   return d;
 }

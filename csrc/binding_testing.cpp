@@ -226,6 +226,7 @@ PYBIND11_MODULE(_native_testing, m) {
     d["matmul_a16"] = t.matmul_a16 != nullptr;
     d["gemv_bf16"] = t.gemv_bf16 != nullptr;
     d["gemv_t_bf16"] = t.gemv_t_bf16 != nullptr;
+    d["gemv_i8"] = t.gemv_i8 != nullptr;
     return d;
   }, py::arg("isa"), "which entries the resolved table of `isa` has (after filling)");
   m.def("kernel_quantize_row_a8", &py_kernel_quantize_row_a8, py::arg("isa"), py::arg("x"));

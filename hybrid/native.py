@@ -132,3 +132,16 @@ def gemv_bf16(weight, x, out=None, *, isa: str | None = None, threads: bool = Tr
     through the C API, ~0.55 us per tensor; as_numpy's view would cost ~4 us per tensor.
     """
     return lib().dense_gemv_torch(weight, x, out, isa or "", threads)
+
+
+def gemv_i8(weight, scale, x, out=None, *, isa: str | None = None, threads: bool = True):
+    """y [T, N] = (x [T, K] @ weight [N, K]^T) * scale [N] with the native int8 GEMV (csrc/dense.h):
+    the device Linear's path on CPU for a few tokens when device weights are int8; it reads the
+    int8 bytes as they are (torch would need a bf16 copy of the weight per call).
+
+    weight: torch.int8 CPU [N, K] with unit inner stride (rows may be strided); scale:
+    torch.float32 CPU [N], contiguous; x: torch.bfloat16 CPU [T, K]. Each int8 x bf16 product is
+    exact in fp32; the sums are fp32, then times scale in fp32, then (bf16 out) one rounding.
+    out, isa, threads, errors: as gemv_bf16 (weights of 4 MiB and more are split over the pool).
+    """
+    return lib().dense_gemv_i8_torch(weight, scale, x, out, isa or "", threads)

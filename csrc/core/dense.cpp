@@ -10,13 +10,20 @@ constexpr int64_t kSplitRows = 16;    // rows per work unit of the pool split (o
 constexpr int64_t kChunkRows = 32;    // bf16 out: rows per fp32 scratch tile
 constexpr int64_t kChunkTokens = 32;  // bf16 out: tokens per fp32 scratch tile (32 x 32 x 4 B = 4 KiB)
 
-// Rows [r0, r1) for all tokens. fp32 out: the kernel writes straight into out. bf16 out: the
-// kernel fills a small fp32 scratch tile (stack, L1) that is then rounded into out; a tile is
-// 32 rows so that for T > 32 the re-read rows (32 x K x 2 B, 1.2 MiB at K = 18432) stay in L2.
-void gemv_rows(const KernelTable& kt, const uint16_t* w, int64_t ldw, int64_t r0, int64_t r1, int64_t k,
-               const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo, bool out_bf16) {
+// Rows [r0, r1) for all tokens through kern(c0, c1, x, tc, out, ldo) (a KernelTable GEMV over
+// rows [c0, c1)), each row's sums times scale[row] when scale is given. fp32 out: the kernel
+// writes straight into out (then scaled in place). bf16 out: the kernel fills a small fp32
+// scratch tile (stack, L1) that is scaled and rounded once into out; a tile is 32 rows so that
+// for T > 32 the re-read rows (32 x K x 2 B, 1.2 MiB at K = 18432) stay in L2.
+template <class Kern>
+void gemv_rows(const Kern& kern, const float* scale, int64_t r0, int64_t r1, const uint16_t* x, int64_t t,
+               int64_t ldx, void* out, int64_t ldo, bool out_bf16) {
   if (!out_bf16) {
-    kt.gemv_bf16(w, ldw, r0, r1, k, x, t, ldx, static_cast<float*>(out) + r0, ldo);
+    float* o = static_cast<float*>(out) + r0;
+    kern(r0, r1, x, t, o, ldo);
+    if (scale != nullptr)
+      for (int64_t tt = 0; tt < t; ++tt)
+        for (int64_t r = r0; r < r1; ++r) o[tt * ldo + (r - r0)] *= scale[r];
     return;
   }
   uint16_t* ob = static_cast<uint16_t*>(out);
@@ -25,11 +32,35 @@ void gemv_rows(const KernelTable& kt, const uint16_t* w, int64_t ldw, int64_t r0
     const int64_t c1 = std::min(r1, c0 + kChunkRows), rows = c1 - c0;
     for (int64_t t0 = 0; t0 < t; t0 += kChunkTokens) {
       const int64_t tc = std::min(t - t0, kChunkTokens);
-      kt.gemv_bf16(w, ldw, c0, c1, k, x + t0 * ldx, tc, ldx, scratch, rows);
+      kern(c0, c1, x + t0 * ldx, tc, scratch, rows);
       for (int64_t i = 0; i < tc; ++i)
-        for (int64_t r = 0; r < rows; ++r) ob[(t0 + i) * ldo + c0 + r] = f32_to_bf16(scratch[i * rows + r]);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float v = scratch[i * rows + r];
+          ob[(t0 + i) * ldo + c0 + r] = f32_to_bf16(scale != nullptr ? v * scale[c0 + r] : v);
+        }
     }
   }
+}
+
+// Rows [0, n) in units of kSplitRows over a caller job of the pool, or inline (see dense_gemv).
+template <class Rows>
+void split_rows(ThreadPool* pool, int64_t n, int64_t weight_bytes, const Rows& rows) {
+  const int64_t units = (n + kSplitRows - 1) / kSplitRows;
+  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));  // workers + the caller
+  if (weight_bytes < kDenseParallelMinBytes) team = 1;
+  if (team <= 1) {
+    rows(0, n);
+    return;
+  }
+  // A caller job: the calling thread, which would otherwise only wait, takes the last share and
+  // team - 1 workers the others (thread_pool.h: a waiting caller and a spinning worker fight for
+  // a core when the pool has one worker per core).
+  pool->run({[&](int tid, int team_size) {
+               auto [u0, u1] = pool->split(units, tid, team_size);
+               const int64_t r0 = u0 * kSplitRows, r1 = std::min(n, u1 * kSplitRows);
+               if (r0 < r1) rows(r0, r1);
+             }},
+            team, /*caller=*/true);
 }
 
 }  // namespace
@@ -51,23 +82,23 @@ const int64_t kDenseParallelMinBytes = int64_t(4) << 20;
 void dense_gemv(const KernelTable& kt, ThreadPool* pool, const uint16_t* w, int64_t ldw, int64_t n,
                 int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
                 bool out_bf16) {
-  const int64_t bytes = n * k * 2;
-  const int64_t units = (n + kSplitRows - 1) / kSplitRows;
-  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));  // workers + the caller
-  if (bytes < kDenseParallelMinBytes) team = 1;
-  if (team <= 1) {
-    gemv_rows(kt, w, ldw, 0, n, k, x, t, ldx, out, ldo, out_bf16);
-    return;
-  }
-  // A caller job: the calling thread, which would otherwise only wait, takes the last share and
-  // team - 1 workers the others (thread_pool.h: a waiting caller and a spinning worker fight for
-  // a core when the pool has one worker per core).
-  pool->run({[&](int tid, int team_size) {
-               auto [u0, u1] = pool->split(units, tid, team_size);
-               const int64_t r0 = u0 * kSplitRows, r1 = std::min(n, u1 * kSplitRows);
-               if (r0 < r1) gemv_rows(kt, w, ldw, r0, r1, k, x, t, ldx, out, ldo, out_bf16);
-             }},
-            team, /*caller=*/true);
+  auto kern = [&](int64_t c0, int64_t c1, const uint16_t* xs, int64_t tc, float* o, int64_t ld) {
+    kt.gemv_bf16(w, ldw, c0, c1, k, xs, tc, ldx, o, ld);
+  };
+  split_rows(pool, n, n * k * 2, [&](int64_t r0, int64_t r1) {
+    gemv_rows(kern, nullptr, r0, r1, x, t, ldx, out, ldo, out_bf16);
+  });
+}
+
+void dense_gemv_i8(const KernelTable& kt, ThreadPool* pool, const int8_t* w, int64_t ldw, const float* scale,
+                   int64_t n, int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
+                   bool out_bf16) {
+  auto kern = [&](int64_t c0, int64_t c1, const uint16_t* xs, int64_t tc, float* o, int64_t ld) {
+    kt.gemv_i8(w, ldw, c0, c1, k, xs, tc, ldx, o, ld);
+  };
+  split_rows(pool, n, n * k, [&](int64_t r0, int64_t r1) {
+    gemv_rows(kern, scale, r0, r1, x, t, ldx, out, ldo, out_bf16);
+  });
 }
 
 }  // namespace hybrid

@@ -1,5 +1,5 @@
-// dense.h: the dense bf16 GEMV driver (the device Linear's decode path when the device is the
-// CPU): out [T, N] = X [T, K] . W [N, K]^T on an unpacked row-major bf16 weight, with the
+// dense.h: the dense bf16 and int8 GEMV drivers (the device Linear's decode path when the device
+// is the CPU): out [T, N] = X [T, K] . W [N, K]^T on an unpacked row-major bf16 weight, with the
 // KernelTable's gemv_bf16 doing the arithmetic (kernels.h). It splits the rows over the thread
 // pool when the matrix is large enough to pay for waking it, and rounds to bf16 on the way out
 // when asked.
@@ -29,5 +29,13 @@ extern const int64_t kDenseParallelMinBytes;
 void dense_gemv(const KernelTable& kt, ThreadPool* pool, const uint16_t* w, int64_t ldw, int64_t n,
                 int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
                 bool out_bf16);
+
+// The same for an int8 weight with a per-row scale: out[tt * ldo + n] = scale[n] * sum_k W[n][k] *
+// X[tt][k] (KernelTable::gemv_i8, then the scale in fp32 and one rounding when out_bf16).
+// w: int8, row n at w + n * ldw; scale: fp32 [n]. The same split and threading rules (by weight
+// bytes: 1 per element).
+void dense_gemv_i8(const KernelTable& kt, ThreadPool* pool, const int8_t* w, int64_t ldw, const float* scale,
+                   int64_t n, int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
+                   bool out_bf16);
 
 }  // namespace hybrid

@@ -188,8 +188,9 @@ const KernelTable& resolved_table(const std::string& isa) {
     if (!t.matmul_a16) t.matmul_a16 = lower->matmul_a16;
     if (!t.gemv_bf16) t.gemv_bf16 = lower->gemv_bf16;
     if (!t.gemv_t_bf16) t.gemv_t_bf16 = lower->gemv_t_bf16;
+    if (!t.gemv_i8) t.gemv_i8 = lower->gemv_i8;
   }
-  if (!t.quantize_row_a8 || !t.matmul_a8 || !t.matmul_f32 || !t.gemv_bf16 || !t.gemv_t_bf16)
+  if (!t.quantize_row_a8 || !t.matmul_a8 || !t.matmul_f32 || !t.gemv_bf16 || !t.gemv_t_bf16 || !t.gemv_i8)
     throw std::logic_error("kernel table '" + isa + "' is incomplete after filling");
   return cache.emplace(isa, t).first->second;
 }

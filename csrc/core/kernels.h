@@ -202,6 +202,17 @@ struct KernelTable {
   // it; the tables above avx512 take avx512's (vdpbf16ps would round the fp32 x to bf16).
   void (*gemv_t_bf16)(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t n1, const float* x,
                       int64_t t, int64_t ldx, float* out, int64_t ldo, bool accumulate) = nullptr;
+
+  // Dense int8 GEMV on an UNPACKED row-major int8 weight (a device Linear held in int8 on the CPU,
+  // device_weights="int8"; driver dense.h, which applies the per-row scale):
+  //   out[tt * ldo + (n - n0)] = sum_{i < k} W[n][i] * X[tt][i]   for n in [n0, n1), tt in [0, t)
+  // W: int8 [N][K], row n at w + n * ldw; X: bf16 bits [T][K] as gemv_bf16's. An int8 x bf16
+  // product is exact in fp32 (7 + 8 significant bits), so implementations differ from the scalar
+  // reference only in fp32 summation order. Any k >= 1, any row range, any t >= 1.
+  // Declared last with a default for the same reason as gemv_bf16. Scalar, avx2 and avx512
+  // provide it; the tables above avx512 take avx512's.
+  void (*gemv_i8)(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
+                  int64_t t, int64_t ldx, float* out, int64_t ldo) = nullptr;
 };
 
 // Getters, one per translation unit. Each returns nullptr when this build did not compile that

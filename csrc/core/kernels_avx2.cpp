@@ -674,6 +674,86 @@ static void y_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// gemv_i8 (kernels.h): unpacked row-major int8 W [N][K] times bf16 X [T][K], fp32 sums (the
+// per-row scale is dense.cpp's). The tiles of y_gemv_bf16 (4 or 1 rows x TT <= 2 tokens); a step
+// covers 8 inputs in order: 8 int8 sign-extended and converted to fp32 (exact) per row, 8 bf16
+// zero-extended and shifted per token, one FMA per row and token. The K % 8 tail goes through
+// zero-padded stack copies, so no load reads past a row.
+// ---------------------------------------------------------------------------------------------
+static HY_ALWAYS_INLINE void y_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_t k, const uint16_t* x, int64_t ldx,
+                                            int rows, int tt, float* out, int64_t ldo) {
+  __m256 acc[kGemvRows][kGemvTokens];
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm256_setzero_ps();
+  auto step = [&](const int8_t* const* wp, const uint16_t* const* xp) __attribute__((always_inline)) {
+    __m256 xf[kGemvTokens];
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t)
+      xf[t] = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xp[t]))), 16));
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) {
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp[r]))));
+#pragma GCC unroll 2
+      for (int t = 0; t < tt; ++t) acc[r][t] = _mm256_fmadd_ps(wf, xf[t], acc[r][t]);
+    }
+  };
+  const int8_t* wp[kGemvRows];
+  const uint16_t* xp[kGemvTokens];
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wp[r] = w + r * ldw + i;
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) xp[t] = x + t * ldx + i;
+    step(wp, xp);
+  }
+  if (i < k) {  // 1..7 inputs left, zero-padded
+    alignas(16) int8_t wb[kGemvRows][16] = {};
+    alignas(16) uint16_t xb[kGemvTokens][8] = {};
+    for (int r = 0; r < rows; ++r) {
+      std::memcpy(wb[r], w + r * ldw + i, size_t(k - i));
+      wp[r] = wb[r];
+    }
+    for (int t = 0; t < tt; ++t) {
+      std::memcpy(xb[t], x + t * ldx + i, size_t(k - i) * 2);
+      xp[t] = xb[t];
+    }
+    step(wp, xp);
+  }
+  if (rows == kGemvRows) {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, y_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) out[t * ldo] = y_hsum(acc[0][t]);
+  }
+}
+
+static void y_gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x, int64_t t,
+                      int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1;) {
+    const int rows = n1 - n >= kGemvRows ? kGemvRows : 1;
+    const int8_t* wr = w + n * ldw;
+    for (int64_t t0 = 0; t0 < t; t0 += kGemvTokens) {
+      const uint16_t* xt = x + t0 * ldx;
+      float* ot = out + t0 * ldo + (n - n0);
+      const bool two = t - t0 >= 2;
+      if (rows == kGemvRows) {
+        if (two) y_gemv_i8_tile(wr, ldw, k, xt, ldx, kGemvRows, 2, ot, ldo);
+        else y_gemv_i8_tile(wr, ldw, k, xt, ldx, kGemvRows, 1, ot, ldo);
+      } else {
+        if (two) y_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo);
+        else y_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo);
+      }
+    }
+    n += rows;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // gemv_t_bf16 (kernels.h): out[tt][j] (+)= sum_i x[tt][i] W[i][j], W bf16 [K][N] used transposed.
 // The structure of simd_avx512_gemv.h's z_gemv_t_bf16 on ymm of 8 columns: a tile is NV ymm x TT
 // tokens of fp32 accumulators, W row i's tile columns widened once (zero-extend, shift left 16)
@@ -770,6 +850,7 @@ const KernelTable kTable = {
     nullptr,  // matmul_a16 needs avx512_bf16
     y_gemv_bf16,
     y_gemv_t_bf16,
+    y_gemv_i8,
 };
 
 }  // namespace

@@ -213,11 +213,26 @@ void gemv_t_bf16(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t 
   }
 }
 
+// The reference int8 GEMV: one ordered fp32 sum per (row, token); each product is exact in fp32.
+void gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x, int64_t t,
+             int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * ldw;
+    for (int64_t tt = 0; tt < t; ++tt) {
+      const uint16_t* xr = x + tt * ldx;
+      float acc = 0.f;
+      for (int64_t i = 0; i < k; ++i) acc += float(wr[i]) * bf16_to_f32(xr[i]);
+      out[tt * ldo + (n - n0)] = acc;
+    }
+  }
+}
+
 const KernelTable kTable = {
     "scalar", quantize_row_a8, matmul_a8, matmul_f32,
     nullptr,  // matmul_a16: none below avx512_bf16 (kernels.h); see reference_matmul_a16
     gemv_bf16,
     gemv_t_bf16,
+    gemv_i8,
 };
 
 }  // namespace

@@ -145,6 +145,84 @@ static HY_ALWAYS_INLINE void z_gemv_bf16_body(const uint16_t* w, int64_t ldw, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// gemv_i8 (kernels.h): unpacked row-major int8 W [N][K] times bf16 X [T][K], fp32 sums (the
+// per-row scale is dense.cpp's). A tile is R = 4 rows (or 1) x TT <= 4 tokens of zmm
+// accumulators; a step covers 16 inputs: each row's 16 int8 sign-extended and converted to fp32
+// (exact), each token's 16 bf16 zero-extended and shifted into fp32, one FMA per row and token.
+// Inputs stay in order (no even / odd split as in gemv_bf16), so a step is one 16-byte load per
+// row: a 4-row tile reads 64 weight bytes per step against the bf16 GEMV's 256. The K % 16 tail
+// uses masked loads (masked lanes read as 0 and never fault).
+// ---------------------------------------------------------------------------------------------
+static HY_ALWAYS_INLINE void z_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_t k, const uint16_t* x, int64_t ldx,
+                                            int rows, int tt, float* out, int64_t ldo) {
+  __m512 acc[HY_Z_GEMV_ROWS][HY_Z_GEMV_TT_MAX];
+#pragma GCC unroll 4
+  for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_setzero_ps();
+  auto step = [&](const __m128i* wv, const __m256i* xv) __attribute__((always_inline)) {
+    __m512 xf[HY_Z_GEMV_TT_MAX];
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) xf[t] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xv[t]), 16));
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) {
+      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(wv[r]));
+#pragma GCC unroll 4
+      for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_fmadd_ps(wf, xf[t], acc[r][t]);
+    }
+  };
+  __m128i wv[HY_Z_GEMV_ROWS];
+  __m256i xv[HY_Z_GEMV_TT_MAX];
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ldw + i));
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * ldx + i));
+    step(wv, xv);
+  }
+  if (i < k) {  // 1..15 inputs left
+    const __mmask16 m = __mmask16((1u << (k - i)) - 1u);
+#pragma GCC unroll 4
+    for (int r = 0; r < rows; ++r) wv[r] = _mm_maskz_loadu_epi8(m, w + r * ldw + i);
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) xv[t] = _mm256_maskz_loadu_epi16(m, x + t * ldx + i);
+    step(wv, xv);
+  }
+  if (rows == HY_Z_GEMV_ROWS) {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, z_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) out[t * ldo] = _mm512_reduce_add_ps(acc[0][t]);
+  }
+}
+
+[[maybe_unused]] static void z_gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
+                                       const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1;) {
+    const int rows = n1 - n >= HY_Z_GEMV_ROWS ? HY_Z_GEMV_ROWS : 1;
+    const int8_t* wr = w + n * ldw;
+    for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMV_TT_MAX) {
+      const int tt = int(t - t0 < HY_Z_GEMV_TT_MAX ? t - t0 : HY_Z_GEMV_TT_MAX);
+      const uint16_t* xt = x + t0 * ldx;
+      float* ot = out + t0 * ldo + (n - n0);
+      switch (tt * 8 + rows) {  // constant tile shapes for the unrolled bodies
+        case 1 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo); break;
+        case 2 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo); break;
+        case 3 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 3, ot, ldo); break;
+        case 4 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 4, ot, ldo); break;
+        case 1 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 1, ot, ldo); break;
+        case 2 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 2, ot, ldo); break;
+        case 3 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 3, ot, ldo); break;
+        default: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 4, ot, ldo); break;
+      }
+    }
+    n += rows;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // gemv_t_bf16 (kernels.h): out[tt][j] (+)= sum_i x[tt][i] W[i][j], W bf16 [K][N] used transposed.
 // Axpy form, vectorised over columns: a tile is NV zmm of 16 consecutive columns x TT <= 4 tokens
 // of fp32 accumulators (64 columns x 4 tokens = 16 zmm); for each row i it widens the tile's

@@ -9,8 +9,8 @@ The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 
 Three forms, chosen once per weight by the op set (hybrid/ops/op_sets.py): `Linear` (torch; for
 quantised weights the reference, which widens DEQUANT_ROWS rows at a time), `QuantLinear` (an
 int8/fp8 weight on a CUDA device: the Triton kernel reads the quantised bytes directly, no
-dequantised copy per call; quant_linear_triton.py) and `NativeLinear` (a bf16 CPU weight: the
-native GEMV for a few tokens).
+dequantised copy per call; quant_linear_triton.py) and `NativeLinear` (a bf16 or int8 CPU
+weight: the native GEMV for a few tokens, reading int8 bytes directly).
 Legend: T tokens, N outputs, K inputs.
 """
 
@@ -112,22 +112,33 @@ class QuantLinear(Linear):
 
 
 class NativeLinear(Linear):
-    """A dense bf16 CPU weight with unit inner stride: a few bf16 tokens go through the native
-    GEMV (hybrid.native.gemv_bf16), more through torch's GEMM."""
+    """A CPU weight with unit inner stride, dense bf16 or int8 with its fp32 row scale: a few bf16
+    tokens go through the native GEMV (hybrid.native gemv_bf16 / gemv_i8, csrc/core/dense.h; int8
+    bytes are read as they are, 1 per weight, with no dequantised copy), more through torch's GEMM
+    (for int8, Linear's reference, whose per-call conversion is then spread over the tokens)."""
 
-    def __init__(self, lib, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "?"):
-        super().__init__(weight, bias, None, name)
+    def __init__(self, lib, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, name: str = "?"):
+        super().__init__(weight, bias, scale, name)
         self._lib = lib
         small = weight.numel() * weight.element_size() <= NATIVE_SMALL_BYTES
         self._max_tokens = NATIVE_SMALL_MAX_TOKENS if small else NATIVE_MAX_TOKENS
 
     @staticmethod
     def fits(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
-        return (scale is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-                and weight.dim() == 2 and weight.stride(1) == 1)
+        on_cpu = weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(1) == 1
+        if scale is None:
+            return on_cpu and weight.dtype == torch.bfloat16
+        return (on_cpu and weight.dtype == torch.int8 and scale.dtype == torch.float32
+                and scale.shape == (weight.shape[0],) and scale.is_contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] -> [T, N]
         if x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= self._max_tokens and x.stride(1) == 1:
-            y = self._lib.dense_gemv_torch(self.weight, x, None, "", True)  # [T, N] bf16
+            if self.format == "dense":
+                y = self._lib.dense_gemv_torch(self.weight, x, None, "", True)  # [T, N] bf16
+            else:   # the scale applied in fp32, then one rounding to bf16
+                y = self._lib.dense_gemv_i8_torch(self.weight, self.scale, x, None, "", True)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        if self.format == "dense":
+            return F.linear(x, self.weight, self.bias)
+        return Linear.__call__(self, x)

@@ -85,7 +85,7 @@ class NativeCpuOps(TorchOps):
 
     def linear(self, weight, bias=None, scale=None, name: str = "?") -> Linear:
         if NativeLinear.fits(weight, scale):
-            return NativeLinear(self._lib, weight, bias, name=name)
+            return NativeLinear(self._lib, weight, bias, scale, name=name)
         return Linear(weight, bias, scale, name=name)
 
     def mla_attention(self, layer, shape, kv_norm, kv_b) -> MLAAttention:
