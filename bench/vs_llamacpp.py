@@ -133,13 +133,14 @@ def gguf_for(ckpt: Path, out_type: str, gguf_dir: Path | None, expert_type: str 
 # Runs
 # ---------------------------------------------------------------------------------------------
 def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: int, fp32: bool = False,
-               torch_threads: int | None = None) -> dict:
+               torch_threads: int | None = None, device_weights: str = "bf16") -> dict:
     import torch
 
     import hybrid
 
+    kw = {} if device_weights == "bf16" else {"device_weights": device_weights}
     model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16,
-                        dtype=torch.float32 if fp32 else None)
+                        dtype=torch.float32 if fp32 else None, **kw)
     if torch_threads:
         torch.set_num_threads(torch_threads)
     net = model.network
@@ -249,7 +250,7 @@ def bench_model(name: str, ckpt: Path, args, text: bool = False, fp32: bool = Fa
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
     h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32" or args.fp32 or fp32,
-                   torch_threads=args.torch_threads)
+                   torch_threads=args.torch_threads, device_weights=args.device_weights)
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
     lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp, DEMO_TEXT if text or name == "demo" else None)
     p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
@@ -258,7 +259,7 @@ def bench_model(name: str, ckpt: Path, args, text: bool = False, fp32: bool = Fa
         "model": name, "checkpoint": str(ckpt), "gguf": str(path), "gguf_gb": round(path.stat().st_size / 1e9, 3),
         **_gguf_types(path),
         "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size,
-        "threads": args.threads, "hybrid_torch_threads": h["torch_threads"], "hybrid_dtype": h["dtype"],
+        "threads": args.threads, "hybrid_torch_threads": h["torch_threads"], "hybrid_dtype": h["dtype"], "hybrid_device_weights": args.device_weights,
         "prompt_tokens": args.prompt, "decode_tokens": args.decode,
         "hybrid_prefill_tok_s": round(args.prompt / h["prefill_s"], 2),
         "llamacpp_prefill_tok_s": round(args.prompt / lc["prefill_s"], 2),
@@ -320,6 +321,9 @@ def main(argv=None) -> int:
                          "'same' with --type f32 is the converter check (llama.cpp's Q4_0 matmul quantises "
                          "activations to 8 bits, which alone moves log-softmax by ~0.02 median)")
     ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
+    ap.add_argument("--device-weights", choices=("bf16", "int8"), default="bf16",
+                    help="hybrid's format for the non-expert matrices (on this CPU-only bench they run on "
+                         "the CPU: int8 through the native int8 GEMV, half the bytes of bf16)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")

@@ -106,7 +106,7 @@ def test_native_linear_int8_equals_the_reference():
     """NativeLinear of an int8 weight (the native op set on the CPU): a few tokens through the
     native GEMV, more through Linear's reference; both within bf16 rounding of the exact value,
     bias included."""
-    from hybrid.ops.linear import NATIVE_MAX_TOKENS, Linear, NativeLinear
+    from hybrid.ops.linear import NATIVE_INT8_MAX_TOKENS as NATIVE_MAX_TOKENS, Linear, NativeLinear
 
     rng = np.random.default_rng(5)
     w, s, x, w64, s64, x64 = operands(rng, 3000, 512, NATIVE_MAX_TOKENS + 3)
