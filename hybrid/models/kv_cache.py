@@ -39,6 +39,12 @@ class LatentKVCache(SlotCache):
     def tensors(self) -> list[torch.Tensor]:
         return self.kv
 
+    @property
+    def nbytes(self) -> int:
+        """What the cache holds, the spare row of each layer included (tensors() are views
+        without it)."""
+        return sum(f.numel() * f.element_size() for f in self.flat)
+
     @staticmethod
     def elements_per_token(config: ModelConfig) -> int:
         """Cache elements one token costs across all layers: latent and rope key of every layer."""
