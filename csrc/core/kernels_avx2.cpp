@@ -593,6 +593,17 @@ static HY_ALWAYS_INLINE __m128 y_hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// A tile's sums out: out[t * ldo + r] = the total of acc[r][t] (rows = 4 or 1).
+static HY_ALWAYS_INLINE void y_gemv_store(__m256 (*acc)[kGemvTokens], int rows, int tt, float* out, int64_t ldo) {
+  if (rows == kGemvRows) {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, y_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 2
+    for (int t = 0; t < tt; ++t) out[t * ldo] = y_hsum(acc[0][t]);
+  }
+}
+
 // acc[r][t] += W row r . X token t over one step of 16 inputs (wv, xv: the raw bf16 vectors).
 static HY_ALWAYS_INLINE void y_gemv_step(__m256 (*acc)[kGemvTokens], const __m256i* wv, const __m256i* xv,
                                          int rows, int tt) {
@@ -643,34 +654,15 @@ static HY_ALWAYS_INLINE void y_gemv_tile(const uint16_t* w, int64_t ldw, int64_t
     for (int t = 0; t < tt; ++t) xv[t] = y_load_bf16_partial(x + t * ldx + i, k - i);
     y_gemv_step(acc, wv, xv, rows, tt);
   }
-  if (rows == kGemvRows) {
-#pragma GCC unroll 2
-    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, y_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 2
-    for (int t = 0; t < tt; ++t) out[t * ldo] = y_hsum(acc[0][t]);
-  }
+  y_gemv_store(acc, rows, tt, out, ldo);
 }
 
 static void y_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
                         int64_t t, int64_t ldx, float* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1;) {
-    const int rows = n1 - n >= kGemvRows ? kGemvRows : 1;
-    const uint16_t* wr = w + n * ldw;
-    for (int64_t t0 = 0; t0 < t; t0 += kGemvTokens) {
-      const uint16_t* xt = x + t0 * ldx;
-      float* ot = out + t0 * ldo + (n - n0);
-      const bool two = t - t0 >= 2;
-      if (rows == kGemvRows) {
-        if (two) y_gemv_tile(wr, ldw, k, xt, ldx, kGemvRows, 2, ot, ldo);
-        else y_gemv_tile(wr, ldw, k, xt, ldx, kGemvRows, 1, ot, ldo);
-      } else {
-        if (two) y_gemv_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo);
-        else y_gemv_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo);
-      }
-    }
-    n += rows;
-  }
+  gemv_walk<kGemvRows, kGemvTokens>(
+      w, ldw, n0, n1, x, t, ldx, out, ldo, [&](const uint16_t* wr, const uint16_t* xt, auto R, auto TT, float* ot) HY_INLINE_LAMBDA {
+        y_gemv_tile(wr, ldw, k, xt, ldx, R(), TT(), ot, ldo);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,7 +679,7 @@ static HY_ALWAYS_INLINE void y_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_
   for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 2
     for (int t = 0; t < tt; ++t) acc[r][t] = _mm256_setzero_ps();
-  auto step = [&](const int8_t* const* wp, const uint16_t* const* xp) __attribute__((always_inline)) {
+  auto step = [&](const int8_t* const* wp, const uint16_t* const* xp) HY_INLINE_LAMBDA {
     __m256 xf[kGemvTokens];
 #pragma GCC unroll 2
     for (int t = 0; t < tt; ++t)
@@ -723,34 +715,15 @@ static HY_ALWAYS_INLINE void y_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_
     }
     step(wp, xp);
   }
-  if (rows == kGemvRows) {
-#pragma GCC unroll 2
-    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, y_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 2
-    for (int t = 0; t < tt; ++t) out[t * ldo] = y_hsum(acc[0][t]);
-  }
+  y_gemv_store(acc, rows, tt, out, ldo);
 }
 
 static void y_gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x, int64_t t,
                       int64_t ldx, float* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1;) {
-    const int rows = n1 - n >= kGemvRows ? kGemvRows : 1;
-    const int8_t* wr = w + n * ldw;
-    for (int64_t t0 = 0; t0 < t; t0 += kGemvTokens) {
-      const uint16_t* xt = x + t0 * ldx;
-      float* ot = out + t0 * ldo + (n - n0);
-      const bool two = t - t0 >= 2;
-      if (rows == kGemvRows) {
-        if (two) y_gemv_i8_tile(wr, ldw, k, xt, ldx, kGemvRows, 2, ot, ldo);
-        else y_gemv_i8_tile(wr, ldw, k, xt, ldx, kGemvRows, 1, ot, ldo);
-      } else {
-        if (two) y_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo);
-        else y_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo);
-      }
-    }
-    n += rows;
-  }
+  gemv_walk<kGemvRows, kGemvTokens>(
+      w, ldw, n0, n1, x, t, ldx, out, ldo, [&](const int8_t* wr, const uint16_t* xt, auto R, auto TT, float* ot) HY_INLINE_LAMBDA {
+        y_gemv_i8_tile(wr, ldw, k, xt, ldx, R(), TT(), ot, ldo);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -181,19 +181,26 @@ void matmul_f32(const PackedMatrix& w, int64_t b0, int64_t b1, const float* x, i
   }
 }
 
-// The reference: one ordered fp32 sum per (row, token). Each product is exact in fp32 (bf16 has
-// 8 significant bits), so this is also what an FMA chain in input order would give.
-void gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
-               int64_t t, int64_t ldx, float* out, int64_t ldo) {
+// The reference GEMV walk: one ordered fp32 sum per (row, token) of to_f32(W[n][i]) * x[tt][i].
+template <class W, class ToF32>
+void gemv_ref(const W* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x, int64_t t,
+              int64_t ldx, float* out, int64_t ldo, ToF32 to_f32) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * ldw;
+    const W* wr = w + n * ldw;
     for (int64_t tt = 0; tt < t; ++tt) {
       const uint16_t* xr = x + tt * ldx;
       float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc += bf16_to_f32(wr[i]) * bf16_to_f32(xr[i]);
+      for (int64_t i = 0; i < k; ++i) acc += to_f32(wr[i]) * bf16_to_f32(xr[i]);
       out[tt * ldo + (n - n0)] = acc;
     }
   }
+}
+
+// The reference: each product is exact in fp32 (bf16 has 8 significant bits), so this is also
+// what an FMA chain in input order would give.
+void gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x,
+               int64_t t, int64_t ldx, float* out, int64_t ldo) {
+  gemv_ref(w, ldw, n0, n1, k, x, t, ldx, out, ldo, [](uint16_t v) { return bf16_to_f32(v); });
 }
 
 // The reference axpy: out row tt += x[tt][i] * W row i, rows in increasing i, so each column is an
@@ -213,18 +220,10 @@ void gemv_t_bf16(const uint16_t* w, int64_t ldw, int64_t k, int64_t n0, int64_t 
   }
 }
 
-// The reference int8 GEMV: one ordered fp32 sum per (row, token); each product is exact in fp32.
+// The reference int8 GEMV: int8 x bf16 products are exact in fp32 too.
 void gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k, const uint16_t* x, int64_t t,
              int64_t ldx, float* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * ldw;
-    for (int64_t tt = 0; tt < t; ++tt) {
-      const uint16_t* xr = x + tt * ldx;
-      float acc = 0.f;
-      for (int64_t i = 0; i < k; ++i) acc += float(wr[i]) * bf16_to_f32(xr[i]);
-      out[tt * ldo + (n - n0)] = acc;
-    }
-  }
+  gemv_ref(w, ldw, n0, n1, k, x, t, ldx, out, ldo, [](int8_t v) { return float(v); });
 }
 
 const KernelTable kTable = {

@@ -4,6 +4,7 @@
 // -mavx512vl -mavx512dq), whose helpers it uses.
 #pragma once
 #include "core/simd_avx512.h"
+#include "core/tile_width.h"
 
 namespace hybrid {
 namespace {
@@ -39,6 +40,17 @@ static HY_ALWAYS_INLINE __m128 z_hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // hadd pairs within 128-bit lanes: [a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7]
   const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// A tile's sums out: out[t * ldo + r] = the total of acc[r][t] (rows = 4 or 1).
+static HY_ALWAYS_INLINE void z_gemv_store(__m512 (*acc)[HY_Z_GEMV_TT_MAX], int rows, int tt, float* out, int64_t ldo) {
+  if (rows == HY_Z_GEMV_ROWS) {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, z_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
+  } else {
+#pragma GCC unroll 4
+    for (int t = 0; t < tt; ++t) out[t * ldo] = _mm512_reduce_add_ps(acc[0][t]);
+  }
 }
 
 // acc[r][t] += W row r . X token t over one step of 32 inputs (wv, xv: the raw bf16 vectors).
@@ -97,46 +109,21 @@ static HY_ALWAYS_INLINE void z_gemv_tile(const uint16_t* w, int64_t ldw, int64_t
     for (int t = 0; t < tt; ++t) xv[t] = _mm512_maskz_loadu_epi16(m, x + t * ldx + i);
     z_gemv_step(acc, wv, xv, rows, tt, dot);
   }
-  if (rows == HY_Z_GEMV_ROWS) {
-#pragma GCC unroll 4
-    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, z_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 4
-    for (int t = 0; t < tt; ++t) out[t * ldo] = _mm512_reduce_add_ps(acc[0][t]);
-  }
+  z_gemv_store(acc, rows, tt, out, ldo);
 }
 
 // vdpbf16ps only for one token: its throughput here is one per ~2 cycles (32 products) against two
 // FMAs per cycle (16 products each), so once the widening of W is shared by 2+ tokens the FMA body
 // is faster (measured, 1 thread, 256 x 512 in L2: T = 1 dp 4.9 us vs FMA 7.4 us; T = 2 7.6 vs 6.6;
 // T = 4 14.1 vs 11.2; 12288 x 1536 from L3: T = 1 1.60 vs 1.80 ms, T = 4 2.77 vs 2.38 ms).
-#define HY_Z_GEMV_DISPATCH(rows, tt, dot, ...)                          \
-  switch (tt) {                                                         \
-    case 1: z_gemv_tile(__VA_ARGS__, rows, 1, dot, ot, ldo); break;     \
-    case 2: z_gemv_tile(__VA_ARGS__, rows, 2, false, ot, ldo); break;   \
-    case 3: z_gemv_tile(__VA_ARGS__, rows, 3, false, ot, ldo); break;   \
-    default: z_gemv_tile(__VA_ARGS__, rows, 4, false, ot, ldo); break;  \
-  }
-
 // The whole entry; `dot` (vdpbf16ps) only where __AVX512BF16__ is defined.
 static HY_ALWAYS_INLINE void z_gemv_bf16_body(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
                                               const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo,
                                               bool dot) {
-  for (int64_t n = n0; n < n1;) {
-    const int rows = n1 - n >= HY_Z_GEMV_ROWS ? HY_Z_GEMV_ROWS : 1;
-    const uint16_t* wr = w + n * ldw;
-    for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMV_TT_MAX) {
-      const int tt = int(t - t0 < HY_Z_GEMV_TT_MAX ? t - t0 : HY_Z_GEMV_TT_MAX);
-      const uint16_t* xt = x + t0 * ldx;
-      float* ot = out + t0 * ldo + (n - n0);
-      if (rows == HY_Z_GEMV_ROWS) {
-        HY_Z_GEMV_DISPATCH(HY_Z_GEMV_ROWS, tt, dot, wr, ldw, k, xt, ldx)
-      } else {
-        HY_Z_GEMV_DISPATCH(1, tt, dot, wr, ldw, k, xt, ldx)
-      }
-    }
-    n += rows;
-  }
+  gemv_walk<HY_Z_GEMV_ROWS, HY_Z_GEMV_TT_MAX>(
+      w, ldw, n0, n1, x, t, ldx, out, ldo, [&](const uint16_t* wr, const uint16_t* xt, auto R, auto TT, float* ot) HY_INLINE_LAMBDA {
+        z_gemv_tile(wr, ldw, k, xt, ldx, R(), TT(), TT() == 1 && dot, ot, ldo);
+      });
 }
 
 [[maybe_unused]] static void z_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
@@ -160,7 +147,7 @@ static HY_ALWAYS_INLINE void z_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_
   for (int r = 0; r < rows; ++r)
 #pragma GCC unroll 4
     for (int t = 0; t < tt; ++t) acc[r][t] = _mm512_setzero_ps();
-  auto step = [&](const __m128i* wv, const __m256i* xv) __attribute__((always_inline)) {
+  auto step = [&](const __m128i* wv, const __m256i* xv) HY_INLINE_LAMBDA {
     __m512 xf[HY_Z_GEMV_TT_MAX];
 #pragma GCC unroll 4
     for (int t = 0; t < tt; ++t) xf[t] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xv[t]), 16));
@@ -189,37 +176,15 @@ static HY_ALWAYS_INLINE void z_gemv_i8_tile(const int8_t* w, int64_t ldw, int64_
     for (int t = 0; t < tt; ++t) xv[t] = _mm256_maskz_loadu_epi16(m, x + t * ldx + i);
     step(wv, xv);
   }
-  if (rows == HY_Z_GEMV_ROWS) {
-#pragma GCC unroll 4
-    for (int t = 0; t < tt; ++t) _mm_storeu_ps(out + t * ldo, z_hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]));
-  } else {
-#pragma GCC unroll 4
-    for (int t = 0; t < tt; ++t) out[t * ldo] = _mm512_reduce_add_ps(acc[0][t]);
-  }
+  z_gemv_store(acc, rows, tt, out, ldo);
 }
 
 [[maybe_unused]] static void z_gemv_i8(const int8_t* w, int64_t ldw, int64_t n0, int64_t n1, int64_t k,
                                        const uint16_t* x, int64_t t, int64_t ldx, float* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1;) {
-    const int rows = n1 - n >= HY_Z_GEMV_ROWS ? HY_Z_GEMV_ROWS : 1;
-    const int8_t* wr = w + n * ldw;
-    for (int64_t t0 = 0; t0 < t; t0 += HY_Z_GEMV_TT_MAX) {
-      const int tt = int(t - t0 < HY_Z_GEMV_TT_MAX ? t - t0 : HY_Z_GEMV_TT_MAX);
-      const uint16_t* xt = x + t0 * ldx;
-      float* ot = out + t0 * ldo + (n - n0);
-      switch (tt * 8 + rows) {  // constant tile shapes for the unrolled bodies
-        case 1 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 1, ot, ldo); break;
-        case 2 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 2, ot, ldo); break;
-        case 3 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 3, ot, ldo); break;
-        case 4 * 8 + 1: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 1, 4, ot, ldo); break;
-        case 1 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 1, ot, ldo); break;
-        case 2 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 2, ot, ldo); break;
-        case 3 * 8 + 4: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 3, ot, ldo); break;
-        default: z_gemv_i8_tile(wr, ldw, k, xt, ldx, 4, 4, ot, ldo); break;
-      }
-    }
-    n += rows;
-  }
+  gemv_walk<HY_Z_GEMV_ROWS, HY_Z_GEMV_TT_MAX>(
+      w, ldw, n0, n1, x, t, ldx, out, ldo, [&](const int8_t* wr, const uint16_t* xt, auto R, auto TT, float* ot) HY_INLINE_LAMBDA {
+        z_gemv_i8_tile(wr, ldw, k, xt, ldx, R(), TT(), ot, ldo);
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
