@@ -343,3 +343,20 @@ def full_logits_features(model, ids):
         return full_logits(model, ids)
     finally:
         model.head.data = head
+
+
+class LayerwiseLM(TinyLM):
+    """TinyLM that says layerwise forwards hold 10 to 15 tokens (Model.layerwise_chunks)."""
+
+    def layerwise_chunks(self):
+        return (10, 15)
+
+
+def test_long_prompt_chunks_stay_within_the_layerwise_bounds(tiny_tokenizer, one_thread):
+    """With nothing decoding, a long prompt is read in layerwise-sized chunks: the threshold, or
+    all that is left under twice it, but never more than the most the device's memory allows;
+    a prompt under the threshold goes the usual budgeted way."""
+    with make_engine(LayerwiseLM(), tiny_tokenizer, prefill_chunk=4) as eng:
+        assert [eng._long_chunk(n) for n in (9, 10, 12, 15, 16, 19, 20, 37)] == [0, 10, 12, 15, 15, 15, 10, 10]
+    with make_engine(TinyLM(), tiny_tokenizer, prefill_chunk=4) as eng:   # no layerwise prefill
+        assert eng._long_chunk(1000) == 0
