@@ -282,11 +282,12 @@ def test_long_chunks_activations_bound_the_chunk(tmp_path, monkeypatch):
     machine = _machine_with_threshold(spec_from_config(raw, model_id="tiny", where=where), 900)
     monkeypatch.setattr(layerwise_module, "machine_for", lambda prof, device=None: machine)
     kw = dict(device="cpu", dtype=torch.float32, progress=False, max_len=4096, layerwise_prefill=True)
-    t, most = hybrid.load(path, **kw).layerwise_chunks()
+    unbounded = hybrid.load(path, **kw)
+    t, most = unbounded.layerwise_chunks()
     assert PREFILL_CHUNK < t <= 900 and most is None, (t, most)   # no max_vram: unbounded
     facts = facts_of(config_from_dir(path))
     need = check_fits(facts, path, "cpu", torch.float32, {}, max_len=4096).total
-    layer = hybrid.load(path, **kw).layerwise().streamer.layers[0]
+    layer = unbounded.layerwise().streamer.layers[0]
     buffers = layerwise_bytes(layer.num_experts, layer.expert_nbytes, layer.expert_nbytes)
 
     def extra(tokens):

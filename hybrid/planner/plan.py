@@ -190,7 +190,7 @@ def layerwise_need(cost: CostModel, context_tokens: int) -> tuple[int, int | Non
     two layer buffers and the activations of a threshold-sized chunk beyond the PREFILL_CHUNK's
     the budget already counts (hybrid/runtime/layerwise.py bounds the chunk by the same rule):
     K2.5's threshold is thousands of tokens, so gigabytes."""
-    from hybrid.planner.device_memory import PREFILL_CHUNK, activation_bytes, layerwise_bytes
+    from hybrid.planner.device_memory import activation_bytes, layerwise_bytes
 
     m = cost.model
     L, E, K = len(m.moe_layers), m.num_experts, m.top_k
@@ -198,7 +198,7 @@ def layerwise_need(cost: CostModel, context_tokens: int) -> tuple[int, int | Non
     if t is None:
         return 0, None
     itemsize, formats = _device_dtype(cost)
-    counted = activation_bytes(m.facts, min(PREFILL_CHUNK, context_tokens), itemsize, formats)
+    counted = device_needs(cost, context_tokens)[2]   # the activations the budget holds already
     extra = max(0, activation_bytes(m.facts, t, itemsize, formats) - counted)
     return layerwise_bytes(m.num_experts, cost.gpu_expert_bytes, cost.cpu_expert_bytes) + extra, t
 

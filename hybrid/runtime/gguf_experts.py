@@ -111,7 +111,8 @@ class GGUFExpertLoader(ExpertLoader):
         self._warned.add((names, fmt))
         native = ", ".join(sorted(native_types())) or "none"
         warnings.warn(f"{file}: routed experts ({names}, layer {layer} and others like it) have no native CPU "
-                      f"kernel (hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES: {native}): dequantised and re-quantised to the CPU engine's {fmt} format"
+                      f"kernel (hybrid.experts.cpu_moe.GGUF_NATIVE_TYPES: {native}): dequantised and "
+                      f"re-quantised to the CPU engine's {fmt} format"
                       + ("" if fmt == "bf16" else " (lossy: a second rounding on top of the GGUF's)"),
                       stacklevel=4)
 
