@@ -6,10 +6,13 @@ tile widths. One call covers all row blocks of the matrix on the calling thread.
 
     python bench/kernel_speed.py                       # INT4, gate_up shape 4096 x 7168
     python bench/kernel_speed.py --format int8 --tokens 1 8 16 --isa avx512_vnni amx
+    python bench/kernel_speed.py --format iq2_xxs --n 512 --tokens 1 11   # a GGUF type, in L2
 
 Columns: Gop/s (2 per multiply-add) and, for T = 1, the GB/s of packed weight read (the
-matrix, 16 MB for INT4, is larger than L2, so T = 1 streams it from L3/RAM like decode does).
-Medians of --runs calls after a warm-up call.
+matrix, 16 MB for INT4, is larger than L2, so T = 1 streams it from L3/RAM like decode does;
+a small --n, e.g. 512, keeps it in L2 and measures the kernel's compute alone). --format takes
+int4, int8 or a GGUF block type (q4_k, iq2_xxs, ...: random valid blocks, repacked as the loader
+repacks them). Medians of --runs calls after a warm-up call.
 
 --gemv: the dense bf16 GEMV of the device Linear on CPU (hybrid.native.gemv_bf16, csrc/core/dense.h)
 against torch's bf16 F.linear, on the demo model's and Kimi K2.5's non-expert shapes, T = 1 and
@@ -59,6 +62,28 @@ def _kernels():
     from hybrid import _native_testing
 
     return _native_testing
+
+
+# GGUF block types --format takes: inputs per block, bytes per block, byte offsets of the block's
+# fp16 fields (ggml's block_* structs; IQ1_M keeps its d in 4 nibbles and has none).
+GGUF_FORMATS = {"q4_0": (32, 18, (0,)), "q8_0": (32, 34, (0,)), "q4_k": (256, 144, (0, 2)),
+                "q5_k": (256, 176, (0, 2)), "q6_k": (256, 210, (208,)), "q3_k": (256, 110, (108,)),
+                "q2_k": (256, 84, (80, 82)), "iq4_xs": (256, 136, (0,)), "iq2_xxs": (256, 66, (0,)),
+                "iq2_xs": (256, 74, (0,)), "iq3_xxs": (256, 98, (0,)), "iq1_s": (256, 50, (0,)),
+                "iq1_m": (256, 56, ())}
+
+
+def gguf_packed(fmt: str, n: int, k: int, rng):
+    """(qweight, scales, GGUF bytes) of a random [n, k] matrix of GGUF type fmt, repacked: random
+    quant bits, fp16 fields 2^-8 (normal: no subnormal slow paths; speed is value-blind)."""
+    import numpy as np
+
+    bs, ts, f16 = GGUF_FORMATS[fmt]
+    rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
+    for at in f16:
+        rows[:, :, at:at + 2] = np.frombuffer(np.float16(2.0**-8).tobytes(), np.uint8)
+    q, s = _native().pack_gguf(rows.reshape(n, -1), fmt, n, k)
+    return q, s, rows.nbytes
 
 
 GEMV_SHAPES = ["256x512", "512x256", "4096x256", "1536x7168", "12288x1536", "7168x8192", "18432x7168"]
@@ -144,7 +169,7 @@ def gemv_t_bench(shapes: list[str], tokens: list[int], isas: list[str] | None, r
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", choices=["int4", "int8"], default="int4")
+    p.add_argument("--format", choices=["int4", "int8", *GGUF_FORMATS], default="int4")
     p.add_argument("--n", type=int, default=4096, help="rows N (multiple of 16, default 4096)")
     p.add_argument("--k", type=int, default=7168, help="inputs K (multiple of 32, default 7168)")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
@@ -190,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.n <= 0 or a.n % 16 or a.k <= 0 or a.k % 32:
         p.error(f"--n must be a positive multiple of 16 and --k of 32, got {a.n}, {a.k}")
+    if a.format in GGUF_FORMATS and a.k % GGUF_FORMATS[a.format][0]:
+        p.error(f"--format {a.format} needs --k a multiple of {GGUF_FORMATS[a.format][0]}, got {a.k}")
     if a.runs < 1 or min(a.tokens) < 1:
         p.error("--runs and every --tokens value must be >= 1")
 
@@ -202,13 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         if reason:
             p.error(f"--isa {isa}: {reason}")
     rng = np.random.default_rng(0)
-    # Random packed bytes and bf16 scales: the kernels' speed does not depend on the values.
-    qbytes = a.n * a.k // (2 if a.format == "int4" else 1)
-    q = rng.integers(0, 256, qbytes, dtype=np.uint8)
-    s = np.full(a.n * a.k // 32, 0x3C00, np.uint16)  # bf16 0.0078125
+    if a.format in GGUF_FORMATS:
+        q, s, file_bytes = gguf_packed(a.format, a.n, a.k, rng)
+        nbytes = q.nbytes + s.nbytes
+        print(f"{a.format}: {nbytes / 1e6:.1f} MB packed ({file_bytes / 1e6:.1f} MB in the GGUF)")
+    else:
+        # Random packed bytes and bf16 scales: the kernels' speed does not depend on the values.
+        qbytes = a.n * a.k // (2 if a.format == "int4" else 1)
+        q = rng.integers(0, 256, qbytes, dtype=np.uint8)
+        s = np.full(a.n * a.k // 32, 0x3C00, np.uint16)  # bf16 0.0078125
+        nbytes = qbytes + s.nbytes
     x = rng.standard_normal((max(a.tokens), a.k)).astype(np.float32)
     xq, xs, xg = K.kernel_quantize_row_a8("scalar", x)
-    nbytes = qbytes + s.nbytes
 
     print(f"matmul_a8 {a.format} N={a.n} K={a.k}, 1 thread, Gop/s (median of {a.runs})")
     print("T".rjust(4) + "".join(i.rjust(16) for i in isas))

@@ -445,8 +445,8 @@ static HY_ALWAYS_INLINE void z_with_kq_format(WeightFormat f, Fn&& fn) {
 // made signed (u8 ^ 0x80 = q) and the usual |w| x sign(a, w) form is used (|q| <= 127: pairs <= 32258).
 // ---------------------------------------------------------------------------------------------
 #define HY_Z_A8_TT_MAX 8
-// The widest token tile a driver may ask z_matmul_a8_tile16xTT for (its accumulator array): the
-// VNNI driver runs 16 (simd_vnni.h), the others HY_Z_A8_TT_MAX.
+// The widest token tile a driver may ask z_matmul_a8_tile16xTT or z_kq_a8_tile16xTT for (their
+// accumulator arrays): the VNNI driver runs 16 for both (simd_vnni.h), the others HY_Z_A8_TT_MAX.
 #define HY_Z_A8_TT_INT_MAX 16
 
 struct bw_q4g32 {
@@ -531,7 +531,7 @@ static HY_ALWAYS_INLINE void z_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b,
   constexpr KQ k = kq_of(F);
   constexpr int off = (k.table && DotK::kSignedTable) ? 0 : k.off;
   const int64_t ng = w.k / kGroup;
-  __m512 acc[HY_Z_A8_TT_MAX];
+  __m512 acc[HY_Z_A8_TT_INT_MAX];
 #pragma GCC unroll 16
   for (int t = 0; t < tt; ++t) acc[t] = _mm512_setzero_ps();
   z_kq_groups<F>(w, b, [&](int64_t G, const __m512i* wv, const __m512* dsc, const __m512* dmm) HY_INLINE_LAMBDA {
@@ -601,20 +601,21 @@ struct kq_dot : Base {
 };
 
 // Tokens [t_begin, t_end) of x for blocks [b0, b1) with the Dots of one instruction set;
-// out points at block b0's column of token 0. kIntTile: token-tile width of the group-32 integer
-// formats (<= HY_Z_A8_TT_INT_MAX); the K types keep HY_Z_A8_TT_MAX (their tiles hold more operands).
-template <class DotQ4, class DotQ8, class DotK, int kIntTile = HY_Z_A8_TT_MAX>
+// out points at block b0's column of token 0. kIntTile, kKTile: token-tile widths of the group-32
+// integer formats and of the K types (<= HY_Z_A8_TT_INT_MAX each).
+template <class DotQ4, class DotQ8, class DotK, int kIntTile = HY_Z_A8_TT_MAX, int kKTile = HY_Z_A8_TT_MAX>
 static HY_ALWAYS_INLINE void z_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                                int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
   static_assert(kIntTile >= 1 && kIntTile <= HY_Z_A8_TT_INT_MAX, "token tile wider than the accumulators");
+  static_assert(kKTile >= 1 && kKTile <= HY_Z_A8_TT_INT_MAX, "K-type token tile wider than the accumulators");
   const bool kq = ktile_bytes(w.format) != 0;
-  const int64_t step = kq ? HY_Z_A8_TT_MAX : kIntTile;
+  const int64_t step = kq ? kKTile : kIntTile;
   for (int64_t b = b0; b < b1; ++b) {
     float* ob = out + (b - b0) * kRowBlock;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += step) {
       float* ot = ob + t0 * ldo;
       if (kq) {
-        with_tile_width<HY_Z_A8_TT_MAX>(int(t_end - t0), [&](auto tt) {
+        with_tile_width<kKTile>(int(t_end - t0), [&](auto tt) {
           z_with_kq_format(w.format, [&](auto f) {
             constexpr WeightFormat F = decltype(f)::value;
             z_kq_a8_tile16xTT<F, kq_dot<F, DotK>>(w, b, x, t0, tt, ot, ldo);

@@ -27,9 +27,9 @@ static HY_ALWAYS_INLINE __m512i vnni_dpbusd_bcast4(__m512i acc, __m512i w, const
   return acc;
 }
 
-// Token-tile width of the VNNI group-32 tiles: 8 weight operands + 16 accumulators + 2 chains fit
-// the 32 zmm; the 16-token tile came out a little ahead of 8 at 64 tokens (above) and runs the
-// ~11 tokens per expert of a 512-token prefill in one tile instead of 8 + 3.
+// Token-tile width of the VNNI group-32 and K-type tiles: 8 weight operands + 16 accumulators + 2
+// chains fit the 32 zmm; the 16-token tile came out a little ahead of 8 at 64 tokens (above) and
+// runs the ~11 tokens per expert of a 512-token prefill in one tile instead of 8 + 3.
 constexpr int kVnniTileTokens = 16;
 
 // vpdpbusd adds 4 u8 x s8 products per int32 lane without saturation, so the packed bytes are
@@ -65,7 +65,12 @@ struct vnni_q8g32 : vnni_qg32<512, 128> {
 };
 
 // The K types' dot (simd_avx512.h, z_kq_a8_tile16xTT): the u8 operands as they are (IQ4_XS's
-// u = t + 128 included, the scaffold removes 128 A), one vpdpbusd chain per 16 inputs.
+// u = t + 128 included, the scaffold removes 128 A), one vpdpbusd chain per 16 inputs, the
+// activations broadcast from memory as in the group-32 dots. Measured (512 x 7168 in L2, 1 thread,
+// Gop/s, bench/kernel_speed.py --format): the embedded broadcast took Q4_K at T = 1 from 87 to
+// 146-154 (INT4's 152-163), IQ2_XXS at T = 16 from 156 to 167; the 16-token K tile (below) then
+// IQ2_XXS at T = 11 from 132 to 196 and at T = 16 to 226 (the lattice operands, built once per
+// tile, are most of their cost).
 struct vnni_kq {
   static constexpr bool kSignedTable = false;
   template <bool kTable = false>
@@ -74,8 +79,8 @@ struct vnni_kq {
     hi = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
-      lo = _mm512_dpbusd_epi32(lo, wv[i], z_bcast4(a + 4 * i));
-      hi = _mm512_dpbusd_epi32(hi, wv[i + 4], z_bcast4(a + 16 + 4 * i));
+      lo = vnni_dpbusd_bcast4(lo, wv[i], a + 4 * i);
+      hi = vnni_dpbusd_bcast4(hi, wv[i + 4], a + 16 + 4 * i);
     }
   }
 };
@@ -83,7 +88,7 @@ struct vnni_kq {
 // Tokens [t_begin, t_end) of x for blocks [b0, b1); out points at block b0's column of token 0.
 [[maybe_unused]] static void v_matmul_a8_range(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
                                                int64_t t_begin, int64_t t_end, float* out, int64_t ldo) {
-  z_matmul_a8_range<vnni_q4g32, vnni_q8g32, vnni_kq, kVnniTileTokens>(w, b0, b1, x, t_begin, t_end, out, ldo);
+  z_matmul_a8_range<vnni_q4g32, vnni_q8g32, vnni_kq, kVnniTileTokens, kVnniTileTokens>(w, b0, b1, x, t_begin, t_end, out, ldo);
 }
 
 [[maybe_unused]] static void v_matmul_a8(const PackedMatrix& w, int64_t b0, int64_t b1, const QuantizedActs& x,
