@@ -49,6 +49,7 @@ CpuInfo detect() {
       {"avx512dq", bit(l7.b, 17)},     {"avx512bw", bit(l7.b, 30)},
       {"avx512vl", bit(l7.b, 31)},     {"avx512_vnni", bit(l7.c, 11)},
       {"avx512_bf16", bit(l71.a, 5)},  {"avx512_fp16", bit(l7.d, 23)},
+      {"avx512_vbmi", bit(l7.c, 1)},
       {"avx_vnni", bit(l71.a, 4)},     {"amx_bf16", bit(l7.d, 22)},
       {"amx_tile", bit(l7.d, 24)},     {"amx_int8", bit(l7.d, 25)},
   };
@@ -122,7 +123,9 @@ std::string cpu_reason(size_t index) {
     if (!c.os_avx512) return "OS does not enable AVX-512 register state (XCR0)";
   }
   if (index >= 3 && !(r = need({"avx512_vnni"})).empty()) return r;
-  if (index >= 4 && !(r = need({"avx512_bf16"})).empty()) return r;
+  // avx512_bf16 also needs VBMI (its lattice-type permutes, simd_iq.h): Zen 4 and Sapphire Rapids
+  // have both; Cooper Lake (BF16 without VBMI) runs the avx512_vnni table.
+  if (index >= 4 && !(r = need({"avx512_bf16", "avx512_vbmi"})).empty()) return r;
   if (index >= 5 && !c.amx_permitted) return c.amx_refusal;
   return "";
 }

@@ -3,12 +3,16 @@
 // vcvtne2ps2bf16) once per token tile and K chunk into a stack buffer, then every row block of
 // the call reuses them; the packed BF16 layout ([16 lanes][2 inputs] per 64 bytes) is the
 // vdpbf16ps operand as it is. gemv_bf16 (unpacked bf16 weights and activations) with vdpbf16ps
-// too, on the tile code of simd_avx512_gemv.h. Other entries are left null: dispatch.cpp fills
-// them from the avx512_vnni / avx512 tables. Compiled with the avx512 flags + -mavx512vnni -mavx512bf16 only.
+// too, on the tile code of simd_avx512_gemv.h. matmul_a8 is the VNNI kernel (simd_vnni.h) compiled
+// again here with VBMI, which this level also requires (dispatch.cpp): the lattice types' operands
+// are built by byte permutes instead of codebook gathers (simd_iq.h). Other entries are left null:
+// dispatch.cpp fills them from the avx512 table. Compiled with the avx512 flags + -mavx512vnni
+// -mavx512bf16 -mavx512vbmi only.
 //
 // Legend: RB = 16 rows per block, P = K / 2 input pairs, TT tokens per tile, PC pairs per chunk.
 #include "core/simd_avx512.h"
 #include "core/simd_avx512_gemv.h"
+#include "core/simd_vnni.h"
 
 namespace hybrid {
 namespace {
@@ -80,7 +84,7 @@ static void b_gemv_bf16(const uint16_t* w, int64_t ldw, int64_t n0, int64_t n1, 
 const KernelTable kTable = {
     "avx512_bf16",
     nullptr,  // quantize_row_a8: avx512's
-    nullptr,  // matmul_a8: avx512_vnni's
+    v_matmul_a8,  // simd_vnni.h's, with VBMI
     nullptr,  // matmul_f32: avx512's
     b_matmul_a16,
     b_gemv_bf16,
