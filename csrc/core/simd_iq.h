@@ -49,16 +49,16 @@ static HY_ALWAYS_INLINE __m512i z_iq_apply_signs(__m512i v, __m512i sgn, uint32_
 // mask negates: 0 - (128 + v) = 128 - v (mod 256). Measured against the gathers on this 2-vCPU
 // Zen 4 guest: bench/kernel_speed.py --format (1 thread, 512 x 7168 in L2), see simd_vnni.h.
 struct IqCodes {
-  uint8_t lo[256], hi[256];  // entry i's code, bits 0-7 and 8-15
+  uint8_t lo[512], hi[512];  // entry i's code, bits 0-7 and 8-15 (256 or 512 entries)
   uint8_t u[64];             // 6-bit window, field in its low bits -> 128 + the field's value
   bool ok;                   // every value of the codebook is one of the levels
 };
 
-template <class Word, int kValues, int kLevels>
+template <class Word, int kEntries, int kValues, int kLevels>
 static constexpr IqCodes iq_codes(const Word* grid, const int* levels, int bits) {
   IqCodes c{};
   c.ok = true;
-  for (int i = 0; i < 256; ++i) {
+  for (int i = 0; i < kEntries; ++i) {
     uint32_t code = 0;
     for (int j = 0; j < kValues; ++j) {
       const int v = int((uint64_t(grid[i]) >> (8 * j)) & 0xFF);
@@ -80,9 +80,10 @@ static constexpr IqCodes iq_codes(const Word* grid, const int* levels, int bits)
 
 static constexpr int kIq2xxsLevels[3] = {8, 25, 43};
 static constexpr int kIq3xxsLevels[8] = {4, 12, 20, 28, 36, 44, 52, 62};
-alignas(64) static constexpr IqCodes kIq2xxsCodes = iq_codes<uint64_t, 8, 3>(kIq2xxsGrid, kIq2xxsLevels, 2);
-alignas(64) static constexpr IqCodes kIq3xxsCodes = iq_codes<uint32_t, 4, 8>(kIq3xxsGrid, kIq3xxsLevels, 3);
-static_assert(kIq2xxsCodes.ok && kIq3xxsCodes.ok, "a codebook value outside its type's levels");
+alignas(64) static constexpr IqCodes kIq2xxsCodes = iq_codes<uint64_t, 256, 8, 3>(kIq2xxsGrid, kIq2xxsLevels, 2);
+alignas(64) static constexpr IqCodes kIq2xsCodes = iq_codes<uint64_t, 512, 8, 3>(kIq2xsGrid, kIq2xxsLevels, 2);
+alignas(64) static constexpr IqCodes kIq3xxsCodes = iq_codes<uint32_t, 256, 4, 8>(kIq3xxsGrid, kIq3xxsLevels, 3);
+static_assert(kIq2xxsCodes.ok && kIq2xsCodes.ok && kIq3xxsCodes.ok, "a codebook value outside its type's levels");
 
 // Byte table tab[256] at the 64 byte indices idx.
 static HY_ALWAYS_INLINE __m512i z_lut256(const uint8_t* tab, __m512i idx) {
@@ -97,6 +98,7 @@ struct IqVbmiControls {
   uint8_t asm_[64];  // src qword q = bytes lo, hi of row 2q, lo, hi of row 2q + 1 (hi at 64 +)
   uint8_t rep[64];   // a row's sign byte in all 4 bytes of its lane
   uint8_t sh[2][64]; // per operand half (fields 0-3, 4-7) the multishift offset of lane r, field j
+  uint8_t even[64];  // IQ2_XS: the low bytes of 64 uint16 entries in two registers (odd: + 1)
 };
 
 static constexpr IqVbmiControls iq_vbmi_controls(int bits) {
@@ -107,46 +109,72 @@ static constexpr IqVbmiControls iq_vbmi_controls(int bits) {
     c.rep[i] = uint8_t(i / 4);
     c.sh[0][i] = uint8_t(16 * r + bits * j);
     c.sh[1][i] = uint8_t(16 * r + bits * (4 + j));
+    c.even[i] = uint8_t(2 * i);
   }
   return c;
 }
 alignas(64) static constexpr IqVbmiControls kIqVbmi2 = iq_vbmi_controls(2);
 alignas(64) static constexpr IqVbmiControls kIqVbmi3 = iq_vbmi_controls(3);
 
-// The operands of IQ2_XXS (8 values per entry, 4 pieces of 16 rows per group) or IQ3_XXS (4 values,
-// 8 pieces): per piece, src qword q holds rows 2q and 2q + 1's codes (bytes lo, hi, lo, hi), the
-// operand's row r field j comes from bit 16 (r % 2) + bits (j0 + j) of that qword.
+// Operands of 4 pieces (h: the 4 pieces 4h .. 4h + 3 of the group) from their code bytes lo, hi
+// ([piece][row], 64 each) and the group's sign masks s64 ([piece of 8 inputs][row]). Per piece, src
+// qword q holds rows 2q and 2q + 1's codes (bytes lo, hi, lo, hi): the operand's row r field j
+// comes from bit 16 (r % 2) + bits (j0 + j) of that qword (IqVbmiControls::sh).
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_iq_vbmi_pieces(__m512i lo, __m512i hi, __m512i s64, int h, const IqVbmiControls& ctl,
+                                              __m512i utab, __m512i* wv) {
+  constexpr KQ k = kq_of(F);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i asm0 = _mm512_load_si512(ctl.asm_), rep0 = _mm512_load_si512(ctl.rep);
+  const __m512i sh_a = _mm512_load_si512(ctl.sh[0]), sh_b = _mm512_load_si512(ctl.sh[1]);
+  const __m512i bits_a = _mm512_set1_epi32(0x08040201), bits_b = _mm512_set1_epi32(int32_t(0x80402010u));
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    const __m512i src = _mm512_permutex2var_epi8(lo, _mm512_add_epi8(asm0, _mm512_set1_epi8(int8_t(16 * p))), hi);
+    const int piece = 4 * h + p, spiece = k.gw == 8 ? piece : piece / 2;  // sign pieces: 8 inputs
+    const __m512i srep = _mm512_permutexvar_epi8(_mm512_add_epi8(rep0, _mm512_set1_epi8(int8_t(16 * spiece))), s64);
+    auto operand = [&](__m512i sh, __m512i sbits) {
+      const __m512i u = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh, src), utab);
+      return _mm512_mask_sub_epi8(u, _mm512_test_epi8_mask(srep, sbits), zero, u);
+    };
+    if constexpr (k.gw == 8) {
+      wv[2 * piece] = operand(sh_a, bits_a);
+      wv[2 * piece + 1] = operand(sh_b, bits_b);
+    } else {
+      wv[piece] = operand(sh_a, piece % 2 ? bits_b : bits_a);
+    }
+  }
+}
+
+// The operands of IQ2_XXS, IQ2_XS (8 values per entry, 4 pieces of 16 rows per group) or IQ3_XXS
+// (4 values, 8 pieces) of group g.
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void z_iq_operands_vbmi(const uint8_t* tile, int g, __m512i* wv) {
   constexpr KQ k = kq_of(F);
   constexpr int pieces = 32 / k.gw;
-  const IqCodes& c = k.gw == 8 ? kIq2xxsCodes : kIq3xxsCodes;
+  const IqCodes& c = k.grid == 512 ? kIq2xsCodes : k.gw == 8 ? kIq2xxsCodes : kIq3xxsCodes;
   const IqVbmiControls& ctl = k.gw == 8 ? kIqVbmi2 : kIqVbmi3;
   const __m512i utab = _mm512_load_si512(c.u);
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i asm0 = _mm512_load_si512(ctl.asm_), rep0 = _mm512_load_si512(ctl.rep);
-  const __m512i sh_a = _mm512_load_si512(ctl.sh[0]), sh_b = _mm512_load_si512(ctl.sh[1]);
-  const __m512i s64 = _mm512_loadu_si512(tile + k.gsign_at + g * 64);  // [piece of 8][row] masks
-  const __m512i bits_a = _mm512_set1_epi32(0x08040201), bits_b = _mm512_set1_epi32(int32_t(0x80402010u));
+  if constexpr (k.gsign7) {
+    // IQ2_XS: 64 uint16 entries [piece][row] (9-bit index | sign index << 9): their low and high
+    // bytes, the 512-entry codes by index bit 8, the sign masks from the 7-bit index (ksigns).
+    const uint8_t* at = tile + k.gidx_at + g * 128;
+    const __m512i e0 = _mm512_loadu_si512(at), e1 = _mm512_loadu_si512(at + 64);
+    const __m512i ev = _mm512_load_si512(ctl.even);
+    const __m512i idx = _mm512_permutex2var_epi8(e0, ev, e1);
+    const __m512i top = _mm512_permutex2var_epi8(e0, _mm512_add_epi8(ev, _mm512_set1_epi8(1)), e1);
+    const __mmask64 upper = _mm512_test_epi8_mask(top, _mm512_set1_epi8(1));
+    const __m512i lo = _mm512_mask_blend_epi8(upper, z_lut256(c.lo, idx), z_lut256(c.lo + 256, idx));
+    const __m512i hi = _mm512_mask_blend_epi8(upper, z_lut256(c.hi, idx), z_lut256(c.hi + 256, idx));
+    const __m512i s7 = _mm512_and_si512(_mm512_srli_epi16(top, 1), _mm512_set1_epi8(0x7F));
+    const __m512i s64 = _mm512_permutex2var_epi8(_mm512_loadu_si512(kIqSigns), s7, _mm512_loadu_si512(kIqSigns + 64));
+    z_iq_vbmi_pieces<F>(lo, hi, s64, 0, ctl, utab, wv);
+  } else {
+    const __m512i s64 = _mm512_loadu_si512(tile + k.gsign_at + g * 64);
 #pragma GCC unroll 2
-  for (int h = 0; h < pieces / 4; ++h) {
-    const __m512i idx = _mm512_loadu_si512(tile + k.gidx_at + (g * pieces + 4 * h) * 16);  // [piece][row]
-    const __m512i lo = z_lut256(c.lo, idx), hi = z_lut256(c.hi, idx);
-#pragma GCC unroll 4
-    for (int p = 0; p < 4; ++p) {
-      const __m512i src = _mm512_permutex2var_epi8(lo, _mm512_add_epi8(asm0, _mm512_set1_epi8(int8_t(16 * p))), hi);
-      const int piece = 4 * h + p, spiece = k.gw == 8 ? piece : piece / 2;  // sign piece: 8 inputs
-      const __m512i srep = _mm512_permutexvar_epi8(_mm512_add_epi8(rep0, _mm512_set1_epi8(int8_t(16 * spiece))), s64);
-      auto operand = [&](__m512i sh, __m512i sbits) {
-        const __m512i u = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh, src), utab);
-        return _mm512_mask_sub_epi8(u, _mm512_test_epi8_mask(srep, sbits), zero, u);
-      };
-      if constexpr (k.gw == 8) {
-        wv[2 * piece] = operand(sh_a, bits_a);
-        wv[2 * piece + 1] = operand(sh_b, bits_b);
-      } else {
-        wv[piece] = operand(sh_a, piece % 2 ? bits_b : bits_a);
-      }
+    for (int h = 0; h < pieces / 4; ++h) {
+      const __m512i idx = _mm512_loadu_si512(tile + k.gidx_at + (g * pieces + 4 * h) * 16);  // [piece][row]
+      z_iq_vbmi_pieces<F>(z_lut256(c.lo, idx), z_lut256(c.hi, idx), s64, h, ctl, utab, wv);
     }
   }
 }
@@ -156,7 +184,7 @@ template <WeightFormat F>
 static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* wv) {
   constexpr KQ k = kq_of(F);
 #if defined(__AVX512VBMI__)
-  if constexpr (k.grid == 256) {  // IQ2_XXS, IQ3_XXS
+  if constexpr (k.grid <= 512) {  // IQ2_XXS, IQ2_XS, IQ3_XXS
     z_iq_operands_vbmi<F>(tile, g, wv);
     return;
   }
