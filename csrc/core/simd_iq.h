@@ -178,6 +178,55 @@ static HY_ALWAYS_INLINE void z_iq_operands_vbmi(const uint8_t* tile, int g, __m5
     }
   }
 }
+
+// IQ1_S, IQ1_M: 2048 entries of 8 values in {-1, 0, 1}, too many for byte permutes, so one 16-lane
+// gather of each row's 16-bit level code (2 bits per value) per piece instead of two 8-lane
+// gathers of the 8-byte entries, then the same multishift and vpermb (u = 128 + 8 v) and the
+// row's delta. The table has 2 entries of padding: the dword gather reads 4 bytes at entry i.
+struct Iq1Codes {
+  uint16_t code[2048 + 2];
+  uint8_t u[64];  // 6-bit window, level l (v = l - 1) in its low bits -> 128 + 8 v
+};
+
+static constexpr Iq1Codes iq1_codes() {
+  Iq1Codes c{};
+  for (int i = 0; i < 2048; ++i) {
+    uint32_t code = 0;
+    for (int j = 0; j < 8; ++j) code |= uint32_t(int(int8_t(uint8_t(kIq1sGrid[i] >> (8 * j)))) + 1) << (2 * j);
+    c.code[i] = uint16_t(code);
+  }
+  for (int e = 0; e < 64; ++e) c.u[e] = uint8_t(128 + 8 * ((e & 3) - 1));
+  return c;
+}
+alignas(64) static constexpr Iq1Codes kIq1Codes = iq1_codes();
+
+// Multishift offsets when src dword lane r holds row r's code in its low 16 bits: rows 2q, 2q + 1
+// at bits 0 and 32 of qword q.
+struct Iq1Shifts { uint8_t sh[2][64]; };
+static constexpr Iq1Shifts iq1_shifts() {
+  Iq1Shifts c{};
+  for (int i = 0; i < 64; ++i)
+    for (int h = 0; h < 2; ++h) c.sh[h][i] = uint8_t(32 * ((i / 4) % 2) + 2 * (4 * h + i % 4));
+  return c;
+}
+alignas(64) static constexpr Iq1Shifts kIq1Shifts = iq1_shifts();
+
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void z_iq1_operands_vbmi(const uint8_t* tile, int g, __m512i* wv) {
+  constexpr KQ k = kq_of(F);
+  const __m512i utab = _mm512_load_si512(kIq1Codes.u);
+  const __m512i sh_a = _mm512_load_si512(kIq1Shifts.sh[0]), sh_b = _mm512_load_si512(kIq1Shifts.sh[1]);
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * 32;
+    const __m512i e = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+    const __m512i src = _mm512_i32gather_epi32(_mm512_and_si512(e, _mm512_set1_epi32(2047)), kIq1Codes.code, 2);
+    const __mmask16 neg = _mm512_test_epi32_mask(e, _mm512_set1_epi32(0x8000));
+    const __m512i dv = _mm512_mask_blend_epi32(neg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
+    wv[2 * p] = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh_a, src), utab), dv);
+    wv[2 * p + 1] = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh_b, src), utab), dv);
+  }
+}
 #endif
 
 template <WeightFormat F>
@@ -186,6 +235,9 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
 #if defined(__AVX512VBMI__)
   if constexpr (k.grid <= 512) {  // IQ2_XXS, IQ2_XS, IQ3_XXS
     z_iq_operands_vbmi<F>(tile, g, wv);
+    return;
+  } else {  // IQ1_S, IQ1_M
+    z_iq1_operands_vbmi<F>(tile, g, wv);
     return;
   }
 #endif
