@@ -135,6 +135,8 @@ def test_dispatch_facts():
         reason = N.isa_unavailable_reason(name)
         assert (reason == "") == (name in info["available"])
     assert "unknown ISA" in N.isa_unavailable_reason("sse9")
+    if "avx512_bf16" in info["available"]:  # the level builds lattice operands with VBMI (simd_iq.h)
+        assert "avx512_vbmi" in info["cpu"]["flags"]
     with pytest.raises(ValueError, match="cannot run here"):
         NT.kernel_matmul_f32("sse9", "bf16", np.zeros(16 * 32 * 2, np.uint8), None, 16, 32,
                             np.zeros((1, 32), np.float32))
