@@ -199,6 +199,54 @@ py::object py_dense_gemv_i8_torch(const py::object& wo, const py::object& so, co
   return res;
 }
 
+// A packed weight (pack_gguf / pack's output held as torch tensors: qweight uint8 [bytes], scales
+// int16 [count] of bf16/fp16 bits or None where the format has none) times x bf16 [T, K] (unit
+// inner stride): out [T, N] (dense.h's dense_packed: int8 activations per 32 inputs).
+py::object py_packed_linear_torch(const py::object& qo, const py::object& so, const std::string& fmt, int64_t n,
+                                  int64_t k, const py::object& xo, const py::object& oo, const std::string& isa,
+                                  bool threads) {
+  const WeightFormat f = parse_format(fmt);
+  if (f == WeightFormat::BF16) throw py::value_error("packed_linear takes int4, int8 or GGUF-typed weights, not bf16");
+  check_matrix_dims(n, k, "packed weight", f);
+  const TorchRefs& tr = torch_refs();
+  TensorView q = tensor_view(qo, "qweight", tr.u8, "torch.uint8", 1);
+  expect_shape(q, "qweight", {int64_t(packed_qweight_bytes(f, n, k))});
+  PackedMatrix m{f, n, k, reinterpret_cast<const uint8_t*>(q.data), nullptr};
+  const int64_t sbytes = int64_t(packed_scale_bytes(f, n, k));
+  if (sbytes > 0) {
+    if (so.is_none()) throw py::value_error("scales are required for format " + format_name(f));
+    TensorView s = tensor_view(so, "scales", tr.i16, "torch.int16", 1);
+    expect_shape(s, "scales", {sbytes / 2});
+    m.scales = reinterpret_cast<const uint16_t*>(s.data);
+  }
+  DenseOperand x = dense_from_torch(xo, "x", false);
+  if (x.cols != k)
+    throw py::value_error("x has " + std::to_string(x.cols) + " inputs per row but the packed weight has " +
+                          std::to_string(k) + " (x " + x.shape() + ", weight [" + std::to_string(n) + ", " +
+                          std::to_string(k) + "])");
+  py::object res = oo;
+  if (oo.is_none()) {
+    static PyObject* kwargs = nullptr;  // {"dtype": torch.bfloat16}, built once, leaked
+    if (kwargs == nullptr) kwargs = py::dict(py::arg("dtype") = py::handle(tr.bf16)).release().ptr();
+    py::tuple size = py::make_tuple(x.rows, n);
+    res = checked(PyObject_Call(tr.empty, size.ptr(), kwargs));
+  }
+  DenseOperand out = dense_from_torch(res, "out", true);
+  if (out.rows != x.rows || out.cols != n)
+    throw py::value_error("out must have shape [T, N] = [" + std::to_string(x.rows) + ", " + std::to_string(n) +
+                          "], got " + out.shape());
+  auto [a0, a1] = out.span();
+  auto [b0, b1] = x.span();
+  if (a0 < b1 && b0 < a1) throw py::value_error("out must not overlap x");
+  const KernelTable& kt = dense_table(isa);
+  const int64_t bytes = int64_t(packed_qweight_bytes(f, n, k)) + sbytes;
+  py::gil_scoped_release release;
+  std::shared_ptr<ThreadPool> pool = threads ? global_pool() : nullptr;
+  dense_packed(kt, pool.get(), m, bytes, reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data,
+               out.ld, out.bf16);
+  return res;
+}
+
 py::object dense_out_or_new(const py::object& oo, const DenseOperand& w, const DenseOperand& x) {
   py::object res = oo;
   if (oo.is_none()) {
@@ -671,6 +719,12 @@ PYBIND11_MODULE(_native, m) {
   m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
         py::arg("isa") = "", py::arg("threads") = true,
         "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
+  m.def("packed_linear_torch", &py_packed_linear_torch, py::arg("qweight"), py::arg("scales"), py::arg("format"),
+        py::arg("n"), py::arg("k"), py::arg("x"), py::arg("out") = py::none(), py::arg("isa") = "",
+        py::arg("threads") = true,
+        "out [T, N] = x [T, K] . W^T for a packed weight held as torch CPU tensors (qweight uint8, scales int16 "
+        "bits or None, as pack / pack_gguf make them; format int4, int8 or a GGUF type): x bf16, quantised to "
+        "int8 per 32 inputs; out bf16 or float32, allocated bf16 when None (core/dense.h); returns out");
   m.def("dense_gemv_i8_torch", &py_dense_gemv_i8_torch, py::arg("weight"), py::arg("scale"), py::arg("x"),
         py::arg("out") = py::none(), py::arg("isa") = "", py::arg("threads") = true,
         "out [T, N] = (x [T, K] . weight [N, K]^T) * scale [N] on torch CPU tensors (weight int8, scale float32, "

@@ -159,6 +159,8 @@ struct TorchRefs {
   PyObject* i64 = nullptr;     // torch.int64
   PyObject* i32 = nullptr;     // torch.int32
   PyObject* i8 = nullptr;      // torch.int8
+  PyObject* u8 = nullptr;      // torch.uint8
+  PyObject* i16 = nullptr;     // torch.int16
 };
 inline const TorchRefs& torch_refs() {
   static TorchRefs refs;
@@ -166,7 +168,7 @@ inline const TorchRefs& torch_refs() {
     py::object torch = py::module_::import("torch");
     auto leak = [&](const char* attr) { return py::object(torch.attr(attr)).release().ptr(); };
     TorchRefs r{leak("Tensor"), leak("bfloat16"), leak("float32"), leak("empty"), leak("int64"), leak("int32"),
-                leak("int8")};
+                leak("int8"), leak("uint8"), leak("int16")};
     refs = r;
   }
   return refs;

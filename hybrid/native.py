@@ -145,3 +145,19 @@ def gemv_i8(weight, scale, x, out=None, *, isa: str | None = None, threads: bool
     out, isa, threads, errors: as gemv_bf16 (weights of 4 MiB and more are split over the pool).
     """
     return lib().dense_gemv_i8_torch(weight, scale, x, out, isa or "", threads)
+
+
+def packed_linear(qweight, scales, fmt: str, n: int, k: int, x, out=None, *, isa: str | None = None,
+                  threads: bool = True):
+    """y [T, N] = x [T, K] @ W^T for a weight held packed (csrc/core/dense.h's dense_packed): the
+    device Linear's path on a CPU device for a GGUF tensor kept in its own blocks
+    (device_weights="blocks"). x's rows are quantised to int8 per 32 inputs (the expert engine's
+    activation rounding), then the format's matmul_a8 kernel runs.
+
+    qweight: torch.uint8 CPU [bytes] and scales: torch.int16 CPU [count] (the bits pack_gguf /
+    pack return, viewed as torch tensors) or None for formats without scales; fmt: "int4",
+    "int8" or a GGUF type name ("q4_k", "iq2_xxs", ...); x: torch.bfloat16 CPU [T, K] with unit
+    inner stride. out, isa, threads: as gemv_bf16 (packed weights of 4 MiB and more are split
+    over the pool). TypeError / ValueError name the argument.
+    """
+    return lib().packed_linear_torch(qweight, scales, fmt, n, k, x, out, isa or "", threads)

@@ -2,6 +2,7 @@
 #include "core/dense.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace hybrid {
 namespace {
@@ -9,6 +10,7 @@ namespace {
 constexpr int64_t kSplitRows = 16;    // rows per work unit of the pool split (one cache line of fp32 out)
 constexpr int64_t kChunkRows = 32;    // bf16 out: rows per fp32 scratch tile
 constexpr int64_t kChunkTokens = 32;  // bf16 out: tokens per fp32 scratch tile (32 x 32 x 4 B = 4 KiB)
+constexpr int64_t kPackedChunkRows = 256;  // dense_packed, bf16 out: rows per fp32 scratch [T][256]
 
 // Rows [r0, r1) for all tokens through kern(c0, c1, x, tc, out, ldo) (a KernelTable GEMV over
 // rows [c0, c1)), each row's sums times scale[row] when scale is given. fp32 out: the kernel
@@ -99,6 +101,56 @@ void dense_gemv_i8(const KernelTable& kt, ThreadPool* pool, const int8_t* w, int
   split_rows(pool, n, n * k, [&](int64_t r0, int64_t r1) {
     gemv_rows(kern, scale, r0, r1, x, t, ldx, out, ldo, out_bf16);
   });
+}
+
+void dense_packed(const KernelTable& kt, ThreadPool* pool, const PackedMatrix& w, int64_t packed_bytes,
+                  const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo, bool out_bf16) {
+  const int64_t k = w.k, ng = k / kGroup, units = w.n / kSplitRows;
+  std::vector<int8_t> q(size_t(t * k));
+  std::vector<float> sc(size_t(t * ng));
+  std::vector<int32_t> gs(size_t(t * ng)), hs(size_t(t * ng));
+  const QuantizedActs a{q.data(), sc.data(), gs.data(), t, k, k, hs.data()};
+  auto quantize = [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t tt = t0; tt < t1; ++tt) {
+      const uint16_t* xr = x + tt * ldx;
+      for (int64_t i = 0; i < k; ++i) row[size_t(i)] = bf16_to_f32(xr[i]);
+      kt.quantize_row_a8(row.data(), k, &q[size_t(tt * k)], &sc[size_t(tt * ng)], &gs[size_t(tt * ng)]);
+      half_sums(&q[size_t(tt * k)], k, &hs[size_t(tt * ng)]);
+    }
+  };
+  // Rows [r0, r1) (multiples of 16): fp32 out straight from the kernel; bf16 out through an fp32
+  // scratch of kPackedChunkRows x all tokens, rounded once.
+  auto rows = [&](int64_t r0, int64_t r1) {
+    if (!out_bf16) {
+      kt.matmul_a8(w, r0 / kRowBlock, r1 / kRowBlock, a, static_cast<float*>(out) + r0, ldo);
+      return;
+    }
+    uint16_t* ob = static_cast<uint16_t*>(out);
+    std::vector<float> scratch(size_t(t * std::min(kPackedChunkRows, r1 - r0)));
+    for (int64_t c0 = r0; c0 < r1; c0 += kPackedChunkRows) {
+      const int64_t c1 = std::min(r1, c0 + kPackedChunkRows), nr = c1 - c0;
+      kt.matmul_a8(w, c0 / kRowBlock, c1 / kRowBlock, a, scratch.data(), nr);
+      for (int64_t tt = 0; tt < t; ++tt)
+        for (int64_t r = 0; r < nr; ++r) ob[tt * ldo + c0 + r] = f32_to_bf16(scratch[size_t(tt * nr + r)]);
+    }
+  };
+  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));
+  if (packed_bytes < kDenseParallelMinBytes) team = 1;
+  if (team <= 1) {
+    quantize(0, t);
+    rows(0, w.n);
+    return;
+  }
+  pool->run({[&](int tid, int team_size) {
+               auto [t0, t1] = pool->split(t, tid, team_size);
+               quantize(t0, t1);
+             },
+             [&](int tid, int team_size) {
+               auto [u0, u1] = pool->split(units, tid, team_size);
+               if (u0 < u1) rows(u0 * kSplitRows, u1 * kSplitRows);
+             }},
+            team, /*caller=*/true);
 }
 
 }  // namespace hybrid

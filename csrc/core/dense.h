@@ -38,4 +38,14 @@ void dense_gemv_i8(const KernelTable& kt, ThreadPool* pool, const int8_t* w, int
                    int64_t n, int64_t k, const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo,
                    bool out_bf16);
 
+// The same product for a packed weight (kernels.h's PackedMatrix in any format matmul_a8 takes:
+// INT4 / INT8 group-32 and the GGUF block types, e.g. a GGUF file's attention tensors kept in their
+// Q4_K / Q6_K blocks on a CPU device): X's rows are quantised to int8 per 32 inputs once
+// (KernelTable::quantize_row_a8, the MoE operator's activation rounding), then
+// KernelTable::matmul_a8 runs over row blocks. x: bf16 bits [t][w.k], row stride ldx; out as
+// above. Threads: the same rules by the packed bytes (a two-phase caller job: tokens quantised,
+// then rows). Results do not depend on the split.
+void dense_packed(const KernelTable& kt, ThreadPool* pool, const PackedMatrix& w, int64_t packed_bytes,
+                  const uint16_t* x, int64_t t, int64_t ldx, void* out, int64_t ldo, bool out_bf16);
+
 }  // namespace hybrid
