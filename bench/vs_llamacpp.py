@@ -322,9 +322,10 @@ def main(argv=None) -> int:
                          "'same' with --type f32 is the converter check (llama.cpp's Q4_0 matmul quantises "
                          "activations to 8 bits, which alone moves log-softmax by ~0.02 median)")
     ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
-    ap.add_argument("--device-weights", choices=("bf16", "int8"), default="bf16",
+    ap.add_argument("--device-weights", choices=("bf16", "int8", "blocks"), default="bf16",
                     help="hybrid's format for the non-expert matrices (on this CPU-only bench they run on "
-                         "the CPU: int8 through the native int8 GEMV, half the bytes of bf16)")
+                         "the CPU: int8 through the native int8 GEMV, half the bytes of bf16; blocks: a GGUF "
+                         "file's own blocks through the expert kernels, the bytes llama.cpp reads)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")

@@ -36,7 +36,9 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       experts_backend  "cpu" (the C++ engine, default when hybrid._native is built) | "torch"
       expert_format    "int4" | "int8" | "bf16": how float experts are packed for the CPU engine
                        (INT4 checkpoints pass through as int4 unless told otherwise)
-      device_weights   "bf16"/"fp32" (dense) | "int8" | "fp8", or a dict per tensor group
+      device_weights   "bf16"/"fp32" (dense) | "int8" | "fp8" | "blocks" (a GGUF file's non-expert
+                       tensors in their own blocks, run by the native kernels; CPU device, bf16), or a
+                       dict per tensor group
                        {"attention", "shared", "dense", "lm_head"} -> format
       packed_cache     True: save packed experts next to the checkpoint for an mmap next time
       threads          CPU engine threads (default: physical cores). With no GPU these are the

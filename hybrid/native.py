@@ -29,6 +29,14 @@ from typing import Any
 _BUILD_HINT = "the C++ extension hybrid._native is not built: run `pip install -e .` in the repository"
 
 
+# GGUF block types the native kernels run in their own bits (csrc/core/kernels.h's formats), by
+# ggml's type name; the packed format of each is the name in lower case (pack_gguf). Routed
+# experts (hybrid.experts.cpu_moe) and device weights kept in blocks (device_weights="blocks",
+# hybrid.loaders.gguf_source) both ask here.
+GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS",
+               "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
+
+
 @functools.lru_cache(maxsize=None)
 def lib():
     """The extension module; ImportError with the build command when it is missing."""

@@ -516,3 +516,99 @@ def test_device_weights_int8_from_gguf_equal_twin(tmp_path):
     fmts = {k: "int8" for k in ("attention", "shared", "dense", "lm_head")}
     got, want = _logits(g, device_formats=fmts), _logits(twin, device_formats=fmts)
     assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
+
+
+def _linears(net):
+    """Every device linear op of a built network (attributes holding a hybrid.ops Linear)."""
+    from hybrid.ops.linear import Linear
+
+    seen, out, stack = set(), [], [net]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (torch.Tensor, str, int, float)) or o is None:
+            continue
+        seen.add(id(o))
+        if isinstance(o, Linear):
+            out.append(o)
+            continue
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else \
+            vars(o).values() if hasattr(o, "__dict__") and type(o).__module__.startswith("hybrid") else ()
+        stack.extend(items)
+    return out
+
+
+def _int8_rounded_reference(self, x):
+    """PackedLinear's math in torch: x rounded to int8 per 32 inputs (the kernels' own quantiser),
+    times the blocks' exact values in float64, one rounding to bf16."""
+    from hybrid import _native_testing as NT
+
+    xq, xs, _ = NT.kernel_quantize_row_a8("scalar", x.float().numpy())
+    xd = torch.from_numpy(xq.astype(np.float64) * np.repeat(xs, 32, axis=1))
+    return (xd @ self.dense(torch.float32).double().T).to(torch.bfloat16)
+
+
+def test_device_weights_blocks_keep_the_files_blocks(tmp_path, monkeypatch):
+    """device_weights="blocks" on a CPU device: every non-expert matrix whose type has a kernel
+    runs in its own GGUF blocks (PackedLinear, repacked losslessly: its values are the file's),
+    the others dense. Its logits are those of the same network with each such linear computed in
+    torch from int8-rounded activations (the rounding llama.cpp's Q8 activations also make) to
+    bf16 output rounding; against the dense bf16 load they differ by that rounding (0.7 here on
+    logits ~3, where bf16 alone moves 0.2), top-1 mostly the same."""
+    from hybrid.models.facts import GROUPS
+    from hybrid.ops.linear import PackedLinear
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    fmts = {k: "blocks" for k in GROUPS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, net = checkpoints.load_model(g, dtype=torch.bfloat16, experts_backend="torch", device_formats=fmts)
+    packed = [lin for lin in _linears(net) if isinstance(lin, PackedLinear)]
+    assert packed and {p.packed.format for p in packed} == {"q8_0"}
+    assert {p.name.rsplit(".", 1)[-1] for p in packed} >= {"q_a_proj", "o_proj", "down_proj", "lm_head"}
+    values = gguf_files.read_values(g)
+    for p in packed:
+        assert torch.equal(p.dense(torch.float32), values[gguf_source_name(p.name)]), p.name
+    assert sum(p.nbytes for p in packed) < sum(p.packed.shape[0] * p.packed.shape[1] * 2 for p in packed) / 1.8
+    cache = net.make_cache(1, 32)
+    pos = torch.arange(len(IDS))
+    got = net.forward(IDS, pos, torch.zeros_like(pos), cache).float()
+    monkeypatch.setattr(PackedLinear, "__call__", _int8_rounded_reference)
+    want = _logits(g, dtype=torch.bfloat16, device_formats=fmts).float()
+    assert torch.allclose(got, want, atol=0.02, rtol=0), (got - want).abs().max()
+    dense = _logits(g, dtype=torch.bfloat16).float()
+    assert (got.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.75
+
+
+def gguf_source_name(name: str) -> str:
+    from hybrid.loaders.gguf_source import gguf_name
+
+    return gguf_name(name + ".weight")
+
+
+def test_device_weights_blocks_refused_where_they_cannot_run(tmp_path):
+    from hybrid.models.facts import GROUPS
+
+    g, path, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    fmts = {k: "blocks" for k in GROUPS}
+    with pytest.raises(ValueError, match="bf16 activations"):
+        checkpoints.load_model(g, dtype=torch.float32, experts_backend="torch", device_formats=fmts)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        checkpoints.load_model(path, dtype=torch.bfloat16, experts_backend="torch", device_formats=fmts)
+
+
+def test_device_weights_blocks_under_torch_ops_are_their_dense_values(tmp_path):
+    """The torch op set (HYBRID_DEVICE_OPS=torch, and what a CUDA device would run) has no kernel
+    for blocks: it holds their values dense, so its logits are the dense load's exactly."""
+    from hybrid.models.facts import GROUPS
+    from hybrid.ops.linear import PackedLinear
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    fmts = {k: "blocks" for k in GROUPS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, net = checkpoints.load_model(g, dtype=torch.bfloat16, experts_backend="torch", device_formats=fmts,
+                                        device_ops="torch")
+    assert not any(isinstance(lin, PackedLinear) for lin in _linears(net))
+    got = _logits(g, dtype=torch.bfloat16, device_formats=fmts, device_ops="torch")
+    want = _logits(g, dtype=torch.bfloat16, device_ops="torch")
+    assert torch.equal(got, want)

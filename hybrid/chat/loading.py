@@ -57,8 +57,9 @@ def add_load_arguments(parser) -> None:
                         help="routed experts on the C++ engine (default when built) or in torch (reference)")
     parser.add_argument("--profile", default=None, metavar="YAML",
                         help="placement profile from `hybrid plan` (profiles/*.yaml): experts cached on the GPU")
-    parser.add_argument("--device-weights", choices=("bf16", "fp32", "int8", "fp8"), default=None,
-                        help="format of the weights on the device (default: the dtype; int8/fp8 to fit 24 GB)")
+    parser.add_argument("--device-weights", choices=("bf16", "fp32", "int8", "fp8", "blocks"), default=None,
+                        help="format of the weights on the device (default: the dtype; int8/fp8 to fit 24 GB; "
+                             "blocks: a GGUF file's own blocks, run by the native kernels, CPU device only)")
     parser.add_argument("--threads", type=int, default=None, help="CPU expert engine threads (default: physical cores)")
     parser.add_argument("--no-images", action="store_true",
                         help="do not load a checkpoint's vision tower (saves its memory; images are refused)")

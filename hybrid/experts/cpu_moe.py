@@ -31,12 +31,11 @@ FORMATS = ("int4", "int8", "bf16")  # from_float's formats
 # The formats whose bytes the GPU expert cache (device_layout.compact_from_packed) reads bit for
 # bit; it holds GGUF formats' experts dequantised (their scales are fp16 / sub-block tables).
 DEVICE_CACHEABLE_FORMATS = FORMATS
-# GGUF block types the native kernels run in their own bits (csrc/core/kernels.h), by ggml's type
-# name; the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the same
-# as gguf.GGMLQuantizationType values) is built on first access, so importing this module does not
-# import gguf.
-GGUF_NATIVE = ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS",
-               "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ1_M")
+# GGUF block types the native kernels run in their own bits (hybrid.native.GGUF_NATIVE, by ggml's
+# type name); the packed layer's format of each is the name in lower case. GGUF_NATIVE_TYPES (the
+# same as gguf.GGMLQuantizationType values) is built on first access, so importing this module
+# does not import gguf.
+GGUF_NATIVE = native.GGUF_NATIVE
 MODES = ("fast", "precise")
 
 

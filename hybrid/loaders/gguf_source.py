@@ -29,7 +29,8 @@ import re
 import numpy as np
 import torch
 
-from hybrid.loaders.gguf_file import GGUFError, GGUFFile, GGUFTensor
+from hybrid.loaders.gguf_file import GGUFError, GGUFFile, GGUFTensor, block_of
+from hybrid.loaders.quant import PackedWeight
 from hybrid.loaders.source import WeightSource
 
 TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
@@ -127,6 +128,35 @@ class GGUFSource(WeightSource):
             n = min(step, shape[0] - r)
             out[r:r + n] = torch.from_numpy(np.array(self.gguf.values(gname, r, n), dtype=np.float32, copy=True))
         return out
+
+    def linear(self, name: str, shape: tuple[int, int], fmt: str = "dense", bias: bool = False):
+        """As WeightSource.linear; fmt "blocks" gives the tensor's own blocks repacked for the
+        native kernels (a PackedWeight, host memory) where a kernel runs its type and its shape
+        fits the packed layout, and dense otherwise."""
+        packed = self.blocks(name, shape) if fmt == "blocks" else None
+        if packed is None:
+            return super().linear(name, shape, "dense" if fmt == "blocks" else fmt, bias=bias)
+        b = self.tensor(f"{name}.bias", (shape[0],)).to(self.device, self.dtype) if bias else None
+        return packed, b, None
+
+    def blocks(self, name: str, shape: tuple[int, int]) -> PackedWeight | None:
+        """Linear weight `name` [N, K] in its GGUF blocks, repacked losslessly (pack_gguf: the
+        same values); None when its type has no native kernel (F32/F16/BF16, Q5_0, IQ4_NL, ...),
+        its rows are not a multiple of 16 or its inputs of the type's block, or the extension is
+        not built."""
+        from hybrid import native
+
+        gname, e = self._resolve(name)
+        if e is not None or gname not in self.gguf:  # an expert, or kv_b in the split MLA form
+            return None
+        t = self._info(gname, shape, name)
+        lib = native.lib_or_none()
+        n, k = shape
+        if t.type_name not in native.GGUF_NATIVE or lib is None or n % 16 or k % block_of(t.type_id)[0]:
+            return None
+        q, s = lib.pack_gguf(self.gguf.raw(gname), t.type_name.lower(), n, k)
+        return PackedWeight(torch.from_numpy(q), torch.from_numpy(s.view(np.int16)) if s.size else None,
+                            t.type_name.lower(), (n, k), name=name)
 
     def float_weight(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Linear weight `name` (a module path) as fp32 [out, in], dequantised from its GGUF type."""

@@ -7,7 +7,9 @@ Checkpoint formats:
     weight_packed [N, K/8] int32, element k of a row at bits 4*(k % 8) of word k // 8, stored
     as the unsigned nibble q + 8 (q in [-8, 7]); weight_scale [N, K/G] (bf16); weight_shape [2];
     W[n, k] = q[n, k] * scale[n, k // G].
-Device formats (hybrid/ops/linear.py): int8 / fp8 weight-only with a per-row scale.
+Device formats (hybrid/ops/linear.py): int8 / fp8 weight-only with a per-row scale; "blocks": a GGUF
+tensor kept in its own quantised blocks (repacked for the native kernels, PackedWeight), on a CPU
+device only.
 
 Legend: N rows (outputs), K columns (inputs), G group size.
 """
@@ -17,7 +19,22 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-DEVICE_FORMATS = ("dense", "int8", "fp8")  # what a device linear weight may be stored as
+DEVICE_FORMATS = ("dense", "int8", "fp8", "blocks")  # what a device linear weight may be stored as
+
+
+class PackedWeight:
+    """A linear weight [N, K] held in a packed kernel layout (csrc/core/kernels.h): qweight uint8
+    [bytes] and scales int16 [count] (bf16 / fp16 bits; None for the K types), as
+    hybrid.native's pack_gguf makes them from a GGUF tensor's blocks. `format` is the kernel's
+    format name ("q4_k", "q8_0", ...)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor | None, format: str, shape: tuple[int, int],
+                 name: str = "?"):
+        self.qweight, self.scales, self.format, self.shape, self.name = qweight, scales, format, tuple(shape), name
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + (0 if self.scales is None else 2 * self.scales.numel())
 
 
 def dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],

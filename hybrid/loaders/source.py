@@ -79,9 +79,11 @@ class WeightSource:
     # ---- what the model asks for -------------------------------------------------------------
     def linear(self, name: str, shape: tuple[int, int], fmt: str = "dense", bias: bool = False):
         """-> (weight [N, K], bias [N] or None, scale [N] fp32 or None) on the device: dense in
-        the compute dtype, or int8/fp8 weight-only (`fmt`) with a per-row scale."""
+        the compute dtype, or int8/fp8 weight-only (`fmt`) with a per-row scale. "blocks" is a
+        GGUF source's (GGUFSource.linear); a checkpoint without blocks gives dense."""
         if fmt not in DEVICE_FORMATS:
             raise ValueError(f"{name}: unknown device format {fmt!r} ({', '.join(DEVICE_FORMATS)})")
+        fmt = "dense" if fmt == "blocks" else fmt
         w = self.float_weight(name, shape)
         b = None
         if bias:

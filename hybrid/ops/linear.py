@@ -6,18 +6,26 @@ Formats (chosen per tensor group at load, see hybrid/runtime/context.py):
   fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
 The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU.
 
-Three forms, chosen once per weight by the op set (hybrid/ops/op_sets.py): `Linear` (torch; for
+  blocks a GGUF tensor in its own quantised blocks (hybrid.loaders.quant.PackedWeight), CPU device:
+         the llama.cpp-sized bytes per weight a CPU-only machine reads per token
+Four forms, chosen once per weight by the op set (hybrid/ops/op_sets.py): `Linear` (torch; for
 quantised weights the reference, which widens DEQUANT_ROWS rows at a time), `QuantLinear` (an
 int8/fp8 weight on a CUDA device: the Triton kernel reads the quantised bytes directly, no
-dequantised copy per call; quant_linear_triton.py) and `NativeLinear` (a bf16 or int8 CPU
-weight: the native GEMV for a few tokens, reading int8 bytes directly).
+dequantised copy per call; quant_linear_triton.py), `NativeLinear` (a bf16 or int8 CPU
+weight: the native GEMV for a few tokens, reading int8 bytes directly) and `PackedLinear` (a
+weight in blocks: the expert engine's kernels, activations rounded to int8 per 32 inputs as
+llama.cpp rounds them to Q8). The torch op set has no kernel for blocks: it dequantises them
+once to a dense Linear (blocks_as_dense).
 Legend: T tokens, N outputs, K inputs.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hybrid.loaders.quant import PackedWeight
 
 DEQUANT_ROWS = 4096  # rows of a quantised weight converted per matmul (bounds the temporary)
 # Up to this many tokens a dense bf16 weight on the CPU goes through the native GEMV
@@ -149,3 +157,42 @@ class NativeLinear(Linear):
         if self.format == "dense":
             return F.linear(x, self.weight, self.bias)
         return Linear.__call__(self, x)
+
+
+def blocks_as_dense(lib, w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A PackedWeight's values as a dense [N, K] tensor of `dtype` (the blocks' exact values,
+    rounded once to dtype)."""
+    n, k = w.shape
+    s = w.scales.numpy().view(np.uint16) if w.scales is not None else None
+    return torch.from_numpy(lib.unpack(w.format, w.qweight.numpy(), s, n, k)).to(dtype)
+
+
+class PackedLinear(Linear):
+    """A weight kept in its GGUF blocks on a CPU device (device_weights="blocks"): every call goes
+    through the native packed linear (hybrid.native.packed_linear: x bf16 rounded to int8 per 32
+    inputs, then the format's matmul_a8, decode GEMV or prefill GEMM by token count)."""
+
+    def __init__(self, lib, packed: PackedWeight, bias: torch.Tensor | None = None, name: str = "?"):
+        self._lib, self.packed, self.bias, self.name = lib, packed, bias, name
+        self.weight, self.scale = packed.qweight, None
+        self.format = "blocks"
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return blocks_as_dense(self._lib, self.packed, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [T, K] bf16 -> [T, N] bf16
+        p = self.packed
+        if x.dtype != torch.bfloat16 or x.dim() != 2:
+            raise TypeError(f"{self.name}: a weight in blocks takes bf16 activations [T, K], got {x.dtype} "
+                            f"{list(x.shape)}")
+        y = self._lib.packed_linear_torch(p.qweight, p.scales, p.format, p.shape[0], p.shape[1],
+                                          x if x.stride(1) == 1 else x.contiguous(), None, "", True)
+        return y if self.bias is None else y + self.bias

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.ops.linear import Linear, NativeLinear, QuantLinear
+from hybrid.loaders.quant import PackedWeight
+from hybrid.ops.linear import Linear, NativeLinear, PackedLinear, QuantLinear, blocks_as_dense
 from hybrid.ops.mla_attention import MLAAttention, MLAShape, NativeMLAAttention
 from hybrid.ops.paged_kv import TorchPagedKV
 
@@ -44,6 +45,10 @@ class TorchOps:
         return h, self.rms_norm(h, weight, eps)
 
     def linear(self, weight: torch.Tensor, bias=None, scale=None, name: str = "?") -> Linear:
+        if isinstance(weight, PackedWeight):  # no torch kernel for blocks: their values, dense
+            from hybrid import native  # noqa: PLC0415
+
+            return Linear(blocks_as_dense(native.lib(), weight, self.dtype).to(self.device), bias, name=name)
         if QuantLinear.fits(weight, scale):
             return QuantLinear(weight, bias, scale, name=name)
         return Linear(weight, bias, scale, name=name)
@@ -84,6 +89,8 @@ class NativeCpuOps(TorchOps):
         return super().add_rms_norm(h, a, weight, eps)
 
     def linear(self, weight, bias=None, scale=None, name: str = "?") -> Linear:
+        if isinstance(weight, PackedWeight):
+            return PackedLinear(self._lib, weight, bias, name=name)
         if NativeLinear.fits(weight, scale):
             return NativeLinear(self._lib, weight, bias, scale, name=name)
         return Linear(weight, bias, scale, name=name)

@@ -61,12 +61,14 @@ class DeviceBudget:
 
 def device_bytes(facts, itemsize: int = 2, formats: dict[str, str] | None = None, max_len: int = 4096,
                  num_slots: int = 1, experts_on_device: bool = False) -> DeviceBudget:
-    """facts: ModelFacts; itemsize: bytes of the compute dtype; formats: {group: dense|int8|fp8}."""
+    """facts: ModelFacts; itemsize: bytes of the compute dtype; formats: {group: dense|int8|fp8|blocks}."""
     formats = formats or {}
     weights = 0
     for g, (params, rows) in facts.group_params().items():
         f = formats.get(g, "dense")
-        weights += params * itemsize if f == "dense" else params + rows * 4  # int8/fp8 + fp32 row scale
+        # int8/fp8: a byte + an fp32 row scale; "blocks" (a GGUF file's own, CPU device) at most the
+        # dense size (tensors whose type has no kernel stay dense), counted as dense: an upper bound
+        weights += params * itemsize if f in ("dense", "blocks") else params + rows * 4
     weights += facts.always_dense_params * itemsize + facts.router_params * 4
     kv = facts.kv_bytes_per_token(itemsize) * max_len * num_slots
     acts = activation_bytes(facts, min(PREFILL_CHUNK, max_len), itemsize, formats)

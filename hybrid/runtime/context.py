@@ -39,7 +39,21 @@ class BuildContext:
                 raise ValueError(f"device_formats[{g!r}]: unknown format {f!r} ({', '.join(DEVICE_FORMATS)})")
             if f == "fp8" and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
                 raise ValueError(f"device_formats[{g!r}]=fp8 needs a GPU with FP8 (compute capability 8.9+)")
+            if f == "blocks":
+                self._check_blocks(g)
             self.formats[g] = f
+
+    def _check_blocks(self, group: str) -> None:
+        """Blocks are a GGUF file's own, run by the native CPU kernels on bf16 activations."""
+        where = f"device_weights[{group!r}]='blocks'"
+        if not hasattr(self.source, "blocks"):
+            raise ValueError(f"{where} keeps a GGUF file's tensors in their blocks; this checkpoint is not "
+                             "a GGUF file (use bf16, int8 or fp8)")
+        if self.device.type != "cpu":
+            raise ValueError(f"{where} runs on a CPU device (the native kernels); the device is {self.device}")
+        if self.dtype != torch.bfloat16:
+            raise ValueError(f"{where} computes with bf16 activations rounded to int8; dtype is {self.dtype} "
+                             "(the fp32 reference path reads dense weights)")
 
     def linear(self, name: str, shape: tuple[int, int], group: str, bias: bool = False):
         if group not in self.formats:

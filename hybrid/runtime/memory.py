@@ -17,7 +17,7 @@ from hybrid.planner.device_memory import GiB, DeviceBudget, device_bytes
 
 
 def device_formats_option(value) -> dict[str, str]:
-    """device_weights option -> {group: "dense"|"int8"|"fp8"}. "bf16"/"fp32" mean dense."""
+    """device_weights option -> {group: "dense"|"int8"|"fp8"|"blocks"}. "bf16"/"fp32" mean dense."""
     if value is None:
         return {}
     if isinstance(value, str):
@@ -30,7 +30,7 @@ def device_formats_option(value) -> dict[str, str]:
         if g not in GROUPS:
             raise ValueError(f"device_weights: unknown tensor group {g!r} (groups: {', '.join(GROUPS)})")
         if f not in DEVICE_FORMATS:
-            raise ValueError(f"device_weights[{g!r}]: unknown format {f!r} (bf16, int8, fp8)")
+            raise ValueError(f"device_weights[{g!r}]: unknown format {f!r} (bf16, int8, fp8, blocks)")
         out[g] = f
     return out
 
