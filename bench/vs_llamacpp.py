@@ -138,7 +138,7 @@ def run_hybrid(ckpt: Path, prompt: list[int], decode: int, threads: int, n_cmp: 
 
     import hybrid
 
-    kw = {} if device_weights == "bf16" else {"device_weights": device_weights}
+    kw = {"device_weights": device_weights}  # explicit: hybrid.load's own default on a CPU is blocks for a GGUF
     model = hybrid.load(ckpt, threads=threads, max_len=len(prompt) + decode + 16,
                         dtype=torch.float32 if fp32 else None, **kw)
     if torch_threads:
@@ -249,8 +249,11 @@ def bench_model(name: str, ckpt: Path, args, text: bool = False, fp32: bool = Fa
         prompt = torch.randint(2, cfg.vocab_size, (args.prompt,), generator=g).tolist()
     n_cmp = min(args.compare, args.prompt)
     print(f"[{name}] hybrid ...", file=sys.stderr)
-    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=args.type == "f32" or args.fp32 or fp32,
-                   torch_threads=args.torch_threads, device_weights=args.device_weights)
+    h_fp32 = args.type == "f32" or args.fp32 or fp32
+    # blocks are a GGUF's own and run on bf16 activations: a safetensors run or the fp32 path is bf16 / fp32
+    dw = "bf16" if args.device_weights == "blocks" and (ckpt.suffix != ".gguf" or h_fp32) else args.device_weights
+    h = run_hybrid(ckpt, prompt, args.decode, args.threads, n_cmp, fp32=h_fp32,
+                   torch_threads=args.torch_threads, device_weights=dw)
     print(f"[{name}] llama.cpp ...", file=sys.stderr)
     lc = run_llamacpp(path, cfg, prompt, h["fed"], args.threads, n_cmp, DEMO_TEXT if text or name == "demo" else None)
     p_top1, p_diff = agreement(h["prompt_logits"], lc["prompt_logits"])
@@ -260,7 +263,7 @@ def bench_model(name: str, ckpt: Path, args, text: bool = False, fp32: bool = Fa
         **_gguf_types(path),
         "layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "hidden": cfg.hidden_size,
         "threads": args.threads, "hybrid_torch_threads": h["torch_threads"], "hybrid_dtype": h["dtype"],
-        "hybrid_device_weights": args.device_weights,
+        "hybrid_device_weights": dw,
         "prompt_tokens": args.prompt, "decode_tokens": args.decode,
         "hybrid_prefill_tok_s": round(args.prompt / h["prefill_s"], 2),
         "llamacpp_prefill_tok_s": round(args.prompt / lc["prefill_s"], 2),
@@ -322,10 +325,11 @@ def main(argv=None) -> int:
                          "'same' with --type f32 is the converter check (llama.cpp's Q4_0 matmul quantises "
                          "activations to 8 bits, which alone moves log-softmax by ~0.02 median)")
     ap.add_argument("--gguf-dir", default=None, help="where GGUF files are written (default: $TMPDIR/hybrid-gguf)")
-    ap.add_argument("--device-weights", choices=("bf16", "int8", "blocks"), default="bf16",
+    ap.add_argument("--device-weights", choices=("bf16", "int8", "blocks"), default="blocks",
                     help="hybrid's format for the non-expert matrices (on this CPU-only bench they run on "
                          "the CPU: int8 through the native int8 GEMV, half the bytes of bf16; blocks: a GGUF "
-                         "file's own blocks through the expert kernels, the bytes llama.cpp reads)")
+                         "file's own blocks through the expert kernels, the bytes llama.cpp reads: the default, "
+                         "as hybrid.load's for a GGUF on a CPU; a safetensors checkpoint is always bf16 here)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--compare", type=int, default=16, help="prompt positions whose logits are compared")

@@ -612,3 +612,27 @@ def test_device_weights_blocks_under_torch_ops_are_their_dense_values(tmp_path):
     got = _logits(g, dtype=torch.bfloat16, device_formats=fmts, device_ops="torch")
     want = _logits(g, dtype=torch.bfloat16, device_ops="torch")
     assert torch.equal(got, want)
+
+
+def test_gguf_on_a_cpu_device_defaults_to_its_blocks(tmp_path):
+    """hybrid.load of a GGUF on a CPU device (bf16, native ops) keeps its non-expert tensors in
+    their blocks unless told otherwise; device_weights="bf16" keeps them dense; fp32 (the
+    reference path) is dense."""
+    import hybrid
+    from hybrid.models.facts import GROUPS
+    from hybrid.ops.linear import PackedLinear
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = hybrid.load(g, device="cpu", experts_backend="torch", progress=False, max_len=64)
+        d = hybrid.load(g, device="cpu", experts_backend="torch", progress=False, max_len=64, device_weights="bf16")
+        f = hybrid.load(g, device="cpu", dtype="fp32", experts_backend="torch", progress=False, max_len=64)
+    if m.stats()["ops"] == "native":
+        assert m.stats()["device_weights"] == {k: "blocks" for k in GROUPS}
+        assert any(isinstance(lin, PackedLinear) for lin in _linears(m.network))
+    assert not any(isinstance(lin, PackedLinear) for lin in _linears(d.network))
+    assert not any(isinstance(lin, PackedLinear) for lin in _linears(f.network))
+    ids = m.tokenizer.encode("hello there")
+    assert len(m.generate(ids, 4, stop_at_eos=False)) == 4
+    m.close(), d.close(), f.close()

@@ -28,9 +28,11 @@ class Built:
     online: object = None    # planner/online.py LiveReplacement, or None
     vision: object = None    # hybrid/models/vision.py Vision (image input), or None
     layerwise: object = None  # runtime/layerwise.py LayerwisePrefill, or None (off)
+    device_formats: dict = None  # {group: format} the device linears were asked in
 
     def stats(self) -> dict:
-        return {"ops": self.ops.name, "experts": dict(self.experts.stats)}
+        return {"ops": self.ops.name, "experts": dict(self.experts.stats),
+                "device_weights": dict(self.device_formats or {})}
 
 
 def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts_backend: str = "torch",
@@ -93,6 +95,12 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     # (CpuMoE caller=), and split_threads gives the pool one worker fewer.
     expert_kw = dict(threads=threads, mode=mode or ("precise" if dtype == torch.float32 else "fast"),
                      caller=device.type == "cpu")
+    if gguf and not device_formats and device.type == "cpu" and ops.name == "native" and expert_kw["mode"] == "fast":
+        # A GGUF on a CPU device (bf16, fast mode): its non-expert tensors run in their own blocks
+        # (device_weights="blocks"), the bytes llama.cpp reads, not a 2-3.5x larger bf16 copy.
+        from hybrid.models.facts import GROUPS
+
+        device_formats = {g: "blocks" for g in GROUPS}
     if gguf:
         source = GGUFSource(config, files, device, dtype)
         experts = GGUFExpertLoader(experts_backend, expert_format, packed_cache=packed_cache, **expert_kw)
@@ -139,7 +147,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
 
     layerwise = _layerwise(network, layerwise_prefill, path, device, dtype, prof, max_vram, need,
                            extra_activations)
-    return Built(config, network, facts, ops, experts, live, vision, layerwise)
+    return Built(config, network, facts, ops, experts, live, vision, layerwise, ctx.formats)
 
 
 def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need, extra_activations):
