@@ -268,6 +268,7 @@ def test_doctor_describes_the_file(tmp_path):
     import argparse
 
     from hybrid.commands import doctor
+    from hybrid.loaders.gguf_file import GGUFFile
 
     g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
     args = argparse.Namespace(model=str(g), json=True, no_measure=True, trace=None, context="4k", machine=None)
@@ -282,6 +283,21 @@ def test_doctor_describes_the_file(tmp_path):
     assert [x["held_as"] for x in d["expert_layers"]] == [held, held]
     assert r["expect"]["ram"]["parts"]["routed_experts"] == d["routed_ram_bytes"]
     assert r["expect"]["model"]["id"] == g.name
+    # Device matrices in blocks: Q8_0 ones at their file bytes, kv_b (always dense) at bf16; on a
+    # machine without a GPU the RAM counts them so, and the speed table leads with them.
+    # This file: Q8_0 matrices whose rows fit (all 2-D ones here, the LM head output.weight too),
+    # q_b in F16 and the split kv_b (k_b F16, v_b Q8_0) dense.
+    ts = GGUFFile(g).tensors
+    q8 = sum(t.nbytes for n, t in ts.items() if t.type_name == "Q8_0" and len(t.shape) == 2
+             and "_exps." not in n and not n.startswith("token_embd."))
+    dense = sum(t.numel * 2 for n, t in ts.items() if ".attn_q_b." in n or ".attn_k_b." in n or ".attn_v_b." in n)
+    assert d["blocks_bytes"] == q8 + dense
+    if not r["machine"].get("gpus"):
+        assert r["expect"]["ram"]["parts"]["device_weights"] == d["blocks_bytes"]
+        rows = r["expect"]["device_weights"]
+        assert list(rows) == ["blocks", "bf16", "int8"]
+        assert rows["blocks"]["device_weights_bytes"] == d["blocks_bytes"]
+        assert rows["blocks"]["no_cache"]["decode_tok_s"] > rows["bf16"]["no_cache"]["decode_tok_s"]
 
 
 def test_serve_a_gguf_file(tmp_path):

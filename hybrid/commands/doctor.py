@@ -109,7 +109,7 @@ def collect(args) -> dict:
     return report
 
 
-def _render_gguf(con, g: dict) -> None:
+def _render_gguf(con, g: dict, gpu: bool) -> None:
     from hybrid.planner.units import fmt_bytes
 
     files = g["files"]
@@ -125,9 +125,11 @@ def _render_gguf(con, g: dict) -> None:
         held[x["held_as"]] = held.get(x["held_as"], 0) + 1
     how = ", ".join(f"{n} layer(s) {'in their own blocks' if h == 'native' else 're-packed as ' + h}"
                     for h, n in held.items())
+    where = (f"stay in their own blocks on this CPU-only machine (device matrices "
+             f"{fmt_bytes(g['blocks_bytes'])}; device_weights='blocks', the default without a GPU)" if not gpu
+             else "are dequantised once to the device format")
     con.print(f"  CPU engine: {how}; routed experts in RAM {fmt_bytes(g['routed_ram_bytes'])}; "
-              f"non-expert tensors dequantised once to the device format "
-              f"(file {fmt_bytes(g['other_file_bytes'])})")
+              f"non-expert tensors ({fmt_bytes(g['other_file_bytes'])} in the file) {where}")
     if any(h != "native" for h in held):
         con.print("  [yellow]note:[/yellow] types without a native kernel "
                   f"(native: {', '.join(g['native_types']) or 'none yet'}) are dequantised and "
@@ -215,7 +217,7 @@ def render(r: dict) -> None:
     con.print(t)
 
     if r.get("gguf"):
-        _render_gguf(con, r["gguf"])
+        _render_gguf(con, r["gguf"], bool(m.get("gpus")))
     e = r.get("expect", {})
     if "error" in e:
         con.print(f"[red]model:[/red] {e['error']}")

@@ -337,7 +337,7 @@ class CostModel:
                          batch * p * flops / (mc.gpu_tflops * 1e12)) \
             + touched * mc.gpu_expert_overhead_us * 1e-6
 
-        wb = {"bf16": 2, "fp8": 1, "int8": 1, "fp32": 4}[self.device_weight_format]
+        wb = m.device_bytes_per_param(self.device_weight_format)
 
         def gpu_op(params: float, tokens: int) -> float:   # weights read once, or FLOP-bound
             return max(params * wb / gpu_bw, 2.0 * params * tokens / (mc.gpu_tflops * 1e12))

@@ -29,8 +29,8 @@ def ram_needed(spec, machine, context_tokens: int) -> dict:
     RAM speed) and the embedding table; without a GPU also the device weights and KV cache."""
     parts = {"routed_experts": spec.routed_ram_bytes(),
              "embedding": spec.embedding_params * 2}
-    if not machine.gpu_present:
-        parts["device_weights"] = spec.device_weight_bytes("bf16")
+    if not machine.gpu_present:  # a GGUF keeps them in its blocks there (device_weights="blocks")
+        parts["device_weights"] = spec.device_weight_bytes("blocks" if spec.stored_device_bytes else "bf16")
         parts["kv_cache"] = context_tokens * spec.kv_bytes_per_token
     parts["total"] = sum(parts.values())
     return parts
@@ -71,9 +71,11 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
     freq = trace.frequencies()
     none = np.zeros(freq.shape, dtype=bool)
     results = {}
-    for fmt in ("bf16", "int8"):
+    blocks = ("blocks",) if spec.stored_device_bytes and not machine.gpu_present else ()
+    for fmt in blocks + ("bf16", "int8"):  # a GGUF without a GPU: its blocks first (the default)
         cm = CostModel(spec, machine, device_weight_format=fmt, kv_tokens=decode_at)
-        entry = {"device_weights_bytes": planner.device_needs(cm, context_tokens)[0]}
+        entry = {"device_weights_bytes": (spec.device_weight_bytes(fmt) if fmt == "blocks"
+                                          else planner.device_needs(cm, context_tokens)[0])}
         pre = cm.prefill(freq, none)
         entry["no_cache"] = {"decode_tok_s": cm.decode_tok_s(freq, none),
                              "prefill_tok_s": pre["tok_s"]}

@@ -61,6 +61,10 @@ class ModelSpec:
     # Bytes of one routed expert as the CPU holds it when that is not one of our formats (a GGUF's
     # own block types, e.g. Q2_K, averaged over layers); 0: counted from expert_format.
     stored_expert_bytes: int = 0
+    # Bytes of the device-side matrices of a GGUF file kept in their blocks on a CPU device
+    # (device_weights="blocks": the file's bytes where a kernel runs the type, bf16 elsewhere);
+    # 0: not a GGUF (no "blocks" format).
+    stored_device_bytes: int = 0
     config_hash: str = ""
     # The architecture's ModelFacts (hybrid/models/facts.py): the device-memory budget is counted
     # from them by the one accounting hybrid.load uses too (device_memory.py), so they agree.
@@ -113,11 +117,19 @@ class ModelSpec:
         }
 
     def device_weight_bytes(self, fmt: str = "bf16") -> int:
+        if fmt == "blocks" and self.stored_device_bytes:
+            return self.stored_device_bytes
         if fmt not in DEVICE_WEIGHT_BYTES_PER_PARAM:
             raise ValueError(f"unknown device weight format {fmt!r} "
                              f"(expected one of {sorted(DEVICE_WEIGHT_BYTES_PER_PARAM)})")
         # Routers and norms stay bf16/fp32 in practice; they are < 0.2% of the total.
         return int(sum(self.device_params().values()) * DEVICE_WEIGHT_BYTES_PER_PARAM[fmt])
+
+    def device_bytes_per_param(self, fmt: str = "bf16") -> float:
+        """Average bytes a device-side weight reads per parameter in `fmt` (the cost model's)."""
+        if fmt == "blocks" and self.stored_device_bytes:
+            return self.stored_device_bytes / max(1, sum(self.device_params().values()))
+        return DEVICE_WEIGHT_BYTES_PER_PARAM.get(fmt, 2.0)
 
     def expert_bytes(self, fmt: str | None = None) -> int:
         """Exact bytes of one routed expert (3 matrices) in `fmt` (default: storage format)."""

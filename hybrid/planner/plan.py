@@ -124,8 +124,8 @@ def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
 
     m = cost.model
     fmt = cost.device_weight_format
-    if fmt not in ("bf16", "fp32", "int8", "fp8"):
-        raise PlanError(f"device weight format {fmt!r}: expected bf16, fp32, int8 or fp8")
+    if fmt not in ("bf16", "fp32", "int8", "fp8", "blocks"):
+        raise PlanError(f"device weight format {fmt!r}: expected bf16, fp32, int8, fp8 or blocks")
     if m.facts is None:
         raise PlanError(f"cannot count device memory for model {m.model_id!r}: its spec carries no "
                         f"architecture facts (make it with hybrid.models.spec)")

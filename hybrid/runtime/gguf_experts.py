@@ -176,6 +176,7 @@ def describe_gguf(path) -> dict:
 
         others = [n for n in g.tensors if n not in expert_names]
         routed_ram = sum(x["ram_bytes"] for x in layers)
+        blocks = _blocks_bytes(g, others, native)
         return {
             "path": str(g.path), "architecture": arch, "model_type": config.model_type,
             "name": g.field("general.name", str, None),
@@ -183,6 +184,7 @@ def describe_gguf(path) -> dict:
             "file_bytes": g.nbytes, "tensors": len(g.tensors),
             "routed_expert_types": histogram(expert_names), "other_types": histogram(others),
             "other_file_bytes": sum(g.tensors[n].nbytes for n in others),
+            "blocks_bytes": blocks,
             "native_types": sorted(native), "expert_layers": layers,
             "routed_ram_bytes": routed_ram,
             "bytes_per_expert": routed_ram // max(1, len(layers) * E),
@@ -190,6 +192,30 @@ def describe_gguf(path) -> dict:
         }
     finally:
         g.close()
+
+
+def _blocks_bytes(g, names, native: frozenset) -> int:
+    """Bytes of the device-side matrices on a CPU device with device_weights="blocks": a 2-D tensor
+    of a native type whose rows (16) and inputs (the type's block) fit stays in its blocks, counted
+    at its file bytes as routed experts in their blocks are; the rest (and MLA's kv_b, which is
+    always dense) at bf16; a tied LM head is the embedding table in bf16. The embedding table itself
+    (host) and the routers (fp32) are not device weights."""
+    from hybrid.loaders.gguf_file import block_of
+
+    total = 0
+    for n in names:
+        t = g.tensors[n]
+        if any(f".attn_{p}." in n for p in ("kv_b", "k_b", "v_b")):  # MLA's kv_b (or its split form)
+            total += t.numel * 2
+            continue
+        if len(t.shape) != 2 or n.startswith("token_embd.") or ".ffn_gate_inp." in n:
+            continue
+        rows, k = t.shape
+        fits = t.type_name in native and rows % 16 == 0 and k % block_of(t.type_id)[0] == 0
+        total += t.nbytes if fits else t.numel * 2
+    if "output.weight" not in g.tensors and "token_embd.weight" in g.tensors:  # tied: the table, dense
+        total += g.tensors["token_embd.weight"].numel * 2
+    return total
 
 
 def _spec_format(layers: list[dict]) -> str:
@@ -216,4 +242,4 @@ def model_spec_for(model: str | None, describe: dict | None = None):
     if describe is not None:
         describe["gguf"] = d
     return dataclasses.replace(spec, model_id=os.path.basename(model), expert_format=d["expert_format"],
-                               stored_expert_bytes=d["bytes_per_expert"])
+                               stored_expert_bytes=d["bytes_per_expert"], stored_device_bytes=d["blocks_bytes"])
