@@ -281,31 +281,49 @@ void decode_gguf_super(WeightFormat f, const uint8_t* b, KBlock& o) {
   }
 }
 
-// Row r of tile t (kquant.h layout) from one decoded super-block.
-void write_tile_row(const KQ& k, const KBlock& o, int r, uint8_t* t) {
-  for (int g = 0; g < 8; ++g)
-    for (int i = 0; i < 8; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int lane = r * 4 + j, u = o.u[32 * g + 4 * i + j];
-        if (k.nib) {
-          uint8_t& byte = t[k.nib_at + g * 256 + (i / 2) * 64 + lane];
-          byte = uint8_t((i % 2) ? (byte & 0x0F) | ((u & 0x0F) << 4) : (byte & 0xF0) | (u & 0x0F));
+// Row r of tile t (kquant.h layout) from one decoded super-block. Each tile byte of the row is
+// composed whole from its values (no read-modify-write), with the type's layout facts as
+// constants (a template per type): the loader packs a K2.5 GGUF's hundreds of GB through here.
+template <WeightFormat F>
+void write_tile_row_t(const KBlock& o, int r, uint8_t* t) {
+  constexpr KQ k = kq_of(F);
+  for (int g = 0; g < 8; ++g) {
+    const uint8_t* u = o.u + 32 * g;  // input 4i + j of the group: u[4 i + j]
+    for (int j = 0; j < 4; ++j) {
+      const int lane = r * 4 + j;
+      if constexpr (k.nib)
+        for (int c = 0; c < 4; ++c)
+          t[k.nib_at + g * 256 + c * 64 + lane] = uint8_t((u[8 * c + j] & 0x0F) | ((u[8 * c + 4 + j] & 0x0F) << 4));
+      if constexpr (k.crumb)
+        for (int c = 0; c < 2; ++c) {
+          int byte = 0;
+          for (int s = 0; s < 4; ++s) byte |= ((u[4 * (4 * c + s) + j] >> k.crumb_shift) & 3) << (2 * s);
+          t[k.crumb_at + g * 128 + c * 64 + lane] = uint8_t(byte);
         }
-        if (k.crumb) {
-          uint8_t& byte = t[k.crumb_at + g * 128 + (i / 4) * 64 + lane];
-          const int sh = 2 * (i % 4);
-          byte = uint8_t((byte & ~(3 << sh)) | (((u >> k.crumb_shift) & 3) << sh));
-        }
-        if (k.bit) {
-          uint8_t& byte = t[k.bit_at + g * 64 + lane];
-          byte = uint8_t((byte & ~(1 << i)) | (((u >> k.bit_shift) & 1) << i));
-        }
+      if constexpr (k.bit) {
+        int byte = 0;
+        for (int i = 0; i < 8; ++i) byte |= ((u[4 * i + j] >> k.bit_shift) & 1) << i;
+        t[k.bit_at + g * 64 + lane] = uint8_t(byte);
       }
+    }
+  }
   std::memcpy(t + k.d_at + 2 * r, &o.d, 2);
-  if (k.min) std::memcpy(t + k.dm_at + 2 * r, &o.dmin, 2);
+  if constexpr (k.min) std::memcpy(t + k.dm_at + 2 * r, &o.dmin, 2);
   for (int j = 0; j < k.nsub; ++j) {
     t[k.sc_at + j * 16 + r] = k.scale_nibbles ? uint8_t((o.sc[j] & 0x0F) | (o.m[j] << 4)) : uint8_t(o.sc[j]);
-    if (k.min && !k.scale_nibbles) t[k.m_at + j * 16 + r] = o.m[j];
+    if constexpr (k.min && !k.scale_nibbles) t[k.m_at + j * 16 + r] = o.m[j];
+  }
+}
+
+void write_tile_row(WeightFormat f, const KBlock& o, int r, uint8_t* t) {
+  switch (f) {
+    case WeightFormat::Q4_K: return write_tile_row_t<WeightFormat::Q4_K>(o, r, t);
+    case WeightFormat::Q5_K: return write_tile_row_t<WeightFormat::Q5_K>(o, r, t);
+    case WeightFormat::Q6_K: return write_tile_row_t<WeightFormat::Q6_K>(o, r, t);
+    case WeightFormat::Q3_K: return write_tile_row_t<WeightFormat::Q3_K>(o, r, t);
+    case WeightFormat::Q2_K: return write_tile_row_t<WeightFormat::Q2_K>(o, r, t);
+    case WeightFormat::IQ4_XS: return write_tile_row_t<WeightFormat::IQ4_XS>(o, r, t);
+    default: throw std::logic_error("write_tile_row: not a bit-plane K type");
   }
 }
 
@@ -331,7 +349,7 @@ void pack_gguf(WeightFormat f, const uint8_t* src, int64_t n, int64_t k, int64_t
             continue;
           }
           decode_gguf_super(f, row + size_t(sb) * bb, o);
-          write_tile_row(kq, o, r, tile);
+          write_tile_row(f, o, r, tile);
         }
       }
     }
