@@ -44,7 +44,9 @@ def load_model_or_explain(path: str | None, prog: str, **options):
         print(f"{prog}: {what} has no tokenizer (tiktoken.model or tokenizer.json); a chat needs one",
               file=sys.stderr)
         return None
-    print(f"{prog}: loaded {what} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    formats = set((model.stats().get("device_weights") or {}).values())
+    how = " (non-expert weights in the file's own blocks)" if formats == {"blocks"} else ""
+    print(f"{prog}: loaded {what} in {time.monotonic() - start:.1f} s{how}", file=sys.stderr, flush=True)
     return model
 
 
