@@ -4,10 +4,10 @@ Formats (chosen per tensor group at load, see hybrid/runtime/context.py):
   dense  weight [N, K] in the compute dtype (bf16 or fp32)
   int8   weight [N, K] int8 + per-output-channel scale [N] fp32: W = q * scale[n]
   fp8    weight [N, K] float8_e4m3fn + per-output-channel scale [N] fp32 (GPUs with FP8)
-The quantised forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU.
+  blocks a GGUF tensor in its own quantised blocks (hybrid.loaders.quant.PackedWeight), CPU
+         device: the bytes per weight llama.cpp reads, where bf16 would read 2-3.5x more
+The int8/fp8 forms exist so the ~11.7 B non-expert parameters of K2.5 fit a 24 GB GPU.
 
-  blocks a GGUF tensor in its own quantised blocks (hybrid.loaders.quant.PackedWeight), CPU device:
-         the llama.cpp-sized bytes per weight a CPU-only machine reads per token
 Four forms, chosen once per weight by the op set (hybrid/ops/op_sets.py): `Linear` (torch; for
 quantised weights the reference, which widens DEQUANT_ROWS rows at a time), `QuantLinear` (an
 int8/fp8 weight on a CUDA device: the Triton kernel reads the quantised bytes directly, no
