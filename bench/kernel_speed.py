@@ -64,25 +64,24 @@ def _kernels():
     return _native_testing
 
 
-# GGUF block types --format takes: inputs per block, bytes per block, byte offsets of the block's
-# fp16 fields (ggml's block_* structs; IQ1_M keeps its d in 4 nibbles and has none).
-GGUF_FORMATS = {"q4_0": (32, 18, (0,)), "q8_0": (32, 34, (0,)), "q4_k": (256, 144, (0, 2)),
-                "q5_k": (256, 176, (0, 2)), "q6_k": (256, 210, (208,)), "q3_k": (256, 110, (108,)),
-                "q2_k": (256, 84, (80, 82)), "iq4_xs": (256, 136, (0,)), "iq2_xxs": (256, 66, (0,)),
-                "iq2_xs": (256, 74, (0,)), "iq3_xxs": (256, 98, (0,)), "iq1_s": (256, 50, (0,)),
-                "iq1_m": (256, 56, ())}
+def _random_gguf():
+    """hybrid.runtime.random_gguf (random valid GGUF blocks), installed or from this checkout."""
+    try:
+        from hybrid.runtime import random_gguf
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from hybrid.runtime import random_gguf
+    return random_gguf
+
+
+GGUF_FORMATS = _random_gguf().GGUF_FORMATS  # the GGUF block types --format takes
 
 
 def gguf_packed(fmt: str, n: int, k: int, rng):
-    """(qweight, scales, GGUF bytes) of a random [n, k] matrix of GGUF type fmt, repacked: random
-    quant bits, fp16 fields 2^-8 (normal: no subnormal slow paths; speed is value-blind)."""
-    import numpy as np
-
-    bs, ts, f16 = GGUF_FORMATS[fmt]
-    rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
-    for at in f16:
-        rows[:, :, at:at + 2] = np.frombuffer(np.float16(2.0**-8).tobytes(), np.uint8)
-    q, s = _native().pack_gguf(rows.reshape(n, -1), fmt, n, k)
+    """(qweight, scales, GGUF bytes) of a random [n, k] matrix of GGUF type fmt, repacked as the
+    loader repacks a file's blocks."""
+    rows = _random_gguf().gguf_rows(rng, fmt, n, k)
+    q, s = _native().pack_gguf(rows, fmt, n, k)
     return q, s, rows.nbytes
 
 
@@ -215,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.n <= 0 or a.n % 16 or a.k <= 0 or a.k % 32:
         p.error(f"--n must be a positive multiple of 16 and --k of 32, got {a.n}, {a.k}")
-    if a.format in GGUF_FORMATS and a.k % GGUF_FORMATS[a.format][0]:
-        p.error(f"--format {a.format} needs --k a multiple of {GGUF_FORMATS[a.format][0]}, got {a.k}")
+    block = _random_gguf().GGUF_BLOCK[a.format][0] if a.format in GGUF_FORMATS else 32
+    if a.k % block:
+        p.error(f"--format {a.format} needs --k a multiple of {block}, got {a.k}")
     if a.runs < 1 or min(a.tokens) < 1:
         p.error("--runs and every --tokens value must be >= 1")
 

@@ -217,40 +217,15 @@ def peak_gops(lib: ctypes.CDLL, symbol: str, threads: int, seconds: float = 0.3)
 
 # ---- the packed layer -------------------------------------------------------------------------
 
-# GGUF block types: (inputs per block, bytes per block, byte offsets of the fp16 fields, the largest
-# |sub-scale x quant| of a random block, so fp16 fields of 0.02 / span give weights of ~0.02).
-GGUF_BLOCK = {
-    "q4_0": (32, 18, (0,), 8), "q8_0": (32, 34, (0,), 128),
-    "q4_k": (256, 144, (0, 2), 63 * 15), "q5_k": (256, 176, (0, 2), 63 * 31), "q6_k": (256, 210, (208,), 128 * 32),
-    "q3_k": (256, 110, (108,), 32 * 4), "q2_k": (256, 84, (80, 82), 15 * 3), "iq4_xs": (256, 136, (0,), 32 * 127),
-    # the lattice types (any grid index is valid); IQ1_M's d is the top nibbles of its 4 scale words
-    "iq2_xxs": (256, 66, (0,), 31 * 43 / 8), "iq2_xs": (256, 74, (0,), 31 * 43 / 8),
-    "iq3_xxs": (256, 98, (0,), 31 * 62 / 4), "iq1_s": (256, 50, (0,), 15 * 9 / 8), "iq1_m": (256, 56, (), 15 * 9 / 8),
-}
-GGUF_FORMATS = tuple(GGUF_BLOCK)
-
-
-def gguf_rows(rng, fmt: str, n: int, k: int):
-    """uint8 [n, row bytes] of random valid `fmt` blocks (random bits, fp16 fields of weight size)."""
-    import numpy as np
-
-    bs, ts, f16, span = GGUF_BLOCK[fmt]
-    rows = rng.integers(0, 256, size=(n, k // bs, ts), dtype=np.uint8)
-    for at in f16:
-        d = (rng.uniform(0.002, 0.02, size=(n, k // bs)) / span).astype(np.float16)
-        rows[:, :, at:at + 2] = d.view(np.uint8).reshape(n, k // bs, 2)
-    if fmt == "iq1_m":  # nibble i of d's fp16 bits in the top nibble of scale word i (bytes 48..55)
-        d = (rng.uniform(0.002, 0.02, size=(n, k // bs)) / span).astype(np.float16).view(np.uint16)
-        sc = rows[:, :, 48:56].copy().view(np.uint16) & np.uint16(0x0FFF)
-        for i in range(4):
-            sc[:, :, i] |= ((d >> np.uint16(4 * i)) & np.uint16(15)) << np.uint16(12)
-        rows[:, :, 48:56] = sc.view(np.uint8)
-    return rows.reshape(n, -1)
-
-
-def gguf_row_bytes(fmt: str, k: int) -> int:
-    bs, ts = GGUF_BLOCK[fmt][:2]
-    return k // bs * ts
+# Random valid GGUF blocks (hybrid/runtime/random_gguf.py, which the doctor's probe uses too), from
+# the installed package or else from this checkout.
+try:
+    from hybrid.runtime import random_gguf as _random_gguf
+except ImportError:
+    sys.path.insert(0, str(HERE.parent))
+    from hybrid.runtime import random_gguf as _random_gguf
+GGUF_BLOCK, GGUF_FORMATS = _random_gguf.GGUF_BLOCK, _random_gguf.GGUF_FORMATS
+gguf_row_bytes, gguf_rows = _random_gguf.gguf_row_bytes, _random_gguf.gguf_rows
 
 
 def make_bank(args, rng) -> list:

@@ -652,3 +652,20 @@ def test_gguf_on_a_cpu_device_defaults_to_its_blocks(tmp_path):
     ids = m.tokenizer.encode("hello there")
     assert len(m.generate(ids, 4, stop_at_eos=False)) == 4
     m.close(), d.close(), f.close()
+
+
+def test_doctor_measures_the_files_own_expert_type(tmp_path):
+    """The doctor's expert-kernel probe runs on blocks of the file's main routed type when the
+    kernels run it (the lattice types decode at their own, compute-bound rate), else on INT4."""
+    from hybrid.commands import doctor
+    from hybrid.runtime.measure import measure_expert_kernel_gbps
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
+    f, _, _ = gguf_files.deepseek2_gguf(tmp_path / "f", "f32")
+    assert doctor._main_expert_type(str(g)) == "q8_0"
+    assert doctor._main_expert_type(str(f)) is None
+    assert doctor._main_expert_type(None) is None
+    r = measure_expert_kernel_gbps(0.05, experts=2, hidden=256, intermediate=256, gguf_type="iq2_xxs")
+    assert r["format"] == "iq2_xxs" and r["gbps"] > 0 and r["runs"] >= 5
+    with pytest.raises(ValueError, match="not a type the kernels run"):
+        measure_expert_kernel_gbps(0.05, experts=2, hidden=256, intermediate=256, gguf_type="q5_0")

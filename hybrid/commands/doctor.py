@@ -46,17 +46,42 @@ def _isa_chosen():
     return str(got), None
 
 
-def _kernel_gbps(seconds: float):
-    """Expert-kernel read throughput (hybrid/runtime/measure.py's probe over the CPU engine)."""
+def _main_expert_type(path) -> str | None:
+    """A GGUF's routed-expert type holding the most bytes, when the kernels run it in its blocks
+    (its decode rate is its own: the lattice types are compute-bound); else None."""
+    if not path or not str(path).endswith(".gguf") or not os.path.isfile(path):
+        return None
+    from hybrid import native
+    from hybrid.loaders.gguf_file import GGUFError, GGUFFile
+
+    try:
+        g = GGUFFile(path)
+    except (GGUFError, OSError, ValueError):
+        return None  # the description below reports the file's problem
+    try:
+        sizes: dict[str, int] = {}
+        for n, t in g.tensors.items():
+            if "_exps." in n:
+                sizes[t.type_name] = sizes.get(t.type_name, 0) + t.nbytes
+    finally:
+        g.close()
+    main = max(sizes, key=sizes.get) if sizes else None
+    return main.lower() if main in native.GGUF_NATIVE else None
+
+
+def _kernel_gbps(seconds: float, gguf_type: str | None = None):
+    """Expert-kernel read throughput (hybrid/runtime/measure.py's probe over the CPU engine), on
+    INT4 experts or on blocks of a GGUF's main routed type."""
     from hybrid.runtime.measure import measure_expert_kernel_gbps
 
     try:
-        r = measure_expert_kernel_gbps(seconds)
+        r = measure_expert_kernel_gbps(seconds, gguf_type=gguf_type)
     except ImportError as e:
         return None, f"engine not built ({e})"
     except Exception as e:  # report, never crash doctor
         return None, f"expert-kernel probe failed: {type(e).__name__}: {e}"
-    return r["gbps"], f"1 token x {r['experts']} K2.5-sized INT4 experts, {r['isa']} path"
+    what = f"{gguf_type.upper()} experts (the file's main routed type)" if gguf_type else "INT4 experts"
+    return r["gbps"], f"1 token x {r['experts']} K2.5-sized {what}, {r['isa']} path"
 
 
 def collect(args) -> dict:
@@ -77,7 +102,7 @@ def collect(args) -> dict:
     if isa_err:
         info["isa_chosen_note"] = isa_err
     if measure:
-        info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(1.0)
+        info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(1.0, _main_expert_type(args.model))
     machine = local_machine(measure=measure, info=info)
     machine_error = None
     if args.machine:
