@@ -669,3 +669,40 @@ def test_doctor_measures_the_files_own_expert_type(tmp_path):
     assert r["format"] == "iq2_xxs" and r["gbps"] > 0 and r["runs"] >= 5
     with pytest.raises(ValueError, match="not a type the kernels run"):
         measure_expert_kernel_gbps(0.05, experts=2, hidden=256, intermediate=256, gguf_type="q5_0")
+
+
+@pytest.mark.parametrize("other", ["Q4_K", "Q6_K", "IQ4_XS", "Q4_0"])
+def test_device_weights_blocks_of_k_types(tmp_path, monkeypatch, other):
+    """Non-expert matrices in K-quant types (as a Q4_K_M file has them), experts in K types too:
+    the matrices whose inputs fit the type's 256-value blocks run in their blocks, the others
+    (short rows: none here but kv_b) dense; logits as the torch computation of the same
+    int8-rounded activations."""
+    from hybrid.ops.linear import PackedLinear
+
+    experts = _experts_as({1: ("Q4_K", "Q4_K", "Q6_K"), 2: ("Q2_K", "Q3_K", "Q5_K")})
+
+    def edit(items):  # gguf cannot quantise to K types: random blocks of `other` for the matrices
+        out = []
+        for n, t, ty in experts(items):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and "_exps" not in n and "ffn_gate_inp" not in n \
+                    and t.shape[-1] % gguf.GGML_QUANT_SIZES[T[other]][0] == 0 and n != "token_embd.weight":
+                t, ty = gguf_files.random_blocks(other, tuple(t.shape), t.shape[-1] ** -0.5,
+                                                 seed=zlib.crc32(n.encode())), T[other]
+            out.append((n, t, ty))
+        return out
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    mixed = gguf_files.rewrite(g, tmp_path / "k.gguf", tensors=edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, net = checkpoints.load_model(mixed, dtype=torch.bfloat16, experts_backend="torch")
+    packed = [lin for lin in _linears(net) if isinstance(lin, PackedLinear)]
+    assert packed and {p.packed.format for p in packed} == {other.lower()}
+    cache = net.make_cache(1, 32)
+    pos = torch.arange(len(IDS))
+    got = net.forward(IDS, pos, torch.zeros_like(pos), cache).float()
+    monkeypatch.setattr(PackedLinear, "__call__", _int8_rounded_reference)
+    want = _logits(mixed, dtype=torch.bfloat16).float()
+    # the kernel's fp32 sums and the reference's float64 ones may round a bf16 output apart: a
+    # unit in its last place (2^-7 relative) or two, carried through the layers (logits ~15 here)
+    assert torch.allclose(got, want, atol=0.02, rtol=2**-6), (got - want).abs().max()
