@@ -338,9 +338,11 @@ class CostModel:
             + touched * mc.gpu_expert_overhead_us * 1e-6
 
         wb = m.device_bytes_per_param(self.device_weight_format)
+        # A GGUF's blocks (CPU device) run in the expert engine's int8 kernels, not torch's matmuls.
+        dev_tops = mc.cpu_matmul_tops if self.device_weight_format == "blocks" else mc.gpu_tflops
 
         def gpu_op(params: float, tokens: int) -> float:   # weights read once, or FLOP-bound
-            return max(params * wb / gpu_bw, 2.0 * params * tokens / (mc.gpu_tflops * 1e12))
+            return max(params * wb / gpu_bw, 2.0 * params * tokens / (dev_tops * 1e12))
 
         # Attention over the latent KV cache (MLA, absorbed form): every token reads ctx latent
         # rows of (kv_lora + rope) and does QK and AV over them in all heads.
