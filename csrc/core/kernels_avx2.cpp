@@ -398,6 +398,44 @@ static HY_ALWAYS_INLINE __m256i y_kq_dot1(__m256i w, const int8_t* a) {
   }
 }
 
+// Operands whose vpmaddubsw pair sums one int16 lane can add before a vpmaddwd: a pair is at most
+// 2 u_max 128 (u_max: the format's largest operand, 15 for Q4_K, 31 Q5_K, 63 Q6_K, 7 Q3_K, 3
+// Q2_K), and the sum must stay below 32768; at most the 8 operands of a group.
+static constexpr int y_kq_s16_depth(const KQ& k) {
+  const int umax = (k.nib ? 15 : 0) | (k.crumb ? 3 << k.crumb_shift : 0) | (k.bit ? 1 << k.bit_shift : 0);
+  const int d = 32767 / (2 * umax * 128);
+  return d >= 8 ? 8 : d >= 4 ? 4 : d >= 2 ? 2 : 1;
+}
+
+// The int32 sums over operands 0-3 (lo) and 4-7 (hi) of one token's group. Bit-plane types sum up
+// to y_kq_s16_depth operands in int16 before each vpmaddwd (exact: no lane can saturate); when the
+// whole group fits one int16 sum (Q4_K) it is all in lo and hi is zero. The table type (IQ4_XS)
+// keeps one vpmaddwd per operand (|t| x sign: pairs up to 2 x 127 x 128).
+template <WeightFormat F>
+static HY_ALWAYS_INLINE void y_kq_dot(const __m256i* wv, const int8_t* a, __m256i& lo, __m256i& hi) {
+  constexpr KQ k = kq_of(F);
+  if constexpr (k.table) {
+    lo = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<true>(wv[0], a), y_kq_dot1<true>(wv[1], a + 4)),
+                          _mm256_add_epi32(y_kq_dot1<true>(wv[2], a + 8), y_kq_dot1<true>(wv[3], a + 12)));
+    hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<true>(wv[4], a + 16), y_kq_dot1<true>(wv[5], a + 20)),
+                          _mm256_add_epi32(y_kq_dot1<true>(wv[6], a + 24), y_kq_dot1<true>(wv[7], a + 28)));
+  } else {
+    constexpr int depth = y_kq_s16_depth(k);
+    constexpr int span = (k.sub == 32 || depth < 4) ? depth : 4;  // a 16-input sub-block's sum stays apart
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s32[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 8
+    for (int i0 = 0; i0 < 8; i0 += span) {
+      __m256i s16 = _mm256_maddubs_epi16(wv[i0], y_bcast4(a + 4 * i0));
+#pragma GCC unroll 8
+      for (int i = i0 + 1; i < i0 + span; ++i) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[i], y_bcast4(a + 4 * i)));
+      s32[span == 8 ? 0 : i0 / 4] = _mm256_add_epi32(s32[span == 8 ? 0 : i0 / 4], _mm256_madd_epi16(s16, ones));
+    }
+    lo = s32[0];
+    hi = s32[1];
+  }
+}
+
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void y_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b, const QuantizedActs& x, int64_t t0,
                                                int tt, float* out, int64_t ldo) {
@@ -413,10 +451,8 @@ static HY_ALWAYS_INLINE void y_kq_a8_tile16xTT(const PackedMatrix& w, int64_t b,
       const int8_t* a = x.q + row * x.ldq + G * kGroup;
       const float xs = x.scale[row * ng + G];
       const int32_t gs = x.gsum[row * ng + G];
-      __m256i lo = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[0], a), y_kq_dot1<k.table>(wv[1], a + 4)),
-                                    _mm256_add_epi32(y_kq_dot1<k.table>(wv[2], a + 8), y_kq_dot1<k.table>(wv[3], a + 12)));
-      __m256i hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<k.table>(wv[4], a + 16), y_kq_dot1<k.table>(wv[5], a + 20)),
-                                    _mm256_add_epi32(y_kq_dot1<k.table>(wv[6], a + 24), y_kq_dot1<k.table>(wv[7], a + 28)));
+      __m256i lo, hi;
+      y_kq_dot<F>(wv, a, lo, hi);
       const __m256 xv = _mm256_set1_ps(xs);
       if constexpr (k.sub == 32) {
         __m256i v = _mm256_add_epi32(lo, hi);
