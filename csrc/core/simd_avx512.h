@@ -591,12 +591,42 @@ struct bw_kq {
     hi = _mm512_add_epi32(_mm512_add_epi32(one<kTable>(wv[4], a + 16), one<kTable>(wv[5], a + 20)),
                           _mm512_add_epi32(one<kTable>(wv[6], a + 24), one<kTable>(wv[7], a + 28)));
   }
+  // Bit-plane types: up to `depth` operands' vpmaddubsw pairs summed in int16 before each
+  // vpmaddwd (z_kq_s16_depth: exact, no lane saturates); 16-input sub-blocks' sums stay apart.
+  template <int kDepth, bool kSub32>
+  static HY_ALWAYS_INLINE void dot_planes(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
+    constexpr int span = (kSub32 || kDepth < 4) ? kDepth : 4;
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512i s32[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+#pragma GCC unroll 8
+    for (int i0 = 0; i0 < 8; i0 += span) {
+      __m512i s16 = _mm512_maddubs_epi16(wv[i0], z_bcast4(a + 4 * i0));
+#pragma GCC unroll 8
+      for (int i = i0 + 1; i < i0 + span; ++i) s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(wv[i], z_bcast4(a + 4 * i)));
+      s32[span == 8 ? 0 : i0 / 4] = _mm512_add_epi32(s32[span == 8 ? 0 : i0 / 4], _mm512_madd_epi16(s16, ones));
+    }
+    lo = s32[0];
+    hi = s32[1];
+  }
 };
+
+// Operands whose vpmaddubsw pair sums one int16 lane can add before a vpmaddwd: a pair is at most
+// 2 u_max 128 (u_max: 15 for Q4_K, 31 Q5_K, 63 Q6_K, 7 Q3_K, 3 Q2_K) and the sum must stay below
+// 32768; at most the 8 operands of a group. (kernels_avx2.cpp's y_kq_s16_depth is the same rule.)
+static constexpr int z_kq_s16_depth(const KQ& k) {
+  const int umax = (k.nib ? 15 : 0) | (k.crumb ? 3 << k.crumb_shift : 0) | (k.bit ? 1 << k.bit_shift : 0);
+  const int d = umax == 0 ? 1 : 32767 / (2 * umax * 128);
+  return d >= 8 ? 8 : d >= 4 ? 4 : d >= 2 ? 2 : 1;
+}
 // The table flag is the format's: a thin wrapper per format so the scaffold's DotK::dot stays one name.
 template <WeightFormat F, class Base>
 struct kq_dot : Base {
   static HY_ALWAYS_INLINE void dot(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
-    Base::template dot_t<kq_of(F).table>(wv, a, lo, hi);
+    constexpr KQ k = kq_of(F);
+    if constexpr (std::is_same_v<Base, bw_kq> && !k.table)
+      Base::template dot_planes<z_kq_s16_depth(k), k.sub == 32>(wv, a, lo, hi);
+    else
+      Base::template dot_t<k.table>(wv, a, lo, hi);
   }
 };
 
