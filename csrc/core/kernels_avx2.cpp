@@ -398,19 +398,12 @@ static HY_ALWAYS_INLINE __m256i y_kq_dot1(__m256i w, const int8_t* a) {
   }
 }
 
-// Operands whose vpmaddubsw pair sums one int16 lane can add before a vpmaddwd: a pair is at most
-// 2 u_max 128 (u_max: the format's largest operand, 15 for Q4_K, 31 Q5_K, 63 Q6_K, 7 Q3_K, 3
-// Q2_K), and the sum must stay below 32768; at most the 8 operands of a group.
-static constexpr int y_kq_s16_depth(const KQ& k) {
-  const int umax = (k.nib ? 15 : 0) | (k.crumb ? 3 << k.crumb_shift : 0) | (k.bit ? 1 << k.bit_shift : 0);
-  const int d = 32767 / (2 * umax * 128);
-  return d >= 8 ? 8 : d >= 4 ? 4 : d >= 2 ? 2 : 1;
-}
 
-// The int32 sums over operands 0-3 (lo) and 4-7 (hi) of one token's group. Bit-plane types sum up
-// to y_kq_s16_depth operands in int16 before each vpmaddwd (exact: no lane can saturate); when the
-// whole group fits one int16 sum (Q4_K) it is all in lo and hi is zero. The table type (IQ4_XS)
-// keeps one vpmaddwd per operand (|t| x sign: pairs up to 2 x 127 x 128).
+// The int32 sums over operands 0-3 (lo) and 4-7 (hi) of one token's group. Bit-plane types sum
+// up to kq_s16_depth (kquant.h) operands in int16 before each vpmaddwd (exact: no lane can
+// saturate); when the whole group fits one int16 sum (Q4_K) it is all in lo and hi is zero. The
+// table types (IQ4_XS, the lattice types) keep one vpmaddwd per operand (|t| x sign: pairs up to
+// 2 x 127 x 128).
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void y_kq_dot(const __m256i* wv, const int8_t* a, __m256i& lo, __m256i& hi) {
   constexpr KQ k = kq_of(F);
@@ -420,7 +413,7 @@ static HY_ALWAYS_INLINE void y_kq_dot(const __m256i* wv, const int8_t* a, __m256
     hi = _mm256_add_epi32(_mm256_add_epi32(y_kq_dot1<true>(wv[4], a + 16), y_kq_dot1<true>(wv[5], a + 20)),
                           _mm256_add_epi32(y_kq_dot1<true>(wv[6], a + 24), y_kq_dot1<true>(wv[7], a + 28)));
   } else {
-    constexpr int depth = y_kq_s16_depth(k);
+    constexpr int depth = kq_s16_depth(k);
     constexpr int span = (k.sub == 32 || depth < 4) ? depth : 4;  // a 16-input sub-block's sum stays apart
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s32[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};

@@ -156,6 +156,16 @@ static_assert(kq_of(WeightFormat::IQ1_M).tile_bytes == ktile_bytes(WeightFormat:
 static constexpr float kq_dscale(const KQ& k) { return 1.0f / float(1 << k.dshift); }
 
 // A lattice type's codebook words (iq_grids.h: uint32 for gw = 4, else uint64), for gathers.
+// Operands (4 inputs x 16 rows each) of a bit-plane type whose vpmaddubsw pair sums one int16
+// lane can add before a vpmaddwd (the AVX2 and AVX-512 BW dots): a pair is at most 2 u_max 128
+// (u_max: 15 for Q4_K, 31 Q5_K, 63 Q6_K, 7 Q3_K, 3 Q2_K) and the sum must stay below 32768; at
+// most the 8 operands of a group. 1 for the table types.
+static constexpr int kq_s16_depth(const KQ& k) {
+  const int umax = k.table ? 0 : (k.nib ? 15 : 0) | (k.crumb ? 3 << k.crumb_shift : 0) | (k.bit ? 1 << k.bit_shift : 0);
+  const int d = umax == 0 ? 1 : 32767 / (2 * umax * 128);
+  return d >= 8 ? 8 : d >= 4 ? 4 : d >= 2 ? 2 : 1;
+}
+
 static inline const void* iq_grid_words(const KQ& k) {
   return k.grid == 512 ? static_cast<const void*>(kIq2xsGrid)
          : k.grid == 2048 ? static_cast<const void*>(kIq1sGrid)

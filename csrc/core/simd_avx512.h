@@ -591,8 +591,9 @@ struct bw_kq {
     hi = _mm512_add_epi32(_mm512_add_epi32(one<kTable>(wv[4], a + 16), one<kTable>(wv[5], a + 20)),
                           _mm512_add_epi32(one<kTable>(wv[6], a + 24), one<kTable>(wv[7], a + 28)));
   }
-  // Bit-plane types: up to `depth` operands' vpmaddubsw pairs summed in int16 before each
-  // vpmaddwd (z_kq_s16_depth: exact, no lane saturates); 16-input sub-blocks' sums stay apart.
+  // Bit-plane types: up to kDepth operands' vpmaddubsw pairs summed in int16 before each
+  // vpmaddwd (kquant.h's kq_s16_depth: exact, no lane saturates); 16-input sub-blocks' sums stay
+  // apart.
   template <int kDepth, bool kSub32>
   static HY_ALWAYS_INLINE void dot_planes(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
     constexpr int span = (kSub32 || kDepth < 4) ? kDepth : 4;
@@ -610,21 +611,13 @@ struct bw_kq {
   }
 };
 
-// Operands whose vpmaddubsw pair sums one int16 lane can add before a vpmaddwd: a pair is at most
-// 2 u_max 128 (u_max: 15 for Q4_K, 31 Q5_K, 63 Q6_K, 7 Q3_K, 3 Q2_K) and the sum must stay below
-// 32768; at most the 8 operands of a group. (kernels_avx2.cpp's y_kq_s16_depth is the same rule.)
-static constexpr int z_kq_s16_depth(const KQ& k) {
-  const int umax = (k.nib ? 15 : 0) | (k.crumb ? 3 << k.crumb_shift : 0) | (k.bit ? 1 << k.bit_shift : 0);
-  const int d = umax == 0 ? 1 : 32767 / (2 * umax * 128);
-  return d >= 8 ? 8 : d >= 4 ? 4 : d >= 2 ? 2 : 1;
-}
 // The table flag is the format's: a thin wrapper per format so the scaffold's DotK::dot stays one name.
 template <WeightFormat F, class Base>
 struct kq_dot : Base {
   static HY_ALWAYS_INLINE void dot(const __m512i* wv, const int8_t* a, __m512i& lo, __m512i& hi) {
     constexpr KQ k = kq_of(F);
     if constexpr (std::is_same_v<Base, bw_kq> && !k.table)
-      Base::template dot_planes<z_kq_s16_depth(k), k.sub == 32>(wv, a, lo, hi);
+      Base::template dot_planes<kq_s16_depth(k), k.sub == 32>(wv, a, lo, hi);
     else
       Base::template dot_t<k.table>(wv, a, lo, hi);
   }
