@@ -585,6 +585,10 @@ def test_device_weights_blocks_keep_the_files_blocks(tmp_path, monkeypatch):
     for p in packed:
         assert torch.equal(p.dense(torch.float32), values[gguf_source_name(p.name)]), p.name
     assert sum(p.nbytes for p in packed) < sum(p.packed.shape[0] * p.packed.shape[1] * 2 for p in packed) / 1.8
+    empty = packed[0](torch.empty(0, packed[0].packed.shape[1], dtype=torch.bfloat16))
+    assert empty.shape == (0, packed[0].out_features)
+    with pytest.raises(TypeError, match="bf16 activations"):
+        packed[0](torch.zeros(1, packed[0].packed.shape[1]))
     cache = net.make_cache(1, 32)
     pos = torch.arange(len(IDS))
     got = net.forward(IDS, pos, torch.zeros_like(pos), cache).float()

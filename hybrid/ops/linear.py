@@ -193,6 +193,8 @@ class PackedLinear(Linear):
         if x.dtype != torch.bfloat16 or x.dim() != 2:
             raise TypeError(f"{self.name}: a weight in blocks takes bf16 activations [T, K], got {x.dtype} "
                             f"{list(x.shape)}")
+        if x.shape[0] == 0:  # no tokens: nothing to read (the kernel takes at least one row)
+            return x.new_empty((0, p.shape[0]))
         y = self._lib.packed_linear_torch(p.qweight, p.scales, p.format, p.shape[0], p.shape[1],
                                           x if x.stride(1) == 1 else x.contiguous(), None, "", True)
         return y if self.bias is None else y + self.bias
