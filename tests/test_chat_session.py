@@ -65,6 +65,21 @@ def test_cancel_keeps_the_partial_answer(engine):
     assert s.stats.turns == 2
 
 
+def test_a_reader_that_leaves_its_loop_cancels_the_answer(engine):
+    """Ctrl-C in the body of the reader's loop (while it renders) drops the reply's generator
+    before cancel() runs; that alone must stop the request and record the turn as cancelled
+    (it was recorded as still running, and /stats said so)."""
+    s = session(engine, max_tokens=200)
+    reply = s.ask("tell me a story")
+    for _ in reply:
+        break  # the generator is closed here, as an exception out of the loop body closes it
+    assert reply.stats.finish_reason == "cancelled" and reply.stats.completion_tokens >= 1
+    reply.cancel()  # the repl's handler then runs: nothing more to record
+    assert s.stats.turns == 1
+    list(s.ask("again"))  # the engine slot is free again
+    assert s.stats.turns == 2
+
+
 def test_system_reset_save(engine, tmp_path):
     s = session(engine, max_tokens=3, system="Be brief.")
     list(s.ask("hi"))

@@ -102,6 +102,13 @@ class Reply:
             self.cancelled = True
             self.handle.cancel()
             raise
+        except GeneratorExit:
+            # The reader left its loop early: Ctrl-C in its body (rendering) drops this generator
+            # before it can call cancel(), or a plain break. Either way the answer is abandoned:
+            # stop the request (else the engine keeps generating it) and record it as cancelled.
+            self.cancelled = True
+            self.handle.cancel()
+            raise
         finally:
             self._record()
 
