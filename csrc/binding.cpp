@@ -1,6 +1,7 @@
-// binding.cpp: the module users load, hybrid._native. With binding_testing.cpp (the test-only
-// module hybrid._native_testing) and their two headers (binding_args.h, binding_moe.h) the only
-// code that knows Python; core/ and models/ know nothing of it. It turns numpy arrays and torch
+// binding.cpp: the module users load, hybrid._native. With binding_dense.cpp (its device-Linear
+// front doors, registered here by bind_dense), binding_testing.cpp (the test-only module
+// hybrid._native_testing) and their headers (binding_args.h, binding_moe.h, binding_dense.h) the
+// only code that knows Python; core/ and models/ know nothing of it. It turns numpy arrays and torch
 // tensors into raw pointers + shapes, checks everything at the boundary (dtype, ndim, shape, C-contiguity, writability,
 // expert id range, buffer sizes) and raises TypeError / ValueError naming the argument. bf16 data
 // travels as uint16 arrays of bit patterns (numpy has no bf16); hybrid/native.py converts torch
@@ -15,9 +16,9 @@
 #include <vector>
 
 #include "binding_args.h"
+#include "binding_dense.h"
 #include "binding_moe.h"
 #include "core/bandwidth.h"
-#include "core/dense.h"
 #include "core/dispatch.h"
 #include "core/kernels.h"
 #include "core/moe.h"
@@ -123,141 +124,6 @@ py::array_t<float> py_unpack(const std::string& fmt, const py::object& q, const 
   float* op = out.mutable_data();
   parallel_blocks(n / kRowBlock, [&](int64_t b0, int64_t b1) { unpack(m, b0, b1, op + b0 * kRowBlock * k); });
   return out;
-}
-
-// ---- dense bf16 GEMV ------------------------------------------------------------------------
-// out [T, N] = x [T, K] . w [N, K]^T for the device Linear on CPU (dense.h). Two front doors
-// share the checks and the call: dense_gemv takes numpy arrays (bf16 as uint16 bits), and
-// dense_gemv_torch takes torch CPU tensors directly, reading dtype / shape / strides / data_ptr
-// from the tensor objects, because a torch -> numpy view costs ~2 us per tensor and the
-// device Linear calls this ~40 times per decode step. Neither copies: every operand needs unit
-// inner stride; rows may be strided (a column slice of a wider weight or activation). The operand
-// checks (DenseOperand, dense_from_numpy / dense_from_torch) are in binding_args.h.
-
-
-void dense_check_k(const DenseOperand& w, const DenseOperand& x) {
-  if (x.cols != w.cols)
-    throw py::value_error("x has " + std::to_string(x.cols) + " inputs per row but " + w.name + " has " +
-                          std::to_string(w.cols) + " (x " + x.shape() + ", " + w.name + " " + w.shape() +
-                          ": x [T, K] and " + w.name + " [N, K])");
-}
-
-// Shapes agree, out does not overlap the inputs; then the call, GIL released. scale: an int8
-// weight's per-row fp32 scale [N] (w.i8), else nullptr.
-void dense_run(const DenseOperand& w, const DenseOperand& x, const DenseOperand& out, const std::string& isa,
-               bool threads, const float* scale = nullptr) {
-  dense_check_k(w, x);
-  if (out.rows != x.rows || out.cols != w.rows)
-    throw py::value_error("out must have shape [T, N] = [" + std::to_string(x.rows) + ", " + std::to_string(w.rows) +
-                          "] for x " + x.shape() + " and " + w.name + " " + w.shape() + ", got " + out.shape());
-  for (const DenseOperand* in : {&w, &x}) {
-    auto [a0, a1] = out.span();
-    auto [b0, b1] = in->span();
-    if (a0 < b1 && b0 < a1) throw py::value_error(std::string("out must not overlap ") + in->name);
-  }
-  const KernelTable& kt = dense_table(isa);
-  const bool big = threads && w.rows * w.cols * w.esize() >= kDenseParallelMinBytes;
-  py::gil_scoped_release release;
-  std::shared_ptr<ThreadPool> pool = big ? global_pool() : nullptr;  // small: no pool at all
-  if (w.i8)
-    dense_gemv_i8(kt, pool.get(), reinterpret_cast<const int8_t*>(w.data), w.ld, scale, w.rows, w.cols,
-                  reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
-  else
-    dense_gemv(kt, pool.get(), reinterpret_cast<const uint16_t*>(w.data), w.ld, w.rows, w.cols,
-               reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data, out.ld, out.bf16);
-}
-
-void py_dense_gemv(const py::object& wo, const py::object& xo, const py::object& oo, const std::string& isa,
-                   bool threads) {
-  DenseOperand w = dense_from_numpy(wo, "w", false), x = dense_from_numpy(xo, "x", false),
-               out = dense_from_numpy(oo, "out", true);
-  dense_run(w, x, out, isa, threads);
-}
-
-// An output for x [T, K] . w [N, K]^T: `oo`, or a new bf16 [T, N] tensor when it is None.
-py::object dense_out_or_new(const py::object& oo, const DenseOperand& w, const DenseOperand& x);
-
-py::object py_dense_gemv_torch(const py::object& wo, const py::object& xo, const py::object& oo,
-                               const std::string& isa, bool threads) {
-  DenseOperand w = dense_from_torch(wo, "weight", false), x = dense_from_torch(xo, "x", false);
-  py::object res = dense_out_or_new(oo, w, x);
-  DenseOperand out = dense_from_torch(res, "out", true);
-  dense_run(w, x, out, isa, threads);
-  return res;
-}
-
-// The int8 weight form: weight int8 [N, K] (unit inner stride), scale float32 [N] (contiguous).
-py::object py_dense_gemv_i8_torch(const py::object& wo, const py::object& so, const py::object& xo,
-                                  const py::object& oo, const std::string& isa, bool threads) {
-  DenseOperand w = dense_from_torch(wo, "weight", false, /*int8_weight=*/true), x = dense_from_torch(xo, "x", false);
-  const TorchRefs& tr = torch_refs();
-  TensorView s = tensor_view(so, "scale", tr.f32, "torch.float32", 1);
-  expect_shape(s, "scale", {w.rows});
-  py::object res = dense_out_or_new(oo, w, x);
-  DenseOperand out = dense_from_torch(res, "out", true);
-  dense_run(w, x, out, isa, threads, reinterpret_cast<const float*>(s.data));
-  return res;
-}
-
-// A packed weight (pack_gguf / pack's output held as torch tensors: qweight uint8 [bytes], scales
-// int16 [count] of bf16/fp16 bits or None where the format has none) times x bf16 [T, K] (unit
-// inner stride): out [T, N] (dense.h's dense_packed: int8 activations per 32 inputs).
-py::object py_packed_linear_torch(const py::object& qo, const py::object& so, const std::string& fmt, int64_t n,
-                                  int64_t k, const py::object& xo, const py::object& oo, const std::string& isa,
-                                  bool threads) {
-  const WeightFormat f = parse_format(fmt);
-  if (f == WeightFormat::BF16) throw py::value_error("packed_linear takes int4, int8 or GGUF-typed weights, not bf16");
-  check_matrix_dims(n, k, "packed weight", f);
-  const TorchRefs& tr = torch_refs();
-  TensorView q = tensor_view(qo, "qweight", tr.u8, "torch.uint8", 1);
-  expect_shape(q, "qweight", {int64_t(packed_qweight_bytes(f, n, k))});
-  PackedMatrix m{f, n, k, reinterpret_cast<const uint8_t*>(q.data), nullptr};
-  const int64_t sbytes = int64_t(packed_scale_bytes(f, n, k));
-  if (sbytes > 0) {
-    if (so.is_none()) throw py::value_error("scales are required for format " + format_name(f));
-    TensorView s = tensor_view(so, "scales", tr.i16, "torch.int16", 1);
-    expect_shape(s, "scales", {sbytes / 2});
-    m.scales = reinterpret_cast<const uint16_t*>(s.data);
-  }
-  DenseOperand x = dense_from_torch(xo, "x", false);
-  if (x.cols != k)
-    throw py::value_error("x has " + std::to_string(x.cols) + " inputs per row but the packed weight has " +
-                          std::to_string(k) + " (x " + x.shape() + ", weight [" + std::to_string(n) + ", " +
-                          std::to_string(k) + "])");
-  py::object res = oo;
-  if (oo.is_none()) {
-    static PyObject* kwargs = nullptr;  // {"dtype": torch.bfloat16}, built once, leaked
-    if (kwargs == nullptr) kwargs = py::dict(py::arg("dtype") = py::handle(tr.bf16)).release().ptr();
-    py::tuple size = py::make_tuple(x.rows, n);
-    res = checked(PyObject_Call(tr.empty, size.ptr(), kwargs));
-  }
-  DenseOperand out = dense_from_torch(res, "out", true);
-  if (out.rows != x.rows || out.cols != n)
-    throw py::value_error("out must have shape [T, N] = [" + std::to_string(x.rows) + ", " + std::to_string(n) +
-                          "], got " + out.shape());
-  auto [a0, a1] = out.span();
-  auto [b0, b1] = x.span();
-  if (a0 < b1 && b0 < a1) throw py::value_error("out must not overlap x");
-  const KernelTable& kt = dense_table(isa);
-  const int64_t bytes = int64_t(packed_qweight_bytes(f, n, k)) + sbytes;
-  py::gil_scoped_release release;
-  std::shared_ptr<ThreadPool> pool = threads ? global_pool() : nullptr;
-  dense_packed(kt, pool.get(), m, bytes, reinterpret_cast<const uint16_t*>(x.data), x.rows, x.ld, out.data,
-               out.ld, out.bf16);
-  return res;
-}
-
-py::object dense_out_or_new(const py::object& oo, const DenseOperand& w, const DenseOperand& x) {
-  py::object res = oo;
-  if (oo.is_none()) {
-    dense_check_k(w, x);
-    const TorchRefs& tr = torch_refs();
-    static PyObject* kwargs = nullptr;  // {"dtype": torch.bfloat16}, built once, leaked
-    if (kwargs == nullptr) kwargs = py::dict(py::arg("dtype") = py::handle(tr.bf16)).release().ptr();
-    py::tuple size = py::make_tuple(x.rows, w.rows);
-    res = checked(PyObject_Call(tr.empty, size.ptr(), kwargs));
-  }
-  return res;
 }
 
 // ---- MLA decode attention (mla_decode.h) ---------------------------------------------------
@@ -696,10 +562,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("unpack", &py_unpack, py::arg("format"), py::arg("qweight"), py::arg("scales"), py::arg("n"),
         py::arg("k"), "packed -> float32 [N, K]");
 
-  m.def("dense_gemv", &py_dense_gemv, py::arg("w"), py::arg("x"), py::arg("out"), py::arg("isa") = "",
-        py::arg("threads") = true,
-        "out [T, N] (float32, or uint16 bf16 bits rounded to nearest even) = x [T, K] . w [N, K]^T; w, x uint16 "
-        "bf16 bits with unit inner stride (rows may be strided); isa '' = the active one; threads=False: inline");
+  bind_dense(m);  // dense_gemv, dense_gemv_torch, dense_gemv_i8_torch, packed_linear_torch (binding_dense.cpp)
   m.def("rms_norm", &py_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
         py::arg("residual") = py::none(),
         "RMSNorm of bf16 x [T, H] into out (core/norm.h); with residual, x += residual first, in place; returns out");
@@ -716,19 +579,6 @@ PYBIND11_MODULE(_native, m) {
         py::arg("num_heads"), py::arg("qk_nope_head_dim"), py::arg("v_head_dim"), py::arg("eps"), py::arg("scale"),
         py::arg("interleave"), py::arg("threads") = true, py::arg("isa") = "",
         "MLA attention of decode tokens (mla_decode.h): writes their cache rows, out [T, nh*V] bf16");
-  m.def("dense_gemv_torch", &py_dense_gemv_torch, py::arg("weight"), py::arg("x"), py::arg("out") = py::none(),
-        py::arg("isa") = "", py::arg("threads") = true,
-        "dense_gemv on torch CPU tensors (weight, x bf16; out bf16 or float32, allocated bf16 when None); returns out");
-  m.def("packed_linear_torch", &py_packed_linear_torch, py::arg("qweight"), py::arg("scales"), py::arg("format"),
-        py::arg("n"), py::arg("k"), py::arg("x"), py::arg("out") = py::none(), py::arg("isa") = "",
-        py::arg("threads") = true,
-        "out [T, N] = x [T, K] . W^T for a packed weight held as torch CPU tensors (qweight uint8, scales int16 "
-        "bits or None, as pack / pack_gguf make them; format int4, int8 or a GGUF type): x bf16, quantised to "
-        "int8 per 32 inputs; out bf16 or float32, allocated bf16 when None (core/dense.h); returns out");
-  m.def("dense_gemv_i8_torch", &py_dense_gemv_i8_torch, py::arg("weight"), py::arg("scale"), py::arg("x"),
-        py::arg("out") = py::none(), py::arg("isa") = "", py::arg("threads") = true,
-        "out [T, N] = (x [T, K] . weight [N, K]^T) * scale [N] on torch CPU tensors (weight int8, scale float32, "
-        "x bf16; out bf16 or float32, allocated bf16 when None; core/dense.h); returns out");
 
   py::class_<PyLayer>(m, "Layer")
       .def_static("create", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down,
@@ -818,7 +668,8 @@ PYBIND11_MODULE(_native, m) {
 //   cpu_info, isa_names, available_isas, isa_unavailable_reason, active_isa
 //   max_threads, default_threads, num_threads, set_num_threads, set_sync_threads, sync_threads, split_units, topology, pool_info, read_bandwidth
 //   pack_int4_from_ct, quantize_pack, pack_gguf, unpack
-//   dense_gemv, dense_gemv_torch, dense_gemv_i8_torch, mla_decode, rms_norm, route, route_softmax
+//   dense_gemv, dense_gemv_torch, dense_gemv_i8_torch, packed_linear_torch (binding_dense.cpp)
+//   mla_decode, rms_norm, route, route_softmax
 //   Layer: create, open, save, place, pack_expert_float, pack_expert_ct, pack_expert_gguf, unpack_expert,
 //          expert_arrays, format, up_format, down_format, num_experts, hidden, intermediate, nbytes,
 //          expert_nbytes, writable, path
