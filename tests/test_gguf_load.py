@@ -664,10 +664,12 @@ def test_doctor_measures_the_files_own_expert_type(tmp_path):
     from hybrid.commands import doctor
     from hybrid.runtime.measure import measure_expert_kernel_gbps
 
+    from hybrid.runtime.gguf_experts import describe_gguf
+
     g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "q8_0")
     f, _, _ = gguf_files.deepseek2_gguf(tmp_path / "f", "f32")
-    assert doctor._main_expert_type(str(g)) == "q8_0"
-    assert doctor._main_expert_type(str(f)) is None
+    assert doctor._main_expert_type(describe_gguf(g)) == "q8_0"
+    assert doctor._main_expert_type(describe_gguf(f)) is None
     assert doctor._main_expert_type(None) is None
     r = measure_expert_kernel_gbps(0.05, experts=2, hidden=256, intermediate=256, gguf_type="iq2_xxs")
     assert r["format"] == "iq2_xxs" and r["gbps"] > 0 and r["runs"] >= 5

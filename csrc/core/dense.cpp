@@ -44,12 +44,18 @@ void gemv_rows(const Kern& kern, const float* scale, int64_t r0, int64_t r1, con
   }
 }
 
+// Threads for a matrix of `weight_bytes` in `units` work units: the caller + pool workers, at most
+// one per unit, and the caller alone without a pool or under kDenseParallelMinBytes.
+int team_for(const ThreadPool* pool, int64_t units, int64_t weight_bytes) {
+  if (pool == nullptr || weight_bytes < kDenseParallelMinBytes) return 1;
+  return int(std::min<int64_t>(sync_team(*pool), units));
+}
+
 // Rows [0, n) in units of kSplitRows over a caller job of the pool, or inline (see dense_gemv).
 template <class Rows>
 void split_rows(ThreadPool* pool, int64_t n, int64_t weight_bytes, const Rows& rows) {
   const int64_t units = (n + kSplitRows - 1) / kSplitRows;
-  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));  // workers + the caller
-  if (weight_bytes < kDenseParallelMinBytes) team = 1;
+  const int team = team_for(pool, units, weight_bytes);
   if (team <= 1) {
     rows(0, n);
     return;
@@ -135,8 +141,7 @@ void dense_packed(const KernelTable& kt, ThreadPool* pool, const PackedMatrix& w
         for (int64_t r = 0; r < nr; ++r) ob[tt * ldo + c0 + r] = f32_to_bf16(scratch[size_t(tt * nr + r)]);
     }
   };
-  int team = pool == nullptr ? 1 : int(std::min<int64_t>(sync_team(*pool), units));
-  if (packed_bytes < kDenseParallelMinBytes) team = 1;
+  const int team = team_for(pool, units, packed_bytes);
   if (team <= 1) {
     quantize(0, t);
     rows(0, w.n);

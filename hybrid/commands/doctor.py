@@ -46,26 +46,14 @@ def _isa_chosen():
     return str(got), None
 
 
-def _main_expert_type(path) -> str | None:
-    """A GGUF's routed-expert type holding the most bytes, when the kernels run it in its blocks
-    (its decode rate is its own: the lattice types are compute-bound); else None."""
-    if not path or not str(path).endswith(".gguf") or not os.path.isfile(path):
-        return None
+def _main_expert_type(gguf: dict | None) -> str | None:
+    """The routed-expert type holding the most bytes of a described GGUF (describe_gguf), when the
+    kernels run it in its blocks (its decode rate is its own: the lattice types are
+    compute-bound); else None."""
     from hybrid import native
-    from hybrid.loaders.gguf_file import GGUFError, GGUFFile
 
-    try:
-        g = GGUFFile(path)
-    except (GGUFError, OSError, ValueError):
-        return None  # the description below reports the file's problem
-    try:
-        sizes: dict[str, int] = {}
-        for n, t in g.tensors.items():
-            if "_exps." in n:
-                sizes[t.type_name] = sizes.get(t.type_name, 0) + t.nbytes
-    finally:
-        g.close()
-    main = max(sizes, key=sizes.get) if sizes else None
+    types = (gguf or {}).get("routed_expert_types") or {}  # largest first
+    main = next(iter(types), None)
     return main.lower() if main in native.GGUF_NATIVE else None
 
 
@@ -101,8 +89,14 @@ def collect(args) -> dict:
     info["isa_chosen"] = isa
     if isa_err:
         info["isa_chosen_note"] = isa_err
+    described: dict = {}  # a GGUF's description, under "gguf" (read once, for the probe and the report)
+    try:
+        spec, spec_error = model_spec_for(args.model, described), None
+    except (ValueError, FileNotFoundError) as e:
+        spec, spec_error = None, e
     if measure:
-        info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(1.0, _main_expert_type(args.model))
+        info["expert_kernel_gbps"], info["expert_kernel_source"] = _kernel_gbps(
+            1.0, _main_expert_type(described.get("gguf")))
     machine = local_machine(measure=measure, info=info)
     machine_error = None
     if args.machine:
@@ -112,7 +106,7 @@ def collect(args) -> dict:
             machine = MachineSpec.from_yaml(args.machine)
         except (OSError, ValueError) as e:
             machine_error = f"--machine {args.machine}: {e}"
-    report = {"hybrid_version": __version__, "machine": info, "machine_model": machine.to_dict()}
+    report = {"hybrid_version": __version__, "machine": info, "machine_model": machine.to_dict(), **described}
     if machine_error:
         report["expect"] = {"error": machine_error}
         report["advice"] = advice(report)
@@ -124,7 +118,8 @@ def collect(args) -> dict:
     except ImportError:
         report["torch"] = None
     try:
-        spec = model_spec_for(args.model, report)  # a GGUF's description goes in report["gguf"]
+        if spec_error is not None:
+            raise spec_error
         trace = traces.load(args.trace, with_sequence=False) if args.trace else None
         context = parse_tokens(args.context, "--context")
         report["expect"] = expectations(spec, machine, trace, context)

@@ -134,8 +134,8 @@ class GGUFSource(WeightSource):
         native kernels (a PackedWeight, host memory) where a kernel runs its type and its shape
         fits the packed layout, and dense otherwise."""
         packed = self.blocks(name, shape) if fmt == "blocks" else None
-        if packed is None:
-            return super().linear(name, shape, "dense" if fmt == "blocks" else fmt, bias=bias)
+        if packed is None:  # WeightSource.linear reads "blocks" as dense
+            return super().linear(name, shape, fmt, bias=bias)
         b = self.tensor(f"{name}.bias", (shape[0],)).to(self.device, self.dtype) if bias else None
         return packed, b, None
 
