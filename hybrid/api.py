@@ -72,6 +72,10 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       progress         show progress bars (default True)
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
+      mmproj           a GGUF model's vision tower: llama.cpp's mmproj GGUF for Kimi K2.5 (projector
+                       kimik25; hybrid/loaders/gguf_mmproj.py). Default: the one mmproj*.gguf file
+                       beside the model, if there is exactly one (one that does not fit the model is
+                       skipped with a warning); False: none
     """
     if path is None:
         if not (DEMO_DIR / "config.json").is_file():
@@ -126,7 +130,7 @@ def _load(path: Path, device, dtype, opts: dict, backend: str, online, profile, 
               packed_cache=bool(opts.pop("packed_cache", False)), threads=opts.pop("threads", None),
               progress=bool(opts.pop("progress", True)), max_vram=opts.pop("max_vram", None),
               device_ops=opts.pop("device_ops", None), defer_experts=opts.pop("defer_experts", 0),
-              images_enabled=bool(opts.pop("images_enabled", True)),
+              images_enabled=bool(opts.pop("images_enabled", True)), mmproj=opts.pop("mmproj", None),
               layerwise_prefill=opts.pop("layerwise_prefill", "auto"))
     decode_steps = opts.pop("decode_steps", None) or "auto"
     if decode_steps not in DECODE_STEPS:

@@ -23,14 +23,20 @@ import checkpoints
 VOCAB = 320  # > 256 so a byte-level BPE fits
 
 
-def add_bpe_tokenizer(path: Path, template: str | None = None):
-    """A trained byte-level BPE tokenizer.json (<s> = 0, </s> = 1) and its tokenizer_config.json."""
+SPECIALS = ("<s>", "</s>", "<|im_end|>")
+# Kimi K2.5's media tokens, placed so that <|media_pad|> is tests/checkpoints_vision.py's placeholder (5)
+MEDIA_SPECIALS = SPECIALS + ("<|media_begin|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>")
+
+
+def add_bpe_tokenizer(path: Path, template: str | None = None, specials=SPECIALS):
+    """A trained byte-level BPE tokenizer.json (specials first: <s> = 0, </s> = 1) and its
+    tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = ["the quick brown fox jumps over the lazy dog", "hello world, hello there! 123 456"] * 40
     tok.train_from_iterator(text, trainer)

@@ -71,6 +71,12 @@ def interleaved_to_halves(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
+def halves_to_interleaved(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_halves (transformers' q_proj/k_proj rows -> the release's)."""
+    rows = t.shape[0]
+    return t.reshape(heads, 2, rows // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
 class _Reader:
     """Tensors of the tower in the compute dtype on the device, by role."""
 

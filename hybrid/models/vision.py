@@ -3,6 +3,7 @@
 engine and the server ask.
 
     vision = Vision.load(path, files, vc, device, dtype)          # vc: its VisionConfig (runtime/build.py)
+    vision = Vision.from_mmproj(mm, vc, device, dtype)            # a GGUF model's mmproj file
     images = vision.prepare([pil_image, "cat.png", png_bytes])      # decode + patches (caller's thread)
     ids, spans = vision.expand(token_ids, images)                   # one placeholder per image
     rows = vision.encode(images[0])                                  # [tokens, H] on the device
@@ -35,6 +36,7 @@ class Vision:
     def __init__(self, vc, tower, rule: ImageRule):
         self.config, self.tower, self.rule = vc, tower, rule
         self.placeholder_id = vc.placeholder_id
+        self.source = None  # the mmproj file the tower came from (from_mmproj), else None: the checkpoint's
 
     @classmethod
     def load(cls, path, files, vc, device, dtype, progress=None) -> "Vision":
@@ -47,6 +49,16 @@ class Vision:
                              "preprocessing pads both sides to one multiple")
         rule = ImageRule.from_dir(Path(path), vc.patch_size, vc.merge[0])
         return cls(vc, MoonViT(vc, files, device, dtype, progress=progress), rule)
+
+    @classmethod
+    def from_mmproj(cls, mm, vc, device, dtype, progress=None) -> "Vision":
+        """The tower of a llama.cpp mmproj GGUF (hybrid/loaders/gguf_mmproj.py MmprojFile, which
+        also gave vc), with the resize rule its metadata describes."""
+        from hybrid.models.moonvit import MoonViT
+
+        vision = cls(vc, MoonViT(vc, mm, device, dtype, progress=progress), mm.image_rule())
+        vision.source = mm.path
+        return vision
 
     def prepare(self, items, limits: ImageLimits | None = None, name: str = "images",
                 allowed_formats=None) -> list[PreparedImage]:

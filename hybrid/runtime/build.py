@@ -41,7 +41,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
                 max_len: int = 4096, max_vram: int | None = None, profile=None, online=None,
                 device_ops: str | None = None, mode: str | None = None, config=None,
                 split_threads: bool = True, images_enabled: bool = True,
-                defer_experts: int = 0, layerwise_prefill="auto", gguf_file=None) -> Built:
+                defer_experts: int = 0, layerwise_prefill="auto", gguf_file=None, mmproj=None) -> Built:
     """See hybrid.api.load for what the options mean. gguf_file: `path` already open as a
     GGUFFile (its metadata parsed once by the caller), else it is opened here."""
     from hybrid.loaders.gguf_file import GGUFFile, is_gguf_path
@@ -77,8 +77,17 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         gpu_expert_bytes = prof.num_cached * prof.bytes_per_expert
     gguf = is_gguf_path(path)  # a .gguf file (or the first of a split set): mapped, sizes checked
     files = (gguf_file or GGUFFile(path)) if gguf else SafetensorsFiles(path)
-    # A GGUF holds the text model only (llama.cpp keeps a vision tower in its own mmproj file).
-    vision_cfg = _vision_config(path, config, files) if images_enabled and not gguf else None
+    # A GGUF holds the text model only: llama.cpp keeps the vision tower in its own mmproj file.
+    mm = None
+    if not images_enabled:
+        vision_cfg = None
+    elif gguf:
+        mm, vision_cfg, mm_named = _mmproj(path, config, files, mmproj)
+    else:
+        if mmproj not in (None, "auto", False):
+            raise ValueError(f"mmproj={mmproj}: an mmproj file goes with a GGUF text model; the checkpoint "
+                             f"directory {path} carries its own vision tower")
+        vision_cfg = _vision_config(path, config, files)
     vision_bytes = 0
     if vision_cfg is not None:
         from hybrid.models.moonvit import MoonViT
@@ -129,7 +138,10 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     if vision_cfg is not None:
         from hybrid.models.vision import Vision
 
-        vision = Vision.load(path, files, vision_cfg, device, dtype)
+        if mm is not None:
+            vision = _mmproj_tower(mm, vision_cfg, mm_named, path, device, dtype)
+        else:
+            vision = Vision.load(path, files, vision_cfg, device, dtype)
     attach_deferral(network, defer_experts)
     live = None
     if prof is not None:
@@ -190,6 +202,53 @@ def _vision_config(path: Path, config, files):
                       "loading the text model only (no image input)")
         return None
     return VisionConfig.from_dict(raw, config.hidden_size, source)
+
+
+def _mmproj(path: Path, config, g, option):
+    """(MmprojFile, VisionConfig, named) of a GGUF model's vision tower file, or (None, None,
+    False): no image input. A file the user named must fit the model (an error says why not);
+    one only found beside the model that does not is skipped with a warning (_skip)."""
+    from hybrid.loaders import gguf_mmproj
+    from hybrid.loaders.gguf_file import GGUFError
+
+    found, named = gguf_mmproj.resolve(path, option)
+    if found is None:
+        return None, None, False
+    mm = None
+    try:
+        mm = gguf_mmproj.MmprojFile(found)
+        return mm, mm.vision_config(config.hidden_size, gguf_mmproj.placeholder_id(g)), named
+    except GGUFError as e:
+        if mm is not None:
+            mm.close()
+        if named:
+            raise
+        _skip(found, path, e)
+        return None, None, False
+
+
+def _mmproj_tower(mm, vc, named: bool, path: Path, device, dtype):
+    """The Vision of an open mmproj file (closed after: the tower holds its own copies), or None
+    when a file only found beside the model has a bad tensor (_skip)."""
+    from hybrid.loaders.gguf_file import GGUFError
+    from hybrid.models.vision import Vision
+
+    try:
+        return Vision.from_mmproj(mm, vc, device, dtype)
+    except GGUFError as e:
+        if named:
+            raise
+        _skip(mm.path, path, e)
+        return None
+    finally:
+        mm.close()
+
+
+def _skip(found: Path, model: Path, e: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"not using {found.name} found beside {model.name} for image input: {e} (name a file "
+                  "with mmproj= / --mmproj, or pass mmproj=False)")
 
 
 def attach_deferral(network, k: int) -> None:
