@@ -266,3 +266,16 @@ def test_convert_writes_the_mmproj_beside(files, tmp_path, capsys):
     assert m.vision is not None and m.vision.source == tmp_path / "mmproj-k.gguf"
     assert main(["convert", str(path), "--to", "gguf", "--out", str(tmp_path / "t.gguf"), "--no-mmproj"]) == 0
     assert not (tmp_path / "mmproj-t.gguf").exists()
+
+
+# ---- what the user is told ---------------------------------------------------------------------
+def test_load_line_and_doctor_name_the_file(files, capsys):
+    from hybrid.chat.loading import load_model_or_explain
+    from hybrid.runtime.gguf_experts import describe_gguf
+
+    folder, text, mm32, _, _, _ = files
+    m = load_model_or_explain(str(text), "hybrid chat", progress=False, experts_backend="torch")
+    assert m is not None and m.vision is not None
+    assert f"hybrid chat: images: the vision tower of {mm32}" in capsys.readouterr().err
+    d = describe_gguf(text)["mmproj"]
+    assert d["path"] == str(mm32) and d["params"] > 0 and d["file_bytes"] == mm32.stat().st_size

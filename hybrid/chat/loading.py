@@ -47,6 +47,9 @@ def load_model_or_explain(path: str | None, prog: str, **options):
     formats = set((model.stats().get("device_weights") or {}).values())
     how = " (non-expert weights in the file's own blocks)" if formats == {"blocks"} else ""
     print(f"{prog}: loaded {what} in {time.monotonic() - start:.1f} s{how}", file=sys.stderr, flush=True)
+    source = getattr(model.vision, "source", None)
+    if source is not None:
+        print(f"{prog}: images: the vision tower of {source}", file=sys.stderr, flush=True)
     return model
 
 
@@ -65,6 +68,9 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU expert engine threads (default: physical cores)")
     parser.add_argument("--no-images", action="store_true",
                         help="do not load a checkpoint's vision tower (saves its memory; images are refused)")
+    parser.add_argument("--mmproj", default=None, metavar="FILE",
+                        help="a GGUF model's vision tower: llama.cpp's mmproj GGUF for Kimi K2.5 (default: "
+                             "the one mmproj*.gguf beside the model file, if there is exactly one)")
     parser.add_argument("--online", action=argparse.BooleanOptionalAction, default=None,
                         help="with --profile: swap experts into the GPU cache as routing drifts, a few "
                              "per layer per step when the cost model says a swap pays (default: the "
@@ -92,6 +98,8 @@ def load_options(args, context_length: int | None = None) -> dict:
         options["threads"] = args.threads
     if getattr(args, "no_images", False):
         options["images_enabled"] = False
+    if getattr(args, "mmproj", None):
+        options["mmproj"] = args.mmproj
     online = getattr(args, "online", None)
     if online is not None:  # without --profile hybrid.load says why (load_model_or_explain)
         options["online"] = online

@@ -150,6 +150,15 @@ def _render_gguf(con, g: dict, gpu: bool) -> None:
              else "are dequantised once to the device format")
     con.print(f"  CPU engine: {how}; routed experts in RAM {fmt_bytes(g['routed_ram_bytes'])}; "
               f"non-expert tensors ({fmt_bytes(g['other_file_bytes'])} in the file) {where}")
+    mm = g.get("mmproj") or {}
+    if mm.get("params"):
+        con.print(f"  images: the vision tower in {mm['path']} ({fmt_bytes(mm['file_bytes'])}; "
+                  f"{mm['params'] / 1e6:,.1f} M parameters, {fmt_bytes(2 * mm['params'])} on the device in bf16)")
+    elif mm.get("error"):
+        con.print(f"  [yellow]images:[/yellow] {mm['error']}")
+    else:
+        con.print("  images: none (no mmproj*.gguf beside the file; llama.cpp's mmproj GGUF of Kimi K2.5 "
+                  "gives image input: --mmproj FILE)")
     if any(h != "native" for h in held):
         con.print("  [yellow]note:[/yellow] types without a native kernel "
                   f"(native: {', '.join(g['native_types']) or 'none yet'}) are dequantised and "

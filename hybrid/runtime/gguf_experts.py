@@ -189,9 +189,35 @@ def describe_gguf(path) -> dict:
             "routed_ram_bytes": routed_ram,
             "bytes_per_expert": routed_ram // max(1, len(layers) * E),
             "expert_format": _spec_format(layers),
+            "mmproj": _describe_mmproj(g, config),
         }
     finally:
         g.close()
+
+
+def _describe_mmproj(g, config) -> dict:
+    """The vision tower file hybrid.load would take for this GGUF (the one mmproj*.gguf beside it):
+    {"path", "file_bytes", "params"} or {"error"}; {} when there is none."""
+    import warnings
+
+    from hybrid.loaders import gguf_mmproj
+    from hybrid.loaders.gguf_file import GGUFError
+    from hybrid.models.moonvit import MoonViT
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        found, _ = gguf_mmproj.resolve(g.path, None)
+    if found is None:
+        return {"error": str(seen[0].message)} if seen else {}
+    try:
+        mm = gguf_mmproj.MmprojFile(found)
+        try:
+            vc = mm.vision_config(config.hidden_size, gguf_mmproj.placeholder_id(g))
+            return {"path": str(found), "file_bytes": mm.nbytes(), "params": MoonViT.parameter_count(vc)}
+        finally:
+            mm.close()
+    except GGUFError as e:
+        return {"path": str(found), "error": str(e)}
 
 
 def _blocks_bytes(g, names, native: frozenset) -> int:
