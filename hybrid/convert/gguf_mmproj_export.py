@@ -47,17 +47,6 @@ def release_tensors(files, vc) -> Iterator[tuple[str, torch.Tensor]]:
         yield from pair(names[role], RELEASE[role])
 
 
-def mmproj_tensors(files, vc) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, fp32 tensor as the mmproj file holds it)."""
-    from hybrid.loaders.gguf_mmproj import gguf_name, release_to_axis_halves
-
-    for rel, t in release_tensors(files, vc):
-        if rel.endswith((".wqkv.weight", ".wqkv.bias")):
-            q, k, v = t.chunk(3)
-            t = torch.cat([release_to_axis_halves(q, vc.num_heads), release_to_axis_halves(k, vc.num_heads), v])
-        yield gguf_name(rel), t
-
-
 def has_tower(checkpoint: str | Path) -> bool:
     """Whether a checkpoint directory holds a Kimi K2.5 vision tower to write."""
     from hybrid.loaders.safetensors_files import SafetensorsFiles
@@ -71,18 +60,13 @@ def has_tower(checkpoint: str | Path) -> bool:
 
 def write_mmproj(checkpoint: str | Path, out_path: str | Path, out: str = "f16", progress: bool = True) -> Path:
     """Write `checkpoint`'s vision tower (a kimi_k25 directory hybrid.load accepts) at out_path."""
-    import gguf
-
-    from hybrid.convert.gguf_export import ConvertError, OUT_TYPES, Q8_BLOCK, encode
-    from hybrid.loaders.gguf_mmproj import PROJECTOR
+    from hybrid.convert.gguf_export import ConvertError
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.models import config_from_dir
     from hybrid.models.moonvit_images import ImageRule
     from hybrid.runtime.build import _vision_config
 
-    if out not in OUT_TYPES:
-        raise ConvertError(f"--type {out!r} is not supported (supported: {', '.join(OUT_TYPES)})")
-    checkpoint, out_path = Path(checkpoint), Path(out_path)
+    checkpoint = Path(checkpoint)
     config = config_from_dir(checkpoint)
     files = SafetensorsFiles(checkpoint)
     vc = _vision_config(checkpoint, config, files)
@@ -90,13 +74,28 @@ def write_mmproj(checkpoint: str | Path, out_path: str | Path, out: str = "f16",
         raise ConvertError(f"{checkpoint}: no vision tower to write (config.json has no vision_config, "
                            "or the checkpoint holds no tower)")
     rule = ImageRule.from_dir(checkpoint, vc.patch_size, vc.merge[0])
+    return write_mmproj_file(out_path, vc, rule, release_tensors(files, vc), out, checkpoint.name, progress)
+
+
+def write_mmproj_file(out_path: str | Path, vc, rule, release_items, out: str = "f16", name: str = "mmproj",
+                      progress: bool = True) -> Path:
+    """Write an mmproj GGUF from a VisionConfig, an ImageRule and (release name, fp32 tensor in the
+    release's layout) pairs (release_tensors, or a benchmark's random tower)."""
+    import gguf
+
+    from hybrid.convert.gguf_export import ConvertError, OUT_TYPES, Q8_BLOCK, encode
+    from hybrid.loaders.gguf_mmproj import PROJECTOR, gguf_name, release_to_axis_halves
+
+    if out not in OUT_TYPES:
+        raise ConvertError(f"--type {out!r} is not supported (supported: {', '.join(OUT_TYPES)})")
     if vc.merge[0] != vc.merge[1]:
-        raise ConvertError(f"{checkpoint}: a {vc.merge[0]}x{vc.merge[1]} merge kernel is not square "
+        raise ConvertError(f"a {vc.merge[0]}x{vc.merge[1]} merge kernel is not square "
                            "(clip.vision.projector.scale_factor is one number)")
+    out_path = Path(out_path)
     P = vc.patch_size
     w = gguf.GGUFWriter(str(out_path), "clip")
     w.add_string("general.type", "mmproj")
-    w.add_name(checkpoint.name)
+    w.add_name(name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out])
     w.add_bool("clip.has_vision_encoder", True)
@@ -123,17 +122,21 @@ def write_mmproj(checkpoint: str | Path, out_path: str | Path, out: str = "f16",
     raw_type = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
     tmp = out_path.with_name(out_path.name + ".partial")  # a crash never leaves a plausible .gguf
     try:
-        for name, t in mmproj_tensors(files, vc):
-            kind = out if t.dim() >= 2 and name != "v.position_embd.weight" else "f32"
+        for rel, t in release_items:
+            gname = gguf_name(rel)
+            if rel.endswith((".wqkv.weight", ".wqkv.bias")):  # llama.cpp's query/key row order
+                q, k, v = t.chunk(3)
+                t = torch.cat([release_to_axis_halves(q, vc.num_heads), release_to_axis_halves(k, vc.num_heads), v])
+            kind = out if t.dim() >= 2 and gname != "v.position_embd.weight" else "f32"
             if kind == "q8_0" and t.shape[-1] % Q8_BLOCK:
                 kind = "f16"
-            if t.dim() == 4 and kind in ("bf16", "q8_0"):  # the patch conv: keep a float ggml type
+            if t.dim() == 4 and kind in ("bf16", "q8_0"):  # the patch conv: a float ggml type
                 kind = "f16"
-            arr = encode(t.contiguous(), kind)
+            arr = encode(t.float().contiguous(), kind)
             if kind in raw_type:
-                w.add_tensor(name, arr.reshape(t.shape[:-1] + (-1,)), raw_shape=None, raw_dtype=raw_type[kind])
+                w.add_tensor(gname, arr.reshape(t.shape[:-1] + (-1,)), raw_dtype=raw_type[kind])
             else:
-                w.add_tensor(name, arr)
+                w.add_tensor(gname, arr)
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
