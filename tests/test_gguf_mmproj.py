@@ -279,3 +279,46 @@ def test_load_line_and_doctor_name_the_file(files, capsys):
     assert f"hybrid chat: images: the vision tower of {mm32}" in capsys.readouterr().err
     d = describe_gguf(text)["mmproj"]
     assert d["path"] == str(mm32) and d["params"] > 0 and d["file_bytes"] == mm32.stat().st_size
+
+
+# ---- served ------------------------------------------------------------------------------------
+def test_served_image_request_answers_as_the_checkpoint(loaded):
+    """`hybrid serve` over the GGUF + mmproj: an OpenAI image request gives what the checkpoint
+    directory's own model answers for the same prompt and picture (fp32 both, the same weights)."""
+    import base64
+    import io
+
+    import openai
+
+    from hybrid.engine.engine import Engine
+    from hybrid.engine.sampling import SamplingParams
+    from test_serve_support import LiveServer
+
+    g, d = loaded
+    buf = io.BytesIO()
+    _image(53, 37, 3).save(buf, format="PNG")
+    png = buf.getvalue()
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    s = LiveServer({"max_body_bytes": 4 * 1024 * 1024}, loaded=g, context=256)
+    try:
+        with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+            r = c.chat.completions.create(model="tiny", temperature=0, max_tokens=8, extra_body={"thinking": False},
+                                          messages=[
+                {"role": "user", "content": [{"type": "text", "text": "the fox "},
+                                             {"type": "image_url", "image_url": {"url": uri}}]}])
+        got = r.choices[0].message.content
+    finally:
+        s.stop()
+    tok = d.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "the fox "},
+                                                                {"type": "image"}]}], add_generation_prompt=True,
+                                   thinking=False)
+    ids, spans = d.vision.expand(tok.encode_chat(text, []), d.vision.prepare([png]))
+    e = Engine(d, tokenizer=tok, max_seqs=2, max_context=256)
+    try:
+        want = e.submit(ids, SamplingParams(temperature=0.0), max_tokens=8, images=spans).result().text
+    finally:
+        e.close()
+    for special in tok.special_tokens:
+        want = want.replace(special, "")
+    assert got == want and got.strip(), (got, want)
