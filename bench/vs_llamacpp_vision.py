@@ -183,7 +183,7 @@ def picture(w: int, h: int, seed: int):
 def run_hybrid(mmproj: Path, text_hidden: int, images, dtype, threads: int, runs: int) -> list[dict]:
     import torch
 
-    from hybrid.loaders.gguf_mmproj import MmprojFile
+    from hybrid.models.moonvit_gguf import MmprojFile
     from hybrid.models.vision import Vision
 
     torch.set_num_threads(threads)

@@ -136,3 +136,15 @@ def reference_inputs(images, placeholder: int = PLACEHOLDER):
     pixel_values = torch.cat([im.pixels for im in images])
     grid = torch.tensor([[1, *im.grid] for im in images], dtype=torch.long)
     return pixel_values, grid
+
+
+def picture(w: int, h: int, seed: int):
+    """A smooth random PIL picture (noise would make bicubic resizing the whole difference)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    chans = [127 + 120 * np.sin(xx / rng.uniform(2, 9) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(2, 9))
+             for _ in range(3)]
+    return Image.fromarray(np.stack(chans, -1).clip(0, 255).astype(np.uint8))

@@ -1,4 +1,4 @@
-"""Kimi K2.5's vision tower from llama.cpp's mmproj GGUF (hybrid/loaders/gguf_mmproj.py), as GGUF
+"""Kimi K2.5's vision tower from llama.cpp's mmproj GGUF (hybrid.models.moonvit_gguf.py), as GGUF
 users hold it beside the text model, and hybrid's own writer of that file
 (hybrid/convert/gguf_mmproj_export.py, run by `hybrid convert`).
 
@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import checkpoints_vision as cv
 import gguf_files
@@ -35,12 +34,6 @@ SIZES = [(53, 37), (40, 40), (90, 75), (3, 5)]
 PROMPTS = [[5, 10, 11, 12, 13], [2, 3, 4, 5, 20, 21, 22], [2, 5, 40, 41, 5, 42, 43]]
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    chans = [127 + 120 * np.sin(xx / rng.uniform(2, 9) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(2, 9))
-             for _ in range(3)]
-    return Image.fromarray(np.stack(chans, -1).clip(0, 255).astype(np.uint8))
 
 
 def _checkpoint(tmp, naming="release", seed=0):
@@ -145,7 +138,7 @@ def test_tower_equals_the_checkpoints(loaded):
     g, d = loaded
     assert g.vision.config == d.vision.config
     for k, (w, h) in enumerate(SIZES):
-        pic = _image(w, h, k)
+        pic = cv.picture(w, h, k)
         a, b = g.vision.prepare([pic])[0], d.vision.prepare([pic])[0]
         assert a.grid == b.grid and torch.equal(a.pixels, b.pixels)
         assert torch.equal(g.vision.encode(a), d.vision.encode(b))
@@ -155,7 +148,7 @@ def test_f16_file_within_f16_rounding(files, loaded):
     _, d = loaded
     m = _load(files[1], mmproj=files[3])
     assert m.vision.source == files[3]
-    pic = _image(53, 37, 7)
+    pic = cv.picture(53, 37, 7)
     want = d.vision.encode(d.vision.prepare([pic])[0])
     got = m.vision.encode(m.vision.prepare([pic])[0])
     rel = float((got - want).abs().max() / want.abs().max())
@@ -168,7 +161,7 @@ def test_logits_with_images_match_transformers(loaded, files, k):
     g, _ = loaded
     ref = files[5]
     ids = PROMPTS[k]
-    pictures = [_image(*SIZES[(k + j) % len(SIZES)], 100 + 10 * k + j) for j in range(ids.count(cv.PLACEHOLDER))]
+    pictures = [cv.picture(*SIZES[(k + j) % len(SIZES)], 100 + 10 * k + j) for j in range(ids.count(cv.PLACEHOLDER))]
     ims = g.vision.prepare(pictures)
     expanded, _ = g.vision.expand(ids, ims)
     pv, grid = cv.reference_inputs(ims)
@@ -296,7 +289,7 @@ def test_served_image_request_answers_as_the_checkpoint(loaded):
 
     g, d = loaded
     buf = io.BytesIO()
-    _image(53, 37, 3).save(buf, format="PNG")
+    cv.picture(53, 37, 3).save(buf, format="PNG")
     png = buf.getvalue()
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     s = LiveServer({"max_body_bytes": 4 * 1024 * 1024}, loaded=g, context=256)

@@ -19,13 +19,6 @@ from checkpoints import reference_logits
 TOL = 1e-3
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    """A smooth random picture (noise would make bicubic resizing the whole difference)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    chans = [127 + 120 * np.sin(xx / rng.uniform(2, 9) + rng.uniform(0, 6)) * np.cos(yy / rng.uniform(2, 9))
-             for _ in range(3)]
-    return Image.fromarray(np.stack(chans, -1).clip(0, 255).astype(np.uint8))
 
 
 # (width, height): padded only, resized by the patch budget (160), wide and tall, a tiny one
@@ -59,7 +52,7 @@ def test_release_checkpoint_is_what_transformers_loads(loaded, tmp_path):
 def test_tower_matches_get_image_features(loaded):
     _, seed, _, ref, model = loaded
     for i, (w, h) in enumerate(SIZES):
-        [im] = model.vision.prepare([_image(w, h, seed * 10 + i)])
+        [im] = model.vision.prepare([cv.picture(w, h, seed * 10 + i)])
         pv, grid = cv.reference_inputs([im])
         with torch.no_grad():
             want = ref.model.get_image_features(pv, grid).pooler_output[0]
@@ -73,7 +66,7 @@ def test_tower_matches_get_image_features(loaded):
 def test_two_images_in_one_batch_match_one_at_a_time(loaded):
     """Images of different grids in one tower call attend only within themselves."""
     _, seed, _, ref, model = loaded
-    ims = model.vision.prepare([_image(53, 37, seed), _image(90, 75, seed + 1)])
+    ims = model.vision.prepare([cv.picture(53, 37, seed), cv.picture(90, 75, seed + 1)])
     pv, grid = cv.reference_inputs(ims)
     with torch.no_grad():
         want = ref.model.get_image_features(pv, grid).pooler_output
@@ -109,7 +102,7 @@ def test_logits_with_images_match_transformers(loaded, k):
     _, seed, _, ref, model = loaded
     ids = PROMPTS[k]
     n = ids.count(cv.PLACEHOLDER)
-    pictures = [_image(*SIZES[(k + j + seed) % len(SIZES)], seed * 100 + k * 10 + j) for j in range(n)]
+    pictures = [cv.picture(*SIZES[(k + j + seed) % len(SIZES)], seed * 100 + k * 10 + j) for j in range(n)]
     ims = model.vision.prepare(pictures)
     expanded, spans = model.vision.expand(ids, ims)
     assert expanded == _processor_expansion(ids, [im.grid for im in ims], cv.PLACEHOLDER)
@@ -130,7 +123,7 @@ def test_images_given_as_path_and_bytes(loaded, tmp_path):
     import io
 
     _, seed, _, _, model = loaded
-    pic = _image(40, 28, seed)
+    pic = cv.picture(40, 28, seed)
     pic.save(tmp_path / "a.png")
     buf = io.BytesIO()
     pic.save(buf, format="PNG")
@@ -142,7 +135,7 @@ def test_images_given_as_path_and_bytes(loaded, tmp_path):
 
 def test_generate_with_an_image_follows_the_logits(loaded):
     _, seed, _, _, model = loaded
-    pic = _image(53, 37, seed)
+    pic = cv.picture(53, 37, seed)
     ids = [2, 5, 9, 10]
     out = model.generate(ids, 3, images=[pic], stop_at_eos=False)
     seq = list(ids)
@@ -160,7 +153,7 @@ def test_bad_image_inputs_are_clear_errors(loaded, tmp_path):
     with pytest.raises(ImageError, match=r"images\[0\]: cannot read"):
         model.logits([2, 5], images=[tmp_path / "missing.png"])
     with pytest.raises(ValueError, match="2 image placeholder"):
-        model.logits([5, 5], images=[_image(8, 8, 0)])
+        model.logits([5, 5], images=[cv.picture(8, 8, 0)])
     with pytest.raises(ImageError, match="expected a PIL image"):
         model.logits([5], images=[12])
 
@@ -174,7 +167,7 @@ def test_images_disabled_and_text_only(loaded):
     assert text.vision is None
     assert torch.equal(text.logits([2, 3, 4]), model.logits([2, 3, 4]))
     with pytest.raises(ValueError, match="images_enabled=False"):
-        text.logits([2, 5], images=[_image(8, 8, 0)])
+        text.logits([2, 5], images=[cv.picture(8, 8, 0)])
 
 
 # ---- the preprocessing rule -------------------------------------------------------------------
@@ -201,7 +194,7 @@ def test_pixels_are_resized_padded_normalised_patches(tmp_path):
     from hybrid.models.moonvit_images import ImageRule, prepare
 
     rule = ImageRule.from_dict({"media_proc_cfg": cv.MEDIA})
-    pic = _image(90, 75, 3)  # 22*18 = 396 patches > 160: resized
+    pic = cv.picture(90, 75, 3)  # 22*18 = 396 patches > 160: resized
     (nw, nh), (pw, ph) = rule.sizes(90, 75)
     assert (nw, nh) != (90, 75)
     im = prepare(pic, rule)
@@ -221,8 +214,8 @@ def test_equal_pixels_share_a_digest():
     from hybrid.models.moonvit_images import ImageRule, prepare
 
     rule = ImageRule.from_dict({"media_proc_cfg": cv.MEDIA})
-    a, b = prepare(_image(40, 40, 1), rule), prepare(_image(40, 40, 1), rule)
-    c = prepare(_image(40, 40, 2), rule)
+    a, b = prepare(cv.picture(40, 40, 1), rule), prepare(cv.picture(40, 40, 1), rule)
+    c = prepare(cv.picture(40, 40, 2), rule)
     assert a.digest == b.digest != c.digest
 
 
@@ -255,7 +248,7 @@ def test_bf16_tower_within_what_bf16_costs_transformers(loaded):
     _, seed, path, ref, _ = loaded
     m16 = hybrid.load(path, dtype=torch.bfloat16, progress=False, experts_backend="torch", device_ops="torch")
     ref16 = copy.deepcopy(ref).to(torch.bfloat16)
-    [im] = m16.vision.prepare([_image(90, 75, seed)])
+    [im] = m16.vision.prepare([cv.picture(90, 75, seed)])
     pv, grid = cv.reference_inputs([im])
     with torch.no_grad():
         want = ref.model.get_image_features(pv, grid).pooler_output[0]

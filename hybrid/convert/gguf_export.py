@@ -39,6 +39,7 @@ Transforms applied to values (all documented, all checked by tests/test_convert_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -404,23 +405,32 @@ def convert_to_gguf(checkpoint: str | Path, out_path: str | Path, out: str = "bf
 
         bar = tqdm(total=sum(t.nbytes for t in plan), desc=f"writing {out_path.name}", unit="B",
                    unit_scale=True, leave=False, file=sys.stderr)
-    tmp = out_path.with_name(out_path.name + ".partial")  # a crash never leaves a plausible .gguf
     try:
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in plan:
-            w.write_tensor_data(_Streamed(t, bar))
+        with written_whole(w, out_path) as tmp:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for t in plan:
+                w.write_tensor_data(_Streamed(t, bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out_path
+
+
+@contextlib.contextmanager
+def written_whole(w, out_path: Path) -> Iterator[Path]:
+    """The temporary path a GGUFWriter `w` writes out_path through: renamed to out_path when the
+    block ends, removed if it raises, so a crash never leaves a plausible but short .gguf."""
+    tmp = out_path.with_name(out_path.name + ".partial")
+    try:
+        yield tmp
         w.close()
         tmp.replace(out_path)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return out_path
 
 
 def _byte_shape(t: PlannedTensor) -> tuple[int, ...]:

@@ -3,7 +3,7 @@
 
 The tensors are read through hybrid's own reader of either naming (the release's or
 transformers', hybrid/models/moonvit.py) and put in the release's layout; the GGUF names, the
-query/key row order and the metadata keys are those of hybrid/loaders/gguf_mmproj.py (which
+query/key row order and the metadata keys are those of hybrid.models.moonvit_gguf.py (which
 reads these files, so writing and reading cannot drift apart) and of llama.cpp's converter
 (conversion/kimivl.py KimiK25Model, from which the facts come). Storage: 1-D tensors (norms,
 biases) and the position table in f32, as llama.cpp's converter keeps them; matrices in --type
@@ -51,11 +51,11 @@ def has_tower(checkpoint: str | Path) -> bool:
     """Whether a checkpoint directory holds a Kimi K2.5 vision tower to write."""
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.models import config_from_dir
-    from hybrid.runtime.build import _vision_config
+    from hybrid.models.vision import checkpoint_vision_config
 
     checkpoint = Path(checkpoint)
     config = config_from_dir(checkpoint)
-    return _vision_config(checkpoint, config, SafetensorsFiles(checkpoint)) is not None
+    return checkpoint_vision_config(checkpoint, config, SafetensorsFiles(checkpoint)) is not None
 
 
 def write_mmproj(checkpoint: str | Path, out_path: str | Path, out: str = "f16", progress: bool = True) -> Path:
@@ -64,12 +64,12 @@ def write_mmproj(checkpoint: str | Path, out_path: str | Path, out: str = "f16",
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.models import config_from_dir
     from hybrid.models.moonvit_images import ImageRule
-    from hybrid.runtime.build import _vision_config
+    from hybrid.models.vision import checkpoint_vision_config
 
     checkpoint = Path(checkpoint)
     config = config_from_dir(checkpoint)
     files = SafetensorsFiles(checkpoint)
-    vc = _vision_config(checkpoint, config, files)
+    vc = checkpoint_vision_config(checkpoint, config, files)
     if vc is None:
         raise ConvertError(f"{checkpoint}: no vision tower to write (config.json has no vision_config, "
                            "or the checkpoint holds no tower)")
@@ -83,8 +83,8 @@ def write_mmproj_file(out_path: str | Path, vc, rule, release_items, out: str = 
     release's layout) pairs (release_tensors, or a benchmark's random tower)."""
     import gguf
 
-    from hybrid.convert.gguf_export import ConvertError, OUT_TYPES, Q8_BLOCK, encode
-    from hybrid.loaders.gguf_mmproj import PROJECTOR, gguf_name, release_to_axis_halves
+    from hybrid.convert.gguf_export import ConvertError, OUT_TYPES, Q8_BLOCK, encode, written_whole
+    from hybrid.models.moonvit_gguf import PROJECTOR, gguf_name, release_to_axis_halves
 
     if out not in OUT_TYPES:
         raise ConvertError(f"--type {out!r} is not supported (supported: {', '.join(OUT_TYPES)})")
@@ -120,8 +120,7 @@ def write_mmproj_file(out_path: str | Path, vc, rule, release_items, out: str = 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     raw_type = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    tmp = out_path.with_name(out_path.name + ".partial")  # a crash never leaves a plausible .gguf
-    try:
+    with written_whole(w, out_path) as tmp:
         for rel, t in release_items:
             gname = gguf_name(rel)
             if rel.endswith((".wqkv.weight", ".wqkv.bias")):  # llama.cpp's query/key row order
@@ -140,10 +139,4 @@ def write_mmproj_file(out_path: str | Path, vc, rule, release_items, out: str = 
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
-        w.close()
-        tmp.replace(out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out_path

@@ -2,7 +2,7 @@
 (hybrid/models/moonvit_images.py) and the placeholder token, behind one object that the API, the
 engine and the server ask.
 
-    vision = Vision.load(path, files, vc, device, dtype)          # vc: its VisionConfig (runtime/build.py)
+    vision = Vision.load(path, files, vc, device, dtype)          # vc: checkpoint_vision_config(path, config, files)
     vision = Vision.from_mmproj(mm, vc, device, dtype)            # a GGUF model's mmproj file
     images = vision.prepare([pil_image, "cat.png", png_bytes])      # decode + patches (caller's thread)
     ids, spans = vision.expand(token_ids, images)                   # one placeholder per image
@@ -52,7 +52,7 @@ class Vision:
 
     @classmethod
     def from_mmproj(cls, mm, vc, device, dtype, progress=None) -> "Vision":
-        """The tower of a llama.cpp mmproj GGUF (hybrid/loaders/gguf_mmproj.py MmprojFile, which
+        """The tower of a llama.cpp mmproj GGUF (hybrid.models.moonvit_gguf.py MmprojFile, which
         also gave vc), with the resize rule its metadata describes."""
         from hybrid.models.moonvit import MoonViT
 
@@ -97,3 +97,24 @@ class Vision:
         from hybrid.models.moonvit import MoonViT
 
         return MoonViT.parameter_count(self.config) * self.tower.dtype.itemsize
+
+
+def checkpoint_vision_config(path: Path, config, files):
+    """The checkpoint's VisionConfig (hybrid/models/moonvit_config.py), or None: text only (no
+    vision_config, or one whose tower was left out of the checkpoint: a warning says so)."""
+    if config.model_type != "kimi_k25":
+        return None
+    import warnings
+
+    from hybrid.config import read_config_json
+    from hybrid.models.moonvit import has_vision_tensors
+    from hybrid.models.moonvit_config import VisionConfig
+
+    raw, source = read_config_json(path)
+    if raw.get("vision_config") is None:
+        return None
+    if not has_vision_tensors(files):
+        warnings.warn(f"{path}: config.json has a vision_config but the checkpoint holds no vision tower; "
+                      "loading the text model only (no image input)")
+        return None
+    return VisionConfig.from_dict(raw, config.hidden_size, source)

@@ -49,6 +49,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
     from hybrid.loaders.safetensors_files import SafetensorsFiles
     from hybrid.loaders.source import WeightSource
     from hybrid.models import config_from_dir, model_class
+    from hybrid.models.vision import checkpoint_vision_config
     from hybrid.ops import select_ops
     from hybrid.planner.device_memory import activation_bytes
     from hybrid.runtime import placement
@@ -87,7 +88,7 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
         if mmproj not in (None, "auto", False):
             raise ValueError(f"mmproj={mmproj}: an mmproj file goes with a GGUF text model; the checkpoint "
                              f"directory {path} carries its own vision tower")
-        vision_cfg = _vision_config(path, config, files)
+        vision_cfg = checkpoint_vision_config(path, config, files)
     vision_bytes = 0
     if vision_cfg is not None:
         from hybrid.models.moonvit import MoonViT
@@ -183,32 +184,11 @@ def _layerwise(network, option, path: Path, device, dtype, prof, max_vram, need,
                                lw.vram_left(device, max_vram, need), mask, spec, extra_activations)
 
 
-def _vision_config(path: Path, config, files):
-    """The checkpoint's VisionConfig (hybrid/models/moonvit_config.py), or None: text only (no
-    vision_config, or one whose tower was left out of the checkpoint: a warning says so)."""
-    if config.model_type != "kimi_k25":
-        return None
-    import warnings
-
-    from hybrid.config import read_config_json
-    from hybrid.models.moonvit import has_vision_tensors
-    from hybrid.models.moonvit_config import VisionConfig
-
-    raw, source = read_config_json(path)
-    if raw.get("vision_config") is None:
-        return None
-    if not has_vision_tensors(files):
-        warnings.warn(f"{path}: config.json has a vision_config but the checkpoint holds no vision tower; "
-                      "loading the text model only (no image input)")
-        return None
-    return VisionConfig.from_dict(raw, config.hidden_size, source)
-
-
 def _mmproj(path: Path, config, g, option):
     """(MmprojFile, VisionConfig, named) of a GGUF model's vision tower file, or (None, None,
     False): no image input. A file the user named must fit the model (an error says why not);
     one only found beside the model that does not is skipped with a warning (_skip)."""
-    from hybrid.loaders import gguf_mmproj
+    from hybrid.models import moonvit_gguf as gguf_mmproj
     from hybrid.loaders.gguf_file import GGUFError
 
     found, named = gguf_mmproj.resolve(path, option)

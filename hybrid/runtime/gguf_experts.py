@@ -200,7 +200,7 @@ def _describe_mmproj(g, config) -> dict:
     {"path", "file_bytes", "params"} or {"error"}; {} when there is none."""
     import warnings
 
-    from hybrid.loaders import gguf_mmproj
+    from hybrid.models import moonvit_gguf as gguf_mmproj
     from hybrid.loaders.gguf_file import GGUFError
     from hybrid.models.moonvit import MoonViT
 
