@@ -54,6 +54,16 @@ def test_doctor_screen_renders(capsys):
     assert cli_main(["doctor", "--no-measure"]) == 0
     out = capsys.readouterr().out
     assert "RAM" in out and "kimi-k2.5" in out and "decode" in out
+    assert "images: a vision tower of 471M weights" in " ".join(out.split())  # K2.5's MoonViT, counted
+
+
+def test_doctor_counts_the_vision_tower_without_a_gpu(capsys):
+    """No GPU here: the device side (and so the tower, bf16) is in the RAM the doctor asks for."""
+    r = _run(capsys, ["doctor", "--json", "--no-measure"])
+    e = r["expect"]
+    assert e["model"]["vision_params"] > 4.5e8
+    if not r["machine"]["gpus"]:
+        assert e["ram"]["parts"]["vision_tower"] == 2 * e["model"]["vision_params"]
 
 
 def test_doctor_uses_a_calibrated_machine_file(capsys, tmp_path):

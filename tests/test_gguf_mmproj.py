@@ -274,6 +274,20 @@ def test_load_line_and_doctor_name_the_file(files, capsys):
     assert d["path"] == str(mm32) and d["params"] > 0 and d["file_bytes"] == mm32.stat().st_size
 
 
+def test_plan_counts_the_mmproj_tower(files, loaded):
+    """The planner's spec of the GGUF counts the tower hybrid.load takes from the mmproj beside it
+    (the checkpoint directory's own count)."""
+    from hybrid.models.spec import load_model_spec
+    from hybrid.runtime.gguf_experts import model_spec_for
+
+    _, text, _, _, path, _ = files
+    want = load_model_spec(str(path)).vision_params
+    assert want > 0 and model_spec_for(str(text)).vision_params == want
+    from hybrid.models.moonvit import MoonViT
+
+    assert MoonViT.parameter_count(loaded[0].vision.config) == want
+
+
 # ---- served ------------------------------------------------------------------------------------
 def test_served_image_request_answers_as_the_checkpoint(loaded):
     """`hybrid serve` over the GGUF + mmproj: an OpenAI image request gives what the checkpoint

@@ -259,6 +259,10 @@ def render(r: dict) -> None:
         con.print(f"  RAM: needs {fmt_bytes(ram['needed_bytes'])} "
                   f"(experts {fmt_bytes(ram['parts']['routed_experts'])}), has "
                   f"{fmt_bytes(ram['available_bytes'])}: {mark}")
+        if e["model"].get("vision_params"):
+            vp = e["model"]["vision_params"]
+            con.print(f"  images: a vision tower of {vp / 1e6:.0f}M weights, {fmt_bytes(2 * vp)} in bf16 beside "
+                      "the device weights, counted here (a load with --no-images leaves it out)")
         tt = Table(title=f"expected speed ({e['context_tokens']} tokens of KV reserved)")
         for col in ("device weights", "VRAM", "decode tok/s, no cache", "prefill tok/s",
                     "decode tok/s, best plan", "cached experts"):

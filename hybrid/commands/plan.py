@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--layerwise-prefill", action="store_true",
                    help="reserve VRAM for layerwise prefill's two layer buffers (left off, with "
                         "the reason in the budget, when they do not fit)")
+    p.add_argument("--no-images", action="store_true",
+                   help="leave the vision tower out of the budget (for loads with --no-images / "
+                        "images_enabled=False: its VRAM goes to experts)")
     p.add_argument("--out", default=None, help="profile YAML to write")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures to DIR")
     p.set_defaults(func=main)
@@ -57,6 +60,8 @@ def _table(rows, title):
 
 
 def main(args) -> int:
+    import dataclasses
+
     from rich.console import Console
 
     from hybrid.planner import plan as planner
@@ -70,6 +75,8 @@ def main(args) -> int:
     con = Console()
     try:
         model = model_spec_for(args.model)
+        if args.no_images:
+            model = dataclasses.replace(model, vision_params=0)
         vram = parse_bytes(args.vram, "--vram") if args.vram else None
         context = parse_tokens(args.context, "--context")
         decode_at = parse_tokens(args.decode_at, "--decode-at")
@@ -175,6 +182,8 @@ def _command_line(args) -> str:
             parts += [flag, str(value)]
     if args.online:
         parts.append("--online")
+    if args.no_images:
+        parts.append("--no-images")
     return " ".join(parts)
 
 

@@ -26,13 +26,18 @@ KIMI_K25_CONFIG = dict(
                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
 )
 
-BUILTIN_MODELS = {"kimi-k2.5": KIMI_K25_CONFIG, "k2.5": KIMI_K25_CONFIG}
+# Its vision tower: every field at Kimi K2.5's value (hybrid/models/moonvit_config.py defaults).
+KIMI_K25_VISION = dict(model_type="kimi_k25", text_config=KIMI_K25_CONFIG, vision_config={},
+                       media_placeholder_token_id=163605)
+
+BUILTIN_MODELS = {"kimi-k2.5": KIMI_K25_VISION, "k2.5": KIMI_K25_VISION}
 
 
 def spec_from_config(cfg: dict, model_id: str, where: str = "config",
-                     expert_format: str | None = None) -> ModelSpec:
+                     expert_format: str | None = None, vision: bool = True) -> ModelSpec:
     """ModelSpec of a config.json dict (a multimodal wrapper's text_config is the model).
-    expert_format: how the CPU holds the experts (default: what hybrid.load does with it)."""
+    expert_format: how the CPU holds the experts (default: what hybrid.load does with it);
+    vision: count a vision tower the config describes (False: the checkpoint holds none)."""
     from hybrid.models import config_from_dict, model_class
 
     if not isinstance(cfg, dict):
@@ -57,8 +62,20 @@ def spec_from_config(cfg: dict, model_id: str, where: str = "config",
         attention_flops_per_key=f.attention_flops_per_key, vocab_size=f.vocab,
         tie_word_embeddings=f.tie_word_embeddings,
         expert_format=expert_format or default_expert_format(quant),
+        vision_params=vision_params(raw, config) if vision else 0,
         config_hash=config_hash(text, cls.HASH_FIELDS), facts=f,
     )
+
+
+def vision_params(raw: dict, config) -> int:
+    """Weights of the vision tower a kimi_k25 config.json describes (0: none); the count
+    hybrid.load checks the device memory with (hybrid/runtime/build.py)."""
+    if config.model_type != "kimi_k25" or raw.get("vision_config") is None:
+        return 0
+    from hybrid.models.moonvit import MoonViT
+    from hybrid.models.moonvit_config import VisionConfig
+
+    return MoonViT.parameter_count(VisionConfig.from_dict(raw, config.hidden_size))
 
 
 def load_model_spec(model: str | None) -> ModelSpec:
@@ -78,4 +95,19 @@ def load_model_spec(model: str | None) -> ModelSpec:
             f"or a built-in model ({', '.join(sorted(BUILTIN_MODELS))})")
     cfg, where = read_config_json(path)
     mid = cfg.get("_name_or_path") or os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return spec_from_config(cfg, str(mid), where=where)
+    return spec_from_config(cfg, str(mid), where=where, vision=_holds_tower(os.path.dirname(path), cfg))
+
+
+def _holds_tower(directory: str, cfg: dict) -> bool:
+    """Whether a checkpoint directory whose config describes a vision tower holds its weights
+    (hybrid.load leaves out, with a warning, a tower the checkpoint lacks); True when no
+    safetensors are there to ask (a bare config.json describes the full model)."""
+    if cfg.get("vision_config") is None:
+        return False
+    from hybrid.loaders.safetensors_files import SafetensorsFiles
+    from hybrid.models.moonvit import has_vision_tensors
+
+    try:
+        return has_vision_tensors(SafetensorsFiles(directory))  # reads the index (or one header)
+    except (OSError, ValueError):
+        return True

@@ -3,6 +3,7 @@
 device bytes = weights (per tensor group, in the format chosen for it)
              + KV cache (num_slots x max_len tokens)
              + activations (a prefill chunk's working set, plus a fixed allocator reserve)
+             + the vision tower (a multimodal checkpoint's, in the compute dtype)
 The facts are hybrid.models.facts.ModelFacts (the model class computes them); hybrid.load
 (hybrid/runtime/memory.py) and the planner's budget both count with this one function.
 """
@@ -41,11 +42,12 @@ class DeviceBudget:
     routed_experts: int
     gpu_experts: int = 0  # experts a placement profile caches on the device
     layerwise: int = 0    # layerwise prefill's two layer buffers (layerwise_bytes), when on
+    vision: int = 0       # the vision tower and projector (image input), when loaded
 
     @property
     def total(self) -> int:
         return (self.weights + self.kv_cache + self.activations + self.routed_experts + self.gpu_experts
-                + self.layerwise)
+                + self.layerwise + self.vision)
 
     def describe(self) -> str:
         parts = [f"weights {self.weights / GiB:.2f} GiB", f"KV cache {self.kv_cache / GiB:.2f} GiB",
@@ -56,12 +58,15 @@ class DeviceBudget:
             parts.append(f"cached experts {self.gpu_experts / GiB:.2f} GiB")
         if self.layerwise:
             parts.append(f"layerwise prefill buffers {self.layerwise / GiB:.2f} GiB")
+        if self.vision:
+            parts.append(f"vision tower {self.vision / GiB:.2f} GiB")
         return " + ".join(parts) + f" = {self.total / GiB:.2f} GiB"
 
 
 def device_bytes(facts, itemsize: int = 2, formats: dict[str, str] | None = None, max_len: int = 4096,
-                 num_slots: int = 1, experts_on_device: bool = False) -> DeviceBudget:
-    """facts: ModelFacts; itemsize: bytes of the compute dtype; formats: {group: dense|int8|fp8|blocks}."""
+                 num_slots: int = 1, experts_on_device: bool = False, vision_params: int = 0) -> DeviceBudget:
+    """facts: ModelFacts; itemsize: bytes of the compute dtype; formats: {group: dense|int8|fp8|blocks};
+    vision_params: the vision tower's weights (MoonViT.parameter_count), 0 without image input."""
     formats = formats or {}
     weights = 0
     for g, (params, rows) in facts.group_params().items():
@@ -74,4 +79,4 @@ def device_bytes(facts, itemsize: int = 2, formats: dict[str, str] | None = None
     acts = activation_bytes(facts, min(PREFILL_CHUNK, max_len), itemsize, formats)
     routed = (len(facts.moe_layers) * facts.num_experts * facts.expert_params * itemsize
               if experts_on_device else 0)
-    return DeviceBudget(weights, kv, acts, routed)
+    return DeviceBudget(weights, kv, acts, routed, vision=vision_params * itemsize)

@@ -26,12 +26,15 @@ def _uniform_trace(spec) -> Trace:
 
 def ram_needed(spec, machine, context_tokens: int) -> dict:
     """Bytes of RAM: packed routed experts (mmapped; they must fit in the page cache to run at
-    RAM speed) and the embedding table; without a GPU also the device weights and KV cache."""
+    RAM speed) and the embedding table; without a GPU also the device weights, the KV cache and
+    a vision tower (bf16)."""
     parts = {"routed_experts": spec.routed_ram_bytes(),
              "embedding": spec.embedding_params * 2}
     if not machine.gpu_present:  # a GGUF keeps them in its blocks there (device_weights="blocks")
         parts["device_weights"] = spec.device_weight_bytes("blocks" if spec.stored_device_bytes else "bf16")
         parts["kv_cache"] = context_tokens * spec.kv_bytes_per_token
+        if spec.vision_params:
+            parts["vision_tower"] = spec.vision_params * 2
     parts["total"] = sum(parts.values())
     return parts
 
@@ -98,7 +101,7 @@ def expectations(spec, machine, trace: Trace | None = None, context_tokens: int 
                 need.machine.vram_bytes = 1 << 50
                 b = planner.compute_budget(need, context_tokens)
                 entry["vram_needed_bytes"] = (b.device_weights_bytes + b.kv_cache_bytes
-                                              + b.activation_bytes + b.reserve_bytes)
+                                              + b.activation_bytes + b.reserve_bytes + b.vision_bytes)
         results[fmt] = entry
     out["device_weights"] = results
     out["layerwise_prefill"] = layerwise_expectation(spec, machine, freq, context_tokens, decode_at)

@@ -65,6 +65,9 @@ class ModelSpec:
     # (device_weights="blocks": the file's bytes where a kernel runs the type, bf16 elsewhere);
     # 0: not a GGUF (no "blocks" format).
     stored_device_bytes: int = 0
+    # Weights of the vision tower and projector (Kimi K2.5's MoonViT), on the device in the compute
+    # dtype beside the text model's device weights; 0: text only (or images left off).
+    vision_params: int = 0
     config_hash: str = ""
     # The architecture's ModelFacts (hybrid/models/facts.py): the device-memory budget is counted
     # from them by the one accounting hybrid.load uses too (device_memory.py), so they agree.
@@ -156,7 +159,7 @@ class ModelSpec:
                 "moe_layers": len(self.moe_layers), "experts": self.num_experts,
                 "top_k": self.top_k, "hidden": self.hidden,
                 "expert_intermediate": self.expert_intermediate,
-                "expert_format": self.expert_format}
+                "expert_format": self.expert_format, "vision_params": self.vision_params}
 
     def to_dict(self) -> dict:
         d = asdict(self)

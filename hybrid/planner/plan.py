@@ -3,8 +3,8 @@
 Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/planner/device_memory.py
 device_bytes, the one accounting both use): the non-expert device weights (attention, shared
 experts, dense MLP, routers, norms, LM head in `device_weight_format`), the latent KV cache for
-the requested context, and activations for one prefill chunk with the allocator/CUDA-context
-reserve. What is left, divided by the exact bytes of one expert in the GPU cache's format (by
+the requested context, activations for one prefill chunk with the allocator/CUDA-context
+reserve, and a multimodal checkpoint's vision tower (ModelSpec.vision_params). What is left, divided by the exact bytes of one expert in the GPU cache's format (by
 default the experts' storage format, which gpu_cache.py keeps: INT4 group-32 for K2.5, 3 x H x I
 x (1/2 + 2/32) bytes = 24.8 MB; hybrid.load counts the same), is the number of expert slots.
 
@@ -71,11 +71,12 @@ class Budget:
     max_slots: int                  # L x E (every expert cached)
     layerwise_bytes: int = 0        # layerwise prefill's two layer buffers (0: off)
     layerwise_note: str = ""        # why it is off when it was asked for
+    vision_bytes: int = 0           # the vision tower and projector (0: text only)
 
     @property
     def experts_bytes(self) -> int:
         return self.vram_bytes - self.device_weights_bytes - self.kv_cache_bytes \
-            - self.activation_bytes - self.reserve_bytes - self.layerwise_bytes
+            - self.activation_bytes - self.reserve_bytes - self.layerwise_bytes - self.vision_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +89,7 @@ class Budget:
             "activations": {"bytes": self.activation_bytes,
                             "human": fmt_bytes(self.activation_bytes)},
             "cuda_reserve": {"bytes": self.reserve_bytes, "human": fmt_bytes(self.reserve_bytes)},
+            "vision_tower": {"bytes": self.vision_bytes, "human": fmt_bytes(self.vision_bytes)},
             "layerwise_prefill": {"bytes": self.layerwise_bytes,
                                   "human": fmt_bytes(self.layerwise_bytes),
                                   **({"note": self.layerwise_note} if self.layerwise_note else {})},
@@ -110,6 +112,8 @@ class Budget:
             f"- activations          {fmt_bytes(self.activation_bytes):>12}  (one prefill chunk, "
             f"CUDA context and allocator reserve)",
             f"- extra reserve        {fmt_bytes(self.reserve_bytes):>12}",
+            f"- vision tower         {fmt_bytes(self.vision_bytes):>12}  "
+            + ("(image input; plan with --no-images to leave it out)" if self.vision_bytes else "(none)"),
             f"- layerwise prefill    {fmt_bytes(self.layerwise_bytes):>12}  "
             + ("(two layer buffers)" if self.layerwise_bytes else f"(off{': ' + self.layerwise_note if self.layerwise_note else ''})"),
             f"= for experts          {fmt_bytes(max(0, self.experts_bytes)):>12}  -> "
@@ -117,9 +121,9 @@ class Budget:
         ]
 
 
-def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
-    """(device weights, KV cache, activations incl. reserve) bytes for one sequence of
-    `context_tokens`, from the loader's accounting: exactly what hybrid.load checks."""
+def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int, int]:
+    """(device weights, KV cache, activations incl. reserve, vision tower) bytes for one sequence
+    of `context_tokens`, from the loader's accounting: exactly what hybrid.load checks."""
     from hybrid.planner.device_memory import device_bytes
 
     m = cost.model
@@ -130,8 +134,9 @@ def device_needs(cost: CostModel, context_tokens: int) -> tuple[int, int, int]:
         raise PlanError(f"cannot count device memory for model {m.model_id!r}: its spec carries no "
                         f"architecture facts (make it with hybrid.models.spec)")
     itemsize, formats = _device_dtype(cost)
-    b = device_bytes(m.facts, itemsize, formats, max_len=context_tokens, num_slots=1)
-    return b.weights, b.kv_cache, b.activations
+    b = device_bytes(m.facts, itemsize, formats, max_len=context_tokens, num_slots=1,
+                     vision_params=m.vision_params)
+    return b.weights, b.kv_cache, b.activations, b.vision
 
 
 def _device_dtype(cost: CostModel) -> tuple[int, dict[str, str]]:
@@ -164,9 +169,9 @@ def compute_budget(cost: CostModel, context_tokens: int,
                    reserve_bytes: int = EXTRA_RESERVE_BYTES) -> Budget:
     m = cost.model
     vram = cost.machine.vram_bytes
-    dev, kv, act = device_needs(cost, context_tokens)
+    dev, kv, act, vision = device_needs(cost, context_tokens)
     per = cost.gpu_expert_bytes
-    left = vram - dev - kv - act - reserve_bytes
+    left = vram - dev - kv - act - vision - reserve_bytes
     lw, note = layerwise_budget(cost, left, context_tokens)
     left -= lw
     max_slots = len(m.moe_layers) * m.num_experts
@@ -175,7 +180,7 @@ def compute_budget(cost: CostModel, context_tokens: int,
                context_tokens=context_tokens, activation_bytes=act, reserve_bytes=reserve_bytes,
                gpu_expert_format=cost.gpu_expert_format, bytes_per_expert=per,
                slots=max(0, min(max_slots, left // per)), max_slots=max_slots,
-               layerwise_bytes=lw, layerwise_note=note)
+               layerwise_bytes=lw, layerwise_note=note, vision_bytes=vision)
     if left < 0:
         raise PlanError("the model does not fit this GPU before any expert is cached:\n  "
                         + "\n  ".join(b.lines())

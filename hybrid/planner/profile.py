@@ -142,6 +142,8 @@ class Profile:
         b = self.data["budget"]
         return int(b["device_weights"]["bytes"] + b["kv_cache"]["bytes"]
                    + b["activations"]["bytes"] + b["cuda_reserve"]["bytes"]
+                   + b.get("vision_tower", {"bytes": 0})["bytes"]
+                   + b.get("layerwise_prefill", {"bytes": 0})["bytes"]
                    + self.num_cached * b["experts"]["bytes_per_expert"])
 
     @property

@@ -89,14 +89,14 @@ def build_model(path: str | Path, device="cpu", dtype=torch.bfloat16, *, experts
             raise ValueError(f"mmproj={mmproj}: an mmproj file goes with a GGUF text model; the checkpoint "
                              f"directory {path} carries its own vision tower")
         vision_cfg = checkpoint_vision_config(path, config, files)
-    vision_bytes = 0
+    vision_params = 0
     if vision_cfg is not None:
         from hybrid.models.moonvit import MoonViT
 
-        vision_bytes = MoonViT.parameter_count(vision_cfg) * itemsize(dtype)
+        vision_params = MoonViT.parameter_count(vision_cfg)
     need = check_fits(facts, path, device, dtype, device_formats or {}, max_len=max_len, num_slots=1,
-               max_vram=max_vram, experts_on_device=(experts_backend == "torch"),
-               extra=gpu_expert_bytes + vision_bytes)
+                      max_vram=max_vram, experts_on_device=(experts_backend == "torch"),
+                      extra=gpu_expert_bytes, vision_params=vision_params)
     if experts_backend == "cpu" and split_threads:
         split(device, threads)
 

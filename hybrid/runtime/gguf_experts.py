@@ -268,4 +268,5 @@ def model_spec_for(model: str | None, describe: dict | None = None):
     if describe is not None:
         describe["gguf"] = d
     return dataclasses.replace(spec, model_id=os.path.basename(model), expert_format=d["expert_format"],
-                               stored_expert_bytes=d["bytes_per_expert"], stored_device_bytes=d["blocks_bytes"])
+                               stored_expert_bytes=d["bytes_per_expert"], stored_device_bytes=d["blocks_bytes"],
+                               vision_params=d["mmproj"].get("params", 0))  # the tower hybrid.load would take

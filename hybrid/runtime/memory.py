@@ -40,10 +40,12 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def check_fits(facts, path, device, dtype, formats, max_len: int, num_slots: int = 1,
-               max_vram: int | None = None, experts_on_device: bool = False, extra: int = 0) -> DeviceBudget:
+               max_vram: int | None = None, experts_on_device: bool = False, extra: int = 0,
+               vision_params: int = 0) -> DeviceBudget:
     """Raise MemoryError with the numbers when the configuration exceeds the device budget.
-    facts: the model's ModelFacts; extra: bytes of experts a placement profile caches on the device."""
-    need = device_bytes(facts, itemsize(dtype), formats, max_len, num_slots, experts_on_device)
+    facts: the model's ModelFacts; extra: bytes of experts a placement profile caches on the device;
+    vision_params: the vision tower's weights when it is loaded."""
+    need = device_bytes(facts, itemsize(dtype), formats, max_len, num_slots, experts_on_device, vision_params)
     need.gpu_experts = extra
     budget = max_vram
     if budget is None and torch.device(device).type == "cuda":
@@ -53,7 +55,8 @@ def check_fits(facts, path, device, dtype, formats, max_len: int, num_slots: int
         raise MemoryError(
             f"{path}: this configuration needs {need.describe()} on {device}, but only "
             f"{budget / GiB:.2f} GiB is available. Try device_weights='int8' (or 'fp8'), a smaller "
-            f"max_len (now {max_len}){hint}."
+            f"max_len (now {max_len}){hint}"
+            + (", or images_enabled=False (no vision tower)." if vision_params else ".")
         )
     return need
 
