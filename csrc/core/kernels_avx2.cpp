@@ -232,7 +232,7 @@ static HY_ALWAYS_INLINE void y_matmul_f32_bf16_tile16xTT(const PackedMatrix& w, 
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void y_kq_operands(const uint8_t* tile, int g, int h, __m256i* wv) {
   constexpr KQ k = kq_of(F);
-  if constexpr (k.grid) {  // the lattice types: codebook gathers (simd_iq.h)
+  if constexpr (k.grid) {  // the lattice types: codebook lookups (simd_iq.h)
     y_iq_operands<F>(tile, g, h, wv);
     return;
   }

@@ -265,7 +265,7 @@ static HY_ALWAYS_INLINE void z_f32_bf16_tile(const PackedMatrix& w, int64_t b, c
 template <WeightFormat F>
 static HY_ALWAYS_INLINE void z_kq_operands(const uint8_t* tile, int g, __m512i* wv) {
   constexpr KQ k = kq_of(F);
-  if constexpr (k.grid) {  // the lattice types: codebook gathers (simd_iq.h)
+  if constexpr (k.grid) {  // the lattice types: codebook lookups (simd_iq.h)
     z_iq_operands<F>(tile, g, wv);
     return;
   }

@@ -1,10 +1,10 @@
 // simd_iq.h: the lattice types' operands (kquant.h: IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ1_M) built
 // in registers from their packed grid indices, for the K-type scaffolds of simd_avx512.h
 // (z_iq_operands, 16 rows in a zmm) and kernels_avx2.cpp (y_iq_operands, rows 8h..8h+7 in a ymm).
-// Per piece of one group (8 inputs, or 4 for IQ3_XXS) and row: the index entry, a gather of the
+// Per piece of one group (8 inputs, or 4 for IQ3_XXS) and row: the index entry, a lookup of the
 // codebook word it names (8 or 4 int8 values, input order), the signs (a per-byte mask from the
 // sign byte: bit j of byte r for lane r's byte j), IQ1's x 8 and +-1 delta, then ^ 0x80: the u8
-// operand u = v + 128 of kquant.h's signed-table convention. For 8-value entries two gathers
+// operand u = v + 128 of kquant.h's signed-table convention. For 8-value entries two lookups of 4
 // give [rows][8 bytes], and a dword permute splits them into the operands of inputs 0-3 and 4-7.
 // Include only from an AVX2 (Y) or AVX-512 (Z) translation unit after kquant.h; internal linkage.
 #pragma once
@@ -17,6 +17,40 @@
 
 namespace hybrid {
 namespace {
+
+#if defined(__AVX2__)
+// Codebook words at 4 entry indices read from memory, by scalar loads and inserts, not gathers:
+// on this Zen 4 guest 8 scalar lookups take 0.5-0.7x the time of an 8-lane vpgatherdd and 16
+// take 0.6x a 16-lane one (bench/lookup_probe.cpp); Zen 2/3's gathers are slower still, and Intel's
+// since the Gather Data Sampling microcode (Skylake to Ice Lake: the AVX-512 levels without
+// VBMI). `at` holds uint8 indices, or uint16 entries (kBytes 2) whose low bits (kMask) are the
+// index.
+template <int kBytes, int kMask, class Word>
+static HY_ALWAYS_INLINE Word iq_word_at(const Word* grid, const uint8_t* at, int r) {
+  if constexpr (kBytes == 2) {
+    uint16_t e;
+    __builtin_memcpy(&e, at + 2 * r, 2);
+    return grid[e & kMask];
+  } else {
+    return grid[at[r]];
+  }
+}
+
+template <int kBytes, int kMask, class Word>
+static HY_ALWAYS_INLINE __m128i iq_dwords4(const Word* grid, const uint8_t* at, int r0) {
+  __m128i v = _mm_cvtsi32_si128(int(iq_word_at<kBytes, kMask>(grid, at, r0)));
+  v = _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 1)), 1);
+  v = _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 2)), 2);
+  return _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 3)), 3);
+}
+
+template <int kBytes, int kMask>
+static HY_ALWAYS_INLINE __m256i iq_qwords4(const long long* grid, const uint8_t* at, int r0) {
+  return _mm256_set_epi64x(iq_word_at<kBytes, kMask>(grid, at, r0 + 3), iq_word_at<kBytes, kMask>(grid, at, r0 + 2),
+                           iq_word_at<kBytes, kMask>(grid, at, r0 + 1), iq_word_at<kBytes, kMask>(grid, at, r0));
+}
+
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // ---- AVX-512: 16 rows -------------------------------------------------------------------------
@@ -37,6 +71,21 @@ static HY_ALWAYS_INLINE __m512i z_iq_apply_signs(__m512i v, __m512i sgn, uint32_
   const __m512i srep = _mm512_shuffle_epi8(sgn, ctl);  // the sign byte in all 4 bytes of its dword
   const __mmask64 neg = _mm512_test_epi8_mask(srep, _mm512_set1_epi32(int32_t(bits)));
   return _mm512_mask_sub_epi8(v, neg, _mm512_setzero_si512(), v);
+}
+
+// 16 rows' codebook words (iq_dwords4, iq_qwords4 above) in a zmm.
+template <int kBytes, int kMask, class Word>
+static HY_ALWAYS_INLINE __m512i z_dwords16(const Word* grid, const uint8_t* at) {
+  __m512i v = _mm512_castsi128_si512(iq_dwords4<kBytes, kMask>(grid, at, 0));
+  v = _mm512_inserti32x4(v, iq_dwords4<kBytes, kMask>(grid, at, 4), 1);
+  v = _mm512_inserti32x4(v, iq_dwords4<kBytes, kMask>(grid, at, 8), 2);
+  return _mm512_inserti32x4(v, iq_dwords4<kBytes, kMask>(grid, at, 12), 3);
+}
+
+template <int kBytes, int kMask>
+static HY_ALWAYS_INLINE __m512i z_qwords8(const long long* grid, const uint8_t* at, int r0) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(iq_qwords4<kBytes, kMask>(grid, at, r0)),
+                            iq_qwords4<kBytes, kMask>(grid, at, r0 + 4), 1);
 }
 
 #if defined(__AVX512VBMI__)
@@ -179,54 +228,6 @@ static HY_ALWAYS_INLINE void z_iq_operands_vbmi(const uint8_t* tile, int g, __m5
   }
 }
 
-// IQ1_S, IQ1_M: 2048 entries of 8 values in {-1, 0, 1}, too many for byte permutes, so one 16-lane
-// gather of each row's 16-bit level code (2 bits per value) per piece instead of two 8-lane
-// gathers of the 8-byte entries, then the same multishift and vpermb (u = 128 + 8 v) and the
-// row's delta. The table has 2 entries of padding: the dword gather reads 4 bytes at entry i.
-struct Iq1Codes {
-  uint16_t code[2048 + 2];
-  uint8_t u[64];  // 6-bit window, level l (v = l - 1) in its low bits -> 128 + 8 v
-};
-
-static constexpr Iq1Codes iq1_codes() {
-  Iq1Codes c{};
-  for (int i = 0; i < 2048; ++i) {
-    uint32_t code = 0;
-    for (int j = 0; j < 8; ++j) code |= uint32_t(int(int8_t(uint8_t(kIq1sGrid[i] >> (8 * j)))) + 1) << (2 * j);
-    c.code[i] = uint16_t(code);
-  }
-  for (int e = 0; e < 64; ++e) c.u[e] = uint8_t(128 + 8 * ((e & 3) - 1));
-  return c;
-}
-alignas(64) static constexpr Iq1Codes kIq1Codes = iq1_codes();
-
-// Multishift offsets when src dword lane r holds row r's code in its low 16 bits: rows 2q, 2q + 1
-// at bits 0 and 32 of qword q.
-struct Iq1Shifts { uint8_t sh[2][64]; };
-static constexpr Iq1Shifts iq1_shifts() {
-  Iq1Shifts c{};
-  for (int i = 0; i < 64; ++i)
-    for (int h = 0; h < 2; ++h) c.sh[h][i] = uint8_t(32 * ((i / 4) % 2) + 2 * (4 * h + i % 4));
-  return c;
-}
-alignas(64) static constexpr Iq1Shifts kIq1Shifts = iq1_shifts();
-
-template <WeightFormat F>
-static HY_ALWAYS_INLINE void z_iq1_operands_vbmi(const uint8_t* tile, int g, __m512i* wv) {
-  constexpr KQ k = kq_of(F);
-  const __m512i utab = _mm512_load_si512(kIq1Codes.u);
-  const __m512i sh_a = _mm512_load_si512(kIq1Shifts.sh[0]), sh_b = _mm512_load_si512(kIq1Shifts.sh[1]);
-#pragma GCC unroll 4
-  for (int p = 0; p < 4; ++p) {
-    const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * 32;
-    const __m512i e = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
-    const __m512i src = _mm512_i32gather_epi32(_mm512_and_si512(e, _mm512_set1_epi32(2047)), kIq1Codes.code, 2);
-    const __mmask16 neg = _mm512_test_epi32_mask(e, _mm512_set1_epi32(0x8000));
-    const __m512i dv = _mm512_mask_blend_epi32(neg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
-    wv[2 * p] = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh_a, src), utab), dv);
-    wv[2 * p + 1] = _mm512_add_epi8(_mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(sh_b, src), utab), dv);
-  }
-}
 #endif
 
 template <WeightFormat F>
@@ -236,18 +237,19 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
   if constexpr (k.grid <= 512) {  // IQ2_XXS, IQ2_XS, IQ3_XXS
     z_iq_operands_vbmi<F>(tile, g, wv);
     return;
-  } else {  // IQ1_S, IQ1_M
-    z_iq1_operands_vbmi<F>(tile, g, wv);
-    return;
   }
 #endif
+  // The lookups below (every AVX-512 level; with VBMI IQ1_S and IQ1_M, whose 2048 entries are too
+  // many for byte permutes): 1 thread, 512 x 7168 in L2, this Zen 4, against the gathers they
+  // replace, T = 1 / 16 Gop/s: avx512_vnni IQ2_XXS 33 -> 57 / 226 -> 276, IQ3_XXS 22 -> 31 /
+  // 167 -> 232, IQ1_S 32 -> 47 / 208 -> 258; avx512_bf16 IQ1_S 37 -> 50 / 238 -> 257 (its
+  // 16-bit level codes by one vpgatherdd and multishift before).
   const __m512i flip = _mm512_set1_epi8(int8_t(0x80));
   const void* grid = iq_grid_words(k);
-  if constexpr (k.gw == 4) {  // IQ3_XXS: one 16-dword gather per 4-input operand
+  if constexpr (k.gw == 4) {  // IQ3_XXS: 16 dword lookups per 4-input operand
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) {
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + k.gidx_at + (g * 8 + q) * 16)));
-      __m512i v = _mm512_i32gather_epi32(idx, grid, 4);
+      __m512i v = z_dwords16<1, 255>(static_cast<const int*>(grid), tile + k.gidx_at + (g * 8 + q) * 16);
       const __m512i sgn = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + k.gsign_at + (g * 4 + q / 2) * 16)));
       v = z_iq_apply_signs(v, sgn, (q % 2) ? 0x80402010u : 0x08040201u);
       wv[q] = _mm512_xor_si512(v, flip);
@@ -261,10 +263,9 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
     const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * 16 * k.gidx_bytes;
     const __m512i e = k.gidx_bytes == 2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)))
                                         : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
-    const __m512i idx = _mm512_and_si512(e, _mm512_set1_epi32(k.grid - 1));
-    const __m512i lo = _mm512_i32gather_epi64(_mm512_castsi512_si256(idx), grid, 8);       // rows 0-7
-    // rows 8-15 (a lane shuffle, not vextracti64x4, whose undefined-source form GCC 12 reports)
-    const __m512i hi = _mm512_i32gather_epi64(_mm512_castsi512_si256(_mm512_shuffle_i64x2(idx, idx, 0x0E)), grid, 8);
+    const auto* grid64 = static_cast<const long long*>(grid);
+    const __m512i lo = z_qwords8<k.gidx_bytes, k.grid - 1>(grid64, at, 0);  // rows 0-7
+    const __m512i hi = z_qwords8<k.gidx_bytes, k.grid - 1>(grid64, at, 8);  // rows 8-15
     __m512i a = _mm512_permutex2var_epi32(lo, even, hi);  // inputs 0-3 of each row
     __m512i b = _mm512_permutex2var_epi32(lo, odd, hi);   // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
@@ -315,8 +316,9 @@ static HY_ALWAYS_INLINE void y_iq_operands(const uint8_t* tile, int g, int h, __
   if constexpr (k.gw == 4) {  // IQ3_XXS
 #pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) {
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(tile + k.gidx_at + (g * 8 + q) * 16 + 8 * h)));
-      __m256i v = _mm256_i32gather_epi32(grid, idx, 4);
+      const uint8_t* at = tile + k.gidx_at + (g * 8 + q) * 16 + 8 * h;
+      __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(iq_dwords4<1, 255>(grid, at, 0)),
+                                          iq_dwords4<1, 255>(grid, at, 4), 1);
       v = y_iq_apply_signs(v, sign_bytes(q / 2), (q % 2) ? 0x80402010u : 0x08040201u);
       wv[q] = _mm256_xor_si256(v, flip);
     }
@@ -329,9 +331,8 @@ static HY_ALWAYS_INLINE void y_iq_operands(const uint8_t* tile, int g, int h, __
     const uint8_t* at = tile + k.gidx_at + ((g * 4 + p) * 16 + 8 * h) * k.gidx_bytes;
     const __m256i e = k.gidx_bytes == 2 ? _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)))
                                         : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
-    const __m256i idx = _mm256_and_si256(e, _mm256_set1_epi32(k.grid - 1));
-    const __m256i g0 = _mm256_permutevar8x32_epi32(_mm256_i32gather_epi64(grid64, _mm256_castsi256_si128(idx), 8), split);
-    const __m256i g1 = _mm256_permutevar8x32_epi32(_mm256_i32gather_epi64(grid64, _mm256_extracti128_si256(idx, 1), 8), split);
+    const __m256i g0 = _mm256_permutevar8x32_epi32(iq_qwords4<k.gidx_bytes, k.grid - 1>(grid64, at, 0), split);
+    const __m256i g1 = _mm256_permutevar8x32_epi32(iq_qwords4<k.gidx_bytes, k.grid - 1>(grid64, at, 4), split);
     __m256i a = _mm256_permute2x128_si256(g0, g1, 0x20);  // inputs 0-3 of rows 0-7 of the half
     __m256i b = _mm256_permute2x128_si256(g0, g1, 0x31);  // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
