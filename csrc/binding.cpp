@@ -589,6 +589,15 @@ PYBIND11_MODULE(_native, m) {
       }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
          py::arg("down_format") = "", py::arg("up_format") = "",
          "format: gate's (and up's, down's unless given); '' = format")
+      .def_static("layout_bytes", [](const std::string& fmt, int64_t e, int64_t h, int64_t i, const std::string& down,
+                                     const std::string& up) {
+        const WeightFormat f = parse_format(fmt);
+        const LayerHeader hd = layer_layout(f, up.empty() ? f : parse_format(up, "up_format"),
+                                            down.empty() ? f : parse_format(down, "down_format"), e, h, i);
+        return py::make_tuple(hd.total_bytes, hd.expert_stride);
+      }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
+         py::arg("down_format") = "", py::arg("up_format") = "",
+         "(file bytes, bytes per expert) a layer of these formats and shape packs to, allocating nothing")
       .def_static("open", [](const std::string& path) {
         py::gil_scoped_release r;
         return PyLayer{PackedLayer::open(path)};

@@ -31,3 +31,32 @@ def test_iq_experts_native_equal_twin(tmp_path, types):
     got = _logits(iq, experts_backend="cpu")
     want = _logits(twin)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_doctor_counts_the_packed_bytes(tmp_path):
+    """The RAM hybrid doctor and the planner count for experts kept in their blocks is what the
+    packed layers hold (the lattice types' tiles are larger than the file's blocks: IQ1_S 1.48x),
+    not the file's bytes."""
+    from hybrid.loaders.gguf_config import config_dict
+    from hybrid.loaders.gguf_file import GGUFFile
+    from hybrid.loaders.gguf_source import GGUFSource
+    from hybrid.models import config_from_dict
+    from hybrid.runtime.gguf_experts import describe_gguf, pack_gguf_layer
+
+    types = {1: ("IQ1_S",) * 3, 2: ("Q4_K", "Q4_K", "Q6_K")}
+    g, _, ref = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    mixed = gguf_files.rewrite(g, tmp_path / "mixed.gguf", tensors=_experts_as(types))
+    d = describe_gguf(mixed)
+    assert [x["held_as"] for x in d["expert_layers"]] == ["native", "native"]
+    c = _cfg(ref)
+    E, H, I = c["n_routed_experts"], c["hidden_size"], c["moe_intermediate_size"]
+    f = GGUFFile(mixed)
+    try:
+        src = GGUFSource(config_from_dict(config_dict(f), source=str(mixed)), f, "cpu", torch.float32)
+        packed = [pack_gguf_layer(src, x["layer"], E, H, I, "native").nbytes for x in d["expert_layers"]]
+    finally:
+        f.close()
+    assert [x["ram_bytes"] for x in d["expert_layers"]] == packed
+    assert d["routed_ram_bytes"] == sum(packed)
+    iq1 = d["expert_layers"][0]
+    assert iq1["ram_bytes"] > 1.3 * iq1["file_bytes"]  # the lattice tiles hold 16-bit index entries

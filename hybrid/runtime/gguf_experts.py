@@ -158,8 +158,10 @@ def describe_gguf(path) -> dict:
             types = {p.removesuffix("_proj"): t.type_name for p, t in ts.items()}
             file_bytes = sum(t.nbytes for t in ts.values())
             how = held_as(types.values(), native)
-            if how == "native":
-                ram = file_bytes
+            if how == "native":  # the packed tiles, near the file's bytes (kquant.h lists each type's)
+                from hybrid.experts.cpu_moe import PackedLayer
+
+                ram = PackedLayer.gguf_bytes(types["gate"], types["up"], types["down"], E, H, I)
             else:
                 name = OUR_FORMAT_NAMES[how]
                 ram = E * (2 * expert_format_bytes(name, I, H) + expert_format_bytes(name, H, I))
