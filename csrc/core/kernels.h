@@ -46,8 +46,8 @@ static inline constexpr int ktile_bytes(WeightFormat f) {
     case WeightFormat::IQ2_XXS: return 1184;
     case WeightFormat::IQ2_XS: return 1312;
     case WeightFormat::IQ3_XXS: return 1696;
-    case WeightFormat::IQ1_S: return 1184;
-    case WeightFormat::IQ1_M: return 1312;
+    case WeightFormat::IQ1_S: return 928;
+    case WeightFormat::IQ1_M: return 1056;
     default: return 0;
   }
 }

@@ -39,12 +39,16 @@
 // file's size; the kernels expand entries in registers (gathers from the codebook):
 //   gidx   [8 groups][32 / gw pieces][16 lanes] gidx_bytes each: piece p covers inputs 32g + gw p
 //          .. + gw - 1. IQ2_XXS, IQ3_XXS: the 8-bit index; IQ2_XS: index | sign index << 9 (the
-//          file's uint16); IQ1_S, IQ1_M: 11-bit index | (delta < 0) << 15
+//          file's uint16); IQ1_S, IQ1_M (g12): per piece 24 bytes, the 16 lanes' 12-bit entries
+//          11-bit index | (delta < 0) << 11, lane r's at bits 12 r .. 12 r + 11 (little-endian),
+//          so lane r's is the uint16 at byte 3r/2 shifted right by 4 (r % 2)
 //   gsign  [8 groups][4 pieces of 8 inputs][16 lanes] the sign mask (bit j: input 8p + j negative;
 //          ksigns already applied) (if gsign: IQ2_XXS, IQ3_XXS)
 //   D, sc  as above (sc = 2 s + 1, int8)
 // Bits per weight (file): IQ2_XXS 2.3125 (2.0625), IQ2_XS 2.5625 (2.3125), IQ3_XXS 3.3125
-// (3.0625), IQ1_S 2.3125 (1.5625), IQ1_M 2.5625 (1.75).
+// (3.0625), IQ1_S 1.8125 (1.5625), IQ1_M 2.0625 (1.75); IQ1 held its index entries in 16 bits
+// before (2.3125, 2.5625: 1.48x and 1.46x the file, too much for the files people pick to fit RAM).
+// Each lattice type's index entry, as its kernels read it: one load (and a shift for odd IQ1 lanes).
 //
 // Everything here is static / constexpr (kernels.h: no COMDAT code shared across ISA units).
 #pragma once
@@ -74,9 +78,11 @@ struct KQ {
   // masks, a 7-bit sign index in the index's top bits, IQ1's delta bit, value multiplier, D shift.
   int grid = 0, gw = 8, gidx_bytes = 1;
   bool gsign = false, gsign7 = false, gdelta = false;
+  bool g12 = false;         // IQ1: 12-bit index entries, 16 lanes in 24 bytes a piece
   int gmul = 1, dshift = 0;
   // Derived: byte offsets of the fields inside a tile and the tile size.
-  int nsub = 0, nib_at = 0, crumb_at = 0, bit_at = 0, gidx_at = 0, gsign_at = 0, d_at = 0, dm_at = 0, sc_at = 0, m_at = 0, tile_bytes = 0;
+  int nsub = 0, nib_at = 0, crumb_at = 0, bit_at = 0, gidx_at = 0, gsign_at = 0, d_at = 0, dm_at = 0, sc_at = 0, m_at = 0,
+      tile_bytes = 0;
 };
 
 static constexpr KQ kq_layout(KQ k) {
@@ -90,7 +96,7 @@ static constexpr KQ kq_layout(KQ k) {
   k.bit_at = at;
   at += k.bit ? 8 * 64 : 0;
   k.gidx_at = at;
-  at += k.grid ? 8 * (32 / k.gw) * 16 * k.gidx_bytes : 0;
+  at += !k.grid ? 0 : k.g12 ? 8 * 4 * 24 : 8 * (32 / k.gw) * 16 * k.gidx_bytes;
   k.gsign_at = at;
   at += k.gsign ? 8 * 64 : 0;
   k.d_at = at;
@@ -132,8 +138,8 @@ static constexpr KQ kq_of(WeightFormat f) {
     case WeightFormat::IQ2_XXS: k = kq_lattice(256, 8, 1, 32, 3); k.gsign = true; return kq_layout(k);
     case WeightFormat::IQ2_XS: k = kq_lattice(512, 8, 2, 16, 3); k.gsign7 = true; return kq_layout(k);
     case WeightFormat::IQ3_XXS: k = kq_lattice(256, 4, 1, 32, 2); k.gsign = true; return kq_layout(k);
-    case WeightFormat::IQ1_S: k = kq_lattice(2048, 8, 2, 32, 3); k.gdelta = true; k.gmul = 8; return kq_layout(k);
-    case WeightFormat::IQ1_M: k = kq_lattice(2048, 8, 2, 16, 3); k.gdelta = true; k.gmul = 8; return kq_layout(k);
+    case WeightFormat::IQ1_S: k = kq_lattice(2048, 8, 1, 32, 3); k.gdelta = k.g12 = true; k.gmul = 8; return kq_layout(k);
+    case WeightFormat::IQ1_M: k = kq_lattice(2048, 8, 1, 16, 3); k.gdelta = k.g12 = true; k.gmul = 8; return kq_layout(k);
     default: return k;
   }
 }
@@ -182,8 +188,9 @@ static inline int iq_grid_value(const KQ& k, int idx, int j) {
 // u of input i (0..255) of row r of a lattice tile t (header comment).
 static inline int iq_decode_u(const KQ& k, const uint8_t* t, int r, int i) {
   const int g = i / 32, p = (i % 32) / k.gw, j = i % k.gw;
-  const int at = k.gidx_at + ((g * (32 / k.gw) + p) * 16 + r) * k.gidx_bytes;
-  const int e = k.gidx_bytes == 2 ? int(t[at] | (t[at + 1] << 8)) : int(t[at]);
+  const int at = k.g12 ? k.gidx_at + (g * 4 + p) * 24 + 3 * r / 2 : k.gidx_at + ((g * (32 / k.gw) + p) * 16 + r) * k.gidx_bytes;
+  const int e = k.g12 ? (int(t[at] | (t[at + 1] << 8)) >> (4 * (r % 2))) & 0xFFF
+                : k.gidx_bytes == 2 ? int(t[at] | (t[at + 1] << 8)) : int(t[at]);
   const int bit = i % 8;  // position inside the 8-input sign piece
   int sign = 0, delta = 0, idx = e;
   if (k.gsign) sign = (t[k.gsign_at + (g * 4 + (i % 32) / 8) * 16 + r] >> bit) & 1;
@@ -193,7 +200,7 @@ static inline int iq_decode_u(const KQ& k, const uint8_t* t, int r, int i) {
   }
   if (k.gdelta) {
     idx = e & 0x7FF;
-    delta = (e >> 15) ? -1 : 1;
+    delta = (e >> 11) ? -1 : 1;
   }
   const int v = iq_grid_value(k, idx, j) * k.gmul;
   return (sign ? -v : v) + delta + 128;

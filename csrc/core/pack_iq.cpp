@@ -23,6 +23,17 @@ struct RowOut {
     at[0] = uint8_t(e);
     if (k.gidx_bytes == 2) at[1] = uint8_t(e >> 8);
   }
+  void idx12(int g, int p, int index, bool negative) const {  // IQ1's 12-bit entry (kquant.h g12)
+    const int f = (index & 0x7FF) | (negative ? 0x800 : 0);
+    uint8_t* at = t + k.gidx_at + (g * 4 + p) * 24 + 3 * r / 2;
+    if (r % 2 == 0) {
+      at[0] = uint8_t(f);
+      at[1] = uint8_t((at[1] & 0xF0) | (f >> 8));
+    } else {
+      at[0] = uint8_t((at[0] & 0x0F) | ((f & 0x0F) << 4));
+      at[1] = uint8_t(f >> 4);
+    }
+  }
   void sign(int g, int q, int s7) const { t[k.gsign_at + (g * 4 + q) * 16 + r] = kIqSigns[s7 & 0x7F]; }
   void d(uint16_t bits) const { std::memcpy(t + k.d_at + 2 * r, &bits, 2); }
   void sc(int j, int s) const { t[k.sc_at + j * 16 + r] = uint8_t(2 * s + 1); }
@@ -78,7 +89,7 @@ void iq_pack_super(WeightFormat f, const uint8_t* b, int r, uint8_t* t) {
       o.d(le16(b));            // per 32: 4 x 3 high index bits, scale bits 12..14, delta sign bit 15
       for (int ib = 0; ib < 8; ++ib) {
         const int qh = le16(b + 34 + 2 * ib);
-        for (int l = 0; l < 4; ++l) o.idx(ib, l, b[2 + 4 * ib + l] | (((qh >> (3 * l)) & 7) << 8) | ((qh >> 15) << 15));
+        for (int l = 0; l < 4; ++l) o.idx12(ib, l, b[2 + 4 * ib + l] | (((qh >> (3 * l)) & 7) << 8), qh >> 15);
         o.sc(ib, (qh >> 12) & 7);
       }
       return;
@@ -91,7 +102,7 @@ void iq_pack_super(WeightFormat f, const uint8_t* b, int r, uint8_t* t) {
       o.d(d);
       for (int q = 0; q < 32; ++q) {
         const int nib = (b[32 + q / 2] >> (4 * (q % 2))) & 0x0F;
-        o.idx(q / 4, q % 4, b[q] | ((nib & 7) << 8) | ((nib >> 3) << 15));
+        o.idx12(q / 4, q % 4, b[q] | ((nib & 7) << 8), nib >> 3);
       }
       for (int j = 0; j < 16; ++j) o.sc(j, (le16(sb + 2 * (j / 4)) >> (3 * (j % 4))) & 7);
       return;

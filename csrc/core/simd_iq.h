@@ -25,29 +25,40 @@ namespace {
 // since the Gather Data Sampling microcode (Skylake to Ice Lake: the AVX-512 levels without
 // VBMI). `at` holds uint8 indices, or uint16 entries (kBytes 2) whose low bits (kMask) are the
 // index.
-template <int kBytes, int kMask, class Word>
-static HY_ALWAYS_INLINE Word iq_word_at(const Word* grid, const uint8_t* at, int r) {
-  if constexpr (kBytes == 2) {
+// Row r's codebook index: a uint8 index (kBytes 1), the low bits (kMask) of a uint16 entry
+// (kBytes 2), or IQ1's 12-bit entry (kBytes 12, kquant.h g12: the uint16 at byte 3r/2, shifted
+// right by 4 for odd r).
+template <int kBytes, int kMask>
+static HY_ALWAYS_INLINE uint32_t iq_index(const uint8_t* at, int r) {
+  if constexpr (kBytes == 2 || kBytes == 12) {
     uint16_t e;
-    __builtin_memcpy(&e, at + 2 * r, 2);
-    return grid[e & kMask];
+    __builtin_memcpy(&e, at + (kBytes == 2 ? 2 * r : 3 * r / 2), 2);
+    return uint32_t(kBytes == 12 && (r & 1) ? e >> 4 : e) & uint32_t(kMask);
   } else {
-    return grid[at[r]];
+    return at[r];
   }
 }
 
 template <int kBytes, int kMask, class Word>
 static HY_ALWAYS_INLINE __m128i iq_dwords4(const Word* grid, const uint8_t* at, int r0) {
-  __m128i v = _mm_cvtsi32_si128(int(iq_word_at<kBytes, kMask>(grid, at, r0)));
-  v = _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 1)), 1);
-  v = _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 2)), 2);
-  return _mm_insert_epi32(v, int(iq_word_at<kBytes, kMask>(grid, at, r0 + 3)), 3);
+  __m128i v = _mm_cvtsi32_si128(int(grid[iq_index<kBytes, kMask>(at, r0)]));
+  v = _mm_insert_epi32(v, int(grid[iq_index<kBytes, kMask>(at, r0 + 1)]), 1);
+  v = _mm_insert_epi32(v, int(grid[iq_index<kBytes, kMask>(at, r0 + 2)]), 2);
+  return _mm_insert_epi32(v, int(grid[iq_index<kBytes, kMask>(at, r0 + 3)]), 3);
 }
 
 template <int kBytes, int kMask>
 static HY_ALWAYS_INLINE __m256i iq_qwords4(const long long* grid, const uint8_t* at, int r0) {
-  return _mm256_set_epi64x(iq_word_at<kBytes, kMask>(grid, at, r0 + 3), iq_word_at<kBytes, kMask>(grid, at, r0 + 2),
-                           iq_word_at<kBytes, kMask>(grid, at, r0 + 1), iq_word_at<kBytes, kMask>(grid, at, r0));
+  return _mm256_set_epi64x(grid[iq_index<kBytes, kMask>(at, r0 + 3)], grid[iq_index<kBytes, kMask>(at, r0 + 2)],
+                           grid[iq_index<kBytes, kMask>(at, r0 + 1)], grid[iq_index<kBytes, kMask>(at, r0)]);
+}
+
+// IQ1: the bytes holding the delta-sign bit (entry bit 11) of the 8 lanes whose 12 bytes of
+// entries start at `at`: byte r has lane r's at bit 3 (even r) or 7 (odd r); the 16-byte load
+// stays inside the tile (D and the scales follow the entries).
+static HY_ALWAYS_INLINE __m128i iq1_sign_bytes(const uint8_t* at) {
+  const __m128i pick = _mm_setr_epi8(1, 2, 4, 5, 7, 8, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1);
+  return _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)), pick);
 }
 
 #endif
@@ -260,12 +271,13 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
 #pragma GCC unroll 4
   for (int p = 0; p < 4; ++p) {
-    const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * 16 * k.gidx_bytes;
+    constexpr int kIdxBytes = k.g12 ? 12 : k.gidx_bytes;
+    const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * (k.g12 ? 24 : 16 * k.gidx_bytes);
     const __m512i e = k.gidx_bytes == 2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)))
                                         : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
     const auto* grid64 = static_cast<const long long*>(grid);
-    const __m512i lo = z_qwords8<k.gidx_bytes, k.grid - 1>(grid64, at, 0);  // rows 0-7
-    const __m512i hi = z_qwords8<k.gidx_bytes, k.grid - 1>(grid64, at, 8);  // rows 8-15
+    const __m512i lo = z_qwords8<kIdxBytes, k.grid - 1>(grid64, at, 0);  // rows 0-7
+    const __m512i hi = z_qwords8<kIdxBytes, k.grid - 1>(grid64, at, 8);  // rows 8-15
     __m512i a = _mm512_permutex2var_epi32(lo, even, hi);  // inputs 0-3 of each row
     __m512i b = _mm512_permutex2var_epi32(lo, odd, hi);   // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
@@ -276,7 +288,8 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
     }
     if constexpr (k.gdelta) {  // 8 v +- 1: v in {-1, 0, 1}, a byte-wise << 3 then the delta
       const __m512i m = _mm512_set1_epi8(int8_t(0xF8));
-      const __mmask16 neg = _mm512_test_epi32_mask(e, _mm512_set1_epi32(0x8000));
+      const __m128i sb = _mm_unpacklo_epi64(iq1_sign_bytes(at), iq1_sign_bytes(at + 12));  // rows 0-7, 8-15
+      const __mmask16 neg = _mm_test_epi8_mask(sb, _mm_set1_epi16(int16_t(0x8008)));
       const __m512i dv = _mm512_mask_blend_epi32(neg, _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
       a = _mm512_add_epi8(_mm512_and_si512(_mm512_slli_epi16(a, 3), m), dv);
       b = _mm512_add_epi8(_mm512_and_si512(_mm512_slli_epi16(b, 3), m), dv);
@@ -328,11 +341,12 @@ static HY_ALWAYS_INLINE void y_iq_operands(const uint8_t* tile, int g, int h, __
   const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
 #pragma GCC unroll 4
   for (int p = 0; p < 4; ++p) {
-    const uint8_t* at = tile + k.gidx_at + ((g * 4 + p) * 16 + 8 * h) * k.gidx_bytes;
+    constexpr int kIdxBytes = k.g12 ? 12 : k.gidx_bytes;
+    const uint8_t* at = tile + k.gidx_at + (k.g12 ? (g * 4 + p) * 24 + 12 * h : ((g * 4 + p) * 16 + 8 * h) * k.gidx_bytes);
     const __m256i e = k.gidx_bytes == 2 ? _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)))
                                         : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
-    const __m256i g0 = _mm256_permutevar8x32_epi32(iq_qwords4<k.gidx_bytes, k.grid - 1>(grid64, at, 0), split);
-    const __m256i g1 = _mm256_permutevar8x32_epi32(iq_qwords4<k.gidx_bytes, k.grid - 1>(grid64, at, 4), split);
+    const __m256i g0 = _mm256_permutevar8x32_epi32(iq_qwords4<kIdxBytes, k.grid - 1>(grid64, at, 0), split);
+    const __m256i g1 = _mm256_permutevar8x32_epi32(iq_qwords4<kIdxBytes, k.grid - 1>(grid64, at, 4), split);
     __m256i a = _mm256_permute2x128_si256(g0, g1, 0x20);  // inputs 0-3 of rows 0-7 of the half
     __m256i b = _mm256_permute2x128_si256(g0, g1, 0x31);  // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
@@ -342,8 +356,9 @@ static HY_ALWAYS_INLINE void y_iq_operands(const uint8_t* tile, int g, int h, __
     }
     if constexpr (k.gdelta) {
       const __m256i m = _mm256_set1_epi8(int8_t(0xF8));
-      const __m256i pos = _mm256_cmpeq_epi32(_mm256_and_si256(e, _mm256_set1_epi32(0x8000)), _mm256_setzero_si256());
-      const __m256i dv = _mm256_blendv_epi8(_mm256_set1_epi8(-1), _mm256_set1_epi8(1), pos);
+      const __m256i bit = _mm256_set1_epi64x(0x0000008000000008ll);  // lane r's sign bit: 8 even, 0x80 odd
+      const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_cvtepu8_epi32(iq1_sign_bytes(at)), bit), bit);
+      const __m256i dv = _mm256_blendv_epi8(_mm256_set1_epi8(1), _mm256_set1_epi8(-1), neg);
       a = _mm256_add_epi8(_mm256_and_si256(_mm256_slli_epi16(a, 3), m), dv);
       b = _mm256_add_epi8(_mm256_and_si256(_mm256_slli_epi16(b, 3), m), dv);
     }

@@ -157,7 +157,7 @@ class PackedLayer:
     def gguf_bytes(gate_type, up_type, down_type, num_experts: int, hidden: int, intermediate: int) -> int:
         """Bytes of the layer from_gguf packs from experts of these GGUF types, as the kernels'
         layout has them (csrc/core/packed_layer.cpp layer_layout): what RAM holds, not the file's
-        bytes (the lattice types' tiles are larger: IQ1_S 1.48x)."""
+        bytes (the lattice types' tiles are larger: IQ1_S 1.16x, IQ2_XXS 1.12x)."""
         fmt = _gguf_format(gate_type, "gate")
         up_fmt, down_fmt = _gguf_format(up_type, "up"), _gguf_format(down_type, "down")
         total, _ = native.lib().Layer.layout_bytes(fmt, num_experts, hidden, intermediate, down_fmt, up_fmt)

@@ -90,7 +90,9 @@ class GGUFExpertLoader(ExpertLoader):
         how = held_as(types.values(), native_types(), self.expert_format)
         if how != "native" and self.expert_format is None:
             self._warn_fallback(tensors["gate_proj"].file, layer, types, how)
-        cache = self._gguf_cache_path(src, layer, how) if self.packed_cache else None
+        layout = (cpu_moe.PackedLayer.gguf_bytes(types["gate_proj"], types["up_proj"], types["down_proj"], E, H, I)
+                  if how == "native" else 0)
+        cache = self._gguf_cache_path(src, layer, how, layout) if self.packed_cache else None
         if cache is not None and cache.is_file():
             self.stats["from_cache"] += 1
             packed = cpu_moe.PackedLayer.load(str(cache))
@@ -117,11 +119,13 @@ class GGUFExpertLoader(ExpertLoader):
                       stacklevel=4)
 
     @staticmethod
-    def _gguf_cache_path(src, layer: int, fmt: str):
-        # The key covers what the packed bytes depend on: the files (name, size, mtime), layer, format.
+    def _gguf_cache_path(src, layer: int, fmt: str, layout: int = 0):
+        # The key covers what the packed bytes depend on: the files (name, size, mtime), layer, format,
+        # and for blocks kept native the layout's size (a tile layout that changed, as IQ1's did
+        # from 2.3125 to 1.8125 bits per weight, never reuses a pack in the old one).
         g = src.gguf
         stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in g.paths]
-        key = hashlib.sha256(json.dumps([stamp, layer, fmt]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([stamp, layer, fmt] + ([layout] if layout else [])).encode()).hexdigest()[:16]
         stem = g.path.name.removesuffix(".gguf")
         return g.path.parent / CACHE_DIR / f"{stem}.layer{layer:03d}.{fmt}.{key}.packed"
 
