@@ -43,7 +43,13 @@ __attribute__((target("avx512f"))) uint64_t read_sum_avx512(const uint64_t* p, s
     a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 16));
     a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 24));
   }
-  return uint64_t(_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
+  // The lanes summed through memory: GCC 12 warns on _mm512_reduce_add_epi64's undefined-source
+  // extract ("'__Y' is used uninitialized").
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t sum = 0;
+  for (uint64_t v : lanes) sum += v;
+  return sum;
 }
 
 __attribute__((target("avx2"))) uint64_t read_sum_avx2(const uint64_t* p, size_t words) {

@@ -235,7 +235,7 @@ void MoeOperator::run_matmul(const PackedMatrix& w, int64_t b0, int64_t b1, int6
 void MoeOperator::phase_gate_up(int tid, int team) {
   if (!job_fault_.empty() && tid == team - 1) throw std::runtime_error(job_fault_);
   constexpr int64_t kUnitBytesAsTokens = 16;  // streaming a unit's weights ~ this many tokens
-  const int64_t H = layer_->hidden(), I = layer_->intermediate(), GI = I / kGroup;
+  const int64_t I = layer_->intermediate(), GI = I / kGroup;
   const int64_t cu = std::max<int64_t>(1, int64_t(kChunkBytes / layer_->gate_up_unit_bytes()));
   const bool split = layer_->split_gate_up();
   const ThreadPool::NodeShare ns = pool_->node_share(gate_up_units(I), tid, team);
