@@ -64,3 +64,29 @@ def test_doctor_counts_the_packed_bytes(tmp_path):
     weights = 384 * 3 * 7168 * 2048
     assert PackedLayer.gguf_bytes("IQ1_S", "IQ1_S", "IQ1_S", 384, 7168, 2048) == pytest.approx(weights * 1.8125 / 8, rel=1e-3)
     assert PackedLayer.gguf_bytes("IQ1_M", "IQ1_M", "IQ1_M", 384, 7168, 2048) == pytest.approx(weights * 2.0625 / 8, rel=1e-3)
+
+
+def test_native_lattice_layers_cached(tmp_path):
+    """Lattice experts kept in their blocks go to the packed cache and come back from it (the
+    key holds the layout's size: a pack in an older IQ1 layout is never read as the new one)."""
+    from hybrid.runtime.build import build_model
+
+    g, _, _ = gguf_files.deepseek2_gguf(tmp_path, "f32", **SMALL_K)
+    iq = gguf_files.rewrite(g, tmp_path / "iq1.gguf", tensors=_experts_as({1: ("IQ1_S",) * 3, 2: ("IQ2_XXS",) * 3}))
+
+    def build():
+        return build_model(iq, "cpu", torch.float32, experts_backend="cpu", packed_cache=True, progress=False,
+                           split_threads=False)
+
+    ids = torch.tensor([2, 3, 4, 5])
+
+    def logits(net):
+        pos = torch.arange(len(ids))
+        return net.forward(ids, pos, torch.zeros_like(pos), net.make_cache(1, 16))
+
+    first = build()
+    assert first.stats()["experts"]["gguf_native"] == 2
+    assert len(sorted((iq.parent / ".hybrid-cache").glob("iq1.layer*.native.*.packed"))) == 2
+    second = build()
+    assert second.stats()["experts"]["from_cache"] == 2
+    assert torch.equal(logits(second.network), logits(first.network))
