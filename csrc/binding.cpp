@@ -597,7 +597,7 @@ PYBIND11_MODULE(_native, m) {
         return py::make_tuple(hd.total_bytes, hd.expert_stride);
       }, py::arg("format"), py::arg("num_experts"), py::arg("hidden"), py::arg("intermediate"),
          py::arg("down_format") = "", py::arg("up_format") = "",
-         "(file bytes, bytes per expert) a layer of these formats and shape packs to, allocating nothing")
+         "(total bytes, bytes per expert) of the packed layer these formats and shape make, allocating nothing")
       .def_static("open", [](const std::string& path) {
         py::gil_scoped_release r;
         return PyLayer{PackedLayer::open(path)};

@@ -73,7 +73,7 @@ def load(path=None, device=None, dtype=None, **options) -> "Model":
       images_enabled   load the vision tower of a checkpoint that has one (default True); False
                        saves its memory and refuses images
       mmproj           a GGUF model's vision tower: llama.cpp's mmproj GGUF for Kimi K2.5 (projector
-                       kimik25; hybrid.models.moonvit_gguf.py). Default: the one mmproj*.gguf file
+                       kimik25; hybrid/models/moonvit_gguf.py). Default: the one mmproj*.gguf file
                        beside the model, if there is exactly one (one that does not fit the model is
                        skipped with a warning); False: none
     """

@@ -1,4 +1,4 @@
-"""Kimi K2.5's vision tower from llama.cpp's mmproj GGUF (hybrid.models.moonvit_gguf.py), as GGUF
+"""Kimi K2.5's vision tower from llama.cpp's mmproj GGUF (hybrid/models/moonvit_gguf.py), as GGUF
 users hold it beside the text model, and hybrid's own writer of that file
 (hybrid/convert/gguf_mmproj_export.py, run by `hybrid convert`).
 
@@ -277,14 +277,13 @@ def test_load_line_and_doctor_name_the_file(files, capsys):
 def test_plan_counts_the_mmproj_tower(files, loaded):
     """The planner's spec of the GGUF counts the tower hybrid.load takes from the mmproj beside it
     (the checkpoint directory's own count)."""
+    from hybrid.models.moonvit import MoonViT
     from hybrid.models.spec import load_model_spec
     from hybrid.runtime.gguf_experts import model_spec_for
 
     _, text, _, _, path, _ = files
     want = load_model_spec(str(path)).vision_params
     assert want > 0 and model_spec_for(str(text)).vision_params == want
-    from hybrid.models.moonvit import MoonViT
-
     assert MoonViT.parameter_count(loaded[0].vision.config) == want
 
 

@@ -48,7 +48,6 @@
 // Bits per weight (file): IQ2_XXS 2.3125 (2.0625), IQ2_XS 2.5625 (2.3125), IQ3_XXS 3.3125
 // (3.0625), IQ1_S 1.8125 (1.5625), IQ1_M 2.0625 (1.75); IQ1 held its index entries in 16 bits
 // before (2.3125, 2.5625: 1.48x and 1.46x the file, too much for the files people pick to fit RAM).
-// Each lattice type's index entry, as its kernels read it: one load (and a shift for odd IQ1 lanes).
 //
 // Everything here is static / constexpr (kernels.h: no COMDAT code shared across ISA units).
 #pragma once

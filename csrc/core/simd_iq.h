@@ -23,8 +23,7 @@ namespace {
 // on this Zen 4 guest 8 scalar lookups take 0.5-0.7x the time of an 8-lane vpgatherdd and 16
 // take 0.6x a 16-lane one (bench/lookup_probe.cpp); Zen 2/3's gathers are slower still, and Intel's
 // since the Gather Data Sampling microcode (Skylake to Ice Lake: the AVX-512 levels without
-// VBMI). `at` holds uint8 indices, or uint16 entries (kBytes 2) whose low bits (kMask) are the
-// index.
+// VBMI).
 // Row r's codebook index: a uint8 index (kBytes 1), the low bits (kMask) of a uint16 entry
 // (kBytes 2), or IQ1's 12-bit entry (kBytes 12, kquant.h g12: the uint16 at byte 3r/2, shifted
 // right by 4 for odd r).
@@ -273,15 +272,13 @@ static HY_ALWAYS_INLINE void z_iq_operands(const uint8_t* tile, int g, __m512i* 
   for (int p = 0; p < 4; ++p) {
     constexpr int kIdxBytes = k.g12 ? 12 : k.gidx_bytes;
     const uint8_t* at = tile + k.gidx_at + (g * 4 + p) * (k.g12 ? 24 : 16 * k.gidx_bytes);
-    const __m512i e = k.gidx_bytes == 2 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)))
-                                        : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
     const auto* grid64 = static_cast<const long long*>(grid);
     const __m512i lo = z_qwords8<kIdxBytes, k.grid - 1>(grid64, at, 0);  // rows 0-7
     const __m512i hi = z_qwords8<kIdxBytes, k.grid - 1>(grid64, at, 8);  // rows 8-15
     __m512i a = _mm512_permutex2var_epi32(lo, even, hi);  // inputs 0-3 of each row
     __m512i b = _mm512_permutex2var_epi32(lo, odd, hi);   // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
-      const __m512i sgn = k.gsign7 ? z_iq_signs7(_mm512_srli_epi32(e, 9))
+      const __m512i sgn = k.gsign7 ? z_iq_signs7(_mm512_srli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))), 9))
                                    : _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + k.gsign_at + (g * 4 + p) * 16)));
       a = z_iq_apply_signs(a, sgn, 0x08040201u);
       b = z_iq_apply_signs(b, sgn, 0x80402010u);
@@ -343,14 +340,13 @@ static HY_ALWAYS_INLINE void y_iq_operands(const uint8_t* tile, int g, int h, __
   for (int p = 0; p < 4; ++p) {
     constexpr int kIdxBytes = k.g12 ? 12 : k.gidx_bytes;
     const uint8_t* at = tile + k.gidx_at + (k.g12 ? (g * 4 + p) * 24 + 12 * h : ((g * 4 + p) * 16 + 8 * h) * k.gidx_bytes);
-    const __m256i e = k.gidx_bytes == 2 ? _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)))
-                                        : _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
     const __m256i g0 = _mm256_permutevar8x32_epi32(iq_qwords4<kIdxBytes, k.grid - 1>(grid64, at, 0), split);
     const __m256i g1 = _mm256_permutevar8x32_epi32(iq_qwords4<kIdxBytes, k.grid - 1>(grid64, at, 4), split);
     __m256i a = _mm256_permute2x128_si256(g0, g1, 0x20);  // inputs 0-3 of rows 0-7 of the half
     __m256i b = _mm256_permute2x128_si256(g0, g1, 0x31);  // inputs 4-7
     if constexpr (k.gsign || k.gsign7) {
-      const __m256i sgn = k.gsign7 ? y_iq_signs7(_mm256_srli_epi32(e, 9)) : sign_bytes(p);
+      const __m256i sgn = k.gsign7 ? y_iq_signs7(_mm256_srli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))), 9))
+                                   : sign_bytes(p);  // IQ2_XS: the entries' sign index
       a = y_iq_apply_signs(a, sgn, 0x08040201u);
       b = y_iq_apply_signs(b, sgn, 0x80402010u);
     }

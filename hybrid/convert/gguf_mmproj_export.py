@@ -3,7 +3,7 @@
 
 The tensors are read through hybrid's own reader of either naming (the release's or
 transformers', hybrid/models/moonvit.py) and put in the release's layout; the GGUF names, the
-query/key row order and the metadata keys are those of hybrid.models.moonvit_gguf.py (which
+query/key row order and the metadata keys are those of hybrid/models/moonvit_gguf.py (which
 reads these files, so writing and reading cannot drift apart) and of llama.cpp's converter
 (conversion/kimivl.py KimiK25Model, from which the facts come). Storage: 1-D tensors (norms,
 biases) and the position table in f32, as llama.cpp's converter keeps them; matrices in --type

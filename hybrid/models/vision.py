@@ -52,7 +52,7 @@ class Vision:
 
     @classmethod
     def from_mmproj(cls, mm, vc, device, dtype, progress=None) -> "Vision":
-        """The tower of a llama.cpp mmproj GGUF (hybrid.models.moonvit_gguf.py MmprojFile, which
+        """The tower of a llama.cpp mmproj GGUF (hybrid/models/moonvit_gguf.py MmprojFile, which
         also gave vc), with the resize rule its metadata describes."""
         from hybrid.models.moonvit import MoonViT
 

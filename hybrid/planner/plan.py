@@ -4,7 +4,8 @@ Budget. VRAM minus what hybrid.load itself counts before loading (hybrid/planner
 device_bytes, the one accounting both use): the non-expert device weights (attention, shared
 experts, dense MLP, routers, norms, LM head in `device_weight_format`), the latent KV cache for
 the requested context, activations for one prefill chunk with the allocator/CUDA-context
-reserve, and a multimodal checkpoint's vision tower (ModelSpec.vision_params). What is left, divided by the exact bytes of one expert in the GPU cache's format (by
+reserve, and a multimodal checkpoint's vision tower (ModelSpec.vision_params). What is left,
+divided by the exact bytes of one expert in the GPU cache's format (by
 default the experts' storage format, which gpu_cache.py keeps: INT4 group-32 for K2.5, 3 x H x I
 x (1/2 + 2/32) bytes = 24.8 MB; hybrid.load counts the same), is the number of expert slots.
 

@@ -90,9 +90,11 @@ class GGUFExpertLoader(ExpertLoader):
         how = held_as(types.values(), native_types(), self.expert_format)
         if how != "native" and self.expert_format is None:
             self._warn_fallback(tensors["gate_proj"].file, layer, types, how)
-        layout = (cpu_moe.PackedLayer.gguf_bytes(types["gate_proj"], types["up_proj"], types["down_proj"], E, H, I)
-                  if how == "native" else 0)
-        cache = self._gguf_cache_path(src, layer, how, layout) if self.packed_cache else None
+        cache = None
+        if self.packed_cache:  # a native layer's key holds its layout's size (_gguf_cache_path)
+            layout = (cpu_moe.PackedLayer.gguf_bytes(types["gate_proj"], types["up_proj"], types["down_proj"], E, H, I)
+                      if how == "native" else 0)
+            cache = self._gguf_cache_path(src, layer, how, layout)
         if cache is not None and cache.is_file():
             self.stats["from_cache"] += 1
             packed = cpu_moe.PackedLayer.load(str(cache))
@@ -141,6 +143,7 @@ def describe_gguf(path) -> dict:
     and per MoE layer how its experts would be held in RAM: in their own blocks (the file's bytes)
     or re-packed into one of our formats (that format's bytes)."""
     from hybrid.loaders.gguf_config import architecture, config_dict
+    from hybrid.experts.cpu_moe import PackedLayer
     from hybrid.loaders.gguf_file import GGUFFile
     from hybrid.loaders.gguf_source import expert_tensor_names
     from hybrid.models import config_from_dict, model_class
@@ -163,8 +166,6 @@ def describe_gguf(path) -> dict:
             file_bytes = sum(t.nbytes for t in ts.values())
             how = held_as(types.values(), native)
             if how == "native":  # the packed tiles, near the file's bytes (kquant.h lists each type's)
-                from hybrid.experts.cpu_moe import PackedLayer
-
                 ram = PackedLayer.gguf_bytes(types["gate"], types["up"], types["down"], E, H, I)
             else:
                 name = OUR_FORMAT_NAMES[how]
